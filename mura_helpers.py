@@ -1,0 +1,995 @@
+"""Shared helpers for the MURA hand-radiograph notebook suite.
+
+Reads top to bottom as the pipeline does: data -> phantom -> exploratory plots.
+Every notebook imports this one module; the notebooks themselves stay thin.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+# ---------------------------------------------------------------- data: MURA layout, CSVs, validation
+
+BODY_PARTS = (
+    "XR_ELBOW", "XR_FINGER", "XR_FOREARM", "XR_HAND", "XR_HUMERUS", "XR_SHOULDER", "XR_WRIST",
+)
+SPLITS = ("train", "valid")
+MURA_DIRNAME = "MURA-v1.1"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+STUDY_DIR_RE = re.compile(r"^study(\d+)_(positive|negative)$")
+PATIENT_DIR_RE = re.compile(r"^patient\d+$")
+LABEL_OF_SUFFIX = {"positive": 1, "negative": 0}
+GET_MURA_HELP = (
+    "Get MURA v1.1 from https://stanfordmlgroup.github.io/competitions/mura/ (free registration), "
+    "or the hand subset used by the reference report from Kaggle "
+    "(kagglehub.dataset_download('bogomililiev2308/mura-hand-xray')), and point data_dir at the "
+    "MURA-v1.1 folder or any folder above it. Without the data, use the phantom: "
+    "make_phantom_mura('data/phantom')."
+)
+
+
+class MuraDataError(ValueError):
+    """Every data problem this module detects: a bad path, layout, CSV row or image file."""
+
+
+@dataclass(frozen=True)
+class DataProblem:
+    """One problem found while reading the dataset: the file, what is wrong, and what was done."""
+
+    path: str
+    problem: str
+    detail: str = ""
+
+
+def _looks_like_mura_root(path: Path) -> bool:
+    """True when `path` holds MURA's split folders with body-part folders, or its official CSVs."""
+    if any((path / f"{split}_labeled_studies.csv").is_file() for split in SPLITS):
+        return True
+    return any(
+        (path / split).is_dir() and any(p.is_dir() and p.name.startswith("XR_") for p in (path / split).iterdir())
+        for split in SPLITS
+    )
+
+
+def find_mura_root(path: str | os.PathLike, max_depth: int = 4) -> Path:
+    """Return the MURA-v1.1 folder given it, its parent, or a download folder holding it below."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MuraDataError(f"{path}: no such folder. {GET_MURA_HELP}")
+    if not path.is_dir():
+        raise MuraDataError(f"{path}: is a file, not a dataset folder. {GET_MURA_HELP}")
+    if _looks_like_mura_root(path):
+        return path
+    queue = [(path, 0)]
+    while queue:  # breadth first, so the shallowest match wins; MURA-v1.1 by name before other matches
+        folder, depth = queue.pop(0)
+        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for child in sorted(children, key=lambda p: p.name != MURA_DIRNAME):
+            if _looks_like_mura_root(child):
+                return child
+        if depth + 1 < max_depth:
+            queue.extend((child, depth + 1) for child in children)
+    raise MuraDataError(
+        f"{path}: no MURA dataset found here or up to {max_depth} folders below (looked for a folder holding "
+        f"train/ or valid/ with XR_* body-part folders, or train_labeled_studies.csv). {GET_MURA_HELP}"
+    )
+
+
+def _body_parts(root: Path, body_part: str | Sequence[str] | None) -> list[str]:
+    """Normalise the body_part argument: one name, several, or None/'all' for every part present."""
+    if body_part is None or (isinstance(body_part, str) and body_part.lower() == "all"):
+        present = {p.name for s in SPLITS if (root / s).is_dir() for p in (root / s).iterdir() if p.is_dir()}
+        return sorted(present & set(BODY_PARTS)) or list(BODY_PARTS)
+    parts = [body_part] if isinstance(body_part, str) else list(body_part)
+    unknown = [p for p in parts if p not in BODY_PARTS]
+    if unknown:
+        raise MuraDataError(f"unknown body part(s) {unknown}: choose from {list(BODY_PARTS)} or 'all'")
+    return parts
+
+
+def _relative_key(path: str) -> tuple[str, ...]:
+    """Key a CSV path by its components from the split folder on (tolerates a renamed top folder)."""
+    parts = Path(path.strip().rstrip("/")).parts
+    for i, part in enumerate(parts):
+        if part in SPLITS:
+            return tuple(parts[i:])
+    return tuple(parts)
+
+
+def _read_official_csvs(root: Path, split: str) -> tuple[pd.DataFrame, list[str]] | None:
+    """Read `{split}_labeled_studies.csv` and `{split}_image_paths.csv`, checking their format."""
+    studies_csv = root / f"{split}_labeled_studies.csv"
+    images_csv = root / f"{split}_image_paths.csv"
+    if not studies_csv.is_file() and not images_csv.is_file():
+        return None
+    for f in (studies_csv, images_csv):
+        if not f.is_file():
+            raise MuraDataError(f"{f}: missing, while its companion CSV exists; restore it or remove both")
+    rows = []
+    for n, line in enumerate(studies_csv.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.rsplit(",", 1)
+        if len(fields) != 2 or fields[1].strip() not in ("0", "1"):
+            raise MuraDataError(f"{studies_csv}, line {n}: expected 'study_path/,label' (label 0 or 1), got {line!r}")
+        rows.append((fields[0].strip(), int(fields[1])))
+    images = [ln.strip() for ln in images_csv.read_text().splitlines() if ln.strip()]
+    return pd.DataFrame(rows, columns=["csv_study_path", "csv_label"]), images
+
+
+def _natural_image_order(path: Path) -> tuple:
+    """Sort image1, image2, ..., image10 by number rather than as text."""
+    m = re.search(r"(\d+)", path.stem)
+    return (int(m.group(1)) if m else math.inf, path.name)
+
+
+def check_image_file(path: str | os.PathLike, full_decode: bool = False) -> str | None:
+    """Return None for a readable image, else a short description of what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing file"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(path) as im:
+            if full_decode:
+                im.load()
+            else:
+                im.verify()  # checks the structure and PNG chunk CRCs without a full decode
+    except Exception as e:  # PIL raises several types for corrupt data
+        return f"unreadable or truncated image ({type(e).__name__}: {e})"
+    return None
+
+
+def load_studies(
+    data_dir: str | os.PathLike,
+    split: str,
+    body_part: str | Sequence[str] | None = "XR_HAND",
+    on_bad: str = "raise",
+    verify_images: bool = True,
+) -> pd.DataFrame:
+    """Return one row per study of `split`, from the official CSVs when present, checked against the folders.
+
+    Columns: split, body_part, patient, study, study_path (the official relative path, with a trailing
+    slash), study_dir (absolute), label (0/1), n_views, image_paths (list of absolute paths).
+    Problems (bad folder names, stray/empty/truncated files, CSV vs folder disagreements) raise one
+    MuraDataError listing each file, or with on_bad="skip" the affected images/studies are dropped, counted,
+    warned about and listed by `data_problems(df)`.
+    """
+    if split not in SPLITS:
+        raise MuraDataError(f"split must be one of {SPLITS}, got {split!r}")
+    if on_bad not in ("raise", "skip"):
+        raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
+    root = find_mura_root(data_dir)
+    parts = _body_parts(root, body_part)
+    problems: list[DataProblem] = []
+
+    # 1. walk the folders: the ground truth of what exists on disk
+    found: dict[tuple[str, ...], dict] = {}
+    for part in parts:
+        part_dir = root / split / part
+        if not part_dir.is_dir():
+            continue
+        for patient_dir in sorted(part_dir.iterdir()):
+            if not patient_dir.is_dir():
+                problems.append(DataProblem(str(patient_dir), "stray file", "a file where patient folders belong"))
+                continue
+            if not PATIENT_DIR_RE.match(patient_dir.name):
+                problems.append(DataProblem(str(patient_dir), "bad folder name", "expected patientNNNNN"))
+                continue
+            for study_dir in sorted(patient_dir.iterdir()):
+                if not study_dir.is_dir():
+                    problems.append(DataProblem(str(study_dir), "stray file", "a file where study folders belong"))
+                    continue
+                m = STUDY_DIR_RE.match(study_dir.name)
+                if not m:
+                    problems.append(DataProblem(
+                        str(study_dir), "bad folder name", "expected studyN_positive or studyN_negative"))
+                    continue
+                images = []
+                for f in sorted(study_dir.iterdir(), key=_natural_image_order):
+                    if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
+                        images.append(f)
+                    else:
+                        problems.append(DataProblem(str(f), "stray file", "not a .png/.jpg image"))
+                found[(split, part, patient_dir.name, study_dir.name)] = {
+                    "study_dir": study_dir, "label": LABEL_OF_SUFFIX[m.group(2)], "images": images,
+                }
+    if not found and not any((root / split / p).is_dir() for p in parts):
+        raise MuraDataError(f"{root / split}: no {', '.join(parts)} folder for split {split!r}. {GET_MURA_HELP}")
+
+    # 2. reconcile with the official CSVs, when present
+    csvs = _read_official_csvs(root, split)
+    if csvs is not None:
+        csv_studies, csv_images = csvs
+        csv_images_by_study: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+        for p in csv_images:
+            key = _relative_key(p)
+            if len(key) >= 5 and key[1] in parts:
+                csv_images_by_study.setdefault(key[:4], []).append(key)
+        listed = set()
+        for row in csv_studies.itertuples(index=False):
+            key = _relative_key(row.csv_study_path)
+            if len(key) != 4 or key[1] not in parts:
+                continue
+            listed.add(key)
+            where = str(root.joinpath(*key))
+            m = STUDY_DIR_RE.match(key[3])
+            if m and LABEL_OF_SUFFIX[m.group(2)] != row.csv_label:
+                problems.append(DataProblem(
+                    where, "label mismatch", f"CSV label {row.csv_label} but folder suffix '{m.group(2)}'"))
+                found.pop(key, None)
+                continue
+            if key not in found:
+                problems.append(DataProblem(where, "missing study", "listed in the CSV but not on disk"))
+                continue
+            on_disk = {img.name for img in found[key]["images"]}
+            in_csv = {k[4] for k in csv_images_by_study.get(key, [])}
+            for name in sorted(in_csv - on_disk):
+                problems.append(DataProblem(str(root.joinpath(*key, name)), "missing file", "listed in the CSV"))
+            for name in sorted(on_disk - in_csv):
+                problems.append(DataProblem(str(root.joinpath(*key, name)), "unlisted image", "on disk, in no CSV"))
+            found[key]["images"] = [img for img in found[key]["images"] if img.name in in_csv]
+        for key in sorted(set(found) - listed):
+            problems.append(DataProblem(str(found[key]["study_dir"]), "unlisted study", "on disk, in no CSV"))
+            found.pop(key)
+
+    # 3. check every image file, then drop what is unusable
+    for info in found.values():
+        good = []
+        for img in info["images"]:
+            issue = check_image_file(img) if verify_images else None
+            if issue:
+                problems.append(DataProblem(str(img), "bad image", issue))
+            else:
+                good.append(img)
+        info["images"] = good
+        if not good:
+            problems.append(DataProblem(str(info["study_dir"]), "empty study", "no readable image in the folder"))
+
+    _report_problems(problems, on_bad, f"{root} ({split}, {', '.join(parts)})")
+    rows = [
+        {
+            "split": key[0], "body_part": key[1], "patient": key[2], "study": key[3],
+            "study_path": "/".join((root.name, *key)) + "/", "study_dir": str(info["study_dir"]),
+            "label": info["label"], "n_views": len(info["images"]),
+            "image_paths": [str(p) for p in info["images"]],
+        }
+        for key, info in sorted(found.items())
+        if info["images"]
+    ]
+    columns = ["split", "body_part", "patient", "study", "study_path", "study_dir", "label", "n_views", "image_paths"]
+    df = pd.DataFrame(rows, columns=columns)
+    df.attrs["root"] = str(root)
+    df.attrs["problems"] = tuple(problems)
+    return df
+
+
+def data_problems(studies: pd.DataFrame) -> pd.DataFrame:
+    """Return the problems found (and skipped) while loading `studies`, one row per file."""
+    return pd.DataFrame([p.__dict__ for p in studies.attrs.get("problems", ())], columns=["path", "problem", "detail"])
+
+
+def _report_problems(problems: list[DataProblem], on_bad: str, where: str, shown: int = 20) -> None:
+    """Raise one MuraDataError naming every bad file, or warn with counts when skipping."""
+    if not problems:
+        return
+    counts = pd.Series([p.problem for p in problems]).value_counts()
+    summary = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    lines = [f"  {p.path}: {p.problem} ({p.detail})" for p in problems[:shown]]
+    if len(problems) > shown:
+        lines.append(f"  ... and {len(problems) - shown} more")
+    if on_bad == "raise":
+        raise MuraDataError(
+            f"{where}: {len(problems)} data problem(s): {summary}\n" + "\n".join(lines)
+            + "\nFix these files, or pass on_bad='skip' to leave them out (they are then counted and listed)."
+        )
+    warnings.warn(f"{where}: skipped {len(problems)} problem(s): {summary}\n" + "\n".join(lines), stacklevel=3)
+
+
+def load_all_studies(data_dir, body_part="XR_HAND", on_bad="raise", verify_images=True) -> pd.DataFrame:
+    """Return the train and valid study tables stacked into one DataFrame."""
+    tables = [load_studies(data_dir, s, body_part, on_bad, verify_images) for s in SPLITS]
+    problems = sum((t.attrs["problems"] for t in tables), ())
+    for t in tables:
+        t.attrs.clear()
+    df = pd.concat(tables, ignore_index=True)
+    df.attrs.update(root=str(find_mura_root(data_dir)), problems=problems)
+    return df
+
+
+def studies_to_images(studies: pd.DataFrame) -> pd.DataFrame:
+    """Return one row per image (view) of the given studies, with the study's columns alongside."""
+    images = studies.explode("image_paths", ignore_index=True).rename(columns={"image_paths": "image_path"})
+    images["view"] = images.groupby("study_path").cumcount() + 1
+    return images
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Return the image at `path` as an 8-bit single-channel (mode L) PIL image, whatever its PNG mode.
+
+    RGB/RGBA/P/CMYK are converted with the ITU-R 601 luma weights, LA keeps its luminance, and 16-bit or
+    32-bit images (I;16, I, F) are scaled linearly from their own min..max to 0..255 rather than clipped.
+    """
+    path = Path(path)
+    issue = check_image_file(path, full_decode=True)
+    if issue:
+        raise MuraDataError(f"{path}: {issue}")
+    with Image.open(path) as im:
+        im.load()
+        if im.mode == "L":
+            return im.copy()
+        if im.mode == "LA":
+            return im.getchannel("L")
+        if im.mode.startswith("I") or im.mode == "F":
+            a = np.asarray(im, dtype=np.float64)
+            lo, hi = float(a.min()), float(a.max())
+            scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+            return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+        if im.mode in ("RGBA", "PA"):
+            return im.convert("RGB").convert("L")
+        return im.convert("L")
+
+
+# ---------------------------------------------------------------- phantom: a synthetic MURA in the exact layout
+
+PHANTOM_FINDINGS_CSV = "phantom_findings.csv"
+PHANTOM_MANIFEST = "phantom_manifest.json"
+PHANTOM_VERSION = 1
+_PHANTOM_SETTINGS = ("n_patients", "seed", "valid_fraction", "positive_rate", "body_parts", "image_size")
+FINGERS = ("thumb", "index", "middle", "ring", "little")
+# canonical right hand, PA view, wrist at the origin, fingers towards +y; unit: wrist to middle fingertip
+_MC_BASE = {"thumb": (-0.085, 0.11), "index": (-0.045, 0.165), "middle": (-0.01, 0.17),
+            "ring": (0.022, 0.163), "little": (0.052, 0.15)}
+_MC_ANGLE = {"thumb": -38.0, "index": -7.0, "middle": -1.0, "ring": 6.0, "little": 14.0}
+_MC_LENGTH = {"thumb": 0.16, "index": 0.26, "middle": 0.255, "ring": 0.235, "little": 0.215}
+_PHALANX_LENGTHS = {"thumb": (0.13, 0.095), "index": (0.165, 0.1, 0.072), "middle": (0.185, 0.12, 0.075),
+                    "ring": (0.175, 0.113, 0.072), "little": (0.14, 0.085, 0.066)}
+_RADIUS = {"thumb": 0.021, "index": 0.02, "middle": 0.021, "ring": 0.019, "little": 0.017}
+_CARPALS = [((-0.075, 0.045), (0.033, 0.026)), ((-0.03, 0.04), (0.026, 0.025)), ((0.015, 0.04), (0.024, 0.022)),
+            ((0.05, 0.05), (0.017, 0.017)), ((-0.085, 0.1), (0.025, 0.022)), ((-0.045, 0.11), (0.02, 0.024)),
+            ((-0.008, 0.105), (0.024, 0.035)), ((0.035, 0.1), (0.026, 0.03))]
+
+
+@dataclass
+class _Bone:
+    """A tubular bone between two points, in pixel coordinates."""
+
+    name: str
+    p0: np.ndarray
+    p1: np.ndarray
+    radius: float
+    waist: float = 0.25
+
+
+def _region(shape, lo, hi):
+    """Clip a box to the image; return (slices, yy, xx) grids or None when empty."""
+    y0, x0 = max(int(lo[1]), 0), max(int(lo[0]), 0)
+    y1, x1 = min(int(hi[1]) + 2, shape[0]), min(int(hi[0]) + 2, shape[1])
+    if y1 <= y0 or x1 <= x0:
+        return None
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    return (slice(y0, y1), slice(x0, x1)), yy, xx
+
+
+def _tube_density(xx, yy, bone: _Bone, hollow: float = 0.62, marrow: float = 0.35):
+    """Projected density of a hollow tapered tube (cortex bright at the edges, marrow darker)."""
+    d = bone.p1 - bone.p0
+    t = np.clip(((xx - bone.p0[0]) * d[0] + (yy - bone.p0[1]) * d[1]) / max(float(d @ d), 1e-6), 0, 1)
+    dist2 = (xx - bone.p0[0] - t * d[0]) ** 2 + (yy - bone.p0[1] - t * d[1]) ** 2
+    r = bone.radius * (1 - bone.waist * (1 - (2 * t - 1) ** 2))
+    outer = np.sqrt(np.clip(r**2 - dist2, 0, None))
+    inner = np.sqrt(np.clip((hollow * r) ** 2 - dist2, 0, None))
+    return (outer - (1 - marrow) * inner) * 2
+
+
+def _draw_tube(layer, bone: _Bone, weight: float, fracture: dict | None = None):
+    """Add a tube's density to `layer`; with `fracture`, cut it along a line and shift the distal part."""
+    pad = bone.radius * 1.3 + (np.abs(fracture["shift"]).max() if fracture else 0)
+    reg = _region(layer.shape, np.minimum(bone.p0, bone.p1) - pad, np.maximum(bone.p0, bone.p1) + pad)
+    if reg is None:
+        return
+    sl, yy, xx = reg
+    if fracture is None:
+        layer[sl] += weight * _tube_density(xx, yy, bone)
+        return
+    c, n, gap, shift = fracture["point"], fracture["normal"], fracture["gap"], fracture["shift"]
+    side = (xx - c[0]) * n[0] + (yy - c[1]) * n[1]
+    proximal = _tube_density(xx, yy, bone) * (side < -gap / 2)
+    xs, ys = xx - shift[0], yy - shift[1]
+    distal = _tube_density(xs, ys, bone) * (((xs - c[0]) * n[0] + (ys - c[1]) * n[1]) > gap / 2)
+    layer[sl] += weight * (proximal + distal)
+
+
+def _draw_ellipsoid(layer, center, radii, angle, weight, hollow: float = 0.65, marrow: float = 0.4):
+    """Add the projected density of a hollow ellipsoid (carpal bones, bone heads)."""
+    reg = _region(layer.shape, np.asarray(center) - max(radii) - 1, np.asarray(center) + max(radii) + 1)
+    if reg is None:
+        return
+    sl, yy, xx = reg
+    ca, sa = math.cos(angle), math.sin(angle)
+    u = ((xx - center[0]) * ca + (yy - center[1]) * sa) / radii[0]
+    v = (-(xx - center[0]) * sa + (yy - center[1]) * ca) / radii[1]
+    rho2 = u**2 + v**2
+    outer = np.sqrt(np.clip(1 - rho2, 0, None))
+    inner = hollow * np.sqrt(np.clip(1 - rho2 / hollow**2, 0, None))
+    layer[sl] += weight * 2 * min(radii) * (outer - (1 - marrow) * inner)
+
+
+def _draw_soft(layer, p0, p1, radius):
+    """Max-blend the projected thickness of a soft-tissue capsule into `layer` (0..1)."""
+    reg = _region(layer.shape, np.minimum(p0, p1) - radius - 1, np.maximum(p0, p1) + radius + 1)
+    if reg is None:
+        return
+    sl, yy, xx = reg
+    d = p1 - p0
+    t = np.clip(((xx - p0[0]) * d[0] + (yy - p0[1]) * d[1]) / max(float(d @ d), 1e-6), 0, 1)
+    dist2 = (xx - p0[0] - t * d[0]) ** 2 + (yy - p0[1] - t * d[1]) ** 2
+    np.maximum(layer[sl], np.sqrt(np.clip(1 - dist2 / radius**2, 0, None)), out=layer[sl])
+
+
+def _draw_rect(layer, center, length, width, angle, value, blend="max"):
+    """Draw a filled rotated rectangle (plates, screws, wires, rings) with a soft edge; return its corners."""
+    ca, sa = math.cos(angle), math.sin(angle)
+    corners = [np.asarray(center) + a * np.array([ca, sa]) * length / 2 + b * np.array([-sa, ca]) * width / 2
+               for a in (-1, 1) for b in (-1, 1)]
+    half = math.hypot(length, width) / 2 + 1
+    reg = _region(layer.shape, np.asarray(center) - half, np.asarray(center) + half)
+    if reg is None:
+        return corners
+    sl, yy, xx = reg
+    u = (xx - center[0]) * ca + (yy - center[1]) * sa
+    v = -(xx - center[0]) * sa + (yy - center[1]) * ca
+    inside = np.clip(length / 2 - np.abs(u) + 0.5, 0, 1) * np.clip(width / 2 - np.abs(v) + 0.5, 0, 1)
+    if blend == "max":
+        np.maximum(layer[sl], value * inside, out=layer[sl])
+    else:
+        layer[sl] += value * inside
+    return corners
+
+
+def _unit(v):
+    """Return `v` scaled to unit length."""
+    return v / max(float(np.linalg.norm(v)), 1e-9)
+
+
+def _skeleton(anatomy: dict, pose: dict, to_px, px_per_unit: float) -> tuple[list[_Bone], list, list]:
+    """Place the hand's bones, carpals and soft tissue in pixel coordinates for one pose."""
+    scale = anatomy["size"] * px_per_unit
+    bones, carpals, soft = [], [], []
+    fore_r, fore_u = np.array([-0.1, -0.75]), np.array([0.1, -0.75])
+    bones.append(_Bone("radius", to_px(fore_r), to_px([-0.07, -0.03]), 0.05 * scale, 0.3))
+    bones.append(_Bone("ulna", to_px(fore_u), to_px([0.075, -0.04]), 0.034 * scale, 0.25))
+    carpals.append((to_px([-0.075, -0.035]), (0.075 * scale, 0.032 * scale)))
+    carpals += [(to_px(c), (r[0] * scale, r[1] * scale)) for c, r in _CARPALS]
+    soft.append((to_px([0.0, -0.8]), to_px([0.0, 0.05]), 0.16 * scale))
+    soft.append((to_px([-0.04, 0.14]), to_px([0.04, 0.14]), 0.11 * scale))  # palm
+    soft.append((to_px([-0.05, 0.3]), to_px([0.05, 0.3]), 0.09 * scale))
+    soft.append((to_px([-0.09, 0.12]), to_px([-0.16, 0.26]), 0.05 * scale))  # thenar eminence
+    for f in FINGERS:
+        base = np.array(_MC_BASE[f])
+        angle = math.radians(_MC_ANGLE[f] * pose["spread"] + pose["finger_angle"][f])
+        direction = np.array([math.sin(angle), math.cos(angle)])
+        head = base + direction * _MC_LENGTH[f] * anatomy["lengths"][f]
+        r = _RADIUS[f] * scale
+        bones.append(_Bone(f"{f}_metacarpal", to_px(base), to_px(head), r * 1.05, 0.3))
+        soft.append((to_px(base), to_px(head), r * 2.6 if f != "thumb" else r * 2.4))
+        joint = head
+        names = ("proximal", "distal") if f == "thumb" else ("proximal", "middle", "distal")
+        for k, (name, length) in enumerate(zip(names, _PHALANX_LENGTHS[f])):
+            bend = math.radians(pose["finger_angle"][f] * 0.4 * (k + 1) + (pose["curl"][f] * 6.0 if k else 0))
+            direction = np.array([math.sin(angle + bend), math.cos(angle + bend)])
+            start = joint + direction * 0.014
+            end = start + direction * length * anatomy["lengths"][f] * pose["foreshorten"][f] ** (k + 1)
+            taper = (1.0, 0.82, 0.66)[k if f != "thumb" else 2 * k]
+            bones.append(_Bone(f"{f}_{name}", to_px(start), to_px(end), r * taper, 0.28 if k < 2 else 0.1))
+            joint = end
+        soft.append((to_px(head), to_px(joint + direction * 0.012), r * 1.7))
+    return bones, carpals, soft
+
+
+def _phantom_pose(rng: np.random.Generator, view: str) -> dict:
+    """Draw a hand pose for a PA, oblique or lateral view."""
+    spread = {"pa": rng.uniform(0.7, 1.5), "oblique": rng.uniform(0.4, 0.9), "lateral": rng.uniform(0.05, 0.25)}[view]
+    squeeze = {"pa": 1.0, "oblique": rng.uniform(0.6, 0.8), "lateral": rng.uniform(0.3, 0.42)}[view]
+    curl_range = {"pa": (0.85, 1.0), "oblique": (0.7, 0.95), "lateral": (0.75, 1.0)}[view]
+    return {
+        "spread": spread, "squeeze": squeeze,
+        "finger_angle": {f: rng.normal(0, 3.0 if view != "lateral" else 1.0) for f in FINGERS},
+        "foreshorten": {f: rng.uniform(*curl_range) for f in FINGERS},
+        "curl": {f: rng.uniform(-1, 1) for f in FINGERS},
+    }
+
+
+def _finding_box(shape, lo, hi, pad=2.0):
+    """Clip a finding's box to the image and return it as ints, or None when mostly out of frame."""
+    lo, hi = np.asarray(lo) - pad, np.asarray(hi) + pad
+    clipped_lo = np.maximum(lo, 0)
+    clipped_hi = np.minimum(hi, [shape[1] - 1, shape[0] - 1])
+    area = np.prod(np.clip(hi - lo, 0, None))
+    kept = np.prod(np.clip(clipped_hi - clipped_lo, 0, None))
+    if area <= 0 or kept < 0.5 * area:
+        return None
+    return [int(clipped_lo[0]), int(clipped_lo[1]), int(math.ceil(clipped_hi[0])), int(math.ceil(clipped_hi[1]))]
+
+
+def _plant_finding(finding: dict, bones: list[_Bone], bone_layer, metal_layer, rng) -> list:
+    """Plant a study's abnormality on its bone (drawn already) and return the finding's box corners."""
+    bone = next(b for b in bones if b.name == finding["bone"])
+    axis = _unit(bone.p1 - bone.p0)
+    normal = np.array([-axis[1], axis[0]])
+    at = bone.p0 + (bone.p1 - bone.p0) * finding["t"]
+    r = bone.radius
+    if finding["kind"] == "fracture":
+        tilt = math.radians(finding["tilt"])
+        line_normal = axis * math.cos(tilt) + normal * math.sin(tilt)
+        shift = normal * finding["displacement"] * r + axis * 0.15 * r
+        spec = {"point": at, "normal": line_normal, "gap": max(1.5, 0.2 * r), "shift": shift}
+        _draw_tube(bone_layer, bone, -1.0)  # replace the intact bone by the broken one
+        _draw_tube(bone_layer, bone, 1.0, spec)
+        return [at - 1.4 * r, at + 1.4 * r]
+    if finding["kind"] == "lesion":
+        reg = _region(bone_layer.shape, at - r, at + r)
+        if reg is not None:
+            sl, yy, xx = reg
+            rho = np.sqrt((xx - at[0]) ** 2 + (yy - at[1]) ** 2) / (finding["size"] * r)
+            bone_layer[sl] *= np.where(rho < 1, 0.25 + 0.5 * rho**4, 1.0)
+            bone_layer[sl] += 0.35 * r * np.exp(-(((rho - 1.05) / 0.12) ** 2))
+        return [at - 1.1 * r, at + 1.1 * r]
+    angle = math.atan2(axis[1], axis[0])
+    corners = []
+    if finding["hardware"] == "plate":
+        length = np.linalg.norm(bone.p1 - bone.p0) * 0.6
+        plate_at = at + normal * r * 0.95
+        corners += _draw_rect(metal_layer, plate_at, length, max(2.5, 0.55 * r), angle, 0.85)
+        for s in np.linspace(-0.38, 0.38, finding["screws"]):
+            screw_at = at + axis * s * length + normal * r * 0.25
+            corners += _draw_rect(metal_layer, screw_at, max(2.0, 0.3 * r), 2.7 * r, angle, 1.0)
+            for k in np.linspace(-1.1, 1.1, 6):  # threads
+                _draw_rect(metal_layer, screw_at + normal * k * r, max(3.0, 0.5 * r), max(1.0, 0.1 * r), angle, 1.0)
+    else:
+        for k in range(finding["screws"] if finding["screws"] <= 2 else 2):
+            wire_angle = angle + math.radians(rng.uniform(-12, 12))
+            wire_at = at + normal * (k - 0.5) * 0.6 * r
+            length = np.linalg.norm(bone.p1 - bone.p0) * rng.uniform(0.9, 1.3)
+            corners += _draw_rect(metal_layer, wire_at, length, max(1.5, 0.16 * r), wire_angle, 1.0)
+    return [np.min(corners, axis=0), np.max(corners, axis=0)]
+
+
+def _draw_ring(metal_layer, bones: list[_Bone], finger: str):
+    """Draw a wedding ring around a finger's proximal phalanx (a metal confounder, not an abnormality)."""
+    bone = next(b for b in bones if b.name == f"{finger}_proximal")
+    axis = _unit(bone.p1 - bone.p0)
+    at = bone.p0 + (bone.p1 - bone.p0) * 0.4
+    _draw_rect(metal_layer, at, max(2.0, 0.35 * bone.radius), 3.3 * bone.radius, math.atan2(axis[1], axis[0]), 0.8)
+
+
+def _draw_marker(image: Image.Image, rng, letter: str, inverted_text: bool):
+    """Burn a lead L/R marker and a few lines of annotation text blobs into the displayed image."""
+    w, h = image.size
+    draw = ImageDraw.Draw(image)
+    size = int(h * rng.uniform(0.05, 0.08))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the small bitmap font
+        font = ImageFont.load_default()
+    x = int(rng.uniform(0.04, 0.8) * w)
+    y = int(rng.choice([rng.uniform(0.03, 0.15), rng.uniform(0.78, 0.9)]) * h)
+    fill = 20 if inverted_text else 235
+    if rng.random() < 0.5:
+        draw.rectangle([x - 3, y - 3, x + size * 0.8, y + size * 1.05], outline=fill, width=2)
+    draw.text((x, y), letter, fill=fill, font=font)
+    for line in range(int(rng.integers(0, 4))):  # annotation text as blocks of "words"
+        tx, ty = int(rng.uniform(0.02, 0.5) * w), int(rng.uniform(0.02, 0.95) * h)
+        for _ in range(int(rng.integers(2, 6))):
+            word = int(rng.integers(6, 28))
+            draw.rectangle([tx, ty + line, tx + word, ty + line + 5], fill=fill)
+            tx += word + 4
+
+
+def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | None, ring: str | None,
+                 long_side: int) -> tuple[np.ndarray, list[int] | None]:
+    """Render one radiograph view; return the 8-bit image and the planted finding's box (or None)."""
+    rng = np.random.default_rng(list(seed))
+    short = int(round(long_side * rng.uniform(0.58, 0.95)))
+    landscape = rng.random() < 0.15
+    h, w = (short, long_side) if landscape else (long_side, short)
+    pose = _phantom_pose(rng, view)
+    theta = math.radians(rng.normal(0, 14) + (rng.choice([-90, 90]) if landscape else 0))
+    mirror = -1.0 if anatomy["left"] else 1.0
+    scale = min(h, w) * rng.uniform(0.85, 1.1) if not landscape else min(h, w) * rng.uniform(0.8, 1.0)
+    center = np.array([w / 2 + rng.normal(0, 0.05) * w, h / 2 + rng.normal(0, 0.04) * h])
+    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    hand_center = np.array([0.0, 0.38])
+
+    def to_px(p):
+        q = (np.asarray(p, dtype=np.float64) - hand_center) * [mirror * pose["squeeze"], -1.0]
+        return (rot @ q) * scale + center
+
+    bones, carpals, soft = _skeleton(anatomy, pose, to_px, scale)
+    soft_layer = np.zeros((h, w), np.float32)
+    bone_layer = np.zeros((h, w), np.float32)
+    metal_layer = np.zeros((h, w), np.float32)
+    for p0, p1, radius in soft:
+        _draw_soft(soft_layer, p0, p1, radius)
+    for bone in bones:
+        _draw_tube(bone_layer, bone, 1.0)
+    for c, radii in carpals:
+        _draw_ellipsoid(bone_layer, c, radii, theta + rng.normal(0, 0.3), 1.0)
+    box = None
+    if finding is not None:
+        box = _finding_box((h, w), *_plant_finding(finding, bones, bone_layer, metal_layer, rng))
+    if ring is not None:
+        _draw_ring(metal_layer, bones, ring)
+
+    bone_unit = 0.045 * scale  # density of a typical bone, to normalise
+    attenuation = 0.55 * soft_layer + 0.95 * bone_layer / bone_unit + 3.0 * metal_layer
+    film = 1.0 - np.exp(-attenuation * rng.uniform(0.8, 1.25))
+    film = film ** rng.uniform(0.75, 1.4)
+    background = rng.uniform(0.0, 0.12)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    heel = 1 + rng.uniform(-0.25, 0.25) * (yy / h - 0.5) + rng.uniform(-0.15, 0.15) * (xx / w - 0.5)
+    image = background * heel + (1 - background) * film * rng.uniform(0.8, 1.0)
+    if rng.random() < 0.35:  # collimation: unexposed borders inside the plate look bright
+        m = rng.uniform(0.02, 0.1, size=4) * [w, h, w, h]
+        field = (xx > m[0]) & (yy > m[1]) & (xx < w - m[2]) & (yy < h - m[3])
+        image = np.where(field, image, rng.uniform(0.65, 0.9))
+    if rng.random() < 0.6:  # the detector plate, often tilted, does not fill the frame
+        tilt = math.radians(rng.uniform(-12, 12))
+        pw, ph = w * rng.uniform(0.78, 0.98), h * rng.uniform(0.8, 0.98)
+        pc = np.array([w / 2, h / 2]) + rng.normal(0, 0.03, 2) * [w, h]
+        u = (xx - pc[0]) * math.cos(tilt) + (yy - pc[1]) * math.sin(tilt)
+        v = -(xx - pc[0]) * math.sin(tilt) + (yy - pc[1]) * math.cos(tilt)
+        on_plate = (np.abs(u) < pw / 2) & (np.abs(v) < ph / 2)
+        outside = rng.choice([rng.uniform(0.0, 0.06), rng.uniform(0.3, 0.45), rng.uniform(0.85, 1.0)])
+        image = np.where(on_plate, image, outside)
+    image = ndimage.gaussian_filter(image, rng.uniform(0.5, 1.2))
+    image = image + rng.normal(0, rng.uniform(0.006, 0.03), image.shape)
+    inverted = rng.random() < 0.1
+    if inverted:
+        image = 1 - image
+    pil = Image.fromarray(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if rng.random() < 0.85:
+        _draw_marker(pil, rng, "L" if anatomy["left"] else "R", inverted)
+    return np.asarray(pil), box
+
+
+def _phantom_image_task(task: dict) -> dict:
+    """Render and save one phantom view (runs in a worker process)."""
+    pixels, box = _render_view(task["seed"], task["view"], task["anatomy"], task["finding"], task["ring"],
+                               task["long_side"])
+    image = Image.fromarray(pixels, mode="L")
+    if task["rgb"]:
+        image = image.convert("RGB")
+    path = Path(task["path"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG", optimize=False, compress_level=6)
+    return {"box": box, "width": image.width, "height": image.height}
+
+
+def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_rate: float,
+                  body_parts: Sequence[str], long_side: int) -> tuple[list[dict], list[dict]]:
+    """Decide every patient, study, label, view and planted finding; return (studies, image tasks)."""
+    rng = np.random.default_rng(seed)
+    n_valid = max(1, int(round(n_patients * valid_fraction))) if n_patients > 1 else 0
+    studies, tasks = [], []
+    views_choice = ["pa", "oblique", "lateral", "pa", "oblique"]
+    finger_bones = [f"{f}_{p}" for f in FINGERS[1:] for p in ("proximal", "middle")] + ["thumb_proximal"]
+    for i in range(n_patients):
+        split = "valid" if i >= n_patients - n_valid else "train"
+        patient = f"patient{i + 1:05d}" if split == "train" else f"patient{11185 + i:05d}"
+        body_part = body_parts[i % len(body_parts)]
+        anatomy = {
+            "size": rng.uniform(0.9, 1.1), "left": bool(rng.random() < 0.45),
+            "lengths": {f: rng.uniform(0.94, 1.06) for f in FINGERS},
+        }
+        ring = str(rng.choice(["ring", "middle", "little"])) if rng.random() < 0.2 else None
+        n_studies = int(rng.choice([1, 2, 3], p=[0.75, 0.18, 0.07]))
+        for s in range(1, n_studies + 1):
+            label = int(rng.random() < positive_rate)
+            n_views = int(rng.choice([1, 2, 3, 4, 5], p=[0.03, 0.22, 0.68, 0.05, 0.02]))
+            finding = None
+            if label:
+                kind = str(rng.choice(["fracture", "hardware", "lesion"], p=[0.45, 0.3, 0.25]))
+                bone = str(rng.choice(finger_bones + ["index_metacarpal", "middle_metacarpal", "ring_metacarpal",
+                                                      "little_metacarpal", "radius"]))
+                finding = {
+                    "kind": kind, "bone": bone, "t": rng.uniform(0.3, 0.7), "tilt": rng.uniform(-35, 35),
+                    "displacement": rng.uniform(0.3, 0.7) * rng.choice([-1, 1]), "size": rng.uniform(0.5, 0.75),
+                    "hardware": str(rng.choice(["plate", "wires"], p=[0.6, 0.4])), "screws": int(rng.integers(2, 5)),
+                }
+                shows = rng.random(n_views) < 0.8
+                shows[rng.integers(n_views)] = True  # at least one view shows it
+            study = f"study{s}_{'positive' if label else 'negative'}"
+            rel = (split, body_part, patient, study)
+            studies.append({"key": rel, "label": label})
+            for v in range(n_views):
+                tasks.append({
+                    "key": rel, "image": f"image{v + 1}.png", "view": views_choice[v], "anatomy": anatomy,
+                    "finding": finding if label and shows[v] else None, "finding_kind": finding and finding["kind"],
+                    "ring": ring if (ring and rng.random() < 0.9) else None, "rgb": bool(rng.random() < 0.45),
+                    "seed": (seed, i, s, v), "long_side": long_side,
+                })
+    return studies, tasks
+
+
+def make_phantom_mura(
+    root: str | os.PathLike,
+    n_patients: int = 240,
+    seed: int = 0,
+    valid_fraction: float = 0.15,
+    positive_rate: float = 0.26,
+    body_parts: Sequence[str] = ("XR_HAND",),
+    image_size: int = 512,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write a synthetic hand-radiograph dataset in MURA-v1.1's exact layout under `root`; return its path.
+
+    Same arguments, same bytes. Besides the four official CSVs it writes `phantom_findings.csv`: one row
+    per view that shows a planted abnormality (fracture, hardware or lesion) with its box in pixels.
+    """
+    from tqdm.auto import tqdm
+
+    unknown = [p for p in body_parts if p not in BODY_PARTS]
+    if unknown:
+        raise MuraDataError(f"unknown body part(s) {unknown}: choose from {list(BODY_PARTS)}")
+    mura = Path(root) / MURA_DIRNAME
+    studies, tasks = _plan_phantom(n_patients, seed, valid_fraction, positive_rate, body_parts, image_size)
+    for t in tasks:
+        t["path"] = str(mura.joinpath(*t["key"], t["image"]))
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers > 1 and len(tasks) > 8:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(tqdm(pool.map(_phantom_image_task, tasks, chunksize=8), total=len(tasks),
+                                desc="phantom images", disable=not progress))
+    else:
+        results = [_phantom_image_task(t) for t in tqdm(tasks, desc="phantom images", disable=not progress)]
+
+    for split in SPLITS:
+        rel = [s for s in studies if s["key"][0] == split]
+        lines = [f"{MURA_DIRNAME}/{'/'.join(s['key'])}/,{s['label']}" for s in rel]
+        (mura / f"{split}_labeled_studies.csv").write_text("".join(line + "\n" for line in lines))
+        images = [f"{MURA_DIRNAME}/{'/'.join(t['key'])}/{t['image']}" for t in tasks if t["key"][0] == split]
+        (mura / f"{split}_image_paths.csv").write_text("".join(p + "\n" for p in images))
+    findings = [
+        {"split": t["key"][0], "body_part": t["key"][1], "patient": t["key"][2], "study": t["key"][3],
+         "image_path": f"{MURA_DIRNAME}/{'/'.join(t['key'])}/{t['image']}", "view_type": t["view"],
+         "finding": t["finding"]["kind"], "bone": t["finding"]["bone"],
+         "x0": r["box"][0], "y0": r["box"][1], "x1": r["box"][2], "y1": r["box"][3],
+         "width": r["width"], "height": r["height"]}
+        for t, r in zip(tasks, results) if t["finding"] is not None and r["box"] is not None
+    ]
+    columns = ["split", "body_part", "patient", "study", "image_path", "view_type", "finding", "bone",
+               "x0", "y0", "x1", "y1", "width", "height"]
+    pd.DataFrame(findings, columns=columns).to_csv(mura / PHANTOM_FINDINGS_CSV, index=False)
+    manifest = {"version": PHANTOM_VERSION, "n_patients": n_patients, "seed": seed, "valid_fraction": valid_fraction,
+                "positive_rate": positive_rate, "body_parts": list(body_parts), "image_size": image_size,
+                "n_studies": len(studies), "n_images": len(tasks)}
+    (mura / PHANTOM_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return mura
+
+
+def ensure_phantom(root: str | os.PathLike = "data/phantom", **kwargs) -> Path:
+    """Return the phantom MURA-v1.1 under `root`, generating it only when missing, incomplete or made otherwise."""
+    import inspect
+    import shutil
+
+    mura = Path(root) / MURA_DIRNAME
+    params = inspect.signature(make_phantom_mura).parameters
+    settings = {k: kwargs.get(k, params[k].default) for k in _PHANTOM_SETTINGS}
+    settings = {"version": PHANTOM_VERSION, **settings, "body_parts": list(settings["body_parts"])}
+    manifest = mura / PHANTOM_MANIFEST  # written last, so its presence means a complete dataset
+    if manifest.is_file():
+        made = json.loads(manifest.read_text())
+        if {k: made.get(k) for k in settings} == settings:
+            return mura
+    if mura.exists():
+        shutil.rmtree(mura)
+    return make_phantom_mura(root, **kwargs)
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None, phantom_root: str | os.PathLike = "data/phantom",
+                     **phantom_kwargs) -> Path:
+    """Return the MURA root to use: `data_dir` when given, else the embedded phantom (made if needed)."""
+    if data_dir:
+        return find_mura_root(data_dir)
+    return ensure_phantom(phantom_root, **phantom_kwargs)
+
+
+def load_phantom_findings(data_dir: str | os.PathLike) -> pd.DataFrame:
+    """Return the phantom's ground truth (one row per view showing a planted finding, with its box)."""
+    root = find_mura_root(data_dir)
+    path = root / PHANTOM_FINDINGS_CSV
+    if not path.is_file():
+        raise MuraDataError(f"{path}: no phantom ground truth here (only phantom datasets carry one)")
+    findings = pd.read_csv(path)
+    findings["image_file"] = [str(root.joinpath(*_relative_key(p))) for p in findings["image_path"]]
+    return findings
+
+
+# ---------------------------------------------------------------- exploratory analysis: tables and figures
+
+
+def save_figure(fig, name: str, output_dir: str | os.PathLike = "outputs", dpi: int = 120) -> Path:
+    """Save `fig` as `output_dir/figures/<name>.png` (a stable name) and return the path."""
+    path = Path(output_dir) / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def dataset_overview(studies: pd.DataFrame) -> pd.DataFrame:
+    """Return per-split counts: patients, studies, images, and abnormal share at study and image level."""
+    images = studies_to_images(studies)
+    g = studies.groupby("split", sort=False)
+    gi = images.groupby("split", sort=False)
+    overview = pd.DataFrame({
+        "patients": g["patient"].nunique(),
+        "studies": g.size(),
+        "images": gi.size(),
+        "abnormal_studies": g["label"].sum(),
+        "abnormal_images": gi["label"].sum(),
+    })
+    overview["abnormal_study_share"] = (overview["abnormal_studies"] / overview["studies"]).round(3)
+    overview["abnormal_image_share"] = (overview["abnormal_images"] / overview["images"]).round(3)
+    overview["views_per_study"] = (overview["images"] / overview["studies"]).round(2)
+    return overview
+
+
+def patients_in_both_splits(studies: pd.DataFrame) -> list[str]:
+    """Return the patients (per body part) that appear in more than one split: leakage if any."""
+    splits = studies.groupby(["body_part", "patient"])["split"].nunique()
+    return [f"{part}/{patient}" for (part, patient), n in splits.items() if n > 1]
+
+
+def plot_xray_grid(images: pd.DataFrame, n: int = 12, seed: int = 0, cols: int = 6, title: str | None = None,
+                   boxes: pd.DataFrame | None = None):
+    """Show a grid of `n` random views with patient, study and label (and ground-truth boxes when given)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    sample = images.sample(min(n, len(images)), random_state=seed)
+    rows = math.ceil(len(sample) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, sample.itertuples()):
+        ax.imshow(load_image(row.image_path), cmap="gray", vmin=0, vmax=255)
+        label = "abnormal" if row.label else "normal"
+        ax.set_title(f"{row.patient}\n{row.study.split('_')[0]} view {row.view}: {label}", fontsize=8,
+                     color="crimson" if row.label else "black")
+        if boxes is not None:
+            for b in boxes[boxes["image_file"] == row.image_path].itertuples():
+                ax.add_patch(Rectangle((b.x0, b.y0), b.x1 - b.x0, b.y1 - b.y0, fill=False, color="red", lw=1.2))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_patients_per_split(studies: pd.DataFrame):
+    """Bar chart of the number of patients in each split (the report's Figure 17)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    counts = studies.groupby("split", sort=False)["patient"].nunique().reset_index(name="patients")
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    sns.barplot(data=counts, x="split", y="patients", hue="split", legend=False, ax=ax)
+    for c in ax.containers:
+        ax.bar_label(c)
+    ax.set_title("Patients per split")
+    fig.tight_layout()
+    return fig
+
+
+def plot_studies_per_patient(studies: pd.DataFrame):
+    """Bar chart of how many patients have 1, 2, 3... studies, per split (the report's Figure 18)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    per_patient = studies.groupby(["split", "body_part", "patient"]).size().reset_index(name="studies")
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    sns.countplot(data=per_patient, x="studies", hue="split", ax=ax)
+    for c in ax.containers:
+        ax.bar_label(c, fontsize=8)
+    ax.set(title="Studies per patient", xlabel="studies of one patient", ylabel="patients")
+    fig.tight_layout()
+    return fig
+
+
+def plot_views_per_study(studies: pd.DataFrame):
+    """Bar chart of how many studies have 1..5 views (images), per split (the report's Figure 19)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    sns.countplot(data=studies, x="n_views", hue="split", ax=ax)
+    for c in ax.containers:
+        ax.bar_label(c, fontsize=8)
+    ax.set(title="Images (views) per study", xlabel="views in the study", ylabel="studies")
+    fig.tight_layout()
+    return fig
+
+
+def plot_label_balance(studies: pd.DataFrame):
+    """Two bar charts of normal vs abnormal counts per split, at study level and at image level."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    images = studies_to_images(studies)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, df, level in ((axes[0], studies, "studies"), (axes[1], images, "images")):
+        data = df.assign(label=df["label"].map({0: "normal", 1: "abnormal"}))
+        sns.countplot(data=data, x="split", hue="label", hue_order=["normal", "abnormal"],
+                      palette={"normal": "tab:blue", "abnormal": "tab:red"}, ax=ax)
+        for c in ax.containers:
+            ax.bar_label(c, fontsize=8)
+        ax.set(title=f"Label balance: {level}", ylabel=level)
+    fig.tight_layout()
+    return fig
+
+
+def image_properties(images: pd.DataFrame) -> pd.DataFrame:
+    """Return each image's width, height, PNG mode and file size, read from the headers (no decode)."""
+    rows = []
+    for path in images["image_path"]:
+        with Image.open(path) as im:
+            rows.append({"image_path": path, "width": im.width, "height": im.height, "mode": im.mode,
+                         "bytes": Path(path).stat().st_size})
+    return images.merge(pd.DataFrame(rows), on="image_path")
+
+
+def plot_image_properties(props: pd.DataFrame):
+    """Scatter of image width vs height coloured by PNG mode, and the count of each mode per split."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1.4, 1]})
+    sns.scatterplot(data=props, x="width", y="height", hue="mode", style="split", alpha=0.6, s=18, ax=axes[0])
+    axes[0].set_title("Image sizes (pixels)")
+    sns.countplot(data=props, x="mode", hue="split", ax=axes[1])
+    for c in axes[1].containers:
+        axes[1].bar_label(c, fontsize=8)
+    axes[1].set_title("Stored PNG modes (all are read as 8-bit grey)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_intensity_histograms(images: pd.DataFrame, n_per_label: int = 40, seed: int = 0):
+    """Pixel-intensity histograms of sampled normal and abnormal views, and each image's mean intensity."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    means = {}
+    for label, name, color in ((0, "normal", "tab:blue"), (1, "abnormal", "tab:red")):
+        subset = images[images["label"] == label]
+        if subset.empty:
+            continue
+        sample = subset.sample(min(n_per_label, len(subset)), random_state=seed)
+        pixels = [np.asarray(load_image(p)) for p in sample["image_path"]]
+        hist = sum(np.bincount(p.ravel(), minlength=256) for p in pixels)
+        axes[0].plot(np.arange(256), hist / hist.sum(), color=color, label=f"{name} ({len(sample)} views)")
+        means[name] = [p.mean() for p in pixels]
+        axes[1].hist(means[name], bins=20, range=(0, 255), alpha=0.6, color=color, label=name)
+    axes[0].set(title="Pixel intensity distribution", xlabel="intensity (0-255)", ylabel="share of pixels",
+                yscale="log")
+    axes[0].legend()
+    axes[1].set(title="Mean intensity per view (bright = inverted or over-exposed)", xlabel="mean intensity",
+                ylabel="views")
+    axes[1].legend()
+    fig.tight_layout()
+    return fig
