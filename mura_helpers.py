@@ -64,7 +64,7 @@ def _looks_like_mura_root(path: Path) -> bool:
     )
 
 
-def find_mura_root(path: str | os.PathLike, max_depth: int = 4) -> Path:
+def find_mura_root(path: str | os.PathLike, max_depth: int = 6) -> Path:
     """Return the MURA-v1.1 folder given it, its parent, or a download folder holding it below."""
     path = Path(path).expanduser()
     if not path.exists():
@@ -691,7 +691,7 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
     for i in range(n_patients):
         split = "valid" if i >= n_patients - n_valid else "train"
         patient = f"patient{i + 1:05d}" if split == "train" else f"patient{11185 + i:05d}"
-        body_part = body_parts[i % len(body_parts)]
+        body_part = body_parts[(i if split == "train" else i - (n_patients - n_valid)) % len(body_parts)]
         anatomy = {
             "size": rng.uniform(0.9, 1.1), "left": bool(rng.random() < 0.45),
             "lengths": {f: rng.uniform(0.94, 1.06) for f in FINGERS},

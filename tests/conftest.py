@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny phantom made once per test session, and a helper to write small PNGs."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import mura_helpers as mh  # noqa: E402
+
+TINY = {"n_patients": 14, "seed": 3, "image_size": 128, "positive_rate": 0.4}
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory) -> Path:
+    """A 14-patient phantom with 128-px images; read-only for the tests (copy it to modify)."""
+    return mh.make_phantom_mura(tmp_path_factory.mktemp("phantom"), progress=False, **TINY)
+
+
+@pytest.fixture
+def phantom_copy(tiny_phantom, tmp_path) -> Path:
+    """A private, modifiable copy of the tiny phantom."""
+    return Path(shutil.copytree(tiny_phantom, tmp_path / "download" / mh.MURA_DIRNAME))
+
+
+def write_png(path: Path, mode: str = "L", size=(40, 32), value: int = 100) -> Path:
+    """Write a small valid PNG in the given mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size[::-1], value, np.uint8), "L").convert(mode).save(path)
+    return path

@@ -1,0 +1,47 @@
+"""Notebooks: committed clean, and executed headless with papermill on the tiny phantom."""
+
+import json
+
+import nbformat
+import pytest
+from conftest import REPO
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+EDA_FIGURES = ["eda_random_xrays_train", "eda_random_xrays_abnormal", "eda_patients_per_split",
+               "eda_studies_per_patient", "eda_views_per_study", "eda_label_balance", "eda_image_sizes_modes",
+               "eda_intensity_histograms", "eda_phantom_findings"]
+
+
+def run_notebook(name, workdir, **parameters):
+    """Execute notebooks/<name> with papermill into workdir and return the executed notebook."""
+    import papermill
+
+    out = workdir / name
+    papermill.execute_notebook(str(REPO / "notebooks" / name), str(out), parameters=parameters,
+                               cwd=str(REPO / "notebooks"), kernel_name="python3", progress_bar=False)
+    return nbformat.read(out, as_version=4)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_is_committed_clean_with_a_parameters_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+
+
+@pytest.mark.notebook
+def test_eda_notebook_runs_headless_and_writes_its_figures(tiny_phantom, tmp_path):
+    nb = run_notebook("01_eda.ipynb", tmp_path, data_dir=str(tiny_phantom), output_dir=str(tmp_path),
+                      n_grid_images=4)
+    for name in EDA_FIGURES:
+        figure = tmp_path / "figures" / f"{name}.png"
+        assert figure.is_file() and figure.stat().st_size > 5_000, name
+    summary = json.loads((tmp_path / "eda_summary.json").read_text())
+    studies = sum(len((tiny_phantom / f"{s}_labeled_studies.csv").read_text().splitlines()) for s in ("train", "valid"))
+    assert summary["studies"] == studies
+    assert summary["patients_in_both_splits"] == []
+    assert set(summary["modes"]) == {"L", "RGB"}
+    assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
