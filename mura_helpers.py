@@ -6,20 +6,35 @@ Every notebook imports this one module; the notebooks themselves stay thin.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import json
 import math
 import os
+import random
 import re
+import shutil
+import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
+import torch
+import torch.nn.functional as F
+import torchvision
+from matplotlib.patches import Rectangle
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
+from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 # ---------------------------------------------------------------- data: MURA layout, CSVs, validation
 
@@ -48,7 +63,6 @@ class MuraDataError(ValueError):
 @dataclass(frozen=True)
 class DataProblem:
     """One problem found while reading the dataset: the file, what is wrong, and what was done."""
-
     path: str
     problem: str
     detail: str = ""
@@ -367,7 +381,6 @@ _CARPALS = [((-0.075, 0.045), (0.033, 0.026)), ((-0.03, 0.04), (0.026, 0.025)), 
 @dataclass
 class _Bone:
     """A tubular bone between two points, in pixel coordinates."""
-
     name: str
     p0: np.ndarray
     p1: np.ndarray
@@ -742,7 +755,6 @@ def make_phantom_mura(
     Same arguments, same bytes. Besides the four official CSVs it writes `phantom_findings.csv`: one row
     per view that shows a planted abnormality (fracture, hardware or lesion) with its box in pixels.
     """
-    from tqdm.auto import tqdm
 
     unknown = [p for p in body_parts if p not in BODY_PARTS]
     if unknown:
@@ -785,9 +797,6 @@ def make_phantom_mura(
 
 def ensure_phantom(root: str | os.PathLike = "data/phantom", **kwargs) -> Path:
     """Return the phantom MURA-v1.1 under `root`, generating it only when missing, incomplete or made otherwise."""
-    import inspect
-    import shutil
-
     mura = Path(root) / MURA_DIRNAME
     params = inspect.signature(make_phantom_mura).parameters
     settings = {k: kwargs.get(k, params[k].default) for k in _PHANTOM_SETTINGS}
@@ -821,7 +830,581 @@ def load_phantom_findings(data_dir: str | os.PathLike) -> pd.DataFrame:
     return findings
 
 
-# ---------------------------------------------------------------- exploratory analysis: tables and figures
+# ---------------------------------------------------------------- images & cache: decode and resize once, uint8 on disk
+
+CACHE_VERSION = 1
+RESIZE_MODES = ("squash", "pad")
+
+
+def resize_view(image: Image.Image, size: int, mode: str = "squash") -> Image.Image:
+    """Resize a grey view to size x size: stretched ('squash', as the report and paper) or letterboxed ('pad')."""
+    if mode == "squash":
+        return image.resize((size, size), Image.Resampling.BILINEAR)
+    if mode != "pad":
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    scale = size / max(image.size)
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    canvas = Image.new("L", (size, size), 0)
+    canvas.paste(image.resize((w, h), Image.Resampling.BILINEAR), ((size - w) // 2, (size - h) // 2))
+    return canvas
+
+
+@dataclass
+class ImageCache:
+    """Views decoded and resized once into a memory-mapped uint8 array (N, size, size) on disk."""
+    path: Path
+    image_paths: list[str]
+    size: int
+    resize: str
+
+    def __post_init__(self):
+        self.row_of = {p: i for i, p in enumerate(self.image_paths)}
+        self._array = None
+
+    @property
+    def array(self) -> np.ndarray:
+        """The memory-mapped array, opened on first use (also inside data-loader workers)."""
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def rows(self, paths: Sequence[str]) -> np.ndarray:
+        """Row numbers of the given image paths."""
+        return np.array([self.row_of[p] for p in paths], dtype=np.int64)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_array": None}  # workers re-open the memory map
+
+
+def _cache_chunk(task: tuple) -> int:
+    """Decode, convert and resize a chunk of views into the cache file (runs in a worker process)."""
+    npy, start, paths, size, resize = task
+    out = np.load(npy, mmap_mode="r+")
+    for i, p in enumerate(paths):
+        out[start + i] = np.asarray(resize_view(load_image(p), size, resize))
+    out.flush()
+    return len(paths)
+
+
+def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: str | os.PathLike = "data/cache",
+                      resize: str = "squash", workers: int | None = None, progress: bool = True) -> ImageCache:
+    """Return the cache of these views at this size, building it once (keyed by paths, file stamps, size, mode)."""
+
+
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    paths = [str(p) for p in image_paths]
+    stamp = hashlib.sha1(json.dumps([CACHE_VERSION, size, resize]).encode())
+    for p in paths:
+        st = Path(p).stat()
+        stamp.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    npy = Path(cache_dir) / f"views_{size}px_{resize}_{stamp.hexdigest()[:16]}.npy"
+    cache = ImageCache(npy, paths, size, resize)
+    if npy.is_file():
+        return cache
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    tmp = npy.with_suffix(f".tmp{os.getpid()}.npy")
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size)).flush()
+    chunk = 64
+    tasks = [(str(tmp), i, paths[i:i + chunk], size, resize) for i in range(0, len(paths), chunk)]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    bar = tqdm(total=len(paths), desc=f"caching views at {size}px", disable=not progress)
+    if workers > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for n in pool.map(_cache_chunk, tasks):
+                bar.update(n)
+    else:
+        for t in tasks:
+            bar.update(_cache_chunk(t))
+    bar.close()
+    os.replace(tmp, npy)  # complete caches only ever appear under their final name
+    return cache
+
+
+class CachedViewBatches:
+    """A dataset whose items are whole batches: view indices -> (uint8 views, labels, indices, study of each view).
+
+    The study ids are renumbered 0..k-1 within the batch, so the device never has to find them (no sync).
+    """
+
+    def __init__(self, cache: ImageCache, rows: np.ndarray, labels: np.ndarray, studies: np.ndarray):
+        self.cache, self.rows = cache, np.asarray(rows)
+        self.labels, self.studies = np.asarray(labels, dtype=np.float32), np.asarray(studies)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, batch: list[int]):
+        import torch
+
+        batch = np.asarray(batch)
+        order = np.argsort(self.rows[batch])  # read the memory map in file order
+        views = np.empty((len(batch), 1, self.cache.size, self.cache.size), np.uint8)
+        views[order, 0] = self.cache.array[self.rows[batch][order]]
+        study_in_batch = np.unique(self.studies[batch], return_inverse=True)[1].reshape(-1)
+        return (torch.from_numpy(views), torch.from_numpy(self.labels[batch]), torch.from_numpy(batch),
+                torch.from_numpy(study_in_batch))
+
+
+class EpochBatches:
+    """Batch sampler whose batches are set per epoch (seeded shuffles), so persistent workers can be reused."""
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def epoch_batches(n: int, batch_size: int, shuffle: bool, seed: int, epoch: int,
+                  groups: Sequence[np.ndarray] | None = None) -> list[list[int]]:
+    """Split n views (or whole groups of views, e.g. studies) into batches, shuffled by (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if groups is None:
+        order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    order = torch.randperm(len(groups), generator=generator).tolist() if shuffle else list(range(len(groups)))
+    return [[int(v) for g in order[i:i + batch_size] for v in groups[g]] for i in range(0, len(order), batch_size)]
+
+
+# ---------------------------------------------------------------- augmentation: on the device, per sample, batched
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def gpu_augment(views, generator=None, rotation_degrees: float = 0.0, hflip: bool = False):
+    """Flip and rotate each view of a float batch (B, 1, H, W) by its own random draw, in one grid_sample."""
+    if not hflip and not rotation_degrees:
+        return views
+    b = views.shape[0]
+    angle = (torch.rand(b, generator=generator, device=views.device) * 2 - 1) * math.radians(rotation_degrees)
+    flip = torch.ones(b, device=views.device)
+    if hflip:
+        flip = torch.where(torch.rand(b, generator=generator, device=views.device) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos * flip, -sin, zero], 1), torch.stack([sin * flip, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(views.dtype), list(views.shape), align_corners=False)
+    return F.grid_sample(views, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@functools.cache
+def _imagenet_stats(device: str):
+    """ImageNet mean and std as (1, 3, 1, 1) tensors on `device`, made once (no copy per step)."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
+def prepare_batch(views_uint8, device, train: bool, generator=None, rotation_degrees: float = 10.0,
+                  hflip: bool = True, channels_last: bool = True):
+    """uint8 (B, 1, H, W) -> augmented, ImageNet-normalised float (B, 3, H, W) on `device`, grey replicated."""
+    x = views_uint8.to(device, non_blocking=True).float().div_(255)
+    if train:
+        x = gpu_augment(x, generator, rotation_degrees, hflip)
+    mean, std = _imagenet_stats(str(device))
+    x = (x - mean) / std  # broadcasting replicates the grey channel to three
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# ---------------------------------------------------------------- model & loss
+
+def build_model(pretrained: bool = True, arch: str = "densenet169"):
+    """torchvision DenseNet (169 by default) with its classifier replaced by one abnormality logit."""
+    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1 if pretrained else None
+    try:
+        model = torchvision.models.get_model(arch, weights=weights)
+    except Exception as e:  # no network, a proxy, a corrupt download
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        raise RuntimeError(
+            f"could not load the ImageNet weights of {arch} ({type(e).__name__}: {e}). Either train from scratch "
+            f"with pretrained=False, or download {weights.url} and put the file in {hub} "
+            f"(set TORCH_HOME to choose another folder)."
+        ) from e
+    model.classifier = torch.nn.Linear(model.classifier.in_features, 1)
+    return model
+
+
+def class_weights(labels) -> tuple[float, float]:
+    """The MURA paper's loss weights (w0, w1) = (|A|, |N|) / (|A| + |N|) from the training views' labels."""
+    labels = np.asarray(labels)
+    n_abnormal, n_normal = int((labels == 1).sum()), int((labels == 0).sum())
+    if n_abnormal == 0 or n_normal == 0:
+        raise MuraDataError(f"the training set needs both classes for the weighted loss: {n_abnormal} abnormal, "
+                            f"{n_normal} normal views")
+    total = n_abnormal + n_normal
+    return n_abnormal / total, n_normal / total
+
+
+def weighted_bce_with_logits(logits, targets, w0: float, w1: float):
+    """Mean of -w1*y*log(p) - w0*(1-y)*log(1-p) with p = sigmoid(logits), computed stably from logits."""
+    weight = w1 * targets + w0 * (1 - targets)
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), weight=weight)
+
+
+def study_log_probs(logits, study: torch.Tensor, n_studies: int):
+    """Per study (ids 0..n-1), log of the mean view probability and of its complement, stably from view logits."""
+    logits = logits.float()
+    counts = torch.zeros(n_studies, device=logits.device).index_add_(0, study, torch.ones_like(logits))
+    out = []
+    for sign in (1.0, -1.0):
+        lp = F.logsigmoid(sign * logits)
+        peak = torch.full((n_studies,), -math.inf, device=logits.device).scatter_reduce(0, study, lp, "amax")
+        sums = torch.zeros(n_studies, device=logits.device).index_add_(0, study, (lp - peak[study]).exp())
+        out.append(peak + sums.log() - counts.log())
+    return out[0], out[1]
+
+
+def study_weighted_bce(logits, targets, study: torch.Tensor, n_studies: int, w0: float, w1: float):
+    """The report's variant: weighted BCE on each study's mean view probability (one term per study)."""
+    log_p, log_q = study_log_probs(logits, study, n_studies)
+    y = torch.zeros(n_studies, device=logits.device).scatter_reduce(0, study, targets.float(), "amax")
+    return -(w1 * y * log_p + w0 * (1 - y) * log_q).mean()
+
+
+# ---------------------------------------------------------------- training: config, one epoch, checkpoints, resume
+
+SELECT_METRICS = {"valid_loss": "min", "valid_auroc": "max", "valid_kappa": "max", "valid_accuracy": "max"}
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; the reference report's run is image_size=224, batch_size=8, epochs=5,
+    rotation_degrees=10, select_metric='valid_accuracy', loss_level='study'."""
+
+    data_dir: str | None = None  # None: the embedded phantom
+    body_part: str = "XR_HAND"
+    output_dir: str = "outputs/run"
+    cache_dir: str = "data/cache"
+    phantom_dir: str = "data/phantom"
+    image_size: int = 224  # the report; the MURA paper used 320
+    resize: str = "squash"  # "squash" (report, paper) or "pad" (keeps the aspect ratio)
+    arch: str = "densenet169"
+    pretrained: bool = True  # ImageNet weights (the paper and the report)
+    batch_size: int = 32  # views per step (the report: 8); with loss_level="study": studies per step
+    valid_batch_size: int = 64
+    epochs: int = 5
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    plateau_factor: float = 0.1  # the learning rate is divided by 10 ...
+    plateau_patience: int = 1  # ... when the validation loss has not improved for this many epochs
+    rotation_degrees: float = 10.0  # the report; the MURA paper used 30
+    hflip: bool = True
+    loss_level: str = "image"  # "image": per-view weighted BCE (the paper); "study": on the study mean (report)
+    select_metric: str = "valid_loss"  # best.pt is kept by this (the paper: validation loss)
+    amp: str = "auto"  # "auto": fp16 + GradScaler on GPUs without fast bf16 (T4), bf16 on Ampere+; "off" on CPU
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = 2
+    device: str = "auto"
+    seed: int = 0
+    on_bad: str = "raise"
+    resume: bool = True
+    max_steps_per_epoch: int | None = None  # for smoke tests
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        checks = {"resize": (self.resize, RESIZE_MODES), "loss_level": (self.loss_level, ("image", "study")),
+                  "select_metric": (self.select_metric, tuple(SELECT_METRICS)),
+                  "amp": (self.amp, ("auto", "fp16", "bf16", "off"))}
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
+
+
+def resolve_device(device: str = "auto"):
+    """The torch device to use: CUDA when available (or as asked), else CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(device)
+
+
+def amp_dtype(amp: str, device):
+    """The autocast dtype for this device: fp16 (with a GradScaler) on T4-class GPUs, bf16 where fast; or None."""
+    if amp == "off" or device.type != "cuda":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's generators (CPU and CUDA); the suite's NumPy code takes explicit seeds."""
+
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def make_loader(dataset: CachedViewBatches, sampler: EpochBatches, num_workers: int, pin_memory: bool):
+    """A DataLoader over whole batches, with persistent workers and prefetching."""
+    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, device, weights: tuple[float, float], cfg: TrainConfig,
+                    epoch: int, progress: bool = True) -> dict:
+    """One pass over the training views; returns the mean loss and every view's probability."""
+    model.train()
+    dtype = amp_dtype(cfg.amp, device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
+    loss_sum = torch.zeros((), device=device)
+    n_seen, probs, indices = 0, [], []
+    steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1} train", leave=False, disable=not progress)
+    for step, (views, labels, index, study) in enumerate(loader):
+        if step >= steps:
+            break
+        x = prepare_batch(views, device, True, generator, cfg.rotation_degrees, cfg.hflip, cfg.channels_last)
+        y = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x).squeeze(1)
+        if cfg.loss_level == "study":
+            n_studies = int(study.max()) + 1  # a CPU tensor: no device sync
+            loss = study_weighted_bce(logits, y, study.to(device, non_blocking=True), n_studies, *weights)
+        else:
+            loss = weighted_bce_with_logits(logits, y, *weights)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach() * len(y)
+        n_seen += len(y)
+        probs.append(torch.sigmoid(logits.detach().float()))
+        indices.append(index)
+        bar.update()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    return {"loss": float(loss_sum) / max(n_seen, 1), "probs": torch.cat(probs).cpu().numpy(),
+            "index": torch.cat(indices).numpy()}
+
+
+def evaluate_views(model, loader, device, weights: tuple[float, float], cfg: TrainConfig, desc: str = "valid",
+                   progress: bool = True) -> dict:
+    """Predict every view of `loader` without augmentation; returns the weighted loss and the view probabilities."""
+    model.eval()
+    dtype = amp_dtype(cfg.amp, device)
+    loss_sum, n_seen, probs, indices = torch.zeros((), device=device), 0, [], []
+    with torch.inference_mode():
+        for views, labels, index, _ in tqdm(loader, desc=desc, leave=False, disable=not progress):
+            x = prepare_batch(views, device, False, channels_last=cfg.channels_last)
+            y = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = model(x).squeeze(1)
+            loss_sum += weighted_bce_with_logits(logits, y, *weights) * len(y)
+            n_seen += len(y)
+            probs.append(torch.sigmoid(logits.float()))
+            indices.append(index)
+    return {"loss": float(loss_sum) / max(n_seen, 1), "probs": torch.cat(probs).cpu().numpy(),
+            "index": torch.cat(indices).numpy()}
+
+
+def _prepare_run(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Load the studies, build the view cache and the per-view tables that training and evaluation use."""
+    root = resolve_data_dir(cfg.data_dir, cfg.phantom_dir)
+    run = {"root": root}
+    for split in SPLITS:
+        studies = load_studies(root, split, cfg.body_part, on_bad=cfg.on_bad)
+        if studies.empty:
+            raise MuraDataError(f"{root}: no {cfg.body_part} studies in the {split} split")
+        run[split] = studies_to_images(studies)
+    all_paths = list(run["train"]["image_path"]) + list(run["valid"]["image_path"])
+    run["cache"] = build_image_cache(all_paths, cfg.image_size, cfg.cache_dir, cfg.resize, progress=progress)
+    return run
+
+
+def _view_dataset(cache: ImageCache, images: pd.DataFrame) -> CachedViewBatches:
+    """The batch dataset over the views of one split."""
+    return CachedViewBatches(cache, cache.rows(images["image_path"]), images["label"].to_numpy(),
+                             pd.factorize(images["study_path"])[0])
+
+
+def _epoch_metrics(prefix: str, images: pd.DataFrame, result: dict) -> dict:
+    """Study-level metrics of one epoch's view probabilities, with the loss, prefixed train_/valid_."""
+    views = images.iloc[result["index"]].assign(prob=result["probs"])
+    studies = views.groupby("study_path", sort=False).agg(label=("label", "first"), prob=("prob", "mean"))
+    metrics = study_metrics(studies["label"], studies["prob"])
+    return {f"{prefix}_loss": result["loss"], **{f"{prefix}_{k}": v for k, v in metrics.items()}}
+
+
+def _checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best) -> dict:
+    """The resumable state: model, optimiser, scheduler, scaler, epoch, history, RNG states, config."""
+    return {
+        "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "epoch": epoch, "history": history, "best": best, "config": _config_dict(cfg),
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    """The config as plain types (loadable with weights_only=True)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+def _unwrap(model):
+    """The underlying module of a torch.compile'd model."""
+    return getattr(model, "_orig_mod", model)
+
+
+RESUME_MUST_MATCH = ("body_part", "image_size", "resize", "arch", "batch_size", "lr", "betas", "weight_decay",
+                     "rotation_degrees", "hflip", "loss_level", "select_metric", "seed")
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
+    """Train (or resume) a run in cfg.output_dir: checkpoints/last.pt every epoch, best.pt, history.csv."""
+
+
+    out = Path(cfg.output_dir)
+    last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
+    state = None
+    if cfg.resume and last_path.is_file():
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        changed = {k: (state["config"].get(k), v) for k, v in _config_dict(cfg).items()
+                   if k in RESUME_MUST_MATCH and state["config"].get(k) != v}
+        if changed:
+            raise ValueError(f"{last_path}: holds a run with other settings {changed} (saved, now); use another "
+                             f"output_dir, or resume=False to start again")
+    run = _prepare_run(cfg, progress)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.pretrained and state is None, cfg.arch).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    weights = class_weights(run["train"]["label"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
+                                                           patience=cfg.plateau_patience)
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    history, start_epoch, best = [], 0, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        history, best, start_epoch = list(state["history"]), state["best"], state["epoch"] + 1
+        print(f"resuming {last_path} after epoch {start_epoch} of {cfg.epochs}")
+    if cfg.compile:
+        model = torch.compile(model)
+
+    train_images, valid_images = run["train"], run["valid"]
+    study_of_view = pd.factorize(train_images["study_path"])[0]
+    groups = [np.flatnonzero(study_of_view == s) for s in range(study_of_view.max() + 1)]
+    pin = device.type == "cuda"
+    train_sampler, valid_sampler = EpochBatches(), EpochBatches()
+    valid_sampler.batches = epoch_batches(len(valid_images), cfg.valid_batch_size, False, cfg.seed, 0)
+    train_loader = make_loader(_view_dataset(run["cache"], train_images), train_sampler, cfg.num_workers, pin)
+    valid_loader = make_loader(_view_dataset(run["cache"], valid_images), valid_sampler, cfg.num_workers, pin)
+    direction = SELECT_METRICS[cfg.select_metric]
+    for epoch in range(start_epoch, cfg.epochs):
+        train_sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch,
+                                              groups if cfg.loss_level == "study" else None)
+        started = time.perf_counter()
+        trained = train_one_epoch(model, train_loader, optimizer, scaler, device, weights, cfg, epoch, progress)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.perf_counter() - started
+        validated = evaluate_views(model, valid_loader, device, weights, cfg, progress=progress)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+               **_epoch_metrics("train", train_images, trained), **_epoch_metrics("valid", valid_images, validated),
+               "epoch_time_s": time.perf_counter() - started, "train_images_per_s": len(trained["probs"]) / train_time}
+        scheduler.step(row["valid_loss"])
+        history.append(row)
+        score = row[cfg.select_metric]
+        improved = best is None or (score < best if direction == "min" else score > best) or math.isnan(best)
+        if improved:
+            best = score
+        state = _checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best)
+        if improved:
+            save_atomic(state, best_path)
+        save_atomic(state, last_path)
+        _write_csv_atomic(pd.DataFrame(history), out / "history.csv")
+        if progress:
+            print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f}  valid loss "
+                  f"{row['valid_loss']:.4f}  valid kappa {row['valid_kappa']:.3f}  valid AUROC {row['valid_auroc']:.3f}"
+                  f"  {row['train_images_per_s']:.0f} img/s" + ("  (best)" if improved else ""))
+    return pd.DataFrame(history)
+
+
+def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
+    """Write a CSV through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
+    """Load a checkpoint (weights_only) and return (model in eval mode, its TrainConfig)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = TrainConfig(**state["config"])
+    model = build_model(pretrained=False, arch=cfg.arch)
+    model.load_state_dict(state["model"])
+    return model.to(resolve_device(device)).eval(), cfg
+
+
+# ---------------------------------------------------------------- evaluation & metrics
+
+def study_metrics(labels, probs, threshold: float = 0.5) -> dict:
+    """Accuracy, Cohen's kappa, AUROC, sensitivity, specificity and the confusion counts and row-normalised rates."""
+    labels, probs = np.asarray(labels, dtype=int), np.asarray(probs, dtype=float)
+    preds = (probs > threshold).astype(int)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, preds, labels=[0, 1]).ravel())
+    one_class = len(np.unique(labels)) < 2
+    if one_class:
+        warnings.warn(f"only one class in the labels ({len(labels)} studies): AUROC is undefined (NaN)", stacklevel=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        kappa = cohen_kappa_score(labels, preds) if len(np.unique(np.r_[labels, preds])) > 1 else float("nan")
+    return {
+        "accuracy": (tp + tn) / max(len(labels), 1), "kappa": float(kappa),
+        "auroc": float("nan") if one_class else float(roc_auc_score(labels, probs)),
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+        "tn": tn, "fp": fp, "fn": fn, "tp": tp,
+        "tn_rate": tn / (tn + fp) if tn + fp else float("nan"), "fp_rate": fp / (tn + fp) if tn + fp else float("nan"),
+        "fn_rate": fn / (fn + tp) if fn + tp else float("nan"), "tp_rate": tp / (fn + tp) if fn + tp else float("nan"),
+    }
+
+
+def predict_studies(model, studies: pd.DataFrame, image_size: int = 224, resize: str = "squash",
+                    cache_dir: str | os.PathLike = "data/cache", device: str = "auto", batch_size: int = 64,
+                    amp: str = "auto", num_workers: int = 0) -> pd.DataFrame:
+    """Each study's abnormality probability: the mean of its views' probabilities (abnormal when > 0.5)."""
+    images = studies_to_images(studies)
+    cache = build_image_cache(images["image_path"], image_size, cache_dir, resize, progress=False)
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    sampler = EpochBatches()
+    sampler.batches = epoch_batches(len(images), batch_size, False, 0, 0)
+    loader = make_loader(_view_dataset(cache, images), sampler, num_workers, dev.type == "cuda")
+    cfg = TrainConfig(amp=amp, channels_last=next(model.parameters()).is_contiguous(memory_format=torch.channels_last))
+    result = evaluate_views(model, loader, dev, (0.5, 0.5), cfg, desc="predict", progress=False)
+    views = images.iloc[result["index"]].assign(prob=result["probs"])
+    out = views.groupby("study_path", sort=False).agg(label=("label", "first"), prob=("prob", "mean"),
+                                                      n_views=("prob", "size"), view_probs=("prob", list))
+    return out.reset_index()
+
+
+# ---------------------------------------------------------------- plots: exploratory analysis, pipeline, training
 
 
 def save_figure(fig, name: str, output_dir: str | os.PathLike = "outputs", dpi: int = 120) -> Path:
@@ -859,9 +1442,6 @@ def patients_in_both_splits(studies: pd.DataFrame) -> list[str]:
 def plot_xray_grid(images: pd.DataFrame, n: int = 12, seed: int = 0, cols: int = 6, title: str | None = None,
                    boxes: pd.DataFrame | None = None):
     """Show a grid of `n` random views with patient, study and label (and ground-truth boxes when given)."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
     sample = images.sample(min(n, len(images)), random_state=seed)
     rows = math.ceil(len(sample) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.0 * rows), squeeze=False)
@@ -883,9 +1463,6 @@ def plot_xray_grid(images: pd.DataFrame, n: int = 12, seed: int = 0, cols: int =
 
 def plot_patients_per_split(studies: pd.DataFrame):
     """Bar chart of the number of patients in each split (the report's Figure 17)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     counts = studies.groupby("split", sort=False)["patient"].nunique().reset_index(name="patients")
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     sns.barplot(data=counts, x="split", y="patients", hue="split", legend=False, ax=ax)
@@ -898,9 +1475,6 @@ def plot_patients_per_split(studies: pd.DataFrame):
 
 def plot_studies_per_patient(studies: pd.DataFrame):
     """Bar chart of how many patients have 1, 2, 3... studies, per split (the report's Figure 18)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     per_patient = studies.groupby(["split", "body_part", "patient"]).size().reset_index(name="studies")
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     sns.countplot(data=per_patient, x="studies", hue="split", ax=ax)
@@ -913,9 +1487,6 @@ def plot_studies_per_patient(studies: pd.DataFrame):
 
 def plot_views_per_study(studies: pd.DataFrame):
     """Bar chart of how many studies have 1..5 views (images), per split (the report's Figure 19)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     sns.countplot(data=studies, x="n_views", hue="split", ax=ax)
     for c in ax.containers:
@@ -927,9 +1498,6 @@ def plot_views_per_study(studies: pd.DataFrame):
 
 def plot_label_balance(studies: pd.DataFrame):
     """Two bar charts of normal vs abnormal counts per split, at study level and at image level."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     images = studies_to_images(studies)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, df, level in ((axes[0], studies, "studies"), (axes[1], images, "images")):
@@ -955,9 +1523,6 @@ def image_properties(images: pd.DataFrame) -> pd.DataFrame:
 
 def plot_image_properties(props: pd.DataFrame):
     """Scatter of image width vs height coloured by PNG mode, and the count of each mode per split."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1.4, 1]})
     sns.scatterplot(data=props, x="width", y="height", hue="mode", style="split", alpha=0.6, s=18, ax=axes[0])
     axes[0].set_title("Image sizes (pixels)")
@@ -971,8 +1536,6 @@ def plot_image_properties(props: pd.DataFrame):
 
 def plot_intensity_histograms(images: pd.DataFrame, n_per_label: int = 40, seed: int = 0):
     """Pixel-intensity histograms of sampled normal and abnormal views, and each image's mean intensity."""
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     means = {}
     for label, name, color in ((0, "normal", "tab:blue"), (1, "abnormal", "tab:red")):

@@ -1,0 +1,231 @@
+"""The supervised engine: cache, augmentation, loss, metrics, study aggregation, training, checkpoints, resume."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
+
+import mura_helpers as mh
+
+# ---------------------------------------------------------------- cache
+
+
+def test_cache_holds_the_resized_views_and_is_rebuilt_only_when_needed(phantom_copy, tmp_path):
+    images = mh.studies_to_images(mh.load_studies(phantom_copy, "train"))
+    paths = list(images["image_path"][:10])
+    cache = mh.build_image_cache(paths, 48, tmp_path / "cache", progress=False, workers=2)
+    assert cache.array.shape == (10, 48, 48) and cache.array.dtype == np.uint8
+    for p in (paths[0], paths[7]):
+        expected = np.asarray(mh.resize_view(mh.load_image(p), 48))
+        assert np.array_equal(cache.array[cache.row_of[p]], expected)
+    again = mh.build_image_cache(paths, 48, tmp_path / "cache", progress=False)
+    assert again.path == cache.path  # reused
+    assert mh.build_image_cache(paths, 32, tmp_path / "cache", progress=False).path != cache.path
+    assert mh.build_image_cache(paths, 48, tmp_path / "cache", "pad", progress=False).path != cache.path
+    os.utime(paths[3], ns=(1, 1))  # a changed file gives a new key
+    assert mh.build_image_cache(paths, 48, tmp_path / "cache", progress=False).path != cache.path
+    assert not list((tmp_path / "cache").glob("*.tmp*"))
+
+
+def test_pad_resize_keeps_the_aspect_ratio():
+    image = mh.Image.fromarray(np.full((100, 50), 200, np.uint8))
+    padded = np.asarray(mh.resize_view(image, 64, "pad"))
+    assert padded.shape == (64, 64)
+    assert padded[:, :14].max() == 0 and padded[:, 18:46].min() == 200  # black bars left and right
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_gpu_augment_flips_and_rotates_each_sample_independently():
+    x = torch.rand(32, 1, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    flipped = mh.gpu_augment(x, g, rotation_degrees=0, hflip=True)
+    same = [torch.allclose(flipped[i], x[i], atol=1e-5) for i in range(32)]
+    mirrored = [torch.allclose(flipped[i], x[i].flip(-1), atol=1e-5) for i in range(32)]
+    assert all(a or b for a, b in zip(same, mirrored)) and 4 < sum(mirrored) < 28
+    rotated = mh.gpu_augment(x, torch.Generator().manual_seed(1), rotation_degrees=30, hflip=False)
+    again = mh.gpu_augment(x, torch.Generator().manual_seed(1), rotation_degrees=30, hflip=False)
+    assert torch.equal(rotated, again)
+    changes = (rotated - x).abs().flatten(1).mean(1)
+    assert changes.std() > 0.005  # different angles per sample
+
+
+def test_prepare_batch_normalises_and_replicates_grey():
+    views = torch.full((2, 1, 8, 8), 255, dtype=torch.uint8)
+    x = mh.prepare_batch(views, torch.device("cpu"), train=False)
+    assert x.shape == (2, 3, 8, 8) and x.is_contiguous(memory_format=torch.channels_last)
+    expected = [(1 - m) / s for m, s in zip(mh.IMAGENET_MEAN, mh.IMAGENET_STD)]
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor(expected))
+
+
+# ---------------------------------------------------------------- loss and class weights
+
+
+def test_class_weights_follow_the_mura_paper():
+    w0, w1 = mh.class_weights([1, 1, 0, 0, 0, 0, 0, 0])
+    assert (w0, w1) == (0.25, 0.75)  # w1 = |N| / (|A| + |N|): the rarer abnormal class weighs more
+    with pytest.raises(mh.MuraDataError, match="both classes"):
+        mh.class_weights([0, 0, 0])
+
+
+def test_weighted_bce_matches_a_hand_computation_and_is_stable():
+    logits = torch.tensor([2.0, -1.0, 0.5, -3.0])
+    y = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    w0, w1 = 0.3, 0.7
+    p = 1 / (1 + np.exp(-logits.numpy()))
+    hand = np.mean([-w1 * np.log(p[0]), -w0 * np.log(1 - p[1]), -w0 * np.log(1 - p[2]), -w1 * np.log(p[3])])
+    assert mh.weighted_bce_with_logits(logits, y, w0, w1).item() == pytest.approx(hand, rel=1e-6)
+    extreme = mh.weighted_bce_with_logits(torch.tensor([200.0, -200.0]), torch.tensor([0.0, 1.0]), w0, w1)
+    assert math.isfinite(extreme.item()) and extreme.item() == pytest.approx((w0 * 200 + w1 * 200) / 2)
+
+
+def test_study_loss_uses_the_mean_view_probability_with_uneven_view_counts():
+    logits = torch.tensor([1.0, -0.5, 2.0, -2.0])  # study 0: three views, study 1: one view
+    study = torch.tensor([0, 0, 0, 1])
+    y = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    p = torch.sigmoid(logits)
+    p0, p1 = p[:3].mean(), p[3]
+    hand = (-0.6 * torch.log(p0) - 0.4 * torch.log(1 - p1)) / 2
+    assert mh.study_weighted_bce(logits, y, study, 2, 0.4, 0.6).item() == pytest.approx(hand.item(), rel=1e-6)
+    huge = mh.study_weighted_bce(torch.tensor([-300.0, -300.0]), torch.tensor([1.0, 1.0]), torch.tensor([0, 0]), 1,
+                                 0.5, 0.5)
+    assert math.isfinite(huge.item()) and huge.item() == pytest.approx(150.0, rel=1e-4)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_study_metrics_agree_with_scikit_learn():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    probs = np.clip(labels * 0.3 + rng.random(200) * 0.7, 0, 1)
+    m = mh.study_metrics(labels, probs)
+    preds = (probs > 0.5).astype(int)
+    assert m["accuracy"] == pytest.approx(accuracy_score(labels, preds))
+    assert m["kappa"] == pytest.approx(cohen_kappa_score(labels, preds))
+    assert m["auroc"] == pytest.approx(roc_auc_score(labels, probs))
+    assert m["tp"] + m["fn"] == labels.sum() and m["tn"] + m["fp"] == (labels == 0).sum()
+    assert m["sensitivity"] == pytest.approx(m["tp"] / labels.sum())
+    assert m["tn_rate"] + m["fp_rate"] == pytest.approx(1) and m["fn_rate"] + m["tp_rate"] == pytest.approx(1)
+
+
+def test_study_metrics_with_one_class_warn_and_give_nan_auroc():
+    with pytest.warns(UserWarning, match="one class"):
+        m = mh.study_metrics([0, 0, 0], [0.1, 0.7, 0.2])
+    assert math.isnan(m["auroc"]) and m["accuracy"] == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------- prediction: study = mean of its views
+
+
+class MeanIntensity(torch.nn.Module):
+    """A stand-in model whose logit is a fixed function of the view's mean intensity."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, x):
+        return (x.mean(dim=(1, 2, 3)) * self.scale).unsqueeze(1)
+
+
+def test_predict_studies_averages_uneven_view_counts(tiny_phantom, tmp_path):
+    studies = mh.load_all_studies(tiny_phantom)
+    assert studies["n_views"].nunique() > 1
+    model = MeanIntensity()
+    out = mh.predict_studies(model, studies, image_size=32, cache_dir=tmp_path, device="cpu", batch_size=5)
+    assert list(out.columns[:4]) == ["study_path", "label", "prob", "n_views"]
+    assert len(out) == len(studies) and (out["n_views"].to_numpy() == studies["n_views"].to_numpy()).all()
+    for row, (_, study) in zip(out.itertuples(), studies.iterrows()):
+        views = [np.asarray(mh.resize_view(mh.load_image(p), 32), np.float32) / 255 for p in study["image_paths"]]
+        batch = mh.prepare_batch(torch.from_numpy(np.stack(views))[:, None].mul(255).round().byte(),
+                                 torch.device("cpu"), train=False)
+        expected = torch.sigmoid(model(batch)).mean().item()
+        assert row.prob == pytest.approx(expected, abs=1e-5)
+
+
+# ---------------------------------------------------------------- the model learns, and runs resume exactly
+
+
+def test_densenet_overfits_one_phantom_batch(tiny_phantom, tmp_path):
+    torch.manual_seed(0)
+    images = mh.studies_to_images(mh.load_studies(tiny_phantom, "train"))
+    batch = images.groupby("label").head(4)
+    cache = mh.build_image_cache(batch["image_path"], 64, tmp_path, progress=False)
+    x = mh.prepare_batch(torch.from_numpy(cache.array[:, None].copy()), torch.device("cpu"), train=False)
+    y = torch.tensor(batch["label"].to_numpy(), dtype=torch.float32)
+    model = mh.build_model(pretrained=False)
+    assert model.classifier.out_features == 1
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(25):
+        loss = mh.weighted_bce_with_logits(model(x).squeeze(1), y, 0.5, 0.5)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def _config(root, out, cache, **kw):
+    settings = {"image_size": 48, "batch_size": 8, "pretrained": False, "num_workers": 0, "seed": 1, **kw}
+    return mh.TrainConfig(data_dir=str(root), output_dir=str(out), cache_dir=str(cache), **settings)
+
+
+def test_interrupted_and_resumed_run_equals_a_straight_run(tiny_phantom, tmp_path):
+    straight = mh.train(_config(tiny_phantom, tmp_path / "a", tmp_path / "cache", epochs=3), progress=False)
+    first = mh.train(_config(tiny_phantom, tmp_path / "b", tmp_path / "cache", epochs=1), progress=False)
+    assert len(first) == 1
+    resumed = mh.train(_config(tiny_phantom, tmp_path / "b", tmp_path / "cache", epochs=3), progress=False)
+    timing = ["epoch_time_s", "train_images_per_s"]
+    assert len(resumed) == 3
+    np.testing.assert_array_equal(straight.drop(columns=timing).to_numpy(), resumed.drop(columns=timing).to_numpy())
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["epoch"] == b["epoch"] == 2
+    for name in ("model", "optimizer", "scheduler", "scaler", "history", "rng", "config"):
+        assert name in a
+    history_csv = mh.pd.read_csv(tmp_path / "b" / "history.csv")
+    assert list(history_csv["epoch"]) == [1, 2, 3]
+
+
+def test_checkpoints_load_and_a_changed_setup_is_refused(tiny_phantom, tmp_path):
+    cfg = _config(tiny_phantom, tmp_path / "run", tmp_path / "cache", epochs=1, loss_level="study")
+    history = mh.train(cfg, progress=False)
+    assert np.isfinite(history["train_loss"]).all()
+    model, loaded = mh.load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert loaded == cfg and not model.training
+    with pytest.raises(ValueError, match="image_size"):
+        mh.train(_config(tiny_phantom, tmp_path / "run", tmp_path / "cache", epochs=2, loss_level="study",
+                         image_size=32), progress=False)
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp*"))
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    mh.save_atomic({"epoch": 1}, path)
+
+    def broken_save(obj, f):
+        mh.Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mh.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        mh.save_atomic({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def test_pretrained_download_failure_says_how_to_go_on(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(mh.torchvision.models, "get_model", offline)
+    with pytest.raises(RuntimeError, match="pretrained=False") as err:
+        mh.build_model(pretrained=True)
+    assert "TORCH_HOME" in str(err.value)
