@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
@@ -1078,7 +1079,9 @@ class TrainConfig:
     body_part: str = "XR_HAND"
     output_dir: str = "outputs/run"
     cache_dir: str = "data/cache"
-    phantom_dir: str = "data/phantom"
+    phantom_dir: str = "data/phantom"  # where the phantom is made when data_dir is None ...
+    phantom_patients: int = 240  # ... with this many patients
+    phantom_image_size: int = 512
     image_size: int = 224  # the report; the MURA paper used 320
     resize: str = "squash"  # "squash" (report, paper) or "pad" (keeps the aspect ratio)
     arch: str = "densenet169"
@@ -1148,10 +1151,29 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def make_loader(dataset: CachedViewBatches, sampler: EpochBatches, num_workers: int, pin_memory: bool):
-    """A DataLoader over whole batches, with persistent workers and prefetching."""
+def make_view_loader(cache: ImageCache, images: pd.DataFrame, batch_size: int, shuffle: bool = False, seed: int = 0,
+                     num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader of whole batches of cached views; set `loader.sampler.batches` to re-shuffle per epoch."""
+    dataset = CachedViewBatches(cache, cache.rows(images["image_path"]), images["label"].to_numpy(),
+                                pd.factorize(images["study_path"])[0])
+    sampler = EpochBatches()
+    sampler.batches = epoch_batches(len(images), batch_size, shuffle, seed, 0)
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+
+
+def loader_throughput(loader, device, max_batches: int = 50, **augment) -> float:
+    """Views per second that `loader` delivers to `device`, augmented and normalised as for training."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    n, started = 0, time.perf_counter()
+    for step, (views, *_rest) in enumerate(loader):
+        if step >= max_batches:
+            break
+        prepare_batch(views, device, True, generator, **augment)
+        n += len(views)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - started)
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, weights: tuple[float, float], cfg: TrainConfig,
@@ -1214,7 +1236,8 @@ def evaluate_views(model, loader, device, weights: tuple[float, float], cfg: Tra
 
 def _prepare_run(cfg: TrainConfig, progress: bool = True) -> dict:
     """Load the studies, build the view cache and the per-view tables that training and evaluation use."""
-    root = resolve_data_dir(cfg.data_dir, cfg.phantom_dir)
+    root = resolve_data_dir(cfg.data_dir, cfg.phantom_dir, n_patients=cfg.phantom_patients,
+                            image_size=cfg.phantom_image_size, seed=cfg.seed)
     run = {"root": root}
     for split in SPLITS:
         studies = load_studies(root, split, cfg.body_part, on_bad=cfg.on_bad)
@@ -1224,12 +1247,6 @@ def _prepare_run(cfg: TrainConfig, progress: bool = True) -> dict:
     all_paths = list(run["train"]["image_path"]) + list(run["valid"]["image_path"])
     run["cache"] = build_image_cache(all_paths, cfg.image_size, cfg.cache_dir, cfg.resize, progress=progress)
     return run
-
-
-def _view_dataset(cache: ImageCache, images: pd.DataFrame) -> CachedViewBatches:
-    """The batch dataset over the views of one split."""
-    return CachedViewBatches(cache, cache.rows(images["image_path"]), images["label"].to_numpy(),
-                             pd.factorize(images["study_path"])[0])
 
 
 def _epoch_metrics(prefix: str, images: pd.DataFrame, result: dict) -> dict:
@@ -1306,17 +1323,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
         model = torch.compile(model)
 
     train_images, valid_images = run["train"], run["valid"]
-    study_of_view = pd.factorize(train_images["study_path"])[0]
-    groups = [np.flatnonzero(study_of_view == s) for s in range(study_of_view.max() + 1)]
+    groups = list(train_images.groupby("study_path", sort=False).indices.values())
     pin = device.type == "cuda"
-    train_sampler, valid_sampler = EpochBatches(), EpochBatches()
-    valid_sampler.batches = epoch_batches(len(valid_images), cfg.valid_batch_size, False, cfg.seed, 0)
-    train_loader = make_loader(_view_dataset(run["cache"], train_images), train_sampler, cfg.num_workers, pin)
-    valid_loader = make_loader(_view_dataset(run["cache"], valid_images), valid_sampler, cfg.num_workers, pin)
+    train_loader = make_view_loader(run["cache"], train_images, cfg.batch_size, True, cfg.seed, cfg.num_workers, pin)
+    valid_loader = make_view_loader(run["cache"], valid_images, cfg.valid_batch_size, False, cfg.seed,
+                                    cfg.num_workers, pin)
     direction = SELECT_METRICS[cfg.select_metric]
     for epoch in range(start_epoch, cfg.epochs):
-        train_sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch,
-                                              groups if cfg.loss_level == "study" else None)
+        train_loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch,
+                                                     groups if cfg.loss_level == "study" else None)
         started = time.perf_counter()
         trained = train_one_epoch(model, train_loader, optimizer, scaler, device, weights, cfg, epoch, progress)
         if device.type == "cuda":
@@ -1393,9 +1408,7 @@ def predict_studies(model, studies: pd.DataFrame, image_size: int = 224, resize:
     cache = build_image_cache(images["image_path"], image_size, cache_dir, resize, progress=False)
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    sampler = EpochBatches()
-    sampler.batches = epoch_batches(len(images), batch_size, False, 0, 0)
-    loader = make_loader(_view_dataset(cache, images), sampler, num_workers, dev.type == "cuda")
+    loader = make_view_loader(cache, images, batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda")
     cfg = TrainConfig(amp=amp, channels_last=next(model.parameters()).is_contiguous(memory_format=torch.channels_last))
     result = evaluate_views(model, loader, dev, (0.5, 0.5), cfg, desc="predict", progress=False)
     views = images.iloc[result["index"]].assign(prob=result["probs"])
@@ -1554,5 +1567,59 @@ def plot_intensity_histograms(images: pd.DataFrame, n_per_label: int = 40, seed:
     axes[1].set(title="Mean intensity per view (bright = inverted or over-exposed)", xlabel="mean intensity",
                 ylabel="views")
     axes[1].legend()
+    fig.tight_layout()
+    return fig
+
+
+def epoch_table(history: pd.DataFrame) -> pd.DataFrame:
+    """Per-epoch table in the layout of the report's Figure 31: confusion rates, losses and accuracies."""
+    columns = {"epoch": "Epoch"}
+    for split, name in (("train", "Training"), ("valid", "Validation")):
+        for k, label in (("tn", "True Negative"), ("fp", "False Positive"), ("fn", "False Negative"),
+                         ("tp", "True Positive")):
+            columns[f"{split}_{k}_rate"] = f"{label} ({name})"
+    columns.update({"train_loss": "Training Loss", "train_accuracy": "Training Accuracy",
+                    "valid_loss": "Validation Loss", "valid_accuracy": "Validation Accuracy",
+                    "valid_kappa": "Validation Kappa", "valid_auroc": "Validation AUROC", "lr": "Learning Rate"})
+    return history[list(columns)].rename(columns=columns).set_index("Epoch").round(4)
+
+
+def plot_training_curves(history: pd.DataFrame, select_metric: str = "valid_loss"):
+    """Loss, accuracy and Cohen's kappa per epoch for train and valid (the report's Figure 32), best epoch marked."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    best = history[select_metric].idxmin() if SELECT_METRICS[select_metric] == "min" else \
+        history[select_metric].idxmax()
+    for ax, metric in zip(axes, ("loss", "accuracy", "kappa")):
+        for split, style in (("train", "o-"), ("valid", "s-")):
+            ax.plot(history["epoch"], history[f"{split}_{metric}"], style, label=split)
+        ax.axvline(history.loc[best, "epoch"], color="grey", ls="--", lw=1, label=f"best ({select_metric})")
+        ax.set(title=metric.capitalize() + (" (weighted BCE)" if metric == "loss" else " (study level)"),
+               xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_pipeline_views(images: pd.DataFrame, cache: ImageCache, n: int = 4, seed: int = 0,
+                        rotation_degrees: float = 10.0, hflip: bool = True):
+    """For n random views: the raw file, the cached resized view, and two random training augmentations."""
+    sample = images.sample(min(n, len(images)), random_state=seed)
+    cached = torch.from_numpy(cache.array[cache.rows(sample["image_path"])][:, None].copy())
+    generator = torch.Generator().manual_seed(seed)
+    augmented = [prepare_batch(cached, torch.device("cpu"), True, generator, rotation_degrees, hflip, False)
+                 for _ in range(2)]
+    fig, axes = plt.subplots(len(sample), 4, figsize=(10, 2.7 * len(sample)), squeeze=False)
+    for i, row in enumerate(sample.itertuples()):
+        raw = load_image(row.image_path)
+        panels = [(raw, f"raw file {raw.width}x{raw.height}"), (cached[i, 0], f"cached {cache.size}px")]
+        panels += [(aug[i, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0], f"augmented #{k + 1}")
+                   for k, aug in enumerate(augmented)]
+        for ax, (img, title) in zip(axes[i], panels):
+            ax.imshow(np.asarray(img), cmap="gray")
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+        axes[i, 0].set_title(f"{row.patient} ({'abnormal' if row.label else 'normal'})\nraw {raw.width}x{raw.height}",
+                             fontsize=9)
     fig.tight_layout()
     return fig

@@ -45,3 +45,29 @@ def test_eda_notebook_runs_headless_and_writes_its_figures(tiny_phantom, tmp_pat
     assert summary["patients_in_both_splits"] == []
     assert set(summary["modes"]) == {"L", "RGB"}
     assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
+
+
+@pytest.mark.notebook
+def test_pipeline_check_notebook_runs_headless(tiny_phantom, tmp_path):
+    run_notebook("02_pipeline_check.ipynb", tmp_path, data_dir=str(tiny_phantom), output_dir=str(tmp_path),
+                 cache_dir=str(tmp_path / "cache"), image_size=48, batch_size=8, n_views_shown=2,
+                 throughput_batches=3)
+    assert (tmp_path / "figures" / "pipeline_views.png").stat().st_size > 5_000
+    check = json.loads((tmp_path / "pipeline_check.json").read_text())
+    assert check["batch_shape"] == [8, 3, 48, 48]
+    assert sum(check["class_weights"]) == pytest.approx(1.0) and check["loader_views_per_second"] > 0
+
+
+@pytest.mark.notebook
+def test_training_notebook_runs_headless_and_resumes(tiny_phantom, tmp_path):
+    params = {"data_dir": str(tiny_phantom), "output_dir": str(tmp_path), "cache_dir": str(tmp_path / "cache"),
+              "image_size": 48, "batch_size": 8, "epochs": 1, "pretrained": False, "num_workers": 0}
+    run_notebook("03_training.ipynb", tmp_path, **params)
+    run = tmp_path / "runs" / "densenet169"
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    assert (tmp_path / "figures" / "training_curves.png").stat().st_size > 5_000
+    nb = run_notebook("03_training.ipynb", tmp_path, **{**params, "epochs": 2})  # a later session resumes
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "resuming" in text
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    assert summary["epochs_run"] == 2 and 0 <= summary["valid_accuracy"] <= 1
