@@ -1,12 +1,13 @@
 # Two commands on a fresh machine (Python 3.10+ and make):
 #   make demo   virtual environment + requirements, the phantom, and every notebook executed into outputs/
 #   make test   virtual environment + requirements, ruff, and the test suite
+# and: make bench (training throughput, benchmarks/train_throughput.py; meant for a GPU)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: demo test lint phantom clean
+.PHONY: demo test lint phantom bench clean
 
 demo: $(VENV)/.installed phantom
 	@mkdir -p outputs
@@ -21,6 +22,9 @@ test: $(VENV)/.installed lint
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/train_throughput.py
 
 phantom: $(VENV)/.installed
 	$(BIN)/python -c "import mura_helpers as mh; print('phantom:', mh.ensure_phantom('data/phantom'))"

@@ -1298,6 +1298,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
                              f"output_dir, or resume=False to start again")
     run = _prepare_run(cfg, progress)
     device = resolve_device(cfg.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick the fastest kernels
     seed_everything(cfg.seed)
     model = build_model(cfg.pretrained and state is None, cfg.arch).to(device)
     if cfg.channels_last:
