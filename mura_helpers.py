@@ -33,7 +33,8 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
-from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
+from scipy.stats import rankdata
+from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -1098,6 +1099,7 @@ class TrainConfig:
     hflip: bool = True
     loss_level: str = "image"  # "image": per-view weighted BCE (the paper); "study": on the study mean (report)
     select_metric: str = "valid_loss"  # best.pt is kept by this (the paper: validation loss)
+    keep_top_k: int = 5  # also keep the weights of the k best epochs, for an ensemble (the paper averaged 5)
     amp: str = "auto"  # "auto": fp16 + GradScaler on GPUs without fast bf16 (T4), bf16 on Ampere+; "off" on CPU
     channels_last: bool = True
     compile: bool = False
@@ -1297,6 +1299,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
             raise ValueError(f"{last_path}: holds a run with other settings {changed} (saved, now); use another "
                              f"output_dir, or resume=False to start again")
     run = _prepare_run(cfg, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick the fastest kernels
     seed_everything(cfg.seed)
@@ -1351,6 +1355,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
         state = _checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best)
         if improved:
             save_atomic(state, best_path)
+        if cfg.keep_top_k > 0:
+            _keep_top_k_weights(model, cfg, history, epoch, out / "checkpoints")
         save_atomic(state, last_path)
         _write_csv_atomic(pd.DataFrame(history), out / "history.csv")
         if progress:
@@ -1358,6 +1364,35 @@ def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
                   f"{row['valid_loss']:.4f}  valid kappa {row['valid_kappa']:.3f}  valid AUROC {row['valid_auroc']:.3f}"
                   f"  {row['train_images_per_s']:.0f} img/s" + ("  (best)" if improved else ""))
     return pd.DataFrame(history)
+
+
+def _keep_top_k_weights(model, cfg: TrainConfig, history: list[dict], epoch: int, folder: Path) -> None:
+    """Save this epoch's weights as epoch_NNN.pt, keeping only the files of the cfg.keep_top_k best epochs."""
+    save_atomic({"model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+                 "config": _config_dict(cfg), "epoch": epoch}, folder / f"epoch_{epoch + 1:03d}.pt")
+    for path in _rank_epoch_files(folder, history, cfg.select_metric)[cfg.keep_top_k:]:
+        path.unlink()
+
+
+def _rank_epoch_files(folder: Path, history: list[dict], metric: str) -> list[Path]:
+    """The epoch_NNN.pt files in `folder`, best first by `metric` (epochs without a score last)."""
+    sign = 1 if SELECT_METRICS[metric] == "min" else -1
+    scores = {int(row["epoch"]): sign * float(row[metric]) for row in history if not math.isnan(float(row[metric]))}
+    files = {int(p.stem.split("_")[1]): p for p in folder.glob("epoch_*.pt")}
+    return [files[e] for e in sorted(files, key=lambda e: (e not in scores, scores.get(e, 0.0), e))]
+
+
+def top_k_checkpoints(run_dir: str | os.PathLike, k: int = 5) -> list[Path]:
+    """The k best saved epochs of a run, best first by its selection metric (the MURA paper's ensemble: k=5)."""
+    run_dir = Path(run_dir)
+    config, history = run_dir / "config.json", run_dir / "history.csv"
+    if not config.is_file() or not history.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a training run (no config.json/history.csv); train one first")
+    metric = json.loads(config.read_text())["select_metric"]
+    ranked = _rank_epoch_files(run_dir / "checkpoints", pd.read_csv(history).to_dict("records"), metric)
+    if not ranked:
+        raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no epoch_*.pt weights (train with keep_top_k > 0)")
+    return ranked[:k]
 
 
 def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -1418,7 +1453,228 @@ def predict_studies(model, studies: pd.DataFrame, image_size: int = 224, resize:
     return out.reset_index()
 
 
-# ---------------------------------------------------------------- plots: exploratory analysis, pipeline, training
+def youden_threshold(labels, probs) -> float:
+    """The threshold that maximises sensitivity + specificity - 1 (Youden's J) on these labels."""
+    fpr, tpr, thresholds = roc_curve(np.asarray(labels, int), np.asarray(probs, float), drop_intermediate=False)
+    best = int(np.argmax(tpr - fpr))
+    if best == 0:  # the (0, 0) corner: call nothing abnormal
+        return 1.0
+    # roc_curve counts prob >= t as abnormal, the suite prob > t: return the midpoint to the next lower score
+    lower = thresholds[best + 1] if best + 1 < len(thresholds) else thresholds[best] - 1e-6
+    return float((thresholds[best] + lower) / 2)
+
+
+CI_METRICS = ("accuracy", "kappa", "auroc", "sensitivity", "specificity")
+
+
+def bootstrap_metrics(labels, probs, threshold: float = 0.5, n_boot: int = 2000, seed: int = 0,
+                      alpha: float = 0.05) -> pd.DataFrame:
+    """Each study metric with a (1 - alpha) percentile bootstrap interval, resampling studies with replacement.
+
+    Vectorised over resamples; resamples with one class only (AUROC undefined) are left out of the AUROC interval.
+    """
+    labels, probs = np.asarray(labels, int), np.asarray(probs, float)
+    point = study_metrics(labels, probs, threshold)
+    idx = np.random.default_rng(seed).integers(0, len(labels), (n_boot, len(labels)))
+    y, p = labels[idx], probs[idx]
+    pred = (p > threshold).astype(int)
+    tp, tn = (pred & y).sum(1), ((1 - pred) & (1 - y)).sum(1)
+    fp, fn = (pred & (1 - y)).sum(1), ((1 - pred) & y).sum(1)
+    n = len(labels)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        po = (tp + tn) / n
+        pe = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / n**2
+        n_pos, n_neg = y.sum(1), (1 - y).sum(1)
+        ranks = rankdata(p, axis=1)  # ties share their average rank, as in the Mann-Whitney form of AUROC
+        auroc = ((ranks * y).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        draws = {"accuracy": po, "kappa": np.where(pe < 1, (po - pe) / (1 - pe), np.nan), "auroc": auroc,
+                 "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp)}
+    rows = []
+    for name in CI_METRICS:
+        values = draws[name][np.isfinite(draws[name])]
+        lo, hi = (np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(values)
+                  else (np.nan, np.nan))
+        rows.append({"metric": name, "estimate": point[name], "ci_low": lo, "ci_high": hi,
+                     "n_boot_used": len(values)})
+    return pd.DataFrame(rows).set_index("metric")
+
+
+def evaluation_report(preds: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Study metrics with 95% bootstrap CIs at the paper's 0.5 threshold and at Youden's threshold."""
+    youden = youden_threshold(preds["label"], preds["prob"])
+    tables = []
+    for name, threshold in (("0.5 (MURA paper)", 0.5), (f"{youden:.3f} (Youden, chosen on this set)", youden)):
+        table = bootstrap_metrics(preds["label"], preds["prob"], threshold, n_boot, seed)
+        tables.append(table.assign(threshold=name, threshold_value=threshold))
+    return pd.concat(tables).reset_index().set_index(["threshold", "metric"])
+
+
+REFERENCE_RESULTS = pd.DataFrame([
+    {"source": "Reference report (2023), DenseNet-169, MURA hand, validation", "metric": "accuracy",
+     "value": 0.611, "note": "best validation accuracy, its Figure 31"},
+    {"source": "Rajpurkar et al. 2017 (MURA paper), DenseNet-169, hand, hidden test set", "metric": "kappa",
+     "value": 0.851, "note": "Cohen's kappa vs radiologists' gold standard"},
+    {"source": "Rajpurkar et al. 2017 (MURA paper), DenseNet-169, all body parts, hidden test set",
+     "metric": "auroc", "value": 0.929, "note": "overall AUROC"},
+    {"source": "Davletshina et al. 2020, best unsupervised (alpha-GAN), MURA hand, test", "metric": "auroc",
+     "value": 0.607, "note": "ROC-AUC from the discriminator"},
+])
+
+
+def comparison_table(report: pd.DataFrame, label: str = "this model (validation studies)") -> pd.DataFrame:
+    """Our estimates with CIs at 0.5 beside the cited reference numbers (cited, not recomputed)."""
+    ours = report.xs(report.index.get_level_values(0)[0], level=0)
+    rows = [{"source": label, "metric": m, "value": ours.loc[m, "estimate"],
+             "note": f"95% CI {ours.loc[m, 'ci_low']:.3f}-{ours.loc[m, 'ci_high']:.3f}"}
+            for m in ("accuracy", "kappa", "auroc")]
+    return pd.concat([pd.DataFrame(rows), REFERENCE_RESULTS], ignore_index=True)
+
+
+def load_ensemble(checkpoints: str | os.PathLike | Sequence[str | os.PathLike], device: str = "auto"):
+    """Load one or several checkpoints; return (models, the first one's TrainConfig)."""
+    paths = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
+    if not paths:
+        raise FileNotFoundError("no checkpoints given")
+    loaded = [load_checkpoint(p, device) for p in paths]
+    sizes = {(cfg.image_size, cfg.resize) for _, cfg in loaded}
+    if len(sizes) > 1:
+        raise ValueError(f"the checkpoints were trained at different input settings {sizes}; ensemble like with like")
+    return [m for m, _ in loaded], loaded[0][1]
+
+
+def ensemble_predict(models, studies: pd.DataFrame, image_size: int, resize: str = "squash",
+                     cache_dir: str | os.PathLike = "data/cache", device: str = "auto") -> pd.DataFrame:
+    """Study predictions averaged over models (the MURA paper: the 5 best checkpoints); one model works too."""
+    runs = [predict_studies(m, studies, image_size, resize, cache_dir, device) for m in models]
+    out = runs[0].copy()
+    out["prob"] = np.mean([r["prob"].to_numpy() for r in runs], axis=0)
+    out["view_probs"] = [list(np.mean(v, axis=0)) for v in zip(*[r["view_probs"] for r in runs])]
+    out["model_probs"] = [list(v) for v in zip(*[r["prob"] for r in runs])]
+    return out.merge(studies[["study_path", "image_paths"]], on="study_path")
+
+
+def confident_cases(preds: pd.DataFrame, threshold: float = 0.5, k: int = 2) -> pd.DataFrame:
+    """The k most confident true/false positives and negatives (by distance of the probability from 0.5)."""
+    predicted = (preds["prob"] > threshold).astype(int)
+    kind = np.select([(predicted == 1) & (preds["label"] == 1), (predicted == 1) & (preds["label"] == 0),
+                      (predicted == 0) & (preds["label"] == 1)], ["true positive", "false positive",
+                                                                   "false negative"], "true negative")
+    cases = preds.assign(case=kind, confidence=(preds["prob"] - 0.5).abs())
+    order = ["true positive", "false positive", "false negative", "true negative"]
+    top = cases.sort_values("confidence", ascending=False).groupby("case").head(k)
+    return top.assign(case=pd.Categorical(top["case"], order, ordered=True)).sort_values(["case", "confidence"],
+                                                                                          ascending=[True, False])
+
+
+# ---------------------------------------------------------------- heatmaps: class activation maps (the MURA paper)
+
+def class_activation_maps(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAMs of a DenseNet-style model (features -> ReLU -> global pool -> linear): (maps (B, h, w), logits (B)).
+
+    The map is sum_k w_k * ReLU(features)_k, so its spatial mean plus the bias is the logit. The features are
+    taken by calling model.features directly and applying a fresh (not in-place) ReLU, which avoids the pitfall
+    of hooking torchvision's DenseNet, whose forward applies ReLU in place to the hooked tensor.
+    """
+    features = F.relu(model.features(x)).float()
+    weight, bias = model.classifier.weight[0].float(), model.classifier.bias[0].float()
+    maps = torch.einsum("bchw,c->bhw", features, weight)
+    return maps, maps.mean(dim=(1, 2)) + bias
+
+
+def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each map to [0, 1] (min-max; a constant map becomes all zeros)."""
+    flat = maps.flatten(1)
+    lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
+    return torch.where(hi > lo, (maps - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(maps))
+
+
+def _map_to_original(cam: np.ndarray, size: tuple[int, int], resize: str) -> np.ndarray:
+    """Bring a square map at the model's input size back onto the original view's pixel grid (w, h)."""
+    w, h = size
+    if resize == "pad":
+        s = cam.shape[0]
+        scale = s / max(w, h)
+        cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
+        x0, y0 = (s - cw) // 2, (s - ch) // 2
+        cam = cam[y0:y0 + ch, x0:x0 + cw]
+    return np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
+
+
+def view_heatmaps(models, image_paths: Sequence[str], image_size: int, resize: str = "squash",
+                  device: str = "auto") -> list[dict]:
+    """For each view: the grey image, its CAM in [0, 1] on the image's own pixel grid (averaged over models), and
+    its abnormality probability (averaged over models)."""
+    models = models if isinstance(models, (list, tuple)) else [models]
+    dev = resolve_device(device)
+    images = [load_image(p) for p in image_paths]
+    views = torch.from_numpy(np.stack([np.asarray(resize_view(im, image_size, resize)) for im in images]))[:, None]
+    x = prepare_batch(views, dev, train=False, channels_last=False)
+    maps, probs = [], []
+    with torch.inference_mode():
+        for model in models:
+            m, logits = class_activation_maps(model.to(dev).eval(), x)
+            up = F.interpolate(m[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0]
+            maps.append(normalise_maps(up).cpu().numpy())
+            probs.append(torch.sigmoid(logits).cpu().numpy())
+    mean_maps, mean_probs = np.mean(maps, axis=0), np.mean(probs, axis=0)
+    return [{"image_path": str(p), "image": np.asarray(im), "cam": _map_to_original(cam, im.size, resize),
+             "prob": float(prob)} for p, im, cam, prob in zip(image_paths, images, mean_maps, mean_probs)]
+
+
+def heatmap_localisation(heatmaps: Sequence[dict], boxes: pd.DataFrame) -> pd.DataFrame:
+    """Score maps against ground-truth boxes: pointing game (is the peak inside?) and the share of heat inside,
+    beside the box's share of the image (what a uniform map would score)."""
+    rows = []
+    for h in heatmaps:
+        for b in boxes[boxes["image_file"] == h["image_path"]].itertuples():
+            cam = h["cam"]
+            inside = np.zeros(cam.shape, bool)
+            inside[b.y0:b.y1 + 1, b.x0:b.x1 + 1] = True
+            peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+            rows.append({"image_path": h["image_path"], "finding": b.finding, "pointing_hit": bool(inside[peak]),
+                         "heat_in_box": float(cam[inside].sum() / max(cam.sum(), 1e-12)),
+                         "box_share": float(inside.mean()), "prob": h["prob"]})
+    return pd.DataFrame(rows, columns=["image_path", "finding", "pointing_hit", "heat_in_box", "box_share", "prob"])
+
+
+# ---------------------------------------------------------------- prediction on a new study
+
+def study_image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files of one study: a folder's PNG/JPEG files (natural order) or a given list; all checked first."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        folder = Path(source)
+        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                        and not p.name.startswith(".")), key=_natural_image_order)
+        others = [p.name for p in folder.iterdir() if p.is_file() and p not in files]
+        if others:
+            warnings.warn(f"{folder}: ignored {len(others)} non-image file(s): {others[:5]}", stacklevel=2)
+        if not files:
+            raise MuraDataError(f"{folder}: no .png/.jpg/.jpeg images in this folder")
+    elif isinstance(source, (str, os.PathLike)):
+        files = [Path(source)]
+    else:
+        files = [Path(p) for p in source]
+    bad = [f"  {p}: {issue}" for p in files if (issue := check_image_file(p, full_decode=True))]
+    if bad:
+        raise MuraDataError(f"{len(bad)} unreadable image(s):\n" + "\n".join(bad))
+    return files
+
+
+def predict_new_study(checkpoints, source, device: str = "auto") -> dict:
+    """Predict one new study (a folder of views or a list of files) with one checkpoint or an ensemble.
+
+    Returns {"study_prob", "abnormal", "views" (DataFrame: image_path, prob), "heatmaps" (per view)}.
+    """
+    files = study_image_files(source)
+    models, cfg = load_ensemble(checkpoints, device)
+    heatmaps = view_heatmaps(models, [str(f) for f in files], cfg.image_size, cfg.resize, device)
+    views = pd.DataFrame({"image_path": [h["image_path"] for h in heatmaps], "prob": [h["prob"] for h in heatmaps]})
+    study_prob = float(views["prob"].mean())
+    return {"study_prob": study_prob, "abnormal": study_prob > 0.5, "views": views, "heatmaps": heatmaps,
+            "n_models": len(models), "image_size": cfg.image_size}
+
+
+# ---------------------------------------------------------------- plots: data, pipeline, training, results, heatmaps
 
 
 def save_figure(fig, name: str, output_dir: str | os.PathLike = "outputs", dpi: int = 120) -> Path:
@@ -1622,5 +1878,75 @@ def plot_pipeline_views(images: pd.DataFrame, cache: ImageCache, n: int = 4, see
             ax.axis("off")
         axes[i, 0].set_title(f"{row.patient} ({'abnormal' if row.label else 'normal'})\nraw {raw.width}x{raw.height}",
                              fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc(preds: pd.DataFrame, title: str = "ROC, validation studies"):
+    """ROC curve with its AUROC, the 0.5 operating point and Youden's point."""
+    fpr, tpr, _ = roc_curve(preds["label"], preds["prob"])
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    ax.plot(fpr, tpr, lw=2, label=f"AUROC = {roc_auc_score(preds['label'], preds['prob']):.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    for threshold, marker, name in ((0.5, "o", "threshold 0.5"),
+                                    (youden_threshold(preds["label"], preds["prob"]), "s", "Youden")):
+        m = study_metrics(preds["label"], preds["prob"], threshold)
+        ax.plot(1 - m["specificity"], m["sensitivity"], marker, ms=8, label=f"{name} ({threshold:.2f})")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(labels, probs, threshold: float = 0.5):
+    """Confusion matrix at a threshold: counts and row-normalised rates side by side."""
+    m = study_metrics(labels, probs, threshold)
+    counts = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
+    rates = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.6))
+    ticks = ["normal", "abnormal"]
+    sns.heatmap(counts, annot=True, fmt="d", cmap="Blues", cbar=False, ax=axes[0], xticklabels=ticks,
+                yticklabels=ticks)
+    sns.heatmap(rates, annot=True, fmt=".3f", cmap="Blues", vmin=0, vmax=1, cbar=False, ax=axes[1],
+                xticklabels=ticks, yticklabels=ticks)
+    for ax, name in zip(axes, ("counts", "rates (per true class)")):
+        ax.set(xlabel="predicted", ylabel="true", title=f"Confusion {name}, threshold {threshold:.2f}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_cases(cases: pd.DataFrame, max_views: int = 3):
+    """Each case's views in a row, titled with the case type, the study and its probability."""
+    fig, axes = plt.subplots(len(cases), max_views, figsize=(2.6 * max_views, 2.8 * len(cases)), squeeze=False)
+    for row_axes, case in zip(axes, cases.itertuples()):
+        for ax in row_axes:
+            ax.axis("off")
+        for i, (ax, path) in enumerate(zip(row_axes, case.image_paths)):
+            ax.imshow(load_image(path), cmap="gray")
+            ax.set_title(f"view {i + 1}: p={case.view_probs[i]:.2f}", fontsize=8)
+        row_axes[0].set_title(f"{case.case}, study p={case.prob:.2f}\n{'/'.join(case.study_path.split('/')[-3:-1])}"
+                              f"\nview 1: p={case.view_probs[0]:.2f}", fontsize=8,
+                              color="darkgreen" if case.case.startswith("true") else "crimson")
+    fig.tight_layout()
+    return fig
+
+
+def plot_heatmaps(heatmaps: Sequence[dict], boxes: pd.DataFrame | None = None, cols: int = 4, alpha: float = 0.45,
+                  title: str | None = None):
+    """Each view with its CAM overlaid (and ground-truth boxes when given), titled with its probability."""
+    rows = max(1, math.ceil(len(heatmaps) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, h in zip(axes.flat, heatmaps):
+        ax.imshow(h["image"], cmap="gray")
+        ax.imshow(h["cam"], cmap="jet", alpha=alpha, vmin=0, vmax=1)
+        parts = Path(h["image_path"]).parts
+        ax.set_title(f"{'/'.join(parts[-3:])}\np(abnormal) = {h['prob']:.2f}", fontsize=7)
+        if boxes is not None:
+            for b in boxes[boxes["image_file"] == h["image_path"]].itertuples():
+                ax.add_patch(Rectangle((b.x0, b.y0), b.x1 - b.x0, b.y1 - b.y0, fill=False, color="white", lw=1.5))
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

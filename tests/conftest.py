@@ -33,3 +33,13 @@ def write_png(path: Path, mode: str = "L", size=(40, 32), value: int = 100) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full(size[::-1], value, np.uint8), "L").convert(mode).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_phantom, tmp_path_factory) -> Path:
+    """A 2-epoch DenseNet-169 run from scratch on the tiny phantom at 48 px (keeps its 2 best epochs)."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = mh.TrainConfig(data_dir=str(tiny_phantom), output_dir=str(out / "run"), cache_dir=str(out / "cache"),
+                         image_size=48, batch_size=8, epochs=2, pretrained=False, num_workers=0, keep_top_k=2)
+    mh.train(cfg, progress=False)
+    return out / "run"

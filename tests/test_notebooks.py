@@ -71,3 +71,29 @@ def test_training_notebook_runs_headless_and_resumes(tiny_phantom, tmp_path):
     assert "resuming" in text
     summary = json.loads((tmp_path / "training_summary.json").read_text())
     assert summary["epochs_run"] == 2 and 0 <= summary["valid_accuracy"] <= 1
+
+
+@pytest.mark.notebook
+def test_results_notebook_runs_headless_with_an_ensemble(tiny_run, tmp_path):
+    run_notebook("04_results.ipynb", tmp_path, run_dir=str(tiny_run), output_dir=str(tmp_path), ensemble_k=2,
+                 n_boot=200, n_heatmaps=2, device="cpu")
+    for name in ("results_training_curves", "results_roc", "results_confusion", "results_confident_cases",
+                 "results_heatmaps"):
+        assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 5_000, name
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["checkpoints"]) == 2
+    for name in ("accuracy", "kappa", "auroc"):
+        m = metrics["threshold_0.5"][name]
+        assert m["ci_low"] <= m["estimate"] <= m["ci_high"] or m["estimate"] != m["estimate"]  # NaN allowed
+    assert 0 <= metrics["heatmap_pointing_game"] <= 1 and 0 <= metrics["heatmap_heat_in_box"] <= 1
+    assert (tmp_path / "valid_predictions.csv").is_file()
+
+
+@pytest.mark.notebook
+def test_predict_notebook_runs_headless(tiny_run, tmp_path):
+    run_notebook("05_predict.ipynb", tmp_path, checkpoints=str(tiny_run / "checkpoints" / "best.pt"),
+                 output_dir=str(tmp_path), device="cpu")
+    [summary] = list(tmp_path.glob("predict_*.json"))
+    result = json.loads(summary.read_text())
+    assert 0 <= result["study_prob"] <= 1 and len(result["views"]) >= 1
+    assert list((tmp_path / "figures").glob("predict_*.png"))

@@ -177,10 +177,12 @@ def _config(root, out, cache, **kw):
 
 
 def test_interrupted_and_resumed_run_equals_a_straight_run(tiny_phantom, tmp_path):
-    straight = mh.train(_config(tiny_phantom, tmp_path / "a", tmp_path / "cache", epochs=3), progress=False)
-    first = mh.train(_config(tiny_phantom, tmp_path / "b", tmp_path / "cache", epochs=1), progress=False)
+    straight = mh.train(_config(tiny_phantom, tmp_path / "a", tmp_path / "cache", epochs=3, keep_top_k=2),
+                        progress=False)
+    first = mh.train(_config(tiny_phantom, tmp_path / "b", tmp_path / "cache", epochs=1, keep_top_k=2), progress=False)
     assert len(first) == 1
-    resumed = mh.train(_config(tiny_phantom, tmp_path / "b", tmp_path / "cache", epochs=3), progress=False)
+    resumed = mh.train(_config(tiny_phantom, tmp_path / "b", tmp_path / "cache", epochs=3, keep_top_k=2),
+                       progress=False)
     timing = ["epoch_time_s", "train_images_per_s"]
     assert len(resumed) == 3
     np.testing.assert_array_equal(straight.drop(columns=timing).to_numpy(), resumed.drop(columns=timing).to_numpy())
@@ -192,6 +194,11 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tiny_phantom, tmp_pat
         assert name in a
     history_csv = mh.pd.read_csv(tmp_path / "b" / "history.csv")
     assert list(history_csv["epoch"]) == [1, 2, 3]
+    best_two = history_csv.sort_values("valid_loss")["epoch"].head(2).tolist()  # the ensemble's members
+    for run in ("a", "b"):
+        kept = mh.top_k_checkpoints(tmp_path / run, k=5)
+        assert [int(p.stem.split("_")[1]) for p in kept] == best_two
+        assert len(list((tmp_path / run / "checkpoints").glob("epoch_*.pt"))) == 2
 
 
 def test_checkpoints_load_and_a_changed_setup_is_refused(tiny_phantom, tmp_path):

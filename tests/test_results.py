@@ -1,0 +1,188 @@
+"""Results: bootstrap intervals, thresholds, the comparison table, ensembles, CAM heatmaps, prediction on new data."""
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import write_png
+from PIL import Image
+
+import mura_helpers as mh
+
+
+def _scores(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    return labels, np.clip(labels * 0.35 + rng.random(n) * 0.65, 0, 1)
+
+
+# ---------------------------------------------------------------- metrics with confidence intervals
+
+
+def test_bootstrap_resamples_match_the_reference_metrics_exactly():
+    labels, probs = _scores(40)
+    for seed in range(5):  # with one resample, the interval is that resample's value
+        idx = np.random.default_rng(seed).integers(0, 40, (1, 40))[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = mh.study_metrics(labels[idx], probs[idx], 0.4)
+        table = mh.bootstrap_metrics(labels, probs, 0.4, n_boot=1, seed=seed)
+        for name in mh.CI_METRICS:
+            assert table.loc[name, "ci_low"] == pytest.approx(expected[name]), name
+
+
+def test_intervals_contain_the_estimate_and_are_reproducible():
+    labels, probs = _scores()
+    table = mh.bootstrap_metrics(labels, probs, n_boot=500, seed=3)
+    assert (table["ci_low"] <= table["estimate"]).all() and (table["estimate"] <= table["ci_high"]).all()
+    assert (table["ci_high"] - table["ci_low"] > 0.01).all()
+    assert table.equals(mh.bootstrap_metrics(labels, probs, n_boot=500, seed=3))
+    perfect = mh.bootstrap_metrics(labels, labels * 0.8 + 0.1, n_boot=200)
+    assert (perfect.loc[["accuracy", "kappa", "auroc"], ["ci_low", "ci_high"]] == 1).all().all()
+
+
+def test_resamples_with_one_class_are_left_out_of_the_auroc_interval():
+    labels, probs = np.array([1, 0, 0, 0, 0, 0]), np.array([0.9, 0.2, 0.3, 0.1, 0.4, 0.6])
+    table = mh.bootstrap_metrics(labels, probs, n_boot=300)
+    assert 0 < table.loc["auroc", "n_boot_used"] < 300 and table.loc["accuracy", "n_boot_used"] == 300
+
+
+def test_youden_threshold_reproduces_the_best_roc_point():
+    labels, probs = _scores(200, 1)
+    t = mh.youden_threshold(labels, probs)
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(labels, probs)
+    m = mh.study_metrics(labels, probs, t)
+    assert m["sensitivity"] + m["specificity"] - 1 == pytest.approx((tpr - fpr).max())
+    separable = mh.youden_threshold([0, 0, 1, 1], [0.1, 0.3, 0.6, 0.9])
+    assert 0.3 < separable < 0.6
+
+
+def test_report_has_both_thresholds_and_the_cited_references():
+    labels, probs = _scores()
+    report = mh.evaluation_report(pd.DataFrame({"label": labels, "prob": probs}), n_boot=200)
+    thresholds = report.index.get_level_values(0).unique()
+    assert len(thresholds) == 2 and "0.5" in thresholds[0] and "Youden" in thresholds[1]
+    table = mh.comparison_table(report)
+    cited = dict(zip(table["value"].round(3), table["metric"]))
+    assert {0.611: "accuracy", 0.851: "kappa", 0.929: "auroc", 0.607: "auroc"}.items() <= cited.items()
+
+
+# ---------------------------------------------------------------- ensembles and confident cases
+
+
+class Brightness(torch.nn.Module):
+    """A stand-in classifier: logit = scale * mean input."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, x):
+        return (x.mean(dim=(1, 2, 3)) * self.scale).unsqueeze(1)
+
+
+def test_ensemble_averages_its_members(tiny_phantom, tmp_path):
+    studies = mh.load_studies(tiny_phantom, "valid")
+    a, b = Brightness(2.0), Brightness(-1.0)
+    single = [mh.predict_studies(m, studies, 32, cache_dir=tmp_path, device="cpu") for m in (a, b)]
+    both = mh.ensemble_predict([a, b], studies, 32, cache_dir=tmp_path, device="cpu")
+    np.testing.assert_allclose(both["prob"], (single[0]["prob"] + single[1]["prob"]) / 2, rtol=1e-6)
+    assert all(len(v) == n for v, n in zip(both["view_probs"], both["n_views"]))
+
+
+def test_confident_cases_pick_the_extremes_of_each_kind():
+    preds = pd.DataFrame({"label": [1, 1, 0, 0, 1, 0], "prob": [0.95, 0.6, 0.9, 0.05, 0.1, 0.4],
+                          "study_path": list("abcdef")})
+    cases = mh.confident_cases(preds, k=1)
+    assert dict(zip(cases["case"].astype(str), cases["study_path"])) == {
+        "true positive": "a", "false positive": "c", "false negative": "e", "true negative": "d"}
+
+
+# ---------------------------------------------------------------- class activation maps
+
+
+def test_cam_of_densenet169_is_consistent_with_its_logit_and_forward():
+    torch.manual_seed(0)
+    model = mh.build_model(pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps, logits = mh.class_activation_maps(model, x)
+        forward = model(x).squeeze(1)
+    assert maps.shape == (2, 2, 2)  # DenseNet downsamples by 32
+    torch.testing.assert_close(logits, forward, rtol=1e-4, atol=1e-4)  # spatial mean + bias = the logit
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).squeeze(1), forward)  # nothing was modified in place
+    normalised = mh.normalise_maps(maps)
+    assert normalised.min() == 0 and normalised.max() == 1
+
+
+class BlobDetector(torch.nn.Module):
+    """A DenseNet-shaped model built to respond to bright pixels: features -> (ReLU) -> pool -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d(3, 1, 1)
+        conv.weight.data.fill_(1 / 3)
+        conv.bias.data.fill_(-1.0)
+        self.features = torch.nn.Sequential(conv, torch.nn.AvgPool2d(4))
+        self.classifier = torch.nn.Linear(1, 1)
+        self.classifier.weight.data.fill_(1.0)
+        self.classifier.bias.data.fill_(0.0)
+
+
+def test_cam_localises_a_planted_blob(tmp_path):
+    image = np.full((96, 128), 30, np.uint8)
+    image[60:76, 20:36] = 250  # the blob, in the lower left
+    path = tmp_path / "view.png"
+    Image.fromarray(image).save(path)
+    for resize in ("squash", "pad"):
+        heatmap = mh.view_heatmaps(BlobDetector(), [str(path)], 64, resize, "cpu")[0]
+        assert heatmap["cam"].shape == image.shape and heatmap["cam"].min() >= 0 and heatmap["cam"].max() <= 1
+        boxes = pd.DataFrame([{"image_file": str(path), "finding": "blob", "x0": 20, "y0": 60, "x1": 35, "y1": 75}])
+        score = mh.heatmap_localisation([heatmap], boxes).iloc[0]
+        assert score["pointing_hit"], resize
+        assert score["heat_in_box"] > 5 * score["box_share"], resize
+
+
+def test_localisation_of_a_uniform_map_equals_the_box_share():
+    heatmap = {"image_path": "v.png", "cam": np.ones((50, 100)), "prob": 0.5}
+    boxes = pd.DataFrame([{"image_file": "v.png", "finding": "x", "x0": 0, "y0": 0, "x1": 49, "y1": 24}])
+    score = mh.heatmap_localisation([heatmap], boxes).iloc[0]
+    assert score["heat_in_box"] == pytest.approx(score["box_share"]) == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------- prediction on a new study
+
+
+def test_predict_new_study_from_a_folder(tiny_run, tiny_phantom, tmp_path):
+    study = mh.load_studies(tiny_phantom, "valid")["study_dir"].iloc[0]
+    folder = tmp_path / "new_study"
+    folder.mkdir()
+    for i, p in enumerate(sorted(mh.Path(study).glob("*.png"))):
+        mh.load_image(p).save(folder / f"view{i + 1}.jpg", quality=95)  # JPEG works too
+    (folder / ".DS_Store").write_bytes(b"junk")
+    (folder / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="ignored"):
+        result = mh.predict_new_study(tiny_run / "checkpoints" / "best.pt", folder, "cpu")
+    assert result["study_prob"] == pytest.approx(result["views"]["prob"].mean())
+    assert 0 <= result["study_prob"] <= 1 and len(result["views"]) == len(list(folder.glob("*.jpg")))
+    for h in result["heatmaps"]:
+        assert h["cam"].shape == h["image"].shape
+    with pytest.warns(UserWarning, match="ignored"):
+        ensemble = mh.predict_new_study(mh.top_k_checkpoints(tiny_run, 2), folder, "cpu")
+    assert ensemble["n_models"] == 2 and math.isfinite(ensemble["study_prob"])
+
+
+def test_predict_new_study_names_unreadable_files(tiny_run, tmp_path):
+    good = write_png(tmp_path / "study" / "image1.png")
+    bad = tmp_path / "study" / "image2.png"
+    bad.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(mh.MuraDataError, match="image2.png"):
+        mh.predict_new_study(tiny_run / "checkpoints" / "best.pt", tmp_path / "study", "cpu")
+    with pytest.raises(mh.MuraDataError, match="no .png"):
+        mh.predict_new_study(tiny_run / "checkpoints" / "best.pt", tmp_path, "cpu")
