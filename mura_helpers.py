@@ -1,6 +1,7 @@
 """Shared helpers for the MURA hand-radiograph notebook suite.
 
-Reads top to bottom as the pipeline does: data -> phantom -> exploratory plots.
+Reads top to bottom as the pipeline does: data -> phantom -> images & cache -> augmentation -> model & loss ->
+training -> evaluation & metrics -> heatmaps -> prediction -> plots -> anomaly detection (Davletshina et al. 2020).
 Every notebook imports this one module; the notebooks themselves stay thin.
 """
 
@@ -33,8 +34,12 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
+from scipy.spatial import ConvexHull
 from scipy.stats import rankdata
-from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score, roc_curve
+from skimage import exposure
+from skimage.filters import threshold_otsu
+from skimage.morphology import disk
+from sklearn.metrics import average_precision_score, cohen_kappa_score, confusion_matrix, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -977,9 +982,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def gpu_augment(views, generator=None, rotation_degrees: float = 0.0, hflip: bool = False):
-    """Flip and rotate each view of a float batch (B, 1, H, W) by its own random draw, in one grid_sample."""
-    if not hflip and not rotation_degrees:
+def gpu_augment(views, generator=None, rotation_degrees: float = 0.0, hflip: bool = False,
+                scale_range: tuple[float, float] = (1.0, 1.0)):
+    """Flip, rotate (and zoom) each image of a float batch (B, C, H, W) by its own random draw, in one grid_sample."""
+    if not hflip and not rotation_degrees and scale_range[0] == scale_range[1] == 1.0:
         return views
     b = views.shape[0]
     angle = (torch.rand(b, generator=generator, device=views.device) * 2 - 1) * math.radians(rotation_degrees)
@@ -987,6 +993,10 @@ def gpu_augment(views, generator=None, rotation_degrees: float = 0.0, hflip: boo
     if hflip:
         flip = torch.where(torch.rand(b, generator=generator, device=views.device) < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
+    if scale_range[0] != scale_range[1]:
+        zoom = scale_range[0] + (scale_range[1] - scale_range[0]) * torch.rand(b, generator=generator,
+                                                                                device=views.device)
+        cos, sin = cos / zoom, sin / zoom
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos * flip, -sin, zero], 1), torch.stack([sin * flip, cos, zero], 1)], 1)
     grid = F.affine_grid(theta.to(views.dtype), list(views.shape), align_corners=False)
@@ -1932,8 +1942,8 @@ def plot_cases(cases: pd.DataFrame, max_views: int = 3):
 
 
 def plot_heatmaps(heatmaps: Sequence[dict], boxes: pd.DataFrame | None = None, cols: int = 4, alpha: float = 0.45,
-                  title: str | None = None):
-    """Each view with its CAM overlaid (and ground-truth boxes when given), titled with its probability."""
+                  title: str | None = None, value_label: str = "p(abnormal)"):
+    """Each view with its heatmap overlaid (and ground-truth boxes when given), titled with its score."""
     rows = max(1, math.ceil(len(heatmaps) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.3 * rows), squeeze=False)
     for ax in axes.flat:
@@ -1942,11 +1952,711 @@ def plot_heatmaps(heatmaps: Sequence[dict], boxes: pd.DataFrame | None = None, c
         ax.imshow(h["image"], cmap="gray")
         ax.imshow(h["cam"], cmap="jet", alpha=alpha, vmin=0, vmax=1)
         parts = Path(h["image_path"]).parts
-        ax.set_title(f"{'/'.join(parts[-3:])}\np(abnormal) = {h['prob']:.2f}", fontsize=7)
+        ax.set_title(f"{'/'.join(parts[-3:])}\n{value_label} = {h['prob']:.3g}", fontsize=7)
         if boxes is not None:
             for b in boxes[boxes["image_file"] == h["image_path"]].itertuples():
                 ax.add_patch(Rectangle((b.x0, b.y0), b.x1 - b.x0, b.y1 - b.y0, fill=False, color="white", lw=1.5))
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- anomaly detection (Davletshina 2020): preprocessing
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Their Figure 1 pipeline; every step can be switched off: 'raw', 'crop' or 'full', each with or without HE."""
+
+    crop: bool = True  # carrier crop: Otsu + the detector plate's minimum-area rotated rectangle (else whole image)
+    segment: bool = True  # foreground segmentation: a hand mask, and the background set to 0
+    equalize: str | None = "he"  # histogram equalisation: "he", "clahe" or None
+    size: int = 512  # aspect-preserving resize and padding to a square (512: autoencoders; 128: the GAN family)
+
+    @property
+    def name(self) -> str:
+        """The variant's name in the paper's table: raw / crop / full, plus +HE or +CLAHE."""
+        base = "full" if self.segment else "crop" if self.crop else "raw"
+        return base + {"he": "+HE", "clahe": "+CLAHE", None: ""}[self.equalize]
+
+
+def preprocess_variants(size: int = 512, names: Sequence[str] | None = None) -> dict[str, PreprocessConfig]:
+    """The paper's six variants (raw, crop, full; without and with HE), optionally only those named."""
+    variants = {}
+    for crop, segment in ((False, False), (True, False), (True, True)):
+        for equalize in (None, "he"):
+            cfg = PreprocessConfig(crop, segment, equalize, size)
+            variants[cfg.name] = cfg
+    if names is None:
+        return variants
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        raise ValueError(f"unknown preprocessing variant(s) {unknown}: choose from {list(variants)}")
+    return {n: variants[n] for n in names}
+
+
+def min_area_rect(points: np.ndarray) -> tuple[np.ndarray, tuple[float, float], float]:
+    """Minimum-area enclosing rectangle of 2-D points (x, y), by rotating calipers: (center, (w, h), angle rad)."""
+    hull = points[ConvexHull(points).vertices]
+    edges = np.diff(np.vstack([hull, hull[:1]]), axis=0)
+    angles = np.unique(np.mod(np.arctan2(edges[:, 1], edges[:, 0]), np.pi / 2))
+    best = None
+    for a in angles:
+        rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+        p = hull @ rot.T
+        lo, hi = p.min(0), p.max(0)
+        area = np.prod(hi - lo)
+        if best is None or area < best[0]:
+            center = rot.T @ ((lo + hi) / 2)
+            best = (area, center, (float(hi[0] - lo[0]), float(hi[1] - lo[1])), float(a))
+    _, center, (w, h), a = best
+    if a > np.pi / 4:  # keep the rectangle close to upright: angle in (-45, 45] degrees
+        a, w, h = a - np.pi / 2, h, w
+    return center, (w, h), a
+
+
+def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0.97):
+    """The detector plate as a rotated rectangle (center, (w, h), angle), or None when no plate stands out.
+
+    Otsu binarisation; for each polarity the largest component is a candidate, kept when its minimum-area
+    rectangle covers min_share..max_share of the image and its convex hull fills that rectangle (a plate is a
+    rectangle even with a hand lying across it; a hand is not).
+    """
+    small = gray[::4, ::4] if min(gray.shape) >= 256 else gray  # the plate is large: a quarter resolution will do
+    factor = gray.shape[0] / small.shape[0]
+    binary = small > threshold_otsu(small)
+    best = None
+    for region in (binary, ~binary):
+        labels, n = ndimage.label(region)
+        if n == 0:
+            continue
+        sizes = np.bincount(labels.ravel())[1:]
+        component = labels == (np.argmax(sizes) + 1)
+        ys, xs = np.nonzero(component)
+        if len(xs) < 16:
+            continue
+        points = np.column_stack([xs, ys]).astype(float)
+        center, (w, h), angle = min_area_rect(points)
+        share = w * h / component.size
+        fill = ConvexHull(points).volume / max(w * h, 1e-9)
+        plate_like = min_share <= share <= max_share and fill > 0.9 and component.sum() / (w * h) > 0.45
+        if plate_like and (best is None or share > best[0]):
+            best = (share, center * factor, (w * factor, h * factor), angle)
+    return None if best is None else best[1:]
+
+
+def _square_affine(size_wh, carrier, out_size: int) -> np.ndarray:
+    """2x3 affine mapping input pixels to the output square: crop the (rotated) carrier, fit it, pad it."""
+    if carrier is None:
+        w, h = size_wh
+        center, (cw, ch), angle = np.array([w / 2, h / 2]), (float(w), float(h)), 0.0
+    else:
+        center, (cw, ch), angle = carrier
+    scale = out_size / max(cw, ch)
+    ca, sa = math.cos(angle), math.sin(angle)
+    rotate = np.array([[ca, sa], [-sa, ca]]) * scale  # input offsets -> rectangle axes, scaled
+    offset = np.array([out_size / 2, out_size / 2]) - rotate @ np.asarray(center, float)
+    return np.hstack([rotate, offset[:, None]])
+
+
+def _warp(image: np.ndarray, affine: np.ndarray, out_size: int, order: int = 1) -> np.ndarray:
+    """Apply an input->output affine with PIL (inverse mapping, zero fill)."""
+    inv = np.linalg.inv(np.vstack([affine, [0, 0, 1]]))[:2]
+    resample = Image.Resampling.BILINEAR if order else Image.Resampling.NEAREST
+    warped = Image.fromarray(image).transform((out_size, out_size), Image.Transform.AFFINE, inv.ravel().tolist(),
+                                              resample=resample, fillcolor=0)
+    return np.asarray(warped)
+
+
+def hand_mask(image: np.ndarray, content: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Foreground (hand) mask inside `content` pixels, and whether the view was inverted (bright background).
+
+    Classical, as a stand-in for the paper's SSD hand detector and Photoshop masks: polarity from the dominant
+    (background) intensity, Otsu thresholds between background and soft tissue, the largest component, closing
+    and hole filling.
+    """
+    values = image[content]
+    if values.size < 16:
+        return np.zeros_like(content), False
+    mode = np.argmax(np.bincount(values // 16, minlength=16))  # the direct-exposure background dominates a view
+    inverted = bool(mode >= 8)  # ... and is dark unless the view is stored inverted
+    work = 255 - image if inverted else image
+    threshold = threshold_otsu(work[content])
+    low = work[content & (work <= threshold)]
+    threshold = threshold_otsu(low) if low.size > 16 and low.std() > 3 else threshold  # split background / soft tissue
+    mask = (work > threshold) & content
+    radius = max(1, image.shape[0] // 128)
+    mask = ndimage.binary_opening(mask, structure=disk(radius))
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask, inverted
+    mask = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1  # the hand and forearm: not markers, text, edges
+    mask = ndimage.binary_closing(mask, structure=disk(2 * radius), iterations=2)
+    return ndimage.binary_fill_holes(mask) & content, inverted
+
+
+def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
+    """Run the pipeline on one view: {'image' uint8 (S, S), 'mask' uint8 0/1, 'affine' 2x3 input->output, ...}."""
+    gray = np.asarray(load_image(path))
+    carrier = find_carrier(gray) if cfg.crop else None
+    affine = _square_affine((gray.shape[1], gray.shape[0]), carrier, cfg.size)
+    image = _warp(gray, affine, cfg.size)
+    content = _warp(np.full(gray.shape, 255, np.uint8), affine, cfg.size, order=0) > 0
+    inverted = False
+    if cfg.segment:
+        mask, inverted = hand_mask(image, content)
+        if inverted:
+            image = np.where(content, 255 - image, 0).astype(np.uint8)
+    else:
+        mask = content
+    region = mask if mask.any() else content
+    if cfg.equalize == "he":
+        image = (exposure.equalize_hist(image, mask=region) * 255).astype(np.uint8)
+    elif cfg.equalize == "clahe":
+        image = (exposure.equalize_adapthist(image, clip_limit=0.01) * 255).astype(np.uint8)
+    image = np.where(mask if cfg.segment else content, image, 0).astype(np.uint8)
+    return {"image": image, "mask": mask.astype(np.uint8), "affine": affine.astype(np.float32),
+            "carrier_found": carrier is not None, "inverted": inverted}
+
+
+def _anomaly_cache_chunk(task: tuple) -> int:
+    """Preprocess a chunk of views into the cache's arrays (runs in a worker process)."""
+    folder, start, paths, cfg = task
+    images = np.load(folder / "images.npy", mmap_mode="r+")
+    masks = np.load(folder / "masks.npy", mmap_mode="r+")
+    affines = np.load(folder / "affines.npy", mmap_mode="r+")
+    for i, p in enumerate(paths):
+        out = preprocess_view(p, cfg)
+        images[start + i], masks[start + i], affines[start + i] = out["image"], out["mask"], out["affine"]
+    for a in (images, masks, affines):
+        a.flush()
+    return len(paths)
+
+
+@dataclass
+class AnomalyCache:
+    """Preprocessed views, hand masks and each view's affine into the square, memory-mapped on disk."""
+
+    folder: Path
+    image_paths: list[str]
+    cfg: PreprocessConfig
+
+    def __post_init__(self):
+        self.row_of = {p: i for i, p in enumerate(self.image_paths)}
+        self._arrays = None
+
+    def _open(self) -> dict:
+        """Open the three arrays on first use (also inside data-loader workers)."""
+        if self._arrays is None:
+            self._arrays = {n: np.load(self.folder / f"{n}.npy", mmap_mode="r") for n in ("images", "masks", "affines")}
+        return self._arrays
+
+    images = property(lambda self: self._open()["images"], doc="(N, S, S) uint8 preprocessed views")
+    masks = property(lambda self: self._open()["masks"], doc="(N, S, S) uint8 hand masks (0/1)")
+    affines = property(lambda self: self._open()["affines"], doc="(N, 2, 3) original -> square pixel affines")
+
+    def rows(self, paths: Sequence[str]) -> np.ndarray:
+        """Row numbers of the given image paths."""
+        return np.array([self.row_of[p] for p in paths], dtype=np.int64)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}  # workers re-open the memory maps
+
+
+def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
+                        workers: int | None = None, progress: bool = True) -> AnomalyCache:
+    """Run the offline preprocessing once per (views, settings) and keep it on disk; reuse it afterwards."""
+    paths = [str(p) for p in image_paths]
+    stamp = hashlib.sha1(json.dumps([CACHE_VERSION, asdict(cfg)]).encode())
+    for p in paths:
+        st = Path(p).stat()
+        stamp.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\\n".encode())
+    folder = Path(cache_dir) / f"anomaly_{cfg.name.replace('+', '_')}_{cfg.size}px_{stamp.hexdigest()[:16]}"
+    if (folder / "affines.npy").is_file():
+        return AnomalyCache(folder, paths, cfg)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    n, s = len(paths), cfg.size
+    for name, shape, dtype in (("images", (n, s, s), np.uint8), ("masks", (n, s, s), np.uint8),
+                               ("affines", (n, 2, 3), np.float32)):
+        np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+    tasks = [(tmp, i, paths[i:i + 32], cfg) for i in range(0, n, 32)]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    bar = tqdm(total=n, desc=f"preprocessing ({cfg.name}, {s}px)", disable=not progress)
+    if workers > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for done in pool.map(_anomaly_cache_chunk, tasks):
+                bar.update(done)
+    else:
+        for t in tasks:
+            bar.update(_anomaly_cache_chunk(t))
+    bar.close()
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return AnomalyCache(folder, paths, cfg)
+
+
+def anomaly_split(studies: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Davletshina et al.'s split by patient: positive patients halved into val and test, each joined by as many
+    normal-only patients; all other (normal-only) patients train. Adds a column 'subset' (train/val/test)."""
+    patient_key = studies["body_part"] + "/" + studies["patient"]
+    positive = sorted(set(patient_key[studies["label"] == 1]))
+    normal = sorted(set(patient_key) - set(positive))
+    rng = np.random.default_rng(seed)
+    positive, normal = list(rng.permutation(positive)), list(rng.permutation(normal))
+    half = len(positive) // 2
+    val_pos, test_pos = positive[:half], positive[half:]
+    if len(normal) <= len(positive):
+        raise MuraDataError(f"the split needs more normal-only patients ({len(normal)}) than patients with an "
+                            f"abnormal study ({len(positive)}): as many go to val and test, the rest train")
+    val_neg, test_neg, train = normal[:len(val_pos)], normal[len(val_pos):len(positive)], normal[len(positive):]
+    subset = {**dict.fromkeys(train, "train"), **dict.fromkeys(val_pos + val_neg, "val"),
+              **dict.fromkeys(test_pos + test_neg, "test")}
+    return studies.assign(subset=patient_key.map(subset))
+
+
+# ---------------------------------------------------------------- anomaly detection: models and masked losses
+
+def _conv_block(cin: int, cout: int, kernel: int, stride: int, padding: int) -> torch.nn.Sequential:
+    """Convolution, batch norm, ReLU."""
+    return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
+                               torch.nn.BatchNorm2d(cout), torch.nn.ReLU(inplace=True))
+
+
+def _deconv_block(cin: int, cout: int, kernel: int = 4, stride: int = 2, padding: int = 1) -> torch.nn.Sequential:
+    """Transposed convolution, batch norm, ReLU."""
+    return torch.nn.Sequential(torch.nn.ConvTranspose2d(cin, cout, kernel, stride, padding, bias=False),
+                               torch.nn.BatchNorm2d(cout), torch.nn.ReLU(inplace=True))
+
+
+class ConvAutoencoder(torch.nn.Module):
+    """The CAE of Davletshina et al.'s Figure 5: 3x3 and stride-2 4x4 conv/BN/ReLU blocks from 1x512x512 down to
+    512x16x16 (any input size divisible by 32 gives size/32), mirrored by a transposed-convolution decoder."""
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128, 256, 512)):
+        super().__init__()
+        layers = [_conv_block(1, widths[0], 3, 1, 1)]
+        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(_conv_block(cin, cout, 4, 2, 1))
+            if i < len(widths) - 2:
+                layers.append(_conv_block(cout, cout, 3, 1, 1))
+        self.encoder = torch.nn.Sequential(*layers)
+        layers = []
+        for i, (cin, cout) in enumerate(zip(widths[::-1][:-1], widths[::-1][1:])):
+            layers.append(_deconv_block(cin, cout))
+            if i < len(widths) - 2:
+                layers.append(_conv_block(cout, cout, 3, 1, 1))
+        layers += [torch.nn.Conv2d(widths[0], 1, 3, 1, 1), torch.nn.Sigmoid()]
+        self.decoder = torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        """Reconstruct x (B, 1, H, W) in [0, 1]."""
+        return {"recon": self.decoder(self.encoder(x)), "mu": None, "logvar": None}
+
+
+class VariationalAutoencoder(torch.nn.Module):
+    """The VAE of Davletshina et al.'s Figure 7: unpadded stride-2 4x4 convolutions down to 512x2x2 (seven for a
+    512 input), fully connected mu and log-variance of size 1024, reparameterisation, and a mirrored decoder whose
+    last transposed convolution restores the exact input size (6x6 for 512)."""
+
+    def __init__(self, image_size: int = 512, latent: int = 1024):
+        super().__init__()
+        sizes = [image_size]
+        while sizes[-1] > 2:
+            sizes.append((sizes[-1] - 4) // 2 + 1)
+        if sizes[-1] != 2 or len(sizes) < 3:
+            raise ValueError(f"image_size {image_size} does not reach 2x2 with stride-2 4x4 convolutions; "
+                             f"use 64, 128, 256 or 512")
+        n = len(sizes) - 1
+        widths = [512 // 2 ** (n - 1 - i) for i in range(n)]  # 8, 16, ..., 512 for seven layers
+        self.encoder = torch.nn.Sequential(*[_conv_block(c_in, c_out, 4, 2, 0)
+                                             for c_in, c_out in zip([1, *widths[:-1]], widths)])
+        self.fc_mu, self.fc_logvar = torch.nn.Linear(512 * 4, latent), torch.nn.Linear(512 * 4, latent)
+        self.fc_decode = torch.nn.Linear(latent, 512 * 4)
+        rev = widths[::-1]
+        layers, size = [], 2
+        for c_in, c_out in zip(rev[:-1], rev[1:]):
+            layers.append(_deconv_block(c_in, c_out, 4, 2, 0))
+            size = 2 * size + 2
+        layers += [torch.nn.ConvTranspose2d(rev[-1], 1, image_size - 2 * (size - 1), 2, 0), torch.nn.Sigmoid()]
+        self.decoder = torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        """Reconstruct x; also return the posterior's mu and log-variance (for the KLD)."""
+        h = self.encoder(x).flatten(1)
+        mu, logvar = self.fc_mu(h), self.fc_logvar(h).clamp(-20, 20)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        recon = self.decoder(self.fc_decode(z).view(-1, 512, 2, 2))
+        return {"recon": recon, "mu": mu, "logvar": logvar}
+
+
+def build_autoencoder(model: str, image_size: int) -> torch.nn.Module:
+    """'cae' or 'vae', for this input size."""
+    if model == "cae":
+        if image_size % 32:
+            raise ValueError(f"the CAE needs an image size divisible by 32, got {image_size}")
+        return ConvAutoencoder()
+    if model == "vae":
+        return VariationalAutoencoder(image_size)
+    raise ValueError(f"model must be 'cae' or 'vae', got {model!r}")
+
+
+def masked_mse(x, recon, mask):
+    """Per image: ||m * (x - x_hat)||^2 / ||m||_1 (Davletshina et al.'s masked reconstruction loss L_M)."""
+    err = (mask * (x.float() - recon.float())) ** 2
+    return err.flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
+
+
+def kl_divergence(mu, logvar):
+    """Per image: KL( N(mu, diag(exp(logvar))) || N(0, I) )."""
+    return -0.5 * (1 + logvar.float() - mu.float() ** 2 - logvar.float().exp()).sum(1)
+
+
+def reconstruction_scores(x, out: dict, mask, top_k: int = 200, kld_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Per-image anomaly scores: masked MSE and L1, their top-k pixel means, and for a VAE the KLD and the sums."""
+    m = mask.float().flatten(1)
+    diff = (x.float() - out["recon"].float()).flatten(1) * m
+    n = m.sum(1).clamp_min(1)
+    sq, ab = diff**2, diff.abs()
+    k = min(top_k, sq.shape[1])
+    scores = {"mse": sq.sum(1) / n, "l1": ab.sum(1) / n, f"mse_top{top_k}": sq.topk(k, 1).values.mean(1),
+              f"l1_top{top_k}": ab.topk(k, 1).values.mean(1)}
+    if out["mu"] is not None:
+        kld = kl_divergence(out["mu"], out["logvar"])
+        per_pixel = kld_weight * kld / sq.shape[1]  # the KLD as weighted in the training loss
+        scores.update({"kld": kld, "l1+kld": scores["l1"] + per_pixel, "mse+kld": scores["mse"] + per_pixel})
+    return scores
+
+
+# ---------------------------------------------------------------- anomaly detection: training, scores, heatmaps
+
+ANOMALY_RESUME_MUST_MATCH = ("model", "variant", "body_part", "image_size", "splits", "batch_size", "lr",
+                             "kld_weight", "seed", "split_seed")
+
+
+@dataclass
+class AnomalyConfig:
+    """Every knob of an unsupervised run (one model on one preprocessing variant)."""
+
+    model: str = "cae"  # "cae" (their Figure 5) or "vae" (Figure 7)
+    variant: str = "full+HE"  # raw, raw+HE, crop, crop+HE, full, full+HE
+    data_dir: str | None = None  # None: the embedded phantom
+    body_part: str = "XR_HAND"
+    splits: tuple[str, ...] = ("train",)  # MURA splits pooled before the patient split (the paper: train)
+    output_dir: str = "outputs/anomaly/cae_full+HE"
+    cache_dir: str = "data/cache"
+    phantom_dir: str = "data/phantom"
+    phantom_patients: int = 240
+    phantom_image_size: int = 512
+    image_size: int = 512  # 512 for the autoencoders (the paper)
+    batch_size: int = 16
+    epochs: int = 20
+    lr: float = 5e-4
+    kld_weight: float = 1.0  # VAE: loss = L_M + kld_weight * KLD / pixels
+    top_k: int = 200
+    hflip: bool = True
+    rotation_degrees: float = 10.0
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    intensity_range: tuple[float, float] = (0.9, 1.1)
+    select_score: str = "mse"  # best.pt by the validation ROC-AUC of this score (the paper chose by ROC-AUC)
+    amp: str = "auto"
+    num_workers: int = 2
+    device: str = "auto"
+    seed: int = 0
+    split_seed: int = 0
+    resume: bool = True
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self):
+        self.splits, self.scale_range = tuple(self.splits), tuple(self.scale_range)
+        self.intensity_range = tuple(self.intensity_range)
+        preprocess_variants(self.image_size, [self.variant])  # validates the name
+        if self.model not in ("cae", "vae"):
+            raise ValueError(f"AnomalyConfig.model must be 'cae' or 'vae', got {self.model!r}")
+
+
+class AnomalyViewBatches:
+    """Dataset whose items are whole batches of preprocessed views: indices -> (uint8 views, uint8 masks, indices)."""
+
+    def __init__(self, cache: AnomalyCache, rows: np.ndarray):
+        self.cache, self.rows = cache, np.asarray(rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, batch: list[int]):
+        batch = np.asarray(batch)
+        rows = self.rows[batch]
+        order = np.argsort(rows)
+        images = np.empty((len(batch), 1, *self.cache.images.shape[1:]), np.uint8)
+        masks = np.empty_like(images)
+        images[order, 0] = self.cache.images[rows[order]]
+        masks[order, 0] = self.cache.masks[rows[order]]
+        return torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(batch)
+
+
+def prepare_anomaly_data(cfg: AnomalyConfig, progress: bool = True) -> dict:
+    """Studies with their train/val/test subset (Davletshina et al.'s split), one row per view, and the cache."""
+    root = resolve_data_dir(cfg.data_dir, cfg.phantom_dir, n_patients=cfg.phantom_patients,
+                            image_size=cfg.phantom_image_size, seed=cfg.seed)
+    studies = pd.concat([load_studies(root, s, cfg.body_part) for s in cfg.splits], ignore_index=True)
+    studies = anomaly_split(studies, cfg.split_seed)
+    images = studies_to_images(studies)
+    pre = preprocess_variants(cfg.image_size, [cfg.variant])[cfg.variant]
+    cache = build_anomaly_cache(images["image_path"], pre, cfg.cache_dir, progress=progress)
+    return {"root": root, "studies": studies, "images": images, "cache": cache}
+
+
+def _anomaly_loader(cache: AnomalyCache, images: pd.DataFrame, batch_size: int, num_workers: int, pin: bool):
+    """A DataLoader of whole batches of preprocessed views (re-shuffle via loader.sampler.batches)."""
+    sampler = EpochBatches()
+    sampler.batches = epoch_batches(len(images), batch_size, False, 0, 0)
+    return DataLoader(AnomalyViewBatches(cache, cache.rows(images["image_path"])), sampler=sampler, batch_size=None,
+                      num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)
+
+
+def augment_views_and_masks(x, m, generator, cfg: AnomalyConfig):
+    """The online augmentation, per sample: flip, rotation and scale applied alike to view and mask; intensity."""
+    both = gpu_augment(torch.cat([x, m], 1), generator, cfg.rotation_degrees, cfg.hflip, cfg.scale_range)
+    x, m = both[:, :1], (both[:, 1:] > 0.5).float()
+    lo, hi = cfg.intensity_range
+    gain = lo + (hi - lo) * torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device)
+    return (x * gain).clamp(0, 1), m
+
+
+def evaluate_anomaly(model, cache: AnomalyCache, images: pd.DataFrame, cfg: AnomalyConfig, device,
+                     progress: bool = False) -> pd.DataFrame:
+    """Every score for every view of `images` (no augmentation), with the view's study, label and subset."""
+    model.eval()
+    dtype = amp_dtype(cfg.amp, device)
+    loader = _anomaly_loader(cache, images, cfg.batch_size, 0, False)
+    columns, index = {}, []
+    with torch.inference_mode():
+        for views, masks, idx in tqdm(loader, desc="scoring", leave=False, disable=not progress):
+            x, m = views.to(device).float() / 255, masks.to(device).float()
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = model(x)
+            for k, v in reconstruction_scores(x, out, m, cfg.top_k, cfg.kld_weight).items():
+                columns.setdefault(k, []).append(v.float().cpu())
+            index.append(idx)
+    order = torch.cat(index).numpy()
+    scores = pd.DataFrame({k: torch.cat(v).numpy() for k, v in columns.items()})
+    keep = [c for c in ("image_path", "study_path", "patient", "label", "subset") if c in images.columns]
+    return pd.concat([images.iloc[order][keep].reset_index(drop=True), scores], axis=1)
+
+
+def anomaly_metrics(scores: pd.DataFrame, level: str = "study") -> pd.DataFrame:
+    """ROC-AUC and average precision of every score, per study (mean of its views) or per image."""
+    names = [c for c in scores.columns if c not in ("image_path", "study_path", "patient", "label", "subset")]
+    data = scores.groupby("study_path").agg({"label": "first", **dict.fromkeys(names, "mean")}) \
+        if level == "study" else scores
+    rows = []
+    for name in names:
+        one_class = data["label"].nunique() < 2
+        rows.append({"score": name, "roc_auc": np.nan if one_class else roc_auc_score(data["label"], data[name]),
+                     "average_precision": np.nan if one_class else average_precision_score(data["label"], data[name]),
+                     "n": len(data), "n_abnormal": int(data["label"].sum())})
+    return pd.DataFrame(rows).set_index("score")
+
+
+def _anomaly_checkpoint(model, optimizer, scaler, epoch, history, cfg, best) -> dict:
+    """The resumable state of an unsupervised run."""
+    return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "history": history,
+            "best": best, "config": _config_dict(cfg),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+
+
+def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
+    """Train (or resume) an autoencoder on normal training views with the masked loss; returns the history."""
+    out = Path(cfg.output_dir)
+    last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
+    state = torch.load(last_path, map_location="cpu", weights_only=True) if cfg.resume and last_path.is_file() \
+        else None
+    if state is not None:
+        changed = {k: (state["config"].get(k), v) for k, v in _config_dict(cfg).items()
+                   if k in ANOMALY_RESUME_MUST_MATCH and state["config"].get(k) != v}
+        if changed:
+            raise ValueError(f"{last_path}: holds a run with other settings {changed} (saved, now); use another "
+                             f"output_dir, or resume=False")
+    data = prepare_anomaly_data(cfg, progress)
+    device = resolve_device(cfg.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    seed_everything(cfg.seed)
+    model = build_autoencoder(cfg.model, cfg.image_size).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    history, start_epoch, best = [], 0, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        history, best, start_epoch = list(state["history"]), state["best"], state["epoch"] + 1
+        if progress:
+            print(f"resuming {last_path} after epoch {start_epoch} of {cfg.epochs}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
+    images = data["images"]
+    train_images = images[(images["subset"] == "train") & (images["label"] == 0)]
+    val_images = images[images["subset"] == "val"]
+    loader = _anomaly_loader(data["cache"], train_images, cfg.batch_size, cfg.num_workers, device.type == "cuda")
+    pixels = cfg.image_size**2
+    for epoch in range(start_epoch, cfg.epochs):
+        loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch)
+        model.train()
+        generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
+        steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+        loss_sum, n_seen, started = torch.zeros((), device=device), 0, time.perf_counter()
+        bar = tqdm(total=steps, desc=f"{cfg.model} {cfg.variant} epoch {epoch + 1}", leave=False, disable=not progress)
+        for step, (views, masks, _) in enumerate(loader):
+            if step >= steps:
+                break
+            x = views.to(device, non_blocking=True).float() / 255
+            m = masks.to(device, non_blocking=True).float()
+            x, m = augment_views_and_masks(x, m, generator, cfg)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                result = model(x)
+            loss = masked_mse(x, result["recon"], m).mean()
+            if result["mu"] is not None:
+                loss = loss + cfg.kld_weight * kl_divergence(result["mu"], result["logvar"]).mean() / pixels
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach() * len(x)
+            n_seen += len(x)
+            bar.update()
+        bar.close()
+        train_time = time.perf_counter() - started
+        val_scores = evaluate_anomaly(model, data["cache"], val_images, cfg, device)
+        val_metrics = anomaly_metrics(val_scores)
+        row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(n_seen, 1),
+               "val_normal_mse": float(val_scores.loc[val_scores["label"] == 0, "mse"].mean()),
+               **{f"val_auroc_{k}": v for k, v in val_metrics["roc_auc"].items()},
+               "epoch_time_s": time.perf_counter() - started, "train_images_per_s": n_seen / train_time}
+        history.append(row)
+        score = row[f"val_auroc_{cfg.select_score}"]
+        improved = best is None or (not math.isnan(score) and (math.isnan(best) or score > best))
+        if improved:
+            best = score
+        state = _anomaly_checkpoint(model, optimizer, scaler, epoch, history, cfg, best)
+        if improved:
+            save_atomic(state, best_path)
+        save_atomic(state, last_path)
+        _write_csv_atomic(pd.DataFrame(history), out / "history.csv")
+        if progress:
+            print(f"{cfg.model} {cfg.variant} epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.5f}, "
+                  f"val ROC-AUC ({cfg.select_score}) {score:.3f}" + ("  (best)" if improved else ""))
+    return pd.DataFrame(history)
+
+
+def load_autoencoder(path: str | os.PathLike, device: str = "cpu"):
+    """Load an unsupervised checkpoint (weights_only): (model in eval mode, its AnomalyConfig)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = AnomalyConfig(**state["config"])
+    model = build_autoencoder(cfg.model, cfg.image_size)
+    model.load_state_dict(state["model"])
+    return model.to(resolve_device(device)).eval(), cfg
+
+
+def anomaly_heatmaps(model, cache: AnomalyCache, image_paths: Sequence[str], device: str = "auto",
+                     sigma: float = 2.0) -> list[dict]:
+    """Per view: the preprocessed image, its masked squared reconstruction error (smoothed, scaled to [0, 1]),
+    and its masked-MSE score, in the format of plot_heatmaps and heatmap_localisation."""
+    dev = resolve_device(device)
+    rows = cache.rows(image_paths)
+    x = torch.from_numpy(cache.images[rows][:, None].astype(np.float32) / 255).to(dev)
+    m = torch.from_numpy(cache.masks[rows][:, None].astype(np.float32)).to(dev)
+    with torch.inference_mode():
+        out = model.to(dev).eval()(x)
+    errors = ((x - out["recon"]) ** 2 * m)[:, 0].cpu().numpy()
+    scores = masked_mse(x, out["recon"], m).cpu().numpy()
+    maps = []
+    for path, img, err, score in zip(image_paths, cache.images[rows], errors, scores):
+        smooth = ndimage.gaussian_filter(err, sigma)
+        maps.append({"image_path": str(path), "image": np.asarray(img), "prob": float(score),
+                     "cam": smooth / smooth.max() if smooth.max() > 0 else smooth})
+    return maps
+
+
+def transform_boxes(findings: pd.DataFrame, cache: AnomalyCache) -> pd.DataFrame:
+    """Ground-truth boxes moved from the original views into the preprocessed squares (cropped, rotated, scaled)."""
+    rows = []
+    for f in findings[findings["image_file"].isin(cache.row_of)].itertuples():
+        affine = cache.affines[cache.row_of[f.image_file]]
+        corners = np.array([[f.x0, f.y0, 1], [f.x1, f.y0, 1], [f.x0, f.y1, 1], [f.x1, f.y1, 1]], float) @ affine.T
+        lo = np.clip(np.floor(corners.min(0)), 0, cache.cfg.size - 1).astype(int)
+        hi = np.clip(np.ceil(corners.max(0)), 0, cache.cfg.size - 1).astype(int)
+        rows.append({**f._asdict(), "x0": lo[0], "y0": lo[1], "x1": hi[0], "y1": hi[1]})
+    return pd.DataFrame(rows).drop(columns=["Index"], errors="ignore")
+
+
+PUBLISHED_ANOMALY_AUROC = pd.DataFrame([
+    {"model": "CAE", "score": "MSE", "variant": "full+HE", "roc_auc": 0.570},
+    {"model": "VAE", "score": "KLD", "variant": "full+HE", "roc_auc": 0.533},
+    {"model": "DCGAN", "score": "Disc. (D)", "variant": "full", "roc_auc": 0.530},
+    {"model": "BiGAN", "score": "Disc. (D)", "variant": "full", "roc_auc": 0.549},
+    {"model": "alpha-GAN", "score": "Disc. (D)", "variant": "full", "roc_auc": 0.607},
+]).assign(source="Davletshina et al. 2020, MURA hands, test split (cited)")
+
+
+def plot_anomaly_table(table: pd.DataFrame, title: str = "Study-level ROC-AUC (rows: model and score)"):
+    """Heatmap of ROC-AUCs: rows model x score, columns preprocessing variants (their Figure 11 layout)."""
+    fig, ax = plt.subplots(figsize=(1.6 * table.shape[1] + 3, 0.45 * table.shape[0] + 1.5))
+    sns.heatmap(table.astype(float), annot=True, fmt=".3f", cmap="RdYlGn", vmin=0.3, vmax=0.9, center=0.5, ax=ax,
+                cbar_kws={"label": "ROC-AUC"})
+    ax.set(title=title, xlabel="preprocessing", ylabel="")
+    fig.tight_layout()
+    return fig
+
+
+def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Sequence[str],
+                     progress: bool = True) -> pd.DataFrame:
+    """Train (or resume) every model on every preprocessing variant and score each best checkpoint on the test
+    subset: one row per (model, variant, score) with study-level ROC-AUC and average precision."""
+    rows = []
+    for model in models:
+        for variant in variants:
+            cfg = AnomalyConfig(**{**_config_dict(base), "model": model, "variant": variant,
+                                   "output_dir": str(Path(base.output_dir) / f"{model}_{variant}")})
+            train_anomaly(cfg, progress)
+            net, _ = load_autoencoder(Path(cfg.output_dir) / "checkpoints" / "best.pt", cfg.device)
+            data = prepare_anomaly_data(cfg, progress=False)
+            test = data["images"][data["images"]["subset"] == "test"]
+            scores = evaluate_anomaly(net, data["cache"], test, cfg, resolve_device(cfg.device))
+            scores.to_csv(Path(cfg.output_dir) / "test_scores.csv", index=False)
+            metrics = anomaly_metrics(scores).reset_index()
+            rows.append(metrics.assign(model=model.upper(), variant=variant, run_dir=cfg.output_dir))
+    return pd.concat(rows, ignore_index=True)
+
+
+def anomaly_results_table(results: pd.DataFrame, value: str = "roc_auc") -> pd.DataFrame:
+    """Pivot the grid's results: rows model x score, columns preprocessing variants (their Figure 11 layout)."""
+    order = [v for v in preprocess_variants() if v in set(results["variant"])]
+    table = results.pivot_table(index=["model", "score"], columns="variant", values=value, sort=False)
+    return table[order]
+
+
+def plot_preprocessing(image_paths: Sequence[str], size: int = 256, variants: Sequence[str] = ("raw", "crop",
+                       "full", "full+HE")):
+    """Each view through the pipeline's variants side by side, with the hand mask."""
+    configs = preprocess_variants(size, variants)
+    fig, axes = plt.subplots(len(image_paths), len(configs) + 1, figsize=(2.4 * (len(configs) + 1),
+                                                                          2.5 * len(image_paths)), squeeze=False)
+    for row, path in zip(axes, image_paths):
+        for ax, (name, cfg) in zip(row, configs.items()):
+            out = preprocess_view(path, cfg)
+            ax.imshow(out["image"], cmap="gray", vmin=0, vmax=255)
+            ax.set_title(name + (" (no plate found)" if cfg.crop and not out["carrier_found"] else ""), fontsize=8)
+        row[-1].imshow(out["mask"], cmap="gray")
+        row[-1].set_title("hand mask" + (" (view was inverted)" if out["inverted"] else ""), fontsize=8)
+        for ax in row:
+            ax.axis("off")
     fig.tight_layout()
     return fig

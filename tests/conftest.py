@@ -43,3 +43,10 @@ def tiny_run(tiny_phantom, tmp_path_factory) -> Path:
                          image_size=48, batch_size=8, epochs=2, pretrained=False, num_workers=0, keep_top_k=2)
     mh.train(cfg, progress=False)
     return out / "run"
+
+
+@pytest.fixture(scope="session")
+def normal_heavy_phantom(tmp_path_factory) -> Path:
+    """A 30-patient phantom with few positives (the unsupervised split needs more normal patients than positive)."""
+    return mh.make_phantom_mura(tmp_path_factory.mktemp("phantom_normal"), n_patients=30, seed=5, image_size=128,
+                                positive_rate=0.2, progress=False)

@@ -1,0 +1,194 @@
+"""The unsupervised path: preprocessing (crop, mask, HE), the split, the autoencoders, masked losses and scores."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import mura_helpers as mh
+
+# ---------------------------------------------------------------- the masked loss and the scores
+
+
+def test_masked_loss_matches_a_hand_computation():
+    x = torch.tensor([[[[0.2, 0.8], [0.5, 0.0]]]])
+    recon = torch.tensor([[[[0.1, 0.4], [0.5, 0.9]]]])
+    mask = torch.tensor([[[[1.0, 1.0], [0.0, 1.0]]]])
+    hand = ((0.2 - 0.1) ** 2 + (0.8 - 0.4) ** 2 + (0.0 - 0.9) ** 2) / 3  # ||m (x - x_hat)||^2 / ||m||_1
+    assert mh.masked_mse(x, recon, mask).item() == pytest.approx(hand)
+    unmasked = mh.masked_mse(x, recon, torch.ones_like(mask)).item()
+    assert unmasked == pytest.approx(torch.mean((x - recon) ** 2).item())  # an all-ones mask gives the plain MSE
+
+
+def test_scores_top_k_and_kld():
+    x = torch.zeros(1, 1, 10, 10)
+    recon = torch.zeros_like(x)
+    recon[0, 0, 0, :5] = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.1])
+    mask = torch.ones_like(x)
+    out = {"recon": recon, "mu": torch.zeros(1, 8), "logvar": torch.zeros(1, 8)}
+    s = mh.reconstruction_scores(x, out, mask, top_k=2, kld_weight=1.0)
+    assert s["mse_top2"].item() == pytest.approx((0.25 + 0.16) / 2)
+    assert s["l1_top2"].item() == pytest.approx(0.45)
+    assert s["kld"].item() == pytest.approx(0.0)  # the posterior equals the prior
+    shifted = mh.kl_divergence(torch.ones(1, 4), torch.zeros(1, 4))
+    assert shifted.item() == pytest.approx(2.0)  # 0.5 * sum(mu^2)
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def _tilted_plate(angle_deg, plate_value, outside_value, size=(300, 400)):
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(float)
+    a = math.radians(angle_deg)
+    u = (xx - 210) * math.cos(a) + (yy - 145) * math.sin(a)
+    v = -(xx - 210) * math.sin(a) + (yy - 145) * math.cos(a)
+    image = np.where((np.abs(u) < 130) & (np.abs(v) < 90), plate_value, outside_value).astype(float)
+    image[(np.abs(u - 20) < 60) & (np.abs(v) < 15)] = 230  # a bright "hand" lying across the plate
+    return np.clip(image + np.random.default_rng(0).normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("plate, outside", [(120, 10), (40, 240)])  # plate brighter, or darker, than its surround
+def test_carrier_crop_finds_a_tilted_plate(plate, outside):
+    image = _tilted_plate(14, plate, outside)
+    center, (w, h), angle = mh.find_carrier(image)
+    assert math.degrees(angle) == pytest.approx(14, abs=2)
+    assert (w, h) == (pytest.approx(260, rel=0.05), pytest.approx(180, rel=0.05))
+    assert center == pytest.approx([210, 145], abs=4)
+
+
+def test_carrier_crop_falls_back_to_the_whole_view(tmp_path):
+    noise = np.random.default_rng(1).integers(0, 255, (200, 160)).astype(np.uint8)
+    assert mh.find_carrier(noise) is None
+    path = tmp_path / "noise.png"
+    Image.fromarray(noise).save(path)
+    out = mh.preprocess_view(path, mh.PreprocessConfig(crop=True, segment=False, equalize=None, size=64))
+    assert not out["carrier_found"] and out["mask"].mean() == pytest.approx(160 / 200, abs=0.03)  # content, padded
+
+
+def test_affine_maps_original_pixels_onto_the_preprocessed_square(tmp_path):
+    image = _tilted_plate(-9, 120, 10)
+    image[100:104, 250:254] = 255  # a bright dot to follow
+    path = tmp_path / "plate.png"
+    Image.fromarray(image).save(path)
+    out = mh.preprocess_view(path, mh.PreprocessConfig(crop=True, segment=False, equalize=None, size=128))
+    assert out["carrier_found"]
+    expected = out["affine"] @ np.array([251.5, 101.5, 1.0])
+    found = np.unravel_index(np.argmax(out["image"]), out["image"].shape)[::-1]
+    assert np.abs(np.array(found) - expected).max() <= 2
+
+
+def test_hand_mask_on_the_phantom(tiny_phantom):
+    findings = mh.load_phantom_findings(tiny_phantom)
+    cfg = mh.PreprocessConfig(size=128)
+    hits, shares = [], []
+    for f in findings.itertuples():
+        out = mh.preprocess_view(f.image_file, cfg)
+        mask = out["mask"].astype(bool)
+        shares.append(mask.mean())
+        cx, cy = out["affine"] @ np.array([(f.x0 + f.x1) / 2, (f.y0 + f.y1) / 2, 1.0])
+        hits.append(mask[int(round(cy)), int(round(cx))])
+        assert (out["image"][~mask] == 0).all()  # "full": the background is removed
+    assert np.mean(hits) >= 0.8  # the planted findings lie on bones, inside the hand
+    assert 0.05 < np.median(shares) < 0.7
+
+
+def test_variants_switch_steps_off():
+    variants = mh.preprocess_variants(256)
+    assert list(variants) == ["raw", "raw+HE", "crop", "crop+HE", "full", "full+HE"]
+    assert variants["raw"] == mh.PreprocessConfig(crop=False, segment=False, equalize=None, size=256)
+    with pytest.raises(ValueError, match="unknown preprocessing"):
+        mh.preprocess_variants(256, ["cropped"])
+
+
+def test_min_area_rect_of_a_rotated_rectangle():
+    a = math.radians(30)
+    corners = np.array([[-50, -20], [50, -20], [50, 20], [-50, 20]]) @ np.array([[math.cos(a), math.sin(a)],
+                                                                                [-math.sin(a), math.cos(a)]])
+    center, (w, h), angle = mh.min_area_rect(corners + [100, 80])
+    assert center == pytest.approx([100, 80]) and sorted([w, h]) == pytest.approx([40, 100])
+    assert math.degrees(angle) % 90 == pytest.approx(30, abs=1e-6)
+
+
+# ---------------------------------------------------------------- the split
+
+
+def test_split_by_patient_as_in_the_paper(normal_heavy_phantom):
+    studies = mh.anomaly_split(mh.load_studies(normal_heavy_phantom, "train"), seed=0)
+    by_patient = studies.groupby("patient").agg(subset=("subset", "nunique"), positive=("label", "max"),
+                                                where=("subset", "first"))
+    assert (by_patient["subset"] == 1).all()  # each patient in one subset only
+    assert not by_patient.loc[by_patient["where"] == "train", "positive"].any()  # training: normal patients only
+    positives = by_patient[by_patient["positive"] == 1]
+    counts = positives["where"].value_counts()
+    assert set(counts.index) <= {"val", "test"} and abs(counts.get("val", 0) - counts.get("test", 0)) <= 1
+    for subset in ("val", "test"):
+        rows = by_patient[by_patient["where"] == subset]
+        assert (rows["positive"] == 1).sum() == (rows["positive"] == 0).sum()  # as many normal patients
+    with pytest.raises(mh.MuraDataError, match="more normal-only patients"):
+        mh.anomaly_split(pd.DataFrame({"body_part": ["XR_HAND"] * 2, "patient": ["p1", "p2"], "label": [1, 0]}))
+
+
+# ---------------------------------------------------------------- the models and training
+
+
+def test_architectures_follow_the_paper():
+    cae = mh.build_autoencoder("cae", 512)
+    with torch.no_grad():
+        z = cae.encoder(torch.zeros(1, 1, 512, 512))
+    assert z.shape == (1, 512, 16, 16)  # their Figure 5 bottleneck
+    vae = mh.build_autoencoder("vae", 512).eval()
+    with torch.no_grad():
+        h = vae.encoder(torch.zeros(1, 1, 512, 512))
+        out = vae(torch.zeros(1, 1, 512, 512))
+    assert h.shape == (1, 512, 2, 2) and len(vae.encoder) == 7  # seven stride-2 convolutions to 2x2x512
+    assert vae.fc_mu.out_features == 1024 and out["recon"].shape == (1, 1, 512, 512)
+    assert vae.decoder[-2].kernel_size == (6, 6)  # the last transposed convolution of their Figure 7
+    for size in (64, 128):
+        for name in ("cae", "vae"):
+            assert mh.build_autoencoder(name, size)(torch.zeros(2, 1, size, size))["recon"].shape == (2, 1, size, size)
+
+
+def test_training_lowers_the_masked_loss_and_resumes_exactly(normal_heavy_phantom, tmp_path):
+    def config(out, epochs):
+        return mh.AnomalyConfig(model="vae", data_dir=str(normal_heavy_phantom), output_dir=str(out),
+                                cache_dir=str(tmp_path / "cache"), image_size=64, batch_size=8, epochs=epochs,
+                                num_workers=0, lr=1e-3)
+
+    straight = mh.train_anomaly(config(tmp_path / "a", 3), progress=False)
+    mh.train_anomaly(config(tmp_path / "b", 1), progress=False)
+    resumed = mh.train_anomaly(config(tmp_path / "b", 3), progress=False)
+    timing = ["epoch_time_s", "train_images_per_s"]
+    np.testing.assert_array_equal(straight.drop(columns=timing).to_numpy(), resumed.drop(columns=timing).to_numpy())
+    assert straight["train_loss"].iloc[-1] < straight["train_loss"].iloc[0]
+    model, cfg = mh.load_autoencoder(tmp_path / "a" / "checkpoints" / "last.pt")
+    assert cfg.model == "vae" and not model.training
+    assert {"val_auroc_mse", "val_auroc_kld", "val_auroc_mse+kld"} <= set(straight.columns)
+
+
+def test_error_heatmaps_and_boxes_in_the_preprocessed_frame(normal_heavy_phantom, tmp_path):
+    cfg = mh.AnomalyConfig(data_dir=str(normal_heavy_phantom), cache_dir=str(tmp_path), image_size=64)
+    data = mh.prepare_anomaly_data(cfg, progress=False)
+    findings = mh.load_phantom_findings(normal_heavy_phantom)
+    boxes = mh.transform_boxes(findings, data["cache"])
+    assert len(boxes) > 0 and (boxes["x1"] > boxes["x0"]).all() and (boxes[["x0", "y0", "x1", "y1"]] < 64).all().all()
+    maps = mh.anomaly_heatmaps(mh.build_autoencoder("cae", 64), data["cache"], list(boxes["image_file"][:3]), "cpu")
+    for m in maps:
+        assert m["cam"].shape == (64, 64) and m["cam"].max() == pytest.approx(1.0) and m["cam"].min() >= 0
+        mask = data["cache"].masks[data["cache"].row_of[m["image_path"]]]
+        far = mh.ndimage.distance_transform_edt(mask == 0) > 8  # beyond the smoothing's reach of the hand mask
+        assert m["cam"][far].max() < 0.02  # the error is scored inside the mask only
+    scored = mh.heatmap_localisation(maps, boxes)
+    assert len(scored) >= 3 and scored["heat_in_box"].between(0, 1).all()
+
+
+def test_metrics_per_study_and_per_image():
+    scores = pd.DataFrame({"study_path": ["a", "a", "b", "c"], "label": [1, 1, 0, 0], "image_path": list("wxyz"),
+                           "mse": [0.9, 0.1, 0.3, 0.2]})
+    study = mh.anomaly_metrics(scores)
+    assert study.loc["mse", "roc_auc"] == 1.0 and study.loc["mse", "n"] == 3  # study a: mean 0.5 beats 0.3, 0.2
+    image = mh.anomaly_metrics(scores, level="image")
+    assert image.loc["mse", "roc_auc"] == 0.5 and image.loc["mse", "n"] == 4
