@@ -1,21 +1,37 @@
 # Two commands on a fresh machine (Python 3.10+ and make):
 #   make demo   virtual environment + requirements, the phantom, and every notebook executed into outputs/
+#               (DEMO=quick by default: CPU-sized settings; make demo DEMO=full for the notebooks' own defaults)
 #   make test   virtual environment + requirements, ruff, and the test suite
 # and: make bench (training throughput, benchmarks/train_throughput.py; meant for a GPU)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
 .PHONY: demo test lint phantom bench clean
 
+# DEMO=quick (default): sizes a CPU finishes in minutes (from scratch, 128 px, 2 epochs), into outputs/;
+# DEMO=full: every notebook's own defaults (ImageNet weights, 224 px, 5 epochs; 512-px autoencoders, 20 epochs),
+# meant for a GPU, into outputs/full/ (so the two never resume each other's runs).
+DEMO ?= quick
+PAPERMILL := $(BIN)/papermill --cwd notebooks -k python3 --log-level WARNING
+ifeq ($(DEMO),quick)
+OUT := outputs
+ARGS_03 := -p pretrained False -p image_size 128 -p epochs 2 -p batch_size 16
+ARGS_06 := -p image_size 128 -p epochs 2 -p batch_size 16
+else
+OUT := outputs/full
+endif
+ARGS := -p output_dir $(CURDIR)/$(OUT)
+
 demo: $(VENV)/.installed phantom
-	@mkdir -p outputs
-	@for nb in $(NOTEBOOKS); do \
-		echo "== $$nb"; \
-		$(BIN)/papermill "$$nb" "outputs/$$(basename $$nb)" --cwd notebooks -k python3 --log-level WARNING || exit 1; \
-	done
-	@echo "executed notebooks and figures are in outputs/"
+	@mkdir -p $(OUT)
+	$(PAPERMILL) notebooks/01_eda.ipynb $(OUT)/01_eda.ipynb $(ARGS)
+	$(PAPERMILL) notebooks/02_pipeline_check.ipynb $(OUT)/02_pipeline_check.ipynb $(ARGS)
+	$(PAPERMILL) notebooks/03_training.ipynb $(OUT)/03_training.ipynb $(ARGS) $(ARGS_03)
+	$(PAPERMILL) notebooks/04_results.ipynb $(OUT)/04_results.ipynb $(ARGS)
+	$(PAPERMILL) notebooks/05_predict.ipynb $(OUT)/05_predict.ipynb $(ARGS)
+	$(PAPERMILL) notebooks/06_anomaly_detection.ipynb $(OUT)/06_anomaly_detection.ipynb $(ARGS) $(ARGS_06)
+	@echo "executed notebooks are in $(OUT)/, figures in $(OUT)/figures/, numbers in $(OUT)/*.json and *.csv"
 
 test: $(VENV)/.installed lint
 	$(BIN)/python -m pytest

@@ -770,13 +770,7 @@ def make_phantom_mura(
     studies, tasks = _plan_phantom(n_patients, seed, valid_fraction, positive_rate, body_parts, image_size)
     for t in tasks:
         t["path"] = str(mura.joinpath(*t["key"], t["image"]))
-    workers = workers or min(os.cpu_count() or 1, 8)
-    if workers > 1 and len(tasks) > 8:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(_phantom_image_task, tasks, chunksize=8), total=len(tasks),
-                                desc="phantom images", disable=not progress))
-    else:
-        results = [_phantom_image_task(t) for t in tqdm(tasks, desc="phantom images", disable=not progress)]
+    results = _run_tasks(_phantom_image_task, tasks, "phantom images", progress, workers)
 
     for split in SPLITS:
         rel = [s for s in studies if s["key"][0] == split]
@@ -838,6 +832,34 @@ def load_phantom_findings(data_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- images & cache: decode and resize once, uint8 on disk
+
+def _files_stamp(paths: Sequence[str], *settings) -> str:
+    """A key for a cache: the settings and every file's path, size and modification time."""
+    stamp = hashlib.sha1(json.dumps([CACHE_VERSION, *settings]).encode())
+    for p in paths:
+        st = Path(p).stat()
+        stamp.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return stamp.hexdigest()[:16]
+
+
+def _run_tasks(func, tasks: list, desc: str, progress: bool = True, workers: int | None = None,
+               sizes: Sequence[int] | None = None) -> list:
+    """Run func over tasks in a process pool (inline for one worker or one task), with a progress bar of items."""
+    sizes = sizes or [1] * len(tasks)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    results = []
+    with tqdm(total=sum(sizes), desc=desc, disable=not progress) as bar:
+        if workers > 1 and len(tasks) > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for result, n in zip(pool.map(func, tasks), sizes):
+                    results.append(result)
+                    bar.update(n)
+        else:
+            for task, n in zip(tasks, sizes):
+                results.append(func(task))
+                bar.update(n)
+    return results
+
 
 CACHE_VERSION = 1
 RESIZE_MODES = ("squash", "pad")
@@ -901,29 +923,15 @@ def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: st
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     paths = [str(p) for p in image_paths]
-    stamp = hashlib.sha1(json.dumps([CACHE_VERSION, size, resize]).encode())
-    for p in paths:
-        st = Path(p).stat()
-        stamp.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    npy = Path(cache_dir) / f"views_{size}px_{resize}_{stamp.hexdigest()[:16]}.npy"
+    npy = Path(cache_dir) / f"views_{size}px_{resize}_{_files_stamp(paths, size, resize)}.npy"
     cache = ImageCache(npy, paths, size, resize)
     if npy.is_file():
         return cache
     npy.parent.mkdir(parents=True, exist_ok=True)
     tmp = npy.with_suffix(f".tmp{os.getpid()}.npy")
     np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size)).flush()
-    chunk = 64
-    tasks = [(str(tmp), i, paths[i:i + chunk], size, resize) for i in range(0, len(paths), chunk)]
-    workers = workers or min(os.cpu_count() or 1, 8)
-    bar = tqdm(total=len(paths), desc=f"caching views at {size}px", disable=not progress)
-    if workers > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            for n in pool.map(_cache_chunk, tasks):
-                bar.update(n)
-    else:
-        for t in tasks:
-            bar.update(_cache_chunk(t))
-    bar.close()
+    tasks = [(str(tmp), i, paths[i:i + 64], size, resize) for i in range(0, len(paths), 64)]
+    _run_tasks(_cache_chunk, tasks, f"caching views at {size}px", progress, workers, [len(t[2]) for t in tasks])
     os.replace(tmp, npy)  # complete caches only ever appear under their final name
     return cache
 
@@ -1188,6 +1196,14 @@ def loader_throughput(loader, device, max_batches: int = 50, **augment) -> float
     return n / (time.perf_counter() - started)
 
 
+def amp_step(loss, optimizer, scaler) -> None:
+    """One optimiser step under mixed precision: scaled backward, unscale-and-skip on inf/NaN, scale update."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_one_epoch(model, loader, optimizer, scaler, device, weights: tuple[float, float], cfg: TrainConfig,
                     epoch: int, progress: bool = True) -> dict:
     """One pass over the training views; returns the mean loss and every view's probability."""
@@ -1210,10 +1226,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, weights: tuple[flo
             loss = study_weighted_bce(logits, y, study.to(device, non_blocking=True), n_studies, *weights)
         else:
             loss = weighted_bce_with_logits(logits, y, *weights)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        amp_step(loss, optimizer, scaler)
         loss_sum += loss.detach() * len(y)
         n_seen += len(y)
         probs.append(torch.sigmoid(logits.detach().float()))
@@ -1270,14 +1283,50 @@ def _epoch_metrics(prefix: str, images: pd.DataFrame, result: dict) -> dict:
 
 
 def _checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best) -> dict:
-    """The resumable state: model, optimiser, scheduler, scaler, epoch, history, RNG states, config."""
+    """The resumable state: model, optimiser, scheduler (or None), scaler, epoch, history, RNG states, config."""
     return {
         "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "epoch": epoch, "history": history, "best": best, "config": _config_dict(cfg),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+        "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "best": best, "config": _config_dict(cfg),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
+
+
+def _resumable_state(cfg, must_match: Sequence[str]) -> dict | None:
+    """The state in cfg.output_dir/checkpoints/last.pt to resume from (None: start afresh); refuses a run that was
+    saved with other settings."""
+    last_path = Path(cfg.output_dir) / "checkpoints" / "last.pt"
+    if not cfg.resume or not last_path.is_file():
+        return None
+    state = torch.load(last_path, map_location="cpu", weights_only=True)
+    changed = {k: (state["config"].get(k), v) for k, v in _config_dict(cfg).items()
+               if k in must_match and state["config"].get(k) != v}
+    if changed:
+        raise ValueError(f"{last_path}: holds a run with other settings {changed} (saved, now); use another "
+                         f"output_dir, or resume=False to start again")
+    return state
+
+
+def _restore(state: dict, model, optimizer, scheduler, scaler) -> tuple[list[dict], float | None, int]:
+    """Load a resumable state into the training objects; return (history, best score, first epoch to run)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return list(state["history"]), state["best"], state["epoch"] + 1
+
+
+def _save_epoch(state: dict, improved: bool, out: Path) -> None:
+    """Write best.pt (when improved), last.pt and history.csv, each atomically."""
+    if improved:
+        save_atomic(state, out / "checkpoints" / "best.pt")
+    save_atomic(state, out / "checkpoints" / "last.pt")
+    _write_csv_atomic(pd.DataFrame(state["history"]), out / "history.csv")
 
 
 def _config_dict(cfg: TrainConfig) -> dict:
@@ -1296,18 +1345,8 @@ RESUME_MUST_MATCH = ("body_part", "image_size", "resize", "arch", "batch_size", 
 
 def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
     """Train (or resume) a run in cfg.output_dir: checkpoints/last.pt every epoch, best.pt, history.csv."""
-
-
     out = Path(cfg.output_dir)
-    last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
-    state = None
-    if cfg.resume and last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        changed = {k: (state["config"].get(k), v) for k, v in _config_dict(cfg).items()
-                   if k in RESUME_MUST_MATCH and state["config"].get(k) != v}
-        if changed:
-            raise ValueError(f"{last_path}: holds a run with other settings {changed} (saved, now); use another "
-                             f"output_dir, or resume=False to start again")
+    state = _resumable_state(cfg, RESUME_MUST_MATCH)
     run = _prepare_run(cfg, progress)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
@@ -1323,17 +1362,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
                                                            patience=cfg.plateau_patience)
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    history, start_epoch, best = [], 0, None
+    history, best, start_epoch = [], None, 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        history, best, start_epoch = list(state["history"]), state["best"], state["epoch"] + 1
-        print(f"resuming {last_path} after epoch {start_epoch} of {cfg.epochs}")
+        history, best, start_epoch = _restore(state, model, optimizer, scheduler, scaler)
+        print(f"resuming {out / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of {cfg.epochs}")
     if cfg.compile:
         model = torch.compile(model)
 
@@ -1362,13 +1394,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
         improved = best is None or (score < best if direction == "min" else score > best) or math.isnan(best)
         if improved:
             best = score
-        state = _checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best)
-        if improved:
-            save_atomic(state, best_path)
         if cfg.keep_top_k > 0:
             _keep_top_k_weights(model, cfg, history, epoch, out / "checkpoints")
-        save_atomic(state, last_path)
-        _write_csv_atomic(pd.DataFrame(history), out / "history.csv")
+        _save_epoch(_checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best), improved, out)
         if progress:
             print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f}  valid loss "
                   f"{row['valid_loss']:.4f}  valid kappa {row['valid_kappa']:.3f}  valid AUROC {row['valid_auroc']:.3f}"
@@ -1753,27 +1781,26 @@ def plot_patients_per_split(studies: pd.DataFrame):
     return fig
 
 
+def _split_countplot(data: pd.DataFrame, x: str, title: str, xlabel: str, ylabel: str):
+    """Bar chart of the counts of `x`, one bar per split, labelled with the counts."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    sns.countplot(data=data, x=x, hue="split", ax=ax)
+    for c in ax.containers:
+        ax.bar_label(c, fontsize=8)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    fig.tight_layout()
+    return fig
+
+
 def plot_studies_per_patient(studies: pd.DataFrame):
     """Bar chart of how many patients have 1, 2, 3... studies, per split (the report's Figure 18)."""
     per_patient = studies.groupby(["split", "body_part", "patient"]).size().reset_index(name="studies")
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    sns.countplot(data=per_patient, x="studies", hue="split", ax=ax)
-    for c in ax.containers:
-        ax.bar_label(c, fontsize=8)
-    ax.set(title="Studies per patient", xlabel="studies of one patient", ylabel="patients")
-    fig.tight_layout()
-    return fig
+    return _split_countplot(per_patient, "studies", "Studies per patient", "studies of one patient", "patients")
 
 
 def plot_views_per_study(studies: pd.DataFrame):
     """Bar chart of how many studies have 1..5 views (images), per split (the report's Figure 19)."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    sns.countplot(data=studies, x="n_views", hue="split", ax=ax)
-    for c in ax.containers:
-        ax.bar_label(c, fontsize=8)
-    ax.set(title="Images (views) per study", xlabel="views in the study", ylabel="studies")
-    fig.tight_layout()
-    return fig
+    return _split_countplot(studies, "n_views", "Images (views) per study", "views in the study", "studies")
 
 
 def plot_label_balance(studies: pd.DataFrame):
@@ -2167,11 +2194,7 @@ def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache
                         workers: int | None = None, progress: bool = True) -> AnomalyCache:
     """Run the offline preprocessing once per (views, settings) and keep it on disk; reuse it afterwards."""
     paths = [str(p) for p in image_paths]
-    stamp = hashlib.sha1(json.dumps([CACHE_VERSION, asdict(cfg)]).encode())
-    for p in paths:
-        st = Path(p).stat()
-        stamp.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\\n".encode())
-    folder = Path(cache_dir) / f"anomaly_{cfg.name.replace('+', '_')}_{cfg.size}px_{stamp.hexdigest()[:16]}"
+    folder = Path(cache_dir) / f"anomaly_{cfg.name.replace('+', '_')}_{cfg.size}px_{_files_stamp(paths, asdict(cfg))}"
     if (folder / "affines.npy").is_file():
         return AnomalyCache(folder, paths, cfg)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
@@ -2181,16 +2204,8 @@ def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache
                                ("affines", (n, 2, 3), np.float32)):
         np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
     tasks = [(tmp, i, paths[i:i + 32], cfg) for i in range(0, n, 32)]
-    workers = workers or min(os.cpu_count() or 1, 8)
-    bar = tqdm(total=n, desc=f"preprocessing ({cfg.name}, {s}px)", disable=not progress)
-    if workers > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            for done in pool.map(_anomaly_cache_chunk, tasks):
-                bar.update(done)
-    else:
-        for t in tasks:
-            bar.update(_anomaly_cache_chunk(t))
-    bar.close()
+    _run_tasks(_anomaly_cache_chunk, tasks, f"preprocessing ({cfg.name}, {s}px)", progress, workers,
+               [len(t[2]) for t in tasks])
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
@@ -2460,27 +2475,10 @@ def anomaly_metrics(scores: pd.DataFrame, level: str = "study") -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("score")
 
 
-def _anomaly_checkpoint(model, optimizer, scaler, epoch, history, cfg, best) -> dict:
-    """The resumable state of an unsupervised run."""
-    return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "history": history,
-            "best": best, "config": _config_dict(cfg),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-
-
 def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
     """Train (or resume) an autoencoder on normal training views with the masked loss; returns the history."""
     out = Path(cfg.output_dir)
-    last_path, best_path = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
-    state = torch.load(last_path, map_location="cpu", weights_only=True) if cfg.resume and last_path.is_file() \
-        else None
-    if state is not None:
-        changed = {k: (state["config"].get(k), v) for k, v in _config_dict(cfg).items()
-                   if k in ANOMALY_RESUME_MUST_MATCH and state["config"].get(k) != v}
-        if changed:
-            raise ValueError(f"{last_path}: holds a run with other settings {changed} (saved, now); use another "
-                             f"output_dir, or resume=False")
+    state = _resumable_state(cfg, ANOMALY_RESUME_MUST_MATCH)
     data = prepare_anomaly_data(cfg, progress)
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -2489,17 +2487,11 @@ def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    history, start_epoch, best = [], 0, None
+    history, best, start_epoch = [], None, 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        history, best, start_epoch = list(state["history"]), state["best"], state["epoch"] + 1
+        history, best, start_epoch = _restore(state, model, optimizer, None, scaler)
         if progress:
-            print(f"resuming {last_path} after epoch {start_epoch} of {cfg.epochs}")
+            print(f"resuming {out / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of {cfg.epochs}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
     images = data["images"]
@@ -2525,10 +2517,7 @@ def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
             loss = masked_mse(x, result["recon"], m).mean()
             if result["mu"] is not None:
                 loss = loss + cfg.kld_weight * kl_divergence(result["mu"], result["logvar"]).mean() / pixels
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            amp_step(loss, optimizer, scaler)
             loss_sum += loss.detach() * len(x)
             n_seen += len(x)
             bar.update()
@@ -2545,11 +2534,7 @@ def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
         improved = best is None or (not math.isnan(score) and (math.isnan(best) or score > best))
         if improved:
             best = score
-        state = _anomaly_checkpoint(model, optimizer, scaler, epoch, history, cfg, best)
-        if improved:
-            save_atomic(state, best_path)
-        save_atomic(state, last_path)
-        _write_csv_atomic(pd.DataFrame(history), out / "history.csv")
+        _save_epoch(_checkpoint(model, optimizer, None, scaler, epoch, history, cfg, best), improved, out)
         if progress:
             print(f"{cfg.model} {cfg.variant} epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.5f}, "
                   f"val ROC-AUC ({cfg.select_score}) {score:.3f}" + ("  (best)" if improved else ""))

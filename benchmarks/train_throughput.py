@@ -106,11 +106,7 @@ def compute_bound_rate(model, args, device, weights) -> float:
             started = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x).squeeze(1)
-        loss = mh.weighted_bce_with_logits(logits, y, *weights)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        mh.amp_step(mh.weighted_bce_with_logits(logits, y, *weights), optimizer, scaler)
     _sync(device)
     return args.steps * args.batch_size / (time.perf_counter() - started)
 
