@@ -2008,14 +2008,10 @@ class PreprocessConfig:
 
 
 def preprocess_variants(size: int = 512, names: Sequence[str] | None = None) -> dict[str, PreprocessConfig]:
-    """The paper's six variants (raw, crop, full; without and with HE), optionally only those named."""
-    variants = {}
-    for crop, segment in ((False, False), (True, False), (True, True)):
-        for equalize in (None, "he"):
-            cfg = PreprocessConfig(crop, segment, equalize, size)
-            variants[cfg.name] = cfg
-    if names is None:
-        return variants
+    """The paper's six variants (raw, crop, full; without and with HE), or those named (+CLAHE also works)."""
+    variants = {cfg.name: cfg for crop, segment in ((False, False), (True, False), (True, True))
+                for cfg in (PreprocessConfig(crop, segment, eq, size) for eq in (None, "he", "clahe"))}
+    names = [n for n in variants if not n.endswith("+CLAHE")] if names is None else list(names)
     unknown = [n for n in names if n not in variants]
     if unknown:
         raise ValueError(f"unknown preprocessing variant(s) {unknown}: choose from {list(variants)}")

@@ -102,6 +102,16 @@ def test_variants_switch_steps_off():
     assert variants["raw"] == mh.PreprocessConfig(crop=False, segment=False, equalize=None, size=256)
     with pytest.raises(ValueError, match="unknown preprocessing"):
         mh.preprocess_variants(256, ["cropped"])
+    assert mh.preprocess_variants(256, ["full+CLAHE"])["full+CLAHE"].equalize == "clahe"
+
+
+def test_clahe_and_he_spread_the_intensities_inside_the_hand(tiny_phantom):
+    path = mh.studies_to_images(mh.load_studies(tiny_phantom, "train"))["image_path"].iloc[0]
+    plain, he, clahe = (mh.preprocess_view(path, mh.preprocess_variants(128, [n])[n])
+                        for n in ("full", "full+HE", "full+CLAHE"))
+    inside = plain["mask"].astype(bool)
+    assert he["image"][inside].std() > plain["image"][inside].std()  # equalised: a wider spread of grey levels
+    assert clahe["image"].dtype == np.uint8 and (clahe["image"][~inside] == 0).all()
 
 
 def test_min_area_rect_of_a_rotated_rectangle():
