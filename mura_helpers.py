@@ -1239,15 +1239,15 @@ def train_one_epoch(model, loader, optimizer, scaler, device, weights: tuple[flo
             "index": torch.cat(indices).numpy()}
 
 
-def evaluate_views(model, loader, device, weights: tuple[float, float], cfg: TrainConfig, desc: str = "valid",
-                   progress: bool = True) -> dict:
+def evaluate_views(model, loader, device, weights: tuple[float, float], amp: str = "auto", channels_last: bool = True,
+                   desc: str = "valid", progress: bool = True) -> dict:
     """Predict every view of `loader` without augmentation; returns the weighted loss and the view probabilities."""
     model.eval()
-    dtype = amp_dtype(cfg.amp, device)
+    dtype = amp_dtype(amp, device)
     loss_sum, n_seen, probs, indices = torch.zeros((), device=device), 0, [], []
     with torch.inference_mode():
         for views, labels, index, _ in tqdm(loader, desc=desc, leave=False, disable=not progress):
-            x = prepare_batch(views, device, False, channels_last=cfg.channels_last)
+            x = prepare_batch(views, device, False, channels_last=channels_last)
             y = labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = model(x).squeeze(1)
@@ -1384,7 +1384,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.perf_counter() - started
-        validated = evaluate_views(model, valid_loader, device, weights, cfg, progress=progress)
+        validated = evaluate_views(model, valid_loader, device, weights, cfg.amp, cfg.channels_last, progress=progress)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                **_epoch_metrics("train", train_images, trained), **_epoch_metrics("valid", valid_images, validated),
                "epoch_time_s": time.perf_counter() - started, "train_images_per_s": len(trained["probs"]) / train_time}
@@ -1483,8 +1483,7 @@ def predict_studies(model, studies: pd.DataFrame, image_size: int = 224, resize:
     dev = resolve_device(device)
     model = model.to(dev).eval()
     loader = make_view_loader(cache, images, batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda")
-    cfg = TrainConfig(amp=amp, channels_last=next(model.parameters()).is_contiguous(memory_format=torch.channels_last))
-    result = evaluate_views(model, loader, dev, (0.5, 0.5), cfg, desc="predict", progress=False)
+    result = evaluate_views(model, loader, dev, (0.5, 0.5), amp, desc="predict", progress=False)
     views = images.iloc[result["index"]].assign(prob=result["probs"])
     out = views.groupby("study_path", sort=False).agg(label=("label", "first"), prob=("prob", "mean"),
                                                       n_views=("prob", "size"), view_probs=("prob", list))
