@@ -831,6 +831,12 @@ def load_phantom_findings(data_dir: str | os.PathLike) -> pd.DataFrame:
     return findings
 
 
+def phantom_boxes(data_dir: str | os.PathLike) -> pd.DataFrame | None:
+    """The phantom's ground truth when the dataset is a phantom; None for real MURA (which has no boxes)."""
+    root = find_mura_root(data_dir)
+    return load_phantom_findings(root) if (root / PHANTOM_FINDINGS_CSV).is_file() else None
+
+
 # ---------------------------------------------------------------- images & cache: decode and resize once, uint8 on disk
 
 def _files_stamp(paths: Sequence[str], *settings) -> str:
@@ -1672,6 +1678,14 @@ def heatmap_localisation(heatmaps: Sequence[dict], boxes: pd.DataFrame) -> pd.Da
                          "heat_in_box": float(cam[inside].sum() / max(cam.sum(), 1e-12)),
                          "box_share": float(inside.mean()), "prob": h["prob"]})
     return pd.DataFrame(rows, columns=["image_path", "finding", "pointing_hit", "heat_in_box", "box_share", "prob"])
+
+
+def cam_localisation(models, studies: pd.DataFrame, boxes: pd.DataFrame, image_size: int, resize: str = "squash",
+                     device: str = "auto") -> pd.DataFrame:
+    """Score the CAMs of every view of `studies` that has a ground-truth box (see heatmap_localisation)."""
+    views = studies_to_images(studies)
+    scored = list(views.loc[views["image_path"].isin(boxes["image_file"]), "image_path"])
+    return heatmap_localisation(view_heatmaps(models, scored, image_size, resize, device), boxes)
 
 
 # ---------------------------------------------------------------- prediction on a new study
@@ -2640,3 +2654,23 @@ def plot_preprocessing(image_paths: Sequence[str], size: int = 256, variants: Se
             ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def best_run_heatmaps(results: pd.DataFrame, score: str = "mse", n: int = 8, device: str = "auto") -> dict:
+    """For the grid's best run by `score`: error heatmaps of abnormal test views (those with ground truth on the
+    phantom), the boxes moved into the preprocessed frame, and their localisation scores over all such views."""
+    best = results[results["score"] == score].sort_values("roc_auc", ascending=False).iloc[0]
+    net, cfg = load_autoencoder(Path(best["run_dir"]) / "checkpoints" / "best.pt", device)
+    data = prepare_anomaly_data(cfg, progress=False)
+    images = data["images"]
+    abnormal = images[(images["subset"] == "test") & (images["label"] == 1)]
+    findings = phantom_boxes(data["root"])
+    boxes = transform_boxes(findings, data["cache"]) if findings is not None else None
+    if boxes is not None:
+        abnormal = abnormal[abnormal["image_path"].isin(boxes["image_file"])]
+    paths = list(abnormal["image_path"])
+    localisation = None
+    if boxes is not None and paths:
+        localisation = heatmap_localisation(anomaly_heatmaps(net, data["cache"], paths, device), boxes)
+    return {"best": best, "heatmaps": anomaly_heatmaps(net, data["cache"], paths[:n], device), "boxes": boxes,
+            "localisation": localisation}
