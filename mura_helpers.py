@@ -1625,10 +1625,11 @@ def class_activation_maps(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Scale each map to [0, 1] (min-max; a constant map becomes all zeros)."""
+    """Scale each map to [0, 1] (min-max; a constant map, up to float rounding, becomes all zeros)."""
     flat = maps.flatten(1)
     lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
-    return torch.where(hi > lo, (maps - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(maps))
+    varies = (hi - lo) > 1e-5 * hi.abs().clamp_min(1.0)  # else rounding noise would be stretched to [0, 1]
+    return torch.where(varies, (maps - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(maps))
 
 
 def _map_to_original(cam: np.ndarray, size: tuple[int, int], resize: str) -> np.ndarray:
@@ -1644,9 +1645,12 @@ def _map_to_original(cam: np.ndarray, size: tuple[int, int], resize: str) -> np.
 
 
 def view_heatmaps(models, image_paths: Sequence[str], image_size: int, resize: str = "squash",
-                  device: str = "auto") -> list[dict]:
+                  device: str = "auto", batch_size: int = 32) -> list[dict]:
     """For each view: the grey image, its CAM in [0, 1] on the image's own pixel grid (averaged over models), and
-    its abnormality probability (averaged over models)."""
+    its abnormality probability (averaged over models). Runs in batches of `batch_size` views."""
+    if len(image_paths) > batch_size:
+        return [h for i in range(0, len(image_paths), batch_size)
+                for h in view_heatmaps(models, image_paths[i:i + batch_size], image_size, resize, device, batch_size)]
     models = models if isinstance(models, (list, tuple)) else [models]
     dev = resolve_device(device)
     images = [load_image(p) for p in image_paths]
@@ -1971,12 +1975,11 @@ def plot_cases(cases: pd.DataFrame, max_views: int = 3):
     for row_axes, case in zip(axes, cases.itertuples()):
         for ax in row_axes:
             ax.axis("off")
+        header = f"{case.case}, study p={case.prob:.2f}\n{'/'.join(case.study_path.split('/')[-3:-1])}\n"
         for i, (ax, path) in enumerate(zip(row_axes, case.image_paths)):
             ax.imshow(load_image(path), cmap="gray")
-            ax.set_title(f"view {i + 1}: p={case.view_probs[i]:.2f}", fontsize=8)
-        row_axes[0].set_title(f"{case.case}, study p={case.prob:.2f}\n{'/'.join(case.study_path.split('/')[-3:-1])}"
-                              f"\nview 1: p={case.view_probs[0]:.2f}", fontsize=8,
-                              color="darkgreen" if case.case.startswith("true") else "crimson")
+            ax.set_title((header if i == 0 else "") + f"view {i + 1}: p={case.view_probs[i]:.2f}", fontsize=8,
+                         color="black" if i else "darkgreen" if case.case.startswith("true") else "crimson")
     fig.tight_layout()
     return fig
 
@@ -2560,9 +2563,12 @@ def load_autoencoder(path: str | os.PathLike, device: str = "cpu"):
 
 
 def anomaly_heatmaps(model, cache: AnomalyCache, image_paths: Sequence[str], device: str = "auto",
-                     sigma: float = 2.0) -> list[dict]:
+                     sigma: float = 2.0, batch_size: int = 16) -> list[dict]:
     """Per view: the preprocessed image, its masked squared reconstruction error (smoothed, scaled to [0, 1]),
-    and its masked-MSE score, in the format of plot_heatmaps and heatmap_localisation."""
+    and its masked-MSE score, in the format of plot_heatmaps and heatmap_localisation; in batches."""
+    if len(image_paths) > batch_size:
+        return [h for i in range(0, len(image_paths), batch_size)
+                for h in anomaly_heatmaps(model, cache, image_paths[i:i + batch_size], device, sigma, batch_size)]
     dev = resolve_device(device)
     rows = cache.rows(image_paths)
     x = torch.from_numpy(cache.images[rows][:, None].astype(np.float32) / 255).to(dev)
@@ -2644,12 +2650,15 @@ def plot_preprocessing(image_paths: Sequence[str], size: int = 256, variants: Se
     fig, axes = plt.subplots(len(image_paths), len(configs) + 1, figsize=(2.4 * (len(configs) + 1),
                                                                           2.5 * len(image_paths)), squeeze=False)
     for row, path in zip(axes, image_paths):
+        masked = None
         for ax, (name, cfg) in zip(row, configs.items()):
             out = preprocess_view(path, cfg)
+            masked = out if cfg.segment else masked
             ax.imshow(out["image"], cmap="gray", vmin=0, vmax=255)
             ax.set_title(name + (" (no plate found)" if cfg.crop and not out["carrier_found"] else ""), fontsize=8)
-        row[-1].imshow(out["mask"], cmap="gray")
-        row[-1].set_title("hand mask" + (" (view was inverted)" if out["inverted"] else ""), fontsize=8)
+        masked = masked or preprocess_view(path, PreprocessConfig(size=size))
+        row[-1].imshow(masked["mask"], cmap="gray")
+        row[-1].set_title("hand mask" + (" (view was inverted)" if masked["inverted"] else ""), fontsize=8)
         for ax in row:
             ax.axis("off")
     fig.tight_layout()
@@ -2668,9 +2677,6 @@ def best_run_heatmaps(results: pd.DataFrame, score: str = "mse", n: int = 8, dev
     boxes = transform_boxes(findings, data["cache"]) if findings is not None else None
     if boxes is not None:
         abnormal = abnormal[abnormal["image_path"].isin(boxes["image_file"])]
-    paths = list(abnormal["image_path"])
-    localisation = None
-    if boxes is not None and paths:
-        localisation = heatmap_localisation(anomaly_heatmaps(net, data["cache"], paths, device), boxes)
-    return {"best": best, "heatmaps": anomaly_heatmaps(net, data["cache"], paths[:n], device), "boxes": boxes,
-            "localisation": localisation}
+    heatmaps = anomaly_heatmaps(net, data["cache"], list(abnormal["image_path"]), device) if len(abnormal) else []
+    localisation = heatmap_localisation(heatmaps, boxes) if boxes is not None and heatmaps else None
+    return {"best": best, "heatmaps": heatmaps[:n], "boxes": boxes, "localisation": localisation}

@@ -119,6 +119,8 @@ def test_cam_of_densenet169_is_consistent_with_its_logit_and_forward():
         torch.testing.assert_close(model(x).squeeze(1), forward)  # nothing was modified in place
     normalised = mh.normalise_maps(maps)
     assert normalised.min() == 0 and normalised.max() == 1
+    flat = mh.normalise_maps(torch.full((1, 4, 4), 0.3) + torch.rand(1, 4, 4) * 1e-8)  # constant up to rounding
+    assert flat.abs().max() == 0
 
 
 class BlobDetector(torch.nn.Module):
@@ -186,3 +188,15 @@ def test_predict_new_study_names_unreadable_files(tiny_run, tmp_path):
         mh.predict_new_study(tiny_run / "checkpoints" / "best.pt", tmp_path / "study", "cpu")
     with pytest.raises(mh.MuraDataError, match="no .png"):
         mh.predict_new_study(tiny_run / "checkpoints" / "best.pt", tmp_path, "cpu")
+
+
+def test_heatmaps_in_batches_equal_one_batch(tiny_phantom):
+    torch.manual_seed(0)
+    model = mh.build_model(pretrained=False).eval()
+    paths = list(mh.studies_to_images(mh.load_studies(tiny_phantom, "valid"))["image_path"][:5])
+    whole = mh.view_heatmaps(model, paths, 96, device="cpu", batch_size=8)  # 3x3 maps
+    chunked = mh.view_heatmaps(model, paths, 96, device="cpu", batch_size=2)
+    assert all(h["cam"].max() > 0.9 for h in whole)  # real maps, not constant ones
+    assert [h["image_path"] for h in chunked] == paths
+    for a, b in zip(whole, chunked):
+        assert a["prob"] == pytest.approx(b["prob"], abs=1e-5) and np.allclose(a["cam"], b["cam"], atol=1e-4)
