@@ -1648,6 +1648,8 @@ def view_heatmaps(models, image_paths: Sequence[str], image_size: int, resize: s
                   device: str = "auto", batch_size: int = 32) -> list[dict]:
     """For each view: the grey image, its CAM in [0, 1] on the image's own pixel grid (averaged over models), and
     its abnormality probability (averaged over models). Runs in batches of `batch_size` views."""
+    if len(image_paths) == 0:
+        return []
     if len(image_paths) > batch_size:
         return [h for i in range(0, len(image_paths), batch_size)
                 for h in view_heatmaps(models, image_paths[i:i + batch_size], image_size, resize, device, batch_size)]
@@ -1991,6 +1993,8 @@ def plot_heatmaps(heatmaps: Sequence[dict], boxes: pd.DataFrame | None = None, c
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    if not heatmaps:
+        axes[0, 0].text(0, 0.5, "no views to show", fontsize=10)
     for ax, h in zip(axes.flat, heatmaps):
         ax.imshow(h["image"], cmap="gray")
         ax.imshow(h["cam"], cmap="jet", alpha=alpha, vmin=0, vmax=1)
@@ -2566,6 +2570,8 @@ def anomaly_heatmaps(model, cache: AnomalyCache, image_paths: Sequence[str], dev
                      sigma: float = 2.0, batch_size: int = 16) -> list[dict]:
     """Per view: the preprocessed image, its masked squared reconstruction error (smoothed, scaled to [0, 1]),
     and its masked-MSE score, in the format of plot_heatmaps and heatmap_localisation; in batches."""
+    if len(image_paths) == 0:
+        return []
     if len(image_paths) > batch_size:
         return [h for i in range(0, len(image_paths), batch_size)
                 for h in anomaly_heatmaps(model, cache, image_paths[i:i + batch_size], device, sigma, batch_size)]

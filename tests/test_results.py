@@ -3,6 +3,7 @@
 import math
 import warnings
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -200,3 +201,12 @@ def test_heatmaps_in_batches_equal_one_batch(tiny_phantom):
     assert [h["image_path"] for h in chunked] == paths
     for a, b in zip(whole, chunked):
         assert a["prob"] == pytest.approx(b["prob"], abs=1e-5) and np.allclose(a["cam"], b["cam"], atol=1e-4)
+
+
+def test_no_views_give_no_heatmaps_and_an_empty_gallery():
+    model = mh.build_model(pretrained=False).eval()  # a validation split without abnormal views must not crash 04
+    assert mh.view_heatmaps(model, [], 96, device="cpu") == []
+    assert mh.heatmap_localisation([], pd.DataFrame(columns=["image_file"])).empty
+    fig = mh.plot_heatmaps([], title="none")
+    assert "no views to show" in [t.get_text() for t in fig.axes[0].texts]
+    plt.close(fig)

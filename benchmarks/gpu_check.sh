@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The GPU check, in one call within a time budget: the training-throughput benchmark and GPU runs of notebooks
+# 03 (DenseNet-169 from scratch on a phantom of a few thousand views), 04 (the paper's 5-checkpoint ensemble),
+# 06 (both autoencoders on the paper's six preprocessing variants at 512 px), then 05, 02 and an fp16 benchmark
+# (the T4's path) while time is left. Each step runs under its own timeout and a failed step does not stop the
+# next. Everything lands in outputs/gpu/: figures, CSV/JSON, executed notebooks, gpu_check.log, steps.csv.
+#
+#   bash benchmarks/gpu_check.sh            # on a GPU machine, from the repository root (~8 min on an H200)
+#   SMALL=1 bash benchmarks/gpu_check.sh    # the same steps at tiny sizes: a CPU smoke run of this script
+#
+# Knobs (environment): PYTHON, BUDGET (seconds for the whole script), OUTDIR, and the sizes below.
+set -u
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PY=${PYTHON:-python3}
+OUTDIR=${OUTDIR:-$REPO/outputs/gpu}
+BUDGET=${BUDGET:-540}
+if [ "${SMALL:-0}" = 1 ]; then
+  : "${PATIENTS:=16}" "${PHANTOM_SIZE:=128}" "${IMAGE_SIZE:=64}" "${EPOCHS:=2}" "${BATCH:=8}"
+  : "${ANOMALY_PATIENTS:=30}" "${ANOMALY_SIZE:=64}" "${ANOMALY_EPOCHS:=1}" "${ANOMALY_BATCH:=8}"
+  BENCH_ARGS="--image-size 64 --batch-size 8 --steps 3 --seed-steps 3 --warmup 1"
+else
+  BENCH_ARGS=""
+fi
+PATIENTS=${PATIENTS:-1000}            # about 3,560 views
+PHANTOM_SIZE=${PHANTOM_SIZE:-512}
+IMAGE_SIZE=${IMAGE_SIZE:-224}
+EPOCHS=${EPOCHS:-30}
+BATCH=${BATCH:-32}
+LR=${LR:-1e-3}
+PATIENCE=${PATIENCE:-2}
+ANOMALY_PATIENTS=${ANOMALY_PATIENTS:-500}
+ANOMALY_SIZE=${ANOMALY_SIZE:-512}
+ANOMALY_EPOCHS=${ANOMALY_EPOCHS:-12}
+ANOMALY_BATCH=${ANOMALY_BATCH:-16}
+VARIANTS="[raw, raw+HE, crop, crop+HE, full, full+HE]"
+
+PHANTOM=$REPO/data/phantom-gpu
+ANOMALY_PHANTOM=$REPO/data/phantom-gpu-anomaly
+CACHE=$REPO/data/cache
+mkdir -p "$OUTDIR"
+LOG=$OUTDIR/gpu_check.log
+exec > >(tee "$LOG") 2>&1
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+START=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+echo "step,seconds,exit_code" > "$OUTDIR/steps.csv"
+
+# step NAME MAX_SECONDS RESERVE_SECONDS command...: run under min(MAX, time left - RESERVE); record time and exit code
+step() {
+  local name=$1 max=$2 reserve=$3; shift 3
+  local limit=$(( $(left) - reserve )); [ "$limit" -gt "$max" ] && limit=$max
+  if [ "$limit" -lt 20 ]; then echo "== $name: skipped, $(left) s left"; echo "$name,0,skipped" >> "$OUTDIR/steps.csv"; return; fi
+  echo "== $name (limit ${limit} s, $(left) s left)"
+  local t0=$(date +%s); timeout -k 10 "$limit" "$@"; local rc=$?
+  echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s"; echo "$name,$(( $(date +%s) - t0 )),$rc" >> "$OUTDIR/steps.csv"
+}
+PAPERMILL=("$PY" -m papermill --cwd notebooks -k python3 --log-level WARNING -p output_dir "$OUTDIR")
+
+echo "== machine"; date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+"$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
+'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0), 'cpus', __import__('os').cpu_count())"
+
+step phantoms 150 300 "$PY" -c "import os, sys, mura_helpers as mh
+for root, n in ((sys.argv[1], sys.argv[2]), (sys.argv[3], sys.argv[4])):
+    print(mh.ensure_phantom(root, n_patients=int(n), image_size=int(sys.argv[5]), workers=os.cpu_count(), progress=False))" \
+  "$PHANTOM" "$PATIENTS" "$ANOMALY_PHANTOM" "$ANOMALY_PATIENTS" "$PHANTOM_SIZE"
+
+# the unsupervised path's preprocessing is CPU work: cache all six variants in the background while 03 and 04
+# use the GPU (same settings as notebook 06 below, so it finds them)
+"$PY" - "$ANOMALY_PHANTOM" "$ANOMALY_PATIENTS" "$ANOMALY_SIZE" "$CACHE" "$PHANTOM_SIZE" > "$OUTDIR/anomaly_cache.log" 2>&1 <<'EOF' &
+import sys, time
+import mura_helpers as mh
+root, patients, size, cache, phantom_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+for variant in mh.preprocess_variants(size):
+    t0 = time.perf_counter()
+    mh.prepare_anomaly_data(mh.AnomalyConfig(variant=variant, image_size=size, cache_dir=cache, phantom_dir=root,
+                                             phantom_patients=patients, phantom_image_size=phantom_size), progress=False)
+    print(f"{variant}: cached in {time.perf_counter() - t0:.1f} s", flush=True)
+EOF
+PREPROCESS=$!
+
+step 03_training 240 230 "${PAPERMILL[@]}" notebooks/03_training.ipynb "$OUTDIR/03_training.ipynb" \
+  -p phantom_dir "$PHANTOM" -p phantom_patients "$PATIENTS" \
+  -p phantom_image_size "$PHANTOM_SIZE" -p image_size "$IMAGE_SIZE" -p batch_size "$BATCH" -p epochs "$EPOCHS" \
+  -p lr "$LR" -p plateau_patience "$PATIENCE" -p pretrained False -p cache_dir "$CACHE"
+step 04_results 90 180 "${PAPERMILL[@]}" notebooks/04_results.ipynb "$OUTDIR/04_results.ipynb" -p ensemble_k 5
+echo "== waiting for the anomaly preprocessing ($(left) s left)"; wait "$PREPROCESS"; cat "$OUTDIR/anomaly_cache.log"
+step benchmark 100 150 "$PY" benchmarks/train_throughput.py --data-dir "$PHANTOM" --cache-dir "$CACHE" \
+  --json "$OUTDIR/benchmark_train_throughput.json" $BENCH_ARGS
+step 06_anomaly_detection 330 20 "${PAPERMILL[@]}" notebooks/06_anomaly_detection.ipynb "$OUTDIR/06_anomaly_detection.ipynb" \
+  -y "variants: $VARIANTS" \
+  -p phantom_dir "$ANOMALY_PHANTOM" -p phantom_patients "$ANOMALY_PATIENTS" -p phantom_image_size "$PHANTOM_SIZE" \
+  -p image_size "$ANOMALY_SIZE" -p epochs "$ANOMALY_EPOCHS" -p batch_size "$ANOMALY_BATCH" -p cache_dir "$CACHE"
+step 05_predict 40 15 "${PAPERMILL[@]}" notebooks/05_predict.ipynb "$OUTDIR/05_predict.ipynb"
+step benchmark_fp16 60 10 "$PY" benchmarks/train_throughput.py --data-dir "$PHANTOM" --cache-dir "$CACHE" \
+  --amp fp16 --seed-steps 10 --json "$OUTDIR/benchmark_train_throughput_fp16.json" $BENCH_ARGS
+step 02_pipeline_check 40 5 "${PAPERMILL[@]}" notebooks/02_pipeline_check.ipynb "$OUTDIR/02_pipeline_check.ipynb" \
+  -p phantom_dir "$PHANTOM" -p phantom_patients "$PATIENTS" \
+  -p phantom_image_size "$PHANTOM_SIZE" -p image_size "$IMAGE_SIZE" -p cache_dir "$CACHE"
+
+echo "== steps"; cat "$OUTDIR/steps.csv"; echo "total $(( $(date +%s) - START )) s"
+for f in training_summary.json metrics.json anomaly_metrics.json benchmark_train_throughput.json; do
+  [ -f "$OUTDIR/$f" ] && { echo "== $f"; head -c 1500 "$OUTDIR/$f"; echo; }
+done
+if [ -n "${OUT:-}" ]; then  # the device tool's result folder: two archives and the log
+  tar czf "$OUT/outputs.tar.gz" -C "$OUTDIR" --exclude '*.pt' --exclude '*.ipynb' .
+  (cd "$OUTDIR" && ls ./*.ipynb >/dev/null 2>&1 && tar czf "$OUT/notebooks.tar.gz" ./*.ipynb)
+  cp "$LOG" "$OUT/"
+fi
