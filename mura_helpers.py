@@ -369,7 +369,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 PHANTOM_FINDINGS_CSV = "phantom_findings.csv"
 PHANTOM_MANIFEST = "phantom_manifest.json"
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2  # 2: findings conspicuous enough to learn at 224 px (wider, displaced fractures with
+# soft-tissue swelling; larger, expansile lesions)
 _PHANTOM_SETTINGS = ("n_patients", "seed", "valid_fraction", "positive_rate", "body_parts", "image_size")
 FINGERS = ("thumb", "index", "middle", "ring", "little")
 # canonical right hand, PA view, wrist at the origin, fingers towards +y; unit: wrist to middle fingertip
@@ -546,7 +547,7 @@ def _finding_box(shape, lo, hi, pad=2.0):
     return [int(clipped_lo[0]), int(clipped_lo[1]), int(math.ceil(clipped_hi[0])), int(math.ceil(clipped_hi[1]))]
 
 
-def _plant_finding(finding: dict, bones: list[_Bone], bone_layer, metal_layer, rng) -> list:
+def _plant_finding(finding: dict, bones: list[_Bone], bone_layer, metal_layer, soft_layer, rng) -> list:
     """Plant a study's abnormality on its bone (drawn already) and return the finding's box corners."""
     bone = next(b for b in bones if b.name == finding["bone"])
     axis = _unit(bone.p1 - bone.p0)
@@ -556,28 +557,30 @@ def _plant_finding(finding: dict, bones: list[_Bone], bone_layer, metal_layer, r
     if finding["kind"] == "fracture":
         tilt = math.radians(finding["tilt"])
         line_normal = axis * math.cos(tilt) + normal * math.sin(tilt)
-        shift = normal * finding["displacement"] * r + axis * 0.15 * r
-        spec = {"point": at, "normal": line_normal, "gap": max(1.5, 0.2 * r), "shift": shift}
+        shift = normal * finding["displacement"] * r + axis * 0.3 * r
+        spec = {"point": at, "normal": line_normal, "gap": max(4.0, 0.7 * r), "shift": shift}
         _draw_tube(bone_layer, bone, -1.0)  # replace the intact bone by the broken one
         _draw_tube(bone_layer, bone, 1.0, spec)
-        return [at - 1.4 * r, at + 1.4 * r]
+        _draw_soft(soft_layer, at - axis * 3.0 * r, at + axis * 3.0 * r, 3.6 * r)  # fusiform soft-tissue swelling
+        return [at - 2.6 * r, at + 2.6 * r]
     if finding["kind"] == "lesion":
-        reg = _region(bone_layer.shape, at - r, at + r)
+        size = finding["size"] * r  # expansile: wider than the bone, thinning and ballooning its cortex
+        reg = _region(bone_layer.shape, at - 1.3 * size, at + 1.3 * size)
         if reg is not None:
             sl, yy, xx = reg
-            rho = np.sqrt((xx - at[0]) ** 2 + (yy - at[1]) ** 2) / (finding["size"] * r)
-            bone_layer[sl] *= np.where(rho < 1, 0.25 + 0.5 * rho**4, 1.0)
-            bone_layer[sl] += 0.35 * r * np.exp(-(((rho - 1.05) / 0.12) ** 2))
-        return [at - 1.1 * r, at + 1.1 * r]
+            rho = np.sqrt((xx - at[0]) ** 2 + (yy - at[1]) ** 2) / size
+            bone_layer[sl] *= np.where(rho < 1, 0.05 + 0.3 * rho**4, 1.0)
+            bone_layer[sl] += 0.7 * r * np.exp(-(((rho - 1.0) / 0.15) ** 2))
+        return [at - 1.15 * size, at + 1.15 * size]
     angle = math.atan2(axis[1], axis[0])
     corners = []
     if finding["hardware"] == "plate":
-        length = np.linalg.norm(bone.p1 - bone.p0) * 0.6
+        length = np.linalg.norm(bone.p1 - bone.p0) * 0.7
         plate_at = at + normal * r * 0.95
-        corners += _draw_rect(metal_layer, plate_at, length, max(2.5, 0.55 * r), angle, 0.85)
+        corners += _draw_rect(metal_layer, plate_at, length, max(5.0, 1.0 * r), angle, 1.0)
         for s in np.linspace(-0.38, 0.38, finding["screws"]):
             screw_at = at + axis * s * length + normal * r * 0.25
-            corners += _draw_rect(metal_layer, screw_at, max(2.0, 0.3 * r), 2.7 * r, angle, 1.0)
+            corners += _draw_rect(metal_layer, screw_at, max(3.0, 0.45 * r), 3.2 * r, angle, 1.0)
             for k in np.linspace(-1.1, 1.1, 6):  # threads
                 _draw_rect(metal_layer, screw_at + normal * k * r, max(3.0, 0.5 * r), max(1.0, 0.1 * r), angle, 1.0)
     else:
@@ -585,7 +588,7 @@ def _plant_finding(finding: dict, bones: list[_Bone], bone_layer, metal_layer, r
             wire_angle = angle + math.radians(rng.uniform(-12, 12))
             wire_at = at + normal * (k - 0.5) * 0.6 * r
             length = np.linalg.norm(bone.p1 - bone.p0) * rng.uniform(0.9, 1.3)
-            corners += _draw_rect(metal_layer, wire_at, length, max(1.5, 0.16 * r), wire_angle, 1.0)
+            corners += _draw_rect(metal_layer, wire_at, length, max(3.0, 0.3 * r), wire_angle, 1.0)
     return [np.min(corners, axis=0), np.max(corners, axis=0)]
 
 
@@ -651,7 +654,7 @@ def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | 
         _draw_ellipsoid(bone_layer, c, radii, theta + rng.normal(0, 0.3), 1.0)
     box = None
     if finding is not None:
-        box = _finding_box((h, w), *_plant_finding(finding, bones, bone_layer, metal_layer, rng))
+        box = _finding_box((h, w), *_plant_finding(finding, bones, bone_layer, metal_layer, soft_layer, rng))
     if ring is not None:
         _draw_ring(metal_layer, bones, ring)
 
@@ -708,6 +711,8 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
     studies, tasks = [], []
     views_choice = ["pa", "oblique", "lateral", "pa", "oblique"]
     finger_bones = [f"{f}_{p}" for f in FINGERS[1:] for p in ("proximal", "middle")] + ["thumb_proximal"]
+    large_bones = ["index_metacarpal", "middle_metacarpal", "ring_metacarpal", "little_metacarpal", "radius"]
+    split_labels = {split: set() for split in SPLITS}
     for i in range(n_patients):
         split = "valid" if i >= n_patients - n_valid else "train"
         patient = f"patient{i + 1:05d}" if split == "train" else f"patient{11185 + i:05d}"
@@ -720,15 +725,19 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
         n_studies = int(rng.choice([1, 2, 3], p=[0.75, 0.18, 0.07]))
         for s in range(1, n_studies + 1):
             label = int(rng.random() < positive_rate)
+            last_of_split = s == n_studies and i in (n_patients - n_valid - 1, n_patients - 1)
+            if last_of_split and len(split_labels[split]) == 1 and 0 < positive_rate < 1:
+                label = 1 - next(iter(split_labels[split]))  # a split of 2+ studies always holds both classes
+            split_labels[split].add(label)
             n_views = int(rng.choice([1, 2, 3, 4, 5], p=[0.03, 0.22, 0.68, 0.05, 0.02]))
             finding = None
             if label:
                 kind = str(rng.choice(["fracture", "hardware", "lesion"], p=[0.45, 0.3, 0.25]))
-                bone = str(rng.choice(finger_bones + ["index_metacarpal", "middle_metacarpal", "ring_metacarpal",
-                                                      "little_metacarpal", "radius"]))
+                bone = str(rng.choice(finger_bones + large_bones,  # half of the findings on the larger bones
+                                      p=[0.5 / len(finger_bones)] * len(finger_bones) + [0.1] * len(large_bones)))
                 finding = {
                     "kind": kind, "bone": bone, "t": rng.uniform(0.3, 0.7), "tilt": rng.uniform(-35, 35),
-                    "displacement": rng.uniform(0.3, 0.7) * rng.choice([-1, 1]), "size": rng.uniform(0.5, 0.75),
+                    "displacement": rng.uniform(1.2, 2.0) * rng.choice([-1, 1]), "size": rng.uniform(1.6, 2.2),
                     "hardware": str(rng.choice(["plate", "wires"], p=[0.6, 0.4])), "screws": int(rng.integers(2, 5)),
                 }
                 shows = rng.random(n_views) < 0.8

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# The GPU check, in one call within a time budget: the training-throughput benchmark and GPU runs of notebooks
-# 03 (DenseNet-169 from scratch on a phantom of a few thousand views), 04 (the paper's 5-checkpoint ensemble),
-# 06 (both autoencoders on the paper's six preprocessing variants at 512 px), then 05, 02 and an fp16 benchmark
-# (the T4's path) while time is left. Each step runs under its own timeout and a failed step does not stop the
-# next. Everything lands in outputs/gpu/: figures, CSV/JSON, executed notebooks, gpu_check.log, steps.csv.
+# The GPU check within a time budget: the training-throughput benchmark and GPU runs of notebooks 03 (DenseNet-169
+# from scratch on a phantom of a few thousand views), 04 (the paper's 5-checkpoint ensemble), 06 (both
+# autoencoders on the paper's six preprocessing variants at 512 px), then 05, 02 and an fp16 benchmark (the T4's
+# path) while time is left. Each step runs under its own timeout; a failed step does not stop the next.
+# Everything lands in outputs/gpu/: figures, CSV/JSON, executed notebooks, gpu_check.log, steps.csv.
 #
-#   bash benchmarks/gpu_check.sh            # on a GPU machine, from the repository root (~8 min on an H200)
 #   SMALL=1 bash benchmarks/gpu_check.sh    # the same steps at tiny sizes: a CPU smoke run of this script
+#   bash benchmarks/gpu_check.sh            # everything: about 15 min on an H200, more than one 10-min call, so
+#                                           # with a 15-min lease run it as two calls:
+#   STEPS="phantoms 03_training 04_results benchmark" BUDGET=330 bash benchmarks/gpu_check.sh   # ~5 min
+#   STEPS="phantoms 06_anomaly_detection" BUDGET=420 bash benchmarks/gpu_check.sh               # ~7 min
 #
-# Knobs (environment): PYTHON, BUDGET (seconds for the whole script), OUTDIR, and the sizes below.
+# Measured on an H200 (2026-11-26): phantoms ~30 s; 03 ~45 s of cuDNN autotuning in its first epoch, then ~5 s an
+# epoch at batch 64 (the step is bound by the host's kernel launches, so batch 64 is nearly twice as fast as 32);
+# 04 ~25 s; the benchmark ~50 s; 06 ~60 s of preprocessing (run in the background during 03/04) and ~2 s an
+# epoch per autoencoder, ~30 s a run with its scoring.
+# Knobs (environment): PYTHON, BUDGET (seconds for the whole script), OUTDIR, STEPS (the steps to run; default
+# all), LIMIT_<step> (seconds for one step, overriding its share of the budget), and the sizes below.
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -20,18 +28,18 @@ if [ "${SMALL:-0}" = 1 ]; then
   : "${ANOMALY_PATIENTS:=30}" "${ANOMALY_SIZE:=64}" "${ANOMALY_EPOCHS:=1}" "${ANOMALY_BATCH:=8}"
   BENCH_ARGS="--image-size 64 --batch-size 8 --steps 3 --seed-steps 3 --warmup 1"
 else
-  BENCH_ARGS=""
+  BENCH_ARGS=${BENCH_ARGS:-}
 fi
 PATIENTS=${PATIENTS:-1000}            # about 3,560 views
 PHANTOM_SIZE=${PHANTOM_SIZE:-512}
 IMAGE_SIZE=${IMAGE_SIZE:-224}
-EPOCHS=${EPOCHS:-30}
-BATCH=${BATCH:-32}
-LR=${LR:-1e-3}
-PATIENCE=${PATIENCE:-2}
+EPOCHS=${EPOCHS:-25}
+BATCH=${BATCH:-64}
+LR=${LR:-5e-4}
+PATIENCE=${PATIENCE:-3}
 ANOMALY_PATIENTS=${ANOMALY_PATIENTS:-500}
 ANOMALY_SIZE=${ANOMALY_SIZE:-512}
-ANOMALY_EPOCHS=${ANOMALY_EPOCHS:-12}
+ANOMALY_EPOCHS=${ANOMALY_EPOCHS:-10}
 ANOMALY_BATCH=${ANOMALY_BATCH:-16}
 VARIANTS="[raw, raw+HE, crop, crop+HE, full, full+HE]"
 
@@ -46,10 +54,26 @@ START=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 echo "step,seconds,exit_code" > "$OUTDIR/steps.csv"
 
-# step NAME MAX_SECONDS RESERVE_SECONDS command...: run under min(MAX, time left - RESERVE); record time and exit code
+# the steps in order, with the seconds each needs on an H200 at the sizes above; a step may use the time left
+# minus what the wanted core steps after it need (the optional ones, 05, benchmark_fp16 and 02, only take what is left)
+ORDER=(phantoms 03_training 04_results benchmark 06_anomaly_detection 05_predict benchmark_fp16 02_pipeline_check)
+declare -A NEEDS=([phantoms]=35 [03_training]=190 [04_results]=30 [benchmark]=55 [06_anomaly_detection]=330)
+wants() { case " ${STEPS:-all} " in *" all "*|*" $1 "*) return 0 ;; esac; return 1; }
+reserve_after() {  # seconds the wanted core steps after $1 need
+  local after=0 total=0 s
+  for s in "${ORDER[@]}"; do
+    [ "$after" = 1 ] && wants "$s" && total=$((total + ${NEEDS[$s]:-0}))
+    [ "$s" = "$1" ] && after=1
+  done
+  echo "$total"
+}
+# step NAME MAX_SECONDS command...: run under min(MAX or LIMIT_<NAME>, time left - reserve_after NAME); record its
+# time and exit code. Steps not in STEPS are left out.
 step() {
-  local name=$1 max=$2 reserve=$3; shift 3
-  local limit=$(( $(left) - reserve )); [ "$limit" -gt "$max" ] && limit=$max
+  local name=$1 max=$2; shift 2
+  wants "$name" || return 0
+  local override="LIMIT_$name"; max=${!override:-$max}
+  local limit=$(( $(left) - $(reserve_after "$name") )); [ "$limit" -gt "$max" ] && limit=$max
   if [ "$limit" -lt 20 ]; then echo "== $name: skipped, $(left) s left"; echo "$name,0,skipped" >> "$OUTDIR/steps.csv"; return; fi
   echo "== $name (limit ${limit} s, $(left) s left)"
   local t0=$(date +%s); timeout -k 10 "$limit" "$@"; local rc=$?
@@ -61,14 +85,21 @@ echo "== machine"; date -u; nvidia-smi --query-gpu=name,memory.total,driver_vers
 "$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0), 'cpus', __import__('os').cpu_count())"
 
-step phantoms 150 300 "$PY" -c "import os, sys, mura_helpers as mh
-for root, n in ((sys.argv[1], sys.argv[2]), (sys.argv[3], sys.argv[4])):
-    print(mh.ensure_phantom(root, n_patients=int(n), image_size=int(sys.argv[5]), workers=os.cpu_count(), progress=False))" \
-  "$PHANTOM" "$PATIENTS" "$ANOMALY_PHANTOM" "$ANOMALY_PATIENTS" "$PHANTOM_SIZE"
+PHANTOMS=()
+for s in 03_training 04_results benchmark 05_predict benchmark_fp16 02_pipeline_check; do
+  wants "$s" && { PHANTOMS=("$PHANTOM" "$PATIENTS"); break; }
+done
+wants 06_anomaly_detection && PHANTOMS+=("$ANOMALY_PHANTOM" "$ANOMALY_PATIENTS")
+step phantoms 120 "$PY" -c "import os, sys, mura_helpers as mh
+for root, n in zip(sys.argv[2::2], sys.argv[3::2]):
+    print(mh.ensure_phantom(root, n_patients=int(n), image_size=int(sys.argv[1]), workers=os.cpu_count(), progress=False))" \
+  "$PHANTOM_SIZE" "${PHANTOMS[@]}"
 
 # the unsupervised path's preprocessing is CPU work: cache all six variants in the background while 03 and 04
 # use the GPU (same settings as notebook 06 below, so it finds them)
-"$PY" - "$ANOMALY_PHANTOM" "$ANOMALY_PATIENTS" "$ANOMALY_SIZE" "$CACHE" "$PHANTOM_SIZE" > "$OUTDIR/anomaly_cache.log" 2>&1 <<'EOF' &
+PREPROCESS=
+if wants 06_anomaly_detection; then
+  "$PY" - "$ANOMALY_PHANTOM" "$ANOMALY_PATIENTS" "$ANOMALY_SIZE" "$CACHE" "$PHANTOM_SIZE" > "$OUTDIR/anomaly_cache.log" 2>&1 <<'EOF' &
 import sys, time
 import mura_helpers as mh
 root, patients, size, cache, phantom_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
@@ -78,24 +109,27 @@ for variant in mh.preprocess_variants(size):
                                              phantom_patients=patients, phantom_image_size=phantom_size), progress=False)
     print(f"{variant}: cached in {time.perf_counter() - t0:.1f} s", flush=True)
 EOF
-PREPROCESS=$!
+  PREPROCESS=$!
+fi
 
-step 03_training 240 230 "${PAPERMILL[@]}" notebooks/03_training.ipynb "$OUTDIR/03_training.ipynb" \
+step 03_training 400 "${PAPERMILL[@]}" notebooks/03_training.ipynb "$OUTDIR/03_training.ipynb" \
   -p phantom_dir "$PHANTOM" -p phantom_patients "$PATIENTS" \
   -p phantom_image_size "$PHANTOM_SIZE" -p image_size "$IMAGE_SIZE" -p batch_size "$BATCH" -p epochs "$EPOCHS" \
   -p lr "$LR" -p plateau_patience "$PATIENCE" -p pretrained False -p cache_dir "$CACHE"
-step 04_results 90 180 "${PAPERMILL[@]}" notebooks/04_results.ipynb "$OUTDIR/04_results.ipynb" -p ensemble_k 5
-echo "== waiting for the anomaly preprocessing ($(left) s left)"; wait "$PREPROCESS"; cat "$OUTDIR/anomaly_cache.log"
-step benchmark 100 150 "$PY" benchmarks/train_throughput.py --data-dir "$PHANTOM" --cache-dir "$CACHE" \
+step 04_results 90 "${PAPERMILL[@]}" notebooks/04_results.ipynb "$OUTDIR/04_results.ipynb" -p ensemble_k 5
+if [ -n "$PREPROCESS" ]; then
+  echo "== waiting for the anomaly preprocessing ($(left) s left)"; wait "$PREPROCESS"; cat "$OUTDIR/anomaly_cache.log"
+fi
+step benchmark 100 "$PY" benchmarks/train_throughput.py --data-dir "$PHANTOM" --cache-dir "$CACHE" \
   --json "$OUTDIR/benchmark_train_throughput.json" $BENCH_ARGS
-step 06_anomaly_detection 330 20 "${PAPERMILL[@]}" notebooks/06_anomaly_detection.ipynb "$OUTDIR/06_anomaly_detection.ipynb" \
+step 06_anomaly_detection 600 "${PAPERMILL[@]}" notebooks/06_anomaly_detection.ipynb "$OUTDIR/06_anomaly_detection.ipynb" \
   -y "variants: $VARIANTS" \
   -p phantom_dir "$ANOMALY_PHANTOM" -p phantom_patients "$ANOMALY_PATIENTS" -p phantom_image_size "$PHANTOM_SIZE" \
   -p image_size "$ANOMALY_SIZE" -p epochs "$ANOMALY_EPOCHS" -p batch_size "$ANOMALY_BATCH" -p cache_dir "$CACHE"
-step 05_predict 40 15 "${PAPERMILL[@]}" notebooks/05_predict.ipynb "$OUTDIR/05_predict.ipynb"
-step benchmark_fp16 60 10 "$PY" benchmarks/train_throughput.py --data-dir "$PHANTOM" --cache-dir "$CACHE" \
+step 05_predict 40 "${PAPERMILL[@]}" notebooks/05_predict.ipynb "$OUTDIR/05_predict.ipynb"
+step benchmark_fp16 60 "$PY" benchmarks/train_throughput.py --data-dir "$PHANTOM" --cache-dir "$CACHE" \
   --amp fp16 --seed-steps 10 --json "$OUTDIR/benchmark_train_throughput_fp16.json" $BENCH_ARGS
-step 02_pipeline_check 40 5 "${PAPERMILL[@]}" notebooks/02_pipeline_check.ipynb "$OUTDIR/02_pipeline_check.ipynb" \
+step 02_pipeline_check 40 "${PAPERMILL[@]}" notebooks/02_pipeline_check.ipynb "$OUTDIR/02_pipeline_check.ipynb" \
   -p phantom_dir "$PHANTOM" -p phantom_patients "$PATIENTS" \
   -p phantom_image_size "$PHANTOM_SIZE" -p image_size "$IMAGE_SIZE" -p cache_dir "$CACHE"
 
@@ -103,7 +137,11 @@ echo "== steps"; cat "$OUTDIR/steps.csv"; echo "total $(( $(date +%s) - START ))
 for f in training_summary.json metrics.json anomaly_metrics.json benchmark_train_throughput.json; do
   [ -f "$OUTDIR/$f" ] && { echo "== $f"; head -c 1500 "$OUTDIR/$f"; echo; }
 done
-if [ -n "${OUT:-}" ]; then  # the device tool's result folder: two archives and the log
+if [ -n "${OUT:-}" ]; then  # the device tool's result folder: two archives, the log, best.pt's weights in parts
+  best=$OUTDIR/runs/densenet169/checkpoints/best.pt
+  [ -f "$best" ] && "$PY" -c "import sys, torch; s = torch.load(sys.argv[1], weights_only=True)
+torch.save({k: s[k] for k in ('model', 'config', 'epoch')}, sys.argv[2])" "$best" "$OUTDIR/best_weights.pt" \
+    && split -b 15M -d "$OUTDIR/best_weights.pt" "$OUT/best_weights.pt.part"
   tar czf "$OUT/outputs.tar.gz" -C "$OUTDIR" --exclude '*.pt' --exclude '*.ipynb' .
   (cd "$OUTDIR" && ls ./*.ipynb >/dev/null 2>&1 && tar czf "$OUT/notebooks.tar.gz" ./*.ipynb)
   cp "$LOG" "$OUT/"

@@ -54,6 +54,7 @@ def seed_style_rate(model, studies, args, device, weights) -> float:
                         shuffle=True, num_workers=args.seed_workers, generator=torch.Generator().manual_seed(0))
     model = model.to(device, memory_format=torch.contiguous_format).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    torch.backends.cudnn.benchmark = False  # 2018 defaults; with varying views per study, autotuning never ends
     views, started = 0, None
     for step, (x, y) in enumerate(loader):
         if step == args.warmup:
@@ -69,6 +70,7 @@ def seed_style_rate(model, studies, args, device, weights) -> float:
         optimizer.step()
         views += len(x)
     _sync(device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     return views / (time.perf_counter() - started)
 
 

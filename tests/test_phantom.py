@@ -54,6 +54,20 @@ def test_study_plan_statistics_follow_mura_hand():
     assert shown == positives  # every positive study shows its finding in at least one view, negatives in none
 
 
+def test_every_split_of_two_or_more_studies_holds_both_classes():
+    # tiny demo phantoms must give a defined AUROC: the last study of a one-class split takes the other class
+    for n_patients in (2, 5, 14, 40):
+        for seed in range(10):
+            for rate in (0.05, 0.26, 0.95):
+                studies, tasks = mh._plan_phantom(n_patients, seed, 0.15, rate, ("XR_HAND",), 128)
+                for split in ("train", "valid"):
+                    labels = [s["label"] for s in studies if s["key"][0] == split]
+                    assert len(labels) < 2 or set(labels) == {0, 1}, (n_patients, seed, rate, split)
+                positives = {s["key"] for s in studies if s["label"]}
+                assert all(s["key"][3].endswith("_positive") == bool(s["label"]) for s in studies)
+                assert {t["key"] for t in tasks if t["finding"] is not None} == positives
+
+
 def test_ground_truth_boxes(tiny_phantom):
     findings = mh.load_phantom_findings(tiny_phantom)
     studies = mh.load_all_studies(tiny_phantom)
