@@ -933,8 +933,6 @@ def _cache_chunk(task: tuple) -> int:
 def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: str | os.PathLike = "data/cache",
                       resize: str = "squash", workers: int | None = None, progress: bool = True) -> ImageCache:
     """Return the cache of these views at this size, building it once (keyed by paths, file stamps, size, mode)."""
-
-
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     paths = [str(p) for p in image_paths]
@@ -1171,8 +1169,6 @@ def amp_dtype(amp: str, device):
 
 def seed_everything(seed: int) -> None:
     """Seed Python's and torch's generators (CPU and CUDA); the suite's NumPy code takes explicit seeds."""
-
-
     random.seed(seed)
     torch.manual_seed(seed)
 
