@@ -562,7 +562,7 @@ def _plant_finding(finding: dict, bones: list[_Bone], bone_layer, metal_layer, s
         _draw_tube(bone_layer, bone, -1.0)  # replace the intact bone by the broken one
         _draw_tube(bone_layer, bone, 1.0, spec)
         _draw_soft(soft_layer, at - axis * 3.0 * r, at + axis * 3.0 * r, 3.6 * r)  # fusiform soft-tissue swelling
-        return [at - 2.6 * r, at + 2.6 * r]
+        return [at - 3.2 * r, at + 3.2 * r]  # the fragments and the swelling's bulge
     if finding["kind"] == "lesion":
         size = finding["size"] * r  # expansile: wider than the bone, thinning and ballooning its cortex
         reg = _region(bone_layer.shape, at - 1.3 * size, at + 1.3 * size)
@@ -2605,7 +2605,7 @@ def transform_boxes(findings: pd.DataFrame, cache: AnomalyCache) -> pd.DataFrame
         lo = np.clip(np.floor(corners.min(0)), 0, cache.cfg.size - 1).astype(int)
         hi = np.clip(np.ceil(corners.max(0)), 0, cache.cfg.size - 1).astype(int)
         rows.append({**f._asdict(), "x0": lo[0], "y0": lo[1], "x1": hi[0], "y1": hi[1]})
-    return pd.DataFrame(rows).drop(columns=["Index"], errors="ignore")
+    return pd.DataFrame(rows, columns=["Index", *findings.columns]).drop(columns=["Index"])
 
 
 PUBLISHED_ANOMALY_AUROC = pd.DataFrame([

@@ -193,6 +193,8 @@ def test_error_heatmaps_and_boxes_in_the_preprocessed_frame(normal_heavy_phantom
         assert m["cam"][far].max() < 0.02  # the error is scored inside the mask only
     scored = mh.heatmap_localisation(maps, boxes)
     assert len(scored) >= 3 and scored["heat_in_box"].between(0, 1).all()
+    none = mh.transform_boxes(findings.iloc[:0], data["cache"])  # no ground truth in this cache: same columns
+    assert none.empty and list(none.columns) == list(boxes.columns)
 
 
 def test_metrics_per_study_and_per_image():
