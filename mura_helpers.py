@@ -369,8 +369,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 PHANTOM_FINDINGS_CSV = "phantom_findings.csv"
 PHANTOM_MANIFEST = "phantom_manifest.json"
-PHANTOM_VERSION = 2  # 2: findings conspicuous enough to learn at 224 px (wider, displaced fractures with
-# soft-tissue swelling; larger, expansile lesions)
+# version 2: findings large enough to see at 224 px (displaced fractures, thick hardware, expansile lesions)
+PHANTOM_VERSION = 2
 _PHANTOM_SETTINGS = ("n_patients", "seed", "valid_fraction", "positive_rate", "body_parts", "image_size")
 FINGERS = ("thumb", "index", "middle", "ring", "little")
 # canonical right hand, PA view, wrist at the origin, fingers towards +y; unit: wrist to middle fingertip
