@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # The GPU check within a time budget: the training-throughput benchmark and GPU runs of notebooks 03 (DenseNet-169
 # from scratch on a phantom of a few thousand views), 04 (the paper's 5-checkpoint ensemble), 06 (both
-# autoencoders on the paper's six preprocessing variants at 512 px), then 05, 02 and an fp16 benchmark (the T4's
-# path) while time is left. Each step runs under its own timeout; a failed step does not stop the next.
+# autoencoders on the paper's six preprocessing variants at 512 px), then while time is left the benchmark under
+# torch.compile's CUDA graphs, 05, an fp16 benchmark (the T4's path) and 02. Each step runs under its own timeout; a failed step does not stop the next.
 # Everything lands in outputs/gpu/: figures, CSV/JSON, executed notebooks, gpu_check.log, steps.csv.
 #
 #   SMALL=1 bash benchmarks/gpu_check.sh    # the same steps at tiny sizes: a CPU smoke run of this script
 #   bash benchmarks/gpu_check.sh            # everything: about 15 min on an H200, more than one 10-min call, so
 #                                           # with a 15-min lease run it as two calls:
-#   STEPS="phantoms 03_training 04_results benchmark" BUDGET=330 bash benchmarks/gpu_check.sh   # ~5 min
+#   STEPS="phantoms 03_training 04_results benchmark" BUDGET=380 bash benchmarks/gpu_check.sh   # ~6 min
 #   STEPS="phantoms 06_anomaly_detection" BUDGET=420 bash benchmarks/gpu_check.sh               # ~7 min
+#   STEPS="phantoms benchmark_compile" BUDGET=300 bash benchmarks/gpu_check.sh                  # when time is left
 #
 # Measured on an H200 (2026-11-26): phantoms ~30 s; 03 ~45 s of cuDNN autotuning in its first epoch, then ~5 s an
 # epoch at batch 64 (the step is bound by the host's kernel launches, so batch 64 is nearly twice as fast as 32);
-# 04 ~25 s; the benchmark ~50 s; 06 ~60 s of preprocessing (run in the background during 03/04) and ~2 s an
+# 04 ~25 s; the benchmark ~50 s at one batch size (now three: ~100 s); 06 ~60 s of preprocessing (run in the background during 03/04) and ~2 s an
 # epoch per autoencoder, ~30 s a run with its scoring.
 # Knobs (environment): PYTHON, BUDGET (seconds for the whole script), OUTDIR, STEPS (the steps to run; default
 # all), LIMIT_<step> (seconds for one step, overriding its share of the budget), and the sizes below.
@@ -26,10 +27,13 @@ BUDGET=${BUDGET:-900}  # everything; a single device call allows 600 s: see the 
 if [ "${SMALL:-0}" = 1 ]; then
   : "${PATIENTS:=16}" "${PHANTOM_SIZE:=128}" "${IMAGE_SIZE:=64}" "${EPOCHS:=2}" "${BATCH:=8}"
   : "${ANOMALY_PATIENTS:=30}" "${ANOMALY_SIZE:=64}" "${ANOMALY_EPOCHS:=1}" "${ANOMALY_BATCH:=8}"
-  BENCH_ARGS="--image-size 64 --batch-size 8 --steps 3 --seed-steps 3 --warmup 1"
+  BENCH_ARGS="--image-size 64 --batch-size 8 --steps 3 --seed-steps 3 --warmup 1"  # --batch-size: fp16 run
+  : "${BENCH_BATCHES:=8}" "${COMPILE_BATCHES:=8}"
 else
   BENCH_ARGS=${BENCH_ARGS:-}
 fi
+BENCH_BATCHES=${BENCH_BATCHES:-32,64,128}  # the benchmark's batch sizes (eager)
+COMPILE_BATCHES=${COMPILE_BATCHES:-128}  # ... and under torch.compile(mode="reduce-overhead"): one compile a size
 PATIENTS=${PATIENTS:-1000}            # about 3,560 views
 PHANTOM_SIZE=${PHANTOM_SIZE:-512}
 IMAGE_SIZE=${IMAGE_SIZE:-224}
@@ -56,8 +60,9 @@ echo "step,seconds,exit_code" > "$OUTDIR/steps.csv"
 
 # the steps in order, with the seconds each needs on an H200 at the sizes above; a step may use the time left
 # minus what the wanted core steps after it need (the optional ones, 05, benchmark_fp16 and 02, only take what is left)
-ORDER=(phantoms 03_training 04_results benchmark 06_anomaly_detection 05_predict benchmark_fp16 02_pipeline_check)
-declare -A NEEDS=([phantoms]=35 [03_training]=190 [04_results]=30 [benchmark]=55 [06_anomaly_detection]=330)
+ORDER=(phantoms 03_training 04_results benchmark 06_anomaly_detection benchmark_compile 05_predict benchmark_fp16
+       02_pipeline_check)
+declare -A NEEDS=([phantoms]=35 [03_training]=190 [04_results]=30 [benchmark]=100 [06_anomaly_detection]=330)
 [ "${SMALL:-0}" = 1 ] && NEEDS=([phantoms]=10 [03_training]=30 [04_results]=15 [benchmark]=20 [06_anomaly_detection]=60)
 wants() { case " ${STEPS:-all} " in *" all "*|*" $1 "*) return 0 ;; esac; return 1; }
 reserve_after() {  # seconds the wanted core steps after $1 need
@@ -87,7 +92,7 @@ echo "== machine"; date -u; nvidia-smi --query-gpu=name,memory.total,driver_vers
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0), 'cpus', __import__('os').cpu_count())"
 
 PHANTOMS=()
-for s in 03_training 04_results benchmark 05_predict benchmark_fp16 02_pipeline_check; do
+for s in 03_training 04_results benchmark benchmark_compile 05_predict benchmark_fp16 02_pipeline_check; do
   wants "$s" && { PHANTOMS=("$PHANTOM" "$PATIENTS"); break; }
 done
 wants 06_anomaly_detection && PHANTOMS+=("$ANOMALY_PHANTOM" "$ANOMALY_PATIENTS")
@@ -123,12 +128,15 @@ if [ -n "$PREPROCESS" ]; then  # wait for it while the budget allows (06 would o
   while kill -0 "$PREPROCESS" 2>/dev/null && [ "$(left)" -gt 60 ]; do sleep 2; done
   kill "$PREPROCESS" 2>/dev/null; cat "$OUTDIR/anomaly_cache.log"
 fi
-step benchmark 100 "$PY" benchmarks/train_throughput.py --data-dir "$PHANTOM" --cache-dir "$CACHE" \
-  --json "$OUTDIR/benchmark_train_throughput.json" $BENCH_ARGS
+step benchmark 160 "$PY" benchmarks/train_throughput.py --data-dir "$PHANTOM" --cache-dir "$CACHE" \
+  --json "$OUTDIR/benchmark_train_throughput.json" $BENCH_ARGS --batch-size "$BENCH_BATCHES"
 step 06_anomaly_detection 600 "${PAPERMILL[@]}" notebooks/06_anomaly_detection.ipynb "$OUTDIR/06_anomaly_detection.ipynb" \
   -y "variants: $VARIANTS" \
   -p phantom_dir "$ANOMALY_PHANTOM" -p phantom_patients "$ANOMALY_PATIENTS" -p phantom_image_size "$PHANTOM_SIZE" \
   -p image_size "$ANOMALY_SIZE" -p epochs "$ANOMALY_EPOCHS" -p batch_size "$ANOMALY_BATCH" -p cache_dir "$CACHE"
+step benchmark_compile 300 "$PY" benchmarks/train_throughput.py --data-dir "$PHANTOM" --cache-dir "$CACHE" \
+  --compile reduce-overhead --seed-steps 10 --json "$OUTDIR/benchmark_train_throughput_compiled.json" $BENCH_ARGS \
+  --batch-size "$COMPILE_BATCHES"
 step 05_predict 40 "${PAPERMILL[@]}" notebooks/05_predict.ipynb "$OUTDIR/05_predict.ipynb"
 step benchmark_fp16 60 "$PY" benchmarks/train_throughput.py --data-dir "$PHANTOM" --cache-dir "$CACHE" \
   --amp fp16 --seed-steps 10 --json "$OUTDIR/benchmark_train_throughput_fp16.json" $BENCH_ARGS
@@ -137,7 +145,7 @@ step 02_pipeline_check 40 "${PAPERMILL[@]}" notebooks/02_pipeline_check.ipynb "$
   -p phantom_image_size "$PHANTOM_SIZE" -p image_size "$IMAGE_SIZE" -p cache_dir "$CACHE"
 
 echo "== steps"; cat "$OUTDIR/steps.csv"; echo "total $(( $(date +%s) - START )) s"
-for f in training_summary.json metrics.json anomaly_metrics.json benchmark_train_throughput.json; do
+for f in training_summary.json metrics.json anomaly_metrics.json benchmark_train_throughput*.json; do
   [ -f "$OUTDIR/$f" ] && { echo "== $f"; head -c 1500 "$OUTDIR/$f"; echo; }
 done
 if [ -n "${OUT:-}" ]; then  # the device tool's result folder: two archives, the log, best.pt's weights in parts

@@ -7,8 +7,10 @@
   (c) the compute bound: forward + backward + step of the same model, batch and precision on random tensors
       already on the device.
 
-It prints the three rates and the ratios b/a and b/c (targets on a GPU: b/c >= 0.9, b/a >= 100), and writes them
-as JSON. On a CPU use small sizes, as a smoke test:
+(b) and (c) are measured for every batch size in --batch-size and every torch.compile mode in --compile ("none":
+eager; "reduce-overhead": CUDA graphs, which remove the per-kernel launch cost that bounds a DenseNet step on a
+fast GPU with a slow host). It prints the rates and the ratios b/a and b/c of each setting (targets on a GPU:
+b/c >= 0.9, b/a >= 100), and writes them as JSON. On a CPU use small sizes, as a smoke test:
 
   python benchmarks/train_throughput.py --image-size 64 --batch-size 8 --steps 3 --seed-steps 3 \
       --n-patients 12 --phantom-image-size 128
@@ -72,17 +74,16 @@ def seed_style_rate(model, studies, args, device, weights) -> float:
     return views / (time.perf_counter() - started)
 
 
-def project_rate(model, cache, images, args, device, weights) -> float:
+def project_rate(model, cache, images, args, device, weights, batch_size) -> float:
     """(b) images/s of mura_helpers.train_one_epoch with 2 workers, after one warm-up epoch."""
-    cfg = mh.TrainConfig(batch_size=args.batch_size, amp=args.amp, num_workers=args.workers,
+    cfg = mh.TrainConfig(batch_size=batch_size, amp=args.amp, num_workers=args.workers,
                          max_steps_per_epoch=args.steps, rotation_degrees=args.rotation_degrees)
-    model = model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = mh.build_optimizer(model.parameters(), 1e-4, device)
     scaler = torch.amp.GradScaler(device.type, enabled=mh.amp_dtype(args.amp, device) == torch.float16)
-    loader = mh.make_view_loader(cache, images, args.batch_size, True, 0, args.workers, device.type == "cuda")
+    loader = mh.make_view_loader(cache, images, batch_size, True, 0, args.workers, device.type == "cuda")
     rates = []
-    for epoch in range(2):  # the first epoch warms up workers, cuDNN autotuning and the allocator
-        loader.sampler.batches = mh.epoch_batches(len(images), args.batch_size, True, 0, epoch)
+    for epoch in range(2):  # the first epoch warms up workers, compilation, cuDNN autotuning and the allocator
+        loader.sampler.batches = mh.epoch_batches(len(images), batch_size, True, 0, epoch)
         _sync(device)
         started = time.perf_counter()
         result = mh.train_one_epoch(model, loader, optimizer, scaler, device, weights, cfg, epoch, progress=False)
@@ -91,24 +92,30 @@ def project_rate(model, cache, images, args, device, weights) -> float:
     return rates[-1]
 
 
-def compute_bound_rate(model, args, device, weights) -> float:
+def compute_bound_rate(model, args, device, weights, batch_size) -> float:
     """(c) images/s of forward + backward + step on random tensors already on the device."""
-    model = model.to(device, memory_format=torch.channels_last).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model.train()
+    optimizer = mh.build_optimizer(model.parameters(), 1e-4, device)
     dtype = mh.amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    x = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(args.batch_size, device=device) < 0.3).float()
+    y = (torch.rand(batch_size, device=device) < 0.3).float()
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             _sync(device)
             started = time.perf_counter()
+        torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x).squeeze(1)
         mh.amp_step(mh.weighted_bce_with_logits(logits, y, *weights), optimizer, scaler)
     _sync(device)
-    return args.steps * args.batch_size / (time.perf_counter() - started)
+    return args.steps * batch_size / (time.perf_counter() - started)
+
+
+def _csv(kind):
+    """An argparse type: a comma-separated list of `kind`."""
+    return lambda text: [kind(v) for v in text.split(",")]
 
 
 def _sync(device):
@@ -124,7 +131,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--phantom-image-size", type=int, default=512)
     parser.add_argument("--cache-dir", default="data/cache")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=_csv(int), default=[32], help="views per step of (b) and (c); "
+                        "a comma-separated list is a sweep, e.g. 32,64,128")
+    parser.add_argument("--compile", type=_csv(str), default=["none"], help="torch.compile modes of (b) and (c), "
+                        "comma-separated: none, default, reduce-overhead, max-autotune-no-cudagraphs")
     parser.add_argument("--steps", type=int, default=40, help="timed steps of (b) and (c)")
     parser.add_argument("--seed-steps", type=int, default=30, help="timed steps (studies) of (a)")
     parser.add_argument("--warmup", type=int, default=5)
@@ -146,17 +156,24 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     model = mh.build_model(pretrained=False)
     torch.backends.cudnn.benchmark = False  # (a) as in 2018: with a new view count per study, autotuning never ends
-    rates = {"a_seed_style": seed_style_rate(model, studies, args, device, weights)}
+    seed_style = seed_style_rate(model, studies, args, device, weights)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    rates["b_project"] = project_rate(model, cache, images, args, device, weights)
-    rates["c_compute_bound"] = compute_bound_rate(model, args, device, weights)
+    model = model.to(memory_format=torch.channels_last)
+    settings = []
+    for mode in args.compile:
+        compiled = mh.compile_model(model, False if mode == "none" else mode)
+        for batch_size in args.batch_size:
+            started = time.perf_counter()
+            b = project_rate(compiled, cache, images, args, device, weights, batch_size)
+            c = compute_bound_rate(compiled, args, device, weights, batch_size)
+            settings.append({"compile": mode, "batch_size": batch_size, "b_project": round(b, 1),
+                             "c_compute_bound": round(c, 1), "b_over_a": round(b / seed_style, 2),
+                             "b_over_c": round(b / c, 3), "seconds": round(time.perf_counter() - started, 1)})
+            print(settings[-1], flush=True)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-        "autocast": str(mh.amp_dtype(args.amp, device)), "image_size": args.image_size,
-        "batch_size": args.batch_size, "workers": args.workers, "views": len(images),
-        "images_per_s": {k: round(v, 1) for k, v in rates.items()},
-        "b_over_a": round(rates["b_project"] / rates["a_seed_style"], 2),
-        "b_over_c": round(rates["b_project"] / rates["c_compute_bound"], 3),
+        "torch": torch.__version__, "autocast": str(mh.amp_dtype(args.amp, device)), "image_size": args.image_size,
+        "workers": args.workers, "views": len(images), "a_seed_style": round(seed_style, 1), "settings": settings,
     }
     print(json.dumps(report, indent=2))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

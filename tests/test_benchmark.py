@@ -2,6 +2,7 @@
 
 import importlib.util
 
+import pytest
 from conftest import REPO
 
 
@@ -10,9 +11,12 @@ def test_train_throughput_benchmark_smoke(tiny_phantom, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     report = bench.main(["--data-dir", str(tiny_phantom), "--cache-dir", str(tmp_path / "cache"), "--image-size", "48",
-                         "--batch-size", "4", "--steps", "2", "--seed-steps", "2", "--warmup", "1",
+                         "--batch-size", "4,6", "--steps", "2", "--seed-steps", "2", "--warmup", "1",
                          "--seed-workers", "2", "--json", str(tmp_path / "bench.json")])
-    assert set(report["images_per_s"]) == {"a_seed_style", "b_project", "c_compute_bound"}
-    assert all(rate > 0 for rate in report["images_per_s"].values())
-    assert report["b_over_a"] > 0 and report["b_over_c"] > 0
+    assert report["a_seed_style"] > 0
+    assert [(s["compile"], s["batch_size"]) for s in report["settings"]] == [("none", 4), ("none", 6)]
+    for setting in report["settings"]:
+        assert setting["b_project"] > 0 and setting["c_compute_bound"] > 0
+        assert setting["b_over_a"] == pytest.approx(setting["b_project"] / report["a_seed_style"], rel=0.02)
+        assert setting["b_over_c"] == pytest.approx(setting["b_project"] / setting["c_compute_bound"], rel=0.02)
     assert (tmp_path / "bench.json").is_file()

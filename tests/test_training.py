@@ -236,3 +236,23 @@ def test_pretrained_download_failure_says_how_to_go_on(monkeypatch):
     with pytest.raises(RuntimeError, match="pretrained=False") as err:
         mh.build_model(pretrained=True)
     assert "TORCH_HOME" in str(err.value)
+
+
+def test_train_config_refuses_unknown_settings():
+    assert mh.TrainConfig(compile="reduce-overhead").compile == "reduce-overhead"
+    for bad in ({"compile": "fastest"}, {"amp": "fp8"}, {"loss_level": "patient"}, {"select_metric": "f1"}):
+        with pytest.raises(ValueError, match=f"TrainConfig.{next(iter(bad))} must be one of"):
+            mh.TrainConfig(**bad)
+
+
+def test_epoch_batches_cover_every_view_once_and_never_train_on_one_view():
+    batches = mh.epoch_batches(17, 8, True, seed=3, epoch=1)
+    assert [len(b) for b in batches] == [8, 9]  # the lone 17th view joins the batch before (batch norm needs two)
+    assert sorted(v for b in batches for v in b) == list(range(17))
+    assert batches != mh.epoch_batches(17, 8, True, seed=3, epoch=2)  # re-shuffled each epoch
+    assert [len(b) for b in mh.epoch_batches(17, 8, False, 0, 0)] == [8, 8, 1]  # evaluation keeps its order
+    groups = [np.array([0, 1]), np.array([2]), np.array([3, 4, 5]), np.array([6])]
+    batches = mh.epoch_batches(7, 3, True, seed=0, epoch=0, groups=groups)
+    assert sorted(v for b in batches for v in b) == list(range(7))
+    for group in groups:  # a study is never split between batches
+        assert sum(set(group.tolist()) <= set(b) for b in batches) == 1
