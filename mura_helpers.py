@@ -2653,10 +2653,11 @@ def plot_anomaly_table(table: pd.DataFrame, title: str = "Study-level ROC-AUC (r
 def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Sequence[str],
                      progress: bool = True) -> pd.DataFrame:
     """Train (or resume) every model on every preprocessing variant and score each best checkpoint on the test
-    subset: one row per (model, variant, score) with study-level ROC-AUC and average precision."""
+    subset: one row per (model, variant, score) with study-level ROC-AUC and average precision. Variant by
+    variant, so that a grid cut short has scored every model on the first variants."""
     rows = []
-    for model in models:
-        for variant in variants:
+    for variant in variants:
+        for model in models:
             cfg = AnomalyConfig(**{**_config_dict(base), "model": model, "variant": variant,
                                    "output_dir": str(Path(base.output_dir) / f"{model}_{variant}")})
             train_anomaly(cfg, progress)

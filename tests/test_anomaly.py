@@ -179,6 +179,20 @@ def test_training_lowers_the_masked_loss_and_resumes_exactly(normal_heavy_phanto
     assert {"val_auroc_mse", "val_auroc_kld", "val_auroc_mse+kld"} <= set(straight.columns)
 
 
+def test_grid_scores_every_model_variant_by_variant(normal_heavy_phantom, tmp_path):
+    base = mh.AnomalyConfig(data_dir=str(normal_heavy_phantom), output_dir=str(tmp_path / "grid"),
+                            cache_dir=str(tmp_path / "cache"), image_size=64, batch_size=8, epochs=1, num_workers=0,
+                            max_steps_per_epoch=2)
+    results = mh.run_anomaly_grid(base, ["cae", "vae"], ["raw", "crop+HE"], progress=False)
+    runs = results[["variant", "model"]].drop_duplicates().apply(tuple, axis=1).tolist()
+    assert runs == [("raw", "CAE"), ("raw", "VAE"), ("crop+HE", "CAE"), ("crop+HE", "VAE")]  # cut short: both models
+    assert results["roc_auc"].between(0, 1).all()
+    table = mh.anomaly_results_table(results)
+    assert list(table.columns) == ["raw", "crop+HE"] and ("VAE", "kld") in table.index and ("CAE", "mse") in table.index
+    for variant, model in runs:
+        assert (tmp_path / "grid" / f"{model.lower()}_{variant}" / "test_scores.csv").is_file()
+
+
 def test_error_heatmaps_and_boxes_in_the_preprocessed_frame(normal_heavy_phantom, tmp_path):
     cfg = mh.AnomalyConfig(data_dir=str(normal_heavy_phantom), cache_dir=str(tmp_path), image_size=64)
     data = mh.prepare_anomaly_data(cfg, progress=False)
