@@ -1347,6 +1347,8 @@ def _restore(state: dict, model, optimizer, scheduler, scaler) -> tuple[list[dic
     """Load a resumable state into the training objects; return (history, best score, first epoch to run)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:  # saved on another device: keep this device's (fused) Adam and its scaler
+        group.update({k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults})
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

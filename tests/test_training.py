@@ -256,3 +256,18 @@ def test_epoch_batches_cover_every_view_once_and_never_train_on_one_view():
     assert sorted(v for b in batches for v in b) == list(range(7))
     for group in groups:  # a study is never split between batches
         assert sum(set(group.tolist()) <= set(b) for b in batches) == 1
+
+
+def test_resume_on_another_device_keeps_this_devices_fused_adam():
+    model = torch.nn.Linear(3, 1)
+    cpu_optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=False)  # as built on a CPU
+    model(torch.randn(4, 3)).sum().backward()
+    cpu_optimizer.step()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = {"model": model.state_dict(), "optimizer": cpu_optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "rng": {"torch": torch.get_rng_state(), "cuda": []}, "history": [{"epoch": 1}], "best": 0.5, "epoch": 0}
+    gpu_optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as build_optimizer makes on CUDA
+    history, best, start_epoch = mh._restore(state, model, gpu_optimizer, None, scaler)
+    assert gpu_optimizer.param_groups[0]["fused"] is True  # a GradScaler hands fused Adam the unscaling
+    assert torch.equal(gpu_optimizer.state[model.weight]["exp_avg"], cpu_optimizer.state[model.weight]["exp_avg"])
+    assert (history, best, start_epoch) == ([{"epoch": 1}], 0.5, 1)
