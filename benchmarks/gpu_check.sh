@@ -2,7 +2,8 @@
 # The GPU check within a time budget: the training-throughput benchmark and GPU runs of notebooks 03 (DenseNet-169
 # from scratch on a phantom of a few thousand views), 04 (the paper's 5-checkpoint ensemble), 06 (both
 # autoencoders on the paper's six preprocessing variants at 512 px), then while time is left the benchmark under
-# torch.compile's CUDA graphs, 05, an fp16 benchmark (the T4's path) and 02. Each step runs under its own timeout; a failed step does not stop the next.
+# torch.compile's CUDA graphs, 05, an fp16 benchmark (the T4's path) and 02. Each step runs under its own timeout;
+# a failed step does not stop the next.
 # Everything lands in outputs/gpu/: figures, CSV/JSON, executed notebooks, gpu_check.log, steps.csv.
 #
 #   SMALL=1 bash benchmarks/gpu_check.sh    # the same steps at tiny sizes: a CPU smoke run of this script
@@ -14,8 +15,8 @@
 #
 # Measured on an H200 (2026-11-26): phantoms ~30 s; 03 ~45 s of cuDNN autotuning in its first epoch, then ~5 s an
 # epoch at batch 64 (the step is bound by the host's kernel launches, so batch 64 is nearly twice as fast as 32);
-# 04 ~25 s; the benchmark ~50 s at one batch size (now three: ~100 s); 06 ~60 s of preprocessing (run in the background during 03/04) and ~2 s an
-# epoch per autoencoder, ~30 s a run with its scoring.
+# 04 ~25 s; the benchmark ~50 s at one batch size (three now: ~100 s, not yet measured); 06 ~60 s of
+# preprocessing (run in the background during 03/04) and ~2 s an epoch per autoencoder, ~30 s a run with scoring.
 # Knobs (environment): PYTHON, BUDGET (seconds for the whole script), OUTDIR, STEPS (the steps to run; default
 # all), LIMIT_<step> (seconds for one step, overriding its share of the budget), and the sizes below.
 set -u
@@ -27,12 +28,12 @@ BUDGET=${BUDGET:-900}  # everything; a single device call allows 600 s: see the 
 if [ "${SMALL:-0}" = 1 ]; then
   : "${PATIENTS:=16}" "${PHANTOM_SIZE:=128}" "${IMAGE_SIZE:=64}" "${EPOCHS:=2}" "${BATCH:=8}"
   : "${ANOMALY_PATIENTS:=30}" "${ANOMALY_SIZE:=64}" "${ANOMALY_EPOCHS:=1}" "${ANOMALY_BATCH:=8}"
-  BENCH_ARGS="--image-size 64 --batch-size 8 --steps 3 --seed-steps 3 --warmup 1"  # --batch-size: fp16 run
+  BENCH_ARGS="--image-size 64 --steps 3 --seed-steps 3 --warmup 1"
   : "${BENCH_BATCHES:=8}" "${COMPILE_BATCHES:=8}"
 else
   BENCH_ARGS=${BENCH_ARGS:-}
 fi
-BENCH_BATCHES=${BENCH_BATCHES:-32,64,128}  # the benchmark's batch sizes (eager)
+BENCH_BATCHES=${BENCH_BATCHES:-32,64,128}  # the benchmark's batch sizes (eager; the fp16 run uses the first)
 COMPILE_BATCHES=${COMPILE_BATCHES:-128}  # ... and under torch.compile(mode="reduce-overhead"): one compile a size
 PATIENTS=${PATIENTS:-1000}            # about 3,560 views
 PHANTOM_SIZE=${PHANTOM_SIZE:-512}
@@ -59,14 +60,15 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 echo "step,seconds,exit_code" > "$OUTDIR/steps.csv"
 
 # the steps in order, with the seconds each needs on an H200 at the sizes above; a step may use the time left
-# minus what the wanted core steps after it need (the optional ones, 05, benchmark_fp16 and 02, only take what is left)
+# minus what the wanted core steps after it need (the optional ones, benchmark_compile, 05, benchmark_fp16 and 02,
+# only take what is left)
 ORDER=(phantoms 03_training 04_results benchmark 06_anomaly_detection benchmark_compile 05_predict benchmark_fp16
        02_pipeline_check)
 declare -A NEEDS=([phantoms]=35 [03_training]=190 [04_results]=30 [benchmark]=100 [06_anomaly_detection]=330)
 [ "${SMALL:-0}" = 1 ] && NEEDS=([phantoms]=10 [03_training]=30 [04_results]=15 [benchmark]=20 [06_anomaly_detection]=60)
-wants() {  # SMALL=1 runs benchmark_compile only when STEPS names it (compiling takes ~5 min on a 2-core CPU)
-  case " ${STEPS:-all} " in *" $1 "*) return 0 ;; *" all "*) [ "${SMALL:-0}" = 1 ] && [ "$1" = benchmark_compile ] && return 1; return 0 ;; esac
-  return 1
+wants() {  # is step $1 in STEPS? SMALL=1 runs benchmark_compile only when named (~5 min compiling on 2 CPU cores)
+  case " ${STEPS:-all} " in *" $1 "*) return 0 ;; *" all "*) ;; *) return 1 ;; esac
+  [ "${SMALL:-0}" != 1 ] || [ "$1" != benchmark_compile ]
 }
 reserve_after() {  # seconds the wanted core steps after $1 need
   local after=0 total=0 s
@@ -142,7 +144,8 @@ step benchmark_compile 300 "$PY" benchmarks/train_throughput.py --data-dir "$PHA
   --batch-size "$COMPILE_BATCHES"
 step 05_predict 40 "${PAPERMILL[@]}" notebooks/05_predict.ipynb "$OUTDIR/05_predict.ipynb"
 step benchmark_fp16 60 "$PY" benchmarks/train_throughput.py --data-dir "$PHANTOM" --cache-dir "$CACHE" \
-  --amp fp16 --seed-steps 10 --json "$OUTDIR/benchmark_train_throughput_fp16.json" $BENCH_ARGS
+  --amp fp16 --seed-steps 10 --json "$OUTDIR/benchmark_train_throughput_fp16.json" $BENCH_ARGS \
+  --batch-size "${BENCH_BATCHES%%,*}"
 step 02_pipeline_check 40 "${PAPERMILL[@]}" notebooks/02_pipeline_check.ipynb "$OUTDIR/02_pipeline_check.ipynb" \
   -p phantom_dir "$PHANTOM" -p phantom_patients "$PATIENTS" \
   -p phantom_image_size "$PHANTOM_SIZE" -p image_size "$IMAGE_SIZE" -p cache_dir "$CACHE"
