@@ -1200,7 +1200,8 @@ def make_view_loader(cache: ImageCache, images: pd.DataFrame, batch_size: int, s
     sampler = EpochBatches()
     sampler.batches = epoch_batches(len(images), batch_size, shuffle, seed, 0)
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+                      generator=torch.Generator())  # its own: starting workers leaves the global generator alone
 
 
 def loader_throughput(loader, device, max_batches: int = 50, **augment) -> float:
@@ -1256,13 +1257,14 @@ def train_one_epoch(model, loader, optimizer, scaler, device, weights: tuple[flo
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x).squeeze(1)
         if cfg.loss_level == "study":
-            n_studies = int(study.max()) + 1  # a CPU tensor: no device sync
-            loss = study_weighted_bce(logits, y, study.to(device, non_blocking=True), n_studies, *weights)
+            n_items = int(study.max()) + 1  # studies in the batch (a CPU tensor: no device sync)
+            loss = study_weighted_bce(logits, y, study.to(device, non_blocking=True), n_items, *weights)
         else:
+            n_items = len(y)
             loss = weighted_bce_with_logits(logits, y, *weights)
         amp_step(loss, optimizer, scaler)
-        loss_sum += loss.detach() * len(y)
-        n_seen += len(y)
+        loss_sum += loss.detach() * n_items  # the epoch's loss: a mean over its views (or studies)
+        n_seen += n_items
         probs.append(torch.sigmoid(logits.detach().float()))
         indices.append(index)
         bar.update()
@@ -1318,10 +1320,12 @@ def _epoch_metrics(prefix: str, images: pd.DataFrame, result: dict) -> dict:
 
 
 def _checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best) -> dict:
-    """The resumable state: model, optimiser, scheduler (or None), scaler, epoch, history, RNG states, config."""
+    """The resumable state: model, optimiser (or a dict of them), scheduler (or None), scaler, epoch, history, RNG
+    states, config."""
     return {
         "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+        "optimizer": {k: o.state_dict() for k, o in optimizer.items()} if isinstance(optimizer, dict)
+        else optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "best": best, "config": _config_dict(cfg),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -1335,8 +1339,8 @@ def _resumable_state(cfg, must_match: Sequence[str]) -> dict | None:
     if not cfg.resume or not last_path.is_file():
         return None
     state = torch.load(last_path, map_location="cpu", weights_only=True)
-    changed = {k: (state["config"].get(k), v) for k, v in _config_dict(cfg).items()
-               if k in must_match and state["config"].get(k) != v}
+    changed = {k: (state["config"][k], v) for k, v in _config_dict(cfg).items()  # a field newer than the run
+               if k in must_match and k in state["config"] and state["config"][k] != v}  # had none to differ
     if changed:
         raise ValueError(f"{last_path}: holds a run with other settings {changed} (saved, now); use another "
                          f"output_dir, or resume=False to start again")
@@ -1346,12 +1350,17 @@ def _resumable_state(cfg, must_match: Sequence[str]) -> dict | None:
 def _restore(state: dict, model, optimizer, scheduler, scaler) -> tuple[list[dict], float | None, int]:
     """Load a resumable state into the training objects; return (history, best score, first epoch to run)."""
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    for group in optimizer.param_groups:  # saved on another device: keep this device's (fused) Adam and its scaler
-        group.update({k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults})
+    pairs = optimizer.items() if isinstance(optimizer, dict) else [(None, optimizer)]
+    for name, opt in pairs:
+        saved = state["optimizer"] if name is None else state["optimizer"][name]
+        # saved on another device: keep this device's (fused) Adam, set before loading, so that load_state_dict
+        # puts the step counts where that implementation wants them (fused: on the parameters' device)
+        flags = {k: opt.defaults[k] for k in ("fused", "foreach") if k in opt.defaults}
+        opt.load_state_dict({**saved, "param_groups": [{**g, **flags} for g in saved["param_groups"]]})
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # empty when saved without fp16 (CPU, bf16): this scaler starts afresh
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -1403,6 +1412,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
     if state is not None:
         history, best, start_epoch = _restore(state, model, optimizer, scheduler, scaler)
         print(f"resuming {out / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of {cfg.epochs}")
+    else:  # starting afresh: an earlier run's epoch weights must not join this run's ensemble
+        for path in (out / "checkpoints").glob("epoch_*.pt"):
+            path.unlink()
     model = compile_model(model, cfg.compile)
 
     train_images, valid_images = run["train"], run["valid"]
@@ -1449,10 +1461,12 @@ def _keep_top_k_weights(model, cfg: TrainConfig, history: list[dict], epoch: int
 
 
 def _rank_epoch_files(folder: Path, history: list[dict], metric: str) -> list[Path]:
-    """The epoch_NNN.pt files in `folder`, best first by `metric` (epochs without a score last)."""
+    """The epoch_NNN.pt files of this run's epochs in `folder`, best first by `metric` (epochs without a score
+    last); files of epochs not in `history` (an earlier run's) are left out."""
     sign = 1 if SELECT_METRICS[metric] == "min" else -1
     scores = {int(row["epoch"]): sign * float(row[metric]) for row in history if not math.isnan(float(row[metric]))}
-    files = {int(p.stem.split("_")[1]): p for p in folder.glob("epoch_*.pt")}
+    epochs = {int(row["epoch"]) for row in history}
+    files = {e: p for p in folder.glob("epoch_*.pt") if (e := int(p.stem.split("_")[1])) in epochs}
     return [files[e] for e in sorted(files, key=lambda e: (e not in scores, scores.get(e, 0.0), e))]
 
 

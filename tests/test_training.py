@@ -199,6 +199,9 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tiny_phantom, tmp_pat
         kept = mh.top_k_checkpoints(tmp_path / run, k=5)
         assert [int(p.stem.split("_")[1]) for p in kept] == best_two
         assert len(list((tmp_path / run / "checkpoints").glob("epoch_*.pt"))) == 2
+    mh.train(_config(tiny_phantom, tmp_path / "a", tmp_path / "cache", epochs=1, keep_top_k=2, resume=False),
+             progress=False)  # a fresh run in the same folder: the earlier run's epochs must not join its ensemble
+    assert [p.name for p in mh.top_k_checkpoints(tmp_path / "a", k=5)] == ["epoch_001.pt"]
 
 
 def test_checkpoints_load_and_a_changed_setup_is_refused(tiny_phantom, tmp_path):
@@ -263,11 +266,18 @@ def test_resume_on_another_device_keeps_this_devices_fused_adam():
     cpu_optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=False)  # as built on a CPU
     model(torch.randn(4, 3)).sum().backward()
     cpu_optimizer.step()
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    state = {"model": model.state_dict(), "optimizer": cpu_optimizer.state_dict(), "scaler": scaler.state_dict(),
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # bf16 or CPU: no loss scaling, an empty state
+    saved = cpu_optimizer.state_dict()
+    saved["state"][0]["step"] = saved["state"][0]["step"].double()  # shows which loading policy was applied
+    state = {"model": model.state_dict(), "optimizer": saved, "scaler": scaler.state_dict(),
              "rng": {"torch": torch.get_rng_state(), "cuda": []}, "history": [{"epoch": 1}], "best": 0.5, "epoch": 0}
     gpu_optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as build_optimizer makes on CUDA
-    history, best, start_epoch = mh._restore(state, model, gpu_optimizer, None, scaler)
+    fp16_scaler = torch.amp.GradScaler("cpu", enabled=True)  # a T4 resuming: fp16 with loss scaling
+    history, best, start_epoch = mh._restore(state, model, gpu_optimizer, None, fp16_scaler)
     assert gpu_optimizer.param_groups[0]["fused"] is True  # a GradScaler hands fused Adam the unscaling
+    # loaded as fused: the step count is cast (and moved to the parameters' device: on a GPU, fused Adam fails
+    # with the step left on the CPU)
+    assert gpu_optimizer.state[model.weight]["step"].dtype == torch.float32
+    assert fp16_scaler.get_scale() == 65536.0  # a fresh scaler, not an error for the empty saved state
     assert torch.equal(gpu_optimizer.state[model.weight]["exp_avg"], cpu_optimizer.state[model.weight]["exp_avg"])
     assert (history, best, start_epoch) == ([{"epoch": 1}], 0.5, 1)
