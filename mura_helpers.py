@@ -225,7 +225,9 @@ def load_studies(
                     if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
                         images.append(f)
                     else:
-                        problems.append(DataProblem(str(f), "stray file", "not a .png/.jpg image"))
+                        hidden = f.name.startswith(".")
+                        problems.append(DataProblem(str(f), "stray file", "a hidden file (macOS's ._*, .DS_Store)"
+                                                    if hidden else "not a .png/.jpg image"))
                 found[(split, part, patient_dir.name, study_dir.name)] = {
                     "study_dir": study_dir, "label": LABEL_OF_SUFFIX[m.group(2)], "images": images,
                 }
@@ -829,6 +831,13 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, phantom_root: str | os.
     return ensure_phantom(phantom_root, **phantom_kwargs)
 
 
+def config_data_root(cfg, data_dir: str | os.PathLike | None = None) -> Path:
+    """The MURA root a TrainConfig or AnomalyConfig reads: `data_dir`, else its own, else its phantom (made if
+    needed)."""
+    return resolve_data_dir(data_dir or cfg.data_dir, cfg.phantom_dir, n_patients=cfg.phantom_patients,
+                            image_size=cfg.phantom_image_size, seed=cfg.phantom_seed)
+
+
 def load_phantom_findings(data_dir: str | os.PathLike) -> pd.DataFrame:
     """Return the phantom's ground truth (one row per view showing a planted finding, with its box)."""
     root = find_mura_root(data_dir)
@@ -944,7 +953,11 @@ def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: st
     tmp = npy.with_suffix(f".tmp{os.getpid()}.npy")
     np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size)).flush()
     tasks = [(str(tmp), i, paths[i:i + 64], size, resize) for i in range(0, len(paths), 64)]
-    _run_tasks(_cache_chunk, tasks, f"caching views at {size}px", progress, workers, [len(t[2]) for t in tasks])
+    try:
+        _run_tasks(_cache_chunk, tasks, f"caching views at {size}px", progress, workers, [len(t[2]) for t in tasks])
+    except BaseException:  # an undecodable image (named in the error) or an interrupt: leave no partial file
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, npy)  # complete caches only ever appear under their final name
     return cache
 
@@ -1021,7 +1034,7 @@ def gpu_augment(views, generator=None, rotation_degrees: float = 0.0, hflip: boo
     if hflip:
         flip = torch.where(torch.rand(b, generator=generator, device=views.device) < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    if scale_range[0] != scale_range[1]:
+    if tuple(scale_range) != (1.0, 1.0):  # equal ends: a fixed zoom
         zoom = scale_range[0] + (scale_range[1] - scale_range[0]) * torch.rand(b, generator=generator,
                                                                                 device=views.device)
         cos, sin = cos / zoom, sin / zoom
@@ -1122,6 +1135,7 @@ class TrainConfig:
     phantom_dir: str = "data/phantom"  # where the phantom is made when data_dir is None ...
     phantom_patients: int = 240  # ... with this many patients
     phantom_image_size: int = 512
+    phantom_seed: int = 0  # the phantom's own seed (not the training seed: runs of several seeds share the data)
     image_size: int = 224  # the report; the MURA paper used 320
     resize: str = "squash"  # "squash" (report, paper) or "pad" (keeps the aspect ratio)
     arch: str = "densenet169"
@@ -1145,7 +1159,7 @@ class TrainConfig:
     num_workers: int = 2
     device: str = "auto"
     seed: int = 0
-    on_bad: str = "raise"
+    on_bad: str = "raise"  # "skip": leave bad files out, counted in a warning (mh.data_problems lists them)
     resume: bool = True
     max_steps_per_epoch: int | None = None  # for smoke tests
 
@@ -1298,8 +1312,7 @@ def evaluate_views(model, loader, device, weights: tuple[float, float], amp: str
 
 def _prepare_run(cfg: TrainConfig, progress: bool = True) -> dict:
     """Load the studies, build the view cache and the per-view tables that training and evaluation use."""
-    root = resolve_data_dir(cfg.data_dir, cfg.phantom_dir, n_patients=cfg.phantom_patients,
-                            image_size=cfg.phantom_image_size, seed=cfg.seed)
+    root = config_data_root(cfg)
     run = {"root": root}
     for split in SPLITS:
         studies = load_studies(root, split, cfg.body_part, on_bad=cfg.on_bad)
@@ -2264,8 +2277,12 @@ def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache
                                ("affines", (n, 2, 3), np.float32)):
         np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
     tasks = [(tmp, i, paths[i:i + 32], cfg) for i in range(0, n, 32)]
-    _run_tasks(_anomaly_cache_chunk, tasks, f"preprocessing ({cfg.name}, {s}px)", progress, workers,
-               [len(t[2]) for t in tasks])
+    try:
+        _run_tasks(_anomaly_cache_chunk, tasks, f"preprocessing ({cfg.name}, {s}px)", progress, workers,
+                   [len(t[2]) for t in tasks])
+    except BaseException:  # an undecodable image (named in the error) or an interrupt: leave no partial folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

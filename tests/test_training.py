@@ -52,6 +52,10 @@ def test_gpu_augment_flips_and_rotates_each_sample_independently():
     assert torch.equal(rotated, again)
     changes = (rotated - x).abs().flatten(1).mean(1)
     assert changes.std() > 0.005  # different angles per sample
+    dot = torch.zeros(1, 1, 17, 17)
+    dot[..., 8, 12] = 1.0
+    zoomed = mh.gpu_augment(dot, None, scale_range=(2.0, 2.0))  # a fixed zoom: twice as far from the centre
+    assert zoomed[0, 0].argmax().item() == 8 * 17 + 16
 
 
 def test_prepare_batch_normalises_and_replicates_grey():
