@@ -2133,7 +2133,7 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
         sizes = np.bincount(labels.ravel())[1:]
         component = labels == (np.argmax(sizes) + 1)
         ys, xs = np.nonzero(component)
-        if len(xs) < 16:
+        if len(xs) < 16 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # too small, or a line: no area, not a plate
             continue
         points = np.column_stack([xs, ys]).astype(float)
         center, (w, h), angle = min_area_rect(points)
@@ -2202,6 +2202,10 @@ def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
     affine = _square_affine((gray.shape[1], gray.shape[0]), carrier, cfg.size)
     image = _warp(gray, affine, cfg.size)
     content = _warp(np.full(gray.shape, 255, np.uint8), affine, cfg.size, order=0) > 0
+    if carrier is not None:  # the plate only: what lies beside a tilted or narrow plate is not part of the view
+        half = np.asarray(carrier[1]) * cfg.size / max(carrier[1]) / 2  # the plate's half sides in the square
+        yy, xx = np.mgrid[: cfg.size, : cfg.size] + 0.5
+        content &= (np.abs(xx - cfg.size / 2) <= half[0]) & (np.abs(yy - cfg.size / 2) <= half[1])
     inverted = False
     if cfg.segment:
         mask, inverted = hand_mask(image, content)
@@ -2302,6 +2306,9 @@ def anomaly_split(studies: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     if len(normal) <= len(positive):
         raise MuraDataError(f"the split needs more normal-only patients ({len(normal)}) than patients with an "
                             f"abnormal study ({len(positive)}): as many go to val and test, the rest train")
+    if half == 0:
+        raise MuraDataError(f"the split needs at least 2 patients with an abnormal study, found {len(positive)}: "
+                            f"half of them go to validation, half to test")
     val_neg, test_neg, train = normal[:len(val_pos)], normal[len(val_pos):len(positive)], normal[len(positive):]
     subset = {**dict.fromkeys(train, "train"), **dict.fromkeys(val_pos + val_neg, "val"),
               **dict.fromkeys(test_pos + test_neg, "test")}
@@ -2505,7 +2512,8 @@ def _anomaly_loader(cache: AnomalyCache, images: pd.DataFrame, batch_size: int, 
     sampler = EpochBatches()
     sampler.batches = epoch_batches(len(images), batch_size, False, 0, 0)
     return DataLoader(AnomalyViewBatches(cache, cache.rows(images["image_path"])), sampler=sampler, batch_size=None,
-                      num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0)
+                      num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
+                      generator=torch.Generator())  # its own: starting workers leaves the VAE's noise alone
 
 
 def augment_views_and_masks(x, m, generator, cfg: AnomalyConfig):

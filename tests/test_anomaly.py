@@ -52,12 +52,29 @@ def _tilted_plate(angle_deg, plate_value, outside_value, size=(300, 400)):
 
 
 @pytest.mark.parametrize("plate, outside", [(120, 10), (40, 240)])  # plate brighter, or darker, than its surround
-def test_carrier_crop_finds_a_tilted_plate(plate, outside):
+def test_carrier_crop_finds_a_tilted_plate(plate, outside, tmp_path):
     image = _tilted_plate(14, plate, outside)
     center, (w, h), angle = mh.find_carrier(image)
     assert math.degrees(angle) == pytest.approx(14, abs=2)
     assert (w, h) == (pytest.approx(260, rel=0.05), pytest.approx(180, rel=0.05))
     assert center == pytest.approx([210, 145], abs=4)
+    crop = mh.PreprocessConfig(crop=True, segment=False, equalize=None, size=64)
+    out = mh.preprocess_view(_save(tmp_path, image), crop)
+    assert out["carrier_found"] and out["mask"].mean() == pytest.approx(180 / 260, abs=0.04)  # the plate only:
+    assert (out["image"][out["mask"] == 0] == 0).all()  # not the surround beside the plate nor its rotated corners
+
+
+def _save(folder, image):
+    path = folder / "view.png"
+    Image.fromarray(image).save(path)
+    return path
+
+
+def test_carrier_search_skips_lines_and_specks():
+    image = np.zeros((100, 80), np.uint8)
+    image[:, 40] = 255  # a one-pixel line has no area: not a plate, and no error from the hull
+    found = mh.find_carrier(image)  # (the dark half beside it is a fine rectangle)
+    assert found is None or min(found[1]) > 2
 
 
 def test_carrier_crop_falls_back_to_the_whole_view(tmp_path):
@@ -138,6 +155,9 @@ def test_split_by_patient_as_in_the_paper(normal_heavy_phantom):
     for subset in ("val", "test"):
         rows = by_patient[by_patient["where"] == subset]
         assert (rows["positive"] == 1).sum() == (rows["positive"] == 0).sum()  # as many normal patients
+    one = pd.DataFrame({"body_part": ["XR_HAND"] * 4, "patient": ["p1", "p2", "p3", "p4"], "label": [1, 0, 0, 0]})
+    with pytest.raises(mh.MuraDataError, match="at least 2 patients with an abnormal study"):
+        mh.anomaly_split(one)
     with pytest.raises(mh.MuraDataError, match="more normal-only patients"):
         mh.anomaly_split(pd.DataFrame({"body_part": ["XR_HAND"] * 2, "patient": ["p1", "p2"], "label": [1, 0]}))
 
@@ -166,7 +186,7 @@ def test_training_lowers_the_masked_loss_and_resumes_exactly(normal_heavy_phanto
     def config(out, epochs):
         return mh.AnomalyConfig(model="vae", data_dir=str(normal_heavy_phantom), output_dir=str(out),
                                 cache_dir=str(tmp_path / "cache"), image_size=64, batch_size=8, epochs=epochs,
-                                num_workers=0, lr=1e-3)
+                                num_workers=1, lr=1e-3)  # a worker: its start must not shift the VAE's noise
 
     straight = mh.train_anomaly(config(tmp_path / "a", 3), progress=False)
     mh.train_anomaly(config(tmp_path / "b", 1), progress=False)
