@@ -1399,7 +1399,8 @@ def _unwrap(model):
 
 
 RESUME_MUST_MATCH = ("body_part", "image_size", "resize", "arch", "batch_size", "lr", "betas", "weight_decay",
-                     "rotation_degrees", "hflip", "loss_level", "select_metric", "seed")
+                     "plateau_factor", "plateau_patience", "rotation_degrees", "hflip", "loss_level", "select_metric",
+                     "seed")  # (the scheduler's settings are restored with its state: a change would be ignored)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
@@ -1728,8 +1729,8 @@ def view_heatmaps(models, image_paths: Sequence[str], image_size: int, resize: s
 
 
 def heatmap_localisation(heatmaps: Sequence[dict], boxes: pd.DataFrame) -> pd.DataFrame:
-    """Score maps against ground-truth boxes: pointing game (is the peak inside?) and the share of heat inside,
-    beside the box's share of the image (what a uniform map would score)."""
+    """Score maps against ground-truth boxes: pointing game (is the peak inside? a flat map has none: a miss) and
+    the share of heat inside, beside the box's share of the image (what a uniform map would score)."""
     rows = []
     for h in heatmaps:
         for b in boxes[boxes["image_file"] == h["image_path"]].itertuples():
@@ -1737,7 +1738,8 @@ def heatmap_localisation(heatmaps: Sequence[dict], boxes: pd.DataFrame) -> pd.Da
             inside = np.zeros(cam.shape, bool)
             inside[b.y0:b.y1 + 1, b.x0:b.x1 + 1] = True
             peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
-            rows.append({"image_path": h["image_path"], "finding": b.finding, "pointing_hit": bool(inside[peak]),
+            hit = bool(inside[peak]) and cam.max() > cam.min()
+            rows.append({"image_path": h["image_path"], "finding": b.finding, "pointing_hit": hit,
                          "heat_in_box": float(cam[inside].sum() / max(cam.sum(), 1e-12)),
                          "box_share": float(inside.mean()), "prob": h["prob"]})
     return pd.DataFrame(rows, columns=["image_path", "finding", "pointing_hit", "heat_in_box", "box_share", "prob"])

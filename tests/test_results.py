@@ -157,6 +157,7 @@ def test_localisation_of_a_uniform_map_equals_the_box_share():
     boxes = pd.DataFrame([{"image_file": "v.png", "finding": "x", "x0": 0, "y0": 0, "x1": 49, "y1": 24}])
     score = mh.heatmap_localisation([heatmap], boxes).iloc[0]
     assert score["heat_in_box"] == pytest.approx(score["box_share"]) == pytest.approx(0.25)
+    assert not score["pointing_hit"]  # its "peak" at (0, 0) lies in the box, but a flat map points nowhere
 
 
 # ---------------------------------------------------------------- prediction on a new study
