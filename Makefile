@@ -17,7 +17,7 @@ PAPERMILL := $(BIN)/papermill --cwd notebooks -k python3 --log-level WARNING
 ifeq ($(DEMO),quick)
 OUT := outputs
 ARGS_03 := -p pretrained False -p image_size 128 -p epochs 2 -p batch_size 16
-ARGS_06 := -p image_size 128 -p epochs 2 -p batch_size 16
+ARGS_06 := -p image_size 128 -p gan_image_size 64 -p epochs 2 -p batch_size 16
 else
 OUT := outputs/full
 endif

@@ -2392,20 +2392,15 @@ class VariationalAutoencoder(torch.nn.Module):
         return {"recon": recon, "mu": mu, "logvar": logvar}
 
 
-def build_autoencoder(model: str, image_size: int) -> torch.nn.Module:
-    """'cae' or 'vae', for this input size."""
-    if model == "cae":
-        if image_size % 32:
-            raise ValueError(f"the CAE needs an image size divisible by 32, got {image_size}")
-        return ConvAutoencoder()
-    if model == "vae":
-        return VariationalAutoencoder(image_size)
-    raise ValueError(f"model must be 'cae' or 'vae', got {model!r}")
-
-
 def masked_mse(x, recon, mask):
     """Per image: ||m * (x - x_hat)||^2 / ||m||_1 (Davletshina et al.'s masked reconstruction loss L_M)."""
     err = (mask * (x.float() - recon.float())) ** 2
+    return err.flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
+
+
+def masked_l1(x, recon, mask):
+    """Per image: ||m * (x - x_hat)||_1 / ||m||_1 (alpha-GAN's reconstruction loss, inside the hand mask)."""
+    err = (mask * (x.float() - recon.float())).abs()
     return err.flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
 
 
@@ -2415,14 +2410,18 @@ def kl_divergence(mu, logvar):
 
 
 def reconstruction_scores(x, out: dict, mask, top_k: int = 200, kld_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """Per-image anomaly scores: masked MSE and L1, their top-k pixel means, and for a VAE the KLD and the sums."""
+    """Per-image anomaly scores: masked MSE and L1 and their top-k pixel means (where the model reconstructs), for a
+    VAE the KLD and the sums, and the scores a GAN computes itself (out['scores'])."""
+    scores = dict(out.get("scores") or {})
+    if out["recon"] is None:
+        return scores
     m = mask.float().flatten(1)
     diff = (x.float() - out["recon"].float()).flatten(1) * m
     n = m.sum(1).clamp_min(1)
     sq, ab = diff**2, diff.abs()
     k = min(top_k, sq.shape[1])
-    scores = {"mse": sq.sum(1) / n, "l1": ab.sum(1) / n, f"mse_top{top_k}": sq.topk(k, 1).values.mean(1),
-              f"l1_top{top_k}": ab.topk(k, 1).values.mean(1)}
+    scores.update({"mse": sq.sum(1) / n, "l1": ab.sum(1) / n, f"mse_top{top_k}": sq.topk(k, 1).values.mean(1),
+                   f"l1_top{top_k}": ab.topk(k, 1).values.mean(1)})
     if out["mu"] is not None:
         kld = kl_divergence(out["mu"], out["logvar"])
         per_pixel = kld_weight * kld / sq.shape[1]  # the KLD as weighted in the training loss
@@ -2430,17 +2429,231 @@ def reconstruction_scores(x, out: dict, mask, top_k: int = 200, kld_weight: floa
     return scores
 
 
+# ---------------------------------------------------------------- anomaly detection: GANs (DCGAN, BiGAN, alpha-GAN)
+
+GAN_MODELS = ("dcgan", "bigan", "alphagan")
+ANOMALY_MODELS = ("cae", "vae", *GAN_MODELS)
+ANOMALY_MODEL_NAMES = {"cae": "CAE", "vae": "VAE", "dcgan": "DCGAN", "bigan": "BiGAN", "alphagan": "alpha-GAN"}
+
+
+def _down_block(cin: int, cout: int, norm: bool = True) -> torch.nn.Sequential:
+    """Stride-2 4x4 convolution, batch norm (not on the first layer, as in DCGAN), leaky ReLU."""
+    return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 4, 2, 1, bias=not norm),
+                               *([torch.nn.BatchNorm2d(cout)] if norm else []), torch.nn.LeakyReLU(0.2, inplace=True))
+
+
+def _gan_depth(image_size: int) -> int:
+    """Stride-2 steps between 4x4 and image_size (a power of two, at least 16)."""
+    depth = int(round(math.log2(image_size / 4))) if image_size > 0 else 0
+    if image_size < 16 or 4 * 2**depth != image_size:
+        raise ValueError(f"the GAN models need a power-of-two image size of at least 16, got {image_size}")
+    return depth
+
+
+class ImageCritic(torch.nn.Module):
+    """The DCGAN discriminator's convolutions of Davletshina et al.'s Figure 9: stride-2 4x4 layers whose width
+    doubles as the map halves (4 channels at 256x256 ... 256 at 4x4 for a 512 input), then a 4x4 convolution to
+    512x1x1: the image's 512 features."""
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        depth = _gan_depth(image_size)
+        widths = [256 // 2 ** (depth - 1 - i) for i in range(depth)]
+        self.features = torch.nn.Sequential(
+            *[_down_block(cin, cout, norm=i > 0) for i, (cin, cout) in enumerate(zip([1, *widths[:-1]], widths))],
+            torch.nn.Conv2d(widths[-1], 512, 4, 1, 0), torch.nn.LeakyReLU(0.2, inplace=True), torch.nn.Flatten())
+
+    def forward(self, x):
+        """(B, 1, S, S) -> (B, 512)."""
+        return self.features(x)
+
+
+class MinibatchDiscrimination(torch.nn.Module):
+    """Salimans et al. (2016): how close each sample's features are to the rest of its batch, as extra features
+    (512 -> 528 in DCGAN's discriminator). In eval mode the sample is compared with a reference batch kept from
+    training, so that an anomaly score does not depend on which views were scored together."""
+
+    def __init__(self, in_features: int = 512, out_features: int = 16, kernel_dim: int = 5, reference: int = 64):
+        super().__init__()
+        self.out_features, self.kernel_dim = out_features, kernel_dim
+        self.projection = torch.nn.Parameter(torch.randn(in_features, out_features * kernel_dim) * 0.05)
+        self.register_buffer("reference", torch.zeros(reference, out_features, kernel_dim))
+        self.register_buffer("reference_size", torch.zeros((), dtype=torch.long))
+
+    def forward(self, h, remember: bool = False):
+        """(B, F) -> (B, F + out_features); `remember` keeps this (real, training) batch as the reference."""
+        rows = (h @ self.projection.to(h.dtype)).view(-1, self.out_features, self.kernel_dim)
+        if self.training:
+            closeness = torch.exp(-(rows[:, None] - rows[None]).abs().sum(3)).sum(1) - 1  # less itself
+            keep = min(len(rows), len(self.reference))
+            if remember and keep >= int(self.reference_size):  # a short last batch keeps the full one before
+                self.reference[:keep] = rows[:keep].detach().float()
+                self.reference_size.fill_(keep)
+        else:
+            others = self.reference[: int(self.reference_size)].to(rows.dtype)
+            scale = (len(others) - 1) / max(len(others), 1)  # as many others as in a training batch
+            closeness = torch.exp(-(rows[:, None] - others[None]).abs().sum(3)).sum(1) * scale
+        return torch.cat([h, closeness.to(h.dtype)], 1)
+
+
+class Generator(torch.nn.Module):
+    """The DCGAN generator of Davletshina et al.'s Figure 9: a latent code to 1024x4x4, then stride-2 4x4
+    transposed convolutions halving the width as the map doubles, to a 1-channel image in [0, 1]."""
+
+    def __init__(self, image_size: int, latent: int = 128):
+        super().__init__()
+        depth = _gan_depth(image_size)
+        widths = [1024 // 2**i for i in range(depth)]
+        self.net = torch.nn.Sequential(
+            torch.nn.Unflatten(1, (latent, 1, 1)), _deconv_block(latent, widths[0], 4, 1, 0),
+            *[_deconv_block(cin, cout) for cin, cout in zip(widths[:-1], widths[1:])],
+            torch.nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1), torch.nn.Sigmoid())
+
+    def forward(self, z):
+        """(B, latent) -> (B, 1, S, S)."""
+        return self.net(z)
+
+
+class AdversarialAnomalyModel(torch.nn.Module):
+    """The GAN family of Davletshina et al. in one module, trained on normal views only:
+    'dcgan' (generator G, discriminator D with minibatch discrimination), 'bigan' (BiGAN/ALI: an encoder E, and D
+    judging image-code pairs), 'alphagan' (alpha-GAN, Rosca et al. 2017: E, G, an image D and a code discriminator
+    C, with a reconstruction loss). Called on views in eval mode it returns the anomaly scores: 1 - D's
+    probability that the view is real ('disc'), for alpha-GAN also 1 - C's for its code ('code_disc') and their
+    mean ('c+d'), and the reconstruction G(E(x)) where there is an encoder."""
+
+    def __init__(self, kind: str, image_size: int, latent: int = 128):
+        super().__init__()
+        if kind not in GAN_MODELS:
+            raise ValueError(f"kind must be one of {GAN_MODELS}, got {kind!r}")
+        self.kind, self.latent = kind, latent
+        self.generator = Generator(image_size, latent)
+        self.critic = ImageCritic(image_size)
+        if kind == "bigan":
+            self.code_features = torch.nn.Sequential(torch.nn.Linear(latent, 512), torch.nn.LeakyReLU(0.2, True))
+            self.head = torch.nn.Sequential(torch.nn.Linear(1024, 512), torch.nn.LeakyReLU(0.2, True),
+                                            torch.nn.Linear(512, 1))
+        else:
+            self.minibatch = MinibatchDiscrimination(512)
+            self.head = torch.nn.Linear(512 + self.minibatch.out_features, 1)
+        if kind != "dcgan":
+            self.encoder = torch.nn.Sequential(ImageCritic(image_size), torch.nn.Linear(512, latent))
+        if kind == "alphagan":
+            self.code_critic = torch.nn.Sequential(torch.nn.Linear(latent, 750), torch.nn.LeakyReLU(0.2, True),
+                                                   torch.nn.Linear(750, 750), torch.nn.LeakyReLU(0.2, True),
+                                                   torch.nn.Linear(750, 1))
+
+    def discriminate(self, x, z=None, remember: bool = False):
+        """D's logit that x (with its code z, for BiGAN) is a real normal view; `remember`: x is a real training
+        batch, kept as minibatch discrimination's reference for scoring."""
+        h = self.critic(x)
+        if self.kind == "bigan":
+            return self.head(torch.cat([h, self.code_features(z)], 1))[:, 0]
+        return self.head(self.minibatch(h, remember))[:, 0]
+
+    def discriminator_parameters(self):
+        """The parameters of the discriminating side (D, and C for alpha-GAN)."""
+        names = ("critic", "head", "code_features", "minibatch", "code_critic")
+        return [p for name, module in self.named_children() if name in names for p in module.parameters()]
+
+    def generator_parameters(self):
+        """The parameters of the generating side (G, and E where there is one)."""
+        return [p for name, module in self.named_children() if name in ("generator", "encoder")
+                for p in module.parameters()]
+
+    def forward(self, x):
+        """Anomaly scores of views x (B, 1, S, S) in [0, 1], and their reconstruction where there is an encoder."""
+        z = self.encoder(x) if self.kind != "dcgan" else None
+        disc = 1 - torch.sigmoid(self.discriminate(x, z).float())
+        scores = {"disc": disc}
+        if self.kind == "alphagan":
+            scores["code_disc"] = 1 - torch.sigmoid(self.code_critic(z)[:, 0].float())
+            scores["c+d"] = (scores["code_disc"] + disc) / 2
+        return {"recon": self.generator(z) if z is not None else None, "mu": None, "logvar": None, "scores": scores}
+
+
+def _adversarial_loss(logits, real: bool):
+    """Binary cross-entropy of D's logits against 'real' (1) or 'fake' (0)."""
+    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    return F.binary_cross_entropy_with_logits(logits.float(), target)
+
+
+def gan_step(model: AdversarialAnomalyModel, x, mask, optimizers: dict, scaler, dtype, generator,
+             recon_weight: float = 10.0) -> dict[str, torch.Tensor]:
+    """One training step of a GAN on normal views: the discriminating side first (on detached fakes), then the
+    generating side against the updated discriminators (non-saturating losses); alpha-GAN adds recon_weight x the
+    masked L1 reconstruction loss. Returns the step's losses."""
+    device_type = x.device.type
+    z = torch.randn(len(x), model.latent, device=x.device, generator=generator)
+    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        fake = model.generator(z)
+        code = model.encoder(x) if model.kind != "dcgan" else None
+        recon = model.generator(code) if model.kind == "alphagan" else None
+        fakes = [fake] + ([recon] if recon is not None else [])
+        d_loss = _adversarial_loss(model.discriminate(x, None if code is None else code.detach(), remember=True), True)
+        for f in fakes:
+            d_loss = d_loss + _adversarial_loss(model.discriminate(f.detach(), z if model.kind == "bigan" else None),
+                                                False) / len(fakes)
+        if model.kind == "alphagan":
+            d_loss = d_loss + _adversarial_loss(model.code_critic(z)[:, 0], True) \
+                + _adversarial_loss(model.code_critic(code.detach())[:, 0], False)
+    optimizers["discriminator"].zero_grad(set_to_none=True)
+    scaler.scale(d_loss).backward()
+    scaler.step(optimizers["discriminator"])
+    discriminating = model.discriminator_parameters()
+    for p in discriminating:
+        p.requires_grad_(False)
+    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        if model.kind == "bigan":  # E and G fool D the other way round: real pairs called fake, fake pairs real
+            g_loss = _adversarial_loss(model.discriminate(x, code), False) \
+                + _adversarial_loss(model.discriminate(fake, z), True)
+        else:
+            g_loss = sum(_adversarial_loss(model.discriminate(f), True) for f in fakes) / len(fakes)
+        if model.kind == "alphagan":
+            g_loss = g_loss + _adversarial_loss(model.code_critic(code)[:, 0], True)
+            g_loss = g_loss + recon_weight * masked_l1(x, recon, mask).mean()
+    optimizers["generator"].zero_grad(set_to_none=True)
+    scaler.scale(g_loss).backward()
+    scaler.step(optimizers["generator"])
+    scaler.update()
+    for p in discriminating:
+        p.requires_grad_(True)
+    return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach()}
+
+
+def build_anomaly_model(model: str, image_size: int, latent: int = 128) -> torch.nn.Module:
+    """One of ANOMALY_MODELS for this input size: 'cae', 'vae' or a GAN ('dcgan', 'bigan', 'alphagan')."""
+    if model == "cae":
+        if image_size % 32:
+            raise ValueError(f"the CAE needs an image size divisible by 32, got {image_size}")
+        return ConvAutoencoder()
+    if model == "vae":
+        return VariationalAutoencoder(image_size)
+    if model in GAN_MODELS:
+        return AdversarialAnomalyModel(model, image_size, latent)
+    raise ValueError(f"model must be one of {ANOMALY_MODELS}, got {model!r}")
+
+
+def anomaly_score_names(model: str, top_k: int = 200) -> list[str]:
+    """The scores a model gives (columns of evaluate_anomaly, rows of the results table)."""
+    recon = ["mse", "l1", f"mse_top{top_k}", f"l1_top{top_k}"]
+    return {"cae": recon, "vae": [*recon, "kld", "l1+kld", "mse+kld"], "dcgan": ["disc"],
+            "bigan": ["disc", *recon], "alphagan": ["disc", "code_disc", "c+d", *recon]}[model]
+
+
 # ---------------------------------------------------------------- anomaly detection: training, scores, heatmaps
 
 ANOMALY_RESUME_MUST_MATCH = ("model", "variant", "body_part", "image_size", "splits", "batch_size", "lr",
-                             "kld_weight", "seed", "split_seed")
+                             "kld_weight", "gan_latent", "gan_lr", "recon_weight", "top_k", "hflip",
+                             "rotation_degrees", "scale_range", "intensity_range", "select_score", "seed",
+                             "split_seed")
 
 
 @dataclass
 class AnomalyConfig:
     """Every knob of an unsupervised run (one model on one preprocessing variant)."""
 
-    model: str = "cae"  # "cae" (their Figure 5) or "vae" (Figure 7)
+    model: str = "cae"  # "cae" (their Figure 5), "vae" (Figure 7), or a GAN: "dcgan" (Figure 9), "bigan", "alphagan"
     variant: str = "full+HE"  # raw, raw+HE, crop, crop+HE, full, full+HE
     data_dir: str | None = None  # None: the embedded phantom
     body_part: str = "XR_HAND"
@@ -2450,17 +2663,22 @@ class AnomalyConfig:
     phantom_dir: str = "data/phantom"
     phantom_patients: int = 240
     phantom_image_size: int = 512
-    image_size: int = 512  # 512 for the autoencoders (the paper)
+    phantom_seed: int = 0  # the phantom's own seed (not the training seed: runs of several seeds share the data)
+    image_size: int = 512  # the paper: 512 for the autoencoders and DCGAN, 128 for BiGAN and alpha-GAN
     batch_size: int = 16
     epochs: int = 20
     lr: float = 5e-4
     kld_weight: float = 1.0  # VAE: loss = L_M + kld_weight * KLD / pixels
+    gan_latent: int = 128  # the GANs' latent code size
+    gan_lr: float = 2e-4  # the GANs' Adam learning rate (betas 0.5, 0.999, as DCGAN)
+    recon_weight: float = 10.0  # alpha-GAN: weight of the masked L1 reconstruction loss beside the adversarial ones
     top_k: int = 200
     hflip: bool = True
     rotation_degrees: float = 10.0
     scale_range: tuple[float, float] = (0.9, 1.1)
     intensity_range: tuple[float, float] = (0.9, 1.1)
-    select_score: str = "mse"  # best.pt by the validation ROC-AUC of this score (the paper chose by ROC-AUC)
+    select_score: str | None = None  # best.pt by the validation ROC-AUC of this score (None: "mse" for the
+    # autoencoders, "disc" for the GANs, whose discriminator gives the paper's GAN scores); the paper chose by ROC-AUC
     amp: str = "auto"
     num_workers: int = 2
     device: str = "auto"
@@ -2468,13 +2686,24 @@ class AnomalyConfig:
     split_seed: int = 0
     resume: bool = True
     max_steps_per_epoch: int | None = None
+    on_bad: str = "raise"  # "skip": leave bad files out, counted in a warning (mh.data_problems lists them)
 
     def __post_init__(self):
         self.splits, self.scale_range = tuple(self.splits), tuple(self.scale_range)
         self.intensity_range = tuple(self.intensity_range)
         preprocess_variants(self.image_size, [self.variant])  # validates the name
-        if self.model not in ("cae", "vae"):
-            raise ValueError(f"AnomalyConfig.model must be 'cae' or 'vae', got {self.model!r}")
+        if self.model not in ANOMALY_MODELS:
+            raise ValueError(f"AnomalyConfig.model must be one of {ANOMALY_MODELS}, got {self.model!r}")
+        if self.model in GAN_MODELS:
+            _gan_depth(self.image_size)  # validates the size
+        if self.select_score is not None and self.select_score not in anomaly_score_names(self.model, self.top_k):
+            raise ValueError(f"AnomalyConfig.select_score {self.select_score!r} is not a score of {self.model}: "
+                             f"{anomaly_score_names(self.model, self.top_k)}")
+
+    @property
+    def selection_score(self) -> str:
+        """The validation score best.pt is kept by: select_score, or the model's default."""
+        return self.select_score or ("disc" if self.model in GAN_MODELS else "mse")
 
 
 class AnomalyViewBatches:
@@ -2499,9 +2728,9 @@ class AnomalyViewBatches:
 
 def prepare_anomaly_data(cfg: AnomalyConfig, progress: bool = True) -> dict:
     """Studies with their train/val/test subset (Davletshina et al.'s split), one row per view, and the cache."""
-    root = resolve_data_dir(cfg.data_dir, cfg.phantom_dir, n_patients=cfg.phantom_patients,
-                            image_size=cfg.phantom_image_size, seed=cfg.seed)
-    studies = pd.concat([load_studies(root, s, cfg.body_part) for s in cfg.splits], ignore_index=True)
+    root = config_data_root(cfg)
+    studies = pd.concat([load_studies(root, s, cfg.body_part, on_bad=cfg.on_bad) for s in cfg.splits],
+                        ignore_index=True)
     studies = anomaly_split(studies, cfg.split_seed)
     images = studies_to_images(studies)
     pre = preprocess_variants(cfg.image_size, [cfg.variant])[cfg.variant]
@@ -2562,21 +2791,40 @@ def anomaly_metrics(scores: pd.DataFrame, level: str = "study") -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("score")
 
 
+def anomaly_optimizers(model, cfg: AnomalyConfig, device) -> dict:
+    """Adam for an autoencoder ({'model'}); for a GAN one per side ({'discriminator', 'generator'}, betas 0.5/0.999)."""
+    if cfg.model in GAN_MODELS:
+        return {"discriminator": build_optimizer(model.discriminator_parameters(), cfg.gan_lr, device, (0.5, 0.999)),
+                "generator": build_optimizer(model.generator_parameters(), cfg.gan_lr, device, (0.5, 0.999))}
+    return {"model": build_optimizer(model.parameters(), cfg.lr, device)}
+
+
+def autoencoder_step(model, x, mask, optimizer, scaler, dtype, kld_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """One training step of an autoencoder: the masked loss L_M (plus kld_weight x KLD / pixels for the VAE)."""
+    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        result = model(x)
+    loss = masked_mse(x, result["recon"], mask).mean()
+    if result["mu"] is not None:
+        loss = loss + kld_weight * kl_divergence(result["mu"], result["logvar"]).mean() / x[0].numel()
+    amp_step(loss, optimizer, scaler)
+    return {"loss": loss.detach()}
+
+
 def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
-    """Train (or resume) an autoencoder on normal training views with the masked loss; returns the history."""
+    """Train (or resume) an autoencoder (masked loss) or a GAN on normal training views; returns the history."""
     out = Path(cfg.output_dir)
     state = _resumable_state(cfg, ANOMALY_RESUME_MUST_MATCH)
     data = prepare_anomaly_data(cfg, progress)
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     seed_everything(cfg.seed)
-    model = build_autoencoder(cfg.model, cfg.image_size).to(device)
-    optimizer = build_optimizer(model.parameters(), cfg.lr, device)
+    model = build_anomaly_model(cfg.model, cfg.image_size, cfg.gan_latent).to(device)
+    optimizers = anomaly_optimizers(model, cfg, device)
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     history, best, start_epoch = [], None, 0
     if state is not None:
-        history, best, start_epoch = _restore(state, model, optimizer, None, scaler)
+        history, best, start_epoch = _restore(state, model, optimizers, None, scaler)
         if progress:
             print(f"resuming {out / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of {cfg.epochs}")
     out.mkdir(parents=True, exist_ok=True)
@@ -2585,13 +2833,12 @@ def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
     train_images = images[(images["subset"] == "train") & (images["label"] == 0)]
     val_images = images[images["subset"] == "val"]
     loader = _anomaly_loader(data["cache"], train_images, cfg.batch_size, cfg.num_workers, device.type == "cuda")
-    pixels = cfg.image_size**2
     for epoch in range(start_epoch, cfg.epochs):
         loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch)
         model.train()
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
         steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-        loss_sum, n_seen, started = torch.zeros((), device=device), 0, time.perf_counter()
+        loss_sums, n_seen, started = {}, 0, time.perf_counter()
         bar = tqdm(total=steps, desc=f"{cfg.model} {cfg.variant} epoch {epoch + 1}", leave=False, disable=not progress)
         for step, (views, masks, _) in enumerate(loader):
             if step >= steps:
@@ -2599,40 +2846,42 @@ def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
             x = views.to(device, non_blocking=True).float() / 255
             m = masks.to(device, non_blocking=True).float()
             x, m = augment_views_and_masks(x, m, generator, cfg)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                result = model(x)
-            loss = masked_mse(x, result["recon"], m).mean()
-            if result["mu"] is not None:
-                loss = loss + cfg.kld_weight * kl_divergence(result["mu"], result["logvar"]).mean() / pixels
-            amp_step(loss, optimizer, scaler)
-            loss_sum += loss.detach() * len(x)
+            if cfg.model in GAN_MODELS:
+                losses = gan_step(model, x, m, optimizers, scaler, dtype, generator, cfg.recon_weight)
+            else:
+                losses = autoencoder_step(model, x, m, optimizers["model"], scaler, dtype, cfg.kld_weight)
+            for name, value in losses.items():
+                loss_sums[name] = loss_sums.get(name, 0) + value * len(x)
             n_seen += len(x)
             bar.update()
         bar.close()
         train_time = time.perf_counter() - started
         val_scores = evaluate_anomaly(model, data["cache"], val_images, cfg, device)
         val_metrics = anomaly_metrics(val_scores)
-        row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(n_seen, 1),
-               "val_normal_mse": float(val_scores.loc[val_scores["label"] == 0, "mse"].mean()),
+        losses = {f"train_{name}": float(total) / max(n_seen, 1) for name, total in loss_sums.items()}
+        normal = val_scores[val_scores["label"] == 0]
+        row = {"epoch": epoch + 1, **losses,
+               **({"val_normal_mse": float(normal["mse"].mean())} if "mse" in normal else {}),
                **{f"val_auroc_{k}": v for k, v in val_metrics["roc_auc"].items()},
                "epoch_time_s": time.perf_counter() - started, "train_images_per_s": n_seen / train_time}
         history.append(row)
-        score = row[f"val_auroc_{cfg.select_score}"]
+        score = row[f"val_auroc_{cfg.selection_score}"]
         improved = best is None or (not math.isnan(score) and (math.isnan(best) or score > best))
         if improved:
             best = score
-        _save_epoch(_checkpoint(model, optimizer, None, scaler, epoch, history, cfg, best), improved, out)
+        _save_epoch(_checkpoint(model, optimizers, None, scaler, epoch, history, cfg, best), improved, out)
         if progress:
-            print(f"{cfg.model} {cfg.variant} epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.5f}, "
-                  f"val ROC-AUC ({cfg.select_score}) {score:.3f}" + ("  (best)" if improved else ""))
+            shown = ", ".join(f"{k.removeprefix('train_').replace('_', ' ')} {v:.5f}" for k, v in losses.items())
+            print(f"{cfg.model} {cfg.variant} epoch {epoch + 1}/{cfg.epochs}: train {shown}, "
+                  f"val ROC-AUC ({cfg.selection_score}) {score:.3f}" + ("  (best)" if improved else ""))
     return pd.DataFrame(history)
 
 
-def load_autoencoder(path: str | os.PathLike, device: str = "cpu"):
+def load_anomaly_model(path: str | os.PathLike, device: str = "cpu"):
     """Load an unsupervised checkpoint (weights_only): (model in eval mode, its AnomalyConfig)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     cfg = AnomalyConfig(**state["config"])
-    model = build_autoencoder(cfg.model, cfg.image_size)
+    model = build_anomaly_model(cfg.model, cfg.image_size, cfg.gan_latent)
     model.load_state_dict(state["model"])
     return model.to(resolve_device(device)).eval(), cfg
 
@@ -2652,6 +2901,8 @@ def anomaly_heatmaps(model, cache: AnomalyCache, image_paths: Sequence[str], dev
     m = torch.from_numpy(cache.masks[rows][:, None].astype(np.float32)).to(dev)
     with torch.inference_mode():
         out = model.to(dev).eval()(x)
+    if out["recon"] is None:
+        raise ValueError(f"{type(model).__name__} ({getattr(model, 'kind', '')}) reconstructs nothing: no error map")
     errors = ((x - out["recon"]) ** 2 * m)[:, 0].cpu().numpy()
     scores = masked_mse(x, out["recon"], m).cpu().numpy()
     maps = []
@@ -2694,23 +2945,26 @@ def plot_anomaly_table(table: pd.DataFrame, title: str = "Study-level ROC-AUC (r
 
 
 def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Sequence[str],
-                     progress: bool = True) -> pd.DataFrame:
+                     image_sizes: dict[str, int] | None = None, progress: bool = True) -> pd.DataFrame:
     """Train (or resume) every model on every preprocessing variant and score each best checkpoint on the test
     subset: one row per (model, variant, score) with study-level ROC-AUC and average precision. Variant by
-    variant, so that a grid cut short has scored every model on the first variants."""
+    variant, so that a grid cut short has scored every model on the first variants. `image_sizes` sets a model's
+    own size (the paper: {'bigan': 128, 'alphagan': 128}); the others take base.image_size."""
     rows = []
     for variant in variants:
         for model in models:
             cfg = AnomalyConfig(**{**_config_dict(base), "model": model, "variant": variant,
+                                   "image_size": (image_sizes or {}).get(model, base.image_size),
                                    "output_dir": str(Path(base.output_dir) / f"{model}_{variant}")})
             train_anomaly(cfg, progress)
-            net, _ = load_autoencoder(Path(cfg.output_dir) / "checkpoints" / "best.pt", cfg.device)
+            net, _ = load_anomaly_model(Path(cfg.output_dir) / "checkpoints" / "best.pt", cfg.device)
             data = prepare_anomaly_data(cfg, progress=False)
             test = data["images"][data["images"]["subset"] == "test"]
             scores = evaluate_anomaly(net, data["cache"], test, cfg, resolve_device(cfg.device))
             scores.to_csv(Path(cfg.output_dir) / "test_scores.csv", index=False)
             metrics = anomaly_metrics(scores).reset_index()
-            rows.append(metrics.assign(model=model.upper(), variant=variant, run_dir=cfg.output_dir))
+            rows.append(metrics.assign(model=ANOMALY_MODEL_NAMES[model], variant=variant, image_size=cfg.image_size,
+                                       run_dir=cfg.output_dir))
     return pd.concat(rows, ignore_index=True)
 
 
@@ -2719,6 +2973,26 @@ def anomaly_results_table(results: pd.DataFrame, value: str = "roc_auc") -> pd.D
     order = [v for v in preprocess_variants() if v in set(results["variant"])]
     table = results.pivot_table(index=["model", "score"], columns="variant", values=value, sort=False)
     return table[order]
+
+
+def plot_gan_samples(results: pd.DataFrame, n: int = 6, device: str = "auto", seed: int = 0):
+    """A row per GAN run of the grid: views its generator draws from random codes (has it learned hands?); None
+    when the grid holds no GAN."""
+    runs = results[results["model"].isin([ANOMALY_MODEL_NAMES[m] for m in GAN_MODELS])].drop_duplicates("run_dir")
+    if runs.empty:
+        return None
+    fig, axes = plt.subplots(len(runs), n, figsize=(1.6 * n, 1.8 * len(runs)), squeeze=False)
+    for row, run in zip(axes, runs.itertuples()):
+        net, cfg = load_anomaly_model(Path(run.run_dir) / "checkpoints" / "best.pt", device)
+        z = torch.randn(n, cfg.gan_latent, generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            drawn = net.generator(z.to(next(net.parameters()).device))[:, 0].float().cpu().numpy()
+        for ax, image in zip(row, drawn):
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+            ax.axis("off")
+        row[0].set_title(f"{run.model} on {run.variant}: G(z)", fontsize=9, loc="left")
+    fig.tight_layout()
+    return fig
 
 
 def plot_preprocessing(image_paths: Sequence[str], size: int = 256, variants: Sequence[str] = ("raw", "crop",
@@ -2747,7 +3021,7 @@ def best_run_heatmaps(results: pd.DataFrame, score: str = "mse", n: int = 8, dev
     """For the grid's best run by `score`: error heatmaps of abnormal test views (those with ground truth on the
     phantom), the boxes moved into the preprocessed frame, and their localisation scores over all such views."""
     best = results[results["score"] == score].sort_values("roc_auc", ascending=False).iloc[0]
-    net, cfg = load_autoencoder(Path(best["run_dir"]) / "checkpoints" / "best.pt", device)
+    net, cfg = load_anomaly_model(Path(best["run_dir"]) / "checkpoints" / "best.pt", device)
     data = prepare_anomaly_data(cfg, progress=False)
     images = data["images"]
     abnormal = images[(images["subset"] == "test") & (images["label"] == 1)]

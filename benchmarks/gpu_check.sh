@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check within a time budget: the training-throughput benchmark and GPU runs of notebooks 03 (DenseNet-169
-# from scratch on a phantom of a few thousand views), 04 (the paper's 5-checkpoint ensemble), 06 (both
-# autoencoders on the paper's six preprocessing variants at 512 px), then while time is left the benchmark under
+# from scratch on a phantom of a few thousand views), 04 (the paper's 5-checkpoint ensemble), 06 (the paper's five
+# models, CAE, VAE and DCGAN at 512 px, BiGAN and alpha-GAN at 128, on its best two preprocessing variants; the
+# other four: ANOMALY_VARIANTS="[raw, raw+HE, crop, crop+HE]"), then while time is left the benchmark under
 # torch.compile's CUDA graphs, 05, an fp16 benchmark (the T4's path) and 02. Each step runs under its own timeout;
 # a failed step does not stop the next.
 # Everything lands in outputs/gpu/: figures, CSV/JSON, executed notebooks, gpu_check.log, steps.csv.
@@ -16,7 +17,8 @@
 # Measured on an H200 (2026-11-26): phantoms ~30 s; 03 ~45 s of cuDNN autotuning in its first epoch, then ~5 s an
 # epoch at batch 64 (the step is bound by the host's kernel launches, so batch 64 is nearly twice as fast as 32);
 # 04 ~25 s; the benchmark ~50 s at one batch size (three now: ~100 s, not yet measured); 06 ~60 s of
-# preprocessing (run in the background during 03/04) and ~2 s an epoch per autoencoder, ~30 s a run with scoring.
+# preprocessing (run in the background during 03/04) and ~2 s an epoch per autoencoder, ~30 s a run with scoring
+# (the GANs: not yet measured on a GPU).
 # Knobs (environment): PYTHON, BUDGET (seconds for the whole script), OUTDIR, STEPS (the steps to run; default
 # all), LIMIT_<step> (seconds for one step, overriding its share of the budget), and the sizes below.
 set -u
@@ -27,7 +29,7 @@ OUTDIR=${OUTDIR:-$REPO/outputs/gpu}
 BUDGET=${BUDGET:-900}  # everything; a single device call allows 600 s: see the two-call recipe above
 if [ "${SMALL:-0}" = 1 ]; then
   : "${PATIENTS:=16}" "${PHANTOM_SIZE:=128}" "${IMAGE_SIZE:=64}" "${EPOCHS:=2}" "${BATCH:=8}"
-  : "${ANOMALY_PATIENTS:=30}" "${ANOMALY_SIZE:=64}" "${ANOMALY_EPOCHS:=1}" "${ANOMALY_BATCH:=8}"
+  : "${ANOMALY_PATIENTS:=30}" "${ANOMALY_SIZE:=64}" "${GAN_SIZE:=32}" "${ANOMALY_EPOCHS:=1}" "${ANOMALY_BATCH:=8}"
   BENCH_ARGS="--image-size 64 --steps 3 --seed-steps 3 --warmup 1"
   : "${BENCH_BATCHES:=8}" "${COMPILE_BATCHES:=8}"
 else
@@ -46,7 +48,9 @@ ANOMALY_PATIENTS=${ANOMALY_PATIENTS:-500}
 ANOMALY_SIZE=${ANOMALY_SIZE:-512}
 ANOMALY_EPOCHS=${ANOMALY_EPOCHS:-10}
 ANOMALY_BATCH=${ANOMALY_BATCH:-16}
-VARIANTS="[raw, raw+HE, crop, crop+HE, full, full+HE]"
+GAN_SIZE=${GAN_SIZE:-128}  # BiGAN and alpha-GAN (the paper); the autoencoders and DCGAN use ANOMALY_SIZE
+ANOMALY_MODELS=${ANOMALY_MODELS:-"[cae, vae, dcgan, bigan, alphagan]"}
+ANOMALY_VARIANTS=${ANOMALY_VARIANTS:-"[full+HE, full]"}  # the paper's best two; all six are 30 runs (~15 min)
 
 PHANTOM=$REPO/data/phantom-gpu
 ANOMALY_PHANTOM=$REPO/data/phantom-gpu-anomaly
@@ -110,15 +114,18 @@ for root, n in zip(sys.argv[2::2], sys.argv[3::2]):
 # use the GPU (same settings as notebook 06 below, so it finds them)
 PREPROCESS=
 if wants 06_anomaly_detection; then
-  "$PY" - "$ANOMALY_PHANTOM" "$ANOMALY_PATIENTS" "$ANOMALY_SIZE" "$CACHE" "$PHANTOM_SIZE" > "$OUTDIR/anomaly_cache.log" 2>&1 <<'EOF' &
+  "$PY" - "$ANOMALY_PHANTOM" "$ANOMALY_PATIENTS" "$CACHE" "$PHANTOM_SIZE" "$ANOMALY_VARIANTS" "$ANOMALY_SIZE" \
+    "$GAN_SIZE" > "$OUTDIR/anomaly_cache.log" 2>&1 <<'EOF' &
 import sys, time
 import mura_helpers as mh
-root, patients, size, cache, phantom_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-for variant in mh.preprocess_variants(size):
-    t0 = time.perf_counter()
-    mh.prepare_anomaly_data(mh.AnomalyConfig(variant=variant, image_size=size, cache_dir=cache, phantom_dir=root,
-                                             phantom_patients=patients, phantom_image_size=phantom_size), progress=False)
-    print(f"{variant}: cached in {time.perf_counter() - t0:.1f} s", flush=True)
+root, patients, cache, phantom_size = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+for variant in sys.argv[5].strip("[]").replace(" ", "").split(","):
+    for size in dict.fromkeys(int(s) for s in sys.argv[6:]):
+        t0 = time.perf_counter()
+        mh.prepare_anomaly_data(mh.AnomalyConfig(variant=variant, image_size=size, cache_dir=cache, phantom_dir=root,
+                                                 phantom_patients=patients, phantom_image_size=phantom_size),
+                                progress=False)
+        print(f"{variant} at {size} px: cached in {time.perf_counter() - t0:.1f} s", flush=True)
 EOF
   PREPROCESS=$!
 fi
@@ -136,7 +143,7 @@ fi
 step benchmark 160 "$PY" benchmarks/train_throughput.py --data-dir "$PHANTOM" --cache-dir "$CACHE" \
   --json "$OUTDIR/benchmark_train_throughput.json" $BENCH_ARGS --batch-size "$BENCH_BATCHES"
 step 06_anomaly_detection 600 "${PAPERMILL[@]}" notebooks/06_anomaly_detection.ipynb "$OUTDIR/06_anomaly_detection.ipynb" \
-  -y "variants: $VARIANTS" \
+  -y "models: $ANOMALY_MODELS" -y "variants: $ANOMALY_VARIANTS" -p gan_image_size "$GAN_SIZE" \
   -p phantom_dir "$ANOMALY_PHANTOM" -p phantom_patients "$ANOMALY_PATIENTS" -p phantom_image_size "$PHANTOM_SIZE" \
   -p image_size "$ANOMALY_SIZE" -p epochs "$ANOMALY_EPOCHS" -p batch_size "$ANOMALY_BATCH" -p cache_dir "$CACHE"
 step benchmark_compile 300 "$PY" benchmarks/train_throughput.py --data-dir "$PHANTOM" --cache-dir "$CACHE" \

@@ -1,6 +1,7 @@
 """The embedded phantom: MURA's layout and statistics, its ground truth, determinism and caching."""
 
 import hashlib
+import json
 
 import numpy as np
 import pandas as pd
@@ -106,3 +107,12 @@ def test_ensure_phantom_reuses_or_rebuilds(tmp_path):
     (root / mh.PHANTOM_MANIFEST).unlink()  # an interrupted generation is redone
     mh.ensure_phantom(tmp_path, n_patients=4, image_size=64, progress=False)
     assert (root / mh.PHANTOM_MANIFEST).is_file()
+
+
+def test_the_training_seed_does_not_pick_the_phantom(tmp_path):
+    settings = {"phantom_dir": str(tmp_path), "phantom_patients": 3, "phantom_image_size": 64}
+    root = mh.config_data_root(mh.TrainConfig(seed=0, **settings))
+    stamp = (root / mh.PHANTOM_MANIFEST).stat().st_mtime_ns
+    for cfg in (mh.TrainConfig(seed=7, **settings), mh.AnomalyConfig(seed=7, **settings)):  # other seeds, same data
+        assert mh.config_data_root(cfg) == root and (root / mh.PHANTOM_MANIFEST).stat().st_mtime_ns == stamp
+    assert json.loads((root / mh.PHANTOM_MANIFEST).read_text())["seed"] == 0
