@@ -2479,6 +2479,7 @@ class MinibatchDiscrimination(torch.nn.Module):
         self.projection = torch.nn.Parameter(torch.randn(in_features, out_features * kernel_dim) * 0.05)
         self.register_buffer("reference", torch.zeros(reference, out_features, kernel_dim))
         self.register_buffer("reference_size", torch.zeros((), dtype=torch.long))
+        self.largest_batch = 0  # on the host: checking the buffer each step would wait for the GPU
 
     def forward(self, h, remember: bool = False):
         """(B, F) -> (B, F + out_features); `remember` keeps this (real, training) batch as the reference."""
@@ -2486,9 +2487,10 @@ class MinibatchDiscrimination(torch.nn.Module):
         if self.training:
             closeness = torch.exp(-(rows[:, None] - rows[None]).abs().sum(3)).sum(1) - 1  # less itself
             keep = min(len(rows), len(self.reference))
-            if remember and keep >= int(self.reference_size):  # a short last batch keeps the full one before
+            if remember and keep >= self.largest_batch:  # a short last batch keeps the full one before
                 self.reference[:keep] = rows[:keep].detach().float()
                 self.reference_size.fill_(keep)
+                self.largest_batch = keep
         else:
             others = self.reference[: int(self.reference_size)].to(rows.dtype)
             scale = (len(others) - 1) / max(len(others), 1)  # as many others as in a training batch
