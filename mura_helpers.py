@@ -1568,6 +1568,26 @@ def youden_threshold(labels, probs) -> float:
 CI_METRICS = ("accuracy", "kappa", "auroc", "sensitivity", "specificity")
 
 
+def _auroc_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """AUROC of each row of labels `y` and scores `p` (Mann-Whitney; ties share their average rank; NaN when a
+    row has one class only)."""
+    n_pos, n_neg = y.sum(1), (1 - y).sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ((rankdata(p, axis=1) * y).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def auroc_interval(labels, scores, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """A (1 - alpha) percentile bootstrap interval of the AUROC, resampling the rows (studies) with replacement."""
+    labels, scores = np.asarray(labels, int), np.asarray(scores, float)
+    idx = np.random.default_rng(seed).integers(0, len(labels), (n_boot, len(labels)))
+    draws = _auroc_rows(labels[idx], scores[idx])
+    draws = draws[np.isfinite(draws)]
+    if not len(draws):
+        return np.nan, np.nan
+    lo, hi = np.percentile(draws, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi)
+
+
 def bootstrap_metrics(labels, probs, threshold: float = 0.5, n_boot: int = 2000, seed: int = 0,
                       alpha: float = 0.05) -> pd.DataFrame:
     """Each study metric with a (1 - alpha) percentile bootstrap interval, resampling studies with replacement.
@@ -1585,10 +1605,7 @@ def bootstrap_metrics(labels, probs, threshold: float = 0.5, n_boot: int = 2000,
     with np.errstate(divide="ignore", invalid="ignore"):
         po = (tp + tn) / n
         pe = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / n**2
-        n_pos, n_neg = y.sum(1), (1 - y).sum(1)
-        ranks = rankdata(p, axis=1)  # ties share their average rank, as in the Mann-Whitney form of AUROC
-        auroc = ((ranks * y).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-        draws = {"accuracy": po, "kappa": np.where(pe < 1, (po - pe) / (1 - pe), np.nan), "auroc": auroc,
+        draws = {"accuracy": po, "kappa": np.where(pe < 1, (po - pe) / (1 - pe), np.nan), "auroc": _auroc_rows(y, p),
                  "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp)}
     rows = []
     for name in CI_METRICS:
@@ -1629,6 +1646,36 @@ def comparison_table(report: pd.DataFrame, label: str = "this model (validation 
              "note": f"95% CI {ours.loc[m, 'ci_low']:.3f}-{ours.loc[m, 'ci_high']:.3f}"}
             for m in ("accuracy", "kappa", "auroc")]
     return pd.concat([pd.DataFrame(rows), REFERENCE_RESULTS], ignore_index=True)
+
+
+def findings_by_study(findings: pd.DataFrame) -> pd.Series:
+    """Phantom only: the planted finding type of each abnormal study, indexed by (split, body part, patient, study)."""
+    keys = [_relative_key(p)[:-1] for p in findings["image_path"]]
+    return pd.Series(list(findings["finding"]), index=pd.MultiIndex.from_tuples(keys)).groupby(level=[0, 1, 2, 3]) \
+        .first()
+
+
+def metrics_by_finding(studies: pd.DataFrame, findings: pd.DataFrame, scores: Sequence[str] = ("prob",),
+                       threshold: float | None = None) -> pd.DataFrame:
+    """Phantom only: per planted finding type (and all), its abnormal studies' count and each score's AUROC against
+    all normal studies; with `threshold`, also the share of them scored above it (the sensitivity)."""
+    kinds = findings_by_study(findings)
+    finding = [kinds.get(_relative_key(p), "(none listed)") if label else None
+               for p, label in zip(studies["study_path"], studies["label"])]
+    studies = studies.assign(finding=finding)
+    normal = studies[studies["label"] == 0]
+    rows = []
+    for kind in [*sorted(studies["finding"].dropna().unique()), "all"]:
+        abnormal = studies[studies["label"] == 1] if kind == "all" else studies[studies["finding"] == kind]
+        both = pd.concat([normal, abnormal])
+        row = {"finding": kind, "n_abnormal": len(abnormal), "n_normal": len(normal)}
+        for score in scores:
+            row[f"auroc_{score}"] = (roc_auc_score(both["label"], both[score]) if len(normal) and len(abnormal)
+                                     else np.nan)
+            if threshold is not None:
+                row[f"sensitivity_{score}"] = float((abnormal[score] > threshold).mean()) if len(abnormal) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("finding")
 
 
 def load_ensemble(checkpoints: str | os.PathLike | Sequence[str | os.PathLike], device: str = "auto"):
@@ -2779,18 +2826,55 @@ def evaluate_anomaly(model, cache: AnomalyCache, images: pd.DataFrame, cfg: Anom
     return pd.concat([images.iloc[order][keep].reset_index(drop=True), scores], axis=1)
 
 
-def anomaly_metrics(scores: pd.DataFrame, level: str = "study") -> pd.DataFrame:
-    """ROC-AUC and average precision of every score, per study (mean of its views) or per image."""
+def study_scores(scores: pd.DataFrame) -> pd.DataFrame:
+    """View scores to study scores (the mean of its views), one row per study with its label."""
     names = [c for c in scores.columns if c not in ("image_path", "study_path", "patient", "label", "subset")]
-    data = scores.groupby("study_path").agg({"label": "first", **dict.fromkeys(names, "mean")}) \
-        if level == "study" else scores
+    return scores.groupby("study_path").agg({"label": "first", **dict.fromkeys(names, "mean")}).reset_index()
+
+
+def anomaly_metrics(scores: pd.DataFrame, level: str = "study", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """ROC-AUC (with a 95% bootstrap interval when n_boot > 0) and average precision of every score, per study
+    (mean of its views) or per image."""
+    data = study_scores(scores) if level == "study" else scores
+    names = [c for c in data.columns if c not in ("image_path", "study_path", "patient", "label", "subset")]
     rows = []
     for name in names:
         one_class = data["label"].nunique() < 2
+        low, high = (np.nan, np.nan) if one_class or n_boot <= 0 else \
+            auroc_interval(data["label"], data[name], n_boot, seed)
         rows.append({"score": name, "roc_auc": np.nan if one_class else roc_auc_score(data["label"], data[name]),
+                     "roc_auc_ci_low": low, "roc_auc_ci_high": high,
                      "average_precision": np.nan if one_class else average_precision_score(data["label"], data[name]),
                      "n": len(data), "n_abnormal": int(data["label"].sum())})
     return pd.DataFrame(rows).set_index("score")
+
+
+def reference_anomaly_scores(cache: AnomalyCache, images: pd.DataFrame, train_images: pd.DataFrame,
+                             top_k: int = 200, chunk: int = 64) -> pd.DataFrame:
+    """Model-free scores of the views of `images`, a floor that a trained model must beat: the masked MSE and its
+    top-k against the mean normal training view (a template), the mean intensity inside the hand mask, and the
+    mask's share of the square (hand size)."""
+    def batches(rows):
+        for i in range(0, len(rows), chunk):
+            part = np.sort(rows[i:i + chunk])
+            yield (part, torch.from_numpy(cache.images[part][:, None].astype(np.float32) / 255),
+                   torch.from_numpy(cache.masks[part][:, None].astype(np.float32)))
+    total, count = 0, 0
+    for _, x, m in batches(cache.rows(train_images["image_path"])):
+        total, count = total + (x * m).sum(0, keepdim=True), count + m.sum(0, keepdim=True)
+    template = total / count.clamp(min=1)
+    columns, order = {}, []
+    for part, x, m in batches(cache.rows(images["image_path"])):
+        s = reconstruction_scores(x, {"recon": template.expand_as(x), "mu": None, "logvar": None}, m, top_k)
+        found = {"template_mse": s["mse"], f"template_mse_top{top_k}": s[f"mse_top{top_k}"],
+                 "intensity": (x * m).sum((1, 2, 3)) / m.sum((1, 2, 3)).clamp(min=1), "hand_area": m.mean((1, 2, 3))}
+        for k, v in found.items():
+            columns.setdefault(k, []).append(v.numpy())
+        order.append(part)
+    scores = pd.DataFrame({k: np.concatenate(v) for k, v in columns.items()}, index=np.concatenate(order))
+    keep = [c for c in ("image_path", "study_path", "patient", "label", "subset") if c in images.columns]
+    rows = cache.rows(images["image_path"])
+    return pd.concat([images[keep].reset_index(drop=True), scores.loc[rows].reset_index(drop=True)], axis=1)
 
 
 def anomaly_optimizers(model, cfg: AnomalyConfig, device) -> dict:
@@ -2859,7 +2943,7 @@ def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
         bar.close()
         train_time = time.perf_counter() - started
         val_scores = evaluate_anomaly(model, data["cache"], val_images, cfg, device)
-        val_metrics = anomaly_metrics(val_scores)
+        val_metrics = anomaly_metrics(val_scores, n_boot=0)
         losses = {f"train_{name}": float(total) / max(n_seen, 1) for name, total in loss_sums.items()}
         normal = val_scores[val_scores["label"] == 0]
         row = {"epoch": epoch + 1, **losses,
@@ -2927,6 +3011,7 @@ def transform_boxes(findings: pd.DataFrame, cache: AnomalyCache) -> pd.DataFrame
     return pd.DataFrame(rows, columns=["Index", *findings.columns]).drop(columns=["Index"])
 
 
+REFERENCE_MODEL = "no model"  # the grid's rows of model-free scores (reference_anomaly_scores)
 PUBLISHED_ANOMALY_AUROC = pd.DataFrame([
     {"model": "CAE", "score": "MSE", "variant": "full+HE", "roc_auc": 0.570},
     {"model": "VAE", "score": "KLD", "variant": "full+HE", "roc_auc": 0.533},
@@ -2936,11 +3021,15 @@ PUBLISHED_ANOMALY_AUROC = pd.DataFrame([
 ]).assign(source="Davletshina et al. 2020, MURA hands, test split (cited)")
 
 
-def plot_anomaly_table(table: pd.DataFrame, title: str = "Study-level ROC-AUC (rows: model and score)"):
-    """Heatmap of ROC-AUCs: rows model x score, columns preprocessing variants (their Figure 11 layout)."""
-    fig, ax = plt.subplots(figsize=(1.6 * table.shape[1] + 3, 0.45 * table.shape[0] + 1.5))
-    sns.heatmap(table.astype(float), annot=True, fmt=".3f", cmap="RdYlGn", vmin=0.3, vmax=0.9, center=0.5, ax=ax,
-                cbar_kws={"label": "ROC-AUC"})
+def plot_anomaly_table(table: pd.DataFrame, title: str = "Study-level ROC-AUC (rows: model and score)",
+                       labels: pd.DataFrame | None = None):
+    """Heatmap of ROC-AUCs: rows model x score, columns preprocessing variants (their Figure 11 layout); `labels`
+    (same shape, text) annotates the cells instead of the values, e.g. anomaly_results_table(..., "roc_auc_ci")."""
+    fig, ax = plt.subplots(figsize=((2.4 if labels is not None else 1.6) * table.shape[1] + 3,
+                                    0.45 * table.shape[0] + 1.5))
+    annot = True if labels is None else labels.loc[table.index, table.columns].to_numpy()
+    sns.heatmap(table.astype(float), annot=annot, fmt=".3f" if labels is None else "", cmap="RdYlGn", vmin=0.3,
+                vmax=0.9, center=0.5, ax=ax, cbar_kws={"label": "ROC-AUC"}, annot_kws={"fontsize": 8})
     ax.set(title=title, xlabel="preprocessing", ylabel="")
     fig.tight_layout()
     return fig
@@ -2949,9 +3038,13 @@ def plot_anomaly_table(table: pd.DataFrame, title: str = "Study-level ROC-AUC (r
 def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Sequence[str],
                      image_sizes: dict[str, int] | None = None, progress: bool = True) -> pd.DataFrame:
     """Train (or resume) every model on every preprocessing variant and score each best checkpoint on the test
-    subset: one row per (model, variant, score) with study-level ROC-AUC and average precision. Variant by
-    variant, so that a grid cut short has scored every model on the first variants. `image_sizes` sets a model's
-    own size (the paper: {'bigan': 128, 'alphagan': 128}); the others take base.image_size."""
+    subset: one row per (model, variant, score) with study-level ROC-AUC (and its 95% bootstrap interval) and
+    average precision; per variant also the model-free scores of reference_anomaly_scores (model "no model"), the
+    floor a model must beat. Variant by variant, so that a grid cut short has scored every model on the first
+    variants. `image_sizes` sets a model's own size (the paper: {'bigan': 128, 'alphagan': 128}); the others take
+    base.image_size."""
+    if not models or not variants:
+        raise ValueError("run_anomaly_grid needs at least one model and one variant")
     rows = []
     for variant in variants:
         for model in models:
@@ -2964,17 +3057,46 @@ def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Seque
             test = data["images"][data["images"]["subset"] == "test"]
             scores = evaluate_anomaly(net, data["cache"], test, cfg, resolve_device(cfg.device))
             scores.to_csv(Path(cfg.output_dir) / "test_scores.csv", index=False)
-            metrics = anomaly_metrics(scores).reset_index()
+            metrics = anomaly_metrics(scores, seed=cfg.seed).reset_index()
             rows.append(metrics.assign(model=ANOMALY_MODEL_NAMES[model], variant=variant, image_size=cfg.image_size,
                                        run_dir=cfg.output_dir))
+        images = data["images"]  # the floor: model-free scores, on the last model's preprocessed views
+        scores = reference_anomaly_scores(data["cache"], images[images["subset"] == "test"],
+                                          images[(images["subset"] == "train") & (images["label"] == 0)], cfg.top_k)
+        reference_dir = Path(base.output_dir) / f"{REFERENCE_MODEL.replace(' ', '_')}_{variant}"
+        reference_dir.mkdir(parents=True, exist_ok=True)
+        scores.to_csv(reference_dir / "test_scores.csv", index=False)
+        rows.append(anomaly_metrics(scores, seed=cfg.seed).reset_index().assign(
+            model=REFERENCE_MODEL, variant=variant, image_size=cfg.image_size, run_dir=str(reference_dir)))
     return pd.concat(rows, ignore_index=True)
 
 
 def anomaly_results_table(results: pd.DataFrame, value: str = "roc_auc") -> pd.DataFrame:
-    """Pivot the grid's results: rows model x score, columns preprocessing variants (their Figure 11 layout)."""
+    """Pivot the grid's results: rows model x score, columns preprocessing variants (their Figure 11 layout);
+    value "roc_auc_ci" gives each ROC-AUC with its 95% bootstrap interval as text."""
     order = [v for v in preprocess_variants() if v in set(results["variant"])]
-    table = results.pivot_table(index=["model", "score"], columns="variant", values=value, sort=False)
+    if value == "roc_auc_ci":
+        results = results.assign(roc_auc_ci=[f"{a:.3f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in
+                                             results[["roc_auc", "roc_auc_ci_low", "roc_auc_ci_high"]].to_numpy()])
+    table = results.pivot_table(index=["model", "score"], columns="variant", values=value, aggfunc="first",
+                                sort=False)
     return table[order]
+
+
+def anomaly_findings_table(results: pd.DataFrame, findings: pd.DataFrame, variant: str | None = None) -> pd.DataFrame:
+    """Phantom only: each model x score's test ROC-AUC per planted finding type (its abnormal studies against all
+    normal ones), for one preprocessing variant (default: the grid's first)."""
+    variant = variant or results["variant"].iloc[0]
+    tables = []
+    for run in results[results["variant"] == variant].drop_duplicates("run_dir").itertuples():
+        studies = study_scores(pd.read_csv(Path(run.run_dir) / "test_scores.csv"))
+        names = [c for c in studies.columns if c not in ("study_path", "label")]
+        table = metrics_by_finding(studies, findings, names)
+        aurocs = table[[f"auroc_{n}" for n in names]].T.set_axis(names)
+        tables.append(aurocs.assign(model=run.model).rename_axis("score").reset_index())
+        counts = table["n_abnormal"]
+    table = pd.concat(tables).set_index(["model", "score"])
+    return table.rename(columns=lambda kind: f"{kind} ({counts[kind]})")
 
 
 def plot_gan_samples(results: pd.DataFrame, n: int = 6, device: str = "auto", seed: int = 0):

@@ -1,6 +1,7 @@
 """The unsupervised path: preprocessing (crop, mask, HE), the split, the autoencoders, masked losses and scores."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -299,12 +300,49 @@ def test_grid_scores_every_model_variant_by_variant(normal_heavy_phantom, tmp_pa
                             max_steps_per_epoch=2)
     results = mh.run_anomaly_grid(base, ["cae", "vae"], ["raw", "crop+HE"], progress=False)
     runs = results[["variant", "model"]].drop_duplicates().apply(tuple, axis=1).tolist()
-    assert runs == [("raw", "CAE"), ("raw", "VAE"), ("crop+HE", "CAE"), ("crop+HE", "VAE")]  # cut short: both models
+    assert runs == [("raw", "CAE"), ("raw", "VAE"), ("raw", "no model"),  # cut short: both models and the floor
+                    ("crop+HE", "CAE"), ("crop+HE", "VAE"), ("crop+HE", "no model")]
     assert results["roc_auc"].between(0, 1).all()
+    assert (results["roc_auc_ci_low"] <= results["roc_auc"]).all()
+    assert (results["roc_auc"] <= results["roc_auc_ci_high"]).all()
     table = mh.anomaly_results_table(results)
     assert list(table.columns) == ["raw", "crop+HE"] and ("VAE", "kld") in table.index and ("CAE", "mse") in table.index
-    for variant, model in runs:
-        assert (tmp_path / "grid" / f"{model.lower()}_{variant}" / "test_scores.csv").is_file()
+    assert ("no model", "hand_area") in table.index
+    labels = mh.anomaly_results_table(results, "roc_auc_ci")
+    row = results[(results["model"] == "CAE") & (results["score"] == "mse") & (results["variant"] == "raw")].iloc[0]
+    interval = f"{row.roc_auc:.3f} [{row.roc_auc_ci_low:.2f}, {row.roc_auc_ci_high:.2f}]"
+    assert labels.loc[("CAE", "mse"), "raw"] == interval
+    mh.plot_anomaly_table(table, labels=labels)
+    for run_dir in results["run_dir"].unique():
+        assert (Path(run_dir) / "test_scores.csv").is_file()
+    by_finding = mh.anomaly_findings_table(results, mh.load_phantom_findings(normal_heavy_phantom))
+    assert ("CAE", "mse") in by_finding.index and ("no model", "template_mse") in by_finding.index
+    n_abnormal = results.loc[results["variant"] == "raw", "n_abnormal"].iloc[0]
+    assert by_finding.columns[-1] == f"all ({n_abnormal})"
+    assert by_finding.iloc[:, -1].to_numpy() == pytest.approx(table["raw"].loc[by_finding.index].to_numpy())
+
+
+def test_reference_scores_against_a_hand_computation(tmp_path):
+    images = np.zeros((4, 8, 8), np.uint8)
+    masks = np.zeros_like(images)
+    images[0], images[1] = 100, 200  # training views: the template is their mean, 150, where both are masked
+    masks[:2, :4] = 1
+    images[2], masks[2, :2] = 150, 1  # a test view that matches the template: error 0
+    images[3, :4], masks[3, :4] = 255, 1  # a bright test view: error (255 - 150)^2 over its mask
+    images[3, 0, 0] = 0
+    for name, array in (("images", images), ("masks", masks), ("affines", np.zeros((4, 2, 3), np.float32))):
+        np.save(tmp_path / f"{name}.npy", array)
+    paths = [f"v{i}.png" for i in range(4)]
+    cache = mh.AnomalyCache(tmp_path, paths, mh.PreprocessConfig(size=8))
+    table = pd.DataFrame({"image_path": paths, "study_path": paths, "label": [0, 0, 0, 1]})
+    scores = mh.reference_anomaly_scores(cache, table.iloc[[3, 2]], table.iloc[:2], top_k=4, chunk=1)
+    assert list(scores["image_path"]) == ["v3.png", "v2.png"]  # in the order asked for
+    bright = np.full(32, 105 / 255) ** 2
+    bright[0] = (150 / 255) ** 2
+    assert scores["template_mse"].tolist() == pytest.approx([bright.mean(), 0], abs=1e-6)
+    assert scores["template_mse_top4"].tolist() == pytest.approx([np.sort(bright)[-4:].mean(), 0], abs=1e-6)
+    assert scores["intensity"].tolist() == pytest.approx([255 * 31 / 32 / 255, 150 / 255], abs=1e-6)
+    assert scores["hand_area"].tolist() == pytest.approx([0.5, 0.25])
 
 
 def test_error_heatmaps_and_boxes_in_the_preprocessed_frame(normal_heavy_phantom, tmp_path):

@@ -86,6 +86,8 @@ def test_results_notebook_runs_headless_with_an_ensemble(tiny_run, tmp_path):
         m = metrics["threshold_0.5"][name]
         assert m["ci_low"] <= m["estimate"] <= m["ci_high"]  # the phantom's valid split holds both classes
     assert 0 <= metrics["heatmap_pointing_game"] <= 1 and 0 <= metrics["heatmap_heat_in_box"] <= 1
+    by_finding = {row["finding"]: row for row in metrics["by_finding"]}  # the phantom's planted findings
+    assert by_finding["all"]["n_abnormal"] == sum(row["n_abnormal"] for k, row in by_finding.items() if k != "all")
     assert (tmp_path / "valid_predictions.csv").is_file()
 
 
@@ -112,4 +114,8 @@ def test_anomaly_notebook_runs_headless(normal_heavy_phantom, tmp_path):
             ("alpha-GAN", "c+d"), ("alpha-GAN", "mse")} <= grid
     assert all(0 <= r["roc_auc"] <= 1 for r in results["grid"] if r["roc_auc"] == r["roc_auc"])
     assert results["heatmap_pointing_game"] is not None
+    assert ("no model", "template_mse") in grid  # the model-free floor
+    assert all(r["roc_auc_ci_low"] <= r["roc_auc"] <= r["roc_auc_ci_high"] for r in results["grid"]
+               if r["roc_auc"] == r["roc_auc"])
+    assert {(r["model"], r["score"]) for r in results["roc_auc_by_finding"]} == grid  # one variant: every row
     assert (tmp_path / "anomaly" / "cae_full+HE" / "checkpoints" / "best.pt").is_file()

@@ -51,6 +51,36 @@ def test_resamples_with_one_class_are_left_out_of_the_auroc_interval():
     assert 0 < table.loc["auroc", "n_boot_used"] < 300 and table.loc["accuracy", "n_boot_used"] == 300
 
 
+def test_auroc_interval_is_the_bootstrap_metrics_auroc_interval():
+    labels, scores = _scores(90, 2)
+    table = mh.bootstrap_metrics(labels, scores, n_boot=400, seed=5)
+    low, high = mh.auroc_interval(labels, scores, n_boot=400, seed=5)  # the same resamples: the same interval
+    assert (low, high) == pytest.approx((table.loc["auroc", "ci_low"], table.loc["auroc", "ci_high"]))
+    assert low < table.loc["auroc", "estimate"] < high
+    assert all(math.isnan(v) for v in mh.auroc_interval([1, 1, 1], [0.2, 0.5, 0.9]))  # one class: no AUROC
+
+
+def test_metrics_by_planted_finding_type():
+    findings = pd.DataFrame({"image_path": ["MURA-v1.1/valid/XR_HAND/p1/study1_positive/image1.png",
+                                            "MURA-v1.1/valid/XR_HAND/p1/study1_positive/image2.png",
+                                            "MURA-v1.1/valid/XR_HAND/p2/study1_positive/image1.png"],
+                             "finding": ["fracture", "fracture", "hardware"]})
+    studies = pd.DataFrame({"study_path": [f"MURA-v1.1/valid/XR_HAND/{p}/" for p in
+                                           ("p1/study1_positive", "p2/study1_positive", "p3/study1_positive",
+                                            "p4/study1_negative", "p5/study1_negative", "p6/study1_negative")],
+                            "label": [1, 1, 1, 0, 0, 0], "prob": [0.9, 0.45, 0.6, 0.5, 0.2, 0.7]})
+    table = mh.metrics_by_finding(studies, findings, threshold=0.5)
+    assert list(table.index) == ["(none listed)", "fracture", "hardware", "all"]
+    assert table.loc["fracture", "n_abnormal"] == 1 and table.loc["all", "n_abnormal"] == 3
+    assert table.loc["fracture", "auroc_prob"] == 1.0  # 0.9 beats every normal study
+    assert table.loc["hardware", "auroc_prob"] == pytest.approx(1 / 3)  # 0.45 beats only 0.2
+    from sklearn.metrics import roc_auc_score
+
+    assert table.loc["all", "auroc_prob"] == pytest.approx(roc_auc_score(studies["label"], studies["prob"]))
+    assert table.loc["hardware", "sensitivity_prob"] == 0
+    assert table.loc["all", "sensitivity_prob"] == pytest.approx(2 / 3)
+
+
 def test_youden_threshold_reproduces_the_best_roc_point():
     labels, probs = _scores(200, 1)
     t = mh.youden_threshold(labels, probs)
