@@ -37,7 +37,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 from scipy.stats import rankdata
 from skimage import exposure
-from skimage.filters import threshold_otsu
+from skimage.filters import threshold_multiotsu, threshold_otsu
 from skimage.morphology import disk
 from sklearn.metrics import average_precision_score, cohen_kappa_score, confusion_matrix, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
@@ -2164,34 +2164,86 @@ def min_area_rect(points: np.ndarray) -> tuple[np.ndarray, tuple[float, float], 
     return center, (w, h), a
 
 
-def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0.97):
+def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray, min_share: float,
+                max_share: float):
+    """(share, center, (w, h), angle) of a component's minimum-area rectangle when it is plate-like, else None:
+    it covers min_share..max_share of the searched pixels, the convex hull fills it, and what lies outside it
+    is mostly not of the component's class (`region`): a plate stands out from its surround, while the
+    background beside a straight finger, a rectangle too, does not."""
+    ys, xs = np.nonzero(component)
+    if len(xs) < 16 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # too small, or a line: no area, not a plate
+        return None
+    points = np.column_stack([xs, ys]).astype(float)
+    center, (w, h), angle = min_area_rect(points)
+    share = w * h / searched.sum()
+    if not (min_share <= share <= max_share and ConvexHull(points).volume / max(w * h, 1e-9) > 0.9
+            and len(xs) / (w * h) > 0.45):
+        return None
+    outside = searched & ~rect_mask(searched.shape, (center, (w + 2, h + 2), angle))
+    if outside.sum() > 0.01 * searched.sum() and region[outside].mean() > 0.2:
+        return None
+    return share, center, (w, h), angle
+
+
+def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0.97, within=None):
     """The detector plate as a rotated rectangle (center, (w, h), angle), or None when no plate stands out.
 
-    Otsu binarisation; for each polarity the largest component is a candidate, kept when its minimum-area
-    rectangle covers min_share..max_share of the image and its convex hull fills that rectangle (a plate is a
-    rectangle even with a hand lying across it; a hand is not).
+    Binarised at Otsu's threshold, at Otsu's threshold of each side of it (a plate only a little darker than a
+    dark surround) and at the two of a three-class Otsu (a plate between a darker and a brighter surround); for
+    each threshold and polarity, the largest component and the union of the large ones (a hand lying across the
+    plate can cut its background apart) are candidates, kept when plate-like (see _plate_rect: a plate is a
+    rectangle even with a hand across it, and stands out from its surround; a hand does neither). The largest
+    wins. `within` (a rectangle like the result) restricts the search to it: the exposed field inside a plate,
+    when collimation left bright unexposed borders.
     """
-    small = gray[::4, ::4] if min(gray.shape) >= 256 else gray  # the plate is large: a quarter resolution will do
-    factor = gray.shape[0] / small.shape[0]
-    binary = small > threshold_otsu(small)
+    step = 4 if min(gray.shape) >= 256 else 1  # the plate is large: a quarter resolution will do
+    small = gray[::step, ::step]
+    searched = np.ones(small.shape, bool) if within is None else \
+        rect_mask(small.shape, (np.asarray(within[0]) / step, np.asarray(within[1]) / step, within[2]))
+    values = small[searched]
+    if values.size < 64 or values.min() == values.max():
+        return None
+    otsu = threshold_otsu(values)
+    thresholds = {otsu, *(threshold_otsu(part) for part in (values[values <= otsu], values[values > otsu])
+                          if np.ptp(part) > 0)}  # Otsu again on each side: a plate darker than a dark surround
+    if len(np.unique(values)) > 3:
+        thresholds |= set(threshold_multiotsu(values, classes=3).tolist())
+    commonest = 16 * np.argmax(np.bincount(values // 16)) + 8  # the direct-exposure background, mostly
     best = None
-    for region in (binary, ~binary):
-        labels, n = ndimage.label(region)
-        if n == 0:
-            continue
-        sizes = np.bincount(labels.ravel())[1:]
-        component = labels == (np.argmax(sizes) + 1)
-        ys, xs = np.nonzero(component)
-        if len(xs) < 16 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # too small, or a line: no area, not a plate
-            continue
-        points = np.column_stack([xs, ys]).astype(float)
-        center, (w, h), angle = min_area_rect(points)
-        share = w * h / component.size
-        fill = ConvexHull(points).volume / max(w * h, 1e-9)
-        plate_like = min_share <= share <= max_share and fill > 0.9 and component.sum() / (w * h) > 0.45
-        if plate_like and (best is None or share > best[0]):
-            best = (share, center * factor, (w * factor, h * factor), angle)
-    return None if best is None else best[1:]
+    for threshold in sorted(thresholds):
+        above = (small > threshold) & searched
+        regions = (above, searched & ~above)
+        if within is not None:  # the field inside a plate is of the background's class; unexposed borders are not
+            regions = regions[:1] if commonest > threshold else regions[1:]
+        for region in regions:
+            labels, n = ndimage.label(region)
+            if n == 0:
+                continue
+            sizes = np.bincount(labels.ravel())[1:]
+            largest = labels == np.argmax(sizes) + 1
+            large = np.flatnonzero(sizes >= 0.05 * sizes.max()) + 1
+            for component in (largest, np.isin(labels, large)) if len(large) > 1 else (largest,):
+                found = _plate_rect(component, region, searched, min_share, max_share)
+                if found is not None and (best is None or found[0] > best[0]):
+                    best = found
+    return None if best is None else (best[1] * step, (best[2][0] * step, best[2][1] * step), best[3])
+
+
+def rect_mask(shape: tuple[int, int], rect) -> np.ndarray:
+    """Pixels (of an image of `shape`) inside a rotated rectangle (center, (w, h), angle)."""
+    (cx, cy), (w, h), angle = rect
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    u = (xx - cx) * math.cos(angle) + (yy - cy) * math.sin(angle)
+    v = -(xx - cx) * math.sin(angle) + (yy - cy) * math.cos(angle)
+    return (np.abs(u) <= w / 2) & (np.abs(v) <= h / 2)
+
+
+def find_field(gray: np.ndarray, max_share: float = 0.92):
+    """The carrier crop's rectangle: the plate (find_carrier), narrowed to the exposed field inside it when
+    collimation left bright unexposed borders (a plate-like region covering at most max_share of the plate)."""
+    plate = find_carrier(gray)
+    field = find_carrier(gray, max_share=max_share, within=plate) if plate is not None else None
+    return field or plate
 
 
 def _square_affine(size_wh, carrier, out_size: int) -> np.ndarray:
@@ -2221,8 +2273,8 @@ def hand_mask(image: np.ndarray, content: np.ndarray) -> tuple[np.ndarray, bool]
     """Foreground (hand) mask inside `content` pixels, and whether the view was inverted (bright background).
 
     Classical, as a stand-in for the paper's SSD hand detector and Photoshop masks: polarity from the dominant
-    (background) intensity, Otsu thresholds between background and soft tissue, the largest component, closing
-    and hole filling.
+    (background) intensity, the lower threshold of a three-class Otsu (background, soft tissue, bone), the
+    largest component, closing and hole filling.
     """
     values = image[content]
     if values.size < 16:
@@ -2230,9 +2282,8 @@ def hand_mask(image: np.ndarray, content: np.ndarray) -> tuple[np.ndarray, bool]
     mode = np.argmax(np.bincount(values // 16, minlength=16))  # the direct-exposure background dominates a view
     inverted = bool(mode >= 8)  # ... and is dark unless the view is stored inverted
     work = 255 - image if inverted else image
-    threshold = threshold_otsu(work[content])
-    low = work[content & (work <= threshold)]
-    threshold = threshold_otsu(low) if low.size > 16 and low.std() > 3 else threshold  # split background / soft tissue
+    inside = work[content]
+    threshold = threshold_multiotsu(inside, classes=3)[0] if len(np.unique(inside)) > 3 else threshold_otsu(inside)
     mask = (work > threshold) & content
     radius = max(1, image.shape[0] // 128)
     mask = ndimage.binary_opening(mask, structure=disk(radius))
@@ -2247,7 +2298,7 @@ def hand_mask(image: np.ndarray, content: np.ndarray) -> tuple[np.ndarray, bool]
 def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
     """Run the pipeline on one view: {'image' uint8 (S, S), 'mask' uint8 0/1, 'affine' 2x3 input->output, ...}."""
     gray = np.asarray(load_image(path))
-    carrier = find_carrier(gray) if cfg.crop else None
+    carrier = find_field(gray) if cfg.crop else None
     affine = _square_affine((gray.shape[1], gray.shape[0]), carrier, cfg.size)
     image = _warp(gray, affine, cfg.size)
     content = _warp(np.full(gray.shape, 255, np.uint8), affine, cfg.size, order=0) > 0
@@ -2316,11 +2367,17 @@ class AnomalyCache:
         return {**self.__dict__, "_arrays": None}  # workers re-open the memory maps
 
 
+# bump when preprocess_view changes its output, so that caches built by an older version are rebuilt
+# (2: the exposed field inside collimated plates, plates barely darker than their surround, three-class Otsu masks)
+ANOMALY_PIPELINE_VERSION = 2
+
+
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
                         workers: int | None = None, progress: bool = True) -> AnomalyCache:
     """Run the offline preprocessing once per (views, settings) and keep it on disk; reuse it afterwards."""
     paths = [str(p) for p in image_paths]
-    folder = Path(cache_dir) / f"anomaly_{cfg.name.replace('+', '_')}_{cfg.size}px_{_files_stamp(paths, asdict(cfg))}"
+    stamp = _files_stamp(paths, {**asdict(cfg), "pipeline": ANOMALY_PIPELINE_VERSION})
+    folder = Path(cache_dir) / f"anomaly_{cfg.name.replace('+', '_')}_{cfg.size}px_{stamp}"
     if (folder / "affines.npy").is_file():
         return AnomalyCache(folder, paths, cfg)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
@@ -2340,6 +2397,18 @@ def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return AnomalyCache(folder, paths, cfg)
+
+
+def suspect_masks(cache: AnomalyCache, low: float = 0.02, high: float = 0.45) -> pd.DataFrame:
+    """Views whose hand mask is implausible, to look at before training: covering more than `high` of the square
+    (mostly the plate or the exposed field taken for the hand) or less than `low` (the hand missed). None for
+    variants without segmentation, whose mask is the whole view."""
+    rows = range(len(cache.image_paths)) if cache.cfg.segment else []
+    shares = np.array([cache.masks[i].mean() for i in rows], dtype=float)
+    table = pd.DataFrame({"image_path": [cache.image_paths[i] for i in rows], "mask_share": shares})
+    table["problem"] = np.select([shares > high, shares < low],
+                                 [f"mask covers more than {high:.0%} of the square", f"mask under {low:.0%}"], "")
+    return table[table["problem"] != ""].sort_values("mask_share", ascending=False).reset_index(drop=True)
 
 
 def anomaly_split(studies: pd.DataFrame, seed: int = 0) -> pd.DataFrame:

@@ -72,6 +72,67 @@ def _save(folder, image):
     return path
 
 
+def _hand_view(plate, outside, background, frame=None, size=(400, 300), seed=0):
+    """A view: `outside` around a plate of `plate` (rows 40..360, cols 30..270) whose inner field (8% margins
+    with a frame, else the whole plate) shows `background` around a hand: soft tissue (110) over bones (200),
+    the forearm running from the field's bottom edge to four fingers."""
+    image = np.full(size, outside, float)
+    image[40:360, 30:270] = plate
+    top, bottom, left, right = (40, 360, 30, 270) if frame is None else (66, 334, 50, 250)
+    image[top:bottom, left:right] = background
+    image[top + 100:bottom, 110:190] = 110  # the forearm's soft tissue ...
+    image[top + 100:bottom, 125:140], image[top + 100:bottom, 160:175] = 200, 200  # ... over its two bones
+    for x in (108, 130, 152, 174):  # the fingers
+        image[top + 10:top + 100, x:x + 18] = 110
+        image[top + 20:top + 100, x + 5:x + 13] = 200
+    return np.clip(image + np.random.default_rng(seed).normal(0, 4, size), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("plate, outside, background, frame", [
+    (25, 5, 25, None),  # a plate only a little brighter than its dark surround (Otsu alone splits hand from rest)
+    (235, 5, 25, True),  # bright unexposed borders inside the plate: the field is the exposed part
+    (25, 25, 25, True),  # ... with no plate edge at all: collimation on a dark scanner background
+])
+def test_carrier_crop_finds_the_exposed_field_and_the_mask_the_hand(plate, outside, background, frame, tmp_path):
+    image = _hand_view(plate, outside, background, frame)
+    if plate == outside:
+        image[40:360, 30:270][np.pad(np.ones((268, 200), bool), ((26, 26), (20, 20))) == 0] = 235
+    (cx, cy), (w, h), angle = mh.find_field(image)
+    field = (320, 240) if frame is None else (268, 200)
+    assert (h, w) == (pytest.approx(field[0], rel=0.05), pytest.approx(field[1], rel=0.05))
+    assert (cx, cy) == (pytest.approx(150, abs=4), pytest.approx(200, abs=4)) and abs(angle) < 0.03
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    assert out["carrier_found"] and 0.15 < out["mask"].mean() < 0.4  # the hand: not the whole field nor its borders
+
+
+def test_background_beside_a_straight_finger_is_no_plate():
+    image = np.full((300, 240), 20, np.uint8)
+    image[:, 100:130] = 200  # a straight bright finger across the view: each side is a dark rectangle ...
+    assert mh.find_carrier(image) is None  # ... but what lies outside it is as dark: not a plate standing out
+
+
+def test_anomaly_cache_is_rebuilt_when_the_pipeline_changes(tiny_phantom, tmp_path, monkeypatch):
+    paths = list(mh.studies_to_images(mh.load_studies(tiny_phantom, "train", "XR_HAND"))["image_path"][:3])
+    cfg = mh.PreprocessConfig(size=32)
+    first = mh.build_anomaly_cache(paths, cfg, tmp_path, workers=1, progress=False)
+    assert mh.build_anomaly_cache(paths, cfg, tmp_path, workers=1, progress=False).folder == first.folder
+    monkeypatch.setattr(mh, "ANOMALY_PIPELINE_VERSION", mh.ANOMALY_PIPELINE_VERSION + 1)
+    assert mh.build_anomaly_cache(paths, cfg, tmp_path, workers=1, progress=False).folder != first.folder
+
+
+def test_suspect_masks_are_listed(tmp_path):
+    masks = np.zeros((3, 10, 10), np.uint8)
+    masks[0, :9], masks[1, :3] = 1, 1  # the whole field taken for the hand; a plausible hand; nothing
+    for name, array in (("images", np.zeros_like(masks)), ("masks", masks), ("affines", np.zeros((3, 2, 3)))):
+        np.save(tmp_path / f"{name}.npy", array)
+    cache = mh.AnomalyCache(tmp_path, ["a.png", "b.png", "c.png"], mh.PreprocessConfig(size=10))
+    suspects = mh.suspect_masks(cache)
+    assert list(suspects["image_path"]) == ["a.png", "c.png"] and suspects["mask_share"].tolist() == [0.9, 0.0]
+    assert "more than 45%" in suspects["problem"][0] and "under 2%" in suspects["problem"][1]
+    unsegmented = mh.AnomalyCache(tmp_path, ["a.png", "b.png", "c.png"], mh.PreprocessConfig(size=10, segment=False))
+    assert mh.suspect_masks(unsegmented).empty  # its mask is the view, not a hand
+
+
 def test_carrier_search_skips_lines_and_specks():
     image = np.zeros((100, 80), np.uint8)
     image[:, 40] = 255  # a one-pixel line has no area: not a plate, and no error from the hull

@@ -115,6 +115,7 @@ def test_anomaly_notebook_runs_headless(normal_heavy_phantom, tmp_path):
     assert all(0 <= r["roc_auc"] <= 1 for r in results["grid"] if r["roc_auc"] == r["roc_auc"])
     assert results["heatmap_pointing_game"] is not None
     assert ("no model", "template_mse") in grid  # the model-free floor
+    assert isinstance(results["suspect_masks"], int)  # counted before training
     assert all(r["roc_auc_ci_low"] <= r["roc_auc"] <= r["roc_auc_ci_high"] for r in results["grid"]
                if r["roc_auc"] == r["roc_auc"])
     assert {(r["model"], r["score"]) for r in results["roc_auc_by_finding"]} == grid  # one variant: every row
