@@ -2164,6 +2164,15 @@ def min_area_rect(points: np.ndarray) -> tuple[np.ndarray, tuple[float, float], 
     return center, (w, h), a
 
 
+def rect_mask(shape: tuple[int, int], rect) -> np.ndarray:
+    """Pixels (of an image of `shape`) inside a rotated rectangle (center, (w, h), angle)."""
+    (cx, cy), (w, h), angle = rect
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    u = (xx - cx) * math.cos(angle) + (yy - cy) * math.sin(angle)
+    v = -(xx - cx) * math.sin(angle) + (yy - cy) * math.cos(angle)
+    return (np.abs(u) <= w / 2) & (np.abs(v) <= h / 2)
+
+
 def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray, min_share: float,
                 max_share: float):
     """(share, center, (w, h), angle) of a component's minimum-area rectangle when it is plate-like, else None:
@@ -2227,15 +2236,6 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
                 if found is not None and (best is None or found[0] > best[0]):
                     best = found
     return None if best is None else (best[1] * step, (best[2][0] * step, best[2][1] * step), best[3])
-
-
-def rect_mask(shape: tuple[int, int], rect) -> np.ndarray:
-    """Pixels (of an image of `shape`) inside a rotated rectangle (center, (w, h), angle)."""
-    (cx, cy), (w, h), angle = rect
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    u = (xx - cx) * math.cos(angle) + (yy - cy) * math.sin(angle)
-    v = -(xx - cx) * math.sin(angle) + (yy - cy) * math.cos(angle)
-    return (np.abs(u) <= w / 2) & (np.abs(v) <= h / 2)
 
 
 def find_field(gray: np.ndarray, max_share: float = 0.92):
