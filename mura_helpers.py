@@ -2174,18 +2174,18 @@ def rect_mask(shape: tuple[int, int], rect) -> np.ndarray:
 
 
 def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray, min_share: float,
-                max_share: float):
+                max_share: float, min_fill: float = 0.9):
     """(share, center, (w, h), angle) of a component's minimum-area rectangle when it is plate-like, else None:
-    it covers min_share..max_share of the searched pixels, the convex hull fills it, and what lies outside it
-    is mostly not of the component's class (`region`): a plate stands out from its surround, while the
-    background beside a straight finger, a rectangle too, does not."""
+    it covers min_share..max_share of the searched pixels, the convex hull fills min_fill of it, and what lies
+    outside it is mostly not of the component's class (`region`): a plate stands out from its surround, while
+    the background beside a straight finger, a rectangle too, does not."""
     ys, xs = np.nonzero(component)
     if len(xs) < 16 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # too small, or a line: no area, not a plate
         return None
     points = np.column_stack([xs, ys]).astype(float)
     center, (w, h), angle = min_area_rect(points)
     share = w * h / searched.sum()
-    if not (min_share <= share <= max_share and ConvexHull(points).volume / max(w * h, 1e-9) > 0.9
+    if not (min_share <= share <= max_share and ConvexHull(points).volume / max(w * h, 1e-9) > min_fill
             and len(xs) / (w * h) > 0.45):
         return None
     outside = searched & ~rect_mask(searched.shape, (center, (w + 2, h + 2), angle))
@@ -2221,10 +2221,9 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
     best = None
     for threshold in sorted(thresholds):
         above = (small > threshold) & searched
-        regions = (above, searched & ~above)
-        if within is not None:  # the field inside a plate is of the background's class; unexposed borders are not
-            regions = regions[:1] if commonest > threshold else regions[1:]
-        for region in regions:
+        for region, background in ((above, commonest > threshold), (searched & ~above, commonest <= threshold)):
+            if within is not None and not background:  # the field inside a plate is of the background's class
+                continue
             labels, n = ndimage.label(region)
             if n == 0:
                 continue
@@ -2232,7 +2231,8 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
             largest = labels == np.argmax(sizes) + 1
             large = np.flatnonzero(sizes >= 0.05 * sizes.max()) + 1
             for component in (largest, np.isin(labels, large)) if len(large) > 1 else (largest,):
-                found = _plate_rect(component, region, searched, min_share, max_share)
+                # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
+                found = _plate_rect(component, region, searched, min_share, max_share, 0.85 if background else 0.9)
                 if found is not None and (best is None or found[0] > best[0]):
                     best = found
     return None if best is None else (best[1] * step, (best[2][0] * step, best[2][1] * step), best[3])
@@ -2368,8 +2368,9 @@ class AnomalyCache:
 
 
 # bump when preprocess_view changes its output, so that caches built by an older version are rebuilt
-# (2: the exposed field inside collimated plates, plates barely darker than their surround, three-class Otsu masks)
-ANOMALY_PIPELINE_VERSION = 2
+# (2: the exposed field inside collimated plates, plates barely darker than their surround, three-class Otsu masks;
+# 3: a plate of the background's class may miss a corner)
+ANOMALY_PIPELINE_VERSION = 3
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",

@@ -105,6 +105,18 @@ def test_carrier_crop_finds_the_exposed_field_and_the_mask_the_hand(plate, outsi
     assert out["carrier_found"] and 0.15 < out["mask"].mean() < 0.4  # the hand: not the whole field nor its borders
 
 
+def test_a_plate_with_a_collimated_corner_is_still_found():
+    image = _hand_view(25, 25, 25)
+    plate = np.zeros(image.shape, bool)
+    plate[12:388, 10:290] = True  # a dark plate filling most of the view, on a grey surround ...
+    image[~plate] = 120
+    yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
+    image[plate & ((yy - 12) + (xx - 10) < 150)] = 235  # ... whose top-left corner a bright wedge cuts off
+    (cx, cy), (w, h), angle = mh.find_field(image)
+    assert (h, w) == (pytest.approx(376, rel=0.04), pytest.approx(280, rel=0.04)) and abs(angle) < 0.03
+    assert (cx, cy) == (pytest.approx(150, abs=4), pytest.approx(200, abs=4))
+
+
 def test_background_beside_a_straight_finger_is_no_plate():
     image = np.full((300, 240), 20, np.uint8)
     image[:, 100:130] = 200  # a straight bright finger across the view: each side is a dark rectangle ...
