@@ -1198,12 +1198,20 @@ def seed_everything(seed: int) -> None:
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """torch.save to a temporary file, flushed to disk, then rename: a crash never leaves a half-written
+    checkpoint, and a failed write (a full disk) leaves no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def make_view_loader(cache: ImageCache, images: pd.DataFrame, batch_size: int, shuffle: bool = False, seed: int = 0,

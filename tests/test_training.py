@@ -225,7 +225,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch
     mh.save_atomic({"epoch": 1}, path)
 
     def broken_save(obj, f):
-        mh.Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(mh.torch, "save", broken_save)
@@ -233,6 +233,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch
         mh.save_atomic({"epoch": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no partial temporary file left on a full disk
 
 
 def test_pretrained_download_failure_says_how_to_go_on(monkeypatch):
