@@ -3163,7 +3163,8 @@ def anomaly_results_table(results: pd.DataFrame, value: str = "roc_auc") -> pd.D
 
 def anomaly_findings_table(results: pd.DataFrame, findings: pd.DataFrame, variant: str | None = None) -> pd.DataFrame:
     """Phantom only: each model x score's test ROC-AUC per planted finding type (its abnormal studies against all
-    normal ones), for one preprocessing variant (default: the grid's first)."""
+    normal ones), for one preprocessing variant (default: the grid's first); attrs["n_abnormal"]: the count of
+    abnormal test studies of each type."""
     variant = variant or results["variant"].iloc[0]
     tables = []
     for run in results[results["variant"] == variant].drop_duplicates("run_dir").itertuples():
@@ -3173,8 +3174,9 @@ def anomaly_findings_table(results: pd.DataFrame, findings: pd.DataFrame, varian
         aurocs = table[[f"auroc_{n}" for n in names]].T.set_axis(names)
         tables.append(aurocs.assign(model=run.model).rename_axis("score").reset_index())
         counts = table["n_abnormal"]
-    table = pd.concat(tables).set_index(["model", "score"])
-    return table.rename(columns=lambda kind: f"{kind} ({counts[kind]})")
+    table = pd.concat(tables).set_index(["model", "score"]).rename_axis(columns="finding")
+    table.attrs["n_abnormal"] = {kind: int(n) for kind, n in counts.items()}
+    return table
 
 
 def plot_gan_samples(results: pd.DataFrame, n: int = 6, device: str = "auto", seed: int = 0):

@@ -391,7 +391,8 @@ def test_grid_scores_every_model_variant_by_variant(normal_heavy_phantom, tmp_pa
     by_finding = mh.anomaly_findings_table(results, mh.load_phantom_findings(normal_heavy_phantom))
     assert ("CAE", "mse") in by_finding.index and ("no model", "template_mse") in by_finding.index
     n_abnormal = results.loc[results["variant"] == "raw", "n_abnormal"].iloc[0]
-    assert by_finding.columns[-1] == f"all ({n_abnormal})"
+    assert by_finding.columns[-1] == "all" and by_finding.attrs["n_abnormal"]["all"] == n_abnormal
+    assert sum(n for kind, n in by_finding.attrs["n_abnormal"].items() if kind != "all") == n_abnormal
     assert by_finding.iloc[:, -1].to_numpy() == pytest.approx(table["raw"].loc[by_finding.index].to_numpy())
 
 

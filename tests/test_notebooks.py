@@ -119,4 +119,5 @@ def test_anomaly_notebook_runs_headless(normal_heavy_phantom, tmp_path):
     assert all(r["roc_auc_ci_low"] <= r["roc_auc"] <= r["roc_auc_ci_high"] for r in results["grid"]
                if r["roc_auc"] == r["roc_auc"])
     assert {(r["model"], r["score"]) for r in results["roc_auc_by_finding"]} == grid  # one variant: every row
+    assert results["n_abnormal_by_finding"]["all"] == results["grid"][0]["n_abnormal"]
     assert (tmp_path / "anomaly" / "cae_full+HE" / "checkpoints" / "best.pt").is_file()
