@@ -2932,27 +2932,24 @@ def reference_anomaly_scores(cache: AnomalyCache, images: pd.DataFrame, train_im
     """Model-free scores of the views of `images`, a floor that a trained model must beat: the masked MSE and its
     top-k against the mean normal training view (a template), the mean intensity inside the hand mask, and the
     mask's share of the square (hand size)."""
-    def batches(rows):
-        for i in range(0, len(rows), chunk):
-            part = np.sort(rows[i:i + chunk])
-            yield (part, torch.from_numpy(cache.images[part][:, None].astype(np.float32) / 255),
-                   torch.from_numpy(cache.masks[part][:, None].astype(np.float32)))
+    def batches(views):  # the loader the scoring uses: (views, masks, positions in `views`), read in file order
+        for x, m, idx in _anomaly_loader(cache, views, chunk, 0, False):
+            yield x.float() / 255, m.float(), idx
     total, count = 0, 0
-    for _, x, m in batches(cache.rows(train_images["image_path"])):
+    for x, m, _ in batches(train_images):
         total, count = total + (x * m).sum(0, keepdim=True), count + m.sum(0, keepdim=True)
     template = total / count.clamp(min=1)
     columns, order = {}, []
-    for part, x, m in batches(cache.rows(images["image_path"])):
+    for x, m, idx in batches(images):
         s = reconstruction_scores(x, {"recon": template.expand_as(x), "mu": None, "logvar": None}, m, top_k)
         found = {"template_mse": s["mse"], f"template_mse_top{top_k}": s[f"mse_top{top_k}"],
                  "intensity": (x * m).sum((1, 2, 3)) / m.sum((1, 2, 3)).clamp(min=1), "hand_area": m.mean((1, 2, 3))}
         for k, v in found.items():
             columns.setdefault(k, []).append(v.numpy())
-        order.append(part)
-    scores = pd.DataFrame({k: np.concatenate(v) for k, v in columns.items()}, index=np.concatenate(order))
+        order.append(idx.numpy())
+    scores = pd.DataFrame({k: np.concatenate(v) for k, v in columns.items()}, index=np.concatenate(order)).sort_index()
     keep = [c for c in ("image_path", "study_path", "patient", "label", "subset") if c in images.columns]
-    rows = cache.rows(images["image_path"])
-    return pd.concat([images[keep].reset_index(drop=True), scores.loc[rows].reset_index(drop=True)], axis=1)
+    return pd.concat([images[keep].reset_index(drop=True), scores.reset_index(drop=True)], axis=1)
 
 
 def anomaly_optimizers(model, cfg: AnomalyConfig, device) -> dict:
