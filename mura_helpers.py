@@ -2883,6 +2883,9 @@ def augment_views_and_masks(x, m, generator, cfg: AnomalyConfig):
     return (x * gain).clamp(0, 1), m
 
 
+SCORE_ID_COLUMNS = ("image_path", "study_path", "patient", "label", "subset")  # a score table's non-scores
+
+
 def evaluate_anomaly(model, cache: AnomalyCache, images: pd.DataFrame, cfg: AnomalyConfig, device,
                      progress: bool = False) -> pd.DataFrame:
     """Every score for every view of `images` (no augmentation), with the view's study, label and subset."""
@@ -2900,13 +2903,13 @@ def evaluate_anomaly(model, cache: AnomalyCache, images: pd.DataFrame, cfg: Anom
             index.append(idx)
     order = torch.cat(index).numpy()
     scores = pd.DataFrame({k: torch.cat(v).numpy() for k, v in columns.items()})
-    keep = [c for c in ("image_path", "study_path", "patient", "label", "subset") if c in images.columns]
+    keep = [c for c in SCORE_ID_COLUMNS if c in images.columns]
     return pd.concat([images.iloc[order][keep].reset_index(drop=True), scores], axis=1)
 
 
 def study_scores(scores: pd.DataFrame) -> pd.DataFrame:
     """View scores to study scores (the mean of its views), one row per study with its label."""
-    names = [c for c in scores.columns if c not in ("image_path", "study_path", "patient", "label", "subset")]
+    names = [c for c in scores.columns if c not in SCORE_ID_COLUMNS]
     return scores.groupby("study_path").agg({"label": "first", **dict.fromkeys(names, "mean")}).reset_index()
 
 
@@ -2914,7 +2917,7 @@ def anomaly_metrics(scores: pd.DataFrame, level: str = "study", n_boot: int = 20
     """ROC-AUC (with a 95% bootstrap interval when n_boot > 0) and average precision of every score, per study
     (mean of its views) or per image."""
     data = study_scores(scores) if level == "study" else scores
-    names = [c for c in data.columns if c not in ("image_path", "study_path", "patient", "label", "subset")]
+    names = [c for c in data.columns if c not in SCORE_ID_COLUMNS]
     rows = []
     for name in names:
         one_class = data["label"].nunique() < 2
@@ -2948,7 +2951,7 @@ def reference_anomaly_scores(cache: AnomalyCache, images: pd.DataFrame, train_im
             columns.setdefault(k, []).append(v.numpy())
         order.append(idx.numpy())
     scores = pd.DataFrame({k: np.concatenate(v) for k, v in columns.items()}, index=np.concatenate(order)).sort_index()
-    keep = [c for c in ("image_path", "study_path", "patient", "label", "subset") if c in images.columns]
+    keep = [c for c in SCORE_ID_COLUMNS if c in images.columns]
     return pd.concat([images[keep].reset_index(drop=True), scores.reset_index(drop=True)], axis=1)
 
 
