@@ -7,20 +7,27 @@ Every notebook imports this one module; the notebooks themselves stay thin.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
+import socket
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -75,37 +82,56 @@ class DataProblem:
     detail: str = ""
 
 
-def _looks_like_mura_root(path: Path) -> bool:
+def _subfolders(folder: Path, unreadable: list[str] | None = None) -> list[Path]:
+    """The visible subfolders of `folder`, sorted; [] for a folder that cannot be read (noted in `unreadable`)."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:  # no permission, a broken mount: skip it rather than fail beside a readable dataset
+        if unreadable is not None:
+            unreadable.append(f"{folder} ({e.strerror or type(e).__name__})")
+        return []
+
+
+def _looks_like_mura_root(path: Path, unreadable: list[str] | None = None) -> bool:
     """True when `path` holds MURA's split folders with body-part folders, or its official CSVs."""
-    if any((path / f"{split}_labeled_studies.csv").is_file() for split in SPLITS):
-        return True
-    return any(
-        (path / split).is_dir() and any(p.is_dir() and p.name.startswith("XR_") for p in (path / split).iterdir())
-        for split in SPLITS
-    )
+    try:
+        if any((path / f"{split}_labeled_studies.csv").is_file() for split in SPLITS):
+            return True
+        splits = [path / split for split in SPLITS if (path / split).is_dir()]
+    except OSError as e:
+        if unreadable is not None:
+            unreadable.append(f"{path} ({e.strerror or type(e).__name__})")
+        return False
+    return any(p.name.startswith("XR_") for split in splits for p in _subfolders(split, unreadable))
 
 
 def find_mura_root(path: str | os.PathLike, max_depth: int = 6) -> Path:
-    """Return the MURA-v1.1 folder given it, its parent, or a download folder holding it below."""
+    """Return the MURA-v1.1 folder given it, its parent, or a download folder holding it below (folders that
+    cannot be read are skipped, and named if nothing is found)."""
+    if not str(path).strip():
+        raise MuraDataError(f"data_dir is an empty path ({str(path)!r}): give the MURA-v1.1 folder or a folder "
+                            f"above it, or None for the phantom")
     path = Path(path).expanduser()
     if not path.exists():
         raise MuraDataError(f"{path}: no such folder. {GET_MURA_HELP}")
     if not path.is_dir():
         raise MuraDataError(f"{path}: is a file, not a dataset folder. {GET_MURA_HELP}")
-    if _looks_like_mura_root(path):
+    unreadable: list[str] = []
+    if _looks_like_mura_root(path, unreadable):
         return path
     queue = [(path, 0)]
     while queue:  # breadth first, so the shallowest match wins; MURA-v1.1 by name before other matches
         folder, depth = queue.pop(0)
-        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        children = _subfolders(folder, unreadable)
         for child in sorted(children, key=lambda p: p.name != MURA_DIRNAME):
-            if _looks_like_mura_root(child):
+            if _looks_like_mura_root(child, unreadable):
                 return child
         if depth + 1 < max_depth:
             queue.extend((child, depth + 1) for child in children)
+    skipped = f" Skipped {len(unreadable)} unreadable folder(s): {', '.join(unreadable[:5])}." if unreadable else ""
     raise MuraDataError(
         f"{path}: no MURA dataset found here or up to {max_depth} folders below (looked for a folder holding "
-        f"train/ or valid/ with XR_* body-part folders, or train_labeled_studies.csv). {GET_MURA_HELP}"
+        f"train/ or valid/ with XR_* body-part folders, or train_labeled_studies.csv).{skipped} {GET_MURA_HELP}"
     )
 
 
@@ -140,15 +166,27 @@ def _read_official_csvs(root: Path, split: str) -> tuple[pd.DataFrame, list[str]
         if not f.is_file():
             raise MuraDataError(f"{f}: missing, while its companion CSV exists; restore it or remove both")
     rows = []
-    for n, line in enumerate(studies_csv.read_text().splitlines(), 1):
+    for n, line in enumerate(_csv_lines(studies_csv), 1):
         if not line.strip():
             continue
         fields = line.rsplit(",", 1)
         if len(fields) != 2 or fields[1].strip() not in ("0", "1"):
             raise MuraDataError(f"{studies_csv}, line {n}: expected 'study_path/,label' (label 0 or 1), got {line!r}")
         rows.append((fields[0].strip(), int(fields[1])))
-    images = [ln.strip() for ln in images_csv.read_text().splitlines() if ln.strip()]
+    images = [ln.strip() for ln in _csv_lines(images_csv) if ln.strip()]
     return pd.DataFrame(rows, columns=["csv_study_path", "csv_label"]), images
+
+
+def _csv_lines(path: Path) -> list[str]:
+    """The lines of an official CSV, which must be UTF-8 text; else one error naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise MuraDataError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
+                            f"the official CSVs are UTF-8: re-save it as UTF-8 or restore the original") from None
 
 
 def _natural_image_order(path: Path) -> tuple:
@@ -173,6 +211,21 @@ def check_image_file(path: str | os.PathLike, full_decode: bool = False) -> str 
     except Exception as e:  # PIL raises several types for corrupt data
         return f"unreadable or truncated image ({type(e).__name__}: {e})"
     return None
+
+
+def _decodes(path: Path) -> str | None:
+    """check_image_file with a full decode, done once per file version (path, size, mtime) in a process."""
+    try:
+        st = path.stat()
+    except OSError:
+        return check_image_file(path)
+    return _decode_check(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.cache
+def _decode_check(path: str, size: int, mtime_ns: int) -> str | None:
+    """The memoised full-decode check of one file version."""
+    return check_image_file(path, full_decode=True)
 
 
 def load_studies(
@@ -270,11 +323,11 @@ def load_studies(
             problems.append(DataProblem(str(found[key]["study_dir"]), "unlisted study", "on disk, in no CSV"))
             found.pop(key)
 
-    # 3. check every image file, then drop what is unusable
+    # 3. check every image file (decoded in full: a corrupt data stream can carry valid checksums), drop the unusable
     for info in found.values():
         good = []
         for img in info["images"]:
-            issue = check_image_file(img) if verify_images else None
+            issue = _decodes(img) if verify_images else None
             if issue:
                 problems.append(DataProblem(str(img), "bad image", issue))
             else:
@@ -374,6 +427,9 @@ PHANTOM_MANIFEST = "phantom_manifest.json"
 # version 2: findings large enough to see at 224 px (displaced fractures, thick hardware, expansile lesions)
 PHANTOM_VERSION = 2
 _PHANTOM_SETTINGS = ("n_patients", "seed", "valid_fraction", "positive_rate", "body_parts", "image_size")
+PHANTOM_MADE_BY = "mura_helpers.make_phantom_mura"  # the manifest's mark: only a folder so marked is ever deleted
+_PHANTOM_FILES = (PHANTOM_MANIFEST, PHANTOM_FINDINGS_CSV, *(f"{s}_{kind}.csv" for s in SPLITS
+                                                          for kind in ("labeled_studies", "image_paths")))
 FINGERS = ("thumb", "index", "middle", "ring", "little")
 # canonical right hand, PA view, wrist at the origin, fingers towards +y; unit: wrist to middle fingertip
 _MC_BASE = {"thumb": (-0.085, 0.11), "index": (-0.045, 0.165), "middle": (-0.01, 0.17),
@@ -778,6 +834,12 @@ def make_phantom_mura(
     if unknown:
         raise MuraDataError(f"unknown body part(s) {unknown}: choose from {list(BODY_PARTS)}")
     mura = Path(root) / MURA_DIRNAME
+    if mura.exists():
+        _remove_own_phantom(mura)  # only a phantom this code made; anything else is refused, never overwritten
+    settings = {"made_by": PHANTOM_MADE_BY, "version": PHANTOM_VERSION, "n_patients": n_patients, "seed": seed,
+                "valid_fraction": valid_fraction, "positive_rate": positive_rate, "body_parts": list(body_parts),
+                "image_size": image_size}
+    _write_json_atomic({**settings, "complete": False}, mura / PHANTOM_MANIFEST)  # marks the folder as ours
     studies, tasks = _plan_phantom(n_patients, seed, valid_fraction, positive_rate, body_parts, image_size)
     for t in tasks:
         t["path"] = str(mura.joinpath(*t["key"], t["image"]))
@@ -800,33 +862,88 @@ def make_phantom_mura(
     columns = ["split", "body_part", "patient", "study", "image_path", "view_type", "finding", "bone",
                "x0", "y0", "x1", "y1", "width", "height"]
     pd.DataFrame(findings, columns=columns).to_csv(mura / PHANTOM_FINDINGS_CSV, index=False)
-    manifest = {"version": PHANTOM_VERSION, "n_patients": n_patients, "seed": seed, "valid_fraction": valid_fraction,
-                "positive_rate": positive_rate, "body_parts": list(body_parts), "image_size": image_size,
-                "n_studies": len(studies), "n_images": len(tasks)}
-    (mura / PHANTOM_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    manifest = {**settings, "n_studies": len(studies), "n_images": len(tasks),
+                "files": sorted({p.name for p in mura.iterdir()} | {PHANTOM_MANIFEST}), "complete": True}
+    _write_json_atomic(manifest, mura / PHANTOM_MANIFEST)  # complete: rewritten last
     return mura
 
 
 def ensure_phantom(root: str | os.PathLike = "data/phantom", **kwargs) -> Path:
-    """Return the phantom MURA-v1.1 under `root`, generating it only when missing, incomplete or made otherwise."""
+    """Return the phantom MURA-v1.1 under `root`, generating it only when missing, incomplete or made otherwise;
+    a folder that is not a phantom this code made is never deleted (MuraDataError)."""
     mura = Path(root) / MURA_DIRNAME
     params = inspect.signature(make_phantom_mura).parameters
     settings = {k: kwargs.get(k, params[k].default) for k in _PHANTOM_SETTINGS}
     settings = {"version": PHANTOM_VERSION, **settings, "body_parts": list(settings["body_parts"])}
-    manifest = mura / PHANTOM_MANIFEST  # written last, so its presence means a complete dataset
-    if manifest.is_file():
-        made = json.loads(manifest.read_text())
-        if {k: made.get(k) for k in settings} == settings:
-            return mura
-    if mura.exists():
-        shutil.rmtree(mura)
-    return make_phantom_mura(root, **kwargs)
+    made = _phantom_manifest(mura)
+    if made is not None and made.get("complete", True) and {k: made.get(k) for k in settings} == settings:
+        return mura
+    return make_phantom_mura(root, **kwargs)  # removes an older or unfinished phantom of ours first
+
+
+def _write_json_atomic(obj, path: Path) -> None:
+    """Write JSON through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _phantom_manifest(mura: Path) -> dict | None:
+    """The phantom manifest in `mura` when this code wrote it (marked, or a version-1/2 manifest); else None."""
+    path = mura / PHANTOM_MANIFEST
+    try:
+        made = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    legacy = {"version", "n_patients", "seed", "image_size", "n_images"} <= set(made)  # before the marker
+    return made if isinstance(made, dict) and (made.get("made_by") == PHANTOM_MADE_BY or legacy) else None
+
+
+def _foreign_phantom_entries(mura: Path, made: dict) -> list[str]:
+    """What in `mura` a phantom does not write (beside its own files: split/XR_*/patientN/studyN_*/imageN.png)."""
+    own = set(made.get("files", ())) | set(_PHANTOM_FILES)
+    foreign = []
+    for entry in mura.iterdir():
+        if entry.name not in SPLITS or not entry.is_dir():
+            if entry.name not in own and not entry.name.startswith("phantom_"):
+                foreign.append(str(entry))
+            continue
+        for path in entry.rglob("*"):
+            parts = path.relative_to(entry).parts
+            expected = [lambda n: n in BODY_PARTS, PATIENT_DIR_RE.match, STUDY_DIR_RE.match,
+                        lambda n: re.fullmatch(r"image\d+\.png", n)]
+            if len(parts) > 4 or not expected[len(parts) - 1](parts[-1]) or path.is_dir() == (len(parts) == 4):
+                foreign.append(str(path))
+    return sorted(foreign)
+
+
+def _remove_own_phantom(mura: Path) -> None:
+    """Delete `mura` when it is a phantom this code made and holds nothing else; otherwise raise, deleting nothing."""
+    entries = sorted(p.name for p in mura.iterdir()) if mura.is_dir() else [mura.name]
+    if not entries:
+        mura.rmdir()
+        return
+    made = _phantom_manifest(mura) if mura.is_dir() else None
+    if made is None:
+        raise MuraDataError(
+            f"{mura}: not a phantom made by this suite (no {PHANTOM_MANIFEST} of ours; it holds "
+            f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}), so it is left alone, never deleted or "
+            f"overwritten. To use this data set data_dir to it; for the phantom, choose an empty or new phantom_dir.")
+    foreign = _foreign_phantom_entries(mura, made)
+    if foreign:
+        raise MuraDataError(
+            f"{mura}: a phantom folder that also holds {len(foreign)} file(s) the phantom did not write "
+            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); nothing was deleted. Move them out "
+            f"(or the phantom folder away) and run again to remake the phantom.")
+    shutil.rmtree(mura)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None, phantom_root: str | os.PathLike = "data/phantom",
                      **phantom_kwargs) -> Path:
-    """Return the MURA root to use: `data_dir` when given, else the embedded phantom (made if needed)."""
-    if data_dir:
+    """Return the MURA root to use: `data_dir` when given (an empty one is an error), else the embedded phantom (made
+    if needed)."""
+    if data_dir is not None:
         return find_mura_root(data_dir)
     return ensure_phantom(phantom_root, **phantom_kwargs)
 
@@ -834,8 +951,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, phantom_root: str | os.
 def config_data_root(cfg, data_dir: str | os.PathLike | None = None) -> Path:
     """The MURA root a TrainConfig or AnomalyConfig reads: `data_dir`, else its own, else its phantom (made if
     needed)."""
-    return resolve_data_dir(data_dir or cfg.data_dir, cfg.phantom_dir, n_patients=cfg.phantom_patients,
-                            image_size=cfg.phantom_image_size, seed=cfg.phantom_seed)
+    return resolve_data_dir(cfg.data_dir if data_dir is None else data_dir, cfg.phantom_dir,
+                            n_patients=cfg.phantom_patients, image_size=cfg.phantom_image_size, seed=cfg.phantom_seed)
 
 
 def load_phantom_findings(data_dir: str | os.PathLike) -> pd.DataFrame:
@@ -858,11 +975,13 @@ def phantom_boxes(data_dir: str | os.PathLike) -> pd.DataFrame | None:
 # ---------------------------------------------------------------- images & cache: decode and resize once, uint8 on disk
 
 def _files_stamp(paths: Sequence[str], *settings) -> str:
-    """A key for a cache: the settings and every file's path, size and modification time."""
+    """A key for a cache: the settings and every file's path, size, modification time and content (sha256 of its
+    bytes: a file changed with the same size and time gets a new key; ~0.3 s for the default phantom's 876 views)."""
     stamp = hashlib.sha1(json.dumps([CACHE_VERSION, *settings]).encode())
     for p in paths:
         st = Path(p).stat()
-        stamp.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        content = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+        stamp.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{content}\n".encode())
     return stamp.hexdigest()[:16]
 
 
@@ -1121,6 +1240,160 @@ def study_weighted_bce(logits, targets, study: torch.Tensor, n_studies: int, w0:
 
 SELECT_METRICS = {"valid_loss": "min", "valid_auroc": "max", "valid_kappa": "max", "valid_accuracy": "max"}
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201")  # build_model replaces a DenseNet's classifier
+AMP_MODES = ("auto", "fp16", "bf16", "off")
+ON_BAD = ("raise", "skip")
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+class ConfigError(ValueError):
+    """A setting of the wrong type or out of range, named with its value and what is allowed."""
+
+
+def _bad_setting(owner: str, name: str, value, allowed: str):
+    """Raise the ConfigError naming the setting, its value and what is allowed."""
+    raise ConfigError(f"{owner}.{name} = {value!r}: must be {allowed}")
+
+
+def _bool_setting(owner: str, name: str, value) -> bool:
+    """A boolean setting; papermill's strings ('False', 'false', '0', 'true', ...) are read as what they say."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    return _bad_setting(owner, name, value, "True or False (or the strings 'true'/'false', 'yes'/'no', '1'/'0')")
+
+
+def _number_setting(owner: str, name: str, value, kind: type, lo: float, hi: float, lo_open: bool = False,
+                    optional: bool = False):
+    """An int or float setting within [lo, hi] (or (lo, hi]); numeric strings (papermill's -r) are converted."""
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
+        return None
+    allowed = (f"{'an integer' if kind is int else 'a finite number'} in {'(' if lo_open else '['}{lo}, {hi}]"
+               + (" or None" if optional else ""))
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            _bad_setting(owner, name, value, allowed)
+    if isinstance(number, (bool, np.bool_)) or not isinstance(number, (int, float, np.integer, np.floating)):
+        _bad_setting(owner, name, value, allowed)
+    try:
+        as_float = float(number)
+    except OverflowError:
+        as_float = math.inf
+    if not math.isfinite(as_float) or (kind is int and not as_float.is_integer()):
+        _bad_setting(owner, name, value, allowed)
+    number = int(number) if kind is int else as_float
+    if number < lo or (lo_open and number == lo) or number > hi:
+        _bad_setting(owner, name, value, allowed)
+    return number
+
+
+def _choice_setting(owner: str, name: str, value, allowed: Sequence):
+    """A setting that must be one of `allowed`."""
+    if isinstance(value, str) and value not in allowed and value.strip() in allowed:
+        value = value.strip()
+    if value not in allowed:
+        raise ConfigError(f"{owner}.{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+def _path_setting(owner: str, name: str, value, optional: bool = False) -> str | None:
+    """A folder setting as a string; an empty string is refused (it would silently mean the current folder)."""
+    if optional and value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        _bad_setting(owner, name, value, "a folder path" + (" or None (the embedded phantom)" if optional else "")
+                     + "; an empty string would mean the current folder")
+    return value
+
+
+def _names_setting(owner: str, name: str, value, allowed: Sequence[str]) -> tuple[str, ...]:
+    """A list of names; one name given as a string ('train', or 'train,valid') is read as a list of them."""
+    names = [n for n in re.split(r"[,\s]+", value) if n] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        _bad_setting(owner, name, value, f"a non-empty list of names from {list(allowed)}")
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        _bad_setting(owner, name, value, f"names from {list(allowed)} (unknown: {unknown})")
+    return tuple(names)
+
+
+def _body_part_setting(owner: str, value):
+    """body_part: one of BODY_PARTS, a list of them, 'all' or None."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+        return value
+    if isinstance(value, str):
+        return _choice_setting(owner, "body_part", value.strip(), (*BODY_PARTS, "all"))
+    return _names_setting(owner, "body_part", value, BODY_PARTS)
+
+
+def _device_setting(owner: str, value) -> str:
+    """device: 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'."""
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value.strip()):
+        _bad_setting(owner, "device", value, "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
+    return value.strip()
+
+
+def _range_pair_setting(owner: str, name: str, value, lo: float, hi: float) -> tuple[float, float]:
+    """A (low, high) pair of numbers within [lo, hi], low <= high."""
+    if isinstance(value, str):
+        value = [v for v in re.split(r"[,\s()\[\]]+", value) if v]
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        _bad_setting(owner, name, value, f"two numbers (low, high) in [{lo:g}, {hi:g}]")
+    pair = tuple(_number_setting(owner, name, v, float, lo, hi) for v in value)
+    if pair[0] > pair[1]:
+        _bad_setting(owner, name, value, "(low, high) with low <= high")
+    return pair
+
+
+def _validate_common(cfg, owner: str, integers: dict[str, tuple[int, int]], floats: dict[str, tuple]) -> None:
+    """Check and convert the settings TrainConfig and AnomalyConfig share, then the given ranges."""
+    cfg.data_dir = _path_setting(owner, "data_dir", cfg.data_dir, optional=True)
+    for name in ("output_dir", "cache_dir", "phantom_dir"):
+        setattr(cfg, name, _path_setting(owner, name, getattr(cfg, name)))
+    cfg.body_part = _body_part_setting(owner, cfg.body_part)
+    common = {"phantom_patients": (2, 1_000_000), "phantom_image_size": (64, 8192), "phantom_seed": (0, 2**32 - 1),
+              "num_workers": (0, 1024), "seed": (0, 2**32 - 1)}
+    for name, (lo, hi) in {**common, **integers}.items():
+        setattr(cfg, name, _number_setting(owner, name, getattr(cfg, name), int, lo, hi))
+    for name, (lo, hi, lo_open) in floats.items():
+        setattr(cfg, name, _number_setting(owner, name, getattr(cfg, name), float, lo, hi, lo_open))
+    cfg.max_steps_per_epoch = _number_setting(owner, "max_steps_per_epoch", cfg.max_steps_per_epoch, int, 1, 2**40,
+                                              optional=True)
+    for name in ("hflip", "resume"):
+        setattr(cfg, name, _bool_setting(owner, name, getattr(cfg, name)))
+    cfg.amp = _choice_setting(owner, "amp", cfg.amp, AMP_MODES)
+    cfg.on_bad = _choice_setting(owner, "on_bad", cfg.on_bad, ON_BAD)
+    cfg.device = _device_setting(owner, cfg.device)
+
+
+def _validate_train_config(cfg) -> None:
+    """Every TrainConfig setting checked (types, ranges, names) before any data is read."""
+    owner = "TrainConfig"
+    _validate_common(cfg, owner, {
+        "image_size": (32, 4096),  # a DenseNet halves the input five times: 32 px leaves one feature pixel
+        "batch_size": (2, 1_000_000),  # batch norm needs two values a channel in training
+        "valid_batch_size": (1, 1_000_000), "epochs": (1, 1_000_000), "plateau_patience": (0, 1_000_000),
+        "keep_top_k": (0, 1_000_000),
+    }, {"lr": (0.0, 1.0, True), "weight_decay": (0.0, 1.0, False), "plateau_factor": (0.0, 1.0, True),
+        "rotation_degrees": (0.0, 180.0, False)})
+    for name in ("pretrained", "channels_last"):
+        setattr(cfg, name, _bool_setting(owner, name, getattr(cfg, name)))
+    cfg.arch = _choice_setting(owner, "arch", cfg.arch, ARCHS)
+    if isinstance(cfg.betas, str):
+        cfg.betas = [v for v in re.split(r"[,\s()\[\]]+", cfg.betas) if v]
+    if not isinstance(cfg.betas, (list, tuple)) or len(cfg.betas) != 2:
+        _bad_setting(owner, "betas", cfg.betas, "two numbers in [0, 1), e.g. (0.9, 0.999)")
+    cfg.betas = tuple(_number_setting(owner, "betas", b, float, 0.0, 0.999999) for b in cfg.betas)
+    if isinstance(cfg.compile, str) and cfg.compile.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+        cfg.compile = _bool_setting(owner, "compile", cfg.compile)
 
 
 @dataclass
@@ -1164,7 +1437,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # for smoke tests
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
+        _validate_train_config(self)
         checks = {"resize": (self.resize, RESIZE_MODES), "loss_level": (self.loss_level, ("image", "study")),
                   "select_metric": (self.select_metric, tuple(SELECT_METRICS)),
                   "amp": (self.amp, ("auto", "fp16", "bf16", "off"))}
@@ -1197,11 +1470,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+DIGEST_KEY = "sha256"  # a checkpoint's digest of its own content, checked on every load
+
+
+def _state_digest(obj) -> str:
+    """sha256 over a checkpoint's content: every tensor's dtype, shape and bytes, every other value's type and repr,
+    in order (independent of how torch.save lays the file out)."""
+    digest = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{t.dtype}{tuple(x.shape)};".encode())
+            digest.update(t.view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            digest.update(f"D{len(x)};".encode())
+            for key, value in x.items():
+                feed(key)
+                feed(value)
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"L{len(x)};".encode())
+            for value in x:
+                feed(value)
+        else:
+            digest.update(f"{type(x).__name__}:{x!r};".encode())
+
+    feed(obj)
+    return digest.hexdigest()
+
+
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save to a temporary file, flushed to disk, then rename: a crash never leaves a half-written
-    checkpoint, and a failed write (a full disk) leaves no temporary file behind."""
+    checkpoint, and a failed write (a full disk) leaves no temporary file behind. A dict gets its sha256 digest
+    (DIGEST_KEY), which every load checks."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(obj, dict):
+        obj = {**{k: v for k, v in obj.items() if k != DIGEST_KEY}, DIGEST_KEY: _state_digest(
+            {k: v for k, v in obj.items() if k != DIGEST_KEY})}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -1209,9 +1515,87 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"disk full while writing {path} (the partial file was removed; {path} "
+                                   f"keeps its previous content): free some space and run again to resume") from e
         raise
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (empty, truncated, corrupt, not a checkpoint, of the other kind), named."""
+
+
+CHECKPOINT_KINDS = {"supervised": "a supervised (DenseNet) checkpoint: load it with load_checkpoint",
+                    "anomaly": "an anomaly-detection checkpoint: load it with load_anomaly_model"}
+
+
+def _checkpoint_kind(state: dict) -> str | None:
+    """'supervised' or 'anomaly' (stored, or told by the config of a checkpoint saved before it was stored)."""
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    return state.get("kind") or ("anomaly" if "variant" in config else "supervised" if "arch" in config else None)
+
+
+def _read_checkpoint(path: Path, kind: str | None) -> tuple[dict | None, str | None]:
+    """(state, None) for a verified checkpoint of this kind, else (None, what is wrong with the file)."""
+    if not path.is_file():
+        return None, "no such file"
+    if path.stat().st_size == 0:
+        return None, "an empty file (0 bytes): its write never finished"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        return None, f"not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with {head!r})"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never do that with such a file
+        return None, ("not a checkpoint of this suite: it holds Python objects that a safe load refuses "
+                      "(nothing in it was run)")
+    except Exception as e:  # a truncated or damaged archive
+        reason = str(e).split(". ")[0] if str(e) and "weights_only" not in str(e) else type(e).__name__
+        return None, f"truncated or damaged: not a readable PyTorch archive ({reason})"
+    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
+        return None, "not a checkpoint of this suite (a PyTorch file without its 'model' and 'config')"
+    saved = state.pop(DIGEST_KEY, None)
+    if saved is None:
+        warnings.warn(f"{path}: saved before checkpoints carried a digest, so it is loaded unverified", stacklevel=3)
+    elif saved != _state_digest(state):
+        return None, ("corrupt: its content does not match the sha256 digest stored when it was written (changed "
+                      "on disk: a bad copy, a sync conflict, a disk error, an edit)")
+    found = _checkpoint_kind(state)
+    if kind is not None and found != kind:
+        return None, f"{CHECKPOINT_KINDS.get(found, 'a checkpoint of an unknown kind')}, not {kind}"
+    return state, None
+
+
+def load_state(path: str | os.PathLike, kind: str | None = None) -> dict:
+    """A checkpoint's state, loaded with weights_only=True and checked against its sha256 digest and its kind
+    ('supervised' or 'anomaly'); else one CheckpointError naming the file, what is wrong, and a good checkpoint
+    beside it when there is one."""
+    path = Path(path)
+    state, problem = _read_checkpoint(path, kind)
+    if problem is None:
+        return state
+    if problem == "no such file":
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    raise CheckpointError(f"{path}: {problem}.{_good_checkpoint_beside(path, kind)}")
+
+
+def _good_checkpoint_beside(path: Path, kind: str | None) -> str:
+    """A sentence offering the newest other checkpoint in the same folder that verifies (or saying there is none)."""
+    others = sorted((p for p in path.parent.glob("*.pt") if p.name != path.name),
+                    key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    for other in others:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state, problem = _read_checkpoint(other, kind)
+        if problem is None:
+            resumable = "optimizer" in state
+            return (f" The newest good checkpoint beside it is {other} (epoch {state.get('epoch', -1) + 1}"
+                    + ("" if resumable else ", weights only") + "): use it instead"
+                    + (f", or copy it over {path} to resume from it." if resumable else "."))
+    return " No other checkpoint beside it verifies."
 
 
 def make_view_loader(cache: ImageCache, images: pd.DataFrame, batch_size: int, shuffle: bool = False, seed: int = 0,
@@ -1318,15 +1702,20 @@ def evaluate_views(model, loader, device, weights: tuple[float, float], amp: str
             "index": torch.cat(indices).numpy()}
 
 
-def _prepare_run(cfg: TrainConfig, progress: bool = True) -> dict:
-    """Load the studies, build the view cache and the per-view tables that training and evaluation use."""
+def _prepare_run(cfg: TrainConfig, progress: bool = True, state: dict | None = None) -> dict:
+    """Load the studies (for a resume: the same data as its checkpoint `state`, else an error), build the view
+    cache and the per-view tables that training and evaluation use."""
     root = config_data_root(cfg)
     run = {"root": root}
+    tables = []
     for split in SPLITS:
         studies = load_studies(root, split, cfg.body_part, on_bad=cfg.on_bad)
         if studies.empty:
             raise MuraDataError(f"{root}: no {cfg.body_part} studies in the {split} split")
         run[split] = studies_to_images(studies)
+        tables.append(studies)
+    run["data"] = _data_record(root, pd.concat(tables, ignore_index=True))
+    _check_same_data(state, run["data"], Path(cfg.output_dir) / "checkpoints" / "last.pt")
     all_paths = list(run["train"]["image_path"]) + list(run["valid"]["image_path"])
     run["cache"] = build_image_cache(all_paths, cfg.image_size, cfg.cache_dir, cfg.resize, progress=progress)
     return run
@@ -1340,10 +1729,11 @@ def _epoch_metrics(prefix: str, images: pd.DataFrame, result: dict) -> dict:
     return {f"{prefix}_loss": result["loss"], **{f"{prefix}_{k}": v for k, v in metrics.items()}}
 
 
-def _checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best) -> dict:
+def _checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best, data: dict | None = None) -> dict:
     """The resumable state: model, optimiser (or a dict of them), scheduler (or None), scaler, epoch, history, RNG
-    states, config."""
+    states, config, its kind and the data's fingerprint."""
     return {
+        "kind": "anomaly" if isinstance(cfg, AnomalyConfig) else "supervised", "data": data,
         "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
         "optimizer": {k: o.state_dict() for k, o in optimizer.items()} if isinstance(optimizer, dict)
         else optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
@@ -1359,7 +1749,7 @@ def _resumable_state(cfg, must_match: Sequence[str]) -> dict | None:
     last_path = Path(cfg.output_dir) / "checkpoints" / "last.pt"
     if not cfg.resume or not last_path.is_file():
         return None
-    state = torch.load(last_path, map_location="cpu", weights_only=True)
+    state = load_state(last_path, "anomaly" if isinstance(cfg, AnomalyConfig) else "supervised")
     changed = {k: (state["config"][k], v) for k, v in _config_dict(cfg).items()  # a field newer than the run
                if k in must_match and k in state["config"] and state["config"][k] != v}  # had none to differ
     if changed:
@@ -1396,6 +1786,159 @@ def _save_epoch(state: dict, improved: bool, out: Path) -> None:
     _write_csv_atomic(pd.DataFrame(state["history"]), out / "history.csv")
 
 
+def _stored_config(config_class, state: dict, path: str | os.PathLike):
+    """The config a checkpoint was saved with, validated like a new one (an edited image_size is refused)."""
+    try:
+        return config_class(**state["config"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its stored settings are not valid ({e})") from None
+
+
+RUN_LOCK = "run.lock"
+LOCK_HEARTBEAT_S = 60  # a running run touches its lock this often ...
+LOCK_STALE_AFTER_S = 900  # ... so a lock from another machine untouched this long is a dead run's
+
+
+class RunLockedError(RuntimeError):
+    """Another training run holds the run folder's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _lock_is_stale(path: Path, holder: dict | None) -> bool:
+    """A lock whose process is gone: dead on this machine, or (another machine's) not touched for a long time."""
+    age = time.time() - path.stat().st_mtime
+    if holder is None:  # unreadable: a process killed between creating and writing it
+        return age > 10
+    if holder.get("host") == socket.gethostname():
+        return holder.get("pid") != os.getpid() and not _pid_alive(int(holder.get("pid", -1)))
+    return age > LOCK_STALE_AFTER_S
+
+
+def _lock_heartbeat(path: Path, stop: threading.Event) -> None:
+    """Touch the lock every LOCK_HEARTBEAT_S seconds until `stop` is set (others see the run is alive)."""
+    while not stop.wait(LOCK_HEARTBEAT_S):
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike):
+    """Hold run_dir/run.lock (pid, host, start time, command; created atomically) while a run writes there; a
+    second run raises RunLockedError naming the holder; a dead run's lock is taken over with a warning."""
+    path = Path(run_dir) / RUN_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = None
+            if attempt == 0 and _lock_is_stale(path, holder):
+                warnings.warn(f"{path}: taking over the lock of a run that is no longer running ({holder})",
+                              stacklevel=3)
+                path.unlink(missing_ok=True)
+                continue
+            raise RunLockedError(
+                f"{path.parent}: another run is writing here (lock {path}: pid {(holder or {}).get('pid')} on "
+                f"{(holder or {}).get('host')}, started {(holder or {}).get('started')}, command "
+                f"{(holder or {}).get('command')!r}). Two runs in one folder would mix their checkpoints: wait for "
+                f"it, or use another output_dir; if that process is gone, delete {path}.") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    stop = threading.Event()
+    threading.Thread(target=_lock_heartbeat, args=(path, stop), daemon=True).start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == me["pid"]:
+                path.unlink()
+
+
+RUN_FILES = ("checkpoints", "history.csv", "config.json", "test_scores.csv")  # what a run writes in its folder
+
+
+def _set_aside_previous_run(out: Path) -> Path | None:
+    """Before a fresh run in `out`: move an earlier run's files to a sibling <name>.previous-<UTC time>/ (nothing is
+    deleted), with a warning naming both folders; None when there was no earlier run."""
+    checkpoints = out / "checkpoints"
+    if not (out / "history.csv").is_file() and not (checkpoints.is_dir() and any(checkpoints.glob("*.pt"))):
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = out.parent / f"{out.name}.previous-{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = out.parent / f"{out.name}.previous-{stamp}-{n}"
+    aside.mkdir(parents=True)
+    for name in RUN_FILES:
+        if (out / name).exists():
+            shutil.move(out / name, aside / name)
+    warnings.warn(f"{out}: starting a new run here; the earlier run's checkpoints and history were moved to "
+                  f"{aside} (nothing was deleted)", stacklevel=3)
+    return aside
+
+
+def _remove_temporaries(folders: Sequence[Path]) -> list[Path]:
+    """Remove the temporary files (.NAME.tmpPID) a killed write left in a run's folders (the caller holds its lock)."""
+    removed = []
+    for folder in folders:
+        for tmp in folder.glob(".*.tmp*") if folder.is_dir() else ():
+            if tmp.is_file() and re.fullmatch(r"\..+\.tmp\d+", tmp.name):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    if removed:
+        warnings.warn(f"removed {len(removed)} temporary file(s) left by an interrupted write: "
+                      f"{[str(p) for p in removed[:5]]}", stacklevel=3)
+    return removed
+
+
+def data_fingerprint(studies: pd.DataFrame) -> str:
+    """sha256 of a study table: each study's split, path below the MURA root, label, view count and file names."""
+    digest = hashlib.sha256()
+    for row in studies.sort_values(["split", "study_path"]).itertuples():
+        digest.update(json.dumps([row.split, row.study_path.split("/", 1)[-1], int(row.label), int(row.n_views),
+                                  [Path(p).name for p in row.image_paths]]).encode())
+    return digest.hexdigest()
+
+
+def _data_record(root: Path, studies: pd.DataFrame) -> dict:
+    """What a checkpoint keeps of the data it was trained on: the folder, the study count and the fingerprint."""
+    return {"root": str(root), "n_studies": len(studies), "fingerprint": data_fingerprint(studies)}
+
+
+def _check_same_data(state: dict | None, data: dict, where: Path) -> None:
+    """Refuse to resume a run (state) on data other than it was trained on."""
+    if state is None:
+        return
+    saved = state.get("data")
+    if saved is None:
+        warnings.warn(f"{where}: saved before checkpoints recorded their data, so this resume cannot check that it "
+                      f"reads the same data", stacklevel=3)
+    elif saved["fingerprint"] != data["fingerprint"]:
+        raise MuraDataError(
+            f"{where}: this run was trained on {saved['root']} ({saved['n_studies']} studies) but now reads "
+            f"{data['root']} ({data['n_studies']} studies), whose study table differs (studies, labels, views or "
+            f"files). Resuming would mix two datasets: point data_dir back at {saved['root']}, or use another "
+            f"output_dir (resume=False keeps the old run aside).")
+
+
 def _config_dict(cfg: TrainConfig) -> dict:
     """The config as plain types (loadable with weights_only=True)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
@@ -1412,10 +1955,20 @@ RESUME_MUST_MATCH = ("body_part", "image_size", "resize", "arch", "batch_size", 
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
-    """Train (or resume) a run in cfg.output_dir: checkpoints/last.pt every epoch, best.pt, history.csv."""
+    """Train (or resume) a run in cfg.output_dir: checkpoints/last.pt every epoch, best.pt, history.csv; the folder
+    is locked meanwhile, and an earlier run there is moved aside, not overwritten, when this one starts afresh."""
+    with run_lock(cfg.output_dir):
+        return _train_locked(cfg, progress)
+
+
+def _train_locked(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
+    """train() while holding the run folder's lock."""
     out = Path(cfg.output_dir)
+    _remove_temporaries([out, out / "checkpoints"])
     state = _resumable_state(cfg, RESUME_MUST_MATCH)
-    run = _prepare_run(cfg, progress)
+    if state is None:
+        _set_aside_previous_run(out)
+    run = _prepare_run(cfg, progress, state)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
     device = resolve_device(cfg.device)
@@ -1434,9 +1987,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
     if state is not None:
         history, best, start_epoch = _restore(state, model, optimizer, scheduler, scaler)
         print(f"resuming {out / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of {cfg.epochs}")
-    else:  # starting afresh: an earlier run's epoch weights must not join this run's ensemble
-        for path in (out / "checkpoints").glob("epoch_*.pt"):
-            path.unlink()
     model = compile_model(model, cfg.compile)
 
     train_images, valid_images = run["train"], run["valid"]
@@ -1466,7 +2016,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
             best = score
         if cfg.keep_top_k > 0:
             _keep_top_k_weights(model, cfg, history, epoch, out / "checkpoints")
-        _save_epoch(_checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best), improved, out)
+        _save_epoch(_checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best, run["data"]),
+                    improved, out)
         if progress:
             print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f}  valid loss "
                   f"{row['valid_loss']:.4f}  valid kappa {row['valid_kappa']:.3f}  valid AUROC {row['valid_auroc']:.3f}"
@@ -1514,9 +2065,9 @@ def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
-    """Load a checkpoint (weights_only) and return (model in eval mode, its TrainConfig)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = TrainConfig(**state["config"])
+    """Load a checkpoint (weights_only, its digest checked) and return (model in eval mode, its TrainConfig)."""
+    state = load_state(path, "supervised")
+    cfg = _stored_config(TrainConfig, state, path)
     model = build_model(pretrained=False, arch=cfg.arch)
     model.load_state_dict(state["model"])
     return model.to(resolve_device(device)).eval(), cfg
@@ -1825,6 +2376,8 @@ def study_image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -
         files = [Path(source)]
     else:
         files = [Path(p) for p in source]
+    if not files:
+        raise MuraDataError("no views given: a study needs at least one image (a folder of them or a list of files)")
     bad = [f"  {p}: {issue}" for p in files if (issue := check_image_file(p, full_decode=True))]
     if bad:
         raise MuraDataError(f"{len(bad)} unreadable image(s):\n" + "\n".join(bad))
@@ -2133,6 +2686,13 @@ class PreprocessConfig:
     segment: bool = True  # foreground segmentation: a hand mask, and the background set to 0
     equalize: str | None = "he"  # histogram equalisation: "he", "clahe" or None
     size: int = 512  # aspect-preserving resize and padding to a square (512: autoencoders; 128: the GAN family)
+
+    def __post_init__(self):
+        for name in ("crop", "segment"):
+            object.__setattr__(self, name, _bool_setting("PreprocessConfig", name, getattr(self, name)))
+        object.__setattr__(self, "size", _number_setting("PreprocessConfig", "size", self.size, int, 16, 4096))
+        if self.equalize not in ("he", "clahe", None):
+            raise ConfigError(f"PreprocessConfig.equalize must be one of ('he', 'clahe', None), got {self.equalize!r}")
 
     @property
     def name(self) -> str:
@@ -2816,8 +3376,7 @@ class AnomalyConfig:
     on_bad: str = "raise"  # "skip": leave bad files out, counted in a warning (mh.data_problems lists them)
 
     def __post_init__(self):
-        self.splits, self.scale_range = tuple(self.splits), tuple(self.scale_range)
-        self.intensity_range = tuple(self.intensity_range)
+        _validate_anomaly_config(self)
         preprocess_variants(self.image_size, [self.variant])  # validates the name
         if self.model not in ANOMALY_MODELS:
             raise ValueError(f"AnomalyConfig.model must be one of {ANOMALY_MODELS}, got {self.model!r}")
@@ -2831,6 +3390,39 @@ class AnomalyConfig:
     def selection_score(self) -> str:
         """The validation score best.pt is kept by: select_score, or the model's default."""
         return self.select_score or ("disc" if self.model in GAN_MODELS else "mse")
+
+
+def _anomaly_size_allowed(model: str, size: int) -> bool:
+    """Whether `model` takes square inputs of this size (CAE: a multiple of 32; VAE: down to 2x2 by its stride-2
+    4x4 convolutions, e.g. 64, 128, 256, 512; GANs: a power of two from 16)."""
+    if model == "cae":
+        return size % 32 == 0
+    if model == "vae":
+        sizes = [size]
+        while sizes[-1] > 2:
+            sizes.append((sizes[-1] - 4) // 2 + 1)
+        return sizes[-1] == 2 and len(sizes) >= 3
+    return size >= 16 and size & (size - 1) == 0
+
+
+def _validate_anomaly_config(cfg) -> None:
+    """Every AnomalyConfig setting checked (types, ranges, names, the image size for the model) before any data."""
+    owner = "AnomalyConfig"
+    cfg.model = _choice_setting(owner, "model", cfg.model, ANOMALY_MODELS)
+    _validate_common(cfg, owner, {
+        "image_size": (16, 4096), "batch_size": (2, 1_000_000),  # batch norm needs two values a channel
+        "epochs": (1, 1_000_000), "gan_latent": (1, 1_000_000), "top_k": (1, 2**40), "split_seed": (0, 2**32 - 1),
+    }, {"lr": (0.0, 1.0, True), "gan_lr": (0.0, 1.0, True), "kld_weight": (0.0, 1e6, False),
+        "recon_weight": (0.0, 1e6, False), "rotation_degrees": (0.0, 180.0, False)})
+    if not _anomaly_size_allowed(cfg.model, cfg.image_size):
+        _bad_setting(owner, "image_size", cfg.image_size, {
+            "cae": "a multiple of 32 for the CAE", "vae": "64, 128, 256 or 512 for the VAE (a size its stride-2 "
+            "convolutions take down to 2x2)"}.get(cfg.model, f"a power of two of at least 16 for {cfg.model}"))
+    cfg.splits = _names_setting(owner, "splits", cfg.splits, SPLITS)
+    cfg.scale_range = _range_pair_setting(owner, "scale_range", cfg.scale_range, 0.01, 100.0)
+    cfg.intensity_range = _range_pair_setting(owner, "intensity_range", cfg.intensity_range, 0.0, 100.0)
+    if isinstance(cfg.select_score, str) and cfg.select_score.strip().lower() in ("", "none", "null"):
+        cfg.select_score = None
 
 
 class AnomalyViewBatches:
@@ -2853,16 +3445,19 @@ class AnomalyViewBatches:
         return torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(batch)
 
 
-def prepare_anomaly_data(cfg: AnomalyConfig, progress: bool = True) -> dict:
-    """Studies with their train/val/test subset (Davletshina et al.'s split), one row per view, and the cache."""
+def prepare_anomaly_data(cfg: AnomalyConfig, progress: bool = True, state: dict | None = None) -> dict:
+    """Studies with their train/val/test subset (Davletshina et al.'s split), one row per view, and the cache (for a
+    resume: of the same data as its checkpoint `state`, else an error)."""
     root = config_data_root(cfg)
     studies = pd.concat([load_studies(root, s, cfg.body_part, on_bad=cfg.on_bad) for s in cfg.splits],
                         ignore_index=True)
+    data = _data_record(root, studies)
+    _check_same_data(state, data, Path(cfg.output_dir) / "checkpoints" / "last.pt")
     studies = anomaly_split(studies, cfg.split_seed)
     images = studies_to_images(studies)
     pre = preprocess_variants(cfg.image_size, [cfg.variant])[cfg.variant]
     cache = build_anomaly_cache(images["image_path"], pre, cfg.cache_dir, progress=progress)
-    return {"root": root, "studies": studies, "images": images, "cache": cache}
+    return {"root": root, "studies": studies, "images": images, "cache": cache, "data": data}
 
 
 def _anomaly_loader(cache: AnomalyCache, images: pd.DataFrame, batch_size: int, num_workers: int, pin: bool):
@@ -2904,7 +3499,20 @@ def evaluate_anomaly(model, cache: AnomalyCache, images: pd.DataFrame, cfg: Anom
     order = torch.cat(index).numpy()
     scores = pd.DataFrame({k: torch.cat(v).numpy() for k, v in columns.items()})
     keep = [c for c in SCORE_ID_COLUMNS if c in images.columns]
-    return pd.concat([images.iloc[order][keep].reset_index(drop=True), scores], axis=1)
+    return _without_empty_masks(pd.concat([images.iloc[order][keep].reset_index(drop=True), scores], axis=1), cache)
+
+
+def _without_empty_masks(scores: pd.DataFrame, cache: AnomalyCache) -> pd.DataFrame:
+    """The score table without views whose hand mask is empty (every masked score would be 0, the most normal):
+    they are counted in a warning and listed in attrs['empty_masks']."""
+    empty = np.array([not cache.masks[row].any() for row in cache.rows(scores["image_path"])], dtype=bool)
+    flagged = list(scores.loc[empty, "image_path"])
+    kept = scores[~empty].reset_index(drop=True)
+    kept.attrs["empty_masks"] = flagged
+    if flagged:
+        warnings.warn(f"{len(flagged)} of {len(scores)} view(s) have an empty hand mask and were left out of the "
+                      f"scores: {flagged[:5]}{' ...' if len(flagged) > 5 else ''}", stacklevel=3)
+    return kept
 
 
 def study_scores(scores: pd.DataFrame) -> pd.DataFrame:
@@ -2952,7 +3560,8 @@ def reference_anomaly_scores(cache: AnomalyCache, images: pd.DataFrame, train_im
         order.append(idx.numpy())
     scores = pd.DataFrame({k: np.concatenate(v) for k, v in columns.items()}, index=np.concatenate(order)).sort_index()
     keep = [c for c in SCORE_ID_COLUMNS if c in images.columns]
-    return pd.concat([images[keep].reset_index(drop=True), scores.reset_index(drop=True)], axis=1)
+    return _without_empty_masks(pd.concat([images[keep].reset_index(drop=True), scores.reset_index(drop=True)], axis=1),
+                                cache)
 
 
 def anomaly_optimizers(model, cfg: AnomalyConfig, device) -> dict:
@@ -2975,10 +3584,20 @@ def autoencoder_step(model, x, mask, optimizer, scaler, dtype, kld_weight: float
 
 
 def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
-    """Train (or resume) an autoencoder (masked loss) or a GAN on normal training views; returns the history."""
+    """Train (or resume) an autoencoder (masked loss) or a GAN on normal training views; returns the history. The
+    run folder is locked meanwhile; an earlier run there is moved aside when this one starts afresh."""
+    with run_lock(cfg.output_dir):
+        return _train_anomaly_locked(cfg, progress)
+
+
+def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
+    """train_anomaly() while holding the run folder's lock."""
     out = Path(cfg.output_dir)
+    _remove_temporaries([out, out / "checkpoints"])
     state = _resumable_state(cfg, ANOMALY_RESUME_MUST_MATCH)
-    data = prepare_anomaly_data(cfg, progress)
+    if state is None:
+        _set_aside_previous_run(out)
+    data = prepare_anomaly_data(cfg, progress, state)
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     seed_everything(cfg.seed)
@@ -3033,7 +3652,8 @@ def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
         improved = best is None or (not math.isnan(score) and (math.isnan(best) or score > best))
         if improved:
             best = score
-        _save_epoch(_checkpoint(model, optimizers, None, scaler, epoch, history, cfg, best), improved, out)
+        _save_epoch(_checkpoint(model, optimizers, None, scaler, epoch, history, cfg, best, data["data"]),
+                    improved, out)
         if progress:
             shown = ", ".join(f"{k.removeprefix('train_').replace('_', ' ')} {v:.5f}" for k, v in losses.items())
             print(f"{cfg.model} {cfg.variant} epoch {epoch + 1}/{cfg.epochs}: train {shown}, "
@@ -3042,9 +3662,9 @@ def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
 
 
 def load_anomaly_model(path: str | os.PathLike, device: str = "cpu"):
-    """Load an unsupervised checkpoint (weights_only): (model in eval mode, its AnomalyConfig)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = AnomalyConfig(**state["config"])
+    """Load an unsupervised checkpoint (weights_only, its digest checked): (model in eval mode, its AnomalyConfig)."""
+    state = load_state(path, "anomaly")
+    cfg = _stored_config(AnomalyConfig, state, path)
     model = build_anomaly_model(cfg.model, cfg.image_size, cfg.gan_latent)
     model.load_state_dict(state["model"])
     return model.to(resolve_device(device)).eval(), cfg
@@ -3113,6 +3733,13 @@ def plot_anomaly_table(table: pd.DataFrame, title: str = "Study-level ROC-AUC (r
     return fig
 
 
+def anomaly_grid_names(models, variants) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The grid's models and preprocessing variants, checked; one name given as a string is a list of one."""
+    every_variant = [f"{base}{eq}" for base in ("raw", "crop", "full") for eq in ("", "+HE", "+CLAHE")]
+    return (_names_setting("run_anomaly_grid", "models", models, ANOMALY_MODELS),
+            _names_setting("run_anomaly_grid", "variants", variants, every_variant))
+
+
 def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Sequence[str],
                      image_sizes: dict[str, int] | None = None, progress: bool = True) -> pd.DataFrame:
     """Train (or resume) every model on every preprocessing variant and score each best checkpoint on the test
@@ -3121,8 +3748,7 @@ def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Seque
     floor a model must beat. Variant by variant, so that a grid cut short has scored every model on the first
     variants. `image_sizes` sets a model's own size (the paper: {'bigan': 128, 'alphagan': 128}); the others take
     base.image_size."""
-    if not models or not variants:
-        raise ValueError("run_anomaly_grid needs at least one model and one variant")
+    models, variants = anomaly_grid_names(models, variants)
     rows = []
     for variant in variants:
         for model in models:
@@ -3137,7 +3763,7 @@ def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Seque
             scores.to_csv(Path(cfg.output_dir) / "test_scores.csv", index=False)
             metrics = anomaly_metrics(scores, seed=cfg.seed).reset_index()
             rows.append(metrics.assign(model=ANOMALY_MODEL_NAMES[model], variant=variant, image_size=cfg.image_size,
-                                       run_dir=cfg.output_dir))
+                                       run_dir=cfg.output_dir, n_empty_masks=len(scores.attrs["empty_masks"])))
         images = data["images"]  # the floor: model-free scores, on the last model's preprocessed views
         scores = reference_anomaly_scores(data["cache"], images[images["subset"] == "test"],
                                           images[(images["subset"] == "train") & (images["label"] == 0)], cfg.top_k)
@@ -3145,7 +3771,8 @@ def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Seque
         reference_dir.mkdir(parents=True, exist_ok=True)
         scores.to_csv(reference_dir / "test_scores.csv", index=False)
         rows.append(anomaly_metrics(scores, seed=cfg.seed).reset_index().assign(
-            model=REFERENCE_MODEL, variant=variant, image_size=cfg.image_size, run_dir=str(reference_dir)))
+            model=REFERENCE_MODEL, variant=variant, image_size=cfg.image_size, run_dir=str(reference_dir),
+            n_empty_masks=len(scores.attrs["empty_masks"])))
     return pd.concat(rows, ignore_index=True)
 
 

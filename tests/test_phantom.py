@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import TINY
 from PIL import Image
 
@@ -97,16 +98,24 @@ def test_planted_finding_changes_the_pixels_inside_its_box():
     assert inside > 10 * max(outside, 0.01)
 
 
-def test_ensure_phantom_reuses_or_rebuilds(tmp_path):
+def test_ensure_phantom_reuses_or_rebuilds(tmp_path, monkeypatch):
     root = mh.ensure_phantom(tmp_path, n_patients=3, image_size=64, progress=False)
     stamp = (root / mh.PHANTOM_MANIFEST).stat().st_mtime_ns
     assert mh.ensure_phantom(tmp_path, n_patients=3, image_size=64, progress=False) == root
     assert (root / mh.PHANTOM_MANIFEST).stat().st_mtime_ns == stamp
     mh.ensure_phantom(tmp_path, n_patients=4, image_size=64, progress=False)
     assert len(mh.load_all_studies(root)["patient"].unique()) == 4
-    (root / mh.PHANTOM_MANIFEST).unlink()  # an interrupted generation is redone
-    mh.ensure_phantom(tmp_path, n_patients=4, image_size=64, progress=False)
-    assert (root / mh.PHANTOM_MANIFEST).is_file()
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mh, "_run_tasks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mh.ensure_phantom(tmp_path, n_patients=5, image_size=64, progress=False)
+    monkeypatch.undo()
+    assert not json.loads((root / mh.PHANTOM_MANIFEST).read_text())["complete"]
+    mh.ensure_phantom(tmp_path, n_patients=5, image_size=64, progress=False)  # an interrupted generation is redone
+    assert json.loads((root / mh.PHANTOM_MANIFEST).read_text())["complete"]
+    assert len(mh.load_all_studies(root)["patient"].unique()) == 5
 
 
 def test_the_training_seed_does_not_pick_the_phantom(tmp_path):

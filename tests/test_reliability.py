@@ -1,0 +1,425 @@
+"""Reliability (issue 13): nothing lost, nothing silently wrong, every bad setting named before work starts."""
+
+import errno
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, write_png
+
+import mura_helpers as mh
+
+
+def _train_config(root, out, cache, **kw):
+    settings = {"image_size": 32, "batch_size": 8, "pretrained": False, "num_workers": 0, "seed": 1, "epochs": 1,
+                "keep_top_k": 1, "max_steps_per_epoch": 2, **kw}
+    return mh.TrainConfig(data_dir=str(root), output_dir=str(out), cache_dir=str(cache), **settings)
+
+
+def _anomaly_config(root, out, cache, **kw):
+    settings = {"model": "cae", "variant": "full", "image_size": 32, "batch_size": 4, "epochs": 1,
+                "max_steps_per_epoch": 1, "num_workers": 0, "device": "cpu", **kw}
+    return mh.AnomalyConfig(data_dir=str(root), output_dir=str(out), cache_dir=str(cache), **settings)
+
+
+# ---------------------------------------------------------------- 1. only what the phantom made is ever deleted
+
+
+def _fake_mura(folder: Path) -> Path:
+    mura = folder / mh.MURA_DIRNAME
+    write_png(mura / "train" / "XR_HAND" / "patient00001" / "study1_negative" / "image1.png")
+    (mura / "train_labeled_studies.csv").write_text("MURA-v1.1/train/XR_HAND/patient00001/study1_negative/,0\n")
+    (mura / "my_notes.txt").write_text("a user's notes")
+    (folder / "notes_beside.txt").write_text("more notes")
+    return mura
+
+
+def _all_files(folder: Path) -> dict:
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_the_phantom_did_not_make_is_never_deleted(tmp_path):
+    mura = _fake_mura(tmp_path / "phantom")
+    before = _all_files(tmp_path)
+    for make in (mh.ensure_phantom, mh.make_phantom_mura):
+        with pytest.raises(mh.MuraDataError, match="not a phantom made by this suite") as err:
+            make(tmp_path / "phantom", n_patients=3, image_size=64, progress=False)
+        assert str(mura) in str(err.value) and "my_notes.txt" in str(err.value)
+        assert _all_files(tmp_path) == before  # nothing deleted, nothing overwritten
+    with pytest.raises(mh.MuraDataError):  # the notebooks' path (data_dir=None) too
+        mh.config_data_root(mh.TrainConfig(phantom_dir=str(tmp_path / "phantom"), phantom_patients=3,
+                                           phantom_image_size=64))
+    assert _all_files(tmp_path) == before
+
+
+def test_a_phantom_holding_a_users_file_is_not_deleted_and_an_old_version_is_remade(tmp_path):
+    root = mh.ensure_phantom(tmp_path, n_patients=3, image_size=64, progress=False)
+    made = json.loads((root / mh.PHANTOM_MANIFEST).read_text())
+    assert made["made_by"] == mh.PHANTOM_MADE_BY and made["complete"] and "train_image_paths.csv" in made["files"]
+    notes = root / "train" / "XR_HAND" / "my_notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(mh.MuraDataError, match="did not write") as err:
+        mh.ensure_phantom(tmp_path, n_patients=4, image_size=64, progress=False)
+    assert str(notes) in str(err.value) and notes.read_text() == "keep me"
+    notes.unlink()
+    legacy = {k: v for k, v in made.items() if k not in ("made_by", "files", "complete")}
+    (root / mh.PHANTOM_MANIFEST).write_text(json.dumps({**legacy, "version": 1}))  # made by an older version
+    mh.ensure_phantom(tmp_path, n_patients=3, image_size=64, progress=False)
+    assert json.loads((root / mh.PHANTOM_MANIFEST).read_text())["version"] == mh.PHANTOM_VERSION
+
+
+# ---------------------------------------------------------------- 2. resume=False keeps the earlier run
+
+
+def test_a_fresh_run_moves_the_earlier_run_aside(tiny_phantom, normal_heavy_phantom, tmp_path):
+    runs = {"train": (mh.train, _train_config(tiny_phantom, tmp_path / "sup", tmp_path / "cache", keep_top_k=1)),
+            "anomaly": (mh.train_anomaly, _anomaly_config(normal_heavy_phantom, tmp_path / "ano", tmp_path / "cache"))}
+    for fit, cfg in runs.values():
+        fit(cfg, progress=False)
+        out = Path(cfg.output_dir)
+        before = _all_files(out)
+        with pytest.warns(UserWarning, match="moved to") as caught:
+            fit(mh.AnomalyConfig(**{**mh._config_dict(cfg), "resume": False}) if fit is mh.train_anomaly
+                else mh.TrainConfig(**{**mh._config_dict(cfg), "resume": False}), progress=False)
+        [aside] = list(tmp_path.glob(f"{out.name}.previous-*"))
+        message = str(next(w.message for w in caught if "moved to" in str(w.message)))
+        assert str(out) in message and str(aside) in message
+        kept = {k.replace(str(aside), str(out)): v for k, v in _all_files(aside).items()}
+        assert kept == {k: v for k, v in before.items() if not k.endswith(mh.RUN_LOCK)}  # byte for byte
+        assert (out / "checkpoints" / "last.pt").is_file() and not (out / mh.RUN_LOCK).exists()
+
+
+# ---------------------------------------------------------------- 3. no views is an error
+
+
+def test_a_study_without_views_is_an_error(tiny_run):
+    with pytest.raises(mh.MuraDataError, match="no views"):
+        mh.predict_new_study(tiny_run / "checkpoints" / "best.pt", [], device="cpu")
+
+
+@pytest.mark.notebook
+def test_predict_notebook_with_an_empty_study_fails_clearly(tiny_run, tmp_path):
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError, match="no views"):
+        papermill.execute_notebook(str(REPO / "notebooks" / "05_predict.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"study": [], "output_dir": str(tmp_path), "device": "cpu",
+                                               "checkpoints": str(tiny_run / "checkpoints" / "best.pt")},
+                                   cwd=str(REPO / "notebooks"), kernel_name="python3", progress_bar=False)
+    assert not list(tmp_path.glob("predict_*.json"))
+
+
+# ---------------------------------------------------------------- 4. one run at a time in a folder
+
+
+def test_a_second_run_in_a_locked_folder_is_refused_and_a_dead_runs_lock_taken_over(tiny_phantom, tmp_path):
+    cfg = _train_config(tiny_phantom, tmp_path / "run", tmp_path / "cache")
+    with mh.run_lock(cfg.output_dir) as lock:  # a run in progress (this process)
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == os.getpid() and {"host", "started", "command"} <= set(holder)
+        with pytest.raises(mh.RunLockedError, match=f"pid {os.getpid()}"):
+            mh.train(cfg, progress=False)
+        assert lock.is_file()  # the refused run left the holder's lock alone
+    assert not lock.exists()  # released
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another live process
+    try:
+        lock.write_text(json.dumps({"pid": other.pid, "host": mh.socket.gethostname(), "started": "now",
+                                    "command": "python train.py"}))
+        with pytest.raises(mh.RunLockedError, match=f"pid {other.pid}.*python train.py"):
+            mh.train_anomaly(mh.AnomalyConfig(output_dir=cfg.output_dir), progress=False)
+    finally:
+        other.kill()
+        other.wait()
+    with pytest.warns(UserWarning, match="no longer running"), mh.run_lock(cfg.output_dir):  # its process is dead
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+# ---------------------------------------------------------------- 5. a corrupt data stream with valid checksums
+
+
+def _corrupt_idat(path: Path) -> None:
+    """Flip bytes of the compressed pixel data and recompute the chunk's CRC: the checksums stay valid."""
+    data, out, pos = path.read_bytes(), bytearray(path.read_bytes()[:8]), 8
+    while pos < len(data):
+        (n,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IDAT":
+            body = body[:2] + bytes(b ^ 0xFF for b in body[2:len(body) // 2]) + body[len(body) // 2:]
+        out += struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        pos += 12 + n
+    path.write_bytes(bytes(out))
+
+
+def test_an_image_with_a_corrupt_data_stream_is_caught_before_work(phantom_copy, tmp_path):
+    studies = mh.load_studies(phantom_copy, "train")
+    bad = Path(studies[studies["n_views"] >= 2]["image_paths"].iloc[0][0])
+    _corrupt_idat(bad)
+    from PIL import Image
+
+    with Image.open(bad) as im:
+        im.verify()  # the checksums are valid: only a full decode sees the damage
+    with pytest.raises(mh.MuraDataError, match="broken data stream") as err:
+        mh.load_studies(phantom_copy, "train")
+    assert str(bad) in str(err.value)
+    with pytest.warns(UserWarning, match="skipped 1 problem"):
+        skipped = mh.load_studies(phantom_copy, "train", on_bad="skip")
+    assert str(bad) not in set(mh.studies_to_images(skipped)["image_path"])
+    assert list(mh.data_problems(skipped)["path"]) == [str(bad)]
+    cfg = _train_config(phantom_copy, tmp_path / "run", tmp_path / "cache", on_bad="skip", max_steps_per_epoch=1)
+    with pytest.warns(UserWarning, match="skipped 1 problem"):
+        assert len(mh.train(cfg, progress=False)) == 1  # the cache build never meets the bad file
+
+
+# ---------------------------------------------------------------- 6. checkpoint digests
+
+
+def _flip_bytes_of(path: Path, tensor: torch.Tensor, n: int = 16) -> None:
+    data = bytearray(path.read_bytes())
+    at = data.find(tensor.numpy().tobytes()[:64]) + 64
+    assert at > 64
+    data[at:at + n] = bytes(b ^ 0xFF for b in data[at:at + n])
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_checkpoint_is_named_and_a_good_one_offered(tiny_phantom, tmp_path):
+    cfg = _train_config(tiny_phantom, tmp_path / "run", tmp_path / "cache", epochs=2)
+    mh.train(cfg, progress=False)
+    folder = tmp_path / "run" / "checkpoints"
+    state = torch.load(folder / "last.pt", weights_only=True)
+    assert state[mh.DIGEST_KEY] == mh._state_digest({k: v for k, v in state.items() if k != mh.DIGEST_KEY})
+    _flip_bytes_of(folder / "last.pt", state["model"]["features.norm5.weight"])  # 1-D: stored as numpy lays it out
+    assert torch.load(folder / "last.pt", weights_only=True)  # torch itself loads it: only the digest tells
+    for load in (lambda: mh.load_checkpoint(folder / "last.pt"),
+                 lambda: mh.train(_train_config(tiny_phantom, tmp_path / "run", tmp_path / "cache", epochs=3),
+                                  progress=False)):
+        with pytest.raises(mh.CheckpointError, match="corrupt") as err:
+            load()
+        message = str(err.value)
+        assert message.startswith(str(folder / "last.pt")) and "weights_only" not in message
+        assert "best.pt" in message or "epoch_" in message  # the previous good checkpoint is offered
+    best = torch.load(folder / "best.pt", weights_only=True)
+    _flip_bytes_of(folder / "best.pt", best["model"]["features.norm5.bias"])
+    with pytest.raises(mh.CheckpointError, match="best.pt: corrupt"):
+        mh.load_ensemble(folder / "best.pt", "cpu")
+
+
+def test_a_checkpoint_without_a_digest_loads_with_a_warning(tiny_run, tmp_path):
+    state = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
+    del state[mh.DIGEST_KEY]
+    torch.save(state, tmp_path / "old.pt")  # as written before checkpoints carried a digest
+    with pytest.warns(UserWarning, match="loaded unverified"):
+        model, cfg = mh.load_checkpoint(tmp_path / "old.pt")
+    assert cfg.image_size == 48
+
+
+# ---------------------------------------------------------------- 7. resume checks the data
+
+
+def test_resume_on_other_data_is_refused(tiny_phantom, tmp_path):
+    mh.train(_train_config(tiny_phantom, tmp_path / "run", tmp_path / "cache"), progress=False)
+    other = mh.make_phantom_mura(tmp_path / "other", n_patients=14, seed=4, image_size=64, positive_rate=0.4,
+                                 progress=False)
+    with pytest.raises(mh.MuraDataError, match="trained on") as err:
+        mh.train(_train_config(other, tmp_path / "run", tmp_path / "cache", epochs=2), progress=False)
+    assert str(tiny_phantom) in str(err.value) and str(other) in str(err.value)
+    moved = Path(shutil.copytree(tiny_phantom, tmp_path / "moved" / mh.MURA_DIRNAME))  # the same data elsewhere
+    assert len(mh.train(_train_config(moved, tmp_path / "run", tmp_path / "cache", epochs=2), progress=False)) == 2
+
+
+# ---------------------------------------------------------------- 8. the cache sees changed content
+
+
+def test_the_cache_sees_a_file_changed_with_the_same_size_and_time(tmp_path):
+    paths = [write_png(tmp_path / f"v{i}.png", value=100) for i in range(2)]
+    cache = mh.build_image_cache([str(p) for p in paths], 16, tmp_path / "cache", progress=False, workers=1)
+    stat = paths[1].stat()
+    replacement = write_png(tmp_path / "other.png", value=180).read_bytes()
+    assert len(replacement) == stat.st_size
+    paths[1].write_bytes(replacement)
+    os.utime(paths[1], ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same modification time
+    again = mh.build_image_cache([str(p) for p in paths], 16, tmp_path / "cache", progress=False, workers=1)
+    assert again.path != cache.path and int(again.array[1].mean()) == 180 and int(again.array[0].mean()) == 100
+
+
+# ---------------------------------------------------------------- 9. a view with an empty hand mask is no score
+
+
+def test_views_with_an_empty_hand_mask_are_left_out_and_counted(tiny_phantom, tmp_path):
+    images = mh.studies_to_images(mh.load_all_studies(tiny_phantom)).head(6)
+    cache = mh.build_anomaly_cache(images["image_path"], mh.PreprocessConfig(size=32), tmp_path, progress=False,
+                                   workers=1)
+    masks = np.load(cache.folder / "masks.npy", mmap_mode="r+")
+    masks[2] = 0  # the hand was missed in this view
+    masks.flush()
+    empty = images["image_path"].iloc[2]
+    cfg = mh.AnomalyConfig(image_size=32, device="cpu")
+    scorers = {"model": lambda: mh.evaluate_anomaly(mh.build_anomaly_model("cae", 32), cache, images, cfg,
+                                                    torch.device("cpu")),
+               "floor": lambda: mh.reference_anomaly_scores(cache, images, images)}
+    for score in scorers.values():
+        with pytest.warns(UserWarning, match="1 of 6 view.*empty hand mask"):
+            scores = score()
+        assert empty not in set(scores["image_path"]) and len(scores) == 5
+        assert scores.attrs["empty_masks"] == [empty]
+
+
+# ---------------------------------------------------------------- 10-11. settings checked when made
+
+
+@pytest.mark.parametrize("config, bad, allowed", [
+    (mh.TrainConfig, {"epochs": 0}, r"\[1, "), (mh.TrainConfig, {"batch_size": 1}, r"\[2, "),
+    (mh.TrainConfig, {"batch_size": -4}, "integer"), (mh.TrainConfig, {"batch_size": 0}, "integer"),
+    (mh.TrainConfig, {"image_size": 16}, r"\[32, "), (mh.TrainConfig, {"lr": 0}, r"\(0.0, 1.0\]"),
+    (mh.TrainConfig, {"lr": float("nan")}, "finite"), (mh.TrainConfig, {"lr": 50.0}, r"\(0.0, 1.0\]"),
+    (mh.TrainConfig, {"arch": "resnet50"}, "densenet169"), (mh.TrainConfig, {"epochs": "five"}, "integer"),
+    (mh.TrainConfig, {"epochs": 2.5}, "integer"), (mh.TrainConfig, {"pretrained": "maybe"}, "True or False"),
+    (mh.TrainConfig, {"data_dir": ""}, "empty string"), (mh.TrainConfig, {"output_dir": " "}, "folder path"),
+    (mh.TrainConfig, {"body_part": "XR_KNEE"}, "XR_HAND"), (mh.TrainConfig, {"device": "gpu"}, "cuda"),
+    (mh.AnomalyConfig, {"amp": "fp8"}, "bf16"), (mh.AnomalyConfig, {"epochs": 0}, r"\[1, "),
+    (mh.AnomalyConfig, {"batch_size": 1}, r"\[2, "), (mh.AnomalyConfig, {"splits": ["train", "test"]}, "valid"),
+    (mh.AnomalyConfig, {"model": "vae", "image_size": 100}, "VAE"), (mh.AnomalyConfig, {"image_size": 48}, "CAE"),
+    (mh.AnomalyConfig, {"lr": -1}, r"\(0.0, 1.0\]"), (mh.AnomalyConfig, {"data_dir": ""}, "empty string"),
+    (mh.AnomalyConfig, {"scale_range": (1.2, 0.8)}, "low <= high"),
+])
+def test_a_bad_setting_is_named_with_its_value_and_what_is_allowed(config, bad, allowed):
+    [(name, value)] = bad.items()
+    with pytest.raises(mh.ConfigError, match=f"{config.__name__}.{name}") as err:
+        config(**bad)
+    assert repr(value) in str(err.value) and __import__("re").search(allowed, str(err.value))
+
+
+def test_papermill_strings_are_read_as_what_they_say():
+    cfg = mh.TrainConfig(pretrained="False", hflip="false", resume="0", channels_last="true", epochs="3",
+                         lr="1e-3", batch_size=8.0, compile="False", max_steps_per_epoch="None")
+    assert (cfg.pretrained, cfg.hflip, cfg.resume, cfg.channels_last, cfg.compile) == (False, False, False, True, False)
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.max_steps_per_epoch) == (3, 1e-3, 8, None)
+    assert type(cfg.epochs) is int and type(cfg.batch_size) is int
+    anomaly = mh.AnomalyConfig(splits="train", hflip="False", select_score="None", data_dir=Path("/data"))
+    assert anomaly.splits == ("train",) and anomaly.hflip is False and anomaly.select_score is None
+    assert anomaly.data_dir == "/data"
+    assert mh.anomaly_grid_names("cae", "full+HE") == (("cae",), ("full+HE",))  # a string: a list of one
+    with pytest.raises(mh.ConfigError, match="variants.*unknown"):
+        mh.anomaly_grid_names(["cae"], "full+EH")
+    with pytest.raises(mh.MuraDataError, match="empty path"):
+        mh.load_studies("", "train")
+
+
+def test_a_checkpoints_stored_image_size_is_checked(tiny_run, tmp_path):
+    state = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
+    state["config"]["image_size"] = 4  # edited
+    mh.save_atomic(state, tmp_path / "signed.pt")  # even with a fresh digest
+    del state[mh.DIGEST_KEY]
+    torch.save(state, tmp_path / "legacy.pt")
+    for path in (tmp_path / "signed.pt", tmp_path / "legacy.pt"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(mh.CheckpointError, match=r"stored settings.*image_size = 4"):
+                mh.load_checkpoint(path)
+    edited = torch.load(tiny_run / "checkpoints" / "best.pt", weights_only=True)
+    edited["config"]["image_size"] = 224  # a valid size, but not the one it was trained at: the digest tells
+    torch.save(edited, tmp_path / "edited.pt")
+    with pytest.raises(mh.CheckpointError, match="corrupt"):
+        mh.load_checkpoint(tmp_path / "edited.pt")
+
+
+# ---------------------------------------------------------------- 12. the wrong file given as a checkpoint
+
+
+def test_wrong_kind_and_non_checkpoints_get_one_clear_error(tiny_run, tmp_path):
+    best = tiny_run / "checkpoints" / "best.pt"
+    with pytest.raises(mh.CheckpointError, match="supervised .*load_checkpoint") as err:
+        mh.load_anomaly_model(best)
+    assert str(err.value).startswith(str(best))
+    anomaly = tmp_path / "anomaly.pt"
+    mh.save_atomic({"model": {}, "config": mh._config_dict(mh.AnomalyConfig()), "kind": "anomaly"}, anomaly)
+    with pytest.raises(mh.CheckpointError, match="anomaly-detection checkpoint.*load_anomaly_model"):
+        mh.load_checkpoint(anomaly)
+    data = best.read_bytes()
+    files = {"truncated.pt": data[:len(data) // 2], "empty.pt": b"", "notes.pt": b"epoch 3 looked good\n",
+             "random.pt": np.random.default_rng(0).bytes(4096)}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"model": Payload(), "config": {}}, tmp_path / "pickled.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other_program.pt")
+    expected = {"truncated.pt": "truncated", "empty.pt": "empty file", "notes.pt": "not a PyTorch checkpoint",
+                "random.pt": "not a PyTorch checkpoint", "pickled.pt": "safe load refuses",
+                "other_program.pt": "not a checkpoint of this suite"}
+    for name, what in expected.items():
+        for load in (mh.load_checkpoint, mh.load_anomaly_model):
+            with pytest.raises(mh.CheckpointError) as err:
+                load(tmp_path / name)
+            message = str(err.value)
+            assert message.startswith(f"{tmp_path / name}: ") and what in message, message
+            assert "weights_only" not in message and "\n" not in message
+
+
+# ---------------------------------------------------------------- 13. encodings, unreadable folders, full disks
+
+
+def test_a_csv_that_is_not_utf8_names_the_file_and_line(phantom_copy):
+    csv = phantom_copy / "train_labeled_studies.csv"
+    lines = csv.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b"patient", "pätient".encode("latin-1"))
+    csv.write_bytes(b"".join(lines))
+    with pytest.raises(mh.MuraDataError, match="line 3: not UTF-8") as err:
+        mh.load_studies(phantom_copy, "train")
+    assert str(csv) in str(err.value)
+
+
+def test_find_mura_root_skips_unreadable_folders(phantom_copy, monkeypatch):
+    download = phantom_copy.parent
+    locked = download / "a_locked"  # searched before the data (alphabetically, breadth first)
+    locked.mkdir()
+    (download / "b").mkdir()
+    shutil.move(phantom_copy, download / "b" / mh.MURA_DIRNAME)
+    iterdir = Path.iterdir
+
+    def no_permission(self):
+        if self == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(mh.Path, "iterdir", no_permission)  # chmod 000 does not stop root, who runs CI here
+    assert mh.find_mura_root(download) == download / "b" / mh.MURA_DIRNAME
+    shutil.rmtree(download / "b")
+    with pytest.raises(mh.MuraDataError, match="Skipped 1 unreadable folder.*a_locked"):
+        mh.find_mura_root(download)
+
+
+def test_a_full_disk_says_so_and_leftover_temporaries_are_cleaned(tiny_phantom, tmp_path, monkeypatch):
+    cfg = _train_config(tiny_phantom, tmp_path / "run", tmp_path / "cache")
+    mh.train(cfg, progress=False)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    good = last.read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mh.torch, "save", full_disk)
+    with pytest.raises(OSError, match="disk full") as err:
+        mh.save_atomic({"epoch": 2}, last)
+    monkeypatch.setattr(mh.torch, "save", real_save)
+    assert str(last) in str(err.value) and err.value.errno == errno.ENOSPC
+    assert last.read_bytes() == good and not list(last.parent.glob(".*tmp*"))
+    leftovers = [last.parent / ".last.pt.tmp99999", tmp_path / "run" / ".history.csv.tmp99999"]  # a killed write
+    for p in leftovers:
+        p.write_bytes(b"half")
+    with pytest.warns(UserWarning, match="2 temporary file"):
+        mh.train(_train_config(tiny_phantom, tmp_path / "run", tmp_path / "cache", epochs=2), progress=False)
+    assert not any(p.exists() for p in leftovers)
