@@ -1058,12 +1058,28 @@ def _cache_chunk(task: tuple) -> int:
     return len(paths)
 
 
+def _remove_dead_cache_builds(cache_dir: str | os.PathLike, min_age_s: float = 600) -> None:
+    """Remove what a killed cache build left (views_*.tmpPID.npy, .anomaly_*.tmpPID/): its process is gone from this
+    machine and it was not written to for `min_age_s` (a build on another machine sharing the folder goes on)."""
+    folder = Path(cache_dir)
+    for tmp in folder.glob("*.tmp*") if folder.is_dir() else ():
+        m = re.fullmatch(r"(views_.+\.tmp(\d+)\.npy|\.anomaly_.+\.tmp(\d+))", tmp.name)
+        if not m or _pid_alive(int(m.group(2) or m.group(3))) or time.time() - tmp.stat().st_mtime < min_age_s:
+            continue
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        warnings.warn(f"removed {tmp}, left by an interrupted cache build", stacklevel=3)
+
+
 def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: str | os.PathLike = "data/cache",
                       resize: str = "squash", workers: int | None = None, progress: bool = True) -> ImageCache:
     """Return the cache of these views at this size, building it once (keyed by paths, file stamps, size, mode)."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     paths = [str(p) for p in image_paths]
+    _remove_dead_cache_builds(cache_dir)
     npy = Path(cache_dir) / f"views_{size}px_{resize}_{_files_stamp(paths, size, resize)}.npy"
     cache = ImageCache(npy, paths, size, resize)
     if npy.is_file():
@@ -2945,6 +2961,7 @@ def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache
                         workers: int | None = None, progress: bool = True) -> AnomalyCache:
     """Run the offline preprocessing once per (views, settings) and keep it on disk; reuse it afterwards."""
     paths = [str(p) for p in image_paths]
+    _remove_dead_cache_builds(cache_dir)
     stamp = _files_stamp(paths, {**asdict(cfg), "pipeline": ANOMALY_PIPELINE_VERSION})
     folder = Path(cache_dir) / f"anomaly_{cfg.name.replace('+', '_')}_{cfg.size}px_{stamp}"
     if (folder / "affines.npy").is_file():

@@ -190,17 +190,20 @@ def _flip_bytes_of(path: Path, tensor: torch.Tensor, n: int = 16) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_corrupt_checkpoint_is_named_and_a_good_one_offered(tiny_phantom, tmp_path):
-    cfg = _train_config(tiny_phantom, tmp_path / "run", tmp_path / "cache", epochs=2)
-    mh.train(cfg, progress=False)
+def _copy_of_run(tiny_run, tmp_path, **changes) -> mh.TrainConfig:
+    """A copy of the session's 2-epoch run, and the config that resumes it there."""
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    return mh.TrainConfig(**{**json.loads((run / "config.json").read_text()), "output_dir": str(run), **changes})
+
+
+def test_a_corrupt_checkpoint_is_named_and_a_good_one_offered(tiny_run, tmp_path):
+    cfg = _copy_of_run(tiny_run, tmp_path, epochs=3, max_steps_per_epoch=1)
     folder = tmp_path / "run" / "checkpoints"
     state = torch.load(folder / "last.pt", weights_only=True)
     assert state[mh.DIGEST_KEY] == mh._state_digest({k: v for k, v in state.items() if k != mh.DIGEST_KEY})
     _flip_bytes_of(folder / "last.pt", state["model"]["features.norm5.weight"])  # 1-D: stored as numpy lays it out
     assert torch.load(folder / "last.pt", weights_only=True)  # torch itself loads it: only the digest tells
-    for load in (lambda: mh.load_checkpoint(folder / "last.pt"),
-                 lambda: mh.train(_train_config(tiny_phantom, tmp_path / "run", tmp_path / "cache", epochs=3),
-                                  progress=False)):
+    for load in (lambda: mh.load_checkpoint(folder / "last.pt"), lambda: mh.train(cfg, progress=False)):
         with pytest.raises(mh.CheckpointError, match="corrupt") as err:
             load()
         message = str(err.value)
@@ -246,8 +249,14 @@ def test_the_cache_sees_a_file_changed_with_the_same_size_and_time(tmp_path):
     assert len(replacement) == stat.st_size
     paths[1].write_bytes(replacement)
     os.utime(paths[1], ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same modification time
-    again = mh.build_image_cache([str(p) for p in paths], 16, tmp_path / "cache", progress=False, workers=1)
+    killed = [tmp_path / "cache" / "views_16px_squash_0123.tmp99999999.npy", tmp_path / "cache" / "views_x.tmp1.npy"]
+    for p in killed:  # a build killed long ago (its process gone), and one whose process (init) still runs
+        p.write_bytes(b"partial")
+        os.utime(p, (0, 0))
+    with pytest.warns(UserWarning, match="interrupted cache build"):
+        again = mh.build_image_cache([str(p) for p in paths], 16, tmp_path / "cache", progress=False, workers=1)
     assert again.path != cache.path and int(again.array[1].mean()) == 180 and int(again.array[0].mean()) == 100
+    assert not killed[0].exists() and killed[1].exists()
 
 
 # ---------------------------------------------------------------- 9. a view with an empty hand mask is no score
@@ -286,12 +295,12 @@ def test_views_with_an_empty_hand_mask_are_left_out_and_counted(tiny_phantom, tm
     (mh.TrainConfig, {"body_part": "XR_KNEE"}, "XR_HAND"), (mh.TrainConfig, {"device": "gpu"}, "cuda"),
     (mh.AnomalyConfig, {"amp": "fp8"}, "bf16"), (mh.AnomalyConfig, {"epochs": 0}, r"\[1, "),
     (mh.AnomalyConfig, {"batch_size": 1}, r"\[2, "), (mh.AnomalyConfig, {"splits": ["train", "test"]}, "valid"),
-    (mh.AnomalyConfig, {"model": "vae", "image_size": 100}, "VAE"), (mh.AnomalyConfig, {"image_size": 48}, "CAE"),
+    (mh.AnomalyConfig, {"image_size": 100, "model": "vae"}, "VAE"), (mh.AnomalyConfig, {"image_size": 48}, "CAE"),
     (mh.AnomalyConfig, {"lr": -1}, r"\(0.0, 1.0\]"), (mh.AnomalyConfig, {"data_dir": ""}, "empty string"),
     (mh.AnomalyConfig, {"scale_range": (1.2, 0.8)}, "low <= high"),
 ])
 def test_a_bad_setting_is_named_with_its_value_and_what_is_allowed(config, bad, allowed):
-    [(name, value)] = bad.items()
+    name, value = next(iter(bad.items()))  # the setting at fault (any others set the context)
     with pytest.raises(mh.ConfigError, match=f"{config.__name__}.{name}") as err:
         config(**bad)
     assert repr(value) in str(err.value) and __import__("re").search(allowed, str(err.value))
@@ -400,9 +409,8 @@ def test_find_mura_root_skips_unreadable_folders(phantom_copy, monkeypatch):
         mh.find_mura_root(download)
 
 
-def test_a_full_disk_says_so_and_leftover_temporaries_are_cleaned(tiny_phantom, tmp_path, monkeypatch):
-    cfg = _train_config(tiny_phantom, tmp_path / "run", tmp_path / "cache")
-    mh.train(cfg, progress=False)
+def test_a_full_disk_says_so_and_leftover_temporaries_are_cleaned(tiny_run, tmp_path, monkeypatch):
+    cfg = _copy_of_run(tiny_run, tmp_path, epochs=3, max_steps_per_epoch=1)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     good = last.read_bytes()
     real_save = torch.save
@@ -421,5 +429,5 @@ def test_a_full_disk_says_so_and_leftover_temporaries_are_cleaned(tiny_phantom, 
     for p in leftovers:
         p.write_bytes(b"half")
     with pytest.warns(UserWarning, match="2 temporary file"):
-        mh.train(_train_config(tiny_phantom, tmp_path / "run", tmp_path / "cache", epochs=2), progress=False)
+        assert len(mh.train(cfg, progress=False)) == 3  # and resumed
     assert not any(p.exists() for p in leftovers)
