@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -35,6 +36,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from matplotlib.patches import Rectangle
@@ -939,10 +941,57 @@ def _remove_own_phantom(mura: Path) -> None:
     shutil.rmtree(mura)
 
 
+KAGGLE_PREFIX = "kaggle:"  # data_dir="kaggle:OWNER/DATASET" downloads through kagglehub
+KAGGLE_HELP = (
+    "On Kaggle: attach the dataset to the notebook (Add Input), and kagglehub reads it from /kaggle/input without a "
+    "download. In Colab: add the secrets KAGGLE_USERNAME and KAGGLE_KEY (the key icon in the left bar; the values are "
+    "in the kaggle.json of kaggle.com > Settings > API > Create New Token) and give this notebook access to them. "
+    "Elsewhere: set the environment variables KAGGLE_USERNAME and KAGGLE_KEY, or put kaggle.json in ~/.kaggle/."
+)
+
+
+def _kaggle_credentials_from_colab() -> None:
+    """In Colab, copy the KAGGLE_USERNAME/KAGGLE_KEY secrets into the environment (where kagglehub looks)."""
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        return
+    try:
+        from google.colab import userdata
+    except ImportError:  # not in Colab
+        return
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY"):
+        try:
+            value = userdata.get(name)
+        except Exception:  # secret missing, or this notebook not granted access to it
+            value = None
+        if value:
+            os.environ[name] = value
+
+
+def download_kaggle_dataset(handle: str) -> Path:
+    """Download a Kaggle dataset ('OWNER/DATASET') through kagglehub (cached; read in place when attached on Kaggle)
+    and return its local folder."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+(/versions/\d+)?", handle):
+        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: not a Kaggle dataset handle; write it as "
+                            f"'{KAGGLE_PREFIX}OWNER/DATASET', e.g. '{KAGGLE_PREFIX}bogomililiev2308/mura-hand-xray'")
+    try:
+        import kagglehub
+    except ImportError as e:
+        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: needs the kagglehub package (preinstalled in Colab and on "
+                            f"Kaggle; elsewhere: pip install kagglehub)") from e
+    _kaggle_credentials_from_colab()
+    try:
+        return Path(kagglehub.dataset_download(handle))
+    except Exception as e:  # no credentials, no network, no such dataset, terms not accepted
+        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: the download failed ({type(e).__name__}: {e}). "
+                            f"{KAGGLE_HELP}") from e
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None, phantom_root: str | os.PathLike = "data/phantom",
                      **phantom_kwargs) -> Path:
-    """Return the MURA root to use: `data_dir` when given (an empty one is an error), else the embedded phantom (made
-    if needed)."""
+    """Return the MURA root to use: `data_dir` when given (a folder, or 'kaggle:OWNER/DATASET'; an empty one is an
+    error), else the embedded phantom (made if needed)."""
+    if data_dir is not None and str(data_dir).startswith(KAGGLE_PREFIX):
+        return find_mura_root(download_kaggle_dataset(str(data_dir)[len(KAGGLE_PREFIX):]))
     if data_dir is not None:
         return find_mura_root(data_dir)
     return ensure_phantom(phantom_root, **phantom_kwargs)
@@ -1135,21 +1184,28 @@ class EpochBatches:
 
 
 def epoch_batches(n: int, batch_size: int, shuffle: bool, seed: int, epoch: int,
-                  groups: Sequence[np.ndarray] | None = None) -> list[list[int]]:
-    """Split n views (or whole groups of views, e.g. studies) into batches, shuffled by (seed, epoch); in a shuffled
-    (training) epoch a last batch of one view joins the batch before it (batch norm needs two values a channel)."""
+                  groups: Sequence[np.ndarray] | None = None, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """Split n views (or whole groups of views, e.g. studies) into batches, shuffled by (seed, epoch).
+
+    With world_size processes, every process draws the same order; each global batch of batch_size x world_size
+    items is split into world_size near-equal parts and process `rank` gets part `rank`, so every view is in one
+    process's batch exactly once an epoch and every process takes as many steps. In a shuffled (training) epoch a
+    last batch with a part of one view joins the batch before it (batch norm needs two values a channel); in an
+    unshuffled one a part may be empty.
+    """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if groups is None:
-        order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
-        batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    else:
-        order = torch.randperm(len(groups), generator=generator).tolist() if shuffle else list(range(len(groups)))
-        batches = [[int(v) for g in order[i:i + batch_size] for v in groups[g]]
-                   for i in range(0, len(order), batch_size)]
-    if shuffle and len(batches) > 1 and len(batches[-1]) == 1:
-        last = batches.pop()
-        batches[-1] = batches[-1] + last
-    return batches
+    units = [[i] for i in range(n)] if groups is None else [[int(v) for v in g] for g in groups]
+    order = torch.randperm(len(units), generator=generator).tolist() if shuffle else list(range(len(units)))
+    step = batch_size * world_size
+    chunks = [order[i:i + step] for i in range(0, len(order), step)]
+
+    def parts(chunk: list[int]) -> list[list[int]]:
+        return [[v for u in part for v in units[u]] for part in np.array_split(np.asarray(chunk, int), world_size)]
+
+    if shuffle and len(chunks) > 1 and min(len(p) for p in parts(chunks[-1])) < 2:
+        last = chunks.pop()
+        chunks[-1] = chunks[-1] + last
+    return [parts(chunk)[rank] for chunk in chunks]
 
 
 # ---------------------------------------------------------------- augmentation: on the device, per sample, batched
@@ -1226,8 +1282,40 @@ def class_weights(labels) -> tuple[float, float]:
     return n_abnormal / total, n_normal / total
 
 
-def weighted_bce_with_logits(logits, targets, w0: float, w1: float):
-    """Mean of -w1*y*log(p) - w0*(1-y)*log(1-p) with p = sigmoid(logits), computed stably from logits."""
+def class_weights_by_type(images: pd.DataFrame) -> pd.DataFrame:
+    """The paper's weights per study type T, (w_T0, w_T1) = (|A_T|, |N_T|) / (|A_T| + |N_T|), from that type's
+    training views; one row per body part (with one body part, the same as class_weights)."""
+    rows = []
+    for part, labels in images.groupby("body_part", sort=True)["label"]:
+        try:
+            w0, w1 = class_weights(labels)
+        except MuraDataError as e:
+            raise MuraDataError(f"{part}: {e}") from e
+        rows.append({"body_part": part, "w0": w0, "w1": w1, "abnormal_views": int((labels == 1).sum()),
+                     "normal_views": int((labels == 0).sum())})
+    return pd.DataFrame(rows).set_index("body_part")
+
+
+def view_loss_weights(images: pd.DataFrame, table: pd.DataFrame) -> torch.Tensor:
+    """Each view's (w0, w1), from its study type's row of `table` (class_weights_by_type): a float tensor (n, 2)."""
+    unknown = sorted(set(images["body_part"]) - set(table.index))
+    if unknown:
+        raise MuraDataError(f"no training views of {unknown}, so no loss weights for them: train on those study "
+                            f"types too, or leave them out of body_part")
+    return torch.tensor(table.loc[images["body_part"], ["w0", "w1"]].to_numpy(), dtype=torch.float32)
+
+
+def _batch_weights(weights, index: torch.Tensor):
+    """A batch's (w0, w1): the pair itself, or each view's row of a per-view (n, 2) table (view_loss_weights)."""
+    if isinstance(weights, torch.Tensor):
+        rows = weights[index.to(weights.device, non_blocking=True)]
+        return rows[:, 0], rows[:, 1]
+    return weights
+
+
+def weighted_bce_with_logits(logits, targets, w0, w1):
+    """Mean of -w1*y*log(p) - w0*(1-y)*log(1-p) with p = sigmoid(logits), computed stably from logits; w0 and w1
+    are numbers or each view's weights."""
     weight = w1 * targets + w0 * (1 - targets)
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), weight=weight)
 
@@ -1245,10 +1333,15 @@ def study_log_probs(logits, study: torch.Tensor, n_studies: int):
     return out[0], out[1]
 
 
-def study_weighted_bce(logits, targets, study: torch.Tensor, n_studies: int, w0: float, w1: float):
-    """The report's variant: weighted BCE on each study's mean view probability (one term per study)."""
+def study_weighted_bce(logits, targets, study: torch.Tensor, n_studies: int, w0, w1):
+    """The report's variant: weighted BCE on each study's mean view probability (one term per study); w0 and w1
+    are numbers, or each view's weights (a study takes its views')."""
     log_p, log_q = study_log_probs(logits, study, n_studies)
-    y = torch.zeros(n_studies, device=logits.device).scatter_reduce(0, study, targets.float(), "amax")
+    def per_study(values):  # a study's label (or weight: one study type a study) from its views'
+        return torch.zeros(n_studies, device=logits.device).scatter_reduce(0, study, values.float(), "amax")
+    y = per_study(targets)
+    if isinstance(w0, torch.Tensor):  # per-view weights (several study types)
+        w0, w1 = per_study(w0), per_study(w1)
     return -(w1 * y * log_p + w0 * (1 - y) * log_q).mean()
 
 
@@ -1400,7 +1493,7 @@ def _validate_train_config(cfg) -> None:
         "keep_top_k": (0, 1_000_000),
     }, {"lr": (0.0, 1.0, True), "weight_decay": (0.0, 1.0, False), "plateau_factor": (0.0, 1.0, True),
         "rotation_degrees": (0.0, 180.0, False)})
-    for name in ("pretrained", "channels_last"):
+    for name in ("pretrained", "channels_last", "sync_batchnorm"):
         setattr(cfg, name, _bool_setting(owner, name, getattr(cfg, name)))
     cfg.arch = _choice_setting(owner, "arch", cfg.arch, ARCHS)
     if isinstance(cfg.betas, str):
@@ -1451,6 +1544,8 @@ class TrainConfig:
     on_bad: str = "raise"  # "skip": leave bad files out, counted in a warning (mh.data_problems lists them)
     resume: bool = True
     max_steps_per_epoch: int | None = None  # for smoke tests
+    sync_batchnorm: bool = False  # several GPUs: batch norm over the global batch (off: each GPU's own, as the
+    # paper's single GPU saw batches of batch_size; on CPU processes always off)
 
     def __post_init__(self):
         _validate_train_config(self)
@@ -1462,6 +1557,27 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"TrainConfig.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+
+
+# Presets: named sets of TrainConfig fields (train_preset), each field's source said where it is set.
+TRAIN_PRESETS = {
+    # the reference report's run (its section on training; pyaf/DenseNet-MURA-PyTorch)
+    "report": {"image_size": 224, "batch_size": 8, "epochs": 5, "rotation_degrees": 10.0, "loss_level": "study",
+               "select_metric": "valid_accuracy", "lr": 1e-4},
+    # the MURA paper (Rajpurkar et al. 2017): all seven study types with per-type loss weights, 320 px, flips and
+    # rotations up to 30 degrees, batch 8 (per GPU here), Adam 1e-4, the rate divided by 10 when the validation loss
+    # plateaus, the model of lowest validation loss (and an ensemble of the 5 best)
+    "mura_paper": {"body_part": "all", "image_size": 320, "rotation_degrees": 30.0, "hflip": True, "batch_size": 8,
+                   "lr": 1e-4, "betas": (0.9, 0.999), "plateau_factor": 0.1, "loss_level": "image",
+                   "select_metric": "valid_loss", "keep_top_k": 5, "pretrained": True},
+}
+
+
+def train_preset(name: str, **overrides) -> TrainConfig:
+    """A TrainConfig with a named preset's settings (TRAIN_PRESETS), any field overridden by keyword."""
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose from {sorted(TRAIN_PRESETS)}")
+    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})
 
 
 def resolve_device(device: str = "auto"):
@@ -1484,6 +1600,56 @@ def seed_everything(seed: int) -> None:
     """Seed Python's and torch's generators (CPU and CUDA); the suite's NumPy code takes explicit seeds."""
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in a torch.distributed run (one process: rank 0 of 1)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes checkpoints, history and figures."""
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> tuple[Distributed, torch.device]:
+    """Join the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPU) and return
+    this process's place and device; without torchrun, one process on resolve_device(device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(), resolve_device(device)
+    ctx = Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = torch.cuda.is_available() and str(device).split(":")[0] in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(ctx.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+    return ctx, torch.device("cuda", ctx.local_rank) if use_cuda else torch.device("cpu")
+
+
+def _gather_result(result: dict, ctx: Distributed) -> dict:
+    """One epoch's results of every process joined on rank 0 (the loss averaged over all items); None elsewhere."""
+    if ctx.world_size == 1:
+        return result
+    parts = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object({k: result[k] for k in ("loss", "n", "probs", "index")}, parts, dst=0)
+    if not ctx.is_main:
+        return None
+    n = sum(p["n"] for p in parts)
+    return {"loss": sum(p["loss"] * p["n"] for p in parts) / max(n, 1), "n": n,
+            "probs": np.concatenate([p["probs"] for p in parts]), "index": np.concatenate([p["index"] for p in parts])}
+
+
+def _from_main(obj, ctx: Distributed):
+    """Rank 0's `obj` on every process (one process: `obj`)."""
+    if ctx.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 DIGEST_KEY = "sha256"  # a checkpoint's digest of its own content, checked on every load
@@ -1660,12 +1826,13 @@ def compile_model(model, mode: bool | str):
     return torch.compile(model, mode=None if mode is True else mode)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device, weights: tuple[float, float], cfg: TrainConfig,
-                    epoch: int, progress: bool = True) -> dict:
-    """One pass over the training views; returns the mean loss and every view's probability."""
+def train_one_epoch(model, loader, optimizer, scaler, device, weights, cfg: TrainConfig, epoch: int,
+                    progress: bool = True, rank: int = 0) -> dict:
+    """One pass over the training views (this process's share of them); returns the mean loss and every view's
+    probability. `weights`: (w0, w1), or each view's (view_loss_weights)."""
     model.train()
     dtype = amp_dtype(cfg.amp, device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * rank)
     loss_sum = torch.zeros((), device=device)
     n_seen, probs, indices = 0, [], []
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
@@ -1680,10 +1847,11 @@ def train_one_epoch(model, loader, optimizer, scaler, device, weights: tuple[flo
             logits = model(x).squeeze(1)
         if cfg.loss_level == "study":
             n_items = int(study.max()) + 1  # studies in the batch (a CPU tensor: no device sync)
-            loss = study_weighted_bce(logits, y, study.to(device, non_blocking=True), n_items, *weights)
+            loss = study_weighted_bce(logits, y, study.to(device, non_blocking=True), n_items,
+                                      *_batch_weights(weights, index))
         else:
             n_items = len(y)
-            loss = weighted_bce_with_logits(logits, y, *weights)
+            loss = weighted_bce_with_logits(logits, y, *_batch_weights(weights, index))
         amp_step(loss, optimizer, scaler)
         loss_sum += loss.detach() * n_items  # the epoch's loss: a mean over its views (or studies)
         n_seen += n_items
@@ -1693,13 +1861,14 @@ def train_one_epoch(model, loader, optimizer, scaler, device, weights: tuple[flo
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
-    return {"loss": float(loss_sum) / max(n_seen, 1), "probs": torch.cat(probs).cpu().numpy(),
+    return {"loss": float(loss_sum) / max(n_seen, 1), "n": n_seen, "probs": torch.cat(probs).cpu().numpy(),
             "index": torch.cat(indices).numpy()}
 
 
-def evaluate_views(model, loader, device, weights: tuple[float, float], amp: str = "auto", channels_last: bool = True,
+def evaluate_views(model, loader, device, weights, amp: str = "auto", channels_last: bool = True,
                    desc: str = "valid", progress: bool = True) -> dict:
-    """Predict every view of `loader` without augmentation; returns the weighted loss and the view probabilities."""
+    """Predict every view of `loader` without augmentation; returns the weighted loss and the view probabilities.
+    `weights`: (w0, w1), or each view's (view_loss_weights)."""
     model.eval()
     dtype = amp_dtype(amp, device)
     loss_sum, n_seen, probs, indices = torch.zeros((), device=device), 0, [], []
@@ -1710,11 +1879,13 @@ def evaluate_views(model, loader, device, weights: tuple[float, float], amp: str
             y = labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = model(x).squeeze(1)
-            loss_sum += weighted_bce_with_logits(logits, y, *weights) * len(y)
+            loss_sum += weighted_bce_with_logits(logits, y, *_batch_weights(weights, index)) * len(y)
             n_seen += len(y)
             probs.append(torch.sigmoid(logits.float()))
             indices.append(index)
-    return {"loss": float(loss_sum) / max(n_seen, 1), "probs": torch.cat(probs).cpu().numpy(),
+    if not probs:  # this process's share of a small set was empty
+        return {"loss": 0.0, "n": 0, "probs": np.zeros(0, np.float32), "index": np.zeros(0, np.int64)}
+    return {"loss": float(loss_sum) / max(n_seen, 1), "n": n_seen, "probs": torch.cat(probs).cpu().numpy(),
             "index": torch.cat(indices).numpy()}
 
 
@@ -1961,8 +2132,9 @@ def _config_dict(cfg: TrainConfig) -> dict:
 
 
 def _unwrap(model):
-    """The underlying module of a torch.compile'd model."""
-    return getattr(model, "_orig_mod", model)
+    """The underlying module of a torch.compile'd and/or DistributedDataParallel model."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 RESUME_MUST_MATCH = ("body_part", "image_size", "resize", "arch", "batch_size", "lr", "betas", "weight_decay",
@@ -1972,28 +2144,39 @@ RESUME_MUST_MATCH = ("body_part", "image_size", "resize", "arch", "batch_size", 
 
 def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
     """Train (or resume) a run in cfg.output_dir: checkpoints/last.pt every epoch, best.pt, history.csv; the folder
-    is locked meanwhile, and an earlier run there is moved aside, not overwritten, when this one starts afresh."""
-    with run_lock(cfg.output_dir):
-        return _train_locked(cfg, progress)
+    is locked meanwhile, and an earlier run there is moved aside, not overwritten, when this one starts afresh.
+
+    Under torchrun (several processes, one a GPU, or gloo processes on a CPU) the same call trains with
+    DistributedDataParallel: each process takes its share of every global batch of batch_size x processes views,
+    validation is sharded and gathered, rank 0 alone computes the metrics, holds the lock and writes the files.
+    """
+    ctx, device = setup_distributed(cfg.device)
+    with run_lock(cfg.output_dir) if ctx.is_main else contextlib.nullcontext():
+        return _train_locked(cfg, progress, ctx, device)
 
 
-def _train_locked(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
-    """train() while holding the run folder's lock."""
+def _train_locked(cfg: TrainConfig, progress: bool, ctx: Distributed, device) -> pd.DataFrame:
+    """train() while rank 0 holds the run folder's lock."""
     out = Path(cfg.output_dir)
-    _remove_temporaries([out, out / "checkpoints"])
+    if ctx.is_main:
+        _remove_temporaries([out, out / "checkpoints"])
     state = _resumable_state(cfg, RESUME_MUST_MATCH)
-    if state is None:
+    if state is None and ctx.is_main:
         _set_aside_previous_run(out)
-    run = _prepare_run(cfg, progress, state)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
-    device = resolve_device(cfg.device)
+    if ctx.local_rank != 0:  # the first process of each machine makes the phantom and the view cache ...
+        dist.barrier()
+    run = _prepare_run(cfg, progress and ctx.is_main, state)
+    if ctx.local_rank == 0 and ctx.world_size > 1:  # ... while the others wait, then read them
+        dist.barrier()
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick the fastest kernels
     seed_everything(cfg.seed)
     model = build_model(cfg.pretrained and state is None, cfg.arch).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    weights = class_weights(run["train"]["label"])
+    weight_table = class_weights_by_type(run["train"])  # the paper's w_T per study type (one row for XR_HAND)
     optimizer = build_optimizer(model.parameters(), cfg.lr, device, cfg.betas, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
                                                            patience=cfg.plateau_patience)
@@ -2002,43 +2185,92 @@ def _train_locked(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
     history, best, start_epoch = [], None, 0
     if state is not None:
         history, best, start_epoch = _restore(state, model, optimizer, scheduler, scaler)
-        print(f"resuming {out / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of {cfg.epochs}")
+        if ctx.is_main:
+            print(f"resuming {out / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of {cfg.epochs}")
+    if ctx.world_size > 1:
+        if cfg.sync_batchnorm and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
     model = compile_model(model, cfg.compile)
+    eval_model = model if ctx.world_size == 1 else _unwrap(model)  # no collectives in evaluation
 
     train_images, valid_images = run["train"], run["valid"]
+    train_weights = view_loss_weights(train_images, weight_table).to(device)
+    valid_weights = view_loss_weights(valid_images, weight_table).to(device)  # training's weights: comparable
     groups = list(train_images.groupby("study_path", sort=False).indices.values())
     pin = device.type == "cuda"
     train_loader = make_view_loader(run["cache"], train_images, cfg.batch_size, True, cfg.seed, cfg.num_workers, pin)
     valid_loader = make_view_loader(run["cache"], valid_images, cfg.valid_batch_size, False, cfg.seed,
                                     cfg.num_workers, pin)
+    valid_loader.sampler.batches = [b for b in epoch_batches(len(valid_images), cfg.valid_batch_size, False,
+                                                              cfg.seed, 0, None, ctx.rank, ctx.world_size) if b]
     direction = SELECT_METRICS[cfg.select_metric]
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch,
-                                                     groups if cfg.loss_level == "study" else None)
+                                                     groups if cfg.loss_level == "study" else None,
+                                                     ctx.rank, ctx.world_size)
         started = time.perf_counter()
-        trained = train_one_epoch(model, train_loader, optimizer, scaler, device, weights, cfg, epoch, progress)
+        trained = train_one_epoch(model, train_loader, optimizer, scaler, device, train_weights, cfg, epoch,
+                                  progress and ctx.is_main, ctx.rank)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        train_time = time.perf_counter() - started
-        validated = evaluate_views(model, valid_loader, device, weights, cfg.amp, cfg.channels_last, progress=progress)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-               **_epoch_metrics("train", train_images, trained), **_epoch_metrics("valid", valid_images, validated),
-               "epoch_time_s": time.perf_counter() - started, "train_images_per_s": len(trained["probs"]) / train_time}
+        train_time = time.perf_counter() - started  # rank 0's; its images/s counts every process's views
+        validated = evaluate_views(eval_model, valid_loader, device, valid_weights, cfg.amp, cfg.channels_last,
+                                   progress=progress and ctx.is_main)
+        trained, validated = _gather_result(trained, ctx), _gather_result(validated, ctx)
+        row = None
+        if ctx.is_main:  # the metrics, once, on every view's prediction
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                   **_epoch_metrics("train", train_images, trained), **_epoch_metrics("valid", valid_images, validated),
+                   "epoch_time_s": time.perf_counter() - started,
+                   "train_images_per_s": len(trained["probs"]) / train_time, "processes": ctx.world_size}
+        row = _from_main(row, ctx)
         scheduler.step(row["valid_loss"])
         history.append(row)
         score = row[cfg.select_metric]
         improved = best is None or (score < best if direction == "min" else score > best) or math.isnan(best)
         if improved:
             best = score
-        if cfg.keep_top_k > 0:
-            _keep_top_k_weights(model, cfg, history, epoch, out / "checkpoints")
-        _save_epoch(_checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best, run["data"]),
-                    improved, out)
-        if progress:
+        if ctx.is_main:
+            if cfg.keep_top_k > 0:
+                _keep_top_k_weights(model, cfg, history, epoch, out / "checkpoints")
+            _save_epoch(_checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best, run["data"]),
+                        improved, out)
+        if progress and ctx.is_main:
             print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f}  valid loss "
                   f"{row['valid_loss']:.4f}  valid kappa {row['valid_kappa']:.3f}  valid AUROC {row['valid_auroc']:.3f}"
-                  f"  {row['train_images_per_s']:.0f} img/s" + ("  (best)" if improved else ""))
+                  f"  {row['train_images_per_s']:.0f} img/s" + ("  (best)" if improved else ""), flush=True)
+    if ctx.world_size > 1:
+        dist.barrier()  # every process returns after rank 0 has written the last epoch
     return pd.DataFrame(history)
+
+
+def launch_training(cfg: TrainConfig, devices: int | str = "auto", progress: bool = True) -> pd.DataFrame:
+    """Train on `devices` processes and return the history: "auto" uses every visible GPU; 1 (or one GPU, or none)
+    trains in this process; N > 1 starts N worker processes with torchrun (NCCL on GPUs, gloo on a CPU), shows
+    rank 0's epoch lines, and raises with the workers' output when one fails."""
+    n = torch.cuda.device_count() if devices == "auto" else int(devices)
+    if n <= 1:
+        return train(cfg, progress)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "launch_config.json"
+    config.write_text(json.dumps(_config_dict(cfg), indent=2))
+    module_dir = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [module_dir, os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", "mura_helpers", "train", "--config", str(config), "--no-progress"]
+    lines = []
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            if progress and line.startswith(("epoch ", "resuming ")):
+                print(line, end="", flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed training on {n} processes failed (exit {proc.returncode}); the workers' "
+                           f"last output:\n{''.join(lines[-40:])}")
+    return pd.read_csv(out / "history.csv")
 
 
 def _keep_top_k_weights(model, cfg: TrainConfig, history: list[dict], epoch: int, folder: Path) -> None:
@@ -2251,6 +2483,29 @@ def metrics_by_finding(studies: pd.DataFrame, findings: pd.DataFrame, scores: Se
                 row[f"sensitivity_{score}"] = float((abnormal[score] > threshold).mean()) if len(abnormal) else np.nan
         rows.append(row)
     return pd.DataFrame(rows).set_index("finding")
+
+
+# The MURA paper's Table 2, model column: Cohen's kappa (95% CI) per study type against the radiologists' majority
+# vote on its hidden test set (Rajpurkar et al. 2017); cited, not recomputed.
+PAPER_KAPPA_BY_TYPE = {"XR_ELBOW": 0.710, "XR_FINGER": 0.389, "XR_FOREARM": 0.737, "XR_HAND": 0.851,
+                       "XR_HUMERUS": 0.600, "XR_SHOULDER": 0.729, "XR_WRIST": 0.931, "overall": 0.705}
+
+
+def metrics_by_body_part(preds: pd.DataFrame, threshold: float = 0.5, n_boot: int = 2000,
+                         seed: int = 0) -> pd.DataFrame:
+    """The paper's Table 2 layout: per study type and overall, the studies, Cohen's kappa with its 95% bootstrap
+    interval (studies resampled), accuracy and AUROC, beside the paper's model kappa (its hidden test set)."""
+    body_part = [_relative_key(p)[1] if len(_relative_key(p)) > 1 else "?" for p in preds["study_path"]]
+    preds = preds.assign(body_part=body_part)
+    rows = []
+    for part, group in [*preds.groupby("body_part", sort=True), ("overall", preds)]:
+        table = bootstrap_metrics(group["label"], group["prob"], threshold, n_boot, seed)
+        rows.append({"study_type": part, "studies": len(group), "abnormal": int(group["label"].sum()),
+                     "kappa": table.loc["kappa", "estimate"], "kappa_ci_low": table.loc["kappa", "ci_low"],
+                     "kappa_ci_high": table.loc["kappa", "ci_high"], "accuracy": table.loc["accuracy", "estimate"],
+                     "auroc": table.loc["auroc", "estimate"],
+                     "paper_model_kappa": PAPER_KAPPA_BY_TYPE.get(part, np.nan)})
+    return pd.DataFrame(rows).set_index("study_type")
 
 
 def load_ensemble(checkpoints: str | os.PathLike | Sequence[str | os.PathLike], device: str = "auto"):
@@ -3880,3 +4135,38 @@ def best_run_heatmaps(results: pd.DataFrame, score: str = "mse", n: int = 8, dev
     heatmaps = anomaly_heatmaps(net, data["cache"], list(abnormal["image_path"]), device) if len(abnormal) else []
     localisation = heatmap_localisation(heatmaps, boxes) if boxes is not None and heatmaps else None
     return {"best": best, "heatmaps": heatmaps[:n], "boxes": boxes, "localisation": localisation}
+
+
+# ---------------------------------------------------------------- command line: python -m mura_helpers
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m mura_helpers train --config run.json`: train the run a JSON TrainConfig describes (a run's own
+    config.json resumes it); under `torchrun --nproc_per_node=N` it trains on N processes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mura_helpers", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    trainer = commands.add_parser("train", help="train (or resume) the supervised DenseNet of a TrainConfig")
+    trainer.add_argument("--config", required=True, help="a JSON object of TrainConfig fields")
+    trainer.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
+    args = parser.parse_args(argv)
+    path = Path(args.config)
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        parser.error(f"{path}: cannot read a JSON config ({e})")
+    known = TrainConfig.__dataclass_fields__
+    unknown = sorted(set(fields) - set(known)) if isinstance(fields, dict) else None
+    if unknown is None or unknown:
+        parser.error(f"{path}: not a TrainConfig: " + (f"unknown fields {unknown}; known: {sorted(known)}"
+                                                        if unknown else "the file holds no JSON object"))
+    try:
+        train(TrainConfig(**fields), progress=not args.no_progress)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
