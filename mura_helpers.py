@@ -44,7 +44,6 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from scipy.spatial import ConvexHull
-from scipy.stats import rankdata
 from skimage import exposure
 from skimage.filters import threshold_multiotsu, threshold_otsu
 from skimage.morphology import disk
@@ -1347,7 +1346,8 @@ def study_weighted_bce(logits, targets, study: torch.Tensor, n_studies: int, w0,
 
 # ---------------------------------------------------------------- training: config, one epoch, checkpoints, resume
 
-SELECT_METRICS = {"valid_loss": "min", "valid_auroc": "max", "valid_kappa": "max", "valid_accuracy": "max"}
+SELECT_METRICS = {f"{split}_{metric}": direction for split in ("tune", "valid")
+                  for metric, direction in (("loss", "min"), ("auroc", "max"), ("kappa", "max"), ("accuracy", "max"))}
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201")  # build_model replaces a DenseNet's classifier
 AMP_MODES = ("auto", "fp16", "bf16", "off")
@@ -1490,9 +1490,9 @@ def _validate_train_config(cfg) -> None:
         "image_size": (32, 4096),  # a DenseNet halves the input five times: 32 px leaves one feature pixel
         "batch_size": (2, 1_000_000),  # batch norm needs two values a channel in training
         "valid_batch_size": (1, 1_000_000), "epochs": (1, 1_000_000), "plateau_patience": (0, 1_000_000),
-        "keep_top_k": (0, 1_000_000),
+        "keep_top_k": (0, 1_000_000), "split_seed": (0, 2**32 - 1),
     }, {"lr": (0.0, 1.0, True), "weight_decay": (0.0, 1.0, False), "plateau_factor": (0.0, 1.0, True),
-        "rotation_degrees": (0.0, 180.0, False)})
+        "rotation_degrees": (0.0, 180.0, False), "tune_fraction": (0.0, 0.95, False)})
     for name in ("pretrained", "channels_last", "sync_batchnorm"):
         setattr(cfg, name, _bool_setting(owner, name, getattr(cfg, name)))
     cfg.arch = _choice_setting(owner, "arch", cfg.arch, ARCHS)
@@ -1508,7 +1508,12 @@ def _validate_train_config(cfg) -> None:
 @dataclass
 class TrainConfig:
     """Every knob of a training run; the reference report's run is image_size=224, batch_size=8, epochs=5,
-    rotation_degrees=10, select_metric='valid_accuracy', loss_level='study'."""
+    rotation_degrees=10, select_metric='tune_accuracy' (its 'valid_accuracy' with tune_fraction=0), loss_level='study'.
+
+    Selection (best.pt, the plateau schedule, the top-k ensemble, any threshold) reads the tuning split: a
+    patient-disjoint, label-stratified `tune_fraction` of the training patients; MURA's validation split is then
+    a held-out test. tune_fraction=0 selects on the validation split, as the MURA paper and the report did.
+    """
 
     data_dir: str | None = None  # None: the embedded phantom
     body_part: str = "XR_HAND"
@@ -1529,11 +1534,12 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     plateau_factor: float = 0.1  # the learning rate is divided by 10 ...
-    plateau_patience: int = 1  # ... when the validation loss has not improved for this many epochs
+    plateau_patience: int = 1  # ... when the tuning loss has not improved for this many epochs
     rotation_degrees: float = 10.0  # the report; the MURA paper used 30
     hflip: bool = True
     loss_level: str = "image"  # "image": per-view weighted BCE (the paper); "study": on the study mean (report)
-    select_metric: str = "valid_loss"  # best.pt is kept by this (the paper: validation loss)
+    select_metric: str = "tune_loss"  # best.pt is kept by this (the paper: validation loss); tune_* reads valid_*
+    # when tune_fraction=0, and valid_* is refused when there is a tuning split (it would select on the test set)
     keep_top_k: int = 5  # also keep the weights of the k best epochs, for an ensemble (the paper averaged 5)
     amp: str = "auto"  # "auto": fp16 + GradScaler on GPUs without fast bf16 (T4), bf16 on Ampere+; "off" on CPU
     channels_last: bool = True
@@ -1546,6 +1552,8 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # for smoke tests
     sync_batchnorm: bool = False  # several GPUs: batch norm over the global batch (off: each GPU's own, as the
     # paper's single GPU saw batches of batch_size; on CPU processes always off)
+    tune_fraction: float = 0.1  # share of the training patients held out for selection; 0: select on validation
+    split_seed: int = 0  # the tuning split's seed (not the training seed: runs of several seeds share the split)
 
     def __post_init__(self):
         _validate_train_config(self)
@@ -1557,19 +1565,33 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"TrainConfig.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if not 0 <= self.tune_fraction < 1:
+            raise ValueError(f"TrainConfig.tune_fraction must be in [0, 1), got {self.tune_fraction!r}")
+        if self.tune_fraction == 0:  # no tuning split: selection reads MURA's validation split (the old behaviour)
+            self.select_metric = self.select_metric.replace("tune_", "valid_", 1)
+        elif self.select_metric.startswith("valid_"):
+            raise ValueError(f"TrainConfig.select_metric={self.select_metric!r} would select on MURA's validation "
+                             f"split, the held-out test when tune_fraction > 0: use "
+                             f"{self.select_metric.replace('valid_', 'tune_', 1)!r}, or tune_fraction=0")
+
+    @property
+    def tuning_set(self) -> str:
+        """The history's prefix of the set that selects: 'tune', or 'valid' when tune_fraction is 0."""
+        return self.select_metric.split("_", 1)[0]
 
 
 # Presets: named sets of TrainConfig fields (train_preset), each field's source said where it is set.
 TRAIN_PRESETS = {
     # the reference report's run (its section on training; pyaf/DenseNet-MURA-PyTorch)
     "report": {"image_size": 224, "batch_size": 8, "epochs": 5, "rotation_degrees": 10.0, "loss_level": "study",
-               "select_metric": "valid_accuracy", "lr": 1e-4},
+               "select_metric": "tune_accuracy", "lr": 1e-4},  # the report chose on validation: tune_fraction=0
     # the MURA paper (Rajpurkar et al. 2017): all seven study types with per-type loss weights, 320 px, flips and
     # rotations up to 30 degrees, batch 8 (per GPU here), Adam 1e-4, the rate divided by 10 when the validation loss
-    # plateaus, the model of lowest validation loss (and an ensemble of the 5 best)
+    # plateaus, the model of lowest validation loss (and an ensemble of the 5 best); here the tuning split stands in
+    # for its validation set (MURA's validation split is our test: its test set is hidden), tune_fraction=0 as it did
     "mura_paper": {"body_part": "all", "image_size": 320, "rotation_degrees": 30.0, "hflip": True, "batch_size": 8,
                    "lr": 1e-4, "betas": (0.9, 0.999), "plateau_factor": 0.1, "loss_level": "image",
-                   "select_metric": "valid_loss", "keep_top_k": 5, "pretrained": True},
+                   "select_metric": "tune_loss", "keep_top_k": 5, "pretrained": True},  # the paper: validation
 }
 
 
@@ -1889,9 +1911,32 @@ def evaluate_views(model, loader, device, weights, amp: str = "auto", channels_l
             "index": torch.cat(indices).numpy()}
 
 
+def tuning_split(studies: pd.DataFrame, fraction: float = 0.1, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split MURA's training studies into (train, tune) by patient: `fraction` of the patients with an abnormal
+    study and of the normal-only patients (at least one of each, never all), drawn with `seed`."""
+    if fraction <= 0:
+        return studies, studies.iloc[:0]
+    if "split" in studies and set(studies["split"]) - {"train"}:
+        raise ValueError(f"the tuning split is drawn from MURA's train split only, got {sorted(set(studies['split']))}"
+                         f": the validation split stays the held-out test")
+    positive = studies.groupby("patient")["label"].max()
+    rng = np.random.default_rng(seed)
+    tune = []
+    for label, name in ((1, "with an abnormal study"), (0, "with normal studies only")):
+        patients = np.array(sorted(positive.index[positive == label]))
+        if len(patients) < 2:
+            raise MuraDataError(f"tune_fraction={fraction} needs at least 2 training patients {name} (one tunes, one "
+                                f"trains), found {len(patients)}: use tune_fraction=0 to select on validation")
+        n_tune = min(max(1, round(fraction * len(patients))), len(patients) - 1)
+        tune += list(rng.permutation(patients)[:n_tune])
+    held = studies["patient"].isin(tune)
+    return studies[~held], studies[held]
+
+
 def _prepare_run(cfg: TrainConfig, progress: bool = True, state: dict | None = None) -> dict:
     """Load the studies (for a resume: the same data as its checkpoint `state`, else an error), build the view
-    cache and the per-view tables that training and evaluation use."""
+    cache and the per-view tables that training and evaluation use (run["tune"]: the tuning split's views, None
+    when tune_fraction is 0)."""
     root = config_data_root(cfg)
     run = {"root": root}
     tables = []
@@ -1901,15 +1946,18 @@ def _prepare_run(cfg: TrainConfig, progress: bool = True, state: dict | None = N
             raise MuraDataError(f"{root}: no {cfg.body_part} studies in the {split} split")
         run[split] = studies_to_images(studies)
         tables.append(studies)
+        if split == "train":
+            train, tune = tuning_split(studies, cfg.tune_fraction, cfg.split_seed)
     run["data"] = _data_record(root, pd.concat(tables, ignore_index=True))
     _check_same_data(state, run["data"], Path(cfg.output_dir) / "checkpoints" / "last.pt")
     all_paths = list(run["train"]["image_path"]) + list(run["valid"]["image_path"])
     run["cache"] = build_image_cache(all_paths, cfg.image_size, cfg.cache_dir, cfg.resize, progress=progress)
+    run["train"], run["tune"] = studies_to_images(train), studies_to_images(tune) if len(tune) else None
     return run
 
 
 def _epoch_metrics(prefix: str, images: pd.DataFrame, result: dict) -> dict:
-    """Study-level metrics of one epoch's view probabilities, with the loss, prefixed train_/valid_."""
+    """Study-level metrics of one epoch's view probabilities, with the loss, prefixed train_/tune_/valid_."""
     views = images.iloc[result["index"]].assign(prob=result["probs"])
     studies = views.groupby("study_path", sort=False).agg(label=("label", "first"), prob=("prob", "mean"))
     metrics = study_metrics(studies["label"], studies["prob"])
@@ -1937,8 +1985,9 @@ def _resumable_state(cfg, must_match: Sequence[str]) -> dict | None:
     if not cfg.resume or not last_path.is_file():
         return None
     state = load_state(last_path, "anomaly" if isinstance(cfg, AnomalyConfig) else "supervised")
-    changed = {k: (state["config"][k], v) for k, v in _config_dict(cfg).items()  # a field newer than the run
-               if k in must_match and k in state["config"] and state["config"][k] != v}  # had none to differ
+    saved = {**LEGACY_CONFIG, **state["config"]}  # a run saved before a field existed did what LEGACY_CONFIG says
+    changed = {k: (saved[k], v) for k, v in _config_dict(cfg).items()  # a field newer than the run
+               if k in must_match and k in saved and saved[k] != v}  # had none to differ
     if changed:
         raise ValueError(f"{last_path}: holds a run with other settings {changed} (saved, now); use another "
                          f"output_dir, or resume=False to start again")
@@ -1976,7 +2025,8 @@ def _save_epoch(state: dict, improved: bool, out: Path) -> None:
 def _stored_config(config_class, state: dict, path: str | os.PathLike):
     """The config a checkpoint was saved with, validated like a new one (an edited image_size is refused)."""
     try:
-        return config_class(**state["config"])
+        legacy = LEGACY_CONFIG if config_class is TrainConfig else {}  # what a run saved before a field existed did
+        return config_class(**{**legacy, **state["config"]})
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: its stored settings are not valid ({e})") from None
 
@@ -2139,7 +2189,8 @@ def _unwrap(model):
 
 RESUME_MUST_MATCH = ("body_part", "image_size", "resize", "arch", "batch_size", "lr", "betas", "weight_decay",
                      "plateau_factor", "plateau_patience", "rotation_degrees", "hflip", "loss_level", "select_metric",
-                     "seed")  # (the scheduler's settings are restored with its state: a change would be ignored)
+                     "seed", "tune_fraction", "split_seed")  # (the scheduler's settings are restored with its state)
+LEGACY_CONFIG = {"tune_fraction": 0.0}  # what a run saved before a field existed did (no tuning split)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
@@ -2195,16 +2246,21 @@ def _train_locked(cfg: TrainConfig, progress: bool, ctx: Distributed, device) ->
     model = compile_model(model, cfg.compile)
     eval_model = model if ctx.world_size == 1 else _unwrap(model)  # no collectives in evaluation
 
-    train_images, valid_images = run["train"], run["valid"]
+    train_images, tune_images, valid_images = run["train"], run["tune"], run["valid"]
     train_weights = view_loss_weights(train_images, weight_table).to(device)
     valid_weights = view_loss_weights(valid_images, weight_table).to(device)  # training's weights: comparable
+    tune_weights = None if tune_images is None else view_loss_weights(tune_images, weight_table).to(device)
     groups = list(train_images.groupby("study_path", sort=False).indices.values())
     pin = device.type == "cuda"
     train_loader = make_view_loader(run["cache"], train_images, cfg.batch_size, True, cfg.seed, cfg.num_workers, pin)
     valid_loader = make_view_loader(run["cache"], valid_images, cfg.valid_batch_size, False, cfg.seed,
                                     cfg.num_workers, pin)
-    valid_loader.sampler.batches = [b for b in epoch_batches(len(valid_images), cfg.valid_batch_size, False,
-                                                              cfg.seed, 0, None, ctx.rank, ctx.world_size) if b]
+    tune_loader = None if tune_images is None else make_view_loader(run["cache"], tune_images, cfg.valid_batch_size,
+                                                                    False, cfg.seed, cfg.num_workers, pin)
+    for loader, images in ((valid_loader, valid_images), (tune_loader, tune_images)):  # each process its share
+        if loader is not None:
+            loader.sampler.batches = [b for b in epoch_batches(len(images), cfg.valid_batch_size, False, cfg.seed, 0,
+                                                               None, ctx.rank, ctx.world_size) if b]
     direction = SELECT_METRICS[cfg.select_metric]
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch,
@@ -2216,17 +2272,23 @@ def _train_locked(cfg: TrainConfig, progress: bool, ctx: Distributed, device) ->
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.perf_counter() - started  # rank 0's; its images/s counts every process's views
+        tuned = None if tune_loader is None else evaluate_views(eval_model, tune_loader, device, tune_weights,
+                                                                cfg.amp, cfg.channels_last, desc="tune",
+                                                                progress=progress and ctx.is_main)
         validated = evaluate_views(eval_model, valid_loader, device, valid_weights, cfg.amp, cfg.channels_last,
                                    progress=progress and ctx.is_main)
         trained, validated = _gather_result(trained, ctx), _gather_result(validated, ctx)
+        tuned = None if tuned is None else _gather_result(tuned, ctx)
         row = None
         if ctx.is_main:  # the metrics, once, on every view's prediction
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                   **_epoch_metrics("train", train_images, trained), **_epoch_metrics("valid", valid_images, validated),
+                   **_epoch_metrics("train", train_images, trained),
+                   **(_epoch_metrics("tune", tune_images, tuned) if tuned else {}),
+                   **_epoch_metrics("valid", valid_images, validated),
                    "epoch_time_s": time.perf_counter() - started,
                    "train_images_per_s": len(trained["probs"]) / train_time, "processes": ctx.world_size}
         row = _from_main(row, ctx)
-        scheduler.step(row["valid_loss"])
+        scheduler.step(row[f"{cfg.tuning_set}_loss"])  # the plateau schedule reads the tuning set, never the test
         history.append(row)
         score = row[cfg.select_metric]
         improved = best is None or (score < best if direction == "min" else score > best) or math.isnan(best)
@@ -2238,8 +2300,9 @@ def _train_locked(cfg: TrainConfig, progress: bool, ctx: Distributed, device) ->
             _save_epoch(_checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best, run["data"]),
                         improved, out)
         if progress and ctx.is_main:
-            print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f}  valid loss "
-                  f"{row['valid_loss']:.4f}  valid kappa {row['valid_kappa']:.3f}  valid AUROC {row['valid_auroc']:.3f}"
+            shown = [f"{k.replace('_', ' ')} {row[k]:.4f}" for k in ("train_loss", "tune_loss", "tune_auroc",
+                                                                          "valid_loss", "valid_auroc") if k in row]
+            print(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(shown) +
                   f"  {row['train_images_per_s']:.0f} img/s" + ("  (best)" if improved else ""), flush=True)
     if ctx.world_size > 1:
         dist.barrier()  # every process returns after rank 0 has written the last epoch
@@ -2302,6 +2365,23 @@ def top_k_checkpoints(run_dir: str | os.PathLike, k: int = 5) -> list[Path]:
     if not ranked:
         raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no epoch_*.pt weights (train with keep_top_k > 0)")
     return ranked[:k]
+
+
+def ensemble_checkpoints(run_dirs: Sequence[str | os.PathLike], k: int = 1) -> tuple[list[Path], str]:
+    """An ensemble's checkpoints over runs (several seeds) and epochs: each run's best.pt (k=1) or its k best epochs
+    (top_k_checkpoints); and a note that says which (the MURA paper's "5 models" could be either)."""
+    paths, seeds, metric = [], [], None
+    for run_dir in map(Path, run_dirs):
+        if k <= 1 and not (run_dir / "checkpoints" / "best.pt").is_file():
+            raise FileNotFoundError(f"{run_dir}: no checkpoints/best.pt; train a model with notebook 03 first")
+        paths += [run_dir / "checkpoints" / "best.pt"] if k <= 1 else top_k_checkpoints(run_dir, k)
+        config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        seeds.append(config.get("seed"))
+        metric = metric or config.get("select_metric")
+    members = "best.pt" if k <= 1 else f"the {k} best epochs by {metric}"
+    runs = f"of {len(seeds)} run{'s' if len(seeds) > 1 else ''} (seed{'s' if len(seeds) > 1 else ''} " \
+           f"{', '.join(map(str, seeds))})"
+    return paths, f"{len(paths)} checkpoint{'s' if len(paths) > 1 else ''}: {members} {runs}"
 
 
 def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -2375,19 +2455,35 @@ def youden_threshold(labels, probs) -> float:
 CI_METRICS = ("accuracy", "kappa", "auroc", "sensitivity", "specificity")
 
 
-def _auroc_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """AUROC of each row of labels `y` and scores `p` (Mann-Whitney; ties share their average rank; NaN when a
-    row has one class only)."""
-    n_pos, n_neg = y.sum(1), (1 - y).sum(1)
+def _resample_counts(groups, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, rows) multiplicities of each row when its group (a patient) is drawn with replacement: a group's
+    rows are drawn together. With one row per group this is the plain bootstrap of rows."""
+    codes, uniques = pd.factorize(np.asarray(groups))  # groups in order of appearance
+    n = len(uniques)
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    counts = np.bincount((np.arange(n_boot)[:, None] * n + idx).ravel(), minlength=n_boot * n).reshape(n_boot, n)
+    return counts[:, codes]
+
+
+def _weighted_auroc_rows(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """AUROC of labels `y` and scores `p` under each row of row weights `w` (Mann-Whitney with multiplicities; ties
+    count one half; NaN when a row holds one class only)."""
+    order = np.argsort(p, kind="stable")
+    p, y, w = p[order], y[order], w[:, order]
+    starts = np.r_[0, np.flatnonzero(np.diff(p)) + 1]  # runs of tied scores
+    pos, neg = np.add.reduceat(w * y, starts, axis=1), np.add.reduceat(w * (1 - y), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
     with np.errstate(divide="ignore", invalid="ignore"):
-        return ((rankdata(p, axis=1) * y).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        return (pos * (below + neg / 2)).sum(1) / (pos.sum(1) * neg.sum(1))
 
 
-def auroc_interval(labels, scores, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
-    """A (1 - alpha) percentile bootstrap interval of the AUROC, resampling the rows (studies) with replacement."""
+def auroc_interval(labels, scores, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
+                   patients=None) -> tuple[float, float]:
+    """A (1 - alpha) percentile bootstrap interval of the AUROC, resampling the rows (studies) with replacement, or
+    with `patients` (one per row) the patients, each with all its rows."""
     labels, scores = np.asarray(labels, int), np.asarray(scores, float)
-    idx = np.random.default_rng(seed).integers(0, len(labels), (n_boot, len(labels)))
-    draws = _auroc_rows(labels[idx], scores[idx])
+    counts = _resample_counts(np.arange(len(labels)) if patients is None else patients, n_boot, seed)
+    draws = _weighted_auroc_rows(counts, labels, scores)
     draws = draws[np.isfinite(draws)]
     if not len(draws):
         return np.nan, np.nan
@@ -2396,23 +2492,24 @@ def auroc_interval(labels, scores, n_boot: int = 2000, seed: int = 0, alpha: flo
 
 
 def bootstrap_metrics(labels, probs, threshold: float = 0.5, n_boot: int = 2000, seed: int = 0,
-                      alpha: float = 0.05) -> pd.DataFrame:
-    """Each study metric with a (1 - alpha) percentile bootstrap interval, resampling studies with replacement.
+                      alpha: float = 0.05, patients=None) -> pd.DataFrame:
+    """Each study metric with a (1 - alpha) percentile bootstrap interval, resampling studies with replacement, or
+    with `patients` (one per study) the patients, a patient's studies together (what independence means here).
 
     Vectorised over resamples; resamples with one class only (AUROC undefined) are left out of the AUROC interval.
     """
     labels, probs = np.asarray(labels, int), np.asarray(probs, float)
     point = study_metrics(labels, probs, threshold)
-    idx = np.random.default_rng(seed).integers(0, len(labels), (n_boot, len(labels)))
-    y, p = labels[idx], probs[idx]
-    pred = (p > threshold).astype(int)
-    tp, tn = (pred & y).sum(1), ((1 - pred) & (1 - y)).sum(1)
-    fp, fn = (pred & (1 - y)).sum(1), ((1 - pred) & y).sum(1)
-    n = len(labels)
+    counts = _resample_counts(np.arange(len(labels)) if patients is None else patients, n_boot, seed)
+    pred = (probs > threshold).astype(int)
+    tp, tn = counts @ (pred & labels), counts @ ((1 - pred) & (1 - labels))
+    fp, fn = counts @ (pred & (1 - labels)), counts @ ((1 - pred) & labels)
+    n = counts.sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         po = (tp + tn) / n
         pe = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / n**2
-        draws = {"accuracy": po, "kappa": np.where(pe < 1, (po - pe) / (1 - pe), np.nan), "auroc": _auroc_rows(y, p),
+        draws = {"accuracy": po, "kappa": np.where(pe < 1, (po - pe) / (1 - pe), np.nan),
+                 "auroc": _weighted_auroc_rows(counts, labels, probs),
                  "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp)}
     rows = []
     for name in CI_METRICS:
@@ -2424,35 +2521,179 @@ def bootstrap_metrics(labels, probs, threshold: float = 0.5, n_boot: int = 2000,
     return pd.DataFrame(rows).set_index("metric")
 
 
-def evaluation_report(preds: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Study metrics with 95% bootstrap CIs at the paper's 0.5 threshold and at Youden's threshold."""
-    youden = youden_threshold(preds["label"], preds["prob"])
+def trivial_baselines(labels) -> pd.DataFrame:
+    """What rules that look at no image score on these labels: calling every study the majority class (accuracy,
+    sensitivity, specificity; Cohen's kappa 0) and any constant score (AUROC 0.5)."""
+    labels = np.asarray(labels, int)
+    majority = int(labels.mean() > 0.5)  # a tie calls every study normal
+    rule = f"every study {'abnormal' if majority else 'normal'} ({int((labels == majority).sum())}/{len(labels)})"
+    rows = {"accuracy": (float((labels == majority).mean()), rule), "kappa": (0.0, "chance (any rule blind to "
+            "the image)"), "auroc": (0.5, "chance (a constant or random score)"),
+            "sensitivity": (float(majority), rule), "specificity": (float(1 - majority), rule)}
+    return pd.DataFrame(rows, index=["baseline", "baseline_rule"]).T.rename_axis("metric") \
+        .astype({"baseline": float})
+
+
+def evaluation_report(preds: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: str = "patient",
+                      tune_preds: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Study metrics with 95% bootstrap CIs (resampled by patient, or by study with level="study") at the paper's
+    0.5 threshold and at Youden's threshold, chosen on `tune_preds` (the tuning split) or, without them, on these
+    studies themselves (then optimistic, and labelled so); beside each, the trivial baseline on these studies."""
+    if level not in ("patient", "study"):
+        raise ValueError(f"level must be 'patient' or 'study', got {level!r}")
+    if level == "patient" and "patient" not in preds:
+        raise ValueError("a bootstrap by patient needs a 'patient' column (ensemble_predict adds it); or level='study'")
+    patients = preds["patient"].to_numpy() if level == "patient" else None
+    chosen = preds if tune_preds is None else tune_preds
+    youden = youden_threshold(chosen["label"], chosen["prob"])
+    where = "this set" if tune_preds is None else "the tuning set"
+    baselines = trivial_baselines(preds["label"])
     tables = []
-    for name, threshold in (("0.5 (MURA paper)", 0.5), (f"{youden:.3f} (Youden, chosen on this set)", youden)):
-        table = bootstrap_metrics(preds["label"], preds["prob"], threshold, n_boot, seed)
-        tables.append(table.assign(threshold=name, threshold_value=threshold))
+    for name, threshold in (("0.5 (MURA paper)", 0.5), (f"{youden:.3f} (Youden, chosen on {where})", youden)):
+        table = bootstrap_metrics(preds["label"], preds["prob"], threshold, n_boot, seed, patients=patients)
+        tables.append(table.join(baselines).assign(threshold=name, threshold_value=threshold, resampled=level))
     return pd.concat(tables).reset_index().set_index(["threshold", "metric"])
 
 
+def run_studies(cfg: TrainConfig, data_dir: str | os.PathLike | None = None) -> dict[str, pd.DataFrame | None]:
+    """A run's studies as it used them: 'train' (without the tuning patients), 'tune' (None when tune_fraction is 0)
+    and 'test' (MURA's validation split)."""
+    root = config_data_root(cfg, data_dir)
+    train, tune = tuning_split(load_studies(root, "train", cfg.body_part, on_bad=cfg.on_bad), cfg.tune_fraction,
+                               cfg.split_seed)
+    return {"train": train, "tune": tune if cfg.tune_fraction > 0 else None,
+            "test": load_studies(root, "valid", cfg.body_part, on_bad=cfg.on_bad)}
+
+
+def model_free_floor(sets: dict[str, pd.DataFrame], train_studies: pd.DataFrame,
+                     cache_dir: str | os.PathLike = "data/cache", size: int = 64, n_boot: int = 2000, seed: int = 0,
+                     level: str = "patient", progress: bool = True) -> pd.DataFrame:
+    """The unsupervised path's model-free scores (reference_anomaly_scores: template error against the mean normal
+    view of `train_studies`, intensity, hand area; full+HE preprocessing at `size` px) as study-level AUROCs with
+    95% bootstrap CIs (by patient, or by study), on each named set of studies."""
+    template = studies_to_images(train_studies[train_studies["label"] == 0])
+    views = {name: studies_to_images(studies) for name, studies in sets.items()}
+    paths = list(dict.fromkeys([*template["image_path"], *(p for v in views.values() for p in v["image_path"])]))
+    cache = build_anomaly_cache(paths, PreprocessConfig(size=size), cache_dir, progress=progress)
+    rows = []
+    for name, images in views.items():
+        scores = study_scores(reference_anomaly_scores(cache, images, template))
+        scores = scores.merge(sets[name][["study_path", "patient"]], on="study_path")
+        for score in [c for c in scores.columns if c not in SCORE_ID_COLUMNS]:
+            low, high = auroc_interval(scores["label"], scores[score], n_boot, seed,
+                                       patients=scores["patient"] if level == "patient" else None)
+            rows.append({"set": name, "score": score, "auroc": roc_auc_score(scores["label"], scores[score]),
+                         "ci_low": low, "ci_high": high, "n_studies": len(scores)})
+    return pd.DataFrame(rows)
+
+
+_MURA_PAPER_CAVEAT = ("MURA's hidden test set, labelled by the majority vote of radiologists; the paper's model is "
+                      "'an ensemble of the 5 models with the lowest validation losses', which does not say whether "
+                      "these are 5 checkpoints of one run or 5 runs; chosen on MURA's validation split")
 REFERENCE_RESULTS = pd.DataFrame([
     {"source": "Reference report (2023), DenseNet-169, MURA hand, validation", "metric": "accuracy",
-     "value": 0.611, "note": "best validation accuracy, its Figure 31"},
+     "set": "MURA hand validation split, 167 studies (101 normal)", "value": 0.611, "baseline": 101 / 167,
+     "baseline_rule": "every study normal (101/167)",
+     "note": "best validation accuracy, its Figure 31: 102/167 studies, one more than calling every study normal; "
+             "the best of its 5 epochs by accuracy on these same 167 studies (chosen on the set it is reported on); "
+             "its DenseNet loaded ImageNet weights with strict=False (pyaf/DenseNet-MURA-PyTorch densenet.py:24) into "
+             "renamed layers whose keys do not match, so its dense layers started untrained"},
     {"source": "Rajpurkar et al. 2017 (MURA paper), DenseNet-169, hand, hidden test set", "metric": "kappa",
-     "value": 0.851, "note": "Cohen's kappa vs radiologists' gold standard"},
+     "set": "MURA hidden test set, hand studies", "value": 0.851, "baseline": 0.0, "baseline_rule": "chance",
+     "note": "Cohen's kappa vs radiologists' gold standard; " + _MURA_PAPER_CAVEAT},
     {"source": "Rajpurkar et al. 2017 (MURA paper), DenseNet-169, all body parts, hidden test set",
-     "metric": "auroc", "value": 0.929, "note": "overall AUROC"},
+     "metric": "auroc", "set": "MURA hidden test set, all body parts", "value": 0.929, "baseline": 0.5,
+     "baseline_rule": "chance",
+     "note": "overall AUROC; " + _MURA_PAPER_CAVEAT},
     {"source": "Davletshina et al. 2020, best unsupervised (alpha-GAN), MURA hand, test", "metric": "auroc",
-     "value": 0.607, "note": "ROC-AUC from the discriminator"},
+     "set": "their test split of MURA's training hands", "value": 0.607, "baseline": 0.5, "baseline_rule": "chance",
+     "note": "ROC-AUC from the discriminator; chosen by ROC-AUC on their validation split of MURA's training hands, "
+             "reported on their test split of it"},
 ])
+HEADLINE_METRICS = ("accuracy", "kappa", "auroc")
 
 
-def comparison_table(report: pd.DataFrame, label: str = "this model (validation studies)") -> pd.DataFrame:
-    """Our estimates with CIs at 0.5 beside the cited reference numbers (cited, not recomputed)."""
-    ours = report.xs(report.index.get_level_values(0)[0], level=0)
-    rows = [{"source": label, "metric": m, "value": ours.loc[m, "estimate"],
-             "note": f"95% CI {ours.loc[m, 'ci_low']:.3f}-{ours.loc[m, 'ci_high']:.3f}"}
-            for m in ("accuracy", "kappa", "auroc")]
-    return pd.concat([pd.DataFrame(rows), REFERENCE_RESULTS], ignore_index=True)
+def _at_half(report: pd.DataFrame) -> pd.DataFrame:
+    """The rows of an evaluation_report at its first threshold (the paper's 0.5)."""
+    return report.xs(report.index.get_level_values(0)[0], level=0)
+
+
+def comparison_table(report: pd.DataFrame, label: str = "this model", tune_report: pd.DataFrame | None = None,
+                     floor: pd.DataFrame | None = None, models: str = "best.pt") -> pd.DataFrame:
+    """Our estimates at 0.5 with their CIs, on the tuning split (when given) and the held-out test, the model-free
+    floor (when given), and the cited reference numbers (cited, not recomputed), each beside its trivial
+    baseline, with what was chosen on which set in the note."""
+    tuned = tune_report is not None
+    names = {"tune": "tuning split (of MURA's training patients)",
+             "test": "MURA validation split, held out (scored once)" if tuned else
+             "MURA validation split, which also chose the checkpoint (tune_fraction=0)"}
+    sets = ([(names["tune"], tune_report,
+              f"{models}; chose the checkpoint(s), the learning-rate plateaus and Youden's threshold on this set")]
+            if tuned else [])
+    sets.append((names["test"], report, f"{models}; " + ("selected on the tuning split, not on this set" if tuned else
+                                                         "chosen on the set it is reported on: optimistic")))
+    rows = []
+    for name, rep, note in sets:
+        ours = _at_half(rep)
+        rows += [{"source": label, "set": name, "metric": m, "value": ours.loc[m, "estimate"],
+                  "ci_low": ours.loc[m, "ci_low"], "ci_high": ours.loc[m, "ci_high"],
+                  "baseline": ours.loc[m, "baseline"], "baseline_rule": ours.loc[m, "baseline_rule"],
+                  "note": f"95% CI resampled by {ours['resampled'].iloc[0]}; {note}"} for m in HEADLINE_METRICS]
+    for row in ([] if floor is None else floor.reset_index().to_dict("records")):
+        rows.append({"source": f"no model: {row['score']} (model-free floor)", "set": names[row["set"]],
+                     "metric": "auroc",
+                     "value": row["auroc"], "ci_low": row["ci_low"], "ci_high": row["ci_high"], "baseline": 0.5,
+                     "baseline_rule": "chance", "note": "template error or hand size, no training "
+                     "(reference_anomaly_scores, study mean of its views); a model should beat it"})
+    return pd.concat([pd.DataFrame(rows), REFERENCE_RESULTS], ignore_index=True)[
+        ["source", "set", "metric", "value", "ci_low", "ci_high", "baseline", "baseline_rule", "note"]]
+
+
+def headline_table(report: pd.DataFrame, tune_report: pd.DataFrame | None = None,
+                   floor: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The headline numbers at 0.5 side by side: tuning split and held-out test, each with its 95% CI and the
+    trivial baseline on that set; the model-free floor's AUROCs as extra rows (phantom)."""
+    columns = {}
+    for prefix, rep in (("tune", tune_report), ("test", report)):
+        if rep is None:
+            continue
+        ours = _at_half(rep)
+        columns.update({prefix: ours["estimate"], f"{prefix}_ci_low": ours["ci_low"],
+                        f"{prefix}_ci_high": ours["ci_high"], f"{prefix}_baseline": ours["baseline"]})
+    table = pd.DataFrame(columns).assign(baseline_rule=_at_half(report)["baseline_rule"].str.replace(
+        r" \(\d+/\d+\)", "", regex=True))
+    if floor is not None:
+        for score, rows in floor.groupby("score", sort=False):
+            values = {}
+            for prefix in ("tune", "test"):
+                row = rows[rows["set"] == prefix]
+                if prefix in table and len(row):
+                    values.update({prefix: row["auroc"].iloc[0], f"{prefix}_ci_low": row["ci_low"].iloc[0],
+                                   f"{prefix}_ci_high": row["ci_high"].iloc[0], f"{prefix}_baseline": 0.5})
+            table.loc[f"auroc, no model: {score}"] = {**values, "baseline_rule": "chance"}
+    return table.rename_axis("metric")
+
+
+def plot_headline(table: pd.DataFrame, title: str = "Study level, threshold 0.5: 95% CIs and trivial baselines"):
+    """Each headline metric's estimate with its CI on the tuning split and the held-out test, the trivial baseline
+    of each set marked (x), the model-free floor's AUROCs beside."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(table)), 4))
+    sets = [(p, name, c) for p, name, c in (("tune", "tuning split", "tab:orange"), ("test", "held-out test",
+                                                                                        "tab:blue")) if p in table]
+    x = np.arange(len(table))
+    for k, (prefix, name, color) in enumerate(sets):
+        dx = (k - (len(sets) - 1) / 2) * 0.22
+        est = table[prefix].to_numpy(float)
+        err = np.vstack([est - table[f"{prefix}_ci_low"], table[f"{prefix}_ci_high"] - est])
+        ax.errorbar(x + dx, est, yerr=np.abs(err), fmt="o", color=color, capsize=4, label=name)
+        ax.plot(x + dx, table[f"{prefix}_baseline"], "x", color=color, ms=9, mew=2,
+                label=f"trivial baseline ({name})")
+    ax.set_xticks(x, [m.replace(", no model: ", "\nno model: ") for m in table.index], fontsize=8)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(ylabel="value", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def findings_by_study(findings: pd.DataFrame) -> pd.Series:
@@ -2517,6 +2758,12 @@ def load_ensemble(checkpoints: str | os.PathLike | Sequence[str | os.PathLike], 
     sizes = {(cfg.image_size, cfg.resize) for _, cfg in loaded}
     if len(sizes) > 1:
         raise ValueError(f"the checkpoints were trained at different input settings {sizes}; ensemble like with like")
+    splits = {(c.data_dir, c.phantom_seed, c.phantom_patients, c.body_part, c.tune_fraction, c.split_seed)
+              for _, c in loaded}
+    if len(splits) > 1:  # a member's training patients would be another's tuning patients
+        raise ValueError(f"the checkpoints were trained on different data or tuning splits {splits} (data_dir, "
+                         f"phantom_seed, phantom_patients, body_part, tune_fraction, split_seed); ensemble runs that "
+                         f"share them (several seeds: change only `seed`)")
     return [m for m, _ in loaded], loaded[0][1]
 
 
@@ -2528,7 +2775,7 @@ def ensemble_predict(models, studies: pd.DataFrame, image_size: int, resize: str
     out["prob"] = np.mean([r["prob"].to_numpy() for r in runs], axis=0)
     out["view_probs"] = [list(np.mean(v, axis=0)) for v in zip(*[r["view_probs"] for r in runs])]
     out["model_probs"] = [list(v) for v in zip(*[r["prob"] for r in runs])]
-    return out.merge(studies[["study_path", "image_paths"]], on="study_path")
+    return out.merge(studies[["study_path", "patient", "image_paths"]], on="study_path")
 
 
 def confident_cases(preds: pd.DataFrame, threshold: float = 0.5, k: int = 2) -> pd.DataFrame:
@@ -2823,26 +3070,34 @@ def plot_intensity_histograms(images: pd.DataFrame, n_per_label: int = 40, seed:
 
 
 def epoch_table(history: pd.DataFrame) -> pd.DataFrame:
-    """Per-epoch table in the layout of the report's Figure 31: confusion rates, losses and accuracies."""
+    """Per-epoch table in the layout of the report's Figure 31: confusion rates, losses and accuracies (with the
+    tuning split's loss, accuracy, kappa and AUROC when the run had one)."""
     columns = {"epoch": "Epoch"}
     for split, name in (("train", "Training"), ("valid", "Validation")):
         for k, label in (("tn", "True Negative"), ("fp", "False Positive"), ("fn", "False Negative"),
                          ("tp", "True Positive")):
             columns[f"{split}_{k}_rate"] = f"{label} ({name})"
-    columns.update({"train_loss": "Training Loss", "train_accuracy": "Training Accuracy",
-                    "valid_loss": "Validation Loss", "valid_accuracy": "Validation Accuracy",
+    columns.update({"train_loss": "Training Loss", "train_accuracy": "Training Accuracy"})
+    if "tune_loss" in history:
+        columns.update({"tune_loss": "Tuning Loss", "tune_accuracy": "Tuning Accuracy", "tune_kappa": "Tuning Kappa",
+                        "tune_auroc": "Tuning AUROC"})
+    columns.update({"valid_loss": "Validation Loss", "valid_accuracy": "Validation Accuracy",
                     "valid_kappa": "Validation Kappa", "valid_auroc": "Validation AUROC", "lr": "Learning Rate"})
     return history[list(columns)].rename(columns=columns).set_index("Epoch").round(4)
 
 
 def plot_training_curves(history: pd.DataFrame, select_metric: str = "valid_loss"):
-    """Loss, accuracy and Cohen's kappa per epoch for train and valid (the report's Figure 32), best epoch marked."""
+    """Loss, accuracy and Cohen's kappa per epoch for train, tune (when the run had a tuning split) and valid (the
+    report's Figure 32), the best epoch by the selection metric marked."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     best = history[select_metric].idxmin() if SELECT_METRICS[select_metric] == "min" else \
         history[select_metric].idxmax()
+    tuned = "tune_loss" in history
+    splits = [("train", "o-", "train"), ("tune", "^-", "tune (selects)"), ("valid", "s-", "valid (held-out test)")] \
+        if tuned else [("train", "o-", "train"), ("valid", "s-", "valid")]
     for ax, metric in zip(axes, ("loss", "accuracy", "kappa")):
-        for split, style in (("train", "o-"), ("valid", "s-")):
-            ax.plot(history["epoch"], history[f"{split}_{metric}"], style, label=split)
+        for split, style, label in splits:
+            ax.plot(history["epoch"], history[f"{split}_{metric}"], style, label=label)
         ax.axvline(history.loc[best, "epoch"], color="grey", ls="--", lw=1, label=f"best ({select_metric})")
         ax.set(title=metric.capitalize() + (" (weighted BCE)" if metric == "loss" else " (study level)"),
                xlabel="epoch")
@@ -2876,14 +3131,16 @@ def plot_pipeline_views(images: pd.DataFrame, cache: ImageCache, n: int = 4, see
     return fig
 
 
-def plot_roc(preds: pd.DataFrame, title: str = "ROC, validation studies"):
-    """ROC curve with its AUROC, the 0.5 operating point and Youden's point."""
+def plot_roc(preds: pd.DataFrame, title: str = "ROC, validation studies", youden: float | None = None):
+    """ROC curve with its AUROC, the 0.5 operating point and Youden's point (at `youden`, a threshold chosen on a
+    tuning set; None: chosen on these studies)."""
     fpr, tpr, _ = roc_curve(preds["label"], preds["prob"])
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
     ax.plot(fpr, tpr, lw=2, label=f"AUROC = {roc_auc_score(preds['label'], preds['prob']):.3f}")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
     for threshold, marker, name in ((0.5, "o", "threshold 0.5"),
-                                    (youden_threshold(preds["label"], preds["prob"]), "s", "Youden")):
+                                    (youden_threshold(preds["label"], preds["prob"]) if youden is None else youden,
+                                     "s", "Youden" + (" (this set)" if youden is None else " (tuning set)"))):
         m = study_metrics(preds["label"], preds["prob"], threshold)
         ax.plot(1 - m["specificity"], m["sensitivity"], marker, ms=8, label=f"{name} ({threshold:.2f})")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.02))

@@ -3,6 +3,7 @@
 import json
 
 import nbformat
+import pandas as pd
 import pytest
 from conftest import REPO
 
@@ -71,6 +72,7 @@ def test_training_notebook_runs_headless_and_resumes(tiny_phantom, tmp_path):
     assert "resuming" in text
     summary = json.loads((tmp_path / "training_summary.json").read_text())
     assert summary["epochs_run"] == 2 and 0 <= summary["valid_accuracy"] <= 1
+    assert summary["select_metric"] == "tune_loss" and 0 <= summary["tune_accuracy"] <= 1
 
 
 @pytest.mark.notebook
@@ -88,7 +90,14 @@ def test_results_notebook_runs_headless_with_an_ensemble(tiny_run, tmp_path):
     assert 0 <= metrics["heatmap_pointing_game"] <= 1 and 0 <= metrics["heatmap_heat_in_box"] <= 1
     by_finding = {row["finding"]: row for row in metrics["by_finding"]}  # the phantom's planted findings
     assert by_finding["all"]["n_abnormal"] == sum(row["n_abnormal"] for k, row in by_finding.items() if k != "all")
-    assert (tmp_path / "valid_predictions.csv").is_file()
+    assert (tmp_path / "valid_predictions.csv").is_file() and (tmp_path / "tune_predictions.csv").is_file()
+    assert metrics["tune_fraction"] == 0.1 and "2 best epochs by tune_loss" in metrics["models"]
+    headline = metrics["headline"]  # tuning and test side by side, each beside its baseline; the floor (phantom)
+    assert {"tune", "tune_baseline", "test", "test_baseline"} <= set(headline["accuracy"])
+    assert headline["auroc"]["test_baseline"] == 0.5 and any(k.startswith("auroc, no model") for k in headline)
+    comparison = pd.read_csv(tmp_path / "results_comparison.csv")
+    assert comparison["baseline"].notna().all() and (comparison["value"] == 0.611).any()
+    assert (tmp_path / "figures" / "results_headline.png").stat().st_size > 5_000
 
 
 @pytest.mark.notebook

@@ -60,6 +60,37 @@ def test_auroc_interval_is_the_bootstrap_metrics_auroc_interval():
     assert all(math.isnan(v) for v in mh.auroc_interval([1, 1, 1], [0.2, 0.5, 0.9]))  # one class: no AUROC
 
 
+def test_a_patient_bootstrap_draws_whole_patients():
+    labels, probs = _scores(45, 4)
+    patients = np.repeat([f"p{i}" for i in range(15)], 3)  # 15 patients of 3 studies each
+    for seed in range(3):  # with one resample, the interval is that resample: whole patients drawn
+        drawn = np.random.default_rng(seed).integers(0, 15, (1, 15))[0]
+        rows = np.concatenate([np.arange(3 * d, 3 * d + 3) for d in drawn])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = mh.study_metrics(labels[rows], probs[rows], 0.5)
+        table = mh.bootstrap_metrics(labels, probs, n_boot=1, seed=seed, patients=patients)
+        for name in mh.CI_METRICS:
+            assert table.loc[name, "ci_low"] == pytest.approx(expected[name], nan_ok=True), name
+
+
+def test_intervals_by_patient_differ_from_by_study_unless_each_patient_has_one_study():
+    labels, probs = _scores(90, 6)
+    by_study = mh.bootstrap_metrics(labels, probs, n_boot=400, seed=2)
+    one_each = mh.bootstrap_metrics(labels, probs, n_boot=400, seed=2, patients=[f"p{i}" for i in range(90)])
+    assert one_each.equals(by_study)
+    several = mh.bootstrap_metrics(labels, probs, n_boot=400, seed=2, patients=np.arange(90) // 3)
+    assert (several["estimate"] == by_study["estimate"]).all()
+    assert not np.allclose(several[["ci_low", "ci_high"]], by_study[["ci_low", "ci_high"]])
+    assert mh.auroc_interval(labels, probs, 400, 2, patients=np.arange(90) // 3) == pytest.approx(
+        tuple(several.loc["auroc", ["ci_low", "ci_high"]]))
+    preds = pd.DataFrame({"label": labels, "prob": probs, "patient": np.arange(90) // 3})
+    report = mh.evaluation_report(preds, n_boot=400, seed=2)  # by patient unless asked otherwise
+    assert report.xs(report.index.get_level_values(0)[0])[["ci_low", "ci_high"]].equals(several[["ci_low", "ci_high"]])
+    with pytest.raises(ValueError, match="patient"):
+        mh.evaluation_report(preds.drop(columns="patient"), n_boot=10)
+
+
 def test_metrics_by_planted_finding_type():
     findings = pd.DataFrame({"image_path": ["MURA-v1.1/valid/XR_HAND/p1/study1_positive/image1.png",
                                             "MURA-v1.1/valid/XR_HAND/p1/study1_positive/image2.png",
@@ -95,12 +126,46 @@ def test_youden_threshold_reproduces_the_best_roc_point():
 
 def test_report_has_both_thresholds_and_the_cited_references():
     labels, probs = _scores()
-    report = mh.evaluation_report(pd.DataFrame({"label": labels, "prob": probs}), n_boot=200)
+    report = mh.evaluation_report(pd.DataFrame({"label": labels, "prob": probs}), n_boot=200, level="study")
     thresholds = report.index.get_level_values(0).unique()
     assert len(thresholds) == 2 and "0.5" in thresholds[0] and "Youden" in thresholds[1]
     table = mh.comparison_table(report)
     cited = dict(zip(table["value"].round(3), table["metric"]))
     assert {0.611: "accuracy", 0.851: "kappa", 0.929: "auroc", 0.607: "auroc"}.items() <= cited.items()
+
+
+def test_youden_is_chosen_on_the_tuning_set_and_baselines_stand_beside_every_number():
+    labels, probs = _scores(120, 3)
+    tune_labels, tune_probs = _scores(60, 8)
+    preds = pd.DataFrame({"label": labels, "prob": probs, "patient": np.arange(120)})
+    tune = pd.DataFrame({"label": tune_labels, "prob": tune_probs, "patient": np.arange(60)})
+    report = mh.evaluation_report(preds, n_boot=100, tune_preds=tune)
+    youden = report.index.get_level_values(0).unique()[1]
+    assert "tuning set" in youden
+    assert report.xs(youden)["threshold_value"].iloc[0] == mh.youden_threshold(tune_labels, tune_probs)
+    majority = max(labels.mean(), 1 - labels.mean())
+    at_half = report.xs(report.index.get_level_values(0)[0])
+    assert at_half.loc["accuracy", "baseline"] == pytest.approx(majority)
+    assert (at_half.loc["kappa", "baseline"], at_half.loc["auroc", "baseline"]) == (0, 0.5)
+    tune_report = mh.evaluation_report(tune, n_boot=100)
+    floor = pd.DataFrame({"set": ["tune", "test"], "score": "hand_area", "auroc": [0.6, 0.55], "ci_low": [0.4, 0.45],
+                          "ci_high": [0.8, 0.65]})
+    table = mh.comparison_table(report, tune_report=tune_report, floor=floor, models="best.pt")
+    ours = table[table["source"] == "this model"]
+    assert len(ours) == 6 and ours["set"].str.contains("tuning split").sum() == 3
+    assert ours["note"].str.contains("resampled by patient").all() and ours["baseline"].notna().all()
+    assert table["baseline"].notna().all()  # every number, cited ones included, has its trivial baseline beside it
+    cited = table.set_index("value")
+    assert cited.loc[0.611, "baseline"] == pytest.approx(101 / 167)  # the report's accuracy vs calling all normal
+    assert "strict=False" in cited.loc[0.611, "note"] and "hidden test set" in cited.loc[0.851, "note"]
+    assert "5 checkpoints of one run or 5 runs" in cited.loc[0.929, "note"]
+    untuned = mh.comparison_table(report)  # tune_fraction=0: every number was chosen on the set it is reported on
+    assert untuned[untuned["source"] == "this model"]["note"].str.contains("chosen on the set it is reported on").all()
+    wide = mh.headline_table(report, tune_report, floor)
+    assert wide.loc["accuracy", "test"] == at_half.loc["accuracy", "estimate"]
+    assert wide.loc["accuracy", "tune_baseline"] == pytest.approx(max(tune_labels.mean(), 1 - tune_labels.mean()))
+    assert wide.loc["auroc, no model: hand_area", "test"] == 0.55
+    plt.close(mh.plot_headline(wide))
 
 
 # ---------------------------------------------------------------- ensembles and confident cases
@@ -241,3 +306,13 @@ def test_no_views_give_no_heatmaps_and_an_empty_gallery():
     fig = mh.plot_heatmaps([], title="none")
     assert "no views to show" in [t.get_text() for t in fig.axes[0].texts]
     plt.close(fig)
+
+
+def test_an_ensemble_refuses_members_of_other_tuning_splits(tmp_path):
+    weights = mh.build_model(pretrained=False).state_dict()
+    for name, split_seed in (("a", 0), ("b", 1)):
+        config = mh._config_dict(mh.TrainConfig(pretrained=False, split_seed=split_seed))
+        mh.save_atomic({"model": weights, "config": config}, tmp_path / f"{name}.pt")
+    with pytest.raises(ValueError, match="tuning splits"):  # b's tuning patients would be a's training patients
+        mh.load_ensemble([tmp_path / "a.pt", tmp_path / "b.pt"], "cpu")
+    assert len(mh.load_ensemble([tmp_path / "a.pt", tmp_path / "a.pt"], "cpu")[0]) == 2

@@ -198,7 +198,7 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tiny_phantom, tmp_pat
         assert name in a
     history_csv = mh.pd.read_csv(tmp_path / "b" / "history.csv")
     assert list(history_csv["epoch"]) == [1, 2, 3]
-    best_two = history_csv.sort_values("valid_loss")["epoch"].head(2).tolist()  # the ensemble's members
+    best_two = history_csv.sort_values("tune_loss")["epoch"].head(2).tolist()  # the ensemble's members
     for run in ("a", "b"):
         kept = mh.top_k_checkpoints(tmp_path / run, k=5)
         assert [int(p.stem.split("_")[1]) for p in kept] == best_two
@@ -286,3 +286,91 @@ def test_resume_on_another_device_keeps_this_devices_fused_adam():
     assert fp16_scaler.get_scale() == 65536.0  # a fresh scaler, not an error for the empty saved state
     assert torch.equal(gpu_optimizer.state[model.weight]["exp_avg"], cpu_optimizer.state[model.weight]["exp_avg"])
     assert (history, best, start_epoch) == ([{"epoch": 1}], 0.5, 1)
+
+
+# ---------------------------------------------------------------- the tuning split and selection on it
+
+
+def _studies(n_patients=60, seed=0):
+    """Training studies of n patients with 1-3 studies each, about a third of the studies abnormal."""
+    rng = np.random.default_rng(seed)
+    rows = [{"split": "train", "patient": f"patient{p:05d}", "study_path": f"train/patient{p:05d}/study{s + 1}/",
+             "label": int(rng.random() < 0.3)} for p in range(n_patients) for s in range(rng.integers(1, 4))]
+    return mh.pd.DataFrame(rows)
+
+
+def test_tuning_split_is_patient_disjoint_stratified_and_deterministic():
+    studies = _studies()
+    positive = studies.groupby("patient")["label"].max()
+    train, tune = mh.tuning_split(studies, 0.2, seed=4)
+    assert set(train["patient"]).isdisjoint(tune["patient"])  # by patient: no patient on both sides
+    assert len(train) + len(tune) == len(studies) and set(train["study_path"]) | set(tune["study_path"]) == set(
+        studies["study_path"])
+    for label in (0, 1):  # stratified: 20% of the patients with an abnormal study, 20% of the normal-only ones
+        assert positive[list(set(tune["patient"]))].eq(label).sum() == round(0.2 * (positive == label).sum())
+    again_train, again_tune = mh.tuning_split(studies, 0.2, seed=4)
+    assert again_tune.equals(tune) and again_train.equals(train)  # the same seed, the same split
+    assert set(mh.tuning_split(studies, 0.2, seed=5)[1]["patient"]) != set(tune["patient"])
+    assert mh.tuning_split(studies, 0.0)[0].equals(studies) and mh.tuning_split(studies, 0.0)[1].empty
+    with pytest.raises(ValueError, match="train split only"):  # the validation split is never drawn from
+        mh.tuning_split(studies.assign(split=["valid"] + ["train"] * (len(studies) - 1)), 0.2)
+    one_positive = studies[~studies["patient"].isin(positive.index[positive == 1][1:])]
+    with pytest.raises(mh.MuraDataError, match="at least 2 training patients with an abnormal study"):
+        mh.tuning_split(one_positive, 0.2)
+
+
+def test_a_run_tunes_on_training_patients_and_leaves_validation_alone(tiny_phantom, tmp_path):
+    cfg = _config(tiny_phantom, tmp_path / "run", tmp_path / "cache")
+    sets = mh.run_studies(cfg)
+    valid = mh.load_studies(tiny_phantom, "valid")
+    assert sets["test"].equals(valid) and set(sets["tune"]["split"]) == {"train"}
+    assert set(sets["tune"]["patient"]).isdisjoint(sets["train"]["patient"])
+    assert sets["tune"]["label"].nunique() == 2  # both classes, so AUROC and Youden's threshold exist
+    assert mh.run_studies(_config(tiny_phantom, tmp_path / "run", tmp_path / "cache", tune_fraction=0))["tune"] is None
+
+
+def test_selection_and_the_plateau_schedule_read_only_the_tuning_metrics(tiny_phantom, tmp_path, monkeypatch):
+    losses = {"tune": [1.0, 0.5, 0.8], "valid": [0.5, 1.0, 0.2]}  # tuning picks epoch 2, validation would pick 3
+    evaluate = mh.evaluate_views
+
+    def diverging(*args, desc="valid", **kwargs):
+        result = evaluate(*args, desc=desc, **kwargs)
+        return {**result, "loss": losses[desc].pop(0)}
+
+    monkeypatch.setattr(mh, "evaluate_views", diverging)
+    cfg = _config(tiny_phantom, tmp_path / "run", tmp_path / "cache", image_size=32, epochs=3, keep_top_k=1,
+                  plateau_patience=0, max_steps_per_epoch=1)
+    history = mh.train(cfg, progress=False)
+    assert list(history["tune_loss"]) == [1.0, 0.5, 0.8] and list(history["valid_loss"]) == [0.5, 1.0, 0.2]
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == 1  # epoch 2: the tuning loss's best, not the validation loss's (epoch 3)
+    assert [p.name for p in mh.top_k_checkpoints(tmp_path / "run", k=5)] == ["epoch_002.pt"]
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["scheduler"]["best"] == 0.5  # the plateau schedule followed the tuning loss (validation's: 0.2)
+    assert list(history["lr"]) == [cfg.lr] * 3  # validation's losses would have cut it before epoch 3
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg.lr * cfg.plateau_factor)  # 0.8 > 0.5
+
+
+def test_select_metric_follows_the_tuning_split_and_resume_refuses_another_split(tiny_phantom, tmp_path):
+    assert mh.TrainConfig().select_metric == "tune_loss" and mh.TrainConfig().tuning_set == "tune"
+    old = mh.TrainConfig(tune_fraction=0, select_metric="tune_accuracy")  # no tuning split: selection on valid
+    assert old.select_metric == "valid_accuracy" and old.tuning_set == "valid"
+    assert mh.TrainConfig(tune_fraction=0, select_metric="valid_loss").select_metric == "valid_loss"
+    with pytest.raises(ValueError, match="held-out test"):
+        mh.TrainConfig(select_metric="valid_accuracy")  # selecting on the test set is refused
+    with pytest.raises(ValueError, match="tune_fraction"):
+        mh.TrainConfig(tune_fraction=1.0)
+    settings = {"image_size": 32, "epochs": 1, "max_steps_per_epoch": 1, "keep_top_k": 0}
+    mh.train(_config(tiny_phantom, tmp_path / "run", tmp_path / "cache", **settings), progress=False)
+    for changed in ({"tune_fraction": 0.2}, {"split_seed": 1}):
+        with pytest.raises(ValueError, match=next(iter(changed))):
+            mh.train(_config(tiny_phantom, tmp_path / "run", tmp_path / "cache", **{**settings, "epochs": 2},
+                             **changed), progress=False)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)  # a run saved before the tuning split existed: it had none
+    state["config"] = {k: v for k, v in state["config"].items() if k not in ("tune_fraction", "split_seed")}
+    mh.save_atomic(state, last)
+    with pytest.raises(ValueError, match="tune_fraction"):
+        mh.train(_config(tiny_phantom, tmp_path / "run", tmp_path / "cache", **{**settings, "epochs": 2}),
+                 progress=False)
+    assert mh.load_checkpoint(last)[1].tune_fraction == 0  # and loads as what it was
