@@ -896,8 +896,10 @@ def _phantom_manifest(mura: Path) -> dict | None:
         made = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(made, dict):
+        return None
     legacy = {"version", "n_patients", "seed", "image_size", "n_images"} <= set(made)  # before the marker
-    return made if isinstance(made, dict) and (made.get("made_by") == PHANTOM_MADE_BY or legacy) else None
+    return made if made.get("made_by") == PHANTOM_MADE_BY or legacy else None
 
 
 def _foreign_phantom_entries(mura: Path, made: dict) -> list[str]:
