@@ -2708,7 +2708,7 @@ class PreprocessConfig:
     def __post_init__(self):
         for name in ("crop", "segment"):
             object.__setattr__(self, name, _bool_setting("PreprocessConfig", name, getattr(self, name)))
-        object.__setattr__(self, "size", _number_setting("PreprocessConfig", "size", self.size, int, 16, 4096))
+        object.__setattr__(self, "size", _number_setting("PreprocessConfig", "size", self.size, int, 4, 8192))
         if self.equalize not in ("he", "clahe", None):
             raise ConfigError(f"PreprocessConfig.equalize must be one of ('he', 'clahe', None), got {self.equalize!r}")
 
