@@ -897,8 +897,10 @@ def _phantom_manifest(mura: Path) -> dict | None:
         made = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(made, dict):
+        return None
     legacy = {"version", "n_patients", "seed", "image_size", "n_images"} <= set(made)  # before the marker
-    return made if isinstance(made, dict) and (made.get("made_by") == PHANTOM_MADE_BY or legacy) else None
+    return made if made.get("made_by") == PHANTOM_MADE_BY or legacy else None
 
 
 def _foreign_phantom_entries(mura: Path, made: dict) -> list[str]:
@@ -3218,7 +3220,7 @@ class PreprocessConfig:
     def __post_init__(self):
         for name in ("crop", "segment"):
             object.__setattr__(self, name, _bool_setting("PreprocessConfig", name, getattr(self, name)))
-        object.__setattr__(self, "size", _number_setting("PreprocessConfig", "size", self.size, int, 16, 4096))
+        object.__setattr__(self, "size", _number_setting("PreprocessConfig", "size", self.size, int, 4, 8192))
         if self.equalize not in ("he", "clahe", None):
             raise ConfigError(f"PreprocessConfig.equalize must be one of ('he', 'clahe', None), got {self.equalize!r}")
 
