@@ -2110,8 +2110,8 @@ def plot_cases(cases: pd.DataFrame, max_views: int = 3):
 def plot_heatmaps(heatmaps: Sequence[dict], boxes: pd.DataFrame | None = None, cols: int = 4, alpha: float = 0.45,
                   title: str | None = None, value_label: str = "p(abnormal)"):
     """Each view with its heatmap overlaid (and ground-truth boxes when given), titled with its score."""
-    rows = max(1, math.ceil(len(heatmaps) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.3 * rows), squeeze=False)
+    rows = max(1, math.ceil(len(heatmaps) / cols))  # constrained layout: two-line titles clear the row above
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.5 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     if not heatmaps:
@@ -2126,7 +2126,6 @@ def plot_heatmaps(heatmaps: Sequence[dict], boxes: pd.DataFrame | None = None, c
                 ax.add_patch(Rectangle((b.x0, b.y0), b.x1 - b.x0, b.y1 - b.y0, fill=False, color="white", lw=1.5))
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
@@ -3107,6 +3106,23 @@ RECIPE_REASONS = {
     "minmax": "intensities kept: per-image min-max rescales a view by its own extremes (one bright marker changes "
               "it all)",
 }
+# what each architecture is, per model (the deviations table shows these)
+ARCHITECTURES = {
+    ("cae", "suite"): "decoder: 5 stride-2 4x4 deconvs, each followed by a 3x3 conv block (but the last), 3x3 conv, "
+                      "Sigmoid",
+    ("cae", "paper"): "decoder: 5 stride-2 4x4 deconvs (BN, ReLU), a 3x3 deconv, ReLU, Tanh (autoencoders.py)",
+    ("vae", "suite"): "7 unpadded stride-2 4x4 convs to 512x2x2 (512 px), fc to the code",
+    ("vae", "paper"): "6 unpadded stride-2 4x4 convs to 512x6x6 (h_dim 18432), fc to the code (vaetorch.py)",
+    ("dcgan", "suite"): "BN + leaky ReLU D with a 512-feature layer and minibatch discrimination; BN + ReLU G",
+    ("dcgan", "paper"): "spectral norm on every conv, no BN, ReLU D ending in one unit; G ending in Sigmoid "
+                        "(gans.py)",
+    ("bigan", "suite"): "DCGAN-style G, E and D; D joins 512 image and 512 code features (MLP)",
+    ("bigan", "paper"): "their SAGAN: spectral norm, self-attention in E, G and D, 1x1-conv joint head, "
+                        "G ending in Tanh (sagan.py)",
+    ("alphagan", "suite"): "DCGAN-style G, D, a deterministic E, an MLP code discriminator (750 units)",
+    ("alphagan", "paper"): "self-attention and spectral norm, E with mean and 'log-variance' heads (Tanh), code "
+                           "discriminator 100-50-25-12-1 (alphagan.py)",
+}
 # which models a setting concerns (the others ignore it); settings not named concern every model
 RECIPE_SETTING_MODELS = {"lr": ("cae", "vae"), "vae_latent": ("vae",), "vae_loss": ("vae",), "kld_weight": ("vae",),
                          "smooth_l1": ("vae",), "gan_lr": GAN_MODELS, "d_lr": GAN_MODELS, "gan_latent": GAN_MODELS,
@@ -3161,8 +3177,9 @@ def recipe_deviations() -> pd.DataFrame:
         paper, suite = recipe_settings("paper", model), recipe_settings("suite", model)
         for key in RECIPE_SETTINGS:
             if model in RECIPE_SETTING_MODELS.get(key, ANOMALY_MODELS) and paper[key] != suite[key]:
-                rows.append({"model": ANOMALY_MODEL_NAMES[model], "setting": key, "paper": paper[key],
-                             "suite": suite[key],
+                shown = {r: ARCHITECTURES[model, v[key]] if key == "architecture" else v[key]
+                         for r, v in (("paper", paper), ("suite", suite))}
+                rows.append({"model": ANOMALY_MODEL_NAMES[model], "setting": key, **shown,
                              "why": RECIPE_REASONS.get((model, key), RECIPE_REASONS.get(key, ""))})
     settings = pd.DataFrame(rows)
     pipeline = PIPELINE_DIFFERENCES.rename(columns={"step": "setting"}).assign(model="all")
@@ -3172,7 +3189,7 @@ def recipe_deviations() -> pd.DataFrame:
 ANOMALY_RESUME_MUST_MATCH = ("model", "variant", "body_part", "image_size", "splits", "batch_size", "lr",
                              "kld_weight", "gan_latent", "gan_lr", "recon_weight", "top_k", "hflip",
                              "rotation_degrees", "scale_range", "intensity_range", "select_score", "seed",
-                             "split_seed", "recipe", *RECIPE_SETTINGS)
+                             "split_seed", "recipe", *(k for k in RECIPE_SETTINGS if k != "epochs"))
 
 
 @dataclass
@@ -3218,6 +3235,7 @@ class AnomalyConfig:
     augment_p: float | None = None  # each of rotation, scale and intensity applied with this probability
     hand_crop: bool | None = None  # crop/full variants: one crop per hand (its mask's component), view = max
     minmax: bool | None = None  # per-image min-max scaling to [0, 1] (their MinMaxNormalization)
+    explicit: tuple[str, ...] = ()  # the recipe's settings given explicitly (filled in; the grid keeps only these)
     select_score: str | None = None  # best.pt by the validation ROC-AUC of this score (None: "mse" for the
     # autoencoders, "disc" for the GANs, whose discriminator gives the paper's GAN scores); the paper chose by ROC-AUC
     amp: str = "auto"
@@ -3230,6 +3248,7 @@ class AnomalyConfig:
     on_bad: str = "raise"  # "skip": leave bad files out, counted in a warning (mh.data_problems lists them)
 
     def __post_init__(self):
+        self.explicit = tuple(self.explicit) or tuple(k for k in RECIPE_SETTINGS if getattr(self, k) is not None)
         for key, value in recipe_settings(self.recipe, self.model).items():  # the recipe fills what is not given
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -3586,18 +3605,19 @@ def load_anomaly_model(path: str | os.PathLike, device: str = "cpu"):
 
 
 def anomaly_heatmaps(model, cache: AnomalyCache, image_paths: Sequence[str], device: str = "auto",
-                     sigma: float = 2.0, batch_size: int = 16) -> list[dict]:
+                     sigma: float = 2.0, batch_size: int = 16, cfg: AnomalyConfig | None = None) -> list[dict]:
     """Per view: the preprocessed image, its masked squared reconstruction error (smoothed, scaled to [0, 1]),
-    and its masked-MSE score, in the format of plot_heatmaps and heatmap_localisation; in batches."""
+    and its masked-MSE score, in the format of plot_heatmaps and heatmap_localisation; in batches. `cfg`: the
+    run's config, for its input scaling (min-max)."""
     if len(image_paths) == 0:
         return []
     if len(image_paths) > batch_size:
         return [h for i in range(0, len(image_paths), batch_size)
-                for h in anomaly_heatmaps(model, cache, image_paths[i:i + batch_size], device, sigma, batch_size)]
+                for h in anomaly_heatmaps(model, cache, image_paths[i:i + batch_size], device, sigma, batch_size, cfg)]
     dev = resolve_device(device)
     rows = cache.rows(image_paths)
-    x = torch.from_numpy(cache.images[rows][:, None].astype(np.float32) / 255).to(dev)
-    m = torch.from_numpy(cache.masks[rows][:, None].astype(np.float32)).to(dev)
+    x, m = anomaly_inputs(torch.from_numpy(cache.images[rows][:, None]), torch.from_numpy(cache.masks[rows][:, None]),
+                          dev, cfg or AnomalyConfig(image_size=cache.cfg.size))
     with torch.inference_mode():
         out = model.to(dev).eval()(x)
     if out["recon"] is None:
@@ -3648,52 +3668,135 @@ def plot_anomaly_table(table: pd.DataFrame, title: str = "Study-level ROC-AUC (r
     return fig
 
 
+def _grid_config(base: AnomalyConfig, **changes) -> AnomalyConfig:
+    """A run of the grid: base's settings with `changes`; the recipe's settings that base did not give explicitly
+    are taken afresh from the (possibly other) model's and recipe's preset."""
+    fresh = {k: None for k in RECIPE_SETTINGS if k not in base.explicit}
+    return AnomalyConfig(**{**_config_dict(base), **fresh, "explicit": (), **changes})
+
+
+def _level_metrics(scores: pd.DataFrame, val_scores: pd.DataFrame, seed: int, n_boot: int = 2000) -> pd.DataFrame:
+    """Test metrics per score at both levels (image, study), each with its bootstrap interval, and the validation
+    ROC-AUC at the same level ('val_roc_auc': what choices may use)."""
+    tables = []
+    for level in ("study", "image"):
+        test = anomaly_metrics(scores, level, n_boot, seed)
+        val = anomaly_metrics(val_scores, level, 0)["roc_auc"].rename("val_roc_auc")
+        tables.append(test.join(val).reset_index().assign(level=level))
+    return pd.concat(tables, ignore_index=True)
+
+
 def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Sequence[str],
-                     image_sizes: dict[str, int] | None = None, progress: bool = True) -> pd.DataFrame:
-    """Train (or resume) every model on every preprocessing variant and score each best checkpoint on the test
-    subset: one row per (model, variant, score) with study-level ROC-AUC (and its 95% bootstrap interval) and
-    average precision; per variant also the model-free scores of reference_anomaly_scores (model "no model"), the
-    floor a model must beat. Variant by variant, so that a grid cut short has scored every model on the first
-    variants. `image_sizes` sets a model's own size (the paper: {'bigan': 128, 'alphagan': 128}); the others take
-    base.image_size."""
+                     image_sizes: dict[str, int] | None = None, progress: bool = True,
+                     seeds: Sequence[int] | None = None, recipes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Train (or resume) every model on every preprocessing variant (and recipe, and seed) and score each best
+    checkpoint (kept on validation) on the test subset: one row per (recipe, model, variant, seed, level, score)
+    with test ROC-AUC (and its 95% bootstrap interval) and average precision at the image and the study level,
+    and the validation ROC-AUC ('val_roc_auc', for choosing); per variant also the model-free scores of
+    reference_anomaly_scores (model "no model"), the floor a model must beat. Variant by variant, so that a grid
+    cut short has scored every model on the first variants. `image_sizes` sets a model's own size (the paper:
+    {'bigan': 128, 'alphagan': 128}); the others take base.image_size. `seeds`: train each run once per seed, each
+    with its own split (split_seed = seed, as their 4 seeds); default base's seed and split. `recipes`: default
+    [base.recipe]; runs of other recipes than "suite" go to <model>_<variant>_<recipe>."""
     if not models or not variants:
         raise ValueError("run_anomaly_grid needs at least one model and one variant")
+    recipes = list(recipes or [base.recipe])
+    several = seeds is not None and len(seeds) > 0
+    seeds = list(seeds) if several else [base.seed]
     rows = []
     for variant in variants:
-        for model in models:
-            cfg = AnomalyConfig(**{**_config_dict(base), "model": model, "variant": variant,
-                                   "image_size": (image_sizes or {}).get(model, base.image_size),
-                                   "output_dir": str(Path(base.output_dir) / f"{model}_{variant}")})
-            train_anomaly(cfg, progress)
-            net, _ = load_anomaly_model(Path(cfg.output_dir) / "checkpoints" / "best.pt", cfg.device)
+        for seed in seeds:
+            split_seed = seed if several else base.split_seed
+            for recipe in recipes:
+                for model in models:
+                    name = f"{model}_{variant}" + ("" if recipe == "suite" else f"_{recipe}") + \
+                        (f"_seed{seed}" if several else "")
+                    cfg = _grid_config(base, model=model, variant=variant, recipe=recipe, seed=seed,
+                                       split_seed=split_seed, output_dir=str(Path(base.output_dir) / name),
+                                       image_size=(image_sizes or {}).get(model, base.image_size))
+                    train_anomaly(cfg, progress)
+                    net, _ = load_anomaly_model(Path(cfg.output_dir) / "checkpoints" / "best.pt", cfg.device)
+                    data = prepare_anomaly_data(cfg, progress=False)
+                    images, device = data["images"], resolve_device(cfg.device)
+                    scores = evaluate_anomaly(net, data["cache"], images[images["subset"] == "test"], cfg, device)
+                    val = evaluate_anomaly(net, data["cache"], images[images["subset"] == "val"], cfg, device)
+                    scores.to_csv(Path(cfg.output_dir) / "test_scores.csv", index=False)
+                    val.to_csv(Path(cfg.output_dir) / "val_scores.csv", index=False)
+                    rows.append(_level_metrics(scores, val, cfg.seed).assign(
+                        model=ANOMALY_MODEL_NAMES[model], recipe=recipe, variant=variant, seed=seed,
+                        image_size=cfg.image_size, run_dir=cfg.output_dir))
+            # the floor: model-free scores on the suite's preprocessed views (whole views, no min-max)
+            cfg = _grid_config(base, variant=variant, seed=seed, split_seed=split_seed, recipe="suite")
             data = prepare_anomaly_data(cfg, progress=False)
-            test = data["images"][data["images"]["subset"] == "test"]
-            scores = evaluate_anomaly(net, data["cache"], test, cfg, resolve_device(cfg.device))
-            scores.to_csv(Path(cfg.output_dir) / "test_scores.csv", index=False)
-            metrics = anomaly_metrics(scores, seed=cfg.seed).reset_index()
-            rows.append(metrics.assign(model=ANOMALY_MODEL_NAMES[model], variant=variant, image_size=cfg.image_size,
-                                       run_dir=cfg.output_dir))
-        images = data["images"]  # the floor: model-free scores, on the last model's preprocessed views
-        scores = reference_anomaly_scores(data["cache"], images[images["subset"] == "test"],
-                                          images[(images["subset"] == "train") & (images["label"] == 0)], cfg.top_k)
-        reference_dir = Path(base.output_dir) / f"{REFERENCE_MODEL.replace(' ', '_')}_{variant}"
-        reference_dir.mkdir(parents=True, exist_ok=True)
-        scores.to_csv(reference_dir / "test_scores.csv", index=False)
-        rows.append(anomaly_metrics(scores, seed=cfg.seed).reset_index().assign(
-            model=REFERENCE_MODEL, variant=variant, image_size=cfg.image_size, run_dir=str(reference_dir)))
+            images = data["images"]
+            normal_train = images[(images["subset"] == "train") & (images["label"] == 0)]
+            scores, val = (reference_anomaly_scores(data["cache"], images[images["subset"] == subset], normal_train,
+                                                    cfg.top_k) for subset in ("test", "val"))
+            reference_dir = Path(base.output_dir) / (f"{REFERENCE_MODEL.replace(' ', '_')}_{variant}"
+                                                     + (f"_seed{seed}" if several else ""))
+            reference_dir.mkdir(parents=True, exist_ok=True)
+            scores.to_csv(reference_dir / "test_scores.csv", index=False)
+            rows.append(_level_metrics(scores, val, cfg.seed).assign(
+                model=REFERENCE_MODEL, recipe="-", variant=variant, seed=seed, image_size=cfg.image_size,
+                run_dir=str(reference_dir)))
     return pd.concat(rows, ignore_index=True)
 
 
-def anomaly_results_table(results: pd.DataFrame, value: str = "roc_auc") -> pd.DataFrame:
-    """Pivot the grid's results: rows model x score, columns preprocessing variants (their Figure 11 layout);
-    value "roc_auc_ci" gives each ROC-AUC with its 95% bootstrap interval as text."""
+def _one_run_per_cell(results: pd.DataFrame, level: str) -> pd.DataFrame:
+    """The rows of one level and of the grid's first seed; models labelled with their recipe when several."""
+    results = results[(results["level"] == level) & (results["seed"] == results["seed"].iloc[0])]
+    if results.loc[results["model"] != REFERENCE_MODEL, "recipe"].nunique() > 1:
+        results = results.assign(model=[m if r == "-" else f"{m} ({r})" for m, r in results[["model", "recipe"]]
+                                        .to_numpy()])
+    return results
+
+
+def anomaly_results_table(results: pd.DataFrame, value: str = "roc_auc", level: str = "study") -> pd.DataFrame:
+    """Pivot the grid's results at one level ('study' or 'image'; the grid's first seed): rows model x score,
+    columns preprocessing variants (their Figure 11 layout); value "roc_auc_ci" gives each ROC-AUC with its 95%
+    bootstrap interval as text."""
     order = [v for v in preprocess_variants() if v in set(results["variant"])]
+    results = _one_run_per_cell(results, level)
     if value == "roc_auc_ci":
         results = results.assign(roc_auc_ci=[f"{a:.3f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in
                                              results[["roc_auc", "roc_auc_ci_low", "roc_auc_ci_high"]].to_numpy()])
     table = results.pivot_table(index=["model", "score"], columns="variant", values=value, aggfunc="first",
                                 sort=False)
     return table[order]
+
+
+def seed_summary(results: pd.DataFrame, level: str = "image") -> pd.DataFrame:
+    """Per recipe, model, variant and score: the test ROC-AUC's mean and SD over the grid's seeds (each with its own
+    split: their '±'), beside the first seed's ROC-AUC and 95% bootstrap interval (ours)."""
+    data = results[results["level"] == level]
+    keys = ["recipe", "model", "variant", "score"]
+    spread = data.groupby(keys, sort=False)["roc_auc"].agg(seeds_mean="mean", seeds_sd="std", n_seeds="count")
+    first = data[data["seed"] == data["seed"].iloc[0]].set_index(keys)[["roc_auc", "roc_auc_ci_low",
+                                                                         "roc_auc_ci_high"]]
+    return first.join(spread).reset_index()
+
+
+# which of our scores is theirs, per model, in PUBLISHED_ANOMALY_AUROC
+PUBLISHED_SCORE = {"CAE": "mse", "VAE": "kld", "DCGAN": "disc", "BiGAN": "disc", "alpha-GAN": "disc"}
+
+
+def published_comparison(results: pd.DataFrame) -> pd.DataFrame:
+    """Their published ROC-AUCs (real MURA, per image, mean over 4 seeds) beside ours at their level (image) on the
+    same model, score and variant, per recipe: our first seed's ROC-AUC with its 95% interval and, with several
+    seeds, mean +- SD. Ours are measured on this run's data (the phantom unless data_dir is MURA)."""
+    ours = seed_summary(results, "image")
+    rows = []
+    for pub in PUBLISHED_ANOMALY_AUROC.itertuples():
+        score = PUBLISHED_SCORE[pub.model]
+        for run in ours[(ours["model"] == pub.model) & (ours["variant"] == pub.variant) &
+                        (ours["score"] == score)].itertuples():
+            rows.append({"model": pub.model, "score": score, "variant": pub.variant, "level": "image",
+                         "published": pub.roc_auc, "recipe": run.recipe,
+                         "ours": f"{run.roc_auc:.3f} [{run.roc_auc_ci_low:.2f}, {run.roc_auc_ci_high:.2f}]",
+                         "ours_mean_sd": f"{run.seeds_mean:.3f} +- {run.seeds_sd:.3f} ({run.n_seeds} seeds)"
+                         if run.n_seeds > 1 else ""})
+    return pd.DataFrame(rows, columns=["model", "score", "variant", "level", "published", "recipe", "ours",
+                                       "ours_mean_sd"])
 
 
 def anomaly_findings_table(results: pd.DataFrame, findings: pd.DataFrame, variant: str | None = None) -> pd.DataFrame:
@@ -3734,6 +3837,51 @@ def plot_gan_samples(results: pd.DataFrame, n: int = 6, device: str = "auto", se
     return fig
 
 
+def plot_figure12(results: pd.DataFrame, n: int = 4, device: str = "auto", seed: int = 0):
+    """Their Figure 12 for this grid: per run with a reconstruction (the autoencoders, BiGAN and alpha-GAN) typical
+    test inputs (normal and abnormal alternating), their reconstructions and masked error maps; per GAN, views its
+    generator draws from random codes. The grid's first seed and variant."""
+    runs = results[(results["model"] != REFERENCE_MODEL) & (results["seed"] == results["seed"].iloc[0])
+                   & (results["variant"] == results["variant"].iloc[0])].drop_duplicates("run_dir")
+    panels = []  # (title, images, cmap)
+    for run in runs.itertuples():
+        net, cfg = load_anomaly_model(Path(run.run_dir) / "checkpoints" / "best.pt", device)
+        dev = next(net.parameters()).device
+        label = f"{run.model} ({cfg.recipe}, {run.variant})"
+        if run.model in [ANOMALY_MODEL_NAMES[m] for m in GAN_MODELS]:
+            z = torch.randn(n, cfg.gan_latent, generator=torch.Generator().manual_seed(seed))
+            with torch.inference_mode():
+                panels.append((f"{label}: samples G(z)", net.generator(z.to(dev))[:, 0].float().cpu().numpy(), "gray"))
+        if run.model == ANOMALY_MODEL_NAMES["dcgan"]:
+            continue
+        data = prepare_anomaly_data(cfg, progress=False)
+        test = data["images"][data["images"]["subset"] == "test"].drop_duplicates("image_path")
+        picks = pd.concat([test[test["label"] == k].sample(min(n - n // 2 if k == 0 else n // 2, (test["label"] == k)
+                                                                 .sum()), random_state=seed) for k in (0, 1)])
+        rows = picks["cache_row"].to_numpy() if "cache_row" in picks else data["cache"].rows(picks["image_path"])
+        x, m = anomaly_inputs(torch.from_numpy(data["cache"].images[rows][:, None]),
+                              torch.from_numpy(data["cache"].masks[rows][:, None]), dev, cfg)
+        with torch.inference_mode():
+            recon = net.eval()(x)["recon"].float()
+        error = ((x - recon) ** 2 * m)[:, 0].cpu().numpy()
+        kinds = ["normal" if k == 0 else "abnormal" for k in picks["label"]]
+        panels += [(f"{label}: inputs ({', '.join(kinds)})", x[:, 0].cpu().numpy(), "gray"),
+                   (f"{label}: reconstructions", recon[:, 0].cpu().numpy(), "gray"),
+                   (f"{label}: squared error in the mask", error, "inferno")]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), n, figsize=(1.9 * n, 2.1 * len(panels)), squeeze=False,
+                             layout="constrained")
+    for row, (title, images, cmap) in zip(axes, panels):
+        for ax in row:
+            ax.axis("off")
+        for ax, image in zip(row, images):
+            ax.imshow(image, cmap=cmap, **({"vmin": 0, "vmax": 1} if cmap == "gray" else {}))
+        row[0].set_title(title, fontsize=8, loc="left")
+    fig.suptitle("Inputs, reconstructions and error maps of each model; samples of each GAN (their Figure 12)")
+    return fig
+
+
 def plot_preprocessing(image_paths: Sequence[str], size: int = 256, variants: Sequence[str] = ("raw", "crop",
                        "full", "full+HE")):
     """Each view through the pipeline's variants side by side, with the hand mask."""
@@ -3756,18 +3904,28 @@ def plot_preprocessing(image_paths: Sequence[str], size: int = 256, variants: Se
     return fig
 
 
+def best_run(results: pd.DataFrame, score: str = "mse") -> pd.Series:
+    """The grid's run with the highest study-level VALIDATION ROC-AUC of `score` (test ROC-AUCs choose nothing)."""
+    runs = results[(results["score"] == score) & (results["level"] == "study")]
+    if runs.empty:
+        raise ValueError(f"no run of the grid gives the score {score!r}")
+    return runs.sort_values("val_roc_auc", ascending=False, na_position="last", kind="stable").iloc[0]
+
+
 def best_run_heatmaps(results: pd.DataFrame, score: str = "mse", n: int = 8, device: str = "auto") -> dict:
-    """For the grid's best run by `score`: error heatmaps of abnormal test views (those with ground truth on the
-    phantom), the boxes moved into the preprocessed frame, and their localisation scores over all such views."""
-    best = results[results["score"] == score].sort_values("roc_auc", ascending=False).iloc[0]
+    """For the grid's best run by `score`, chosen on VALIDATION (its study-level val_roc_auc; the test set chooses
+    nothing): error heatmaps of abnormal test views (those with ground truth on the phantom), the boxes moved into
+    the preprocessed frame (not for hand crops), and their localisation scores over all such views."""
+    best = best_run(results, score)
     net, cfg = load_anomaly_model(Path(best["run_dir"]) / "checkpoints" / "best.pt", device)
     data = prepare_anomaly_data(cfg, progress=False)
     images = data["images"]
     abnormal = images[(images["subset"] == "test") & (images["label"] == 1)]
     findings = phantom_boxes(data["root"])
-    boxes = transform_boxes(findings, data["cache"]) if findings is not None else None
+    boxes = transform_boxes(findings, data["cache"]) if findings is not None and "view_cache" not in data else None
     if boxes is not None:
         abnormal = abnormal[abnormal["image_path"].isin(boxes["image_file"])]
-    heatmaps = anomaly_heatmaps(net, data["cache"], list(abnormal["image_path"]), device) if len(abnormal) else []
+    heatmaps = anomaly_heatmaps(net, data["cache"], list(abnormal["image_path"]), device, cfg=cfg) \
+        if len(abnormal) else []
     localisation = heatmap_localisation(heatmaps, boxes) if boxes is not None and heatmaps else None
     return {"best": best, "heatmaps": heatmaps[:n], "boxes": boxes, "localisation": localisation}
