@@ -27,7 +27,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -1216,22 +1216,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def gpu_augment(views, generator=None, rotation_degrees: float = 0.0, hflip: bool = False,
-                scale_range: tuple[float, float] = (1.0, 1.0)):
-    """Flip, rotate (and zoom) each image of a float batch (B, C, H, W) by its own random draw, in one grid_sample."""
-    if not hflip and not rotation_degrees and scale_range[0] == scale_range[1] == 1.0:
+                scale_range: tuple[float, float] = (1.0, 1.0), vflip: bool = False, p: float = 1.0):
+    """Flip, rotate (and zoom) each image of a float batch (B, C, H, W) by its own random draw, in one grid_sample;
+    `p`: the probability that a view is rotated, and (separately) zoomed."""
+    if not hflip and not vflip and not rotation_degrees and scale_range[0] == scale_range[1] == 1.0:
         return views
     b = views.shape[0]
-    angle = (torch.rand(b, generator=generator, device=views.device) * 2 - 1) * math.radians(rotation_degrees)
-    flip = torch.ones(b, device=views.device)
-    if hflip:
-        flip = torch.where(torch.rand(b, generator=generator, device=views.device) < 0.5, -1.0, 1.0)
+
+    def draw():
+        return torch.rand(b, generator=generator, device=views.device)
+    angle = (draw() * 2 - 1) * math.radians(rotation_degrees)
+    if p < 1:
+        angle = torch.where(draw() < p, angle, 0.0)
+    flip = torch.where(draw() < 0.5, -1.0, 1.0) if hflip else torch.ones(b, device=views.device)
+    flip_v = torch.where(draw() < 0.5, -1.0, 1.0) if vflip else torch.ones(b, device=views.device)
     cos, sin = torch.cos(angle), torch.sin(angle)
     if tuple(scale_range) != (1.0, 1.0):  # equal ends: a fixed zoom
-        zoom = scale_range[0] + (scale_range[1] - scale_range[0]) * torch.rand(b, generator=generator,
-                                                                                device=views.device)
+        zoom = scale_range[0] + (scale_range[1] - scale_range[0]) * draw()
+        if p < 1:
+            zoom = torch.where(draw() < p, zoom, 1.0)
         cos, sin = cos / zoom, sin / zoom
     zero = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos * flip, -sin, zero], 1), torch.stack([sin * flip, cos, zero], 1)], 1)
+    theta = torch.stack([torch.stack([cos * flip, -sin * flip_v, zero], 1),
+                         torch.stack([sin * flip, cos * flip_v, zero], 1)], 1)
     grid = F.affine_grid(theta.to(views.dtype), list(views.shape), align_corners=False)
     return F.grid_sample(views, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -3186,8 +3193,8 @@ def plot_cases(cases: pd.DataFrame, max_views: int = 3):
 def plot_heatmaps(heatmaps: Sequence[dict], boxes: pd.DataFrame | None = None, cols: int = 4, alpha: float = 0.45,
                   title: str | None = None, value_label: str = "p(abnormal)"):
     """Each view with its heatmap overlaid (and ground-truth boxes when given), titled with its score."""
-    rows = max(1, math.ceil(len(heatmaps) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.3 * rows), squeeze=False)
+    rows = max(1, math.ceil(len(heatmaps) / cols))  # constrained layout: two-line titles clear the row above
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.5 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     if not heatmaps:
@@ -3202,7 +3209,6 @@ def plot_heatmaps(heatmaps: Sequence[dict], boxes: pd.DataFrame | None = None, c
                 ax.add_patch(Rectangle((b.x0, b.y0), b.x1 - b.x0, b.y1 - b.y0, fill=False, color="white", lw=1.5))
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
@@ -3549,9 +3555,10 @@ def _deconv_block(cin: int, cout: int, kernel: int = 4, stride: int = 2, padding
 
 class ConvAutoencoder(torch.nn.Module):
     """The CAE of Davletshina et al.'s Figure 5: 3x3 and stride-2 4x4 conv/BN/ReLU blocks from 1x512x512 down to
-    512x16x16 (any input size divisible by 32 gives size/32), mirrored by a transposed-convolution decoder."""
+    512x16x16 (any input size divisible by 32 gives size/32), mirrored by a transposed-convolution decoder; with
+    architecture "paper", their code's shorter decoder (PaperCAEDecoder)."""
 
-    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128, 256, 512)):
+    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128, 256, 512), architecture: str = "suite"):
         super().__init__()
         layers = [_conv_block(1, widths[0], 3, 1, 1)]
         for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
@@ -3565,7 +3572,7 @@ class ConvAutoencoder(torch.nn.Module):
             if i < len(widths) - 2:
                 layers.append(_conv_block(cout, cout, 3, 1, 1))
         layers += [torch.nn.Conv2d(widths[0], 1, 3, 1, 1), torch.nn.Sigmoid()]
-        self.decoder = torch.nn.Sequential(*layers)
+        self.decoder = PaperCAEDecoder(widths) if architecture == "paper" else torch.nn.Sequential(*layers)
 
     def forward(self, x):
         """Reconstruct x (B, 1, H, W) in [0, 1]."""
@@ -3575,24 +3582,27 @@ class ConvAutoencoder(torch.nn.Module):
 class VariationalAutoencoder(torch.nn.Module):
     """The VAE of Davletshina et al.'s Figure 7: unpadded stride-2 4x4 convolutions down to 512x2x2 (seven for a
     512 input), fully connected mu and log-variance of size 1024, reparameterisation, and a mirrored decoder whose
-    last transposed convolution restores the exact input size (6x6 for 512)."""
+    last transposed convolution restores the exact input size (6x6 for 512). `bottom` 6: their code's VAE
+    (vaetorch.py: six convolutions 16 ... 512 channels to 512x6x6 = h_dim 18432 for 512 px, a last 6x6 kernel)."""
 
-    def __init__(self, image_size: int = 512, latent: int = 1024):
+    def __init__(self, image_size: int = 512, latent: int = 1024, bottom: int = 2):
         super().__init__()
         sizes = [image_size]
-        while sizes[-1] > 2:
+        while sizes[-1] > bottom:
             sizes.append((sizes[-1] - 4) // 2 + 1)
-        if sizes[-1] != 2 or len(sizes) < 3:
-            raise ValueError(f"image_size {image_size} does not reach 2x2 with stride-2 4x4 convolutions; "
-                             f"use 64, 128, 256 or 512")
+        if sizes[-1] != bottom or len(sizes) < 3:
+            raise ValueError(f"image_size {image_size} does not reach {bottom}x{bottom} with stride-2 4x4 "
+                             f"convolutions; use 64, 128, 256 or 512")
         n = len(sizes) - 1
         widths = [512 // 2 ** (n - 1 - i) for i in range(n)]  # 8, 16, ..., 512 for seven layers
         self.encoder = torch.nn.Sequential(*[_conv_block(c_in, c_out, 4, 2, 0)
                                              for c_in, c_out in zip([1, *widths[:-1]], widths)])
-        self.fc_mu, self.fc_logvar = torch.nn.Linear(512 * 4, latent), torch.nn.Linear(512 * 4, latent)
-        self.fc_decode = torch.nn.Linear(latent, 512 * 4)
+        self.bottom = bottom
+        cells = 512 * bottom**2
+        self.fc_mu, self.fc_logvar = torch.nn.Linear(cells, latent), torch.nn.Linear(cells, latent)
+        self.fc_decode = torch.nn.Linear(latent, cells)
         rev = widths[::-1]
-        layers, size = [], 2
+        layers, size = [], bottom
         for c_in, c_out in zip(rev[:-1], rev[1:]):
             layers.append(_deconv_block(c_in, c_out, 4, 2, 0))
             size = 2 * size + 2
@@ -3604,7 +3614,7 @@ class VariationalAutoencoder(torch.nn.Module):
         h = self.encoder(x).flatten(1)
         mu, logvar = self.fc_mu(h), self.fc_logvar(h).clamp(-20, 20)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
-        recon = self.decoder(self.fc_decode(z).view(-1, 512, 2, 2))
+        recon = self.decoder(self.fc_decode(z).view(-1, 512, self.bottom, self.bottom))
         return {"recon": recon, "mu": mu, "logvar": logvar}
 
 
@@ -3625,9 +3635,11 @@ def kl_divergence(mu, logvar):
     return -0.5 * (1 + logvar.float() - mu.float() ** 2 - logvar.float().exp()).sum(1)
 
 
-def reconstruction_scores(x, out: dict, mask, top_k: int = 200, kld_weight: float = 1.0) -> dict[str, torch.Tensor]:
+def reconstruction_scores(x, out: dict, mask, top_k: int = 200, kld_weight: float = 1.0,
+                          smooth_l1: bool = False) -> dict[str, torch.Tensor]:
     """Per-image anomaly scores: masked MSE and L1 and their top-k pixel means (where the model reconstructs), for a
-    VAE the KLD and the sums, and the scores a GAN computes itself (out['scores'])."""
+    VAE the KLD and the sums, and the scores a GAN computes itself (out['scores']); `smooth_l1`: the L1 scores as
+    smooth L1 (beta 1), as their VAE's loss_L_one (vaetorch.py)."""
     scores = dict(out.get("scores") or {})
     if out["recon"] is None:
         return scores
@@ -3635,6 +3647,8 @@ def reconstruction_scores(x, out: dict, mask, top_k: int = 200, kld_weight: floa
     diff = (x.float() - out["recon"].float()).flatten(1) * m
     n = m.sum(1).clamp_min(1)
     sq, ab = diff**2, diff.abs()
+    if smooth_l1:
+        ab = torch.where(ab < 1, 0.5 * sq, ab - 0.5)
     k = min(top_k, sq.shape[1])
     scores.update({"mse": sq.sum(1) / n, "l1": ab.sum(1) / n, f"mse_top{top_k}": sq.topk(k, 1).values.mean(1),
                    f"l1_top{top_k}": ab.topk(k, 1).values.mean(1)})
@@ -3797,7 +3811,7 @@ def _adversarial_loss(logits, real: bool):
 
 
 def gan_step(model: AdversarialAnomalyModel, x, mask, optimizers: dict, scaler, dtype, generator,
-             recon_weight: float = 10.0) -> dict[str, torch.Tensor]:
+             recon_weight: float = 10.0, masked: bool = True) -> dict[str, torch.Tensor]:
     """One training step of a GAN on normal views: the discriminating side first (on detached fakes), then the
     generating side against the updated discriminators (non-saturating losses); alpha-GAN adds recon_weight x the
     masked L1 reconstruction loss. Returns the step's losses."""
@@ -3829,7 +3843,7 @@ def gan_step(model: AdversarialAnomalyModel, x, mask, optimizers: dict, scaler, 
             g_loss = sum(_adversarial_loss(model.discriminate(f), True) for f in fakes) / len(fakes)
         if model.kind == "alphagan":
             g_loss = g_loss + _adversarial_loss(model.code_critic(code)[:, 0], True)
-            g_loss = g_loss + recon_weight * masked_l1(x, recon, mask).mean()
+            g_loss = g_loss + recon_weight * masked_l1(x, recon, mask if masked else torch.ones_like(mask)).mean()
     optimizers["generator"].zero_grad(set_to_none=True)
     scaler.scale(g_loss).backward()
     scaler.step(optimizers["generator"])
@@ -3839,16 +3853,261 @@ def gan_step(model: AdversarialAnomalyModel, x, mask, optimizers: dict, scaler, 
     return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach()}
 
 
-def build_anomaly_model(model: str, image_size: int, latent: int = 128) -> torch.nn.Module:
-    """One of ANOMALY_MODELS for this input size: 'cae', 'vae' or a GAN ('dcgan', 'bigan', 'alphagan')."""
+# ---------------------------------------------------------------- anomaly detection: their networks (recipe "paper")
+# Written afresh from a reading of their repository (github.com/Valentyn1997/xray, commit 0c11b6f for the models and
+# train.py, c8568f5 for src/models/run_params.py): the networks their code trains, where those differ from the
+# suite's. Our own networks above follow the paper's figures; these follow the code.
+
+def _spectral(layer: torch.nn.Module) -> torch.nn.Module:
+    """Spectral normalisation of a layer's weight (Miyato et al. 2018; their gans.py SpectralNorm)."""
+    return torch.nn.utils.parametrizations.spectral_norm(layer)
+
+
+class PaperCAEDecoder(torch.nn.Sequential):
+    """Their CAE decoder (autoencoders.py, BaselineAutoencoder defaults): five stride-2 4x4 transposed convolutions
+    with BN and ReLU, 512 -> 16 channels, then a 3x3 one to one channel, ReLU, then Tanh (so outputs lie in [0, 1))."""
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128, 256, 512)):
+        rev = list(widths[::-1])
+        layers = [_deconv_block(cin, cout) for cin, cout in zip(rev[:-1], rev[1:])]
+        layers += [torch.nn.ConvTranspose2d(rev[-1], 1, 3, 1, 1), torch.nn.ReLU(), torch.nn.Tanh()]
+        super().__init__(*layers)
+
+
+class SelfAttention(torch.nn.Module):
+    """Self-attention over a feature map (Zhang et al. 2019, SAGAN): x + gamma * attention-weighted values, gamma
+    starting at 0 (their sagan.py and alphagan.py Self_Attn)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.query = torch.nn.Conv2d(channels, max(1, channels // 8), 1)
+        self.key = torch.nn.Conv2d(channels, max(1, channels // 8), 1)
+        self.value = torch.nn.Conv2d(channels, channels, 1)
+        self.gamma = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        """(B, C, H, W) -> (B, C, H, W)."""
+        b, c, h, w = x.shape
+        attention = torch.softmax(self.query(x).flatten(2).transpose(1, 2) @ self.key(x).flatten(2), -1)
+        out = self.value(x).flatten(2) @ attention.transpose(1, 2)
+        return x + self.gamma * out.view(b, c, h, w)
+
+
+def _attention_stack(image_size: int, conv_dim: int = 64) -> tuple[torch.nn.Sequential, int]:
+    """Their BiGAN/alpha-GAN image stack (sagan.py Encoder/Discriminator): stride-2 4x4 spectral-norm convolutions
+    doubling from 64 channels down to 4x4 (1024 channels at 128 px), leaky ReLU 0.1, self-attention after the
+    last two. Returns (stack, channels)."""
+    depth = _gan_depth(image_size)
+    layers, cin = [], 1
+    for i in range(depth):
+        cout = conv_dim * 2**i
+        layers += [_spectral(torch.nn.Conv2d(cin, cout, 4, 2, 1)), torch.nn.LeakyReLU(0.1)]
+        if i >= depth - 2:
+            layers.append(SelfAttention(cout))
+        cin = cout
+    return torch.nn.Sequential(*layers), cin
+
+
+class AttentionGenerator(torch.nn.Module):
+    """Their BiGAN/alpha-GAN generator (sagan.py Generator): a spectral-norm 4x4 transposed convolution from the
+    code to 8*size channels (1024 at 128 px), halving stride-2 blocks with BN and ReLU, self-attention after the
+    last two, and a last transposed convolution to one channel with Tanh."""
+
+    def __init__(self, image_size: int, latent: int = 100, conv_dim: int = 64):
+        super().__init__()
+        depth = _gan_depth(image_size) - 1
+        width = conv_dim * image_size // 8
+        layers = [torch.nn.Unflatten(1, (latent, 1, 1)), _spectral(torch.nn.ConvTranspose2d(latent, width, 4)),
+                  torch.nn.BatchNorm2d(width), torch.nn.ReLU()]
+        for i in range(depth):
+            layers += [_spectral(torch.nn.ConvTranspose2d(width, width // 2, 4, 2, 1)),
+                       torch.nn.BatchNorm2d(width // 2), torch.nn.ReLU()]
+            width //= 2
+            if i >= depth - 2:
+                layers.append(SelfAttention(width))
+        layers += [torch.nn.ConvTranspose2d(width, 1, 4, 2, 1), torch.nn.Tanh()]
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, z):
+        """(B, latent) -> (B, 1, S, S) in [-1, 1]."""
+        return self.net(z)
+
+
+class PaperGAN(torch.nn.Module):
+    """The GAN family as their code builds it, trained by paper_gan_step:
+    'dcgan' (gans.py DCGAN: spectral norm everywhere, no BN (run_params 'batch_normalisation': False), ReLU in D,
+    D ending in one logit, no minibatch discrimination in the code we read, latent 2048);
+    'bigan' (their class SAGAN, sagan.py: an encoder, a generator and a discriminator of image-code pairs, with
+    self-attention and spectral norm, latent 100); 'alphagan' (alphagan.py AlphaGan: a stochastic encoder with mean
+    and 'log-variance' heads, the same generator, an image D and a code discriminator C).
+    Called on views in eval mode it returns the same scores as AdversarialAnomalyModel: 'disc' (D's probability
+    that the view is abnormal), for alpha-GAN 'code_disc' and 'c+d', and the reconstruction G(E(x))."""
+
+    def __init__(self, kind: str, image_size: int, latent: int):
+        super().__init__()
+        if kind not in GAN_MODELS:
+            raise ValueError(f"kind must be one of {GAN_MODELS}, got {kind!r}")
+        self.kind, self.latent = kind, latent
+        depth = _gan_depth(image_size)
+        if kind == "dcgan":  # gans.py Generator/Discriminator defaults, generalised from 512 px
+            widths = [1024 // 2**i for i in range(depth)]
+            layers = [torch.nn.Unflatten(1, (latent, 1, 1)), _spectral(torch.nn.ConvTranspose2d(latent, widths[0], 4)),
+                      torch.nn.ReLU()]
+            for cin, cout in zip(widths[:-1], widths[1:]):
+                layers += [_spectral(torch.nn.ConvTranspose2d(cin, cout, 4, 2, 1)), torch.nn.ReLU()]
+            self.generator = torch.nn.Sequential(*layers, _spectral(torch.nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1)),
+                                                 torch.nn.Sigmoid())
+            widths = [256 // 2 ** (depth - 1 - i) for i in range(depth)]
+            layers = []
+            for cin, cout in zip([1, *widths[:-1]], widths):
+                layers += [_spectral(torch.nn.Conv2d(cin, cout, 4, 2, 1)), torch.nn.ReLU()]
+            self.critic = torch.nn.Sequential(*layers, _spectral(torch.nn.Conv2d(widths[-1], 1, 4, 1, 0)),
+                                              torch.nn.Flatten())
+            return
+        self.generator = AttentionGenerator(image_size, latent)
+        stack, channels = _attention_stack(image_size)
+        encoder_stack, _ = _attention_stack(image_size)
+        if kind == "bigan":  # sagan.py Encoder, Discriminator (its infer_z and infer_joint heads)
+            self.encoder = torch.nn.Sequential(encoder_stack, torch.nn.Conv2d(channels, latent, 4), torch.nn.Flatten())
+            self.critic = torch.nn.Sequential(stack, _spectral(torch.nn.Conv2d(channels, channels, 4)),
+                                              torch.nn.LeakyReLU(0.1))
+            self.code_features = torch.nn.Sequential(
+                _spectral(torch.nn.Conv2d(latent, 512, 1)), torch.nn.LeakyReLU(0.1),
+                _spectral(torch.nn.Conv2d(512, 512, 1)), torch.nn.LeakyReLU(0.1))
+            self.head = torch.nn.Sequential(
+                _spectral(torch.nn.Conv2d(channels + 512, 1024, 1)), torch.nn.LeakyReLU(0.1),
+                _spectral(torch.nn.Conv2d(1024, 1024, 1)), torch.nn.LeakyReLU(0.1), torch.nn.Conv2d(1024, 1, 1),
+                torch.nn.Flatten())
+        else:  # alphagan.py Encoder (mean and log_var heads, each Conv 4x4 + Tanh), Discriminator, Codescriminator
+            self.encoder = encoder_stack
+            self.encoder_mean = torch.nn.Sequential(torch.nn.Conv2d(channels, latent, 4), torch.nn.Tanh(),
+                                                    torch.nn.Flatten())
+            self.encoder_spread = torch.nn.Sequential(torch.nn.Conv2d(channels, latent, 4), torch.nn.Tanh(),
+                                                      torch.nn.Flatten())
+            self.critic = torch.nn.Sequential(stack, _spectral(torch.nn.Conv2d(channels, 1, 4)), torch.nn.Flatten())
+            widths = [latent, latent // 2, latent // 4, latent // 8]
+            layers = []
+            for cin, cout in zip(widths[:-1], widths[1:]):
+                layers += [torch.nn.Linear(cin, cout), torch.nn.LeakyReLU(0.1)]
+            self.code_critic = torch.nn.Sequential(*layers, torch.nn.Linear(widths[-1], 1))
+
+    def encode(self, x, sample: bool = False):
+        """E(x): the code (alpha-GAN: its mean, or with `sample` mean + spread * noise, as their training does)."""
+        if self.kind == "bigan":
+            return self.encoder(x)
+        h = self.encoder(x)
+        mean = self.encoder_mean(h)
+        # alphagan.py train_on_batch: z_hat = z_mean + z_logvar * randn, the 'log-variance' used as a spread
+        return mean + self.encoder_spread(h) * torch.randn_like(mean) if sample else mean
+
+    def discriminate(self, x, z=None):
+        """D's logit that x (with its code z, for BiGAN) is real (for DCGAN: that it is FAKE, their inverted labels)."""
+        h = self.critic(x)
+        if self.kind == "bigan":
+            return self.head(torch.cat([h, self.code_features(z[:, :, None, None])], 1))[:, 0]
+        return h[:, 0]
+
+    def forward(self, x):
+        """Anomaly scores of views x (B, 1, S, S), and their reconstruction where there is an encoder."""
+        if self.kind == "dcgan":  # D learns 0 for real, 1 for fake: D itself is the probability of abnormal
+            return {"recon": None, "mu": None, "logvar": None,
+                    "scores": {"disc": torch.sigmoid(self.discriminate(x).float())}}
+        z = self.encode(x)
+        scores = {"disc": 1 - torch.sigmoid(self.discriminate(x, z).float())}
+        if self.kind == "alphagan":
+            scores["code_disc"] = 1 - torch.sigmoid(self.code_critic(z)[:, 0].float())
+            scores["c+d"] = (scores["code_disc"] + scores["disc"]) / 2
+        return {"recon": self.generator(z), "mu": None, "logvar": None, "scores": scores}
+
+    def parameter_groups(self) -> dict[str, list]:
+        """The parameters each of their optimisers updates."""
+        groups = {"discriminator": [*self.critic.parameters()], "generator": [*self.generator.parameters()]}
+        if self.kind == "bigan":  # sagan.py: one optimiser for G and E, one for D (with its code and joint heads)
+            groups["discriminator"] += [*self.code_features.parameters(), *self.head.parameters()]
+            groups["generator"] += [*self.encoder.parameters()]
+        if self.kind == "alphagan":  # alphagan.py: four optimisers, E, G, D and C
+            groups["encoder"] = [*self.encoder.parameters(), *self.encoder_mean.parameters(),
+                                 *self.encoder_spread.parameters()]
+            groups["code_discriminator"] = [*self.code_critic.parameters()]
+        return groups
+
+
+def _bce(logits, target):
+    """Binary cross-entropy of logits against a target (a number or a tensor of soft labels)."""
+    target = torch.as_tensor(target, dtype=torch.float32, device=logits.device).expand(logits.shape)
+    return F.binary_cross_entropy_with_logits(logits.float(), target)
+
+
+def paper_gan_step(model: PaperGAN, x, optimizers: dict, scaler, dtype, generator, cfg) -> dict[str, torch.Tensor]:
+    """One step of their GAN training (their train_on_batch), with logits in place of their sigmoid + BCELoss (the
+    same loss, safe under autocast):
+    dcgan (gans.py): inverted soft labels, real -> U(0, d), fake -> U(1 - d, 1) (d = cfg.label_noise), D first,
+    then G towards 'real' (0) against the updated D;
+    bigan (sagan.py, adv_loss 'hinge', which is the log loss): D on (x, E(x)) real and (G(z), z) fake, G and E
+    the other way round, from the same forward pass;
+    alphagan (alphagan.py): E: 0.01-weighted unmasked L1 + [bce(C(z^), 1) - bce(C(z^), 0)]; G: the same L1 +
+    the same difference for D(x_rec) and D(G(z)); D: x real, x_rec and G(z) fake; C: z^ fake, z real; each from
+    the same forward pass, each with its own optimiser. Their instance noise (std 0.01 (epoch+1-E)/(epoch+1), a
+    negative std) is left out."""
+    device_type = x.device.type
+    z = torch.randn(len(x), model.latent, device=x.device, generator=generator)
+    groups = model.parameter_groups()
+    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        if model.kind == "dcgan":
+            d = cfg.label_noise
+            real_t = torch.rand(len(x), device=x.device, generator=generator) * d
+            fake_t = 1 - torch.rand(len(x), device=x.device, generator=generator) * d
+            fake = model.generator(z)
+            losses = {"discriminator": _bce(model.discriminate(x), real_t) + _bce(model.discriminate(fake.detach()),
+                                                                                     fake_t)}
+        elif model.kind == "bigan":
+            code = model.encode(x)
+            real, fake = model.discriminate(x, code), model.discriminate(model.generator(z), z)
+            losses = {"discriminator": _bce(real, 1) + _bce(fake, 0), "generator": _bce(fake, 1) + _bce(real, 0)}
+        else:
+            code = model.encode(x, sample=True)
+            recon, fake = model.generator(code), model.generator(z)
+            d_real, d_recon, d_fake = (model.discriminate(v) for v in (x, recon, fake))
+            c_code, c_prior = model.code_critic(code)[:, 0], model.code_critic(z)[:, 0]
+            l1 = cfg.recon_weight * (x.float() - recon.float()).abs().mean()  # alphagan.py: 0.01 * nn.L1Loss()
+            losses = {"encoder": l1 + _bce(c_code, 1) - _bce(c_code, 0),
+                      "generator": l1 + _bce(d_recon, 1) - _bce(d_recon, 0) + _bce(d_fake, 1) - _bce(d_fake, 0),
+                      "discriminator": _bce(d_real, 1) + _bce(d_recon, 0) + _bce(d_fake, 0),
+                      "code_discriminator": _bce(c_code, 0) + _bce(c_prior, 1)}
+    for name, loss in losses.items():  # each optimiser's gradient of its own loss, from the same forward pass
+        grads = torch.autograd.grad(scaler.scale(loss), groups[name], retain_graph=True, allow_unused=True)
+        for p, g in zip(groups[name], grads):
+            p.grad = g
+    for name in losses:
+        scaler.step(optimizers[name])
+    if model.kind == "dcgan":  # then G, against the updated D, towards the 'real' label 0
+        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            losses["generator"] = _bce(model.discriminate(fake), 0)
+        grads = torch.autograd.grad(scaler.scale(losses["generator"]), groups["generator"])
+        for p, g in zip(groups["generator"], grads):
+            p.grad = g
+        scaler.step(optimizers["generator"])
+    scaler.update()
+    for group in groups.values():
+        for p in group:
+            p.grad = None
+    return {f"{name}_loss": loss.detach() for name, loss in losses.items()}
+
+
+def build_anomaly_model(model: str, image_size: int, latent: int = 128, architecture: str = "suite",
+                        vae_latent: int = 1024) -> torch.nn.Module:
+    """One of ANOMALY_MODELS for this input size: 'cae', 'vae' or a GAN ('dcgan', 'bigan', 'alphagan'); the
+    suite's networks or ("paper") their code's. `latent`: the GANs' code size; `vae_latent`: the VAE's."""
+    if architecture not in ("suite", "paper"):
+        raise ValueError(f"architecture must be 'suite' or 'paper', got {architecture!r}")
     if model == "cae":
         if image_size % 32:
             raise ValueError(f"the CAE needs an image size divisible by 32, got {image_size}")
-        return ConvAutoencoder()
+        return ConvAutoencoder(architecture=architecture)
     if model == "vae":
-        return VariationalAutoencoder(image_size)
+        return VariationalAutoencoder(image_size, vae_latent, bottom=6 if architecture == "paper" else 2)
     if model in GAN_MODELS:
-        return AdversarialAnomalyModel(model, image_size, latent)
+        return (PaperGAN if architecture == "paper" else AdversarialAnomalyModel)(model, image_size, latent)
     raise ValueError(f"model must be one of {ANOMALY_MODELS}, got {model!r}")
 
 
@@ -3861,10 +4120,167 @@ def anomaly_score_names(model: str, top_k: int = 200) -> list[str]:
 
 # ---------------------------------------------------------------- anomaly detection: training, scores, heatmaps
 
+# Two recipes, as data: every setting a recipe fixes, per model. "paper": Davletshina et al.'s code (where their
+# code and paper disagree, the code; sources: xray@c8568f5 src/models/run_params.py for epochs, batches, learning
+# rates, latents and augmentation, xray@0c11b6f for the rest). "suite": ours, each difference kept for the reason
+# in RECIPE_REASONS. AnomalyConfig takes every setting left None from its recipe; a value given explicitly wins.
+_PAPER_FLIPS = {"hflip": True, "vflip": True, "rotation_degrees": 0.0, "scale_range": (1.0, 1.0),
+                "intensity_range": (1.0, 1.0), "augment_p": 1.0}  # run_params.py DEFAULT_AUGMENTATION: Fliplr, Flipud
+_PAPER_ADVANCED = {"hflip": True, "vflip": True, "rotation_degrees": 20.0, "scale_range": (0.8, 1.2),
+                   "intensity_range": (0.8, 1.2), "augment_p": 0.5}  # ADVANCED_AUGMENTATION: each 'Sometimes(0.5)'
+ANOMALY_RECIPES = {
+    "suite": {
+        "common": {"architecture": "suite", "epochs": 20, "batch_size": 16, "hflip": True, "vflip": False,
+                   "rotation_degrees": 10.0, "scale_range": (0.9, 1.1), "intensity_range": (0.9, 1.1),
+                   "augment_p": 1.0, "hand_crop": False, "minmax": False, "masked_loss": True,
+                   "masked_scores": True, "smooth_l1": False},
+        "cae": {"lr": 5e-4},
+        "vae": {"lr": 5e-4, "vae_latent": 1024, "vae_loss": "mse", "kld_weight": 1.0},
+        "dcgan": {"gan_lr": 2e-4, "d_lr": 2e-4, "gan_latent": 128, "label_noise": 0.0},
+        "bigan": {"gan_lr": 2e-4, "d_lr": 2e-4, "gan_latent": 128},
+        "alphagan": {"gan_lr": 2e-4, "d_lr": 2e-4, "code_lr": 2e-4, "gan_latent": 128, "recon_weight": 10.0},
+    },
+    "paper": {
+        "common": {"architecture": "paper", "hand_crop": True, "minmax": True,  # train.py: MinMaxNormalization()
+                   "masked_loss": True, "masked_scores": True, "smooth_l1": False},
+        # run_params.py 'BaselineAutoencoder': 1000 epochs, batch 32, lr 1e-4, ADVANCED_AUGMENTATION, masked loss
+        "cae": {"epochs": 1000, "batch_size": 32, "lr": 1e-4, **_PAPER_ADVANCED},
+        # run_params.py 'VAE': 500 epochs, batch 32, lr 1e-4, z_dim 2048 (h_dim 18432 = 512 x 6 x 6),
+        # masked_loss_on_train/val False; vaetorch.py loss: BCE (size_average=False: summed) + KLD summed
+        "vae": {"epochs": 500, "batch_size": 32, "lr": 1e-4, "vae_latent": 2048, "vae_loss": "bce",
+                "kld_weight": 1.0, "masked_loss": False, "masked_scores": False, "smooth_l1": True, **_PAPER_FLIPS},
+        # run_params.py 'DCGAN': 500 epochs, batch 80, glr 1e-3, dlr 1e-5, z_dim 2048, soft_delta 0.01
+        "dcgan": {"epochs": 500, "batch_size": 80, "gan_lr": 1e-3, "d_lr": 1e-5, "gan_latent": 2048,
+                  "label_noise": 0.01, **_PAPER_FLIPS},
+        # run_params.py 'SAGAN' (their BiGAN): 500 epochs, batch 18, gelr 1e-3, dlr 1e-5, z_dim 100
+        "bigan": {"epochs": 500, "batch_size": 18, "gan_lr": 1e-3, "d_lr": 1e-5, "gan_latent": 100, **_PAPER_FLIPS},
+        # run_params.py 'AlphaGan': 500 epochs, batch 15, gelr 1e-3, dlr 1e-5 (alphagan.py: C's optimiser takes
+        # dlr too), z_dim 100; alphagan.py: 0.01 * unmasked L1
+        "alphagan": {"epochs": 500, "batch_size": 15, "gan_lr": 1e-3, "d_lr": 1e-5, "code_lr": 1e-5,
+                     "gan_latent": 100, "recon_weight": 0.01, "masked_loss": False, **_PAPER_FLIPS},
+    },
+}
+# why the suite differs, per setting (or per (model, setting)); read by recipe_deviations
+RECIPE_REASONS = {
+    ("cae", "architecture"): "four more 3x3 blocks in the decoder and a Sigmoid: the decoder mirrors the encoder "
+                             "(their ReLU-then-Tanh output reaches only [0, 1))",
+    ("vae", "architecture"): "down to 2x2 as the paper's Figure 7 (their code stops at 6x6)",
+    ("dcgan", "architecture"): "BatchNorm and leaky ReLU (the DCGAN recipe) and minibatch discrimination against a "
+                               "kept reference batch, so that a view's score does not depend on the views beside it",
+    ("bigan", "architecture"): "the DCGAN networks with an encoder: no self-attention, whose memory grows with the "
+                               "square of the map, so it also trains at 512 px",
+    ("alphagan", "architecture"): "the DCGAN networks, a deterministic encoder and an MLP code discriminator "
+                                  "(Rosca et al.); no self-attention",
+    "epochs": "20, resumable, best.pt kept on validation: a Colab session's budget (theirs: 500-1000)",
+    "batch_size": "16 fits every model at 512 px on a T4",
+    "lr": "5e-4 converges within 20 epochs",
+    "gan_lr": "2e-4 for both sides (Radford et al.); their 1e-3 / 1e-5 starves the discriminator",
+    "d_lr": "2e-4 for both sides (Radford et al.); their 1e-3 / 1e-5 starves the discriminator",
+    "code_lr": "as the other discriminator",
+    "gan_latent": "128: a compact code, the same for the three GANs",
+    "vae_latent": "1024, the paper's Figure 7",
+    "vae_loss": "the paper's masked loss L_M (MSE inside the hand): the background does not dominate",
+    "masked_loss": "the loss inside the hand mask (the paper's L_M), for every model",
+    "masked_scores": "scores inside the hand mask: the background holds no finding",
+    "smooth_l1": "a true L1 score (their 'L1' is smooth L1, which on errors below 1 ranks as the MSE)",
+    "label_noise": "plain labels with the non-saturating loss: their inverted labels make their score 1 - D rank "
+                   "normal views higher (gans.py evaluate: score = 1 - output when real_label is 0)",
+    "recon_weight": "10 x masked L1 keeps alpha-GAN a reconstruction model; their 0.01 x L1 is ~1000x lighter",
+    "hflip": "left and right hands are both normal",
+    "vflip": "hands are not seen upside down in MURA",
+    "rotation_degrees": "milder (+-10 deg), applied to every view",
+    "scale_range": "milder (0.9-1.1), applied to every view",
+    "intensity_range": "milder (0.9-1.1), applied to every view",
+    "augment_p": "every augmentation on every view (theirs: each with probability 0.5, or flips only)",
+    "hand_crop": "the whole plate kept: heatmaps and boxes map back through one affine, and a crop per hand needs "
+                 "a reliable per-hand mask (theirs: an SSD detector)",
+    "minmax": "intensities kept: per-image min-max rescales a view by its own extremes (one bright marker changes "
+              "it all)",
+}
+# what each architecture is, per model (the deviations table shows these)
+ARCHITECTURES = {
+    ("cae", "suite"): "decoder: 5 stride-2 4x4 deconvs, each followed by a 3x3 conv block (but the last), 3x3 conv, "
+                      "Sigmoid",
+    ("cae", "paper"): "decoder: 5 stride-2 4x4 deconvs (BN, ReLU), a 3x3 deconv, ReLU, Tanh (autoencoders.py)",
+    ("vae", "suite"): "7 unpadded stride-2 4x4 convs to 512x2x2 (512 px), fc to the code",
+    ("vae", "paper"): "6 unpadded stride-2 4x4 convs to 512x6x6 (h_dim 18432), fc to the code (vaetorch.py)",
+    ("dcgan", "suite"): "BN + leaky ReLU D with a 512-feature layer and minibatch discrimination; BN + ReLU G",
+    ("dcgan", "paper"): "spectral norm on every conv, no BN, ReLU D ending in one unit; G ending in Sigmoid "
+                        "(gans.py)",
+    ("bigan", "suite"): "DCGAN-style G, E and D; D joins 512 image and 512 code features (MLP)",
+    ("bigan", "paper"): "their SAGAN: spectral norm, self-attention in E, G and D, 1x1-conv joint head, "
+                        "G ending in Tanh (sagan.py)",
+    ("alphagan", "suite"): "DCGAN-style G, D, a deterministic E, an MLP code discriminator (750 units)",
+    ("alphagan", "paper"): "self-attention and spectral norm, E with mean and 'log-variance' heads (Tanh), code "
+                           "discriminator 100-50-25-12-1 (alphagan.py)",
+}
+# which models a setting concerns (the others ignore it); settings not named concern every model
+RECIPE_SETTING_MODELS = {"lr": ("cae", "vae"), "vae_latent": ("vae",), "vae_loss": ("vae",), "kld_weight": ("vae",),
+                         "smooth_l1": ("vae",), "gan_lr": GAN_MODELS, "d_lr": GAN_MODELS, "gan_latent": GAN_MODELS,
+                         "code_lr": ("alphagan",), "recon_weight": ("alphagan",), "label_noise": ("dcgan",),
+                         "masked_loss": ("cae", "vae", "alphagan")}
+# preprocessing and evaluation facts that are not settings: their pipeline against ours
+PIPELINE_DIFFERENCES = pd.DataFrame([
+    {"step": "hand detection", "paper": "SSD (MobileNet) hand detector, one box per hand "
+     "(src/features/hand_detection/detect_and_save_hands.py), masks drawn in Photoshop (XR_HAND_PHOTOSHOP)",
+     "suite": "classical mask (polarity, Otsu, largest component); hand crops from its components (hand_crop)",
+     "why": "no detector weights or hand-drawn masks to ship"},
+    {"step": "histogram equalisation", "paper": "cv2.equalizeHist over the whole image, before the resize "
+     "(src/data/transforms.py HistEqualisation)", "suite": "inside the hand mask (or the plate), after the crop",
+     "why": "the background's share does not shift the hand's intensities"},
+    {"step": "split", "paper": "images: negatives split 70/30 by patient, every positive image to val/test "
+     "(src/data/__init__.py TrainValTestSplitter), so positive patients' normal views can train",
+     "suite": "patients (the paper's text): a patient is in one subset only",
+     "why": "no patient both trains and tests"},
+    {"step": "metric level", "paper": "per image (their evaluate(): one score per image)",
+     "suite": "per image and per study (mean of its views), both with a 95% bootstrap interval",
+     "why": "MURA labels studies; image level is kept to compare with theirs"},
+    {"step": "uncertainty", "paper": "+- the SD over 4 seeds (run_params.py random_seed)",
+     "suite": "95% bootstrap interval of one run; with `seeds`, also mean +- SD over seeds (own split each)",
+     "why": "the interval covers the test sample; the SD only the training's randomness"},
+    {"step": "model selection", "paper": "the last epoch, evaluated on test (train.py)",
+     "suite": "best.pt by validation ROC-AUC; the heatmap gallery's run chosen on validation",
+     "why": "nothing chosen on the test set"},
+])
+RECIPE_SETTINGS = ("architecture", "epochs", "batch_size", "lr", "gan_lr", "d_lr", "code_lr", "gan_latent",
+                   "vae_latent", "vae_loss", "kld_weight", "recon_weight", "label_noise", "masked_loss",
+                   "masked_scores", "smooth_l1", "hflip", "vflip", "rotation_degrees", "scale_range",
+                   "intensity_range", "augment_p", "hand_crop", "minmax")
+
+
+def recipe_settings(recipe: str, model: str) -> dict:
+    """Every setting the recipe fixes for this model (the others' settings at the suite's values)."""
+    if recipe not in ANOMALY_RECIPES:
+        raise ValueError(f"recipe must be one of {list(ANOMALY_RECIPES)}, got {recipe!r}")
+    if model not in ANOMALY_MODELS:
+        raise ValueError(f"model must be one of {ANOMALY_MODELS}, got {model!r}")
+    suite = ANOMALY_RECIPES["suite"]
+    base = {**suite["common"], **{k: v for m in ANOMALY_MODELS for k, v in suite[m].items()}}
+    chosen = ANOMALY_RECIPES[recipe]
+    return {**base, **chosen["common"], **chosen[model]}
+
+
+def recipe_deviations() -> pd.DataFrame:
+    """Every setting where the paper's recipe and the suite's differ, per model, with the suite's reason; then the
+    pipeline's differences that are not settings (PIPELINE_DIFFERENCES). Generated from ANOMALY_RECIPES."""
+    rows = []
+    for model in ANOMALY_MODELS:
+        paper, suite = recipe_settings("paper", model), recipe_settings("suite", model)
+        for key in RECIPE_SETTINGS:
+            if model in RECIPE_SETTING_MODELS.get(key, ANOMALY_MODELS) and paper[key] != suite[key]:
+                shown = {r: ARCHITECTURES[model, v[key]] if key == "architecture" else v[key]
+                         for r, v in (("paper", paper), ("suite", suite))}
+                rows.append({"model": ANOMALY_MODEL_NAMES[model], "setting": key, **shown,
+                             "why": RECIPE_REASONS.get((model, key), RECIPE_REASONS.get(key, ""))})
+    settings = pd.DataFrame(rows)
+    pipeline = PIPELINE_DIFFERENCES.rename(columns={"step": "setting"}).assign(model="all")
+    return pd.concat([settings, pipeline], ignore_index=True)[["model", "setting", "paper", "suite", "why"]]
+
+
 ANOMALY_RESUME_MUST_MATCH = ("model", "variant", "body_part", "image_size", "splits", "batch_size", "lr",
                              "kld_weight", "gan_latent", "gan_lr", "recon_weight", "top_k", "hflip",
                              "rotation_degrees", "scale_range", "intensity_range", "select_score", "seed",
-                             "split_seed")
+                             "split_seed", "recipe", *(k for k in RECIPE_SETTINGS if k != "epochs"))
 
 
 @dataclass
@@ -3883,18 +4299,34 @@ class AnomalyConfig:
     phantom_image_size: int = 512
     phantom_seed: int = 0  # the phantom's own seed (not the training seed: runs of several seeds share the data)
     image_size: int = 512  # the paper: 512 for the autoencoders and DCGAN, 128 for BiGAN and alpha-GAN
-    batch_size: int = 16
-    epochs: int = 20
-    lr: float = 5e-4
-    kld_weight: float = 1.0  # VAE: loss = L_M + kld_weight * KLD / pixels
-    gan_latent: int = 128  # the GANs' latent code size
-    gan_lr: float = 2e-4  # the GANs' Adam learning rate (betas 0.5, 0.999, as DCGAN)
-    recon_weight: float = 10.0  # alpha-GAN: weight of the masked L1 reconstruction loss beside the adversarial ones
+    recipe: str = "suite"  # "suite" (ours) or "paper" (their code): fills every setting below left None
+    # (ANOMALY_RECIPES; recipe_deviations() lists the differences and why)
+    architecture: str | None = None  # "suite" (the paper's figures, ours) or "paper" (their code's networks)
+    batch_size: int | None = None
+    epochs: int | None = None
+    lr: float | None = None  # the autoencoders' Adam learning rate
+    kld_weight: float | None = None  # VAE: loss = reconstruction + kld_weight * KLD / pixels
+    vae_latent: int | None = None  # the VAE's latent size
+    vae_loss: str | None = None  # VAE reconstruction loss: "mse" (the paper's L_M) or "bce" (their code)
+    masked_loss: bool | None = None  # reconstruction losses inside the hand mask (else over the whole view)
+    masked_scores: bool | None = None  # reconstruction scores inside the hand mask
+    smooth_l1: bool | None = None  # the "l1" scores as smooth L1 (their VAE's loss_L_one)
+    gan_latent: int | None = None  # the GANs' latent code size
+    gan_lr: float | None = None  # the GANs' generating side's Adam learning rate (betas 0.5, 0.999, as DCGAN)
+    d_lr: float | None = None  # ... and the discriminator's
+    code_lr: float | None = None  # alpha-GAN's code discriminator's
+    recon_weight: float | None = None  # alpha-GAN: weight of the L1 reconstruction loss beside the adversarial ones
+    label_noise: float | None = None  # DCGAN "paper": their inverted soft labels' width (0: plain labels)
     top_k: int = 200
-    hflip: bool = True
-    rotation_degrees: float = 10.0
-    scale_range: tuple[float, float] = (0.9, 1.1)
-    intensity_range: tuple[float, float] = (0.9, 1.1)
+    hflip: bool | None = None
+    vflip: bool | None = None
+    rotation_degrees: float | None = None
+    scale_range: tuple[float, float] | None = None
+    intensity_range: tuple[float, float] | None = None
+    augment_p: float | None = None  # each of rotation, scale and intensity applied with this probability
+    hand_crop: bool | None = None  # crop/full variants: one crop per hand (its mask's component), view = max
+    minmax: bool | None = None  # per-image min-max scaling to [0, 1] (their MinMaxNormalization)
+    explicit: tuple[str, ...] = ()  # the recipe's settings given explicitly (filled in; the grid keeps only these)
     select_score: str | None = None  # best.pt by the validation ROC-AUC of this score (None: "mse" for the
     # autoencoders, "disc" for the GANs, whose discriminator gives the paper's GAN scores); the paper chose by ROC-AUC
     amp: str = "auto"
@@ -3907,7 +4339,14 @@ class AnomalyConfig:
     on_bad: str = "raise"  # "skip": leave bad files out, counted in a warning (mh.data_problems lists them)
 
     def __post_init__(self):
+        self.model = _choice_setting("AnomalyConfig", "model", self.model, ANOMALY_MODELS)  # the recipe reads it
+        self.explicit = tuple(self.explicit) or tuple(k for k in RECIPE_SETTINGS if getattr(self, k) is not None)
+        for key, value in recipe_settings(self.recipe, self.model).items():  # the recipe fills what is not given
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         _validate_anomaly_config(self)
+        self.splits, self.scale_range = tuple(self.splits), tuple(self.scale_range)
+        self.intensity_range = tuple(self.intensity_range)
         preprocess_variants(self.image_size, [self.variant])  # validates the name
         if self.model not in ANOMALY_MODELS:
             raise ValueError(f"AnomalyConfig.model must be one of {ANOMALY_MODELS}, got {self.model!r}")
@@ -3976,37 +4415,129 @@ class AnomalyViewBatches:
         return torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(batch)
 
 
+def hand_boxes(mask: np.ndarray, min_share: float = 0.05) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes (x0, y0, x1, y1) of a hand mask's connected components, one per hand, largest first;
+    components under `min_share` of the mask's area (specks) are left out."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel())[1:]
+    slices = ndimage.find_objects(labels)
+    return [(slices[i][1].start, slices[i][0].start, slices[i][1].stop, slices[i][0].stop)
+            for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_share * sizes.sum()]
+
+
+def _hand_crop_chunk(task: tuple) -> int:
+    """Cut a chunk of views' hand crops into the crop arrays (runs in a worker process)."""
+    folder, views, masks, jobs = task
+    images, crop_masks, affines = (np.load(folder / f"{n}.npy", mmap_mode="r+") for n in ("images", "masks",
+                                                                                           "affines"))
+    view_images, view_masks = np.load(views, mmap_mode="r"), np.load(masks, mmap_mode="r")
+    view_affines = np.load(Path(views).with_name("affines.npy"), mmap_mode="r")
+    size = view_images.shape[1]
+    for row, view_row, (x0, y0, x1, y1) in jobs:
+        affine = _square_affine(None, (((x0 + x1) / 2, (y0 + y1) / 2), (x1 - x0, y1 - y0), 0.0), size)
+        images[row] = _warp(np.ascontiguousarray(view_images[view_row]), affine, size)
+        crop_masks[row] = _warp(np.ascontiguousarray(view_masks[view_row]), affine, size, order=0)
+        affines[row] = (np.vstack([affine, [0, 0, 1]]) @ np.vstack([view_affines[view_row], [0, 0, 1]]))[:2]
+    for a in (images, crop_masks, affines):
+        a.flush()
+    return len(jobs)
+
+
+def build_hand_crops(cache: AnomalyCache, hands: AnomalyCache, progress: bool = True) -> AnomalyCache:
+    """Their hand crop, from our masks: one crop per hand (each connected component of the view's hand mask in
+    `hands`, a segmented cache of the same views and geometry), its bounding box fitted into the square and padded,
+    cut from `cache`'s view and mask. Returns a cache with one row per crop (image_paths: each crop's view; a view
+    without a hand has no crop); affines map the original view onto each crop. Kept on disk beside `cache`."""
+    jobs, paths = [], []
+    for view_row, path in enumerate(cache.image_paths):
+        for box in hand_boxes(hands.masks[hands.row_of[path]]):
+            jobs.append((len(jobs), view_row, box))
+            paths.append(path)
+    stamp = hashlib.sha1(json.dumps([hands.folder.name, [list(map(int, j[2])) for j in jobs]]).encode()).hexdigest()
+    folder = cache.folder.with_name(f"{cache.folder.name}_hands_{stamp[:10]}")
+    if not (folder / "affines.npy").is_file():
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        s = cache.cfg.size
+        for name, shape, dtype in (("images", (len(jobs), s, s), np.uint8), ("masks", (len(jobs), s, s), np.uint8),
+                                   ("affines", (len(jobs), 2, 3), np.float32)):
+            np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+        tasks = [(tmp, cache.folder / "images.npy", cache.folder / "masks.npy", jobs[i:i + 64])
+                 for i in range(0, len(jobs), 64)]
+        try:
+            _run_tasks(_hand_crop_chunk, tasks, f"hand crops ({cache.cfg.name})", progress, None,
+                       [len(t[3]) for t in tasks])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    return AnomalyCache(folder, paths, cache.cfg)
+
+
 def prepare_anomaly_data(cfg: AnomalyConfig, progress: bool = True, state: dict | None = None) -> dict:
     """Studies with their train/val/test subset (Davletshina et al.'s split), one row per view, and the cache (for a
-    resume: of the same data as its checkpoint `state`, else an error)."""
+    resume: of the same data as its checkpoint `state`, else an error); with cfg.hand_crop on a cropped variant, one
+    row per hand crop (its 'cache_row' in the crop cache), views without a hand left out and counted in a warning
+    (data['no_hand'])."""
     root = config_data_root(cfg)
     studies = pd.concat([load_studies(root, s, cfg.body_part, on_bad=cfg.on_bad) for s in cfg.splits],
                         ignore_index=True)
-    data = _data_record(root, studies)
-    _check_same_data(state, data, Path(cfg.output_dir) / "checkpoints" / "last.pt")
+    record = _data_record(root, studies)
+    _check_same_data(state, record, Path(cfg.output_dir) / "checkpoints" / "last.pt")
     studies = anomaly_split(studies, cfg.split_seed)
     images = studies_to_images(studies)
     pre = preprocess_variants(cfg.image_size, [cfg.variant])[cfg.variant]
     cache = build_anomaly_cache(images["image_path"], pre, cfg.cache_dir, progress=progress)
-    return {"root": root, "studies": studies, "images": images, "cache": cache, "data": data}
+    data = {"root": root, "studies": studies, "images": images, "cache": cache, "data": record, "no_hand": []}
+    if cfg.hand_crop and pre.crop:
+        hands = cache if pre.segment else build_anomaly_cache(
+            images["image_path"], replace(pre, segment=True, equalize=None), cfg.cache_dir, progress=progress)
+        crops = build_hand_crops(cache, hands, progress)
+        rows = pd.DataFrame({"image_path": crops.image_paths, "cache_row": np.arange(len(crops.image_paths))})
+        data["no_hand"] = sorted(set(images["image_path"]) - set(rows["image_path"]))
+        if data["no_hand"]:
+            warnings.warn(f"{len(data['no_hand'])} of {len(images)} views have no hand in their mask: left out of "
+                          f"the hand crops (data['no_hand'] lists them)", stacklevel=2)
+        data.update(view_cache=cache, cache=crops, images=images.merge(rows, on="image_path"))
+    return data
 
 
 def _anomaly_loader(cache: AnomalyCache, images: pd.DataFrame, batch_size: int, num_workers: int, pin: bool):
     """A DataLoader of whole batches of preprocessed views (re-shuffle via loader.sampler.batches)."""
     sampler = EpochBatches()
     sampler.batches = epoch_batches(len(images), batch_size, False, 0, 0)
-    return DataLoader(AnomalyViewBatches(cache, cache.rows(images["image_path"])), sampler=sampler, batch_size=None,
+    rows = images["cache_row"].to_numpy() if "cache_row" in images else cache.rows(images["image_path"])
+    return DataLoader(AnomalyViewBatches(cache, rows), sampler=sampler, batch_size=None,
                       num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
                       generator=torch.Generator())  # its own: starting workers leaves the VAE's noise alone
 
 
 def augment_views_and_masks(x, m, generator, cfg: AnomalyConfig):
-    """The online augmentation, per sample: flip, rotation and scale applied alike to view and mask; intensity."""
-    both = gpu_augment(torch.cat([x, m], 1), generator, cfg.rotation_degrees, cfg.hflip, cfg.scale_range)
+    """The online augmentation, per sample: flips, rotation and scale applied alike to view and mask; intensity;
+    rotation, scale and intensity each with probability cfg.augment_p."""
+    both = gpu_augment(torch.cat([x, m], 1), generator, cfg.rotation_degrees, cfg.hflip, cfg.scale_range, cfg.vflip,
+                       cfg.augment_p)
     x, m = both[:, :1], (both[:, 1:] > 0.5).float()
     lo, hi = cfg.intensity_range
     gain = lo + (hi - lo) * torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device)
+    if cfg.augment_p < 1:
+        keep = torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device) >= cfg.augment_p
+        gain = torch.where(keep, 1.0, gain)
     return (x * gain).clamp(0, 1), m
+
+
+def anomaly_inputs(views, masks, device, cfg: AnomalyConfig):
+    """uint8 views and masks (B, 1, S, S) -> float views in [0, 1] (per-image min-max scaled when cfg.minmax, as
+    their MinMaxNormalization) and float masks, on `device`."""
+    x = views.to(device, non_blocking=True).float() / 255
+    if cfg.minmax:
+        low = x.amin((1, 2, 3), keepdim=True)
+        x = (x - low) / (x.amax((1, 2, 3), keepdim=True) - low).clamp_min(1e-6)
+    return x, masks.to(device, non_blocking=True).float()
 
 
 SCORE_ID_COLUMNS = ("image_path", "study_path", "patient", "label", "subset")  # a score table's non-scores
@@ -4014,23 +4545,32 @@ SCORE_ID_COLUMNS = ("image_path", "study_path", "patient", "label", "subset")  #
 
 def evaluate_anomaly(model, cache: AnomalyCache, images: pd.DataFrame, cfg: AnomalyConfig, device,
                      progress: bool = False) -> pd.DataFrame:
-    """Every score for every view of `images` (no augmentation), with the view's study, label and subset."""
+    """Every score for every view of `images` (no augmentation), with the view's study, label and subset; for hand
+    crops (images with 'cache_row'), a view's score is the maximum over its crops."""
     model.eval()
     dtype = amp_dtype(cfg.amp, device)
     loader = _anomaly_loader(cache, images, cfg.batch_size, 0, False)
     columns, index = {}, []
     with torch.inference_mode():
         for views, masks, idx in tqdm(loader, desc="scoring", leave=False, disable=not progress):
-            x, m = views.to(device).float() / 255, masks.to(device).float()
+            x, m = anomaly_inputs(views, masks, device, cfg)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out = model(x)
-            for k, v in reconstruction_scores(x, out, m, cfg.top_k, cfg.kld_weight).items():
+            m = m if cfg.masked_scores else torch.ones_like(m)
+            for k, v in reconstruction_scores(x, out, m, cfg.top_k, cfg.kld_weight, cfg.smooth_l1).items():
                 columns.setdefault(k, []).append(v.float().cpu())
             index.append(idx)
     order = torch.cat(index).numpy()
     scores = pd.DataFrame({k: torch.cat(v).numpy() for k, v in columns.items()})
     keep = [c for c in SCORE_ID_COLUMNS if c in images.columns]
-    return _without_empty_masks(pd.concat([images.iloc[order][keep].reset_index(drop=True), scores], axis=1), cache)
+    scores = pd.concat([images.iloc[order][keep].reset_index(drop=True), scores], axis=1)
+    if "cache_row" in images:  # hand crops: a view is as abnormal as its most abnormal hand (every crop holds a
+        names = [c for c in scores.columns if c not in SCORE_ID_COLUMNS]  # hand: views without one were left out)
+        scores = scores.groupby("image_path", sort=False).agg(
+            {**{c: "first" for c in keep if c != "image_path"}, **dict.fromkeys(names, "max")}).reset_index()
+        scores.attrs["empty_masks"] = []
+        return scores
+    return _without_empty_masks(scores, cache)
 
 
 def _without_empty_masks(scores: pd.DataFrame, cache: AnomalyCache) -> pd.DataFrame:
@@ -4095,19 +4635,36 @@ def reference_anomaly_scores(cache: AnomalyCache, images: pd.DataFrame, train_im
                                 cache)
 
 
+def anomaly_model_for(cfg: AnomalyConfig) -> torch.nn.Module:
+    """The network a config trains (its model, size, architecture and latent sizes)."""
+    return build_anomaly_model(cfg.model, cfg.image_size, cfg.gan_latent, cfg.architecture, cfg.vae_latent)
+
+
 def anomaly_optimizers(model, cfg: AnomalyConfig, device) -> dict:
-    """Adam for an autoencoder ({'model'}); for a GAN one per side ({'discriminator', 'generator'}, betas 0.5/0.999)."""
+    """Adam for an autoencoder ({'model'}); for a GAN one per side ({'discriminator', 'generator'}, betas 0.5/0.999,
+    D at d_lr); their alpha-GAN has four: also 'encoder' (gan_lr) and 'code_discriminator' (code_lr)."""
+    if isinstance(model, PaperGAN):
+        lrs = {"discriminator": cfg.d_lr, "generator": cfg.gan_lr, "encoder": cfg.gan_lr,
+               "code_discriminator": cfg.code_lr}
+        return {name: build_optimizer(params, lrs[name], device, (0.5, 0.999))
+                for name, params in model.parameter_groups().items()}
     if cfg.model in GAN_MODELS:
-        return {"discriminator": build_optimizer(model.discriminator_parameters(), cfg.gan_lr, device, (0.5, 0.999)),
+        return {"discriminator": build_optimizer(model.discriminator_parameters(), cfg.d_lr, device, (0.5, 0.999)),
                 "generator": build_optimizer(model.generator_parameters(), cfg.gan_lr, device, (0.5, 0.999))}
     return {"model": build_optimizer(model.parameters(), cfg.lr, device)}
 
 
-def autoencoder_step(model, x, mask, optimizer, scaler, dtype, kld_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """One training step of an autoencoder: the masked loss L_M (plus kld_weight x KLD / pixels for the VAE)."""
+def autoencoder_step(model, x, mask, optimizer, scaler, dtype, kld_weight: float = 1.0,
+                     vae_loss: str = "mse") -> dict[str, torch.Tensor]:
+    """One training step of an autoencoder: the masked loss L_M (plus kld_weight x KLD / pixels for the VAE; with
+    vae_loss "bce", their VAE's binary cross-entropy in place of the MSE: pass an all-ones mask for theirs)."""
     with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         result = model(x)
-    loss = masked_mse(x, result["recon"], mask).mean()
+    if result["mu"] is not None and vae_loss == "bce":  # vaetorch.py loss(): BCE + KLD, both summed (per pixel here)
+        bce = F.binary_cross_entropy(result["recon"].float().clamp(1e-6, 1 - 1e-6), x.float(), reduction="none")
+        loss = ((bce * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)).mean()
+    else:
+        loss = masked_mse(x, result["recon"], mask).mean()
     if result["mu"] is not None:
         loss = loss + kld_weight * kl_divergence(result["mu"], result["logvar"]).mean() / x[0].numel()
     amp_step(loss, optimizer, scaler)
@@ -4132,7 +4689,7 @@ def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool = True) -> pd.DataF
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     seed_everything(cfg.seed)
-    model = build_anomaly_model(cfg.model, cfg.image_size, cfg.gan_latent).to(device)
+    model = anomaly_model_for(cfg).to(device)
     optimizers = anomaly_optimizers(model, cfg, device)
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -4157,13 +4714,15 @@ def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool = True) -> pd.DataF
         for step, (views, masks, _) in enumerate(loader):
             if step >= steps:
                 break
-            x = views.to(device, non_blocking=True).float() / 255
-            m = masks.to(device, non_blocking=True).float()
-            x, m = augment_views_and_masks(x, m, generator, cfg)
-            if cfg.model in GAN_MODELS:
-                losses = gan_step(model, x, m, optimizers, scaler, dtype, generator, cfg.recon_weight)
+            x, m = augment_views_and_masks(*anomaly_inputs(views, masks, device, cfg), generator, cfg)
+            if isinstance(model, PaperGAN):
+                losses = paper_gan_step(model, x, optimizers, scaler, dtype, generator, cfg)
+            elif cfg.model in GAN_MODELS:
+                losses = gan_step(model, x, m, optimizers, scaler, dtype, generator, cfg.recon_weight,
+                                  cfg.masked_loss)
             else:
-                losses = autoencoder_step(model, x, m, optimizers["model"], scaler, dtype, cfg.kld_weight)
+                losses = autoencoder_step(model, x, m if cfg.masked_loss else torch.ones_like(m), optimizers["model"],
+                                          scaler, dtype, cfg.kld_weight, cfg.vae_loss)
             for name, value in losses.items():
                 loss_sums[name] = loss_sums.get(name, 0) + value * len(x)
             n_seen += len(x)
@@ -4196,24 +4755,25 @@ def load_anomaly_model(path: str | os.PathLike, device: str = "cpu"):
     """Load an unsupervised checkpoint (weights_only, its digest checked): (model in eval mode, its AnomalyConfig)."""
     state = load_state(path, "anomaly")
     cfg = _stored_config(AnomalyConfig, state, path)
-    model = build_anomaly_model(cfg.model, cfg.image_size, cfg.gan_latent)
+    model = anomaly_model_for(cfg)
     model.load_state_dict(state["model"])
     return model.to(resolve_device(device)).eval(), cfg
 
 
 def anomaly_heatmaps(model, cache: AnomalyCache, image_paths: Sequence[str], device: str = "auto",
-                     sigma: float = 2.0, batch_size: int = 16) -> list[dict]:
+                     sigma: float = 2.0, batch_size: int = 16, cfg: AnomalyConfig | None = None) -> list[dict]:
     """Per view: the preprocessed image, its masked squared reconstruction error (smoothed, scaled to [0, 1]),
-    and its masked-MSE score, in the format of plot_heatmaps and heatmap_localisation; in batches."""
+    and its masked-MSE score, in the format of plot_heatmaps and heatmap_localisation; in batches. `cfg`: the
+    run's config, for its input scaling (min-max)."""
     if len(image_paths) == 0:
         return []
     if len(image_paths) > batch_size:
         return [h for i in range(0, len(image_paths), batch_size)
-                for h in anomaly_heatmaps(model, cache, image_paths[i:i + batch_size], device, sigma, batch_size)]
+                for h in anomaly_heatmaps(model, cache, image_paths[i:i + batch_size], device, sigma, batch_size, cfg)]
     dev = resolve_device(device)
     rows = cache.rows(image_paths)
-    x = torch.from_numpy(cache.images[rows][:, None].astype(np.float32) / 255).to(dev)
-    m = torch.from_numpy(cache.masks[rows][:, None].astype(np.float32)).to(dev)
+    x, m = anomaly_inputs(torch.from_numpy(cache.images[rows][:, None]), torch.from_numpy(cache.masks[rows][:, None]),
+                          dev, cfg or AnomalyConfig(image_size=cache.cfg.size))
     with torch.inference_mode():
         out = model.to(dev).eval()(x)
     if out["recon"] is None:
@@ -4271,52 +4831,135 @@ def anomaly_grid_names(models, variants) -> tuple[tuple[str, ...], tuple[str, ..
             _names_setting("run_anomaly_grid", "variants", variants, every_variant))
 
 
+def _grid_config(base: AnomalyConfig, **changes) -> AnomalyConfig:
+    """A run of the grid: base's settings with `changes`; the recipe's settings that base did not give explicitly
+    are taken afresh from the (possibly other) model's and recipe's preset."""
+    fresh = {k: None for k in RECIPE_SETTINGS if k not in base.explicit}
+    return AnomalyConfig(**{**_config_dict(base), **fresh, "explicit": (), **changes})
+
+
+def _level_metrics(scores: pd.DataFrame, val_scores: pd.DataFrame, seed: int, n_boot: int = 2000) -> pd.DataFrame:
+    """Test metrics per score at both levels (image, study), each with its bootstrap interval, and the validation
+    ROC-AUC at the same level ('val_roc_auc': what choices may use)."""
+    tables = []
+    for level in ("study", "image"):
+        test = anomaly_metrics(scores, level, n_boot, seed)
+        val = anomaly_metrics(val_scores, level, 0)["roc_auc"].rename("val_roc_auc")
+        tables.append(test.join(val).reset_index().assign(level=level))
+    return pd.concat(tables, ignore_index=True)
+
+
 def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Sequence[str],
-                     image_sizes: dict[str, int] | None = None, progress: bool = True) -> pd.DataFrame:
-    """Train (or resume) every model on every preprocessing variant and score each best checkpoint on the test
-    subset: one row per (model, variant, score) with study-level ROC-AUC (and its 95% bootstrap interval) and
-    average precision; per variant also the model-free scores of reference_anomaly_scores (model "no model"), the
-    floor a model must beat. Variant by variant, so that a grid cut short has scored every model on the first
-    variants. `image_sizes` sets a model's own size (the paper: {'bigan': 128, 'alphagan': 128}); the others take
-    base.image_size."""
+                     image_sizes: dict[str, int] | None = None, progress: bool = True,
+                     seeds: Sequence[int] | None = None, recipes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Train (or resume) every model on every preprocessing variant (and recipe, and seed) and score each best
+    checkpoint (kept on validation) on the test subset: one row per (recipe, model, variant, seed, level, score)
+    with test ROC-AUC (and its 95% bootstrap interval) and average precision at the image and the study level,
+    and the validation ROC-AUC ('val_roc_auc', for choosing); per variant also the model-free scores of
+    reference_anomaly_scores (model "no model"), the floor a model must beat. Variant by variant, so that a grid
+    cut short has scored every model on the first variants. `image_sizes` sets a model's own size (the paper:
+    {'bigan': 128, 'alphagan': 128}); the others take base.image_size. `seeds`: train each run once per seed, each
+    with its own split (split_seed = seed, as their 4 seeds); default base's seed and split. `recipes`: default
+    [base.recipe]; runs of other recipes than "suite" go to <model>_<variant>_<recipe>."""
     models, variants = anomaly_grid_names(models, variants)
+    recipes = list(recipes or [base.recipe])
+    several = seeds is not None and len(seeds) > 0
+    seeds = list(seeds) if several else [base.seed]
     rows = []
     for variant in variants:
-        for model in models:
-            cfg = AnomalyConfig(**{**_config_dict(base), "model": model, "variant": variant,
-                                   "image_size": (image_sizes or {}).get(model, base.image_size),
-                                   "output_dir": str(Path(base.output_dir) / f"{model}_{variant}")})
-            train_anomaly(cfg, progress)
-            net, _ = load_anomaly_model(Path(cfg.output_dir) / "checkpoints" / "best.pt", cfg.device)
+        for seed in seeds:
+            split_seed = seed if several else base.split_seed
+            for recipe in recipes:
+                for model in models:
+                    name = f"{model}_{variant}" + ("" if recipe == "suite" else f"_{recipe}") + \
+                        (f"_seed{seed}" if several else "")
+                    cfg = _grid_config(base, model=model, variant=variant, recipe=recipe, seed=seed,
+                                       split_seed=split_seed, output_dir=str(Path(base.output_dir) / name),
+                                       image_size=(image_sizes or {}).get(model, base.image_size))
+                    train_anomaly(cfg, progress)
+                    net, _ = load_anomaly_model(Path(cfg.output_dir) / "checkpoints" / "best.pt", cfg.device)
+                    data = prepare_anomaly_data(cfg, progress=False)
+                    images, device = data["images"], resolve_device(cfg.device)
+                    scores = evaluate_anomaly(net, data["cache"], images[images["subset"] == "test"], cfg, device)
+                    val = evaluate_anomaly(net, data["cache"], images[images["subset"] == "val"], cfg, device)
+                    scores.to_csv(Path(cfg.output_dir) / "test_scores.csv", index=False)
+                    val.to_csv(Path(cfg.output_dir) / "val_scores.csv", index=False)
+                    rows.append(_level_metrics(scores, val, cfg.seed).assign(
+                        model=ANOMALY_MODEL_NAMES[model], recipe=recipe, variant=variant, seed=seed,
+                        image_size=cfg.image_size, run_dir=cfg.output_dir,
+                        n_empty_masks=len(scores.attrs.get("empty_masks", []))))
+            # the floor: model-free scores on the suite's preprocessed views (whole views, no min-max)
+            cfg = _grid_config(base, variant=variant, seed=seed, split_seed=split_seed, recipe="suite")
             data = prepare_anomaly_data(cfg, progress=False)
-            test = data["images"][data["images"]["subset"] == "test"]
-            scores = evaluate_anomaly(net, data["cache"], test, cfg, resolve_device(cfg.device))
-            scores.to_csv(Path(cfg.output_dir) / "test_scores.csv", index=False)
-            metrics = anomaly_metrics(scores, seed=cfg.seed).reset_index()
-            rows.append(metrics.assign(model=ANOMALY_MODEL_NAMES[model], variant=variant, image_size=cfg.image_size,
-                                       run_dir=cfg.output_dir, n_empty_masks=len(scores.attrs["empty_masks"])))
-        images = data["images"]  # the floor: model-free scores, on the last model's preprocessed views
-        scores = reference_anomaly_scores(data["cache"], images[images["subset"] == "test"],
-                                          images[(images["subset"] == "train") & (images["label"] == 0)], cfg.top_k)
-        reference_dir = Path(base.output_dir) / f"{REFERENCE_MODEL.replace(' ', '_')}_{variant}"
-        reference_dir.mkdir(parents=True, exist_ok=True)
-        scores.to_csv(reference_dir / "test_scores.csv", index=False)
-        rows.append(anomaly_metrics(scores, seed=cfg.seed).reset_index().assign(
-            model=REFERENCE_MODEL, variant=variant, image_size=cfg.image_size, run_dir=str(reference_dir),
-            n_empty_masks=len(scores.attrs["empty_masks"])))
+            images = data["images"]
+            normal_train = images[(images["subset"] == "train") & (images["label"] == 0)]
+            scores, val = (reference_anomaly_scores(data["cache"], images[images["subset"] == subset], normal_train,
+                                                    cfg.top_k) for subset in ("test", "val"))
+            reference_dir = Path(base.output_dir) / (f"{REFERENCE_MODEL.replace(' ', '_')}_{variant}"
+                                                     + (f"_seed{seed}" if several else ""))
+            reference_dir.mkdir(parents=True, exist_ok=True)
+            scores.to_csv(reference_dir / "test_scores.csv", index=False)
+            rows.append(_level_metrics(scores, val, cfg.seed).assign(
+                model=REFERENCE_MODEL, recipe="-", variant=variant, seed=seed, image_size=cfg.image_size,
+                run_dir=str(reference_dir), n_empty_masks=len(scores.attrs.get("empty_masks", []))))
     return pd.concat(rows, ignore_index=True)
 
 
-def anomaly_results_table(results: pd.DataFrame, value: str = "roc_auc") -> pd.DataFrame:
-    """Pivot the grid's results: rows model x score, columns preprocessing variants (their Figure 11 layout);
-    value "roc_auc_ci" gives each ROC-AUC with its 95% bootstrap interval as text."""
+def _one_run_per_cell(results: pd.DataFrame, level: str) -> pd.DataFrame:
+    """The rows of one level and of the grid's first seed; models labelled with their recipe when several."""
+    results = results[(results["level"] == level) & (results["seed"] == results["seed"].iloc[0])]
+    if results.loc[results["model"] != REFERENCE_MODEL, "recipe"].nunique() > 1:
+        results = results.assign(model=[m if r == "-" else f"{m} ({r})" for m, r in results[["model", "recipe"]]
+                                        .to_numpy()])
+    return results
+
+
+def anomaly_results_table(results: pd.DataFrame, value: str = "roc_auc", level: str = "study") -> pd.DataFrame:
+    """Pivot the grid's results at one level ('study' or 'image'; the grid's first seed): rows model x score,
+    columns preprocessing variants (their Figure 11 layout); value "roc_auc_ci" gives each ROC-AUC with its 95%
+    bootstrap interval as text."""
     order = [v for v in preprocess_variants() if v in set(results["variant"])]
+    results = _one_run_per_cell(results, level)
     if value == "roc_auc_ci":
         results = results.assign(roc_auc_ci=[f"{a:.3f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in
                                              results[["roc_auc", "roc_auc_ci_low", "roc_auc_ci_high"]].to_numpy()])
     table = results.pivot_table(index=["model", "score"], columns="variant", values=value, aggfunc="first",
                                 sort=False)
     return table[order]
+
+
+def seed_summary(results: pd.DataFrame, level: str = "image") -> pd.DataFrame:
+    """Per recipe, model, variant and score: the test ROC-AUC's mean and SD over the grid's seeds (each with its own
+    split: their '±'), beside the first seed's ROC-AUC and 95% bootstrap interval (ours)."""
+    data = results[results["level"] == level]
+    keys = ["recipe", "model", "variant", "score"]
+    spread = data.groupby(keys, sort=False)["roc_auc"].agg(seeds_mean="mean", seeds_sd="std", n_seeds="count")
+    first = data[data["seed"] == data["seed"].iloc[0]].set_index(keys)[["roc_auc", "roc_auc_ci_low",
+                                                                         "roc_auc_ci_high"]]
+    return first.join(spread).reset_index()
+
+
+# which of our scores is theirs, per model, in PUBLISHED_ANOMALY_AUROC
+PUBLISHED_SCORE = {"CAE": "mse", "VAE": "kld", "DCGAN": "disc", "BiGAN": "disc", "alpha-GAN": "disc"}
+
+
+def published_comparison(results: pd.DataFrame) -> pd.DataFrame:
+    """Their published ROC-AUCs (real MURA, per image, mean over 4 seeds) beside ours at their level (image) on the
+    same model, score and variant, per recipe: our first seed's ROC-AUC with its 95% interval and, with several
+    seeds, mean +- SD. Ours are measured on this run's data (the phantom unless data_dir is MURA)."""
+    ours = seed_summary(results, "image")
+    rows = []
+    for pub in PUBLISHED_ANOMALY_AUROC.itertuples():
+        score = PUBLISHED_SCORE[pub.model]
+        for run in ours[(ours["model"] == pub.model) & (ours["variant"] == pub.variant) &
+                        (ours["score"] == score)].itertuples():
+            rows.append({"model": pub.model, "score": score, "variant": pub.variant, "level": "image",
+                         "published": pub.roc_auc, "recipe": run.recipe,
+                         "ours": f"{run.roc_auc:.3f} [{run.roc_auc_ci_low:.2f}, {run.roc_auc_ci_high:.2f}]",
+                         "ours_mean_sd": f"{run.seeds_mean:.3f} +- {run.seeds_sd:.3f} ({run.n_seeds} seeds)"
+                         if run.n_seeds > 1 else ""})
+    return pd.DataFrame(rows, columns=["model", "score", "variant", "level", "published", "recipe", "ours",
+                                       "ours_mean_sd"])
 
 
 def anomaly_findings_table(results: pd.DataFrame, findings: pd.DataFrame, variant: str | None = None) -> pd.DataFrame:
@@ -4357,6 +5000,51 @@ def plot_gan_samples(results: pd.DataFrame, n: int = 6, device: str = "auto", se
     return fig
 
 
+def plot_figure12(results: pd.DataFrame, n: int = 4, device: str = "auto", seed: int = 0):
+    """Their Figure 12 for this grid: per run with a reconstruction (the autoencoders, BiGAN and alpha-GAN) typical
+    test inputs (normal and abnormal alternating), their reconstructions and masked error maps; per GAN, views its
+    generator draws from random codes. The grid's first seed and variant."""
+    runs = results[(results["model"] != REFERENCE_MODEL) & (results["seed"] == results["seed"].iloc[0])
+                   & (results["variant"] == results["variant"].iloc[0])].drop_duplicates("run_dir")
+    panels = []  # (title, images, cmap)
+    for run in runs.itertuples():
+        net, cfg = load_anomaly_model(Path(run.run_dir) / "checkpoints" / "best.pt", device)
+        dev = next(net.parameters()).device
+        label = f"{run.model} ({cfg.recipe}, {run.variant})"
+        if run.model in [ANOMALY_MODEL_NAMES[m] for m in GAN_MODELS]:
+            z = torch.randn(n, cfg.gan_latent, generator=torch.Generator().manual_seed(seed))
+            with torch.inference_mode():
+                panels.append((f"{label}: samples G(z)", net.generator(z.to(dev))[:, 0].float().cpu().numpy(), "gray"))
+        if run.model == ANOMALY_MODEL_NAMES["dcgan"]:
+            continue
+        data = prepare_anomaly_data(cfg, progress=False)
+        test = data["images"][data["images"]["subset"] == "test"].drop_duplicates("image_path")
+        picks = pd.concat([test[test["label"] == k].sample(min(n - n // 2 if k == 0 else n // 2, (test["label"] == k)
+                                                                 .sum()), random_state=seed) for k in (0, 1)])
+        rows = picks["cache_row"].to_numpy() if "cache_row" in picks else data["cache"].rows(picks["image_path"])
+        x, m = anomaly_inputs(torch.from_numpy(data["cache"].images[rows][:, None]),
+                              torch.from_numpy(data["cache"].masks[rows][:, None]), dev, cfg)
+        with torch.inference_mode():
+            recon = net.eval()(x)["recon"].float()
+        error = ((x - recon) ** 2 * m)[:, 0].cpu().numpy()
+        kinds = ["normal" if k == 0 else "abnormal" for k in picks["label"]]
+        panels += [(f"{label}: inputs ({', '.join(kinds)})", x[:, 0].cpu().numpy(), "gray"),
+                   (f"{label}: reconstructions", recon[:, 0].cpu().numpy(), "gray"),
+                   (f"{label}: squared error in the mask", error, "inferno")]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), n, figsize=(1.9 * n, 2.1 * len(panels)), squeeze=False,
+                             layout="constrained")
+    for row, (title, images, cmap) in zip(axes, panels):
+        for ax in row:
+            ax.axis("off")
+        for ax, image in zip(row, images):
+            ax.imshow(image, cmap=cmap, **({"vmin": 0, "vmax": 1} if cmap == "gray" else {}))
+        row[0].set_title(title, fontsize=8, loc="left")
+    fig.suptitle("Inputs, reconstructions and error maps of each model; samples of each GAN (their Figure 12)")
+    return fig
+
+
 def plot_preprocessing(image_paths: Sequence[str], size: int = 256, variants: Sequence[str] = ("raw", "crop",
                        "full", "full+HE")):
     """Each view through the pipeline's variants side by side, with the hand mask."""
@@ -4379,19 +5067,29 @@ def plot_preprocessing(image_paths: Sequence[str], size: int = 256, variants: Se
     return fig
 
 
+def best_run(results: pd.DataFrame, score: str = "mse") -> pd.Series:
+    """The grid's run with the highest study-level VALIDATION ROC-AUC of `score` (test ROC-AUCs choose nothing)."""
+    runs = results[(results["score"] == score) & (results["level"] == "study")]
+    if runs.empty:
+        raise ValueError(f"no run of the grid gives the score {score!r}")
+    return runs.sort_values("val_roc_auc", ascending=False, na_position="last", kind="stable").iloc[0]
+
+
 def best_run_heatmaps(results: pd.DataFrame, score: str = "mse", n: int = 8, device: str = "auto") -> dict:
-    """For the grid's best run by `score`: error heatmaps of abnormal test views (those with ground truth on the
-    phantom), the boxes moved into the preprocessed frame, and their localisation scores over all such views."""
-    best = results[results["score"] == score].sort_values("roc_auc", ascending=False).iloc[0]
+    """For the grid's best run by `score`, chosen on VALIDATION (its study-level val_roc_auc; the test set chooses
+    nothing): error heatmaps of abnormal test views (those with ground truth on the phantom), the boxes moved into
+    the preprocessed frame (not for hand crops), and their localisation scores over all such views."""
+    best = best_run(results, score)
     net, cfg = load_anomaly_model(Path(best["run_dir"]) / "checkpoints" / "best.pt", device)
     data = prepare_anomaly_data(cfg, progress=False)
     images = data["images"]
     abnormal = images[(images["subset"] == "test") & (images["label"] == 1)]
     findings = phantom_boxes(data["root"])
-    boxes = transform_boxes(findings, data["cache"]) if findings is not None else None
+    boxes = transform_boxes(findings, data["cache"]) if findings is not None and "view_cache" not in data else None
     if boxes is not None:
         abnormal = abnormal[abnormal["image_path"].isin(boxes["image_file"])]
-    heatmaps = anomaly_heatmaps(net, data["cache"], list(abnormal["image_path"]), device) if len(abnormal) else []
+    heatmaps = anomaly_heatmaps(net, data["cache"], list(abnormal["image_path"]), device, cfg=cfg) \
+        if len(abnormal) else []
     localisation = heatmap_localisation(heatmaps, boxes) if boxes is not None and heatmaps else None
     return {"best": best, "heatmaps": heatmaps[:n], "boxes": boxes, "localisation": localisation}
 

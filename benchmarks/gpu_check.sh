@@ -13,6 +13,9 @@
 #   STEPS="phantoms 03_training 04_results benchmark" BUDGET=380 bash benchmarks/gpu_check.sh   # ~6 min
 #   STEPS="phantoms 06_anomaly_detection" BUDGET=420 bash benchmarks/gpu_check.sh               # ~7 min
 #   STEPS="phantoms benchmark_compile" BUDGET=300 bash benchmarks/gpu_check.sh                  # when time is left
+#   STEPS="phantoms 06_anomaly_paper" BUDGET=420 bash benchmarks/gpu_check.sh   # their recipe (not yet measured)
+# 06_anomaly_paper: notebook 06 with recipes [paper] (their code's networks, losses, batch sizes, learning rates,
+# hand crops and min-max scaling; ANOMALY_PAPER_EPOCHS epochs, not their 500-1000), into outputs/gpu/paper/.
 #
 # Measured on an H200 (2026-11-26): phantoms ~30 s; 03 ~45 s of cuDNN autotuning in its first epoch, then ~5 s an
 # epoch at batch 64 (the step is bound by the host's kernel launches, so batch 64 is nearly twice as fast as 32);
@@ -30,6 +33,7 @@ BUDGET=${BUDGET:-900}  # everything; a single device call allows 600 s: see the 
 if [ "${SMALL:-0}" = 1 ]; then
   : "${PATIENTS:=16}" "${PHANTOM_SIZE:=128}" "${IMAGE_SIZE:=64}" "${EPOCHS:=2}" "${BATCH:=8}"
   : "${ANOMALY_PATIENTS:=30}" "${ANOMALY_SIZE:=64}" "${GAN_SIZE:=32}" "${ANOMALY_EPOCHS:=1}" "${ANOMALY_BATCH:=8}"
+  : "${ANOMALY_PAPER_EPOCHS:=1}"
   BENCH_ARGS="--image-size 64 --steps 3 --seed-steps 3 --warmup 1"
   : "${BENCH_BATCHES:=8}" "${COMPILE_BATCHES:=8}"
 else
@@ -51,6 +55,7 @@ ANOMALY_BATCH=${ANOMALY_BATCH:-16}
 GAN_SIZE=${GAN_SIZE:-128}  # BiGAN and alpha-GAN (the paper); the autoencoders and DCGAN use ANOMALY_SIZE
 ANOMALY_MODELS=${ANOMALY_MODELS:-"[cae, vae, dcgan, bigan, alphagan]"}
 ANOMALY_VARIANTS=${ANOMALY_VARIANTS:-"[full+HE, full]"}  # the paper's best two; all six are 30 runs (~15 min)
+ANOMALY_PAPER_EPOCHS=${ANOMALY_PAPER_EPOCHS:-5}  # the paper recipe's step: their batch sizes and rates, few epochs
 
 PHANTOM=$REPO/data/phantom-gpu
 ANOMALY_PHANTOM=$REPO/data/phantom-gpu-anomaly
@@ -66,10 +71,12 @@ echo "step,seconds,exit_code" > "$OUTDIR/steps.csv"
 # the steps in order, with the seconds each needs on an H200 at the sizes above; a step may use the time left
 # minus what the wanted core steps after it need (the optional ones, benchmark_compile, 05, benchmark_fp16 and 02,
 # only take what is left)
-ORDER=(phantoms 03_training 04_results benchmark 06_anomaly_detection benchmark_compile 05_predict benchmark_fp16
-       02_pipeline_check)
-declare -A NEEDS=([phantoms]=35 [03_training]=190 [04_results]=30 [benchmark]=100 [06_anomaly_detection]=330)
-[ "${SMALL:-0}" = 1 ] && NEEDS=([phantoms]=10 [03_training]=30 [04_results]=15 [benchmark]=20 [06_anomaly_detection]=60)
+ORDER=(phantoms 03_training 04_results benchmark 06_anomaly_detection 06_anomaly_paper benchmark_compile 05_predict
+       benchmark_fp16 02_pipeline_check)
+declare -A NEEDS=([phantoms]=35 [03_training]=190 [04_results]=30 [benchmark]=100 [06_anomaly_detection]=330
+                  [06_anomaly_paper]=330)
+[ "${SMALL:-0}" = 1 ] && NEEDS=([phantoms]=10 [03_training]=30 [04_results]=15 [benchmark]=20 [06_anomaly_detection]=60
+                                [06_anomaly_paper]=90)
 wants() {  # is step $1 in STEPS? SMALL=1 runs benchmark_compile only when named (~5 min compiling on 2 CPU cores)
   case " ${STEPS:-all} " in *" $1 "*) return 0 ;; *" all "*) ;; *) return 1 ;; esac
   [ "${SMALL:-0}" != 1 ] || [ "$1" != benchmark_compile ]
@@ -104,7 +111,7 @@ PHANTOMS=()
 for s in 03_training 04_results benchmark benchmark_compile 05_predict benchmark_fp16 02_pipeline_check; do
   wants "$s" && { PHANTOMS=("$PHANTOM" "$PATIENTS"); break; }
 done
-wants 06_anomaly_detection && PHANTOMS+=("$ANOMALY_PHANTOM" "$ANOMALY_PATIENTS")
+{ wants 06_anomaly_detection || wants 06_anomaly_paper; } && PHANTOMS+=("$ANOMALY_PHANTOM" "$ANOMALY_PATIENTS")
 step phantoms 120 "$PY" -c "import os, sys, mura_helpers as mh
 for root, n in zip(sys.argv[2::2], sys.argv[3::2]):
     print(mh.ensure_phantom(root, n_patients=int(n), image_size=int(sys.argv[1]), workers=os.cpu_count(), progress=False))" \
@@ -113,7 +120,7 @@ for root, n in zip(sys.argv[2::2], sys.argv[3::2]):
 # the unsupervised path's preprocessing is CPU work: cache all six variants in the background while 03 and 04
 # use the GPU (same settings as notebook 06 below, so it finds them)
 PREPROCESS=
-if wants 06_anomaly_detection; then
+if wants 06_anomaly_detection || wants 06_anomaly_paper; then
   "$PY" - "$ANOMALY_PHANTOM" "$ANOMALY_PATIENTS" "$CACHE" "$PHANTOM_SIZE" "$ANOMALY_VARIANTS" "$ANOMALY_SIZE" \
     "$GAN_SIZE" > "$OUTDIR/anomaly_cache.log" 2>&1 <<'EOF' &
 import sys, time
@@ -146,6 +153,11 @@ step 06_anomaly_detection 600 "${PAPERMILL[@]}" notebooks/06_anomaly_detection.i
   -y "models: $ANOMALY_MODELS" -y "variants: $ANOMALY_VARIANTS" -p gan_image_size "$GAN_SIZE" \
   -p phantom_dir "$ANOMALY_PHANTOM" -p phantom_patients "$ANOMALY_PATIENTS" -p phantom_image_size "$PHANTOM_SIZE" \
   -p image_size "$ANOMALY_SIZE" -p epochs "$ANOMALY_EPOCHS" -p batch_size "$ANOMALY_BATCH" -p cache_dir "$CACHE"
+step 06_anomaly_paper 600 "${PAPERMILL[@]}" notebooks/06_anomaly_detection.ipynb "$OUTDIR/06_anomaly_paper.ipynb" \
+  -p output_dir "$OUTDIR/paper" -y "recipes: [paper]" -y "models: $ANOMALY_MODELS" -y "variants: $ANOMALY_VARIANTS" \
+  -p gan_image_size "$GAN_SIZE" -p phantom_dir "$ANOMALY_PHANTOM" -p phantom_patients "$ANOMALY_PATIENTS" \
+  -p phantom_image_size "$PHANTOM_SIZE" -p image_size "$ANOMALY_SIZE" -p epochs "$ANOMALY_PAPER_EPOCHS" \
+  -p cache_dir "$CACHE"
 step benchmark_compile 300 "$PY" benchmarks/train_throughput.py --data-dir "$PHANTOM" --cache-dir "$CACHE" \
   --compile reduce-overhead --seed-steps 10 --json "$OUTDIR/benchmark_train_throughput_compiled.json" $BENCH_ARGS \
   --batch-size "$COMPILE_BATCHES"
@@ -158,7 +170,8 @@ step 02_pipeline_check 40 "${PAPERMILL[@]}" notebooks/02_pipeline_check.ipynb "$
   -p phantom_image_size "$PHANTOM_SIZE" -p image_size "$IMAGE_SIZE" -p cache_dir "$CACHE"
 
 echo "== steps"; cat "$OUTDIR/steps.csv"; echo "total $(( $(date +%s) - START )) s"
-for f in training_summary.json metrics.json anomaly_metrics.json benchmark_train_throughput*.json; do
+for f in training_summary.json metrics.json anomaly_metrics.json paper/anomaly_metrics.json \
+         benchmark_train_throughput*.json; do
   [ -f "$OUTDIR/$f" ] && { echo "== $f"; head -c 1500 "$OUTDIR/$f"; echo; }
 done
 if [ -n "${OUT:-}" ]; then  # the device tool's result folder: two archives, the log, best.pt's weights in parts

@@ -1,5 +1,6 @@
 """The unsupervised path: preprocessing (crop, mask, HE), the split, the autoencoders, masked losses and scores."""
 
+import json
 import math
 from pathlib import Path
 
@@ -444,3 +445,204 @@ def test_metrics_per_study_and_per_image():
     assert study.loc["mse", "roc_auc"] == 1.0 and study.loc["mse", "n"] == 3  # study a: mean 0.5 beats 0.3, 0.2
     image = mh.anomaly_metrics(scores, level="image")
     assert image.loc["mse", "roc_auc"] == 0.5 and image.loc["mse", "n"] == 4
+
+
+# ---------------------------------------------------------------- recipes: theirs ("paper") and ours ("suite")
+
+def test_recipes_fill_what_is_not_given_and_explicit_values_win():
+    cae = mh.AnomalyConfig(model="cae", recipe="paper", image_size=64)
+    assert (cae.epochs, cae.batch_size, cae.lr) == (1000, 32, 1e-4)  # run_params.py BaselineAutoencoder
+    assert cae.vflip and cae.rotation_degrees == 20 and cae.scale_range == (0.8, 1.2) and cae.augment_p == 0.5
+    assert cae.hand_crop and cae.minmax and cae.architecture == "paper"
+    suite = mh.AnomalyConfig(model="cae", image_size=64)
+    assert (suite.epochs, suite.batch_size, suite.lr, suite.vflip, suite.hand_crop) == (20, 16, 5e-4, False, False)
+    mine = mh.AnomalyConfig(model="dcgan", recipe="paper", image_size=64, batch_size=4, gan_lr=3e-3)
+    assert (mine.batch_size, mine.gan_lr, mine.d_lr, mine.gan_latent) == (4, 3e-3, 1e-5, 2048)
+    assert set(mine.explicit) == {"batch_size", "gan_lr"}
+    again = mh._grid_config(mine, model="bigan")  # the grid: another model takes its own preset, keeps the given
+    assert (again.batch_size, again.gan_lr, again.d_lr, again.gan_latent) == (4, 3e-3, 1e-5, 100)
+    assert mh._grid_config(suite, model="dcgan", recipe="paper").batch_size == 80
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        mh.AnomalyConfig(recipe="theirs")
+
+
+def test_paper_autoencoders_are_their_code():
+    suite = mh.build_anomaly_model("cae", 64)
+    paper = mh.build_anomaly_model("cae", 64, architecture="paper")
+    deconv = [m for m in paper.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(m.kernel_size, m.stride) for m in deconv] == [((4, 4), (2, 2))] * 5 + [((3, 3), (1, 1))]
+    assert [type(m) for m in list(paper.decoder)[-2:]] == [torch.nn.ReLU, torch.nn.Tanh]  # ReLU, then Tanh
+    assert not any(type(m) is torch.nn.Conv2d for m in paper.decoder.modules())
+    assert sum(type(m) is torch.nn.Conv2d for m in suite.decoder.modules()) == 5  # four 3x3 blocks + the last
+    assert isinstance(list(suite.decoder)[-1], torch.nn.Sigmoid)
+    assert str(paper.encoder) == str(suite.encoder)  # the encoder matches
+    vae = mh.build_anomaly_model("vae", 128, architecture="paper", vae_latent=2048)
+    with torch.no_grad():
+        h = vae.encoder(torch.zeros(1, 1, 128, 128))
+    assert h.shape == (1, 512, 6, 6) and vae.fc_mu.in_features == 512 * 36 and vae.fc_mu.out_features == 2048
+    assert mh.VariationalAutoencoder(512, 8, bottom=6).fc_mu.in_features == 18432  # their h_dim at 512 px
+    vae_cfg = mh.AnomalyConfig(model="vae", recipe="paper", image_size=128)
+    assert (vae_cfg.vae_loss, vae_cfg.masked_loss, vae_cfg.masked_scores, vae_cfg.smooth_l1) == ("bce", False,
+                                                                                                  False, True)
+    assert mh.AnomalyConfig(model="vae", image_size=128).vae_loss == "mse"
+
+
+def test_their_vae_loss_is_bce_plus_kld():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return {"recon": torch.full_like(x, 0.25) + 0 * self.w, "mu": torch.ones(len(x), 3) * self.w,
+                    "logvar": torch.zeros(len(x), 3)}
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+    x = torch.zeros(2, 1, 4, 4)
+    x[:, :, :2] = 1
+    opt = torch.optim.SGD(Fixed().parameters(), lr=0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss = mh.autoencoder_step(Fixed(), x, torch.ones_like(x), opt, scaler, None, 1.0, "bce")["loss"]
+    bce = (-math.log(0.25) - math.log(0.75)) / 2  # half the pixels 1, half 0, against 0.25
+    assert float(loss) == pytest.approx(bce + 0.5 * 3 / 16, rel=1e-5)  # KLD of mu=1: 0.5 per dim, per pixel
+    mse = mh.autoencoder_step(Fixed(), x, torch.ones_like(x), opt, scaler, None, 1.0, "mse")["loss"]
+    assert float(mse) == pytest.approx((0.75**2 + 0.25**2) / 2 + 0.5 * 3 / 16, rel=1e-5)
+
+
+def test_smooth_l1_scores_rank_as_the_mse():
+    x, recon = torch.rand(5, 1, 8, 8), torch.rand(5, 1, 8, 8)
+    m = torch.ones_like(x)
+    smooth = mh.reconstruction_scores(x, {"recon": recon, "mu": None, "logvar": None}, m, smooth_l1=True)
+    assert smooth["l1"].numpy() == pytest.approx(smooth["mse"].numpy() / 2)  # errors below 1: 0.5 d^2
+
+
+def test_paper_gans_are_their_code():
+    dcgan = mh.build_anomaly_model("dcgan", 64, 2048, "paper")
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, mh.MinibatchDiscrimination)) for m in dcgan.modules())
+    convs = [m for m in dcgan.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert all(torch.nn.utils.parametrize.is_parametrized(m, "weight") for m in convs)  # spectral norm on each
+    assert any(isinstance(m, torch.nn.ReLU) for m in dcgan.critic) and dcgan.generator[1].in_channels == 2048
+    suite = mh.build_anomaly_model("dcgan", 64)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in suite.modules()) and hasattr(suite, "minibatch")
+    for kind in ("bigan", "alphagan"):
+        net = mh.build_anomaly_model(kind, 128, 100, "paper")
+        attention = {name.split(".")[0] for name, m in net.named_modules() if isinstance(m, mh.SelfAttention)}
+        assert attention == {"encoder", "critic", "generator"}
+        assert sum(isinstance(m, mh.SelfAttention) for m in net.generator.modules()) == 2
+        assert not any(isinstance(m, mh.SelfAttention) for m in mh.build_anomaly_model(kind, 128).modules())
+    bigan = mh.build_anomaly_model("bigan", 128, 100, "paper")
+    assert bigan.head[0].in_channels == 1536  # their infer_joint: 1024 image features + 512 code features
+    alpha = mh.build_anomaly_model("alphagan", 32, 100, "paper").eval()  # (spectral norm iterates in training)
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(alpha.encode(x), alpha.encode(x))  # scoring: the mean
+        assert not torch.equal(alpha.encode(x, sample=True), alpha.encode(x, sample=True))  # training: stochastic
+    assert [m.out_features for m in alpha.code_critic if isinstance(m, torch.nn.Linear)] == [50, 25, 12, 1]
+    cfg = mh.AnomalyConfig(model="alphagan", recipe="paper", image_size=32)
+    lrs = {k: o.param_groups[0]["lr"] for k, o in mh.anomaly_optimizers(alpha, cfg, torch.device("cpu")).items()}
+    assert lrs == {"discriminator": 1e-5, "generator": 1e-3, "encoder": 1e-3, "code_discriminator": 1e-5}
+    assert (cfg.recon_weight, cfg.masked_loss, cfg.batch_size, cfg.gan_latent) == (0.01, False, 15, 100)
+    assert mh.AnomalyConfig(model="alphagan", image_size=32).recon_weight == 10.0
+    assert mh.AnomalyConfig(model="bigan", recipe="paper", image_size=32).batch_size == 18
+    dc = mh.AnomalyConfig(model="dcgan", recipe="paper", image_size=64)
+    assert (dc.batch_size, dc.gan_lr, dc.d_lr, dc.label_noise, dc.rotation_degrees) == (80, 1e-3, 1e-5, 0.01, 0)
+
+
+@pytest.mark.parametrize("kind", mh.GAN_MODELS)
+def test_a_paper_gan_step_updates_every_optimiser(kind):
+    torch.manual_seed(0)
+    net = mh.build_anomaly_model(kind, 16, 16 if kind != "dcgan" else 8, "paper")
+    cfg = mh.AnomalyConfig(model=kind, recipe="paper", image_size=16, gan_latent=16 if kind != "dcgan" else 8)
+    optimizers = mh.anomaly_optimizers(net, cfg, torch.device("cpu"))
+    before = {name: [p.detach().clone() for p in group] for name, group in net.parameter_groups().items()}
+    losses = mh.paper_gan_step(net, torch.rand(4, 1, 16, 16), optimizers, torch.amp.GradScaler("cpu", enabled=False),
+                               None, torch.Generator().manual_seed(0), cfg)
+    assert all(torch.isfinite(v) for v in losses.values()) and set(losses) == {f"{k}_loss" for k in optimizers}
+    for name, group in net.parameter_groups().items():
+        assert any(not torch.equal(a, b) for a, b in zip(before[name], group)), name
+
+
+def test_deviations_are_generated_from_the_presets(monkeypatch):
+    table = mh.recipe_deviations()
+    rows = {(r.model, r.setting): r for r in table.itertuples()}
+    assert rows[("CAE", "lr")].paper == 1e-4 and rows[("CAE", "lr")].suite == 5e-4 and rows[("CAE", "lr")].why
+    assert rows[("alpha-GAN", "recon_weight")].paper == 0.01 and ("DCGAN", "label_noise") in rows
+    assert ("VAE", "kld_weight") not in rows  # equal in both: not a difference
+    assert "autoencoders.py" in rows[("CAE", "architecture")].paper
+    assert ("CAE", "gan_lr") not in rows  # not a setting of the CAE
+    assert {"hand detection", "split", "metric level"} <= set(table.loc[table["model"] == "all", "setting"])
+    for r in table[table["model"] != "all"].itertuples():
+        model = {v: k for k, v in mh.ANOMALY_MODEL_NAMES.items()}[r.model]
+        if r.setting != "architecture":  # (shown as a description)
+            assert mh.recipe_settings("paper", model)[r.setting] == r.paper != r.suite, r
+    monkeypatch.setitem(mh.ANOMALY_RECIPES["paper"]["vae"], "kld_weight", 2.0)
+    assert ("VAE", "kld_weight") in set(zip(mh.recipe_deviations()["model"], mh.recipe_deviations()["setting"]))
+
+
+def test_hand_crops_one_per_hand_and_the_view_scores_its_worst(tmp_path):
+    images = np.zeros((2, 32, 32), np.uint8)
+    masks = np.zeros_like(images)
+    masks[0, 4:12, 2:10], masks[0, 16:30, 18:26] = 1, 1  # two hands
+    images[0][masks[0] == 1] = 100
+    images[0, 20:24, 20:24] = 250  # the second hand is bright: the worse reconstructed
+    masks[1, 8:20, 8:20], images[1, 8:20, 8:20] = 1, 50  # one hand
+    for name, array in (("images", images), ("masks", masks),
+                        ("affines", np.tile(np.eye(3)[:2], (2, 1, 1)).astype(np.float32))):
+        np.save(tmp_path / f"{name}.npy", array)
+    cache = mh.AnomalyCache(tmp_path, ["a.png", "b.png"], mh.PreprocessConfig(size=32))
+    assert mh.hand_boxes(masks[0]) == [(18, 16, 26, 30), (2, 4, 10, 12)]  # (x0, y0, x1, y1), largest first
+    crops = mh.build_hand_crops(cache, cache, progress=False)
+    assert crops.image_paths == ["a.png", "a.png", "b.png"]
+    assert crops.masks[0].sum() > 0.3 * 32 * 32 and crops.masks[0][:, 16].sum() == 32  # the tall box fills the height
+    point = crops.affines[0] @ np.array([22, 23, 1.0])  # the box's centre lands in the crop's centre
+    assert point == pytest.approx([16, 16], abs=0.5)
+
+    class Zero(torch.nn.Module):
+        def forward(self, x):
+            return {"recon": torch.zeros_like(x), "mu": None, "logvar": None}
+    table = pd.DataFrame({"image_path": crops.image_paths, "study_path": ["s", "s", "t"], "label": [1, 1, 0],
+                          "cache_row": [0, 1, 2]})
+    cfg = mh.AnomalyConfig(image_size=32)
+    scores = mh.evaluate_anomaly(Zero(), crops, table, cfg, torch.device("cpu"))
+    assert list(scores["image_path"]) == ["a.png", "b.png"]
+    m = torch.from_numpy(crops.masks[:].astype(np.float32))
+    x = torch.from_numpy(crops.images[:].astype(np.float32)) / 255
+    crop_mse = ((x * m) ** 2).flatten(1).sum(1) / m.flatten(1).sum(1)
+    assert scores["mse"].iloc[0] == pytest.approx(float(crop_mse[:2].max()), rel=1e-5)  # the view: its worst hand
+
+
+def test_min_max_scaling_per_image():
+    views = torch.tensor([[[[10, 20], [30, 60]]], [[[0, 0], [0, 255]]]], dtype=torch.uint8)
+    x, _ = mh.anomaly_inputs(views, torch.ones_like(views), "cpu", mh.AnomalyConfig(image_size=64, minmax=True))
+    assert x[0, 0].flatten().tolist() == pytest.approx([0, 0.2, 0.4, 1.0]) and x[1].max() == 1
+    x, _ = mh.anomaly_inputs(views, torch.ones_like(views), "cpu", mh.AnomalyConfig(image_size=64))
+    assert float(x[0, 0, 1, 1]) == pytest.approx(60 / 255)
+
+
+def test_the_gallery_run_is_chosen_on_validation():
+    results = pd.DataFrame({"score": ["mse"] * 4, "level": ["study", "study", "image", "study"],
+                            "roc_auc": [0.9, 0.6, 0.99, 0.7], "val_roc_auc": [0.5, 0.8, 0.95, np.nan],
+                            "run_dir": ["a", "b", "c", "d"]})
+    assert mh.best_run(results, "mse")["run_dir"] == "b"  # not a (best on test), not c (image level)
+    with pytest.raises(ValueError, match="no run"):
+        mh.best_run(results, "kld")
+
+
+def test_grid_at_both_levels_with_seeds_each_on_its_own_split(normal_heavy_phantom, tmp_path):
+    base = mh.AnomalyConfig(data_dir=str(normal_heavy_phantom), output_dir=str(tmp_path / "grid"),
+                            cache_dir=str(tmp_path / "cache"), image_size=64, batch_size=8, epochs=1, num_workers=0,
+                            max_steps_per_epoch=1)
+    results = mh.run_anomaly_grid(base, ["cae"], ["raw"], progress=False, seeds=[3, 5])
+    assert set(results["level"]) == {"image", "study"} and set(results["seed"]) == {3, 5}
+    cae = results[results["model"] == "CAE"]
+    image, study = (cae[(cae["level"] == lv) & (cae["score"] == "mse")] for lv in ("image", "study"))
+    assert (image["n"].to_numpy() > study["n"].to_numpy()).all() and image["val_roc_auc"].notna().all()
+    for run in image.itertuples():  # each seed: its own split
+        config = json.loads((Path(run.run_dir) / "config.json").read_text())
+        assert config["seed"] == config["split_seed"] == run.seed
+    splits = [pd.read_csv(Path(d) / "test_scores.csv")["study_path"].sort_values().tolist() for d in image["run_dir"]]
+    assert splits[0] != splits[1]
+    summary = mh.seed_summary(results, "image")
+    row = summary[(summary["model"] == "CAE") & (summary["score"] == "mse")].iloc[0]
+    assert row.n_seeds == 2 and row.seeds_mean == pytest.approx(image["roc_auc"].mean())
+    assert row.seeds_sd == pytest.approx(image["roc_auc"].std())
+    assert mh.anomaly_results_table(results, level="image").loc[("CAE", "mse"), "raw"] == image["roc_auc"].iloc[0]
+    assert mh.published_comparison(results).empty  # no published number for CAE on raw
