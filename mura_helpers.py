@@ -2697,7 +2697,8 @@ def plot_headline(table: pd.DataFrame, title: str = "Study level, threshold 0.5:
         ax.errorbar(x + dx, est, yerr=np.abs(err), fmt="o", color=color, capsize=4, label=name)
         ax.plot(x + dx, table[f"{prefix}_baseline"], "x", color=color, ms=9, mew=2,
                 label=f"trivial baseline ({name})")
-    ax.set_xticks(x, [m.replace(", no model: ", "\nno model: ") for m in table.index], fontsize=8)
+    ax.set_xticks(x, [m.replace("auroc, no model: ", "floor AUROC: ") for m in table.index], fontsize=8, rotation=20,
+                  ha="right")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set(ylabel="value", title=title)
     ax.legend(fontsize=8)
