@@ -38,7 +38,6 @@ from scipy.spatial import ConvexHull
 from scipy.stats import rankdata
 from skimage import exposure
 from skimage.filters import threshold_multiotsu, threshold_otsu
-from skimage.morphology import disk
 from sklearn.metrics import average_precision_score, cohen_kappa_score, confusion_matrix, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -2202,6 +2201,16 @@ def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray,
     return share, center, (w, h), angle
 
 
+def _holds_the_detail(found, detail: np.ndarray, margin: float = 8.0) -> bool:
+    """Whether a plate candidate (share, center, (w, h), angle) holds most of the view's edges (the hand's): a dark
+    rectangle beside a light surround that holds the hand is not the plate. (`detail`: strong edges, away from
+    the searched area's border; `margin`: the candidate's own edges, left out.)"""
+    _, center, (w, h), angle = found
+    inner = detail & rect_mask(detail.shape, (center, (w - margin, h - margin), angle))
+    outer = detail & ~rect_mask(detail.shape, (center, (w + margin, h + margin), angle))
+    return outer.sum() <= 2 * inner.sum() + 0.002 * detail.size
+
+
 def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0.97, within=None):
     """The detector plate as a rotated rectangle (center, (w, h), angle), or None when no plate stands out.
 
@@ -2226,6 +2235,8 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
     if len(np.unique(values)) > 3:
         thresholds |= set(threshold_multiotsu(values, classes=3).tolist())
     commonest = 16 * np.argmax(np.bincount(values // 16)) + 8  # the direct-exposure background, mostly
+    grad = np.hypot(*np.gradient(ndimage.gaussian_filter(small.astype(np.float32), 1.0)))
+    detail = ndimage.binary_erosion(searched, iterations=3) & (grad > 4 * max(float(np.median(grad[searched])), 0.25))
     best = None
     for threshold in sorted(thresholds):
         above = (small > threshold) & searched
@@ -2241,7 +2252,7 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
             for component in (largest, np.isin(labels, large)) if len(large) > 1 else (largest,):
                 # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
                 found = _plate_rect(component, region, searched, min_share, max_share, 0.85 if background else 0.9)
-                if found is not None and (best is None or found[0] > best[0]):
+                if found is not None and _holds_the_detail(found, detail) and (best is None or found[0] > best[0]):
                     best = found
     return None if best is None else (best[1] * step, (best[2][0] * step, best[2][1] * step), best[3])
 
@@ -2277,30 +2288,101 @@ def _warp(image: np.ndarray, affine: np.ndarray, out_size: int, order: int = 1) 
     return np.asarray(warped)
 
 
-def hand_mask(image: np.ndarray, content: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Foreground (hand) mask inside `content` pixels, and whether the view was inverted (bright background).
+def _class_thresholds(values: np.ndarray) -> list[float]:
+    """Candidate thresholds between a view's intensity classes: Otsu's, and those of a three- and a four-class
+    Otsu (the four-class one on a 64-bin histogram, for speed), ascending."""
+    if np.ptp(values) == 0:
+        return []
+    thresholds = {float(threshold_otsu(values))}
+    if len(np.unique(values)) > 3:
+        thresholds |= set(threshold_multiotsu(values, classes=3).tolist())
+        counts, edges = np.histogram(values, bins=64)
+        if (counts > 0).sum() > 4:
+            thresholds |= set(threshold_multiotsu(hist=(counts, (edges[:-1] + edges[1:]) / 2), classes=4).tolist())
+    return sorted(thresholds)
 
-    Classical, as a stand-in for the paper's SSD hand detector and Photoshop masks: polarity from the dominant
-    (background) intensity, the lower threshold of a three-class Otsu (background, soft tissue, bone), the
-    largest component, closing and hole filling.
-    """
-    values = image[content]
-    if values.size < 16:
-        return np.zeros_like(content), False
-    mode = np.argmax(np.bincount(values // 16, minlength=16))  # the direct-exposure background dominates a view
-    inverted = bool(mode >= 8)  # ... and is dark unless the view is stored inverted
-    work = 255 - image if inverted else image
-    inside = work[content]
-    threshold = threshold_multiotsu(inside, classes=3)[0] if len(np.unique(inside)) > 3 else threshold_otsu(inside)
-    mask = (work > threshold) & content
-    radius = max(1, image.shape[0] // 128)
-    mask = ndimage.binary_opening(mask, structure=disk(radius))
-    labels, n = ndimage.label(mask)
+
+def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content: np.ndarray, flat: float,
+                     spread: float) -> np.ndarray:
+    """The hand-like components of a foreground: large, thick, textured, not the plate or field (covering much of
+    the content's rim or most of the content), not a marker or plate edge (thin, or uniform like the background)."""
+    labels, n = ndimage.label(fg)
     if n == 0:
-        return mask, inverted
-    mask = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1  # the hand and forearm: not markers, text, edges
-    mask = ndimage.binary_closing(mask, structure=disk(2 * radius), iterations=2)
-    return ndimage.binary_fill_holes(mask) & content, inverted
+        return fg
+    index = np.arange(1, n + 1)
+    area = ndimage.sum_labels(fg, labels, index)
+    on_rim = ndimage.sum_labels(ring, labels, index)
+    thickness = ndimage.maximum(ndimage.distance_transform_edt(fg), labels, index)
+    spread_inside = ndimage.standard_deviation(work, labels, index)
+    total = content.sum()
+    keep = ((area >= 0.01 * total) & (area <= 0.75 * total) & (on_rim <= 0.3 * ring.sum())
+            & (thickness >= max(2.0, 0.02 * fg.shape[0])) & (spread_inside >= max(2.5 * flat, 0.06 * spread)))
+    return np.isin(labels, index[keep])
+
+
+def hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> tuple[np.ndarray, bool]:
+    """Foreground (hand) mask inside `content` pixels, and whether the view was inverted (hand darker than its
+    background).
+
+    Classical, as a stand-in for the paper's SSD hand detector and Photoshop masks, at a working resolution of at
+    most `work_size` (the mask is upsampled): the background is the level of the content's rim; the hand lies on
+    the side of it where the view's extremes lie farthest (bone: brighter, or darker when inverted). Thresholds
+    between intensity classes (Otsu, 3- and 4-class Otsu) are tried from the background's side outwards; the
+    first that leaves hand-like components (see _hand_components; every one kept: two hands) wins, else the other
+    polarity is tried. Uniform bright patches touching the rim (markers, plate edges) are cut out first.
+    """
+    size = image.shape[0]
+    n = min(size, work_size)
+    if n < size:
+        small = np.asarray(Image.fromarray(image).resize((n, n), Image.Resampling.BOX), np.float32)
+        inside = np.asarray(Image.fromarray(content.astype(np.uint8) * 255).resize((n, n), Image.Resampling.BOX)) > 250
+    else:
+        small, inside = image.astype(np.float32), content.astype(bool)
+    whole, inside = inside, ndimage.binary_erosion(inside, border_value=0)  # edge pixels blend with the zero fill
+    values = small[inside]
+    if values.size < 64 or np.ptp(values) == 0:
+        return np.zeros_like(content, bool), False
+    rim = max(3, n // 20)
+    ring = inside & ~ndimage.binary_erosion(inside, iterations=rim, border_value=0)
+    background = float(np.median(small[ring])) if ring.any() else float(np.median(values))
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    mean = ndimage.uniform_filter(small, 5)
+    local = np.sqrt(np.maximum(ndimage.uniform_filter(small * small, 5) - mean * mean, 0))
+    noise = max(float(np.percentile(local[inside], 25)), 0.5)  # the flattest quarter: the background's noise
+    prior = bool(background - lo > hi - background)
+
+    thresholds = _class_thresholds(values)  # besides the classes: just off the background (a faint soft tissue)
+    thresholds += [background + k * noise * (-1 if side else 1) for side in (prior, not prior) for k in (3, 6)]
+    found, inverted = np.zeros((n, n), bool), prior
+    for inverted in (prior, not prior):
+        work = 255 - small if inverted else small
+        levels = sorted(255 - t for t in thresholds) if inverted else sorted(thresholds)
+        top = (255 - lo if inverted else hi) - 3 * noise
+        edge = (work > top) & (local <= 1.5 * noise + 0.5) & inside  # the brightest and flat: markers, plate edges
+        labels, count = ndimage.label(edge)
+        if count:
+            touching = np.unique(labels[ring & edge])
+            edge = ndimage.binary_dilation(np.isin(labels, touching[touching > 0]), iterations=2)
+        for level in levels:
+            fg = ndimage.binary_opening((work > level) & inside & ~edge)
+            found = _hand_components(fg, work, ring, inside, noise, hi - lo)
+            if found.any():
+                break
+        if found.any():
+            break
+    if not found.any():
+        return np.zeros_like(content, bool), prior
+    found = ndimage.binary_closing(found, iterations=1, border_value=0)
+    filled = ndimage.binary_fill_holes(found)
+    holes, count = ndimage.label(filled & ~found)
+    if count:  # fill small holes (joint spaces, dark trabeculae); keep large ones (a loop of flexed fingers)
+        big = np.flatnonzero(np.bincount(holes.ravel())[1:] > 0.005 * inside.sum()) + 1
+        filled &= ~np.isin(holes, big)
+    filled |= ndimage.binary_dilation(filled) & whole & ~inside  # back onto the content's edge pixels
+    if n < size:
+        filled = np.asarray(Image.fromarray(filled.astype(np.uint8) * 255).resize((size, size),
+                                                                                   Image.Resampling.BILINEAR)) >= 128
+    return filled & content, inverted
 
 
 def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
@@ -2418,6 +2500,21 @@ def suspect_masks(cache: AnomalyCache, low: float = 0.02, high: float = 0.45) ->
     table["problem"] = np.select([shares > high, shares < low],
                                  [f"mask covers more than {high:.0%} of the square", f"mask under {low:.0%}"], "")
     return table[table["problem"] != ""].sort_values("mask_share", ascending=False).reset_index(drop=True)
+
+
+def mask_iou(mask: np.ndarray, affine: np.ndarray, truth: np.ndarray) -> float:
+    """IoU of a preprocessed view's hand mask (in its square) with the true mask (in the original view's pixels),
+    in the square's pixels: the truth warped by the view's affine; true hand that the crop cut off counts as missed."""
+    size = mask.shape[0]
+    truth = np.asarray(truth, bool)
+    warped = _warp(truth.astype(np.uint8) * 255, np.asarray(affine, float), size) >= 128
+    ys, xs = np.nonzero(truth)
+    xy = np.column_stack([xs + 0.5, ys + 0.5]) @ np.asarray(affine, float)[:, :2].T + np.asarray(affine, float)[:, 2]
+    outside = ((xy < 0) | (xy >= size)).any(1).sum()
+    cut_off = outside * abs(np.linalg.det(np.asarray(affine, float)[:, :2]))  # in the square's pixels
+    pred = np.asarray(mask, bool)
+    union = (pred | warped).sum() + cut_off
+    return float((pred & warped).sum() / union) if union > 0 else 1.0
 
 
 def anomaly_split(studies: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
