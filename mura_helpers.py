@@ -2156,16 +2156,15 @@ def min_area_rect(points: np.ndarray) -> tuple[np.ndarray, tuple[float, float], 
     hull = points[ConvexHull(points).vertices]
     edges = np.diff(np.vstack([hull, hull[:1]]), axis=0)
     angles = np.unique(np.mod(np.arctan2(edges[:, 1], edges[:, 0]), np.pi / 2))
-    best = None
-    for a in angles:
-        rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
-        p = hull @ rot.T
-        lo, hi = p.min(0), p.max(0)
-        area = np.prod(hi - lo)
-        if best is None or area < best[0]:
-            center = rot.T @ ((lo + hi) / 2)
-            best = (area, center, (float(hi[0] - lo[0]), float(hi[1] - lo[1])), float(a))
-    _, center, (w, h), a = best
+    cos, sin = np.cos(angles), np.sin(angles)
+    u = hull[:, 0, None] * cos + hull[:, 1, None] * sin  # every edge's frame at once: (points, angles)
+    v = -hull[:, 0, None] * sin + hull[:, 1, None] * cos
+    lo, hi = np.stack([u.min(0), v.min(0)]), np.stack([u.max(0), v.max(0)])
+    best = int(np.argmin(np.prod(hi - lo, axis=0)))  # the first of equal areas, as a loop would keep
+    a = float(angles[best])
+    rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+    center = rot.T @ ((lo[:, best] + hi[:, best]) / 2)
+    w, h = float(hi[0, best] - lo[0, best]), float(hi[1, best] - lo[1, best])
     if a > np.pi / 4:  # keep the rectangle close to upright: angle in (-45, 45] degrees
         a, w, h = a - np.pi / 2, h, w
     return center, (w, h), a
@@ -2186,14 +2185,17 @@ def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray,
     it covers min_share..max_share of the searched pixels, the convex hull fills min_fill of it, and what lies
     outside it is mostly not of the component's class (`region`): a plate stands out from its surround, while
     the background beside a straight finger, a rectangle too, does not."""
-    ys, xs = np.nonzero(component)
-    if len(xs) < 16 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # too small, or a line: no area, not a plate
+    area = int(component.sum())
+    ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))  # its outline has the same hull
+    if area < 16 or len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # too small, or a line: no area, not a plate
         return None
+    if (np.ptp(xs) + 1) * (np.ptp(ys) + 1) < min_share * searched.sum() or area < 0.45 * min_share * searched.sum():
+        return None  # too small to be a plate, whatever its rectangle (cheap checks first)
     points = np.column_stack([xs, ys]).astype(float)
     center, (w, h), angle = min_area_rect(points)
     share = w * h / searched.sum()
     if not (min_share <= share <= max_share and ConvexHull(points).volume / max(w * h, 1e-9) > min_fill
-            and len(xs) / (w * h) > 0.45):
+            and area / (w * h) > 0.45):
         return None
     outside = searched & ~rect_mask(searched.shape, (center, (w + 2, h + 2), angle))
     if outside.sum() > 0.01 * searched.sum() and region[outside].mean() > 0.2:
@@ -2237,7 +2239,7 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
     commonest = 16 * np.argmax(np.bincount(values // 16)) + 8  # the direct-exposure background, mostly
     grad = np.hypot(*np.gradient(ndimage.gaussian_filter(small.astype(np.float32), 1.0)))
     detail = ndimage.binary_erosion(searched, iterations=3) & (grad > 4 * max(float(np.median(grad[searched])), 0.25))
-    best = None
+    best, tried = None, set()
     for threshold in sorted(thresholds):
         above = (small > threshold) & searched
         for region, background in ((above, commonest > threshold), (searched & ~above, commonest <= threshold)):
@@ -2250,6 +2252,10 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
             largest = labels == np.argmax(sizes) + 1
             large = np.flatnonzero(sizes >= 0.05 * sizes.max()) + 1
             for component in (largest, np.isin(labels, large)) if len(large) > 1 else (largest,):
+                key = (background, hash(component.tobytes()))  # close thresholds often give the same component
+                if key in tried:
+                    continue
+                tried.add(key)
                 # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
                 found = _plate_rect(component, region, searched, min_share, max_share, 0.85 if background else 0.9)
                 if found is not None and _holds_the_detail(found, detail) and (best is None or found[0] > best[0]):
@@ -2312,11 +2318,13 @@ def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content
     index = np.arange(1, n + 1)
     area = ndimage.sum_labels(fg, labels, index)
     on_rim = ndimage.sum_labels(ring, labels, index)
-    thickness = ndimage.maximum(ndimage.distance_transform_edt(fg), labels, index)
-    spread_inside = ndimage.standard_deviation(work, labels, index)
     total = content.sum()
-    keep = ((area >= 0.01 * total) & (area <= 0.75 * total) & (on_rim <= 0.3 * ring.sum())
-            & (thickness >= max(2.0, 0.02 * fg.shape[0])) & (spread_inside >= max(2.5 * flat, 0.06 * spread)))
+    keep = (area >= 0.01 * total) & (area <= 0.75 * total) & (on_rim <= 0.3 * ring.sum())
+    if keep.any():
+        keep &= ndimage.standard_deviation(work, labels, index) >= max(2.5 * flat, 0.06 * spread)
+    if keep.any():
+        thickness = ndimage.maximum(ndimage.distance_transform_edt(fg), labels, index)
+        keep &= thickness >= max(2.0, 0.02 * fg.shape[0])
     return np.isin(labels, index[keep])
 
 
@@ -2363,7 +2371,8 @@ def hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> t
         if count:
             touching = np.unique(labels[ring & edge])
             edge = ndimage.binary_dilation(np.isin(labels, touching[touching > 0]), iterations=2)
-        for level in levels:
+        base = 255 - background if inverted else background
+        for level in (v for v in levels if v > base + 2 * noise):  # below: the background's own noise
             fg = ndimage.binary_opening((work > level) & inside & ~edge)
             found = _hand_components(fg, work, ring, inside, noise, hi - lo)
             if found.any():
@@ -2394,8 +2403,8 @@ def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
     content = _warp(np.full(gray.shape, 255, np.uint8), affine, cfg.size, order=0) > 0
     if carrier is not None:  # the plate only: what lies beside a tilted or narrow plate is not part of the view
         half = np.asarray(carrier[1]) * cfg.size / max(carrier[1]) / 2  # the plate's half sides in the square
-        yy, xx = np.mgrid[: cfg.size, : cfg.size] + 0.5
-        content &= (np.abs(xx - cfg.size / 2) <= half[0]) & (np.abs(yy - cfg.size / 2) <= half[1])
+        centers = np.arange(cfg.size) + 0.5 - cfg.size / 2
+        content &= (np.abs(centers)[:, None] <= half[1]) & (np.abs(centers)[None, :] <= half[0])
     inverted = False
     if cfg.segment:
         mask, inverted = hand_mask(image, content)
@@ -2404,8 +2413,9 @@ def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
     else:
         mask = content
     region = mask if mask.any() else content
-    if cfg.equalize == "he":
-        image = (exposure.equalize_hist(image, mask=region) * 255).astype(np.uint8)
+    if cfg.equalize == "he":  # skimage's equalize_hist, as a look-up table over the 256 grey levels
+        cdf, centers = exposure.cumulative_distribution(image[region], 256)
+        image = (np.interp(np.arange(256), centers, cdf) * 255).astype(np.uint8)[image]
     elif cfg.equalize == "clahe":
         image = (exposure.equalize_adapthist(image, clip_limit=0.01) * 255).astype(np.uint8)
     image = np.where(mask if cfg.segment else content, image, 0).astype(np.uint8)
