@@ -369,9 +369,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 # ---------------------------------------------------------------- phantom: a synthetic MURA in the exact layout
 
 PHANTOM_FINDINGS_CSV = "phantom_findings.csv"
+PHANTOM_TRUTH_CSV = "phantom_truth.csv"  # one row per view: pose, hands, polarity, plate, field, hand-mask file
+PHANTOM_TRUTH_DIR = "phantom_truth"  # the true hand masks, one PNG per view (outside the study folders)
 PHANTOM_MANIFEST = "phantom_manifest.json"
-# version 2: findings large enough to see at 224 px (displaced fractures, thick hardware, expansile lesions)
-PHANTOM_VERSION = 2
+# version 3: real XR_HAND views' intensities, textured bones, lateral/flexed/two-hand poses, polarities, truth
+PHANTOM_VERSION = 3
+PHANTOM_POSES = ("pa", "oblique", "lateral", "flexed")
+PHANTOM_POLARITIES = ("normal", "light_grey", "inverted")  # light_grey: a light background, not inverted
 _PHANTOM_SETTINGS = ("n_patients", "seed", "valid_fraction", "positive_rate", "body_parts", "image_size")
 FINGERS = ("thumb", "index", "middle", "ring", "little")
 # canonical right hand, PA view, wrist at the origin, fingers towards +y; unit: wrist to middle fingertip
@@ -395,6 +399,7 @@ class _Bone:
     p1: np.ndarray
     radius: float
     waist: float = 0.25
+    taper: float = 0.0  # the far end's radius is (1 - taper) of the near end's
 
 
 def _region(shape, lo, hi):
@@ -412,7 +417,7 @@ def _tube_density(xx, yy, bone: _Bone, hollow: float = 0.62, marrow: float = 0.3
     d = bone.p1 - bone.p0
     t = np.clip(((xx - bone.p0[0]) * d[0] + (yy - bone.p0[1]) * d[1]) / max(float(d @ d), 1e-6), 0, 1)
     dist2 = (xx - bone.p0[0] - t * d[0]) ** 2 + (yy - bone.p0[1] - t * d[1]) ** 2
-    r = bone.radius * (1 - bone.waist * (1 - (2 * t - 1) ** 2))
+    r = bone.radius * (1 - bone.taper * t) * (1 - bone.waist * (1 - (2 * t - 1) ** 2))
     outer = np.sqrt(np.clip(r**2 - dist2, 0, None))
     inner = np.sqrt(np.clip((hollow * r) ** 2 - dist2, 0, None))
     return (outer - (1 - marrow) * inner) * 2
@@ -488,15 +493,23 @@ def _unit(v):
     return v / max(float(np.linalg.norm(v)), 1e-9)
 
 
+def _flexed(vector: np.ndarray, flex: float, squeeze: float) -> np.ndarray:
+    """A canonical bone vector turned by `flex` radians in the image plane (a finger curling in a lateral view)."""
+    sx, sy = vector[0] * squeeze, vector[1]
+    c, s = math.cos(flex), math.sin(flex)
+    return np.array([(c * sx - s * sy) / squeeze, s * sx + c * sy])
+
+
 def _skeleton(anatomy: dict, pose: dict, to_px, px_per_unit: float) -> tuple[list[_Bone], list, list]:
     """Place the hand's bones, carpals and soft tissue in pixel coordinates for one pose."""
     scale = anatomy["size"] * px_per_unit
     bones, carpals, soft = [], [], []
     fore_r, fore_u = np.array([-0.1, -0.75]), np.array([0.1, -0.75])
-    bones.append(_Bone("radius", to_px(fore_r), to_px([-0.07, -0.03]), 0.05 * scale, 0.3))
-    bones.append(_Bone("ulna", to_px(fore_u), to_px([0.075, -0.04]), 0.034 * scale, 0.25))
-    carpals.append((to_px([-0.075, -0.035]), (0.075 * scale, 0.032 * scale)))
-    carpals += [(to_px(c), (r[0] * scale, r[1] * scale)) for c, r in _CARPALS]
+    bones.append(_Bone("radius", to_px(fore_r), to_px([-0.07, -0.03]), 0.05 * scale, 0.3, -0.15))
+    bones.append(_Bone("ulna", to_px(fore_u), to_px([0.075, -0.04]), 0.034 * scale, 0.25, 0.1))
+    carpals.append((to_px([-0.075, -0.035]), (0.075 * scale, 0.032 * scale), 0.0))
+    for (c, r), (dx, dy, fx, fy, turn) in zip(_CARPALS, pose["carpals"]):  # irregular, overlapping carpals
+        carpals.append((to_px([c[0] + dx, c[1] + dy]), (r[0] * fx * scale, r[1] * fy * scale), turn))
     soft.append((to_px([0.0, -0.8]), to_px([0.0, 0.05]), 0.16 * scale))
     soft.append((to_px([-0.04, 0.14]), to_px([0.04, 0.14]), 0.11 * scale))  # palm
     soft.append((to_px([-0.05, 0.3]), to_px([0.05, 0.3]), 0.09 * scale))
@@ -507,32 +520,51 @@ def _skeleton(anatomy: dict, pose: dict, to_px, px_per_unit: float) -> tuple[lis
         direction = np.array([math.sin(angle), math.cos(angle)])
         head = base + direction * _MC_LENGTH[f] * anatomy["lengths"][f]
         r = _RADIUS[f] * scale
-        bones.append(_Bone(f"{f}_metacarpal", to_px(base), to_px(head), r * 1.05, 0.3))
+        bones.append(_Bone(f"{f}_metacarpal", to_px(base), to_px(head), r * 1.05, 0.3, 0.1))
         soft.append((to_px(base), to_px(head), r * 2.6 if f != "thumb" else r * 2.4))
-        joint = head
+        joint, flex = head, 0.0
         names = ("proximal", "distal") if f == "thumb" else ("proximal", "middle", "distal")
         for k, (name, length) in enumerate(zip(names, _PHALANX_LENGTHS[f])):
             bend = math.radians(pose["finger_angle"][f] * 0.4 * (k + 1) + (pose["curl"][f] * 6.0 if k else 0))
-            direction = np.array([math.sin(angle + bend), math.cos(angle + bend)])
-            start = joint + direction * 0.014
+            flex += pose["flex"][f][k]
+            direction = _flexed(np.array([math.sin(angle + bend), math.cos(angle + bend)]), flex, pose["squeeze"])
+            start = joint + direction * 0.014  # the joint space
             end = start + direction * length * anatomy["lengths"][f] * pose["foreshorten"][f] ** (k + 1)
             taper = (1.0, 0.82, 0.66)[k if f != "thumb" else 2 * k]
-            bones.append(_Bone(f"{f}_{name}", to_px(start), to_px(end), r * taper, 0.28 if k < 2 else 0.1))
+            distal = name == "distal"
+            bones.append(_Bone(f"{f}_{name}", to_px(start), to_px(end), r * taper, 0.1 if distal else 0.28,
+                               0.45 if distal else 0.12))
+            soft.append((to_px(joint), to_px(end + direction * (0.014 if distal else 0.0)),
+                         r * (1.85, 1.7, 1.6)[k if f != "thumb" else 2 * k]))
             joint = end
-        soft.append((to_px(head), to_px(joint + direction * 0.012), r * 1.7))
     return bones, carpals, soft
 
 
 def _phantom_pose(rng: np.random.Generator, view: str) -> dict:
-    """Draw a hand pose for a PA, oblique or lateral view."""
-    spread = {"pa": rng.uniform(0.7, 1.5), "oblique": rng.uniform(0.4, 0.9), "lateral": rng.uniform(0.05, 0.25)}[view]
-    squeeze = {"pa": 1.0, "oblique": rng.uniform(0.6, 0.8), "lateral": rng.uniform(0.3, 0.42)}[view]
-    curl_range = {"pa": (0.85, 1.0), "oblique": (0.7, 0.95), "lateral": (0.75, 1.0)}[view]
+    """Draw a hand pose for a PA, oblique, lateral or flexed (curled fingers, overlapping bones) view."""
+    spread = {"pa": rng.uniform(0.7, 1.5), "oblique": rng.uniform(0.4, 0.9), "lateral": rng.uniform(0.05, 0.25),
+              "flexed": rng.uniform(0.1, 0.6)}[view]
+    squeeze = {"pa": 1.0, "oblique": rng.uniform(0.6, 0.8), "lateral": rng.uniform(0.3, 0.42),
+               "flexed": rng.uniform(0.35, 0.75)}[view]
+    curl_range = {"pa": (0.85, 1.0), "oblique": (0.7, 0.95), "lateral": (0.75, 1.0), "flexed": (0.75, 1.0)}[view]
+    side = float(rng.choice([-1.0, 1.0]))  # the palm's side in the image plane
+    flex = {}
+    curled = rng.random(len(FINGERS)) < 0.8
+    for f, curl in zip(FINGERS, curled):
+        if view == "flexed" and curl:  # fingers curled towards the palm, over it and each other
+            joints = [rng.uniform(0.2, 1.0), rng.uniform(0.6, 1.6), rng.uniform(0.2, 0.9)]
+        elif view in ("lateral", "flexed"):
+            joints = rng.uniform(0.0, 0.35, 3).tolist()
+        else:
+            joints = rng.uniform(-0.05, 0.1, 3).tolist()
+        flex[f] = [side * j * (-1 if f == "thumb" and view == "flexed" else 1) for j in joints]
     return {
         "spread": spread, "squeeze": squeeze,
-        "finger_angle": {f: rng.normal(0, 3.0 if view != "lateral" else 1.0) for f in FINGERS},
+        "finger_angle": {f: rng.normal(0, 3.0 if view not in ("lateral", "flexed") else 1.0) for f in FINGERS},
         "foreshorten": {f: rng.uniform(*curl_range) for f in FINGERS},
         "curl": {f: rng.uniform(-1, 1) for f in FINGERS},
+        "flex": flex,
+        "carpals": [(*rng.normal(0, 0.006, 2), *rng.uniform(0.8, 1.2, 2), rng.normal(0, 0.5)) for _ in _CARPALS],
     }
 
 
@@ -601,107 +633,186 @@ def _draw_ring(metal_layer, bones: list[_Bone], finger: str):
     _draw_rect(metal_layer, at, max(2.0, 0.35 * bone.radius), 3.3 * bone.radius, math.atan2(axis[1], axis[0]), 0.8)
 
 
-def _draw_marker(image: Image.Image, rng, letter: str, inverted_text: bool):
-    """Burn a lead L/R marker and a few lines of annotation text blobs into the displayed image."""
+def _draw_marker(image: Image.Image, rng, letter: str, lead: int, avoid: np.ndarray) -> str:
+    """Burn a large lead tag (the side's letter, initials or a circle) beside the hand, sometimes a marker strip
+    along an edge, and a few lines of annotation text blobs into the displayed image; return the tag's kind."""
     w, h = image.size
     draw = ImageDraw.Draw(image)
-    size = int(h * rng.uniform(0.05, 0.08))
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the small bitmap font
-        font = ImageFont.load_default()
-    x = int(rng.uniform(0.04, 0.8) * w)
-    y = int(rng.choice([rng.uniform(0.03, 0.15), rng.uniform(0.78, 0.9)]) * h)
-    fill = 20 if inverted_text else 235
-    if rng.random() < 0.5:
-        draw.rectangle([x - 3, y - 3, x + size * 0.8, y + size * 1.05], outline=fill, width=2)
-    draw.text((x, y), letter, fill=fill, font=font)
+    kind = str(rng.choice(["letter", "initials", "circle"], p=[0.55, 0.25, 0.2]))
+    size = int(min(h, w) * (rng.uniform(0.1, 0.16) if kind == "letter" else rng.uniform(0.06, 0.1)))
+    text = letter if kind == "letter" else "".join(rng.choice(list("ABCDEHKLMNPRST"), int(rng.integers(2, 4))))
+    font = ImageFont.load_default(size=max(size, 6))
+    extent = (size * (0.7 * len(text) if kind != "circle" else 1.0), size * 1.1)
+    candidates = [(rng.uniform(0.03, 0.97) * w - extent[0] / 2, rng.choice([rng.uniform(0.02, 0.2),
+                  rng.uniform(0.7, 0.9)]) * h) for _ in range(6)]
+    x, y = min(candidates, key=lambda c: avoid[max(int(c[1]), 0):max(int(c[1] + extent[1]), 0),
+                                                    max(int(c[0]), 0):max(int(c[0] + extent[0]), 0)].sum())
+    if kind == "circle":
+        stroke = max(1, size // 7)
+        draw.ellipse([x, y, x + size, y + size], outline=lead, width=stroke)
+        if rng.random() < 0.5:
+            draw.text((x + size * 0.3, y + size * 0.1), letter, fill=lead, font=ImageFont.load_default(
+                size=max(int(size * 0.6), 6)))
+    else:
+        draw.text((x, y), text, fill=lead, font=font)
+    if rng.random() < 0.08:  # a marker strip along an edge, with its lettering
+        depth = int(min(h, w) * rng.uniform(0.03, 0.06))
+        edge = int(rng.integers(4))
+        strip = [[0, 0, w, depth], [0, h - depth, w, h], [0, 0, depth, h], [w - depth, 0, w, h]][edge]
+        draw.rectangle(strip, fill=lead)
+        if edge < 2:
+            draw.text((strip[0] + depth, strip[1] + depth * 0.15), "A  B  C  D", fill=255 - lead,
+                      font=ImageFont.load_default(size=max(int(depth * 0.7), 6)))
+        kind += "+strip"
     for line in range(int(rng.integers(0, 4))):  # annotation text as blocks of "words"
         tx, ty = int(rng.uniform(0.02, 0.5) * w), int(rng.uniform(0.02, 0.95) * h)
         for _ in range(int(rng.integers(2, 6))):
             word = int(rng.integers(6, 28))
-            draw.rectangle([tx, ty + line, tx + word, ty + line + 5], fill=fill)
+            draw.rectangle([tx, ty + line, tx + word, ty + line + 5], fill=lead)
             tx += word + 4
+    return kind
 
 
-def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | None, ring: str | None,
-                 long_side: int) -> tuple[np.ndarray, list[int] | None]:
-    """Render one radiograph view; return the 8-bit image and the planted finding's box (or None)."""
-    rng = np.random.default_rng(list(seed))
-    short = int(round(long_side * rng.uniform(0.58, 0.95)))
-    landscape = rng.random() < 0.15
-    h, w = (short, long_side) if landscape else (long_side, short)
-    pose = _phantom_pose(rng, view)
-    theta = math.radians(rng.normal(0, 14) + (rng.choice([-90, 90]) if landscape else 0))
-    mirror = -1.0 if anatomy["left"] else 1.0
-    scale = min(h, w) * rng.uniform(0.85, 1.1) if not landscape else min(h, w) * rng.uniform(0.8, 1.0)
-    center = np.array([w / 2 + rng.normal(0, 0.05) * w, h / 2 + rng.normal(0, 0.04) * h])
+def _rotated_box(center, size, angle: float, xx: np.ndarray, yy: np.ndarray) -> tuple[np.ndarray, list]:
+    """Pixels (pixel-centre grids xx, yy) inside a rotated rectangle, and its 4 corners [[x, y], ...]."""
+    ca, sa = math.cos(angle), math.sin(angle)
+    u = (xx - center[0]) * ca + (yy - center[1]) * sa
+    v = -(xx - center[0]) * sa + (yy - center[1]) * ca
+    corners = [[round(float(center[0] + a * ca * size[0] / 2 - b * sa * size[1] / 2), 1),
+                round(float(center[1] + a * sa * size[0] / 2 + b * ca * size[1] / 2), 1)]
+               for a, b in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+    return (np.abs(u) < size[0] / 2) & (np.abs(v) < size[1] / 2), corners
+
+
+def _hand_to_px(mirror: float, squeeze: float, theta: float, scale: float, center: np.ndarray):
+    """The map from canonical hand coordinates to pixels for one hand's placement."""
     rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
     hand_center = np.array([0.0, 0.38])
 
     def to_px(p):
-        q = (np.asarray(p, dtype=np.float64) - hand_center) * [mirror * pose["squeeze"], -1.0]
+        q = (np.asarray(p, dtype=np.float64) - hand_center) * [mirror * squeeze, -1.0]
         return (rot @ q) * scale + center
 
-    bones, carpals, soft = _skeleton(anatomy, pose, to_px, scale)
-    soft_layer = np.zeros((h, w), np.float32)
-    bone_layer = np.zeros((h, w), np.float32)
-    metal_layer = np.zeros((h, w), np.float32)
-    for p0, p1, radius in soft:
-        _draw_soft(soft_layer, p0, p1, radius)
-    for bone in bones:
-        _draw_tube(bone_layer, bone, 1.0)
-    for c, radii in carpals:
-        _draw_ellipsoid(bone_layer, c, radii, theta + rng.normal(0, 0.3), 1.0)
-    box = None
-    if finding is not None:
-        box = _finding_box((h, w), *_plant_finding(finding, bones, bone_layer, metal_layer, soft_layer, rng))
-    if ring is not None:
-        _draw_ring(metal_layer, bones, ring)
+    return to_px
 
-    bone_unit = 0.045 * scale  # density of a typical bone, to normalise
-    attenuation = 0.55 * soft_layer + 0.95 * bone_layer / bone_unit + 3.0 * metal_layer
-    film = 1.0 - np.exp(-attenuation * rng.uniform(0.8, 1.25))
-    film = film ** rng.uniform(0.75, 1.4)
-    background = rng.uniform(0.0, 0.12)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+
+def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | None, ring: str | None,
+                 long_side: int, n_hands: int = 1, polarity: str = "normal", low_contrast: bool = False,
+                 ) -> tuple[np.ndarray, list[int] | None, dict]:
+    """Render one radiograph view; return the 8-bit image, the planted finding's box (or None) and the view's
+    truth (hand mask, plate and field corners, polarity, hands, pose, contrast, lead tag)."""
+    rng = np.random.default_rng(list(seed))
+    finding_rng = np.random.default_rng([*seed, 1])  # a finding leaves the rest of the view as it was
+    short = int(round(long_side * rng.uniform(0.58, 0.95)))
+    landscape = n_hands > 1 or rng.random() < 0.15
+    h, w = (short, long_side) if landscape else (long_side, short)
+    soft_layer, bone_layer, metal_layer = (np.zeros((h, w), np.float32) for _ in range(3))
+    box, bone_unit, squeeze = None, 1.0, 1.0
+    for hand in range(n_hands):  # two hands: PA, side by side, the second one mirrored
+        pose = _phantom_pose(rng, view)
+        if n_hands == 1:
+            theta = math.radians(rng.normal(0, 14) + (rng.choice([-90, 90]) if landscape else 0))
+            scale = min(h, w) * (rng.uniform(0.8, 1.0) if landscape else rng.uniform(0.85, 1.1))
+            center = np.array([w / 2 + rng.normal(0, 0.05) * w, h / 2 + rng.normal(0, 0.04) * h])
+        else:
+            theta = math.radians(rng.normal(0, 6))
+            scale = h * rng.uniform(0.7, 0.82)
+            center = np.array([w * (0.5 + (hand - 0.5) * rng.uniform(0.46, 0.52)), h * rng.uniform(0.45, 0.55)])
+        mirror = (-1.0 if anatomy["left"] else 1.0) * (1.0 if hand == 0 else -1.0)
+        to_px = _hand_to_px(mirror, pose["squeeze"], theta, scale, center)
+        bones, carpals, soft = _skeleton(anatomy, pose, to_px, scale)
+        for p0, p1, radius in soft:
+            _draw_soft(soft_layer, p0, p1, radius)
+        for bone in bones:
+            _draw_tube(bone_layer, bone, 1.0)
+        for c, radii, turn in carpals:
+            _draw_ellipsoid(bone_layer, c, radii, theta + turn, 1.0)
+        if hand == 0:
+            bone_unit, squeeze = 0.045 * scale, pose["squeeze"]  # density of a typical bone, to normalise
+            if finding is not None:
+                corners = _plant_finding(finding, bones, bone_layer, metal_layer, soft_layer, finding_rng)
+                box = _finding_box((h, w), *corners)
+            if ring is not None:
+                _draw_ring(metal_layer, bones, ring)
+    soft = ndimage.gaussian_filter(soft_layer, 0.12 * bone_unit, truncate=2.5)  # a faint, graded halo
+    tissue = (soft > 0.12) | (bone_layer > 0.02 * bone_unit)  # the truth: where the hand shows
+
+    ys, xs = np.nonzero(bone_layer.any(axis=1))[0], np.nonzero(bone_layer.any(axis=0))[0]
+    grain = max(0.6, 0.0022 * bone_unit / 0.045)  # trabecular texture: band-pass noise modulating the bone
+    noise = rng.standard_normal((h, w), dtype=np.float32)
+    if len(ys):
+        sl = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+        texture = ndimage.gaussian_filter(noise[sl], grain, truncate=2.5)
+        texture -= ndimage.gaussian_filter(texture, 3 * grain, truncate=2.5)
+        texture *= rng.uniform(0.12, 0.22) / max(float(texture.std()), 1e-6)
+        bone_layer[sl] *= np.clip(1 + texture, 0.3, None)
+    attenuation = rng.uniform(0.2, 0.35) / squeeze**0.5 * soft + 0.95 * bone_layer / bone_unit
+    signal = 1.0 - np.exp(-attenuation * rng.uniform(0.8, 1.25))
+
+    if polarity == "light_grey":  # a light-grey background, bones still brighter than soft tissue
+        background = rng.uniform(0.51, 0.7)
+    elif polarity == "inverted":  # stored as a negative: mid-grey (112-127) or white background after inversion
+        background = rng.choice([rng.uniform(0.5, 0.56), rng.uniform(0.0, 0.05)], p=[0.6, 0.4])
+    else:
+        background = rng.uniform(0.01, 0.1)
+    span = (rng.uniform(0.48, 0.7) if polarity == "normal" else (0.97 - background) * rng.uniform(0.8, 1.0))
+    span *= rng.uniform(0.35, 0.55) if low_contrast else 1.0
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
     heel = 1 + rng.uniform(-0.25, 0.25) * (yy / h - 0.5) + rng.uniform(-0.15, 0.15) * (xx / w - 0.5)
-    image = background * heel + (1 - background) * film * rng.uniform(0.8, 1.0)
-    if rng.random() < 0.35:  # collimation: unexposed borders inside the plate look bright
-        m = rng.uniform(0.02, 0.1, size=4) * [w, h, w, h]
-        field = (xx > m[0]) & (yy > m[1]) & (xx < w - m[2]) & (yy < h - m[3])
-        image = np.where(field, image, rng.uniform(0.65, 0.9))
-    if rng.random() < 0.6:  # the detector plate, often tilted, does not fill the frame
+    image = background * heel + span * signal
+    image += (rng.uniform(0.85, 1.0) - image) * np.clip(metal_layer, 0, 1)  # metal: near white
+
+    plate, plate_corners = np.ones((h, w), bool), []
+    if low_contrast or rng.random() < 0.6:  # the detector plate, often tilted, does not fill the frame
         tilt = math.radians(rng.uniform(-12, 12))
-        pw, ph = w * rng.uniform(0.78, 0.98), h * rng.uniform(0.8, 0.98)
         pc = np.array([w / 2, h / 2]) + rng.normal(0, 0.03, 2) * [w, h]
-        u = (xx - pc[0]) * math.cos(tilt) + (yy - pc[1]) * math.sin(tilt)
-        v = -(xx - pc[0]) * math.sin(tilt) + (yy - pc[1]) * math.cos(tilt)
-        on_plate = (np.abs(u) < pw / 2) & (np.abs(v) < ph / 2)
-        outside = rng.choice([rng.uniform(0.0, 0.06), rng.uniform(0.3, 0.45), rng.uniform(0.85, 1.0)])
-        image = np.where(on_plate, image, outside)
-    image = ndimage.gaussian_filter(image, rng.uniform(0.5, 1.2))
-    image = image + rng.normal(0, rng.uniform(0.006, 0.03), image.shape)
-    inverted = rng.random() < 0.1
-    if inverted:
+        psize = (w * rng.uniform(0.78, 0.98), h * rng.uniform(0.8, 0.98))
+        plate, plate_corners = _rotated_box(pc, psize, tilt, xx, yy)
+    else:
+        tilt, pc, psize = 0.0, np.array([w / 2, h / 2]), (float(w), float(h))
+    field, field_corners = plate, []
+    if rng.random() < 0.35:  # collimation: unexposed borders inside the plate look light
+        m = rng.uniform(0.02, 0.1, size=4) * [psize[0], psize[1], psize[0], psize[1]]
+        ca, sa = math.cos(tilt), math.sin(tilt)
+        offset = np.array([(m[0] - m[2]) / 2, (m[1] - m[3]) / 2])
+        fc = pc + [ca * offset[0] - sa * offset[1], sa * offset[0] + ca * offset[1]]
+        fsize = (psize[0] - m[0] - m[2], psize[1] - m[1] - m[3])
+        field, field_corners = _rotated_box(fc, fsize, tilt + math.radians(rng.normal(0, 1.5)), xx, yy)
+        field &= plate
+        image = np.where(field, image, background + (0.97 - background) * rng.uniform(0.12, 0.4))
+    image = ndimage.gaussian_filter(image.astype(np.float32), rng.uniform(0.5, 1.2), truncate=2.5)
+    image += noise * rng.uniform(0.006, 0.025)  # the texture's noise: a cheap, fresh-looking grain
+    if polarity == "inverted":
         image = 1 - image
+    shown = background if polarity != "inverted" else 1 - background
+    if low_contrast:  # the surround barely differs from the plate
+        surround = shown + rng.choice([-1, 1]) * rng.uniform(0.02, 0.06)
+    else:  # mostly black, sometimes mid or light grey
+        surround = rng.choice([rng.uniform(0.0, 0.05), rng.uniform(0.3, 0.45), rng.uniform(0.8, 1.0)],
+                              p=[0.8, 0.15, 0.05])
+    image = np.where(plate, image, surround + noise[::-1] * 0.004)
     pil = Image.fromarray(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if rng.random() < 0.85:
-        _draw_marker(pil, rng, "L" if anatomy["left"] else "R", inverted)
-    return np.asarray(pil), box
+    lead = int(rng.uniform(5, 40)) if polarity == "inverted" else int(rng.uniform(215, 250))
+    marker = _draw_marker(pil, rng, "L" if anatomy["left"] else "R", lead, tissue) if rng.random() < 0.85 else ""
+    truth = {"pose": view, "n_hands": n_hands, "polarity": polarity, "low_contrast": low_contrast,
+             "marker": marker, "plate": plate_corners, "field": field_corners, "mask": tissue & field}
+    return np.asarray(pil), box, truth
 
 
 def _phantom_image_task(task: dict) -> dict:
-    """Render and save one phantom view (runs in a worker process)."""
-    pixels, box = _render_view(task["seed"], task["view"], task["anatomy"], task["finding"], task["ring"],
-                               task["long_side"])
+    """Render and save one phantom view and its true hand mask (runs in a worker process)."""
+    pixels, box, truth = _render_view(task["seed"], task["view"], task["anatomy"], task["finding"], task["ring"],
+                                      task["long_side"], task["n_hands"], task["polarity"], task["low_contrast"])
     image = Image.fromarray(pixels, mode="L")
     if task["rgb"]:
         image = image.convert("RGB")
     path = Path(task["path"])
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG", optimize=False, compress_level=6)
-    return {"box": box, "width": image.width, "height": image.height}
+    mask_path = Path(task["mask_path"])
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(truth.pop("mask")).save(mask_path, format="PNG", optimize=False, compress_level=6)
+    return {"box": box, "width": image.width, "height": image.height, **truth}
 
 
 def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_rate: float,
@@ -710,7 +821,6 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
     rng = np.random.default_rng(seed)
     n_valid = max(1, int(round(n_patients * valid_fraction))) if n_patients > 1 else 0
     studies, tasks = [], []
-    views_choice = ["pa", "oblique", "lateral", "pa", "oblique"]
     finger_bones = [f"{f}_{p}" for f in FINGERS[1:] for p in ("proximal", "middle")] + ["thumb_proximal"]
     large_bones = ["index_metacarpal", "middle_metacarpal", "ring_metacarpal", "little_metacarpal", "radius"]
     split_labels = {split: set() for split in SPLITS}
@@ -747,8 +857,12 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
             rel = (split, body_part, patient, study)
             studies.append({"key": rel, "label": label})
             for v in range(n_views):
+                view = str(rng.choice(PHANTOM_POSES, p=[0.32, 0.18, 0.28, 0.22]))  # half lateral or flexed
                 tasks.append({
-                    "key": rel, "image": f"image{v + 1}.png", "view": views_choice[v], "anatomy": anatomy,
+                    "key": rel, "image": f"image{v + 1}.png", "view": view, "anatomy": anatomy,
+                    "n_hands": 2 if view == "pa" and rng.random() < 0.16 else 1,  # about 5% of the views
+                    "polarity": str(rng.choice(PHANTOM_POLARITIES, p=[0.82, 0.1, 0.08])),
+                    "low_contrast": bool(rng.random() < 0.1),  # the plate barely differs from its surround
                     "finding": finding if label and shows[v] else None, "finding_kind": finding and finding["kind"],
                     "ring": ring if (ring and rng.random() < 0.9) else None, "rgb": bool(rng.random() < 0.45),
                     "seed": (seed, i, s, v), "long_side": long_side,
@@ -770,7 +884,9 @@ def make_phantom_mura(
     """Write a synthetic hand-radiograph dataset in MURA-v1.1's exact layout under `root`; return its path.
 
     Same arguments, same bytes. Besides the four official CSVs it writes `phantom_findings.csv`: one row
-    per view that shows a planted abnormality (fracture, hardware or lesion) with its box in pixels.
+    per view that shows a planted abnormality (fracture, hardware or lesion) with its box in pixels, and the
+    per-view truth (`phantom_truth.csv` and one hand-mask PNG per view under `phantom_truth/`; see
+    load_phantom_truth).
     """
 
     unknown = [p for p in body_parts if p not in BODY_PARTS]
@@ -780,6 +896,7 @@ def make_phantom_mura(
     studies, tasks = _plan_phantom(n_patients, seed, valid_fraction, positive_rate, body_parts, image_size)
     for t in tasks:
         t["path"] = str(mura.joinpath(*t["key"], t["image"]))
+        t["mask_path"] = str(mura / _truth_mask_name(t["key"], t["image"]))
     results = _run_tasks(_phantom_image_task, tasks, "phantom images", progress, workers)
 
     for split in SPLITS:
@@ -799,6 +916,14 @@ def make_phantom_mura(
     columns = ["split", "body_part", "patient", "study", "image_path", "view_type", "finding", "bone",
                "x0", "y0", "x1", "y1", "width", "height"]
     pd.DataFrame(findings, columns=columns).to_csv(mura / PHANTOM_FINDINGS_CSV, index=False)
+    truth = pd.DataFrame([
+        {"split": t["key"][0], "body_part": t["key"][1], "patient": t["key"][2], "study": t["key"][3],
+         "image_path": f"{MURA_DIRNAME}/{'/'.join(t['key'])}/{t['image']}", "view_type": r["pose"],
+         "n_hands": r["n_hands"], "polarity": r["polarity"], "low_contrast": r["low_contrast"],
+         "marker": r["marker"], "plate": json.dumps(r["plate"]), "field": json.dumps(r["field"]),
+         "mask_path": _truth_mask_name(t["key"], t["image"]), "width": r["width"], "height": r["height"]}
+        for t, r in zip(tasks, results)])
+    truth.to_csv(mura / PHANTOM_TRUTH_CSV, index=False)
     manifest = {"version": PHANTOM_VERSION, "n_patients": n_patients, "seed": seed, "valid_fraction": valid_fraction,
                 "positive_rate": positive_rate, "body_parts": list(body_parts), "image_size": image_size,
                 "n_studies": len(studies), "n_images": len(tasks)}
@@ -846,6 +971,42 @@ def load_phantom_findings(data_dir: str | os.PathLike) -> pd.DataFrame:
     findings = pd.read_csv(path)
     findings["image_file"] = [str(root.joinpath(*_relative_key(p))) for p in findings["image_path"]]
     return findings
+
+
+def _truth_mask_name(key: Sequence[str], image: str) -> str:
+    """A view's hand-mask file, relative to the MURA root: phantom_truth/<split>_<part>_<patient>_<study>_<image>."""
+    return f"{PHANTOM_TRUTH_DIR}/{'_'.join(key)}_{image}"
+
+
+def load_phantom_truth(data_dir: str | os.PathLike) -> pd.DataFrame:
+    """Return the phantom's per-view truth: one row per view, keyed by image_path as load_phantom_findings.
+
+    Columns: split, body_part, patient, study, image_path (official relative form), image_file (absolute),
+    view_type (pa, oblique, lateral, flexed), n_hands, polarity (normal, light_grey: a light background not
+    inverted, inverted), low_contrast, marker (lead tag kind, "+strip" with a marker strip, "" for none),
+    plate and field (4 [x, y] corners in the view's pixels, [] when the plate fills the view / no collimation),
+    mask_path (relative), mask_file (absolute: read it with phantom_hand_mask), width, height.
+    """
+    root = find_mura_root(data_dir)
+    path = root / PHANTOM_TRUTH_CSV
+    if not path.is_file():
+        raise MuraDataError(f"{path}: no phantom truth here (only phantom datasets of version 3 or later carry one)")
+    truth = pd.read_csv(path, keep_default_na=False)
+    truth["image_file"] = [str(root.joinpath(*_relative_key(p))) for p in truth["image_path"]]
+    truth["mask_file"] = [str(root / p) for p in truth["mask_path"]]
+    for column in ("plate", "field"):
+        truth[column] = [json.loads(v) for v in truth[column]]
+    return truth
+
+
+def phantom_hand_mask(view) -> np.ndarray:
+    """The true hand mask (bone and soft tissue of every hand, where exposed) in the original view's pixels, as
+    bool (H, W): of a load_phantom_truth row (Series, itertuples row or dict) or of a mask file's path."""
+    path = view if isinstance(view, (str, os.PathLike)) else getattr(view, "mask_file", None)
+    if path is None:
+        path = view["mask_file"]
+    with Image.open(path) as im:
+        return np.asarray(im.convert("1"), dtype=bool)
 
 
 def phantom_boxes(data_dir: str | os.PathLike) -> pd.DataFrame | None:
