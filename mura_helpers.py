@@ -2360,7 +2360,13 @@ def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray,
         return None
     outside = searched & ~rect_mask(searched.shape, (center, (w + 2, h + 2), angle))
     if outside.sum() > 0.01 * searched.sum() and region[outside].mean() > 0.2:
-        return None
+        # ... or framed: a band just around it lies mostly in the view and is not of its class (a field inside a
+        # plate's lighter frame, with the surround beyond it as dark as the field)
+        ring = rect_mask(searched.shape, (center, (w + 8, h + 8), angle)) & ~rect_mask(searched.shape,
+                                                                                        (center, (w + 2, h + 2), angle))
+        band = ring & searched
+        if band.sum() < 0.6 * (2 * (w + h) * 3) or region[band].mean() > 0.2:
+            return None
     return share, center, (w, h), angle
 
 
@@ -2472,7 +2478,8 @@ def _class_thresholds(values: np.ndarray) -> list[float]:
 def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content: np.ndarray, flat: float,
                      spread: float) -> np.ndarray:
     """The hand-like components of a foreground: large, thick, textured, not the plate or field (covering much of
-    the content's rim or most of the content), not a marker or plate edge (thin, or uniform like the background)."""
+    the content's rim or most of the content, or a large filled rectangle), not a marker or plate edge (thin, or
+    uniform like the background)."""
     labels, n = ndimage.label(fg)
     if n == 0:
         return fg
@@ -2486,6 +2493,11 @@ def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content
     if keep.any():
         thickness = ndimage.maximum(ndimage.distance_transform_edt(fg), labels, index)
         keep &= thickness >= max(2.0, 0.02 * fg.shape[0])
+    for k in np.flatnonzero(keep & (area >= 0.2 * total)):  # a filled rectangle over most of it: the plate
+        component = labels == index[k]
+        ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))
+        _, (w, h), _ = min_area_rect(np.column_stack([xs, ys]).astype(float))
+        keep[k] = area[k] < 0.8 * w * h or w * h < 0.6 * total
     return np.isin(labels, index[keep])
 
 
@@ -2673,19 +2685,95 @@ def suspect_masks(cache: AnomalyCache, low: float = 0.02, high: float = 0.45) ->
     return table[table["problem"] != ""].sort_values("mask_share", ascending=False).reset_index(drop=True)
 
 
+def _truth_in_square(truth: np.ndarray, affine: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """A true mask (original pixels) warped into a preprocessed square by its affine, and how much of it (in the
+    square's pixels) the crop cut off."""
+    affine = np.asarray(affine, float)
+    warped = _warp(np.asarray(truth, bool).astype(np.uint8) * 255, affine, size) >= 128
+    ys, xs = np.nonzero(truth)
+    xy = np.column_stack([xs + 0.5, ys + 0.5]) @ affine[:, :2].T + affine[:, 2]
+    cut_off = ((xy < 0) | (xy >= size)).any(1).sum() * abs(np.linalg.det(affine[:, :2]))
+    return warped, float(cut_off)
+
+
 def mask_iou(mask: np.ndarray, affine: np.ndarray, truth: np.ndarray) -> float:
     """IoU of a preprocessed view's hand mask (in its square) with the true mask (in the original view's pixels),
     in the square's pixels: the truth warped by the view's affine; true hand that the crop cut off counts as missed."""
-    size = mask.shape[0]
-    truth = np.asarray(truth, bool)
-    warped = _warp(truth.astype(np.uint8) * 255, np.asarray(affine, float), size) >= 128
-    ys, xs = np.nonzero(truth)
-    xy = np.column_stack([xs + 0.5, ys + 0.5]) @ np.asarray(affine, float)[:, :2].T + np.asarray(affine, float)[:, 2]
-    outside = ((xy < 0) | (xy >= size)).any(1).sum()
-    cut_off = outside * abs(np.linalg.det(np.asarray(affine, float)[:, :2]))  # in the square's pixels
+    warped, cut_off = _truth_in_square(truth, affine, mask.shape[0])
     pred = np.asarray(mask, bool)
     union = (pred | warped).sum() + cut_off
     return float((pred & warped).sum() / union) if union > 0 else 1.0
+
+
+def _mask_iou_rows(task: tuple) -> list[dict]:
+    """mask_iou of a chunk of cached views against their true masks (runs in a worker process)."""
+    cache, views = task
+    rows = []
+    for v in views:
+        i = cache.row_of[v["image_file"]]
+        mask, affine = np.asarray(cache.masks[i], bool), cache.affines[i]
+        truth = phantom_hand_mask(v["mask_file"])
+        warped, cut_off = _truth_in_square(truth, affine, mask.shape[0])
+        union = (mask | warped).sum() + cut_off
+        rows.append({"image_path": v["image_path"], "iou": float((mask & warped).sum() / union) if union else 1.0,
+                     "truth_share": float(warped.mean()), "mask_share": float(mask.mean()),
+                     "cut_off_share": float(cut_off / mask.size)})
+    return rows
+
+
+def mask_iou_table(data_dir: str | os.PathLike, cache: AnomalyCache | PreprocessConfig,
+                   cache_dir: str | os.PathLike = "data/cache", workers: int | None = None,
+                   progress: bool = True) -> pd.DataFrame:
+    """Per-view IoU of the hand masks with a phantom's true masks (v3+), one row per view: iou, truth_share and
+    mask_share (of the square), cut_off_share (true hand the crop left out), and the truth's view_type, n_hands,
+    polarity, low_contrast, marker. Computed in the preprocessed square (mask_iou). `cache`: a built AnomalyCache
+    (its views that the phantom knows), or a PreprocessConfig, built for all the phantom's views."""
+    truth = load_phantom_truth(data_dir)
+    if isinstance(cache, PreprocessConfig):
+        cache = build_anomaly_cache(truth["image_file"], cache, cache_dir, workers=workers, progress=progress)
+    if not cache.cfg.segment:
+        raise ValueError(f"variant {cache.cfg.name} has no hand mask (its mask is the whole view): use a full variant")
+    truth = truth[truth["image_file"].isin(cache.row_of)].reset_index(drop=True)
+    views = truth[["image_path", "image_file", "mask_file"]].to_dict("records")
+    tasks = [(cache, views[i:i + 32]) for i in range(0, len(views), 32)]
+    rows = [r for chunk in _run_tasks(_mask_iou_rows, tasks, "mask IoU", progress, workers,
+                                      [len(t[1]) for t in tasks]) for r in chunk]
+    table = pd.DataFrame(rows, columns=["image_path", "iou", "truth_share", "mask_share", "cut_off_share"])
+    keep = ["image_path", "image_file", "mask_file", "view_type", "n_hands", "polarity", "low_contrast", "marker"]
+    return truth[keep].merge(table, on="image_path").assign(size=cache.cfg.size, variant=cache.cfg.name)
+
+
+def mask_iou_summary(table: pd.DataFrame, good: float = 0.85, bad: float = 0.5) -> dict:
+    """The IoU distribution in numbers: views, share >= `good`, median, 5th percentile, count < `bad`."""
+    iou = table["iou"].to_numpy()
+    return {"views": int(len(iou)), f"share_iou_ge_{good}": float(np.mean(iou >= good)),
+            "median_iou": float(np.median(iou)), "p5_iou": float(np.percentile(iou, 5)),
+            f"n_iou_lt_{bad}": int(np.sum(iou < bad))}
+
+
+def plot_mask_iou(table: pd.DataFrame, worst: int = 6, good: float = 0.85):
+    """The mask IoU's distribution (by polarity) and the worst views: each with its mask (red) over the true one
+    (green) in the preprocessed square."""
+    fig = plt.figure(figsize=(3 * max(worst, 4), 6.2))
+    grid = fig.add_gridspec(2, max(worst, 4))
+    ax = fig.add_subplot(grid[0, :])
+    sns.histplot(table, x="iou", hue="polarity", bins=np.linspace(0, 1, 41), multiple="stack", ax=ax)
+    ax.axvline(good, color="k", ls="--", lw=1)
+    ax.set_title(f"Hand mask IoU with the phantom's truth ({table['variant'].iloc[0]}, {table['size'].iloc[0]} px): "
+                 f"{np.mean(table['iou'] >= good):.1%} of {len(table)} views >= {good}")
+    cfg = preprocess_variants(int(table["size"].iloc[0]), [table["variant"].iloc[0]])[table["variant"].iloc[0]]
+    for k, row in enumerate(table.nsmallest(worst, "iou").itertuples()):
+        out = preprocess_view(row.image_file, cfg)
+        truth, _ = _truth_in_square(phantom_hand_mask(row.mask_file), out["affine"], cfg.size)
+        view = out["image"].astype(float) / 255
+        overlay = np.stack([np.maximum(view * 0.6, out["mask"]), np.maximum(view * 0.6, truth * 0.8), view * 0.6], -1)
+        axis = fig.add_subplot(grid[1, k])
+        axis.imshow(overlay)
+        axis.set_title(f"IoU {row.iou:.2f}: {row.view_type}, {row.polarity}\n{row.n_hands} hand(s)"
+                       f"{', low contrast' if row.low_contrast else ''}", fontsize=8)
+        axis.axis("off")
+    fig.tight_layout()
+    return fig
 
 
 def anomaly_split(studies: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
