@@ -2642,8 +2642,9 @@ class AnomalyCache:
 
 # bump when preprocess_view changes its output, so that caches built by an older version are rebuilt
 # (2: the exposed field inside collimated plates, plates barely darker than their surround, three-class Otsu masks;
-# 3: a plate of the background's class may miss a corner)
-ANOMALY_PIPELINE_VERSION = 3
+# 3: a plate of the background's class may miss a corner; 4: polarity from the content, every hand, markers and
+# plates kept out, the mask found at <= 128 px, framed fields, fields that hold the hand)
+ANOMALY_PIPELINE_VERSION = 4
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
