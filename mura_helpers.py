@@ -2502,8 +2502,21 @@ def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content
 
 
 def hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> tuple[np.ndarray, bool]:
-    """Foreground (hand) mask inside `content` pixels, and whether the view was inverted (hand darker than its
-    background).
+    """Foreground (hand) mask inside `content` pixels, and whether the view was inverted (see _hand_mask)."""
+    mask, inverted, _ = _hand_mask(image, content, work_size)
+    return mask, inverted
+
+
+# signals of a doubtful hand mask (measured at the working resolution), and where suspect_masks flags them
+MASK_DOUBTS = {"missed": "foreground left outside the mask (share of its area)",
+               "cut": "the mask's edge cuts through foreground (share of a band outside it)",
+               "background_inside": "background inside the mask's edge (share of a band inside it)",
+               "rim": "the mask covers much of the content's rim (share)"}
+
+
+def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> tuple[np.ndarray, bool, dict]:
+    """Foreground (hand) mask inside `content` pixels, whether the view was inverted (hand darker than its
+    background), and the signals of a doubtful mask (MASK_DOUBTS).
 
     Classical, as a stand-in for the paper's SSD hand detector and Photoshop masks, at a working resolution of at
     most `work_size` (the mask is upsampled): the background is the level of the content's rim; the hand lies on
@@ -2522,7 +2535,7 @@ def hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> t
     whole, inside = inside, ndimage.binary_erosion(inside, border_value=0)  # edge pixels blend with the zero fill
     values = small[inside]
     if values.size < 64 or np.ptp(values) == 0:
-        return np.zeros_like(content, bool), False
+        return np.zeros_like(content, bool), False, dict.fromkeys(MASK_DOUBTS, 0.0)
     rim = max(3, n // 20)
     ring = inside & ~ndimage.binary_erosion(inside, iterations=rim, border_value=0)
     background = float(np.median(small[ring])) if ring.any() else float(np.median(values))
@@ -2553,7 +2566,7 @@ def hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> t
         if found.any():
             break
     if not found.any():
-        return np.zeros_like(content, bool), prior
+        return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
     found = ndimage.binary_closing(found, iterations=1, border_value=0)
     filled = ndimage.binary_fill_holes(found)
     holes, count = ndimage.label(filled & ~found)
@@ -2561,10 +2574,17 @@ def hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> t
         big = np.flatnonzero(np.bincount(holes.ravel())[1:] > 0.005 * inside.sum()) + 1
         filled &= ~np.isin(holes, big)
     filled |= ndimage.binary_dilation(filled) & whole & ~inside  # back onto the content's edge pixels
+    above = work > level
+    band_out = ndimage.binary_dilation(filled, iterations=2) & ~filled & inside
+    band_in = filled & ~ndimage.binary_erosion(filled, iterations=2) & inside
+    doubts = {"missed": float((fg & ~filled).sum() / max(filled.sum(), 1)),
+              "cut": float(above[band_out].mean()) if band_out.any() else 0.0,
+              "background_inside": float((~above[band_in]).mean()) if band_in.any() else 0.0,
+              "rim": float((filled & ring).sum() / max(ring.sum(), 1))}
     if n < size:
         filled = np.asarray(Image.fromarray(filled.astype(np.uint8) * 255).resize((size, size),
                                                                                    Image.Resampling.BILINEAR)) >= 128
-    return filled & content, inverted
+    return filled & content, inverted, doubts
 
 
 def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
@@ -2578,9 +2598,9 @@ def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
         half = np.asarray(carrier[1]) * cfg.size / max(carrier[1]) / 2  # the plate's half sides in the square
         centers = np.arange(cfg.size) + 0.5 - cfg.size / 2
         content &= (np.abs(centers)[:, None] <= half[1]) & (np.abs(centers)[None, :] <= half[0])
-    inverted = False
+    inverted, doubts = False, dict.fromkeys(MASK_DOUBTS, 0.0)
     if cfg.segment:
-        mask, inverted = hand_mask(image, content)
+        mask, inverted, doubts = _hand_mask(image, content)
         if inverted:
             image = np.where(content, 255 - image, 0).astype(np.uint8)
     else:
@@ -2593,7 +2613,7 @@ def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
         image = (exposure.equalize_adapthist(image, clip_limit=0.01) * 255).astype(np.uint8)
     image = np.where(mask if cfg.segment else content, image, 0).astype(np.uint8)
     return {"image": image, "mask": mask.astype(np.uint8), "affine": affine.astype(np.float32),
-            "carrier_found": carrier is not None, "inverted": inverted}
+            "carrier_found": carrier is not None, "inverted": inverted, "doubts": doubts}
 
 
 def _anomaly_cache_chunk(task: tuple) -> int:
@@ -2602,10 +2622,12 @@ def _anomaly_cache_chunk(task: tuple) -> int:
     images = np.load(folder / "images.npy", mmap_mode="r+")
     masks = np.load(folder / "masks.npy", mmap_mode="r+")
     affines = np.load(folder / "affines.npy", mmap_mode="r+")
+    doubts = np.load(folder / "doubts.npy", mmap_mode="r+")
     for i, p in enumerate(paths):
         out = preprocess_view(p, cfg)
         images[start + i], masks[start + i], affines[start + i] = out["image"], out["mask"], out["affine"]
-    for a in (images, masks, affines):
+        doubts[start + i] = [out["doubts"][k] for k in MASK_DOUBTS]
+    for a in (images, masks, affines, doubts):
         a.flush()
     return len(paths)
 
@@ -2631,6 +2653,12 @@ class AnomalyCache:
     images = property(lambda self: self._open()["images"], doc="(N, S, S) uint8 preprocessed views")
     masks = property(lambda self: self._open()["masks"], doc="(N, S, S) uint8 hand masks (0/1)")
     affines = property(lambda self: self._open()["affines"], doc="(N, 2, 3) original -> square pixel affines")
+
+    @property
+    def doubts(self) -> pd.DataFrame | None:
+        """Each view's signals of a doubtful hand mask (columns: MASK_DOUBTS), or None for a cache without them."""
+        path = self.folder / "doubts.npy"
+        return pd.DataFrame(np.load(path), columns=list(MASK_DOUBTS)) if path.is_file() else None
 
     def rows(self, paths: Sequence[str]) -> np.ndarray:
         """Row numbers of the given image paths."""
@@ -2659,7 +2687,7 @@ def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache
     tmp.mkdir(parents=True, exist_ok=True)
     n, s = len(paths), cfg.size
     for name, shape, dtype in (("images", (n, s, s), np.uint8), ("masks", (n, s, s), np.uint8),
-                               ("affines", (n, 2, 3), np.float32)):
+                               ("affines", (n, 2, 3), np.float32), ("doubts", (n, len(MASK_DOUBTS)), np.float32)):
         np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
     tasks = [(tmp, i, paths[i:i + 32], cfg) for i in range(0, n, 32)]
     try:
@@ -2674,15 +2702,28 @@ def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache
     return AnomalyCache(folder, paths, cfg)
 
 
-def suspect_masks(cache: AnomalyCache, low: float = 0.02, high: float = 0.45) -> pd.DataFrame:
+# where a doubt signal flags a view (set on phantom v3 at 512 px: its 90th percentile over the views whose mask IoU
+# with the truth was >= 0.5)
+MASK_DOUBT_LIMITS = {"missed": 0.055, "cut": 0.09, "background_inside": 0.021, "rim": 0.185}
+
+
+def suspect_masks(cache: AnomalyCache, low: float = 0.02, high: float = 0.45,
+                  limits: dict | None = MASK_DOUBT_LIMITS) -> pd.DataFrame:
     """Views whose hand mask is implausible, to look at before training: covering more than `high` of the square
-    (mostly the plate or the exposed field taken for the hand) or less than `low` (the hand missed). None for
-    variants without segmentation, whose mask is the whole view."""
-    rows = range(len(cache.image_paths)) if cache.cfg.segment else []
+    (mostly the plate or the exposed field taken for the hand) or less than `low` (the hand missed), or with a
+    doubt signal (MASK_DOUBTS) above its limit (`limits`; None: shares only). None for variants without
+    segmentation, whose mask is the whole view."""
+    rows = np.arange(len(cache.image_paths)) if cache.cfg.segment else np.arange(0)
     shares = np.array([cache.masks[i].mean() for i in rows], dtype=float)
-    table = pd.DataFrame({"image_path": [cache.image_paths[i] for i in rows], "mask_share": shares})
-    table["problem"] = np.select([shares > high, shares < low],
-                                 [f"mask covers more than {high:.0%} of the square", f"mask under {low:.0%}"], "")
+    problems = [[f"mask covers more than {high:.0%} of the square"] if s > high else
+                [f"mask under {low:.0%}"] if s < low else [] for s in shares]
+    doubts = cache.doubts if limits else None
+    if doubts is not None and len(rows):
+        for name, limit in limits.items():
+            for k in np.flatnonzero(doubts[name].to_numpy()[rows] > limit):
+                problems[k].append(f"{MASK_DOUBTS[name]} above {limit}")
+    table = pd.DataFrame({"image_path": [cache.image_paths[i] for i in rows], "mask_share": shares,
+                          "problem": ["; ".join(p) for p in problems]})
     return table[table["problem"] != ""].sort_values("mask_share", ascending=False).reset_index(drop=True)
 
 

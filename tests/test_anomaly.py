@@ -246,6 +246,20 @@ def test_suspect_masks_are_listed(tmp_path):
     assert mh.suspect_masks(unsegmented).empty  # its mask is the view, not a hand
 
 
+def test_suspect_masks_flag_doubtful_masks_of_a_plausible_size(tmp_path):
+    masks = np.zeros((2, 10, 10), np.uint8)
+    masks[:, :3] = 1  # both of a plausible share ...
+    doubts = np.zeros((2, len(mh.MASK_DOUBTS)), np.float32)
+    doubts[1, list(mh.MASK_DOUBTS).index("cut")] = 0.5  # ... but the second's edge cuts through foreground
+    for name, array in (("images", np.zeros_like(masks)), ("masks", masks), ("affines", np.zeros((2, 2, 3))),
+                        ("doubts", doubts)):
+        np.save(tmp_path / f"{name}.npy", array)
+    cache = mh.AnomalyCache(tmp_path, ["a.png", "b.png"], mh.PreprocessConfig(size=10))
+    suspects = mh.suspect_masks(cache)
+    assert list(suspects["image_path"]) == ["b.png"] and "cuts through foreground" in suspects["problem"][0]
+    assert mh.suspect_masks(cache, limits=None).empty  # shares only
+
+
 def test_carrier_search_skips_lines_and_specks():
     image = np.zeros((100, 80), np.uint8)
     image[:, 40] = 255  # a one-pixel line has no area: not a plate, and no error from the hull
