@@ -2538,6 +2538,20 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> 
         return np.zeros_like(content, bool), False, dict.fromkeys(MASK_DOUBTS, 0.0)
     rim = max(3, n // 20)
     ring = inside & ~ndimage.binary_erosion(inside, iterations=rim, border_value=0)
+    if ring.sum() >= 32:  # flatten the background: a plane through the rim (twice, without the hand's pixels)
+        ys, xs = np.nonzero(ring)
+        design = np.column_stack([np.ones(len(xs)), xs / n - 0.5, ys / n - 0.5])
+        fit = np.ones(len(xs), bool)
+        for _ in range(2):
+            coef = np.linalg.lstsq(design[fit], small[ys, xs][fit], rcond=None)[0]
+            residual = small[ys, xs] - design @ coef
+            deviation = np.abs(residual - np.median(residual))
+            fit = deviation <= 2.5 * 1.4826 * np.median(deviation) + 1
+        spread = 1.4826 * np.median(np.abs(residual[fit] - np.median(residual[fit])))
+        if abs(coef[1]) + abs(coef[2]) > 4 * spread + 2:  # a real gradient (a heel effect), not noise
+            yy, xx = np.mgrid[:n, :n] / n - 0.5
+            small = np.where(inside, small - coef[1] * xx - coef[2] * yy, small).astype(np.float32)
+            values = small[inside]
     background = float(np.median(small[ring])) if ring.any() else float(np.median(values))
     lo, hi = np.percentile(values, [0.5, 99.5])
     mean = ndimage.uniform_filter(small, 5)
