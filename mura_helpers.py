@@ -2562,7 +2562,7 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> 
     thresholds = _class_thresholds(values)  # besides the classes: just off the background (a faint soft tissue)
     thresholds += [background + k * noise * (-1 if side else 1) for side in (prior, not prior) for k in (3, 6)]
     found, inverted = np.zeros((n, n), bool), prior
-    for inverted in (prior, not prior):
+    for inverted, texture in ((prior, 1.0), (not prior, 1.0), (prior, 0.0)):  # last: a hand without texture
         work = 255 - small if inverted else small
         levels = sorted(255 - t for t in thresholds) if inverted else sorted(thresholds)
         top = (255 - lo if inverted else hi) - 3 * noise
@@ -2574,7 +2574,7 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> 
         base = 255 - background if inverted else background
         for level in (v for v in levels if v > base + 2 * noise):  # below: the background's own noise
             fg = ndimage.binary_opening((work > level) & inside & ~edge)
-            found = _hand_components(fg, work, ring, inside, noise, hi - lo)
+            found = _hand_components(fg, work, ring, inside, texture * noise, texture * (hi - lo))
             if found.any():
                 break
         if found.any():
@@ -2808,8 +2808,8 @@ def mask_iou_summary(table: pd.DataFrame, good: float = 0.85, bad: float = 0.5) 
 
 
 def plot_mask_iou(table: pd.DataFrame, worst: int = 6, good: float = 0.85):
-    """The mask IoU's distribution (by polarity) and the worst views: each with its mask (red) over the true one
-    (green) in the preprocessed square."""
+    """The mask IoU's distribution (by polarity) and the worst views: each cropped view with its mask (red) and the
+    true one (green; both: yellow) in the preprocessed square."""
     fig = plt.figure(figsize=(3 * max(worst, 4), 6.2))
     grid = fig.add_gridspec(2, max(worst, 4))
     ax = fig.add_subplot(grid[0, :])
@@ -2821,7 +2821,7 @@ def plot_mask_iou(table: pd.DataFrame, worst: int = 6, good: float = 0.85):
     for k, row in enumerate(table.nsmallest(worst, "iou").itertuples()):
         out = preprocess_view(row.image_file, cfg)
         truth, _ = _truth_in_square(phantom_hand_mask(row.mask_file), out["affine"], cfg.size)
-        view = out["image"].astype(float) / 255
+        view = preprocess_view(row.image_file, PreprocessConfig(cfg.crop, False, None, cfg.size))["image"] / 255
         overlay = np.stack([np.maximum(view * 0.6, out["mask"]), np.maximum(view * 0.6, truth * 0.8), view * 0.6], -1)
         axis = fig.add_subplot(grid[1, k])
         axis.imshow(overlay)
