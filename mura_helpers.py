@@ -413,11 +413,14 @@ def _region(shape, lo, hi):
 
 
 def _tube_density(xx, yy, bone: _Bone, hollow: float = 0.62, marrow: float = 0.35):
-    """Projected density of a hollow tapered tube (cortex bright at the edges, marrow darker)."""
+    """Projected density of a hollow tapered tube with flared, flat ends (cortex bright at the edges, marrow darker)."""
     d = bone.p1 - bone.p0
-    t = np.clip(((xx - bone.p0[0]) * d[0] + (yy - bone.p0[1]) * d[1]) / max(float(d @ d), 1e-6), 0, 1)
-    dist2 = (xx - bone.p0[0] - t * d[0]) ** 2 + (yy - bone.p0[1] - t * d[1]) ** 2
+    length2 = max(float(d @ d), 1e-6)
+    s = ((xx - bone.p0[0]) * d[0] + (yy - bone.p0[1]) * d[1]) / length2
+    t = np.clip(s, 0, 1)
+    dist2 = (xx - bone.p0[0] - s * d[0]) ** 2 + (yy - bone.p0[1] - s * d[1]) ** 2  # from the axis
     r = bone.radius * (1 - bone.taper * t) * (1 - bone.waist * (1 - (2 * t - 1) ** 2))
+    r = r * np.sqrt(np.clip(1 - ((s - t) * math.sqrt(length2) / (0.3 * bone.radius)) ** 2, 0, None))  # end caps
     outer = np.sqrt(np.clip(r**2 - dist2, 0, None))
     inner = np.sqrt(np.clip((hollow * r) ** 2 - dist2, 0, None))
     return (outer - (1 - marrow) * inner) * 2
@@ -528,7 +531,7 @@ def _skeleton(anatomy: dict, pose: dict, to_px, px_per_unit: float) -> tuple[lis
             bend = math.radians(pose["finger_angle"][f] * 0.4 * (k + 1) + (pose["curl"][f] * 6.0 if k else 0))
             flex += pose["flex"][f][k]
             direction = _flexed(np.array([math.sin(angle + bend), math.cos(angle + bend)]), flex, pose["squeeze"])
-            start = joint + direction * 0.014  # the joint space
+            start = joint + direction * 0.018  # the joint space
             end = start + direction * length * anatomy["lengths"][f] * pose["foreshorten"][f] ** (k + 1)
             taper = (1.0, 0.82, 0.66)[k if f != "thumb" else 2 * k]
             distal = name == "distal"
@@ -746,7 +749,7 @@ def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | 
         texture -= ndimage.gaussian_filter(texture, 3 * grain, truncate=2.5)
         texture *= rng.uniform(0.12, 0.22) / max(float(texture.std()), 1e-6)
         bone_layer[sl] *= np.clip(1 + texture, 0.3, None)
-    attenuation = rng.uniform(0.2, 0.35) / squeeze**0.5 * soft + 0.95 * bone_layer / bone_unit
+    attenuation = rng.uniform(0.28, 0.42) / squeeze**0.5 * soft + 0.95 * bone_layer / bone_unit
     signal = 1.0 - np.exp(-attenuation * rng.uniform(0.8, 1.25))
 
     if polarity == "light_grey":  # a light-grey background, bones still brighter than soft tissue
