@@ -46,7 +46,6 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 from skimage import exposure
 from skimage.filters import threshold_multiotsu, threshold_otsu
-from skimage.morphology import disk
 from sklearn.metrics import average_precision_score, cohen_kappa_score, confusion_matrix, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -424,9 +423,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 # ---------------------------------------------------------------- phantom: a synthetic MURA in the exact layout
 
 PHANTOM_FINDINGS_CSV = "phantom_findings.csv"
+PHANTOM_TRUTH_CSV = "phantom_truth.csv"  # one row per view: pose, hands, polarity, plate, field, hand-mask file
+PHANTOM_TRUTH_DIR = "phantom_truth"  # the true hand masks, one PNG per view (outside the study folders)
 PHANTOM_MANIFEST = "phantom_manifest.json"
-# version 2: findings large enough to see at 224 px (displaced fractures, thick hardware, expansile lesions)
-PHANTOM_VERSION = 2
+# version 3: real XR_HAND views' intensities, textured bones, lateral/flexed/two-hand poses, polarities, truth
+PHANTOM_VERSION = 3
+PHANTOM_POSES = ("pa", "oblique", "lateral", "flexed")
+PHANTOM_POLARITIES = ("normal", "light_grey", "inverted")  # light_grey: a light background, not inverted
 _PHANTOM_SETTINGS = ("n_patients", "seed", "valid_fraction", "positive_rate", "body_parts", "image_size")
 PHANTOM_MADE_BY = "mura_helpers.make_phantom_mura"  # the manifest's mark: only a folder so marked is ever deleted
 _PHANTOM_FILES = (PHANTOM_MANIFEST, PHANTOM_FINDINGS_CSV, *(f"{s}_{kind}.csv" for s in SPLITS
@@ -453,6 +456,7 @@ class _Bone:
     p1: np.ndarray
     radius: float
     waist: float = 0.25
+    taper: float = 0.0  # the far end's radius is (1 - taper) of the near end's
 
 
 def _region(shape, lo, hi):
@@ -466,11 +470,14 @@ def _region(shape, lo, hi):
 
 
 def _tube_density(xx, yy, bone: _Bone, hollow: float = 0.62, marrow: float = 0.35):
-    """Projected density of a hollow tapered tube (cortex bright at the edges, marrow darker)."""
+    """Projected density of a hollow tapered tube with flared, flat ends (cortex bright at the edges, marrow darker)."""
     d = bone.p1 - bone.p0
-    t = np.clip(((xx - bone.p0[0]) * d[0] + (yy - bone.p0[1]) * d[1]) / max(float(d @ d), 1e-6), 0, 1)
-    dist2 = (xx - bone.p0[0] - t * d[0]) ** 2 + (yy - bone.p0[1] - t * d[1]) ** 2
-    r = bone.radius * (1 - bone.waist * (1 - (2 * t - 1) ** 2))
+    length2 = max(float(d @ d), 1e-6)
+    s = ((xx - bone.p0[0]) * d[0] + (yy - bone.p0[1]) * d[1]) / length2
+    t = np.clip(s, 0, 1)
+    dist2 = (xx - bone.p0[0] - s * d[0]) ** 2 + (yy - bone.p0[1] - s * d[1]) ** 2  # from the axis
+    r = bone.radius * (1 - bone.taper * t) * (1 - bone.waist * (1 - (2 * t - 1) ** 2))
+    r = r * np.sqrt(np.clip(1 - ((s - t) * math.sqrt(length2) / (0.3 * bone.radius)) ** 2, 0, None))  # end caps
     outer = np.sqrt(np.clip(r**2 - dist2, 0, None))
     inner = np.sqrt(np.clip((hollow * r) ** 2 - dist2, 0, None))
     return (outer - (1 - marrow) * inner) * 2
@@ -546,15 +553,23 @@ def _unit(v):
     return v / max(float(np.linalg.norm(v)), 1e-9)
 
 
+def _flexed(vector: np.ndarray, flex: float, squeeze: float) -> np.ndarray:
+    """A canonical bone vector turned by `flex` radians in the image plane (a finger curling in a lateral view)."""
+    sx, sy = vector[0] * squeeze, vector[1]
+    c, s = math.cos(flex), math.sin(flex)
+    return np.array([(c * sx - s * sy) / squeeze, s * sx + c * sy])
+
+
 def _skeleton(anatomy: dict, pose: dict, to_px, px_per_unit: float) -> tuple[list[_Bone], list, list]:
     """Place the hand's bones, carpals and soft tissue in pixel coordinates for one pose."""
     scale = anatomy["size"] * px_per_unit
     bones, carpals, soft = [], [], []
     fore_r, fore_u = np.array([-0.1, -0.75]), np.array([0.1, -0.75])
-    bones.append(_Bone("radius", to_px(fore_r), to_px([-0.07, -0.03]), 0.05 * scale, 0.3))
-    bones.append(_Bone("ulna", to_px(fore_u), to_px([0.075, -0.04]), 0.034 * scale, 0.25))
-    carpals.append((to_px([-0.075, -0.035]), (0.075 * scale, 0.032 * scale)))
-    carpals += [(to_px(c), (r[0] * scale, r[1] * scale)) for c, r in _CARPALS]
+    bones.append(_Bone("radius", to_px(fore_r), to_px([-0.07, -0.03]), 0.05 * scale, 0.3, -0.15))
+    bones.append(_Bone("ulna", to_px(fore_u), to_px([0.075, -0.04]), 0.034 * scale, 0.25, 0.1))
+    carpals.append((to_px([-0.075, -0.035]), (0.075 * scale, 0.032 * scale), 0.0))
+    for (c, r), (dx, dy, fx, fy, turn) in zip(_CARPALS, pose["carpals"]):  # irregular, overlapping carpals
+        carpals.append((to_px([c[0] + dx, c[1] + dy]), (r[0] * fx * scale, r[1] * fy * scale), turn))
     soft.append((to_px([0.0, -0.8]), to_px([0.0, 0.05]), 0.16 * scale))
     soft.append((to_px([-0.04, 0.14]), to_px([0.04, 0.14]), 0.11 * scale))  # palm
     soft.append((to_px([-0.05, 0.3]), to_px([0.05, 0.3]), 0.09 * scale))
@@ -565,32 +580,51 @@ def _skeleton(anatomy: dict, pose: dict, to_px, px_per_unit: float) -> tuple[lis
         direction = np.array([math.sin(angle), math.cos(angle)])
         head = base + direction * _MC_LENGTH[f] * anatomy["lengths"][f]
         r = _RADIUS[f] * scale
-        bones.append(_Bone(f"{f}_metacarpal", to_px(base), to_px(head), r * 1.05, 0.3))
+        bones.append(_Bone(f"{f}_metacarpal", to_px(base), to_px(head), r * 1.05, 0.3, 0.1))
         soft.append((to_px(base), to_px(head), r * 2.6 if f != "thumb" else r * 2.4))
-        joint = head
+        joint, flex = head, 0.0
         names = ("proximal", "distal") if f == "thumb" else ("proximal", "middle", "distal")
         for k, (name, length) in enumerate(zip(names, _PHALANX_LENGTHS[f])):
             bend = math.radians(pose["finger_angle"][f] * 0.4 * (k + 1) + (pose["curl"][f] * 6.0 if k else 0))
-            direction = np.array([math.sin(angle + bend), math.cos(angle + bend)])
-            start = joint + direction * 0.014
+            flex += pose["flex"][f][k]
+            direction = _flexed(np.array([math.sin(angle + bend), math.cos(angle + bend)]), flex, pose["squeeze"])
+            start = joint + direction * 0.018  # the joint space
             end = start + direction * length * anatomy["lengths"][f] * pose["foreshorten"][f] ** (k + 1)
             taper = (1.0, 0.82, 0.66)[k if f != "thumb" else 2 * k]
-            bones.append(_Bone(f"{f}_{name}", to_px(start), to_px(end), r * taper, 0.28 if k < 2 else 0.1))
+            distal = name == "distal"
+            bones.append(_Bone(f"{f}_{name}", to_px(start), to_px(end), r * taper, 0.1 if distal else 0.28,
+                               0.45 if distal else 0.12))
+            soft.append((to_px(joint), to_px(end + direction * (0.014 if distal else 0.0)),
+                         r * (1.85, 1.7, 1.6)[k if f != "thumb" else 2 * k]))
             joint = end
-        soft.append((to_px(head), to_px(joint + direction * 0.012), r * 1.7))
     return bones, carpals, soft
 
 
 def _phantom_pose(rng: np.random.Generator, view: str) -> dict:
-    """Draw a hand pose for a PA, oblique or lateral view."""
-    spread = {"pa": rng.uniform(0.7, 1.5), "oblique": rng.uniform(0.4, 0.9), "lateral": rng.uniform(0.05, 0.25)}[view]
-    squeeze = {"pa": 1.0, "oblique": rng.uniform(0.6, 0.8), "lateral": rng.uniform(0.3, 0.42)}[view]
-    curl_range = {"pa": (0.85, 1.0), "oblique": (0.7, 0.95), "lateral": (0.75, 1.0)}[view]
+    """Draw a hand pose for a PA, oblique, lateral or flexed (curled fingers, overlapping bones) view."""
+    spread = {"pa": rng.uniform(0.7, 1.5), "oblique": rng.uniform(0.4, 0.9), "lateral": rng.uniform(0.05, 0.25),
+              "flexed": rng.uniform(0.1, 0.6)}[view]
+    squeeze = {"pa": 1.0, "oblique": rng.uniform(0.6, 0.8), "lateral": rng.uniform(0.3, 0.42),
+               "flexed": rng.uniform(0.35, 0.75)}[view]
+    curl_range = {"pa": (0.85, 1.0), "oblique": (0.7, 0.95), "lateral": (0.75, 1.0), "flexed": (0.75, 1.0)}[view]
+    side = float(rng.choice([-1.0, 1.0]))  # the palm's side in the image plane
+    flex = {}
+    curled = rng.random(len(FINGERS)) < 0.8
+    for f, curl in zip(FINGERS, curled):
+        if view == "flexed" and curl:  # fingers curled towards the palm, over it and each other
+            joints = [rng.uniform(0.2, 1.0), rng.uniform(0.6, 1.6), rng.uniform(0.2, 0.9)]
+        elif view in ("lateral", "flexed"):
+            joints = rng.uniform(0.0, 0.35, 3).tolist()
+        else:
+            joints = rng.uniform(-0.05, 0.1, 3).tolist()
+        flex[f] = [side * j * (-1 if f == "thumb" and view == "flexed" else 1) for j in joints]
     return {
         "spread": spread, "squeeze": squeeze,
-        "finger_angle": {f: rng.normal(0, 3.0 if view != "lateral" else 1.0) for f in FINGERS},
+        "finger_angle": {f: rng.normal(0, 3.0 if view not in ("lateral", "flexed") else 1.0) for f in FINGERS},
         "foreshorten": {f: rng.uniform(*curl_range) for f in FINGERS},
         "curl": {f: rng.uniform(-1, 1) for f in FINGERS},
+        "flex": flex,
+        "carpals": [(*rng.normal(0, 0.006, 2), *rng.uniform(0.8, 1.2, 2), rng.normal(0, 0.5)) for _ in _CARPALS],
     }
 
 
@@ -659,107 +693,186 @@ def _draw_ring(metal_layer, bones: list[_Bone], finger: str):
     _draw_rect(metal_layer, at, max(2.0, 0.35 * bone.radius), 3.3 * bone.radius, math.atan2(axis[1], axis[0]), 0.8)
 
 
-def _draw_marker(image: Image.Image, rng, letter: str, inverted_text: bool):
-    """Burn a lead L/R marker and a few lines of annotation text blobs into the displayed image."""
+def _draw_marker(image: Image.Image, rng, letter: str, lead: int, avoid: np.ndarray) -> str:
+    """Burn a large lead tag (the side's letter, initials or a circle) beside the hand, sometimes a marker strip
+    along an edge, and a few lines of annotation text blobs into the displayed image; return the tag's kind."""
     w, h = image.size
     draw = ImageDraw.Draw(image)
-    size = int(h * rng.uniform(0.05, 0.08))
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the small bitmap font
-        font = ImageFont.load_default()
-    x = int(rng.uniform(0.04, 0.8) * w)
-    y = int(rng.choice([rng.uniform(0.03, 0.15), rng.uniform(0.78, 0.9)]) * h)
-    fill = 20 if inverted_text else 235
-    if rng.random() < 0.5:
-        draw.rectangle([x - 3, y - 3, x + size * 0.8, y + size * 1.05], outline=fill, width=2)
-    draw.text((x, y), letter, fill=fill, font=font)
+    kind = str(rng.choice(["letter", "initials", "circle"], p=[0.55, 0.25, 0.2]))
+    size = int(min(h, w) * (rng.uniform(0.1, 0.16) if kind == "letter" else rng.uniform(0.06, 0.1)))
+    text = letter if kind == "letter" else "".join(rng.choice(list("ABCDEHKLMNPRST"), int(rng.integers(2, 4))))
+    font = ImageFont.load_default(size=max(size, 6))
+    extent = (size * (0.7 * len(text) if kind != "circle" else 1.0), size * 1.1)
+    candidates = [(rng.uniform(0.03, 0.97) * w - extent[0] / 2, rng.choice([rng.uniform(0.02, 0.2),
+                  rng.uniform(0.7, 0.9)]) * h) for _ in range(6)]
+    x, y = min(candidates, key=lambda c: avoid[max(int(c[1]), 0):max(int(c[1] + extent[1]), 0),
+                                                    max(int(c[0]), 0):max(int(c[0] + extent[0]), 0)].sum())
+    if kind == "circle":
+        stroke = max(1, size // 7)
+        draw.ellipse([x, y, x + size, y + size], outline=lead, width=stroke)
+        if rng.random() < 0.5:
+            draw.text((x + size * 0.3, y + size * 0.1), letter, fill=lead, font=ImageFont.load_default(
+                size=max(int(size * 0.6), 6)))
+    else:
+        draw.text((x, y), text, fill=lead, font=font)
+    if rng.random() < 0.08:  # a marker strip along an edge, with its lettering
+        depth = int(min(h, w) * rng.uniform(0.03, 0.06))
+        edge = int(rng.integers(4))
+        strip = [[0, 0, w, depth], [0, h - depth, w, h], [0, 0, depth, h], [w - depth, 0, w, h]][edge]
+        draw.rectangle(strip, fill=lead)
+        if edge < 2:
+            draw.text((strip[0] + depth, strip[1] + depth * 0.15), "A  B  C  D", fill=255 - lead,
+                      font=ImageFont.load_default(size=max(int(depth * 0.7), 6)))
+        kind += "+strip"
     for line in range(int(rng.integers(0, 4))):  # annotation text as blocks of "words"
         tx, ty = int(rng.uniform(0.02, 0.5) * w), int(rng.uniform(0.02, 0.95) * h)
         for _ in range(int(rng.integers(2, 6))):
             word = int(rng.integers(6, 28))
-            draw.rectangle([tx, ty + line, tx + word, ty + line + 5], fill=fill)
+            draw.rectangle([tx, ty + line, tx + word, ty + line + 5], fill=lead)
             tx += word + 4
+    return kind
 
 
-def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | None, ring: str | None,
-                 long_side: int) -> tuple[np.ndarray, list[int] | None]:
-    """Render one radiograph view; return the 8-bit image and the planted finding's box (or None)."""
-    rng = np.random.default_rng(list(seed))
-    short = int(round(long_side * rng.uniform(0.58, 0.95)))
-    landscape = rng.random() < 0.15
-    h, w = (short, long_side) if landscape else (long_side, short)
-    pose = _phantom_pose(rng, view)
-    theta = math.radians(rng.normal(0, 14) + (rng.choice([-90, 90]) if landscape else 0))
-    mirror = -1.0 if anatomy["left"] else 1.0
-    scale = min(h, w) * rng.uniform(0.85, 1.1) if not landscape else min(h, w) * rng.uniform(0.8, 1.0)
-    center = np.array([w / 2 + rng.normal(0, 0.05) * w, h / 2 + rng.normal(0, 0.04) * h])
+def _rotated_box(center, size, angle: float, xx: np.ndarray, yy: np.ndarray) -> tuple[np.ndarray, list]:
+    """Pixels (pixel-centre grids xx, yy) inside a rotated rectangle, and its 4 corners [[x, y], ...]."""
+    ca, sa = math.cos(angle), math.sin(angle)
+    u = (xx - center[0]) * ca + (yy - center[1]) * sa
+    v = -(xx - center[0]) * sa + (yy - center[1]) * ca
+    corners = [[round(float(center[0] + a * ca * size[0] / 2 - b * sa * size[1] / 2), 1),
+                round(float(center[1] + a * sa * size[0] / 2 + b * ca * size[1] / 2), 1)]
+               for a, b in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+    return (np.abs(u) < size[0] / 2) & (np.abs(v) < size[1] / 2), corners
+
+
+def _hand_to_px(mirror: float, squeeze: float, theta: float, scale: float, center: np.ndarray):
+    """The map from canonical hand coordinates to pixels for one hand's placement."""
     rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
     hand_center = np.array([0.0, 0.38])
 
     def to_px(p):
-        q = (np.asarray(p, dtype=np.float64) - hand_center) * [mirror * pose["squeeze"], -1.0]
+        q = (np.asarray(p, dtype=np.float64) - hand_center) * [mirror * squeeze, -1.0]
         return (rot @ q) * scale + center
 
-    bones, carpals, soft = _skeleton(anatomy, pose, to_px, scale)
-    soft_layer = np.zeros((h, w), np.float32)
-    bone_layer = np.zeros((h, w), np.float32)
-    metal_layer = np.zeros((h, w), np.float32)
-    for p0, p1, radius in soft:
-        _draw_soft(soft_layer, p0, p1, radius)
-    for bone in bones:
-        _draw_tube(bone_layer, bone, 1.0)
-    for c, radii in carpals:
-        _draw_ellipsoid(bone_layer, c, radii, theta + rng.normal(0, 0.3), 1.0)
-    box = None
-    if finding is not None:
-        box = _finding_box((h, w), *_plant_finding(finding, bones, bone_layer, metal_layer, soft_layer, rng))
-    if ring is not None:
-        _draw_ring(metal_layer, bones, ring)
+    return to_px
 
-    bone_unit = 0.045 * scale  # density of a typical bone, to normalise
-    attenuation = 0.55 * soft_layer + 0.95 * bone_layer / bone_unit + 3.0 * metal_layer
-    film = 1.0 - np.exp(-attenuation * rng.uniform(0.8, 1.25))
-    film = film ** rng.uniform(0.75, 1.4)
-    background = rng.uniform(0.0, 0.12)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+
+def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | None, ring: str | None,
+                 long_side: int, n_hands: int = 1, polarity: str = "normal", low_contrast: bool = False,
+                 ) -> tuple[np.ndarray, list[int] | None, dict]:
+    """Render one radiograph view; return the 8-bit image, the planted finding's box (or None) and the view's
+    truth (hand mask, plate and field corners, polarity, hands, pose, contrast, lead tag)."""
+    rng = np.random.default_rng(list(seed))
+    finding_rng = np.random.default_rng([*seed, 1])  # a finding leaves the rest of the view as it was
+    short = int(round(long_side * rng.uniform(0.58, 0.95)))
+    landscape = n_hands > 1 or rng.random() < 0.15
+    h, w = (short, long_side) if landscape else (long_side, short)
+    soft_layer, bone_layer, metal_layer = (np.zeros((h, w), np.float32) for _ in range(3))
+    box, bone_unit, squeeze = None, 1.0, 1.0
+    for hand in range(n_hands):  # two hands: PA, side by side, the second one mirrored
+        pose = _phantom_pose(rng, view)
+        if n_hands == 1:
+            theta = math.radians(rng.normal(0, 14) + (rng.choice([-90, 90]) if landscape else 0))
+            scale = min(h, w) * (rng.uniform(0.8, 1.0) if landscape else rng.uniform(0.85, 1.1))
+            center = np.array([w / 2 + rng.normal(0, 0.05) * w, h / 2 + rng.normal(0, 0.04) * h])
+        else:
+            theta = math.radians(rng.normal(0, 6))
+            scale = h * rng.uniform(0.7, 0.82)
+            center = np.array([w * (0.5 + (hand - 0.5) * rng.uniform(0.46, 0.52)), h * rng.uniform(0.45, 0.55)])
+        mirror = (-1.0 if anatomy["left"] else 1.0) * (1.0 if hand == 0 else -1.0)
+        to_px = _hand_to_px(mirror, pose["squeeze"], theta, scale, center)
+        bones, carpals, soft = _skeleton(anatomy, pose, to_px, scale)
+        for p0, p1, radius in soft:
+            _draw_soft(soft_layer, p0, p1, radius)
+        for bone in bones:
+            _draw_tube(bone_layer, bone, 1.0)
+        for c, radii, turn in carpals:
+            _draw_ellipsoid(bone_layer, c, radii, theta + turn, 1.0)
+        if hand == 0:
+            bone_unit, squeeze = 0.045 * scale, pose["squeeze"]  # density of a typical bone, to normalise
+            if finding is not None:
+                corners = _plant_finding(finding, bones, bone_layer, metal_layer, soft_layer, finding_rng)
+                box = _finding_box((h, w), *corners)
+            if ring is not None:
+                _draw_ring(metal_layer, bones, ring)
+    soft = ndimage.gaussian_filter(soft_layer, 0.12 * bone_unit, truncate=2.5)  # a faint, graded halo
+    tissue = (soft > 0.12) | (bone_layer > 0.02 * bone_unit)  # the truth: where the hand shows
+
+    ys, xs = np.nonzero(bone_layer.any(axis=1))[0], np.nonzero(bone_layer.any(axis=0))[0]
+    grain = max(0.6, 0.0022 * bone_unit / 0.045)  # trabecular texture: band-pass noise modulating the bone
+    noise = rng.standard_normal((h, w), dtype=np.float32)
+    if len(ys):
+        sl = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+        texture = ndimage.gaussian_filter(noise[sl], grain, truncate=2.5)
+        texture -= ndimage.gaussian_filter(texture, 3 * grain, truncate=2.5)
+        texture *= rng.uniform(0.12, 0.22) / max(float(texture.std()), 1e-6)
+        bone_layer[sl] *= np.clip(1 + texture, 0.3, None)
+    attenuation = rng.uniform(0.28, 0.42) / squeeze**0.5 * soft + 0.95 * bone_layer / bone_unit
+    signal = 1.0 - np.exp(-attenuation * rng.uniform(0.8, 1.25))
+
+    if polarity == "light_grey":  # a light-grey background, bones still brighter than soft tissue
+        background = rng.uniform(0.51, 0.7)
+    elif polarity == "inverted":  # stored as a negative: mid-grey (112-127) or white background after inversion
+        background = rng.choice([rng.uniform(0.5, 0.56), rng.uniform(0.0, 0.05)], p=[0.6, 0.4])
+    else:
+        background = rng.uniform(0.01, 0.1)
+    span = (rng.uniform(0.48, 0.7) if polarity == "normal" else (0.97 - background) * rng.uniform(0.8, 1.0))
+    span *= rng.uniform(0.35, 0.55) if low_contrast else 1.0
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
     heel = 1 + rng.uniform(-0.25, 0.25) * (yy / h - 0.5) + rng.uniform(-0.15, 0.15) * (xx / w - 0.5)
-    image = background * heel + (1 - background) * film * rng.uniform(0.8, 1.0)
-    if rng.random() < 0.35:  # collimation: unexposed borders inside the plate look bright
-        m = rng.uniform(0.02, 0.1, size=4) * [w, h, w, h]
-        field = (xx > m[0]) & (yy > m[1]) & (xx < w - m[2]) & (yy < h - m[3])
-        image = np.where(field, image, rng.uniform(0.65, 0.9))
-    if rng.random() < 0.6:  # the detector plate, often tilted, does not fill the frame
+    image = background * heel + span * signal
+    image += (rng.uniform(0.85, 1.0) - image) * np.clip(metal_layer, 0, 1)  # metal: near white
+
+    plate, plate_corners = np.ones((h, w), bool), []
+    if low_contrast or rng.random() < 0.6:  # the detector plate, often tilted, does not fill the frame
         tilt = math.radians(rng.uniform(-12, 12))
-        pw, ph = w * rng.uniform(0.78, 0.98), h * rng.uniform(0.8, 0.98)
         pc = np.array([w / 2, h / 2]) + rng.normal(0, 0.03, 2) * [w, h]
-        u = (xx - pc[0]) * math.cos(tilt) + (yy - pc[1]) * math.sin(tilt)
-        v = -(xx - pc[0]) * math.sin(tilt) + (yy - pc[1]) * math.cos(tilt)
-        on_plate = (np.abs(u) < pw / 2) & (np.abs(v) < ph / 2)
-        outside = rng.choice([rng.uniform(0.0, 0.06), rng.uniform(0.3, 0.45), rng.uniform(0.85, 1.0)])
-        image = np.where(on_plate, image, outside)
-    image = ndimage.gaussian_filter(image, rng.uniform(0.5, 1.2))
-    image = image + rng.normal(0, rng.uniform(0.006, 0.03), image.shape)
-    inverted = rng.random() < 0.1
-    if inverted:
+        psize = (w * rng.uniform(0.78, 0.98), h * rng.uniform(0.8, 0.98))
+        plate, plate_corners = _rotated_box(pc, psize, tilt, xx, yy)
+    else:
+        tilt, pc, psize = 0.0, np.array([w / 2, h / 2]), (float(w), float(h))
+    field, field_corners = plate, []
+    if rng.random() < 0.35:  # collimation: unexposed borders inside the plate look light
+        m = rng.uniform(0.02, 0.1, size=4) * [psize[0], psize[1], psize[0], psize[1]]
+        ca, sa = math.cos(tilt), math.sin(tilt)
+        offset = np.array([(m[0] - m[2]) / 2, (m[1] - m[3]) / 2])
+        fc = pc + [ca * offset[0] - sa * offset[1], sa * offset[0] + ca * offset[1]]
+        fsize = (psize[0] - m[0] - m[2], psize[1] - m[1] - m[3])
+        field, field_corners = _rotated_box(fc, fsize, tilt + math.radians(rng.normal(0, 1.5)), xx, yy)
+        field &= plate
+        image = np.where(field, image, background + (0.97 - background) * rng.uniform(0.12, 0.4))
+    image = ndimage.gaussian_filter(image.astype(np.float32), rng.uniform(0.5, 1.2), truncate=2.5)
+    image += noise * rng.uniform(0.006, 0.025)  # the texture's noise: a cheap, fresh-looking grain
+    if polarity == "inverted":
         image = 1 - image
+    shown = background if polarity != "inverted" else 1 - background
+    if low_contrast:  # the surround barely differs from the plate
+        surround = shown + rng.choice([-1, 1]) * rng.uniform(0.02, 0.06)
+    else:  # mostly black, sometimes mid or light grey
+        surround = rng.choice([rng.uniform(0.0, 0.05), rng.uniform(0.3, 0.45), rng.uniform(0.8, 1.0)],
+                              p=[0.8, 0.15, 0.05])
+    image = np.where(plate, image, surround + noise[::-1] * 0.004)
     pil = Image.fromarray(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if rng.random() < 0.85:
-        _draw_marker(pil, rng, "L" if anatomy["left"] else "R", inverted)
-    return np.asarray(pil), box
+    lead = int(rng.uniform(5, 40)) if polarity == "inverted" else int(rng.uniform(215, 250))
+    marker = _draw_marker(pil, rng, "L" if anatomy["left"] else "R", lead, tissue) if rng.random() < 0.85 else ""
+    truth = {"pose": view, "n_hands": n_hands, "polarity": polarity, "low_contrast": low_contrast,
+             "marker": marker, "plate": plate_corners, "field": field_corners, "mask": tissue & field}
+    return np.asarray(pil), box, truth
 
 
 def _phantom_image_task(task: dict) -> dict:
-    """Render and save one phantom view (runs in a worker process)."""
-    pixels, box = _render_view(task["seed"], task["view"], task["anatomy"], task["finding"], task["ring"],
-                               task["long_side"])
+    """Render and save one phantom view and its true hand mask (runs in a worker process)."""
+    pixels, box, truth = _render_view(task["seed"], task["view"], task["anatomy"], task["finding"], task["ring"],
+                                      task["long_side"], task["n_hands"], task["polarity"], task["low_contrast"])
     image = Image.fromarray(pixels, mode="L")
     if task["rgb"]:
         image = image.convert("RGB")
     path = Path(task["path"])
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG", optimize=False, compress_level=6)
-    return {"box": box, "width": image.width, "height": image.height}
+    mask_path = Path(task["mask_path"])
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(truth.pop("mask")).save(mask_path, format="PNG", optimize=False, compress_level=6)
+    return {"box": box, "width": image.width, "height": image.height, **truth}
 
 
 def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_rate: float,
@@ -768,7 +881,6 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
     rng = np.random.default_rng(seed)
     n_valid = max(1, int(round(n_patients * valid_fraction))) if n_patients > 1 else 0
     studies, tasks = [], []
-    views_choice = ["pa", "oblique", "lateral", "pa", "oblique"]
     finger_bones = [f"{f}_{p}" for f in FINGERS[1:] for p in ("proximal", "middle")] + ["thumb_proximal"]
     large_bones = ["index_metacarpal", "middle_metacarpal", "ring_metacarpal", "little_metacarpal", "radius"]
     split_labels = {split: set() for split in SPLITS}
@@ -805,8 +917,12 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
             rel = (split, body_part, patient, study)
             studies.append({"key": rel, "label": label})
             for v in range(n_views):
+                view = str(rng.choice(PHANTOM_POSES, p=[0.32, 0.18, 0.28, 0.22]))  # half lateral or flexed
                 tasks.append({
-                    "key": rel, "image": f"image{v + 1}.png", "view": views_choice[v], "anatomy": anatomy,
+                    "key": rel, "image": f"image{v + 1}.png", "view": view, "anatomy": anatomy,
+                    "n_hands": 2 if view == "pa" and rng.random() < 0.16 else 1,  # about 5% of the views
+                    "polarity": str(rng.choice(PHANTOM_POLARITIES, p=[0.82, 0.1, 0.08])),
+                    "low_contrast": bool(rng.random() < 0.1),  # the plate barely differs from its surround
                     "finding": finding if label and shows[v] else None, "finding_kind": finding and finding["kind"],
                     "ring": ring if (ring and rng.random() < 0.9) else None, "rgb": bool(rng.random() < 0.45),
                     "seed": (seed, i, s, v), "long_side": long_side,
@@ -828,7 +944,9 @@ def make_phantom_mura(
     """Write a synthetic hand-radiograph dataset in MURA-v1.1's exact layout under `root`; return its path.
 
     Same arguments, same bytes. Besides the four official CSVs it writes `phantom_findings.csv`: one row
-    per view that shows a planted abnormality (fracture, hardware or lesion) with its box in pixels.
+    per view that shows a planted abnormality (fracture, hardware or lesion) with its box in pixels, and the
+    per-view truth (`phantom_truth.csv` and one hand-mask PNG per view under `phantom_truth/`; see
+    load_phantom_truth).
     """
 
     unknown = [p for p in body_parts if p not in BODY_PARTS]
@@ -844,6 +962,7 @@ def make_phantom_mura(
     studies, tasks = _plan_phantom(n_patients, seed, valid_fraction, positive_rate, body_parts, image_size)
     for t in tasks:
         t["path"] = str(mura.joinpath(*t["key"], t["image"]))
+        t["mask_path"] = str(mura / _truth_mask_name(t["key"], t["image"]))
     results = _run_tasks(_phantom_image_task, tasks, "phantom images", progress, workers)
 
     for split in SPLITS:
@@ -863,6 +982,14 @@ def make_phantom_mura(
     columns = ["split", "body_part", "patient", "study", "image_path", "view_type", "finding", "bone",
                "x0", "y0", "x1", "y1", "width", "height"]
     pd.DataFrame(findings, columns=columns).to_csv(mura / PHANTOM_FINDINGS_CSV, index=False)
+    truth = pd.DataFrame([
+        {"split": t["key"][0], "body_part": t["key"][1], "patient": t["key"][2], "study": t["key"][3],
+         "image_path": f"{MURA_DIRNAME}/{'/'.join(t['key'])}/{t['image']}", "view_type": r["pose"],
+         "n_hands": r["n_hands"], "polarity": r["polarity"], "low_contrast": r["low_contrast"],
+         "marker": r["marker"], "plate": json.dumps(r["plate"]), "field": json.dumps(r["field"]),
+         "mask_path": _truth_mask_name(t["key"], t["image"]), "width": r["width"], "height": r["height"]}
+        for t, r in zip(tasks, results)])
+    truth.to_csv(mura / PHANTOM_TRUTH_CSV, index=False)
     manifest = {**settings, "n_studies": len(studies), "n_images": len(tasks),
                 "files": sorted({p.name for p in mura.iterdir()} | {PHANTOM_MANIFEST}), "complete": True}
     _write_json_atomic(manifest, mura / PHANTOM_MANIFEST)  # complete: rewritten last
@@ -1014,6 +1141,42 @@ def load_phantom_findings(data_dir: str | os.PathLike) -> pd.DataFrame:
     findings = pd.read_csv(path)
     findings["image_file"] = [str(root.joinpath(*_relative_key(p))) for p in findings["image_path"]]
     return findings
+
+
+def _truth_mask_name(key: Sequence[str], image: str) -> str:
+    """A view's hand-mask file, relative to the MURA root: phantom_truth/<split>_<part>_<patient>_<study>_<image>."""
+    return f"{PHANTOM_TRUTH_DIR}/{'_'.join(key)}_{image}"
+
+
+def load_phantom_truth(data_dir: str | os.PathLike) -> pd.DataFrame:
+    """Return the phantom's per-view truth: one row per view, keyed by image_path as load_phantom_findings.
+
+    Columns: split, body_part, patient, study, image_path (official relative form), image_file (absolute),
+    view_type (pa, oblique, lateral, flexed), n_hands, polarity (normal, light_grey: a light background not
+    inverted, inverted), low_contrast, marker (lead tag kind, "+strip" with a marker strip, "" for none),
+    plate and field (4 [x, y] corners in the view's pixels, [] when the plate fills the view / no collimation),
+    mask_path (relative), mask_file (absolute: read it with phantom_hand_mask), width, height.
+    """
+    root = find_mura_root(data_dir)
+    path = root / PHANTOM_TRUTH_CSV
+    if not path.is_file():
+        raise MuraDataError(f"{path}: no phantom truth here (only phantom datasets of version 3 or later carry one)")
+    truth = pd.read_csv(path, keep_default_na=False)
+    truth["image_file"] = [str(root.joinpath(*_relative_key(p))) for p in truth["image_path"]]
+    truth["mask_file"] = [str(root / p) for p in truth["mask_path"]]
+    for column in ("plate", "field"):
+        truth[column] = [json.loads(v) for v in truth[column]]
+    return truth
+
+
+def phantom_hand_mask(view) -> np.ndarray:
+    """The true hand mask (bone and soft tissue of every hand, where exposed) in the original view's pixels, as
+    bool (H, W): of a load_phantom_truth row (Series, itertuples row or dict) or of a mask file's path."""
+    path = view if isinstance(view, (str, os.PathLike)) else getattr(view, "mask_file", None)
+    if path is None:
+        path = view["mask_file"]
+    with Image.open(path) as im:
+        return np.asarray(im.convert("1"), dtype=bool)
 
 
 def phantom_boxes(data_dir: str | os.PathLike) -> pd.DataFrame | None:
@@ -3254,16 +3417,15 @@ def min_area_rect(points: np.ndarray) -> tuple[np.ndarray, tuple[float, float], 
     hull = points[ConvexHull(points).vertices]
     edges = np.diff(np.vstack([hull, hull[:1]]), axis=0)
     angles = np.unique(np.mod(np.arctan2(edges[:, 1], edges[:, 0]), np.pi / 2))
-    best = None
-    for a in angles:
-        rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
-        p = hull @ rot.T
-        lo, hi = p.min(0), p.max(0)
-        area = np.prod(hi - lo)
-        if best is None or area < best[0]:
-            center = rot.T @ ((lo + hi) / 2)
-            best = (area, center, (float(hi[0] - lo[0]), float(hi[1] - lo[1])), float(a))
-    _, center, (w, h), a = best
+    cos, sin = np.cos(angles), np.sin(angles)
+    u = hull[:, 0, None] * cos + hull[:, 1, None] * sin  # every edge's frame at once: (points, angles)
+    v = -hull[:, 0, None] * sin + hull[:, 1, None] * cos
+    lo, hi = np.stack([u.min(0), v.min(0)]), np.stack([u.max(0), v.max(0)])
+    best = int(np.argmin(np.prod(hi - lo, axis=0)))  # the first of equal areas, as a loop would keep
+    a = float(angles[best])
+    rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+    center = rot.T @ ((lo[:, best] + hi[:, best]) / 2)
+    w, h = float(hi[0, best] - lo[0, best]), float(hi[1, best] - lo[1, best])
     if a > np.pi / 4:  # keep the rectangle close to upright: angle in (-45, 45] degrees
         a, w, h = a - np.pi / 2, h, w
     return center, (w, h), a
@@ -3284,19 +3446,38 @@ def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray,
     it covers min_share..max_share of the searched pixels, the convex hull fills min_fill of it, and what lies
     outside it is mostly not of the component's class (`region`): a plate stands out from its surround, while
     the background beside a straight finger, a rectangle too, does not."""
-    ys, xs = np.nonzero(component)
-    if len(xs) < 16 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # too small, or a line: no area, not a plate
+    area = int(component.sum())
+    ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))  # its outline has the same hull
+    if area < 16 or len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # too small, or a line: no area, not a plate
         return None
+    if (np.ptp(xs) + 1) * (np.ptp(ys) + 1) < min_share * searched.sum() or area < 0.45 * min_share * searched.sum():
+        return None  # too small to be a plate, whatever its rectangle (cheap checks first)
     points = np.column_stack([xs, ys]).astype(float)
     center, (w, h), angle = min_area_rect(points)
     share = w * h / searched.sum()
     if not (min_share <= share <= max_share and ConvexHull(points).volume / max(w * h, 1e-9) > min_fill
-            and len(xs) / (w * h) > 0.45):
+            and area / (w * h) > 0.45):
         return None
     outside = searched & ~rect_mask(searched.shape, (center, (w + 2, h + 2), angle))
     if outside.sum() > 0.01 * searched.sum() and region[outside].mean() > 0.2:
-        return None
+        # ... or framed: a band just around it lies mostly in the view and is not of its class (a field inside a
+        # plate's lighter frame, with the surround beyond it as dark as the field)
+        ring = rect_mask(searched.shape, (center, (w + 8, h + 8), angle)) & ~rect_mask(searched.shape,
+                                                                                        (center, (w + 2, h + 2), angle))
+        band = ring & searched
+        if band.sum() < 0.6 * (2 * (w + h) * 3) or region[band].mean() > 0.2:
+            return None
     return share, center, (w, h), angle
+
+
+def _holds_the_detail(found, detail: np.ndarray, margin: float = 8.0) -> bool:
+    """Whether a plate candidate (share, center, (w, h), angle) holds most of the view's edges (the hand's): a dark
+    rectangle beside a light surround that holds the hand is not the plate. (`detail`: strong edges, away from
+    the searched area's border; `margin`: the candidate's own edges, left out.)"""
+    _, center, (w, h), angle = found
+    inner = detail & rect_mask(detail.shape, (center, (w - margin, h - margin), angle))
+    outer = detail & ~rect_mask(detail.shape, (center, (w + margin, h + margin), angle))
+    return outer.sum() <= 2 * inner.sum() + 0.002 * detail.size
 
 
 def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0.97, within=None):
@@ -3323,7 +3504,9 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
     if len(np.unique(values)) > 3:
         thresholds |= set(threshold_multiotsu(values, classes=3).tolist())
     commonest = 16 * np.argmax(np.bincount(values // 16)) + 8  # the direct-exposure background, mostly
-    best = None
+    grad = np.hypot(*np.gradient(ndimage.gaussian_filter(small.astype(np.float32), 1.0)))
+    detail = ndimage.binary_erosion(searched, iterations=3) & (grad > 4 * max(float(np.median(grad[searched])), 0.25))
+    best, tried = None, set()
     for threshold in sorted(thresholds):
         above = (small > threshold) & searched
         for region, background in ((above, commonest > threshold), (searched & ~above, commonest <= threshold)):
@@ -3336,9 +3519,13 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
             largest = labels == np.argmax(sizes) + 1
             large = np.flatnonzero(sizes >= 0.05 * sizes.max()) + 1
             for component in (largest, np.isin(labels, large)) if len(large) > 1 else (largest,):
+                key = (background, hash(component.tobytes()))  # close thresholds often give the same component
+                if key in tried:
+                    continue
+                tried.add(key)
                 # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
                 found = _plate_rect(component, region, searched, min_share, max_share, 0.85 if background else 0.9)
-                if found is not None and (best is None or found[0] > best[0]):
+                if found is not None and _holds_the_detail(found, detail) and (best is None or found[0] > best[0]):
                     best = found
     return None if best is None else (best[1] * step, (best[2][0] * step, best[2][1] * step), best[3])
 
@@ -3374,30 +3561,144 @@ def _warp(image: np.ndarray, affine: np.ndarray, out_size: int, order: int = 1) 
     return np.asarray(warped)
 
 
-def hand_mask(image: np.ndarray, content: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Foreground (hand) mask inside `content` pixels, and whether the view was inverted (bright background).
+def _class_thresholds(values: np.ndarray) -> list[float]:
+    """Candidate thresholds between a view's intensity classes: Otsu's, and those of a three- and a four-class
+    Otsu (the four-class one on a 64-bin histogram, for speed), ascending."""
+    if np.ptp(values) == 0:
+        return []
+    thresholds = {float(threshold_otsu(values))}
+    if len(np.unique(values)) > 3:
+        thresholds |= set(threshold_multiotsu(values, classes=3).tolist())
+        counts, edges = np.histogram(values, bins=64)
+        if (counts > 0).sum() > 4:
+            thresholds |= set(threshold_multiotsu(hist=(counts, (edges[:-1] + edges[1:]) / 2), classes=4).tolist())
+    return sorted(thresholds)
 
-    Classical, as a stand-in for the paper's SSD hand detector and Photoshop masks: polarity from the dominant
-    (background) intensity, the lower threshold of a three-class Otsu (background, soft tissue, bone), the
-    largest component, closing and hole filling.
-    """
-    values = image[content]
-    if values.size < 16:
-        return np.zeros_like(content), False
-    mode = np.argmax(np.bincount(values // 16, minlength=16))  # the direct-exposure background dominates a view
-    inverted = bool(mode >= 8)  # ... and is dark unless the view is stored inverted
-    work = 255 - image if inverted else image
-    inside = work[content]
-    threshold = threshold_multiotsu(inside, classes=3)[0] if len(np.unique(inside)) > 3 else threshold_otsu(inside)
-    mask = (work > threshold) & content
-    radius = max(1, image.shape[0] // 128)
-    mask = ndimage.binary_opening(mask, structure=disk(radius))
-    labels, n = ndimage.label(mask)
+
+def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content: np.ndarray, flat: float,
+                     spread: float) -> np.ndarray:
+    """The hand-like components of a foreground: large, thick, textured, not the plate or field (covering much of
+    the content's rim or most of the content, or a large filled rectangle), not a marker or plate edge (thin, or
+    uniform like the background)."""
+    labels, n = ndimage.label(fg)
     if n == 0:
-        return mask, inverted
-    mask = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1  # the hand and forearm: not markers, text, edges
-    mask = ndimage.binary_closing(mask, structure=disk(2 * radius), iterations=2)
-    return ndimage.binary_fill_holes(mask) & content, inverted
+        return fg
+    index = np.arange(1, n + 1)
+    area = ndimage.sum_labels(fg, labels, index)
+    on_rim = ndimage.sum_labels(ring, labels, index)
+    total = content.sum()
+    keep = (area >= 0.01 * total) & (area <= 0.75 * total) & (on_rim <= 0.3 * ring.sum())
+    if keep.any():
+        keep &= ndimage.standard_deviation(work, labels, index) >= max(2.5 * flat, 0.06 * spread)
+    if keep.any():
+        thickness = ndimage.maximum(ndimage.distance_transform_edt(fg), labels, index)
+        keep &= thickness >= max(2.0, 0.02 * fg.shape[0])
+    for k in np.flatnonzero(keep & (area >= 0.2 * total)):  # a filled rectangle over most of it: the plate
+        component = labels == index[k]
+        ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))
+        _, (w, h), _ = min_area_rect(np.column_stack([xs, ys]).astype(float))
+        keep[k] = area[k] < 0.8 * w * h or w * h < 0.6 * total
+    return np.isin(labels, index[keep])
+
+
+def hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> tuple[np.ndarray, bool]:
+    """Foreground (hand) mask inside `content` pixels, and whether the view was inverted (see _hand_mask)."""
+    mask, inverted, _ = _hand_mask(image, content, work_size)
+    return mask, inverted
+
+
+# signals of a doubtful hand mask (measured at the working resolution), and where suspect_masks flags them
+MASK_DOUBTS = {"missed": "foreground left outside the mask (share of its area)",
+               "cut": "the mask's edge cuts through foreground (share of a band outside it)",
+               "background_inside": "background inside the mask's edge (share of a band inside it)",
+               "rim": "the mask covers much of the content's rim (share)"}
+
+
+def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> tuple[np.ndarray, bool, dict]:
+    """Foreground (hand) mask inside `content` pixels, whether the view was inverted (hand darker than its
+    background), and the signals of a doubtful mask (MASK_DOUBTS).
+
+    Classical, as a stand-in for the paper's SSD hand detector and Photoshop masks, at a working resolution of at
+    most `work_size` (the mask is upsampled): the background is the level of the content's rim; the hand lies on
+    the side of it where the view's extremes lie farthest (bone: brighter, or darker when inverted). Thresholds
+    between intensity classes (Otsu, 3- and 4-class Otsu) are tried from the background's side outwards; the
+    first that leaves hand-like components (see _hand_components; every one kept: two hands) wins, else the other
+    polarity is tried. Uniform bright patches touching the rim (markers, plate edges) are cut out first.
+    """
+    size = image.shape[0]
+    n = min(size, work_size)
+    if n < size:
+        small = np.asarray(Image.fromarray(image).resize((n, n), Image.Resampling.BOX), np.float32)
+        inside = np.asarray(Image.fromarray(content.astype(np.uint8) * 255).resize((n, n), Image.Resampling.BOX)) > 250
+    else:
+        small, inside = image.astype(np.float32), content.astype(bool)
+    whole, inside = inside, ndimage.binary_erosion(inside, border_value=0)  # edge pixels blend with the zero fill
+    values = small[inside]
+    if values.size < 64 or np.ptp(values) == 0:
+        return np.zeros_like(content, bool), False, dict.fromkeys(MASK_DOUBTS, 0.0)
+    rim = max(3, n // 20)
+    ring = inside & ~ndimage.binary_erosion(inside, iterations=rim, border_value=0)
+    if ring.sum() >= 32:  # flatten the background: a plane through the rim (twice, without the hand's pixels)
+        ys, xs = np.nonzero(ring)
+        design = np.column_stack([np.ones(len(xs)), xs / n - 0.5, ys / n - 0.5])
+        fit = np.ones(len(xs), bool)
+        for _ in range(2):
+            coef = np.linalg.lstsq(design[fit], small[ys, xs][fit], rcond=None)[0]
+            residual = small[ys, xs] - design @ coef
+            deviation = np.abs(residual - np.median(residual))
+            fit = deviation <= 2.5 * 1.4826 * np.median(deviation) + 1
+        spread = 1.4826 * np.median(np.abs(residual[fit] - np.median(residual[fit])))
+        if abs(coef[1]) + abs(coef[2]) > 4 * spread + 2:  # a real gradient (a heel effect), not noise
+            yy, xx = np.mgrid[:n, :n] / n - 0.5
+            small = np.where(inside, small - coef[1] * xx - coef[2] * yy, small).astype(np.float32)
+            values = small[inside]
+    background = float(np.median(small[ring])) if ring.any() else float(np.median(values))
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    mean = ndimage.uniform_filter(small, 5)
+    local = np.sqrt(np.maximum(ndimage.uniform_filter(small * small, 5) - mean * mean, 0))
+    noise = max(float(np.percentile(local[inside], 25)), 0.5)  # the flattest quarter: the background's noise
+    prior = bool(background - lo > hi - background)
+
+    thresholds = _class_thresholds(values)  # besides the classes: just off the background (a faint soft tissue)
+    thresholds += [background + k * noise * (-1 if side else 1) for side in (prior, not prior) for k in (3, 6)]
+    found, inverted = np.zeros((n, n), bool), prior
+    for inverted, texture in ((prior, 1.0), (not prior, 1.0), (prior, 0.0)):  # last: a hand without texture
+        work = 255 - small if inverted else small
+        levels = sorted(255 - t for t in thresholds) if inverted else sorted(thresholds)
+        top = (255 - lo if inverted else hi) - 3 * noise
+        edge = (work > top) & (local <= 1.5 * noise + 0.5) & inside  # the brightest and flat: markers, plate edges
+        labels, count = ndimage.label(edge)
+        if count:
+            touching = np.unique(labels[ring & edge])
+            edge = ndimage.binary_dilation(np.isin(labels, touching[touching > 0]), iterations=2)
+        base = 255 - background if inverted else background
+        for level in (v for v in levels if v > base + 2 * noise):  # below: the background's own noise
+            fg = ndimage.binary_opening((work > level) & inside & ~edge)
+            found = _hand_components(fg, work, ring, inside, texture * noise, texture * (hi - lo))
+            if found.any():
+                break
+        if found.any():
+            break
+    if not found.any():
+        return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
+    found = ndimage.binary_closing(found, iterations=1, border_value=0)
+    filled = ndimage.binary_fill_holes(found)
+    holes, count = ndimage.label(filled & ~found)
+    if count:  # fill small holes (joint spaces, dark trabeculae); keep large ones (a loop of flexed fingers)
+        big = np.flatnonzero(np.bincount(holes.ravel())[1:] > 0.005 * inside.sum()) + 1
+        filled &= ~np.isin(holes, big)
+    filled |= ndimage.binary_dilation(filled) & whole & ~inside  # back onto the content's edge pixels
+    above = work > level
+    band_out = ndimage.binary_dilation(filled, iterations=2) & ~filled & inside
+    band_in = filled & ~ndimage.binary_erosion(filled, iterations=2) & inside
+    doubts = {"missed": float((fg & ~filled).sum() / max(filled.sum(), 1)),
+              "cut": float(above[band_out].mean()) if band_out.any() else 0.0,
+              "background_inside": float((~above[band_in]).mean()) if band_in.any() else 0.0,
+              "rim": float((filled & ring).sum() / max(ring.sum(), 1))}
+    if n < size:
+        filled = np.asarray(Image.fromarray(filled.astype(np.uint8) * 255).resize((size, size),
+                                                                                   Image.Resampling.BILINEAR)) >= 128
+    return filled & content, inverted, doubts
 
 
 def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
@@ -3409,23 +3710,24 @@ def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
     content = _warp(np.full(gray.shape, 255, np.uint8), affine, cfg.size, order=0) > 0
     if carrier is not None:  # the plate only: what lies beside a tilted or narrow plate is not part of the view
         half = np.asarray(carrier[1]) * cfg.size / max(carrier[1]) / 2  # the plate's half sides in the square
-        yy, xx = np.mgrid[: cfg.size, : cfg.size] + 0.5
-        content &= (np.abs(xx - cfg.size / 2) <= half[0]) & (np.abs(yy - cfg.size / 2) <= half[1])
-    inverted = False
+        centers = np.arange(cfg.size) + 0.5 - cfg.size / 2
+        content &= (np.abs(centers)[:, None] <= half[1]) & (np.abs(centers)[None, :] <= half[0])
+    inverted, doubts = False, dict.fromkeys(MASK_DOUBTS, 0.0)
     if cfg.segment:
-        mask, inverted = hand_mask(image, content)
+        mask, inverted, doubts = _hand_mask(image, content)
         if inverted:
             image = np.where(content, 255 - image, 0).astype(np.uint8)
     else:
         mask = content
     region = mask if mask.any() else content
-    if cfg.equalize == "he":
-        image = (exposure.equalize_hist(image, mask=region) * 255).astype(np.uint8)
+    if cfg.equalize == "he":  # skimage's equalize_hist, as a look-up table over the 256 grey levels
+        cdf, centers = exposure.cumulative_distribution(image[region], 256)
+        image = (np.interp(np.arange(256), centers, cdf) * 255).astype(np.uint8)[image]
     elif cfg.equalize == "clahe":
         image = (exposure.equalize_adapthist(image, clip_limit=0.01) * 255).astype(np.uint8)
     image = np.where(mask if cfg.segment else content, image, 0).astype(np.uint8)
     return {"image": image, "mask": mask.astype(np.uint8), "affine": affine.astype(np.float32),
-            "carrier_found": carrier is not None, "inverted": inverted}
+            "carrier_found": carrier is not None, "inverted": inverted, "doubts": doubts}
 
 
 def _anomaly_cache_chunk(task: tuple) -> int:
@@ -3434,10 +3736,12 @@ def _anomaly_cache_chunk(task: tuple) -> int:
     images = np.load(folder / "images.npy", mmap_mode="r+")
     masks = np.load(folder / "masks.npy", mmap_mode="r+")
     affines = np.load(folder / "affines.npy", mmap_mode="r+")
+    doubts = np.load(folder / "doubts.npy", mmap_mode="r+")
     for i, p in enumerate(paths):
         out = preprocess_view(p, cfg)
         images[start + i], masks[start + i], affines[start + i] = out["image"], out["mask"], out["affine"]
-    for a in (images, masks, affines):
+        doubts[start + i] = [out["doubts"][k] for k in MASK_DOUBTS]
+    for a in (images, masks, affines, doubts):
         a.flush()
     return len(paths)
 
@@ -3464,6 +3768,12 @@ class AnomalyCache:
     masks = property(lambda self: self._open()["masks"], doc="(N, S, S) uint8 hand masks (0/1)")
     affines = property(lambda self: self._open()["affines"], doc="(N, 2, 3) original -> square pixel affines")
 
+    @property
+    def doubts(self) -> pd.DataFrame | None:
+        """Each view's signals of a doubtful hand mask (columns: MASK_DOUBTS), or None for a cache without them."""
+        path = self.folder / "doubts.npy"
+        return pd.DataFrame(np.load(path), columns=list(MASK_DOUBTS)) if path.is_file() else None
+
     def rows(self, paths: Sequence[str]) -> np.ndarray:
         """Row numbers of the given image paths."""
         return np.array([self.row_of[p] for p in paths], dtype=np.int64)
@@ -3474,8 +3784,9 @@ class AnomalyCache:
 
 # bump when preprocess_view changes its output, so that caches built by an older version are rebuilt
 # (2: the exposed field inside collimated plates, plates barely darker than their surround, three-class Otsu masks;
-# 3: a plate of the background's class may miss a corner)
-ANOMALY_PIPELINE_VERSION = 3
+# 3: a plate of the background's class may miss a corner; 4: polarity from the content, every hand, markers and
+# plates kept out, the mask found at <= 128 px, framed fields, fields that hold the hand)
+ANOMALY_PIPELINE_VERSION = 4
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
@@ -3491,7 +3802,7 @@ def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache
     tmp.mkdir(parents=True, exist_ok=True)
     n, s = len(paths), cfg.size
     for name, shape, dtype in (("images", (n, s, s), np.uint8), ("masks", (n, s, s), np.uint8),
-                               ("affines", (n, 2, 3), np.float32)):
+                               ("affines", (n, 2, 3), np.float32), ("doubts", (n, len(MASK_DOUBTS)), np.float32)):
         np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
     tasks = [(tmp, i, paths[i:i + 32], cfg) for i in range(0, n, 32)]
     try:
@@ -3506,16 +3817,120 @@ def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache
     return AnomalyCache(folder, paths, cfg)
 
 
-def suspect_masks(cache: AnomalyCache, low: float = 0.02, high: float = 0.45) -> pd.DataFrame:
+# where a doubt signal flags a view (set on phantom v3 at 512 px: its 90th percentile over the views whose mask IoU
+# with the truth was >= 0.5)
+MASK_DOUBT_LIMITS = {"missed": 0.055, "cut": 0.09, "background_inside": 0.021, "rim": 0.185}
+
+
+def suspect_masks(cache: AnomalyCache, low: float = 0.02, high: float = 0.45,
+                  limits: dict | None = MASK_DOUBT_LIMITS) -> pd.DataFrame:
     """Views whose hand mask is implausible, to look at before training: covering more than `high` of the square
-    (mostly the plate or the exposed field taken for the hand) or less than `low` (the hand missed). None for
-    variants without segmentation, whose mask is the whole view."""
-    rows = range(len(cache.image_paths)) if cache.cfg.segment else []
+    (mostly the plate or the exposed field taken for the hand) or less than `low` (the hand missed), or with a
+    doubt signal (MASK_DOUBTS) above its limit (`limits`; None: shares only). None for variants without
+    segmentation, whose mask is the whole view."""
+    rows = np.arange(len(cache.image_paths)) if cache.cfg.segment else np.arange(0)
     shares = np.array([cache.masks[i].mean() for i in rows], dtype=float)
-    table = pd.DataFrame({"image_path": [cache.image_paths[i] for i in rows], "mask_share": shares})
-    table["problem"] = np.select([shares > high, shares < low],
-                                 [f"mask covers more than {high:.0%} of the square", f"mask under {low:.0%}"], "")
+    problems = [[f"mask covers more than {high:.0%} of the square"] if s > high else
+                [f"mask under {low:.0%}"] if s < low else [] for s in shares]
+    doubts = cache.doubts if limits else None
+    if doubts is not None and len(rows):
+        for name, limit in limits.items():
+            for k in np.flatnonzero(doubts[name].to_numpy()[rows] > limit):
+                problems[k].append(f"{MASK_DOUBTS[name]} above {limit}")
+    table = pd.DataFrame({"image_path": [cache.image_paths[i] for i in rows], "mask_share": shares,
+                          "problem": ["; ".join(p) for p in problems]})
     return table[table["problem"] != ""].sort_values("mask_share", ascending=False).reset_index(drop=True)
+
+
+def _truth_in_square(truth: np.ndarray, affine: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """A true mask (original pixels) warped into a preprocessed square by its affine, and how much of it (in the
+    square's pixels) the crop cut off."""
+    affine = np.asarray(affine, float)
+    warped = _warp(np.asarray(truth, bool).astype(np.uint8) * 255, affine, size) >= 128
+    ys, xs = np.nonzero(truth)
+    xy = np.column_stack([xs + 0.5, ys + 0.5]) @ affine[:, :2].T + affine[:, 2]
+    cut_off = ((xy < 0) | (xy >= size)).any(1).sum() * abs(np.linalg.det(affine[:, :2]))
+    return warped, float(cut_off)
+
+
+def mask_iou(mask: np.ndarray, affine: np.ndarray, truth: np.ndarray) -> float:
+    """IoU of a preprocessed view's hand mask (in its square) with the true mask (in the original view's pixels),
+    in the square's pixels: the truth warped by the view's affine; true hand that the crop cut off counts as missed."""
+    warped, cut_off = _truth_in_square(truth, affine, mask.shape[0])
+    pred = np.asarray(mask, bool)
+    union = (pred | warped).sum() + cut_off
+    return float((pred & warped).sum() / union) if union > 0 else 1.0
+
+
+def _mask_iou_rows(task: tuple) -> list[dict]:
+    """mask_iou of a chunk of cached views against their true masks (runs in a worker process)."""
+    cache, views = task
+    rows = []
+    for v in views:
+        i = cache.row_of[v["image_file"]]
+        mask, affine = np.asarray(cache.masks[i], bool), cache.affines[i]
+        truth = phantom_hand_mask(v["mask_file"])
+        warped, cut_off = _truth_in_square(truth, affine, mask.shape[0])
+        union = (mask | warped).sum() + cut_off
+        rows.append({"image_path": v["image_path"], "iou": float((mask & warped).sum() / union) if union else 1.0,
+                     "truth_share": float(warped.mean()), "mask_share": float(mask.mean()),
+                     "cut_off_share": float(cut_off / mask.size)})
+    return rows
+
+
+def mask_iou_table(data_dir: str | os.PathLike, cache: AnomalyCache | PreprocessConfig,
+                   cache_dir: str | os.PathLike = "data/cache", workers: int | None = None,
+                   progress: bool = True) -> pd.DataFrame:
+    """Per-view IoU of the hand masks with a phantom's true masks (v3+), one row per view: iou, truth_share and
+    mask_share (of the square), cut_off_share (true hand the crop left out), and the truth's view_type, n_hands,
+    polarity, low_contrast, marker. Computed in the preprocessed square (mask_iou). `cache`: a built AnomalyCache
+    (its views that the phantom knows), or a PreprocessConfig, built for all the phantom's views."""
+    truth = load_phantom_truth(data_dir)
+    if isinstance(cache, PreprocessConfig):
+        cache = build_anomaly_cache(truth["image_file"], cache, cache_dir, workers=workers, progress=progress)
+    if not cache.cfg.segment:
+        raise ValueError(f"variant {cache.cfg.name} has no hand mask (its mask is the whole view): use a full variant")
+    truth = truth[truth["image_file"].isin(cache.row_of)].reset_index(drop=True)
+    views = truth[["image_path", "image_file", "mask_file"]].to_dict("records")
+    tasks = [(cache, views[i:i + 32]) for i in range(0, len(views), 32)]
+    rows = [r for chunk in _run_tasks(_mask_iou_rows, tasks, "mask IoU", progress, workers,
+                                      [len(t[1]) for t in tasks]) for r in chunk]
+    table = pd.DataFrame(rows, columns=["image_path", "iou", "truth_share", "mask_share", "cut_off_share"])
+    keep = ["image_path", "image_file", "mask_file", "view_type", "n_hands", "polarity", "low_contrast", "marker"]
+    return truth[keep].merge(table, on="image_path").assign(size=cache.cfg.size, variant=cache.cfg.name)
+
+
+def mask_iou_summary(table: pd.DataFrame, good: float = 0.85, bad: float = 0.5) -> dict:
+    """The IoU distribution in numbers: views, share >= `good`, median, 5th percentile, count < `bad`."""
+    iou = table["iou"].to_numpy()
+    return {"views": int(len(iou)), f"share_iou_ge_{good}": float(np.mean(iou >= good)),
+            "median_iou": float(np.median(iou)), "p5_iou": float(np.percentile(iou, 5)),
+            f"n_iou_lt_{bad}": int(np.sum(iou < bad))}
+
+
+def plot_mask_iou(table: pd.DataFrame, worst: int = 6, good: float = 0.85):
+    """The mask IoU's distribution (by polarity) and the worst views: each cropped view with its mask (red) and the
+    true one (green; both: yellow) in the preprocessed square."""
+    fig = plt.figure(figsize=(3 * max(worst, 4), 6.2))
+    grid = fig.add_gridspec(2, max(worst, 4))
+    ax = fig.add_subplot(grid[0, :])
+    sns.histplot(table, x="iou", hue="polarity", bins=np.linspace(0, 1, 41), multiple="stack", ax=ax)
+    ax.axvline(good, color="k", ls="--", lw=1)
+    ax.set_title(f"Hand mask IoU with the phantom's truth ({table['variant'].iloc[0]}, {table['size'].iloc[0]} px): "
+                 f"{np.mean(table['iou'] >= good):.1%} of {len(table)} views >= {good}")
+    cfg = preprocess_variants(int(table["size"].iloc[0]), [table["variant"].iloc[0]])[table["variant"].iloc[0]]
+    for k, row in enumerate(table.nsmallest(worst, "iou").itertuples()):
+        out = preprocess_view(row.image_file, cfg)
+        truth, _ = _truth_in_square(phantom_hand_mask(row.mask_file), out["affine"], cfg.size)
+        view = preprocess_view(row.image_file, PreprocessConfig(cfg.crop, False, None, cfg.size))["image"] / 255
+        overlay = np.stack([np.maximum(view * 0.6, out["mask"]), np.maximum(view * 0.6, truth * 0.8), view * 0.6], -1)
+        axis = fig.add_subplot(grid[1, k])
+        axis.imshow(overlay)
+        axis.set_title(f"IoU {row.iou:.2f}: {row.view_type}, {row.polarity}\n{row.n_hands} hand(s)"
+                       f"{', low contrast' if row.low_contrast else ''}", fontsize=8)
+        axis.axis("off")
+    fig.tight_layout()
+    return fig
 
 
 def anomaly_split(studies: pd.DataFrame, seed: int = 0) -> pd.DataFrame:

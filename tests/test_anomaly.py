@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
 import mura_helpers as mh
 
@@ -124,6 +125,106 @@ def test_background_beside_a_straight_finger_is_no_plate():
     assert mh.find_carrier(image) is None  # ... but what lies outside it is as dark: not a plate standing out
 
 
+def _capsule(shape, p0, p1, radius):
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(float)
+    d = np.subtract(p1, p0, dtype=float)
+    t = np.clip(((xx - p0[0]) * d[0] + (yy - p0[1]) * d[1]) / (d @ d), 0, 1)
+    return np.hypot(xx - p0[0] - t * d[0], yy - p0[1] - t * d[1]) <= radius
+
+
+def _drawn_hand(shape, cx, wrist_y, s=1.0):
+    """(hand, bones) masks: a forearm from the bottom edge, a palm, four fingers and a thumb (s: scale)."""
+    hand, bones = np.zeros(shape, bool), np.zeros(shape, bool)
+    bottom = shape[0] + 20
+    hand |= _capsule(shape, (cx, bottom), (cx, wrist_y), 34 * s)  # forearm
+    hand |= _capsule(shape, (cx - 12 * s, wrist_y - 25 * s), (cx + 12 * s, wrist_y - 25 * s), 38 * s)  # palm
+    bones |= _capsule(shape, (cx - 14 * s, bottom), (cx - 14 * s, wrist_y + 5 * s), 9 * s)  # radius
+    bones |= _capsule(shape, (cx + 14 * s, bottom), (cx + 14 * s, wrist_y + 5 * s), 8 * s)  # ulna
+    for i, dx in enumerate((-33, -11, 11, 32)):
+        base = np.array([cx + dx * s, wrist_y - 55 * s])
+        tip = base + [dx * 0.25 * s, -(95 - 8 * abs(i - 1.5)) * s]
+        hand |= _capsule(shape, base, tip, 9.5 * s)
+        bones |= _capsule(shape, base + [0, 40 * s], base, 5 * s) | _capsule(shape, base, tip + [0, 6 * s], 4.5 * s)
+    thumb0 = np.array([cx - 38 * s, wrist_y - 15 * s])
+    thumb1 = thumb0 + [-45 * s, -45 * s]
+    hand |= _capsule(shape, thumb0, thumb1, 11 * s)
+    bones |= _capsule(shape, thumb0 + [8 * s, 8 * s], thumb1 + [6 * s, 6 * s], 5 * s)
+    return hand, bones & hand
+
+
+def _radiograph(shape=(400, 300), background=20, soft=90, bone=200, noise=4.0, hands=((150, 250, 1.0),), seed=0):
+    """A view of `background` around hands (soft tissue over textured bones), blurred and noisy; and the true
+    hand mask."""
+    rng = np.random.default_rng(seed)
+    image, truth = np.full(shape, float(background)), np.zeros(shape, bool)
+    for cx, wrist_y, s in hands:
+        hand, bones = _drawn_hand(shape, cx, wrist_y, s)
+        texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)
+        image[hand] = soft
+        image[bones] = bone + 0.12 * abs(bone - soft) * texture[bones] / texture.std()  # trabecular texture
+        truth |= hand
+    image = ndimage.gaussian_filter(image, 1.0) + rng.normal(0, noise, shape)
+    return np.clip(image, 0, 255).astype(np.uint8), truth
+
+
+def _warped(truth, out):
+    return mh._warp(truth.astype(np.uint8) * 255, out["affine"].astype(float), out["mask"].shape[0]) >= 128
+
+
+@pytest.mark.parametrize("background, soft, bone, inverted", [
+    (165, 180, 225, False),  # 1: a light-grey background, not inverted: bones still brighter than soft tissue
+    (120, 95, 40, True),  # 2: truly inverted on a mid-grey background: dark bones
+])
+def test_polarity_comes_from_the_content_not_the_background_level(background, soft, bone, inverted, tmp_path):
+    image, truth = _radiograph(background=background, soft=soft, bone=bone)
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    assert out["inverted"] == inverted
+    assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.85  # the hand, not the background
+
+
+def test_a_low_contrast_plate_is_not_taken_for_the_hand():
+    image, truth = _radiograph(shape=(128, 128), background=60, soft=70, bone=92, noise=2, hands=((64, 85, 0.4),))
+    image[:3], image[-3:], image[:, :3], image[:, -3:] = 15, 15, 15, 15  # a thin dark margin around the plate
+    mask, inverted = mh.hand_mask(image, np.ones(image.shape, bool))
+    assert not inverted and mask.mean() < 0.3  # not the plate (0.88 of the square) ...
+    assert (mask & truth).sum() / (mask | truth).sum() >= 0.8  # ... but the hand
+
+
+def test_two_hands_are_both_masked_and_a_bright_plate_edge_is_not(tmp_path):
+    image, truth = _radiograph(shape=(320, 440), background=25, soft=95, bone=200,
+                               hands=((120, 190, 0.8), (320, 190, 0.8)))
+    image[:, -10:] = 215  # a bright plate edge along the right side
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    mask = out["mask"].astype(bool)
+    for half in (slice(0, 220), slice(220, 440)):  # each hand, alone
+        one = np.zeros_like(truth)
+        one[:, half] = truth[:, half]
+        assert (mask & _warped(one, out)).sum() >= 0.85 * _warped(one, out).sum()
+    edge = np.zeros(truth.shape, bool)
+    edge[:, -10:] = True
+    assert not (mask & _warped(edge, out)).any()
+    assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.8
+
+
+def test_the_field_is_not_a_dark_rectangle_beside_the_hand(tmp_path):
+    image, truth = _radiograph(shape=(400, 420), background=160, soft=175, bone=225, hands=((320, 250, 0.9),))
+    image[:, :230] = np.random.default_rng(1).normal(30, 3, (400, 230)).clip(0, 255)  # a dark rectangle, no hand
+    truth[:, :230] = False
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.85  # the crop keeps the hand
+
+
+def test_a_marker_strip_along_an_edge_stays_out_of_the_mask(tmp_path):
+    image, truth = _radiograph()
+    strip = np.zeros(truth.shape, bool)
+    strip[120:300, :62] = True  # a lead marker strip along the left edge, touching the thumb
+    image[strip] = 235
+    truth &= ~strip
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    assert (out["mask"].astype(bool) & _warped(strip, out)).sum() < 0.05 * _warped(strip, out).sum()
+    assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.85
+
+
 def test_anomaly_cache_is_rebuilt_when_the_pipeline_changes(tiny_phantom, tmp_path, monkeypatch):
     paths = list(mh.studies_to_images(mh.load_studies(tiny_phantom, "train", "XR_HAND"))["image_path"][:3])
     cfg = mh.PreprocessConfig(size=32)
@@ -144,6 +245,20 @@ def test_suspect_masks_are_listed(tmp_path):
     assert "more than 45%" in suspects["problem"][0] and "under 2%" in suspects["problem"][1]
     unsegmented = mh.AnomalyCache(tmp_path, ["a.png", "b.png", "c.png"], mh.PreprocessConfig(size=10, segment=False))
     assert mh.suspect_masks(unsegmented).empty  # its mask is the view, not a hand
+
+
+def test_suspect_masks_flag_doubtful_masks_of_a_plausible_size(tmp_path):
+    masks = np.zeros((2, 10, 10), np.uint8)
+    masks[:, :3] = 1  # both of a plausible share ...
+    doubts = np.zeros((2, len(mh.MASK_DOUBTS)), np.float32)
+    doubts[1, list(mh.MASK_DOUBTS).index("cut")] = 0.5  # ... but the second's edge cuts through foreground
+    for name, array in (("images", np.zeros_like(masks)), ("masks", masks), ("affines", np.zeros((2, 2, 3))),
+                        ("doubts", doubts)):
+        np.save(tmp_path / f"{name}.npy", array)
+    cache = mh.AnomalyCache(tmp_path, ["a.png", "b.png"], mh.PreprocessConfig(size=10))
+    suspects = mh.suspect_masks(cache)
+    assert list(suspects["image_path"]) == ["b.png"] and "cuts through foreground" in suspects["problem"][0]
+    assert mh.suspect_masks(cache, limits=None).empty  # shares only
 
 
 def test_carrier_search_skips_lines_and_specks():

@@ -125,6 +125,8 @@ def test_anomaly_notebook_runs_headless(normal_heavy_phantom, tmp_path):
     assert results["heatmap_pointing_game"] is not None
     assert ("no model", "template_mse") in grid  # the model-free floor
     assert isinstance(results["suspect_masks"], int)  # counted before training
+    assert results["mask_iou"]["views"] > 0 and 0 <= results["mask_iou"]["median_iou"] <= 1  # against the truth
+    assert (tmp_path / "figures" / "anomaly_mask_iou.png").stat().st_size > 5_000
     assert all(r["roc_auc_ci_low"] <= r["roc_auc"] <= r["roc_auc_ci_high"] for r in results["grid"]
                if r["roc_auc"] == r["roc_auc"])
     assert {(r["model"], r["score"]) for r in results["roc_auc_by_finding"]} == grid  # one variant: every row

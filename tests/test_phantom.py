@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from conftest import TINY
 from PIL import Image
+from scipy import ndimage
 
 import mura_helpers as mh
 
@@ -86,16 +87,18 @@ def test_ground_truth_boxes(tiny_phantom):
 
 def test_planted_finding_changes_the_pixels_inside_its_box():
     studies, tasks = mh._plan_phantom(30, 1, 0.15, 0.8, ("XR_HAND",), 256)
-    task = next(t for t in tasks if t["finding"] is not None and t["finding"]["kind"] == "hardware")
-    args = (task["seed"], task["view"], task["anatomy"])
-    with_finding, box = mh._render_view(*args, task["finding"], task["ring"], 256)
-    without, none = mh._render_view(*args, None, task["ring"], 256)
-    assert box is not None and none is None
-    x0, y0, x1, y1 = box
-    diff = np.abs(with_finding.astype(int) - without.astype(int))
-    inside = diff[y0:y1, x0:x1].mean()
-    outside = (diff.sum() - diff[y0:y1, x0:x1].sum()) / (diff.size - diff[y0:y1, x0:x1].size)
-    assert inside > 10 * max(outside, 0.01)
+    for kind in ("fracture", "hardware", "lesion"):
+        task = next(t for t in tasks if t["finding"] is not None and t["finding"]["kind"] == kind)
+        args = (task["seed"], task["view"], task["anatomy"])
+        with_finding, box, truth = mh._render_view(*args, task["finding"], task["ring"], 256)
+        without, none, _ = mh._render_view(*args, None, task["ring"], 256)
+        assert box is not None and none is None
+        x0, y0, x1, y1 = box
+        assert truth["mask"][(y0 + y1) // 2, (x0 + x1) // 2]  # on the hand
+        diff = np.abs(with_finding.astype(int) - without.astype(int))
+        inside = diff[y0:y1, x0:x1].mean()
+        outside = (diff.sum() - diff[y0:y1, x0:x1].sum()) / (diff.size - diff[y0:y1, x0:x1].size)
+        assert inside > 10 * max(outside, 0.01), kind
 
 
 def test_ensure_phantom_reuses_or_rebuilds(tmp_path, monkeypatch):
@@ -125,3 +128,116 @@ def test_the_training_seed_does_not_pick_the_phantom(tmp_path):
     for cfg in (mh.TrainConfig(seed=7, **settings), mh.AnomalyConfig(seed=7, **settings)):  # other seeds, same data
         assert mh.config_data_root(cfg) == root and (root / mh.PHANTOM_MANIFEST).stat().st_mtime_ns == stamp
     assert json.loads((root / mh.PHANTOM_MANIFEST).read_text())["seed"] == 0
+
+
+# ---------------------------------------------------------------- the per-view truth and the real views' statistics
+
+# Real MURA XR_HAND, measured by the team on 28 views: whole-view mean 53, std 33, hand pixels' 95th percentile 141,
+# median over views of a view's 99th percentile 147 (phantom v2: 71, 63, 197, 212). The bounds leave room for a
+# 28-view sample's spread and a 60-view phantom's, and still reject v2's contrast (std, p99) and brightness.
+REAL_HAND_RANGES = {"mean": (40, 70), "std": (22, 45), "hand_p95": (110, 175), "p99": (120, 180)}
+
+
+@pytest.fixture(scope="module")
+def phantom_512(tmp_path_factory):
+    """A 20-patient phantom at 512 px (about 60 views), the size at which the real views were measured."""
+    return mh.make_phantom_mura(tmp_path_factory.mktemp("phantom512"), n_patients=20, seed=11, image_size=512,
+                                progress=False)
+
+
+def _rect(corners, shape, grow: float):
+    """Pixels inside a truth polygon (4 corners) grown by `grow` pixels; every pixel when there is none."""
+    if not corners:
+        return np.ones(shape, bool)
+    center, (w, h), angle = mh.min_area_rect(np.asarray(corners, float))
+    return mh.rect_mask(shape, (center - 0.5, (w + 2 * grow, h + 2 * grow), angle))
+
+
+def test_statistics_match_real_hand_views(phantom_512):
+    truth = mh.load_phantom_truth(phantom_512)
+    assert len(truth) >= 40
+    means, stds, p99s, hand_p95s = [], [], [], []
+    for row in truth.itertuples():
+        gray = np.asarray(mh.load_image(row.image_file), dtype=float)
+        means.append(gray.mean())
+        stds.append(gray.std())
+        p99s.append(np.percentile(gray, 99))
+        hand_p95s.append(np.percentile(gray[mh.phantom_hand_mask(row)], 95))
+    measured = {"mean": np.mean(means), "std": np.mean(stds), "hand_p95": np.median(hand_p95s),
+                "p99": np.median(p99s)}
+    for name, (lo, hi) in REAL_HAND_RANGES.items():
+        assert lo <= measured[name] <= hi, (name, measured)
+
+
+def test_truth_table_and_masks(tiny_phantom):
+    truth = mh.load_phantom_truth(tiny_phantom)
+    images = mh.studies_to_images(mh.load_all_studies(tiny_phantom))  # the truth stays out of the study folders
+    assert sorted(truth["image_file"]) == sorted(map(str, images["image_path"]))
+    assert set(truth["view_type"]) <= set(mh.PHANTOM_POSES) and set(truth["n_hands"]) <= {1, 2}
+    assert set(truth["polarity"]) <= set(mh.PHANTOM_POLARITIES)
+    for row in truth.itertuples():
+        mask = mh.phantom_hand_mask(row)
+        with Image.open(row.image_file) as im:
+            assert mask.shape == (im.height, im.width) == (row.height, row.width)
+        assert 0.02 < mask.mean() < 0.8
+        for corners in (row.plate, row.field):
+            assert len(corners) in (0, 4)
+            assert not (mask & ~_rect(corners, mask.shape, 1.5)).any()  # no hand outside the plate or field
+    row = truth.iloc[0]
+    assert (mh.phantom_hand_mask(row) == mh.phantom_hand_mask(row["mask_file"])).all()
+    assert (mh.phantom_hand_mask(row.to_dict()) == mh.phantom_hand_mask(row)).all()
+
+
+def test_truth_mask_covers_the_hand(phantom_512):
+    truth = mh.load_phantom_truth(phantom_512)
+    checked = 0
+    for row in truth[~truth["low_contrast"]].itertuples():
+        gray = np.asarray(mh.load_image(row.image_file), dtype=float)
+        mask = mh.phantom_hand_mask(row)
+        field = _rect(row.field or row.plate, mask.shape, -3)
+        background = np.median(gray[field & ~mask])
+        hand = gray[mask & field]
+        if row.polarity == "inverted":  # dark bones on a lighter background
+            assert np.percentile(hand, 5) < background - 20
+            continue
+        assert np.percentile(hand, 95) > background + 20  # bones brighter, whatever the background
+        bright = field & (gray > background + 40) & (gray < 200)  # bone-bright, but no lead tag or text
+        if bright.sum() >= 50:  # (a light-grey background leaves little room below the tags)
+            near = ndimage.binary_dilation(mask, iterations=2)
+            assert near[bright].mean() > 0.97, row.image_path
+            checked += 1
+    assert checked >= 30
+
+
+def test_two_hand_views_show_two_hands():
+    studies, tasks = mh._plan_phantom(60, 2, 0.15, 0.26, ("XR_HAND",), 256)
+    two = [t for t in tasks if t["n_hands"] == 2][:3]
+    one = [t for t in tasks if t["n_hands"] == 1 and t["view"] == "pa"][:3]
+    assert len(two) == 3
+    for task, hands in [(t, 2) for t in two] + [(t, 1) for t in one]:
+        _, _, truth = mh._render_view(task["seed"], task["view"], task["anatomy"], None, None, 256, task["n_hands"])
+        labels, n = ndimage.label(truth["mask"])
+        sizes = np.bincount(labels.ravel())[1:]
+        assert (sizes > 0.1 * sizes.max()).sum() == hands and truth["n_hands"] == hands
+
+
+def test_plan_draws_real_poses_and_polarities():
+    studies, tasks = mh._plan_phantom(600, 0, 0.15, 0.26, ("XR_HAND",), 512)
+    views = pd.DataFrame(tasks)
+    assert len(views) > 2000
+    assert 0.4 < views["view"].isin(["lateral", "flexed"]).mean() < 0.6  # about half lateral or flexed
+    assert 0.03 < (views["n_hands"] == 2).mean() < 0.07 and set(views.loc[views["n_hands"] == 2, "view"]) == {"pa"}
+    shares = views["polarity"].value_counts(normalize=True)
+    assert 0.08 < shares["light_grey"] < 0.12 and 0.06 < shares["inverted"] < 0.1
+    assert 0.08 < views["low_contrast"].mean() < 0.12
+
+
+def test_findings_lie_on_the_true_hand(phantom_512):
+    truth = mh.load_phantom_truth(phantom_512).set_index("image_path")
+    findings = mh.load_phantom_findings(phantom_512)
+    assert len(findings) >= 5
+    for f in findings.itertuples():
+        mask = mh.phantom_hand_mask(truth.loc[f.image_path])
+        assert mask[(f.y0 + f.y1) // 2, (f.x0 + f.x1) // 2]
+        assert mask[f.y0:f.y1 + 1, f.x0:f.x1 + 1].mean() > 0.5
+        assert min(f.x1 - f.x0, f.y1 - f.y0) * 224 / max(f.width, f.height) >= 4  # learnable: visible at 224 px
