@@ -123,6 +123,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _significant(value: float) -> float:
+    """A rate or ratio to 4 significant digits (rounding to a fixed decimal broke the ratios of slow CPU rates)."""
+    return float(f"{value:.4g}")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=None, help="MURA folder; default: a phantom under --phantom-dir")
@@ -166,14 +171,14 @@ def main(argv=None) -> dict:
             started = time.perf_counter()
             b = project_rate(compiled, cache, images, args, device, weights, batch_size)
             c = compute_bound_rate(compiled, args, device, weights, batch_size)
-            settings.append({"compile": mode, "batch_size": batch_size, "b_project": round(b, 1),
-                             "c_compute_bound": round(c, 1), "b_over_a": round(b / seed_style, 2),
-                             "b_over_c": round(b / c, 3), "seconds": round(time.perf_counter() - started, 1)})
+            settings.append({"compile": mode, "batch_size": batch_size, "b_project": _significant(b),
+                             "c_compute_bound": _significant(c), "b_over_a": _significant(b / seed_style),
+                             "b_over_c": _significant(b / c), "seconds": round(time.perf_counter() - started, 1)})
             print(settings[-1], flush=True)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "torch": torch.__version__, "autocast": str(mh.amp_dtype(args.amp, device)), "image_size": args.image_size,
-        "workers": args.workers, "views": len(images), "a_seed_style": round(seed_style, 1), "settings": settings,
+        "workers": args.workers, "views": len(images), "a_seed_style": _significant(seed_style), "settings": settings,
     }
     print(json.dumps(report, indent=2))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
