@@ -401,11 +401,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     32-bit images (I;16, I, F) are scaled linearly from their own min..max to 0..255 rather than clipped.
     """
     path = Path(path)
-    issue = check_image_file(path, full_decode=True)
-    if issue:
-        raise MuraDataError(f"{path}: {issue}")
-    with Image.open(path) as im:
+    if not path.is_file() or path.stat().st_size == 0:
+        raise MuraDataError(f"{path}: {check_image_file(path)}")
+    try:  # decoded once: the check is the load itself
+        im = Image.open(path)
         im.load()
+    except Exception as e:  # PIL raises several types for corrupt data
+        raise MuraDataError(f"{path}: unreadable or truncated image ({type(e).__name__}: {e})") from None
+    with im:
         if im.mode == "L":
             return im.copy()
         if im.mode == "LA":
