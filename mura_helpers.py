@@ -2484,13 +2484,16 @@ def _train_locked(cfg: TrainConfig, progress: bool, ctx: Distributed, device) ->
     return pd.DataFrame(history)
 
 
-def launch_training(cfg: TrainConfig, devices: int | str = "auto", progress: bool = True) -> pd.DataFrame:
-    """Train on `devices` processes and return the history: "auto" uses every visible GPU; 1 (or one GPU, or none)
-    trains in this process; N > 1 starts N worker processes with torchrun (NCCL on GPUs, gloo on a CPU), shows
-    rank 0's epoch lines, and raises with the workers' output when one fails."""
+def launch_training(cfg: TrainConfig | AnomalyConfig, devices: int | str = "auto",
+                    progress: bool = True) -> pd.DataFrame:
+    """Train a TrainConfig (train) or an autoencoder's AnomalyConfig (train_anomaly) on `devices` processes and
+    return the history: "auto" uses every visible GPU; 1 (or one GPU, or none, or a GAN) trains in this process;
+    N > 1 starts N worker processes with torchrun (NCCL on GPUs, gloo on a CPU), shows rank 0's epoch lines, and
+    raises with the workers' output when one fails."""
+    anomaly = isinstance(cfg, AnomalyConfig)
     n = torch.cuda.device_count() if devices == "auto" else int(devices)
-    if n <= 1:
-        return train(cfg, progress)
+    if n <= 1 or (anomaly and cfg.model in GAN_MODELS):  # the GANs stay on one device (train_anomaly says why)
+        return train_anomaly(cfg, progress) if anomaly else train(cfg, progress)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = out / "launch_config.json"
@@ -2498,12 +2501,12 @@ def launch_training(cfg: TrainConfig, devices: int | str = "auto", progress: boo
     module_dir = str(Path(__file__).resolve().parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [module_dir, os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "mura_helpers", "train", "--config", str(config), "--no-progress"]
+               "-m", "mura_helpers", "train-anomaly" if anomaly else "train", "--config", str(config), "--no-progress"]
     lines = []
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             lines.append(line)
-            if progress and line.startswith(("epoch ", "resuming ")):
+            if progress and (line.startswith(("epoch ", "resuming ")) or (anomaly and " epoch " in line)):
                 print(line, end="", flush=True)
     if proc.returncode != 0:
         raise RuntimeError(f"distributed training on {n} processes failed (exit {proc.returncode}); the workers' "
@@ -4756,6 +4759,8 @@ class AnomalyConfig:
     resume: bool = True
     max_steps_per_epoch: int | None = None
     on_bad: str = "raise"  # "skip": leave bad files out, counted in a warning (mh.data_problems lists them)
+    sync_batchnorm: bool = False  # autoencoders on several GPUs: batch norm over the global batch (off: each GPU's
+    # own batch of batch_size, as one GPU sees; on CPU processes always off)
 
     def __post_init__(self):
         self.model = _choice_setting("AnomalyConfig", "model", self.model, ANOMALY_MODELS)  # the recipe reads it
@@ -4807,6 +4812,7 @@ def _validate_anomaly_config(cfg) -> None:
         _bad_setting(owner, "image_size", cfg.image_size, {
             "cae": "a multiple of 32 for the CAE", "vae": "64, 128, 256 or 512 for the VAE (a size its stride-2 "
             "convolutions take down to 2x2)"}.get(cfg.model, f"a power of two of at least 16 for {cfg.model}"))
+    cfg.sync_batchnorm = _bool_setting(owner, "sync_batchnorm", cfg.sync_batchnorm)
     cfg.splits = _names_setting(owner, "splits", cfg.splits, SPLITS)
     cfg.scale_range = _range_pair_setting(owner, "scale_range", cfg.scale_range, 0.01, 100.0)
     cfg.intensity_range = _range_pair_setting(owner, "intensity_range", cfg.intensity_range, 0.0, 100.0)
@@ -5092,20 +5098,67 @@ def autoencoder_step(model, x, mask, optimizer, scaler, dtype, kld_weight: float
 
 def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
     """Train (or resume) an autoencoder (masked loss) or a GAN on normal training views; returns the history. The
-    run folder is locked meanwhile; an earlier run there is moved aside when this one starts afresh."""
-    with run_lock(cfg.output_dir):
-        return _train_anomaly_locked(cfg, progress)
+    run folder is locked meanwhile; an earlier run there is moved aside when this one starts afresh.
+
+    Under torchrun the autoencoders train with DistributedDataParallel as train() does (each process its share of
+    every global batch of batch_size x processes views, validation sharded by view and gathered, rank 0 alone
+    scores, holds the lock and writes). The GANs stay on one device: their alternating discriminator and
+    generator steps, minibatch discrimination and spectral norm would each see one process's batch, which changes
+    their dynamics; they are refused under torchrun.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.model in GAN_MODELS:
+        raise ConfigError(f"AnomalyConfig.model = {cfg.model!r}: the GANs train on one device (DDP would change "
+                          f"their dynamics); run it without torchrun, or train an autoencoder ('cae', 'vae')")
+    ctx, device = setup_distributed(cfg.device)
+    with run_lock(cfg.output_dir) if ctx.is_main else contextlib.nullcontext():
+        return _train_anomaly_locked(cfg, progress, ctx, device)
 
 
-def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
-    """train_anomaly() while holding the run folder's lock."""
+def _view_shard(images: pd.DataFrame, ctx: Distributed) -> pd.DataFrame:
+    """This process's share of the rows of `images`, split by view (a view's hand crops stay together)."""
+    if ctx.world_size == 1:
+        return images
+    views = pd.unique(images["image_path"])
+    return images[images["image_path"].isin(set(views[ctx.rank::ctx.world_size]))]
+
+
+def _gather_scores(scores: pd.DataFrame, ctx: Distributed) -> pd.DataFrame | None:
+    """Every process's score table joined on rank 0 (their empty-mask lists too); None elsewhere."""
+    if ctx.world_size == 1:
+        return scores
+    parts = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object((scores, scores.attrs.get("empty_masks", [])), parts, dst=0)
+    if not ctx.is_main:
+        return None
+    joined = pd.concat([p[0] for p in parts], ignore_index=True)
+    joined.attrs["empty_masks"] = [path for p in parts for path in p[1]]
+    return joined
+
+
+def _summed_losses(loss_sums: dict, n_seen: int, ctx: Distributed, device) -> tuple[dict[str, float], int]:
+    """Each loss averaged over every view of the epoch across processes, and the number of those views."""
+    names = sorted(loss_sums)
+    totals = torch.stack([torch.as_tensor(loss_sums[k], dtype=torch.float64, device=device) for k in names]
+                         + [torch.tensor(float(n_seen), dtype=torch.float64, device=device)])
+    if ctx.world_size > 1:
+        dist.all_reduce(totals)
+    n = int(totals[-1])
+    return {f"train_{k}": float(totals[i]) / max(n, 1) for i, k in enumerate(names)}, n
+
+
+def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: Distributed, device) -> pd.DataFrame:
+    """train_anomaly() while rank 0 holds the run folder's lock."""
     out = Path(cfg.output_dir)
-    _remove_temporaries([out, out / "checkpoints"])
+    if ctx.is_main:
+        _remove_temporaries([out, out / "checkpoints"])
     state = _resumable_state(cfg, ANOMALY_RESUME_MUST_MATCH)
-    if state is None:
+    if state is None and ctx.is_main:
         _set_aside_previous_run(out)
-    data = prepare_anomaly_data(cfg, progress, state)
-    device = resolve_device(cfg.device)
+    if ctx.local_rank != 0:  # the first process of each machine makes the phantom and the cache ...
+        dist.barrier()
+    data = prepare_anomaly_data(cfg, progress and ctx.is_main, state)
+    if ctx.local_rank == 0 and ctx.world_size > 1:  # ... while the others wait, then read them
+        dist.barrier()
     torch.backends.cudnn.benchmark = device.type == "cuda"
     seed_everything(cfg.seed)
     model = anomaly_model_for(cfg).to(device)
@@ -5115,21 +5168,31 @@ def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool = True) -> pd.DataF
     history, best, start_epoch = [], None, 0
     if state is not None:
         history, best, start_epoch = _restore(state, model, optimizers, None, scaler)
-        if progress:
+        if progress and ctx.is_main:
             print(f"resuming {out / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of {cfg.epochs}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
+    if ctx.world_size > 1:
+        if cfg.sync_batchnorm and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    eval_model = _unwrap(model)  # no collectives in evaluation
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
     images = data["images"]
     train_images = images[(images["subset"] == "train") & (images["label"] == 0)]
     val_images = images[images["subset"] == "val"]
+    val_shard = _view_shard(val_images, ctx)
     loader = _anomaly_loader(data["cache"], train_images, cfg.batch_size, cfg.num_workers, device.type == "cuda")
     for epoch in range(start_epoch, cfg.epochs):
-        loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch)
+        loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch, None,
+                                               ctx.rank, ctx.world_size)
         model.train()
-        generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch + 7_919 * ctx.rank)
         steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
         loss_sums, n_seen, started = {}, 0, time.perf_counter()
-        bar = tqdm(total=steps, desc=f"{cfg.model} {cfg.variant} epoch {epoch + 1}", leave=False, disable=not progress)
+        bar = tqdm(total=steps, desc=f"{cfg.model} {cfg.variant} epoch {epoch + 1}", leave=False,
+                   disable=not (progress and ctx.is_main))
         for step, (views, masks, _) in enumerate(loader):
             if step >= steps:
                 break
@@ -5147,26 +5210,33 @@ def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool = True) -> pd.DataF
             n_seen += len(x)
             bar.update()
         bar.close()
-        train_time = time.perf_counter() - started
-        val_scores = evaluate_anomaly(model, data["cache"], val_images, cfg, device)
-        val_metrics = anomaly_metrics(val_scores, n_boot=0)
-        losses = {f"train_{name}": float(total) / max(n_seen, 1) for name, total in loss_sums.items()}
-        normal = val_scores[val_scores["label"] == 0]
-        row = {"epoch": epoch + 1, **losses,
-               **({"val_normal_mse": float(normal["mse"].mean())} if "mse" in normal else {}),
-               **{f"val_auroc_{k}": v for k, v in val_metrics["roc_auc"].items()},
-               "epoch_time_s": time.perf_counter() - started, "train_images_per_s": n_seen / train_time}
+        losses, n_all = _summed_losses(loss_sums, n_seen, ctx, device)
+        train_time = time.perf_counter() - started  # rank 0's; its images/s counts every process's views
+        val_scores = _gather_scores(evaluate_anomaly(eval_model, data["cache"], val_shard, cfg, device), ctx)
+        row = None
+        if ctx.is_main:  # the metrics, once, on every validation view's scores
+            val_metrics = anomaly_metrics(val_scores, n_boot=0)
+            normal = val_scores[val_scores["label"] == 0]
+            row = {"epoch": epoch + 1, **losses,
+                   **({"val_normal_mse": float(normal["mse"].mean())} if "mse" in normal else {}),
+                   **{f"val_auroc_{k}": v for k, v in val_metrics["roc_auc"].items()},
+                   "epoch_time_s": time.perf_counter() - started,
+                   "train_images_per_s": n_all / train_time, "processes": ctx.world_size}
+        row = _from_main(row, ctx)
         history.append(row)
         score = row[f"val_auroc_{cfg.selection_score}"]
         improved = best is None or (not math.isnan(score) and (math.isnan(best) or score > best))
         if improved:
             best = score
-        _save_epoch(_checkpoint(model, optimizers, None, scaler, epoch, history, cfg, best, data["data"]),
-                    improved, out)
-        if progress:
+        if ctx.is_main:
+            _save_epoch(_checkpoint(model, optimizers, None, scaler, epoch, history, cfg, best, data["data"]),
+                        improved, out)
+        if progress and ctx.is_main:
             shown = ", ".join(f"{k.removeprefix('train_').replace('_', ' ')} {v:.5f}" for k, v in losses.items())
             print(f"{cfg.model} {cfg.variant} epoch {epoch + 1}/{cfg.epochs}: train {shown}, "
-                  f"val ROC-AUC ({cfg.selection_score}) {score:.3f}" + ("  (best)" if improved else ""))
+                  f"val ROC-AUC ({cfg.selection_score}) {score:.3f}" + ("  (best)" if improved else ""), flush=True)
+    if ctx.world_size > 1:
+        dist.barrier()  # every process returns after rank 0 has written the last epoch
     return pd.DataFrame(history)
 
 
@@ -5270,7 +5340,8 @@ def _level_metrics(scores: pd.DataFrame, val_scores: pd.DataFrame, seed: int, n_
 
 def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Sequence[str],
                      image_sizes: dict[str, int] | None = None, progress: bool = True,
-                     seeds: Sequence[int] | None = None, recipes: Sequence[str] | None = None) -> pd.DataFrame:
+                     seeds: Sequence[int] | None = None, recipes: Sequence[str] | None = None,
+                     devices: int | str = 1) -> pd.DataFrame:
     """Train (or resume) every model on every preprocessing variant (and recipe, and seed) and score each best
     checkpoint (kept on validation) on the test subset: one row per (recipe, model, variant, seed, level, score)
     with test ROC-AUC (and its 95% bootstrap interval) and average precision at the image and the study level,
@@ -5279,7 +5350,8 @@ def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Seque
     cut short has scored every model on the first variants. `image_sizes` sets a model's own size (the paper:
     {'bigan': 128, 'alphagan': 128}); the others take base.image_size. `seeds`: train each run once per seed, each
     with its own split (split_seed = seed, as their 4 seeds); default base's seed and split. `recipes`: default
-    [base.recipe]; runs of other recipes than "suite" go to <model>_<variant>_<recipe>."""
+    [base.recipe]; runs of other recipes than "suite" go to <model>_<variant>_<recipe>. `devices`: the
+    autoencoders train on this many processes (launch_training: "auto" = every visible GPU), the GANs on one."""
     models, variants = anomaly_grid_names(models, variants)
     recipes = list(recipes or [base.recipe])
     several = seeds is not None and len(seeds) > 0
@@ -5295,7 +5367,7 @@ def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Seque
                     cfg = _grid_config(base, model=model, variant=variant, recipe=recipe, seed=seed,
                                        split_seed=split_seed, output_dir=str(Path(base.output_dir) / name),
                                        image_size=(image_sizes or {}).get(model, base.image_size))
-                    train_anomaly(cfg, progress)
+                    launch_training(cfg, devices, progress)
                     net, _ = load_anomaly_model(Path(cfg.output_dir) / "checkpoints" / "best.pt", cfg.device)
                     data = prepare_anomaly_data(cfg, progress=False)
                     images, device = data["images"], resolve_device(cfg.device)
@@ -5517,27 +5589,33 @@ def best_run_heatmaps(results: pd.DataFrame, score: str = "mse", n: int = 8, dev
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m mura_helpers train --config run.json`: train the run a JSON TrainConfig describes (a run's own
-    config.json resumes it); under `torchrun --nproc_per_node=N` it trains on N processes."""
+    config.json resumes it); `train-anomaly` the same for an AnomalyConfig (an autoencoder or a GAN); under
+    `torchrun --nproc_per_node=N` it trains on N processes (the GANs: one)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mura_helpers", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    trainer = commands.add_parser("train", help="train (or resume) the supervised DenseNet of a TrainConfig")
-    trainer.add_argument("--config", required=True, help="a JSON object of TrainConfig fields")
-    trainer.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
+    runners = {"train": (TrainConfig, train, "train (or resume) the supervised DenseNet of a TrainConfig"),
+               "train-anomaly": (AnomalyConfig, train_anomaly, "train (or resume) the unsupervised model of an "
+                                                               "AnomalyConfig")}
+    for name, (config_class, _, help_text) in runners.items():
+        trainer = commands.add_parser(name, help=help_text)
+        trainer.add_argument("--config", required=True, help=f"a JSON object of {config_class.__name__} fields")
+        trainer.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
     args = parser.parse_args(argv)
+    config_class, runner, _ = runners[args.command]
     path = Path(args.config)
     try:
         fields = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         parser.error(f"{path}: cannot read a JSON config ({e})")
-    known = TrainConfig.__dataclass_fields__
+    known = config_class.__dataclass_fields__
     unknown = sorted(set(fields) - set(known)) if isinstance(fields, dict) else None
     if unknown is None or unknown:
-        parser.error(f"{path}: not a TrainConfig: " + (f"unknown fields {unknown}; known: {sorted(known)}"
-                                                        if unknown else "the file holds no JSON object"))
+        parser.error(f"{path}: not a {config_class.__name__}: " + (
+            f"unknown fields {unknown}; known: {sorted(known)}" if unknown else "the file holds no JSON object"))
     try:
-        train(TrainConfig(**fields), progress=not args.no_progress)
+        runner(config_class(**fields), progress=not args.no_progress)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -222,3 +222,82 @@ def test_workers_find_the_module_from_any_folder(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mura_helpers", "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "train" in done.stdout
+
+
+# ---------------------------------------------------------------- the autoencoders of notebook 06 on several processes
+
+
+def _anomaly_cfg(phantom, out, cache, **kwargs):
+    settings = dict(model="cae", data_dir=str(phantom), output_dir=str(out), cache_dir=str(cache), image_size=32,
+                    batch_size=4, epochs=2, num_workers=0, lr=1e-3, resume=True)
+    return mh.AnomalyConfig(**{**settings, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def anomaly_runs(normal_heavy_phantom, tmp_path_factory):
+    """A CAE on 2 processes x batch 4 for 2 epochs; on 1 process x batch 8; and 2 processes stopped after epoch 1,
+    then resumed on 1 process."""
+    root = tmp_path_factory.mktemp("ddp_anomaly")
+    cache = root / "cache"
+    runs = {"single": mh.train_anomaly(_anomaly_cfg(normal_heavy_phantom, root / "single", cache, batch_size=8),
+                                       progress=False)}  # also builds the cache the workers read
+    runs["two"] = mh.launch_training(_anomaly_cfg(normal_heavy_phantom, root / "two", cache), devices=2,
+                                     progress=False)
+    mh.launch_training(_anomaly_cfg(normal_heavy_phantom, root / "resumed", cache, epochs=1), devices=2,
+                       progress=False)
+    runs["resumed"] = mh.train_anomaly(_anomaly_cfg(normal_heavy_phantom, root / "resumed", cache), progress=False)
+    return root, runs
+
+
+def test_an_autoencoder_trains_on_two_processes_with_one_set_of_files(anomaly_runs):
+    root, runs = anomaly_runs
+    two = runs["two"]
+    assert list(two["epoch"]) == [1, 2] and list(two["processes"]) == [2, 2]
+    files = sorted(p.relative_to(root / "two").as_posix() for p in (root / "two").rglob("*") if p.is_file())
+    assert files == ["checkpoints/best.pt", "checkpoints/last.pt", "config.json", "history.csv",
+                     "launch_config.json"]
+    model, cfg = mh.load_anomaly_model(root / "two" / "checkpoints" / "last.pt")
+    assert cfg.model == "cae" and not any(k.startswith("module.") for k in model.state_dict())
+    # the validation views were sharded over the ranks and gathered: the same AUROC as one process scoring them all
+    data = mh.prepare_anomaly_data(cfg, progress=False)
+    val = data["images"][data["images"]["subset"] == "val"]
+    scores = mh.evaluate_anomaly(model, data["cache"], val, cfg, torch.device("cpu"))
+    assert len(scores) == val["image_path"].nunique()
+    assert two["val_auroc_mse"].iloc[-1] == pytest.approx(mh.anomaly_metrics(scores, n_boot=0)["roc_auc"]["mse"])
+
+
+def test_an_autoencoder_on_two_processes_learns_like_one_with_the_same_global_batch(anomaly_runs):
+    # 2 x 4 views against 1 x 8: the gradient is averaged over the same 8 views, batch norm normalises over each
+    # process's 4, and each rank draws its own augmentation, so the losses agree within 15%, not exactly
+    _, runs = anomaly_runs
+    single, two = runs["single"], runs["two"]
+    for epoch in (0, 1):
+        assert abs(two["train_loss"][epoch] - single["train_loss"][epoch]) < 0.15 * single["train_loss"][epoch]
+    assert two["train_loss"][1] < two["train_loss"][0]  # it learns
+
+
+def test_a_distributed_autoencoder_run_resumes_on_one_process(anomaly_runs):
+    _, runs = anomaly_runs
+    resumed = runs["resumed"]
+    assert list(resumed["epoch"]) == [1, 2] and list(resumed["processes"]) == [2, 1]
+    assert resumed["train_loss"][0] == runs["two"]["train_loss"][0]
+
+
+def test_a_gan_is_refused_under_torchrun_and_trained_in_process_by_the_launcher(monkeypatch, tmp_path):
+    cfg = mh.AnomalyConfig(model="dcgan", image_size=32, output_dir=str(tmp_path / "run"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(mh.ConfigError, match="one device"):
+        mh.train_anomaly(cfg, progress=False)
+    monkeypatch.delenv("WORLD_SIZE")
+    trained = []
+    monkeypatch.setattr(mh, "train_anomaly", lambda c, progress=True: trained.append(c) or "in process")
+    assert mh.launch_training(cfg, devices=2, progress=False) == "in process" and trained == [cfg]
+    assert not (tmp_path / "run").exists()  # no torchrun was started
+
+
+def test_the_command_line_trains_an_anomaly_config_and_names_a_bad_one(tmp_path):
+    bad = tmp_path / "run.json"
+    bad.write_text(json.dumps({"model": "cae", "batch_size": 4, "dropout": 0.5}))
+    done = subprocess.run([sys.executable, "-m", "mura_helpers", "train-anomaly", "--config", str(bad)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "AnomalyConfig" in done.stderr and "dropout" in done.stderr
