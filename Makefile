@@ -1,13 +1,14 @@
 # Two commands on a fresh machine (Python 3.10+ and make):
 #   make demo   virtual environment + requirements, the phantom, and every notebook executed into outputs/
 #               (DEMO=quick by default: CPU-sized settings; make demo DEMO=full for the notebooks' own defaults)
-#   make test   virtual environment + requirements, ruff, and the test suite
-# and: make bench (training throughput, benchmarks/train_throughput.py; meant for a GPU)
+#   make test   virtual environment + requirements, ruff, and the whole test suite (what CI runs)
+# and: make test-fast (ruff and the tests not marked slow: no notebook runs, torchrun or training runs),
+#      make bench (training throughput, benchmarks/train_throughput.py; meant for a GPU)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint phantom bench clean
+.PHONY: demo test test-fast lint phantom bench clean
 
 # DEMO=quick (default): sizes a CPU finishes in minutes (from scratch, 128 px, 2 epochs), into outputs/;
 # DEMO=full: every notebook's own defaults (ImageNet weights, 224 px, 5 epochs; 512-px autoencoders, 20 epochs),
@@ -35,6 +36,9 @@ demo: $(VENV)/.installed phantom
 
 test: $(VENV)/.installed lint
 	$(BIN)/python -m pytest
+
+test-fast: $(VENV)/.installed lint
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny phantom made once per test session, and a helper to write small PNGs."""
+"""Shared fixtures: a tiny phantom made once per test session, and a helper to write small PNGs; notebook tests
+are marked slow."""
 
 import shutil
 import sys
@@ -14,6 +15,14 @@ sys.path.insert(0, str(REPO))
 import mura_helpers as mh  # noqa: E402
 
 TINY = {"n_patients": 14, "seed": 3, "image_size": 128, "positive_rate": 0.4}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m reads the marks
+def pytest_collection_modifyitems(items):
+    """A test that runs a notebook is slow as well: `pytest -m "not slow"` (make test-fast) leaves every one out."""
+    for item in items:
+        if item.get_closest_marker("notebook"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

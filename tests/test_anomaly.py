@@ -422,6 +422,7 @@ def test_minibatch_discrimination_scores_a_view_alone_in_eval():
     torch.testing.assert_close(together, alone)  # a score does not depend on the views scored beside it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", mh.GAN_MODELS)
 def test_gan_discriminator_learns_to_call_noise_abnormal(kind):
     torch.manual_seed(0)
@@ -445,6 +446,7 @@ def test_gan_discriminator_learns_to_call_noise_abnormal(kind):
     assert noise > normal  # the anomaly score: 1 - D's probability that the view is a normal one
 
 
+@pytest.mark.slow
 def test_gan_training_resumes_exactly(normal_heavy_phantom, tmp_path):
     def config(out, epochs):
         return mh.AnomalyConfig(model="alphagan", data_dir=str(normal_heavy_phantom), output_dir=str(out),
@@ -466,6 +468,7 @@ def test_gan_training_resumes_exactly(normal_heavy_phantom, tmp_path):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_masked_loss_and_resumes_exactly(normal_heavy_phantom, tmp_path):
     def config(out, epochs):
         return mh.AnomalyConfig(model="vae", data_dir=str(normal_heavy_phantom), output_dir=str(out),

@@ -62,6 +62,7 @@ def distributed_runs(tiny_phantom, tiny_run, tmp_path_factory):
     return root, runs
 
 
+@pytest.mark.slow
 def test_a_two_process_run_finishes_with_one_set_of_files(distributed_runs):
     root, runs = distributed_runs
     history = runs["straight"]
@@ -75,6 +76,7 @@ def test_a_two_process_run_finishes_with_one_set_of_files(distributed_runs):
     assert cfg.batch_size == 4 and not any(k.startswith("module.") for k in model.state_dict())
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(distributed_runs, tiny_run):
     # tiny_run: one process, batch 8, 48 px, same phantom and seed; here 2 processes x batch 4. Gradients are
     # averaged over the same 8 views, but batch norm normalises over each process's 4 (no SyncBatchNorm on a CPU),
@@ -85,6 +87,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(distributed_run
     assert abs(ddp["valid_loss"][0] - single["valid_loss"][0]) < 0.15 * single["valid_loss"][0]
 
 
+@pytest.mark.slow
 def test_a_resumed_distributed_run_equals_a_straight_one_and_resumes_on_another_process_count(distributed_runs):
     root, runs = distributed_runs
     timing = ["epoch_time_s", "train_images_per_s"]
@@ -112,6 +115,7 @@ mh.train(mh.TrainConfig(**{cfg}), progress=False)
 """
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_run_with_its_error_instead_of_a_hang(tiny_phantom, tiny_run, tmp_path):
     cfg = mh._config_dict(_cfg(tiny_phantom, tmp_path / "run", tiny_run.parent / "cache", epochs=1))
     script = tmp_path / "failing.py"
@@ -249,6 +253,7 @@ def anomaly_runs(normal_heavy_phantom, tmp_path_factory):
     return root, runs
 
 
+@pytest.mark.slow
 def test_an_autoencoder_trains_on_two_processes_with_one_set_of_files(anomaly_runs):
     root, runs = anomaly_runs
     two = runs["two"]
@@ -266,6 +271,7 @@ def test_an_autoencoder_trains_on_two_processes_with_one_set_of_files(anomaly_ru
     assert two["val_auroc_mse"].iloc[-1] == pytest.approx(mh.anomaly_metrics(scores, n_boot=0)["roc_auc"]["mse"])
 
 
+@pytest.mark.slow
 def test_an_autoencoder_on_two_processes_learns_like_one_with_the_same_global_batch(anomaly_runs):
     # 2 x 4 views against 1 x 8: the gradient is averaged over the same 8 views, batch norm normalises over each
     # process's 4, and each rank draws its own augmentation, so the losses agree within 15%, not exactly
@@ -276,6 +282,7 @@ def test_an_autoencoder_on_two_processes_learns_like_one_with_the_same_global_ba
     assert two["train_loss"][1] < two["train_loss"][0]  # it learns
 
 
+@pytest.mark.slow
 def test_a_distributed_autoencoder_run_resumes_on_one_process(anomaly_runs):
     _, runs = anomaly_runs
     resumed = runs["resumed"]

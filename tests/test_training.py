@@ -180,6 +180,7 @@ def _config(root, out, cache, **kw):
     return mh.TrainConfig(data_dir=str(root), output_dir=str(out), cache_dir=str(cache), **settings)
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_a_straight_run(tiny_phantom, tmp_path):
     straight = mh.train(_config(tiny_phantom, tmp_path / "a", tmp_path / "cache", epochs=3, keep_top_k=2),
                         progress=False)
