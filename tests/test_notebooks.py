@@ -1,6 +1,9 @@
-"""Notebooks: committed clean, and executed headless with papermill on the tiny phantom."""
+"""Notebooks: committed clean, one setup cell shared by all six that declares what later cells take from it, and
+executed headless with papermill on the tiny phantom (those runs are slow: `pytest -m "not slow"` skips them)."""
 
+import ast
 import json
+import re
 
 import nbformat
 import pandas as pd
@@ -31,6 +34,83 @@ def test_notebook_is_committed_clean_with_a_parameters_cell(path):
     assert len(tagged) == 1
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code)
+
+
+def setup_and_later_cells(path):
+    """The notebook's first code cell (the setup cell) and the sources of the code cells after it."""
+    code = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    return code[0], code[1:]
+
+
+def test_the_setup_cells_are_identical():
+    setups = {path.name: setup_and_later_cells(path)[0] for path in NOTEBOOKS}
+    assert len(setups) == 6
+    first = next(iter(setups.values()))
+    assert {name for name, setup in setups.items() if setup != first} == set()  # edit all six alike
+
+
+def names_bound(statements):
+    """Names the statements bind in their own scope: assignments, imports, defs, loop, with and except targets (not
+    those inside functions, classes, lambdas or comprehensions, which have scopes of their own)."""
+    bound = set()
+    for statement in statements:
+        for node in _same_scope(statement):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store | ast.Del):
+                bound.add(node.id)
+            elif isinstance(node, ast.Import | ast.ImportFrom):
+                bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.ExceptHandler):
+                bound |= {node.name} - {None}  # a bare `except:` binds nothing
+    return bound
+
+
+NEW_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.ListComp, ast.SetComp,
+              ast.DictComp, ast.GeneratorExp)
+
+
+def _same_scope(node):
+    """The node and what lies below it in its scope: a def's or class's name is bound here, its body is not."""
+    yield node
+    if not isinstance(node, NEW_SCOPES):
+        for child in ast.iter_child_nodes(node):
+            yield from _same_scope(child)
+
+
+def names_taken_from_before(cells):
+    """Names the cells read (anywhere, functions included) before they bind them themselves, statement by
+    statement in order: what they take from an earlier cell."""
+    taken, bound = set(), set()
+    for source in cells:
+        for statement in ast.parse(source).body:
+            read = {n.id for n in ast.walk(statement) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+            taken |= read - bound
+            bound |= names_bound([statement])
+    return taken
+
+
+SETUP_DECLARES = re.compile(r"^# For later cells: ([A-Za-z_]\w*(?:, [A-Za-z_]\w*)*);", re.MULTILINE)
+
+
+def declared_names(setup):
+    """The names the setup cell's comment says later cells may use from it."""
+    declared = SETUP_DECLARES.search(setup)
+    assert declared, "the setup cell names what later cells may use: '# For later cells: NAME, NAME; ...'"
+    return set(declared.group(1).split(", "))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_later_cells_take_from_the_setup_cell_only_what_it_declares(path):
+    setup, later = setup_and_later_cells(path)
+    declared = declared_names(setup)
+    bound = names_bound(ast.parse(setup).body)
+    assert declared <= bound  # it declares only names it defines
+    assert names_taken_from_before(later) & bound <= declared  # later cells use nothing else it defines
+
+
+def test_the_setup_cells_declare_no_name_that_no_later_cell_uses():
+    declared = declared_names(setup_and_later_cells(NOTEBOOKS[0])[0])
+    used = set().union(*(names_taken_from_before(setup_and_later_cells(path)[1]) for path in NOTEBOOKS))
+    assert declared <= used  # a name no notebook needs any more leaves the list
 
 
 @pytest.mark.notebook
