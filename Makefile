@@ -3,12 +3,13 @@
 #               (DEMO=quick by default: CPU-sized settings; make demo DEMO=full for the notebooks' own defaults)
 #   make test   virtual environment + requirements, ruff, and the whole test suite (what CI runs)
 # and: make test-fast (ruff and the tests not marked slow: no notebook runs, torchrun or training runs),
+#      make lab (JupyterLab on notebooks/ with this environment's kernel),
 #      make bench (training throughput, benchmarks/train_throughput.py; meant for a GPU)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast lint phantom bench clean
+.PHONY: demo test test-fast lint lab phantom bench clean
 
 # DEMO=quick (default): sizes a CPU finishes in minutes (from scratch, 128 px, 2 epochs), into outputs/;
 # DEMO=full: every notebook's own defaults (ImageNet weights, 224 px, 5 epochs; 512-px autoencoders, 20 epochs),
@@ -42,6 +43,13 @@ test-fast: $(VENV)/.installed lint
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+
+# The kernel spec goes into the environment itself (--sys-prefix), where Jupyter looks before a user's own
+# "python3" spec, so the notebooks run on this environment's Python. LAB_ARGS=--no-browser for a remote machine.
+LAB_ARGS ?=
+lab: $(VENV)/.installed
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3" >/dev/null
+	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/train_throughput.py
