@@ -50,7 +50,7 @@ from sklearn.metrics import average_precision_score, cohen_kappa_score, confusio
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-# ---------------------------------------------------------------- data: MURA layout, CSVs, validation
+# ---------------------------------------------------------------- data: MURA layout, CSVs, validation; data sources
 
 BODY_PARTS = (
     "XR_ELBOW", "XR_FINGER", "XR_FOREARM", "XR_HAND", "XR_HUMERUS", "XR_SHOULDER", "XR_WRIST",
@@ -423,7 +423,4490 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         return im.convert("L")
 
 
-# ---------------------------------------------------------------- phantom: a synthetic MURA in the exact layout
+KAGGLE_PREFIX = "kaggle:"  # data_dir="kaggle:OWNER/DATASET" downloads through kagglehub
+KAGGLE_HELP = (
+    "On Kaggle: attach the dataset to the notebook (Add Input), and kagglehub reads it from /kaggle/input without a "
+    "download. In Colab: add the secrets KAGGLE_USERNAME and KAGGLE_KEY (the key icon in the left bar; the values are "
+    "in the kaggle.json of kaggle.com > Settings > API > Create New Token) and give this notebook access to them. "
+    "Elsewhere: set the environment variables KAGGLE_USERNAME and KAGGLE_KEY, or put kaggle.json in ~/.kaggle/."
+)
+
+
+def _kaggle_credentials_from_colab() -> None:
+    """In Colab, copy the KAGGLE_USERNAME/KAGGLE_KEY secrets into the environment (where kagglehub looks)."""
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        return
+    try:
+        from google.colab import userdata
+    except ImportError:  # not in Colab
+        return
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY"):
+        try:
+            value = userdata.get(name)
+        except Exception:  # secret missing, or this notebook not granted access to it
+            value = None
+        if value:
+            os.environ[name] = value
+
+
+def download_kaggle_dataset(handle: str) -> Path:
+    """Download a Kaggle dataset ('OWNER/DATASET') through kagglehub (cached; read in place when attached on Kaggle)
+    and return its local folder."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+(/versions/\d+)?", handle):
+        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: not a Kaggle dataset handle; write it as "
+                            f"'{KAGGLE_PREFIX}OWNER/DATASET', e.g. '{KAGGLE_PREFIX}bogomililiev2308/mura-hand-xray'")
+    try:
+        import kagglehub
+    except ImportError as e:
+        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: needs the kagglehub package (preinstalled in Colab and on "
+                            f"Kaggle; elsewhere: pip install kagglehub)") from e
+    _kaggle_credentials_from_colab()
+    try:
+        return Path(kagglehub.dataset_download(handle))
+    except Exception as e:  # no credentials, no network, no such dataset, terms not accepted
+        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: the download failed ({type(e).__name__}: {e}). "
+                            f"{KAGGLE_HELP}") from e
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None, phantom_root: str | os.PathLike = "data/phantom",
+                     **phantom_kwargs) -> Path:
+    """Return the MURA root to use: `data_dir` when given (a folder, or 'kaggle:OWNER/DATASET'; an empty one is an
+    error), else the embedded phantom (made if needed)."""
+    if data_dir is not None and str(data_dir).startswith(KAGGLE_PREFIX):
+        return find_mura_root(download_kaggle_dataset(str(data_dir)[len(KAGGLE_PREFIX):]))
+    if data_dir is not None:
+        return find_mura_root(data_dir)
+    return ensure_phantom(phantom_root, **phantom_kwargs)
+
+
+def config_data_root(cfg, data_dir: str | os.PathLike | None = None) -> Path:
+    """The MURA root a TrainConfig or AnomalyConfig reads: `data_dir`, else its own, else its phantom (made if
+    needed)."""
+    return resolve_data_dir(cfg.data_dir if data_dir is None else data_dir, cfg.phantom_dir,
+                            n_patients=cfg.phantom_patients, image_size=cfg.phantom_image_size, seed=cfg.phantom_seed)
+
+
+# ---------------------------------------------------------------- images & cache: decode and resize once, uint8 on disk
+
+CACHE_VERSION = 1
+RESIZE_MODES = ("squash", "pad")
+
+
+def _files_stamp(paths: Sequence[str], *settings) -> str:
+    """A key for a cache: the settings and every file's path, size, modification time and content (sha256 of its
+    bytes: a file changed with the same size and time gets a new key; ~0.3 s for the default phantom's 876 views)."""
+    stamp = hashlib.sha1(json.dumps([CACHE_VERSION, *settings]).encode())
+    for p in paths:
+        st = Path(p).stat()
+        content = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+        stamp.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{content}\n".encode())
+    return stamp.hexdigest()[:16]
+
+
+def _run_tasks(func, tasks: list, desc: str, progress: bool = True, workers: int | None = None,
+               sizes: Sequence[int] | None = None) -> list:
+    """Run func over tasks in a process pool (inline for one worker or one task), with a progress bar of items."""
+    sizes = sizes or [1] * len(tasks)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    results = []
+    with tqdm(total=sum(sizes), desc=desc, disable=not progress) as bar:
+        if workers > 1 and len(tasks) > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for result, n in zip(pool.map(func, tasks), sizes):
+                    results.append(result)
+                    bar.update(n)
+        else:
+            for task, n in zip(tasks, sizes):
+                results.append(func(task))
+                bar.update(n)
+    return results
+
+
+def resize_view(image: Image.Image, size: int, mode: str = "squash") -> Image.Image:
+    """Resize a grey view to size x size: stretched ('squash', as the report and paper) or letterboxed ('pad')."""
+    if mode == "squash":
+        return image.resize((size, size), Image.Resampling.BILINEAR)
+    if mode != "pad":
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    scale = size / max(image.size)
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    canvas = Image.new("L", (size, size), 0)
+    canvas.paste(image.resize((w, h), Image.Resampling.BILINEAR), ((size - w) // 2, (size - h) // 2))
+    return canvas
+
+
+@dataclass
+class ImageCache:
+    """Views decoded and resized once into a memory-mapped uint8 array (N, size, size) on disk."""
+    path: Path
+    image_paths: list[str]
+    size: int
+    resize: str
+
+    def __post_init__(self):
+        self.row_of = {p: i for i, p in enumerate(self.image_paths)}
+        self._array = None
+
+    @property
+    def array(self) -> np.ndarray:
+        """The memory-mapped array, opened on first use (also inside data-loader workers)."""
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def rows(self, paths: Sequence[str]) -> np.ndarray:
+        """Row numbers of the given image paths."""
+        return np.array([self.row_of[p] for p in paths], dtype=np.int64)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_array": None}  # workers re-open the memory map
+
+
+def _cache_chunk(task: tuple) -> int:
+    """Decode, convert and resize a chunk of views into the cache file (runs in a worker process)."""
+    npy, start, paths, size, resize = task
+    out = np.load(npy, mmap_mode="r+")
+    for i, p in enumerate(paths):
+        out[start + i] = np.asarray(resize_view(load_image(p), size, resize))
+    out.flush()
+    return len(paths)
+
+
+def _remove_dead_cache_builds(cache_dir: str | os.PathLike, min_age_s: float = 600) -> None:
+    """Remove what a killed cache build left (views_*.tmpPID.npy, .anomaly_*.tmpPID/): its process is gone from this
+    machine and it was not written to for `min_age_s` (a build on another machine sharing the folder goes on)."""
+    folder = Path(cache_dir)
+    for tmp in folder.glob("*.tmp*") if folder.is_dir() else ():
+        m = re.fullmatch(r"(views_.+\.tmp(\d+)\.npy|\.anomaly_.+\.tmp(\d+))", tmp.name)
+        if not m or _pid_alive(int(m.group(2) or m.group(3))) or time.time() - tmp.stat().st_mtime < min_age_s:
+            continue
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        warnings.warn(f"removed {tmp}, left by an interrupted cache build", stacklevel=3)
+
+
+def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: str | os.PathLike = "data/cache",
+                      resize: str = "squash", workers: int | None = None, progress: bool = True) -> ImageCache:
+    """Return the cache of these views at this size, building it once (keyed by paths, file stamps, size, mode)."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    paths = [str(p) for p in image_paths]
+    _remove_dead_cache_builds(cache_dir)
+    npy = Path(cache_dir) / f"views_{size}px_{resize}_{_files_stamp(paths, size, resize)}.npy"
+    cache = ImageCache(npy, paths, size, resize)
+    if npy.is_file():
+        return cache
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    tmp = npy.with_suffix(f".tmp{os.getpid()}.npy")
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size)).flush()
+    tasks = [(str(tmp), i, paths[i:i + 64], size, resize) for i in range(0, len(paths), 64)]
+    try:
+        _run_tasks(_cache_chunk, tasks, f"caching views at {size}px", progress, workers, [len(t[2]) for t in tasks])
+    except BaseException:  # an undecodable image (named in the error) or an interrupt: leave no partial file
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, npy)  # complete caches only ever appear under their final name
+    return cache
+
+
+class CachedViewBatches:
+    """A dataset whose items are whole batches: view indices -> (uint8 views, labels, indices, study of each view).
+
+    The study ids are renumbered 0..k-1 within the batch, so the device never has to find them (no sync).
+    """
+
+    def __init__(self, cache: ImageCache, rows: np.ndarray, labels: np.ndarray, studies: np.ndarray):
+        self.cache, self.rows = cache, np.asarray(rows)
+        self.labels, self.studies = np.asarray(labels, dtype=np.float32), np.asarray(studies)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, batch: list[int]):
+        import torch
+
+        batch = np.asarray(batch)
+        order = np.argsort(self.rows[batch])  # read the memory map in file order
+        views = np.empty((len(batch), 1, self.cache.size, self.cache.size), np.uint8)
+        views[order, 0] = self.cache.array[self.rows[batch][order]]
+        study_in_batch = np.unique(self.studies[batch], return_inverse=True)[1].reshape(-1)
+        return (torch.from_numpy(views), torch.from_numpy(self.labels[batch]), torch.from_numpy(batch),
+                torch.from_numpy(study_in_batch))
+
+
+class EpochBatches:
+    """Batch sampler whose batches are set per epoch (seeded shuffles), so persistent workers can be reused."""
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def epoch_batches(n: int, batch_size: int, shuffle: bool, seed: int, epoch: int,
+                  groups: Sequence[np.ndarray] | None = None, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """Split n views (or whole groups of views, e.g. studies) into batches, shuffled by (seed, epoch).
+
+    With world_size processes, every process draws the same order; each global batch of batch_size x world_size
+    items is split into world_size near-equal parts and process `rank` gets part `rank`, so every view is in one
+    process's batch exactly once an epoch and every process takes as many steps. In a shuffled (training) epoch a
+    last batch with a part of one view joins the batch before it (batch norm needs two values a channel); in an
+    unshuffled one a part may be empty.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    units = [[i] for i in range(n)] if groups is None else [[int(v) for v in g] for g in groups]
+    order = torch.randperm(len(units), generator=generator).tolist() if shuffle else list(range(len(units)))
+    step = batch_size * world_size
+    chunks = [order[i:i + step] for i in range(0, len(order), step)]
+
+    def parts(chunk: list[int]) -> list[list[int]]:
+        return [[v for u in part for v in units[u]] for part in np.array_split(np.asarray(chunk, int), world_size)]
+
+    if shuffle and len(chunks) > 1 and min(len(p) for p in parts(chunks[-1])) < 2:
+        last = chunks.pop()
+        chunks[-1] = chunks[-1] + last
+    return [parts(chunk)[rank] for chunk in chunks]
+
+
+# ---------------------------------------------------------------- augmentation: on the device, per sample, both paths
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def gpu_augment(views, generator=None, rotation_degrees: float = 0.0, hflip: bool = False,
+                scale_range: tuple[float, float] = (1.0, 1.0), vflip: bool = False, p: float = 1.0):
+    """Flip, rotate (and zoom) each image of a float batch (B, C, H, W) by its own random draw, in one grid_sample;
+    `p`: the probability that a view is rotated, and (separately) zoomed."""
+    if not hflip and not vflip and not rotation_degrees and scale_range[0] == scale_range[1] == 1.0:
+        return views
+    b = views.shape[0]
+
+    def draw():
+        return torch.rand(b, generator=generator, device=views.device)
+    angle = (draw() * 2 - 1) * math.radians(rotation_degrees)
+    if p < 1:
+        angle = torch.where(draw() < p, angle, 0.0)
+    flip = torch.where(draw() < 0.5, -1.0, 1.0) if hflip else torch.ones(b, device=views.device)
+    flip_v = torch.where(draw() < 0.5, -1.0, 1.0) if vflip else torch.ones(b, device=views.device)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    if tuple(scale_range) != (1.0, 1.0):  # equal ends: a fixed zoom
+        zoom = scale_range[0] + (scale_range[1] - scale_range[0]) * draw()
+        if p < 1:
+            zoom = torch.where(draw() < p, zoom, 1.0)
+        cos, sin = cos / zoom, sin / zoom
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos * flip, -sin * flip_v, zero], 1),
+                         torch.stack([sin * flip, cos * flip_v, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(views.dtype), list(views.shape), align_corners=False)
+    return F.grid_sample(views, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@functools.cache
+def _imagenet_stats(device: str):
+    """ImageNet mean and std as (1, 3, 1, 1) tensors on `device`, made once (no copy per step)."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
+def prepare_batch(views_uint8, device, train: bool, generator=None, rotation_degrees: float = 10.0,
+                  hflip: bool = True, channels_last: bool = True):
+    """uint8 (B, 1, H, W) -> augmented, ImageNet-normalised float (B, 3, H, W) on `device`, grey replicated."""
+    x = views_uint8.to(device, non_blocking=True).float().div_(255)
+    if train:
+        x = gpu_augment(x, generator, rotation_degrees, hflip)
+    mean, std = _imagenet_stats(str(device))
+    x = (x - mean) / std  # broadcasting replicates the grey channel to three
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def augment_views_and_masks(x, m, generator, cfg: AnomalyConfig):
+    """The online augmentation, per sample: flips, rotation and scale applied alike to view and mask; intensity;
+    rotation, scale and intensity each with probability cfg.augment_p."""
+    both = gpu_augment(torch.cat([x, m], 1), generator, cfg.rotation_degrees, cfg.hflip, cfg.scale_range, cfg.vflip,
+                       cfg.augment_p)
+    x, m = both[:, :1], (both[:, 1:] > 0.5).float()
+    lo, hi = cfg.intensity_range
+    gain = lo + (hi - lo) * torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device)
+    if cfg.augment_p < 1:
+        keep = torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device) >= cfg.augment_p
+        gain = torch.where(keep, 1.0, gain)
+    return (x * gain).clamp(0, 1), m
+
+
+# ---------------------------------------------------------------- model & loss
+
+def build_model(pretrained: bool = True, arch: str = "densenet169"):
+    """torchvision DenseNet (169 by default) with its classifier replaced by one abnormality logit."""
+    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1 if pretrained else None
+    try:
+        model = torchvision.models.get_model(arch, weights=weights)
+    except Exception as e:  # no network, a proxy, a corrupt download
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        raise RuntimeError(
+            f"could not load the ImageNet weights of {arch} ({type(e).__name__}: {e}). Either train from scratch "
+            f"with pretrained=False, or download {weights.url} and put the file in {hub} "
+            f"(set TORCH_HOME to choose another folder)."
+        ) from e
+    model.classifier = torch.nn.Linear(model.classifier.in_features, 1)
+    return model
+
+
+def class_weights(labels) -> tuple[float, float]:
+    """The MURA paper's loss weights (w0, w1) = (|A|, |N|) / (|A| + |N|) from the training views' labels."""
+    labels = np.asarray(labels)
+    n_abnormal, n_normal = int((labels == 1).sum()), int((labels == 0).sum())
+    if n_abnormal == 0 or n_normal == 0:
+        raise MuraDataError(f"the training set needs both classes for the weighted loss: {n_abnormal} abnormal, "
+                            f"{n_normal} normal views")
+    total = n_abnormal + n_normal
+    return n_abnormal / total, n_normal / total
+
+
+def class_weights_by_type(images: pd.DataFrame) -> pd.DataFrame:
+    """The paper's weights per study type T, (w_T0, w_T1) = (|A_T|, |N_T|) / (|A_T| + |N_T|), from that type's
+    training views; one row per body part (with one body part, the same as class_weights)."""
+    rows = []
+    for part, labels in images.groupby("body_part", sort=True)["label"]:
+        try:
+            w0, w1 = class_weights(labels)
+        except MuraDataError as e:
+            raise MuraDataError(f"{part}: {e}") from e
+        rows.append({"body_part": part, "w0": w0, "w1": w1, "abnormal_views": int((labels == 1).sum()),
+                     "normal_views": int((labels == 0).sum())})
+    return pd.DataFrame(rows).set_index("body_part")
+
+
+def view_loss_weights(images: pd.DataFrame, table: pd.DataFrame) -> torch.Tensor:
+    """Each view's (w0, w1), from its study type's row of `table` (class_weights_by_type): a float tensor (n, 2)."""
+    unknown = sorted(set(images["body_part"]) - set(table.index))
+    if unknown:
+        raise MuraDataError(f"no training views of {unknown}, so no loss weights for them: train on those study "
+                            f"types too, or leave them out of body_part")
+    return torch.tensor(table.loc[images["body_part"], ["w0", "w1"]].to_numpy(), dtype=torch.float32)
+
+
+def _batch_weights(weights, index: torch.Tensor):
+    """A batch's (w0, w1): the pair itself, or each view's row of a per-view (n, 2) table (view_loss_weights)."""
+    if isinstance(weights, torch.Tensor):
+        rows = weights[index.to(weights.device, non_blocking=True)]
+        return rows[:, 0], rows[:, 1]
+    return weights
+
+
+def weighted_bce_with_logits(logits, targets, w0, w1):
+    """Mean of -w1*y*log(p) - w0*(1-y)*log(1-p) with p = sigmoid(logits), computed stably from logits; w0 and w1
+    are numbers or each view's weights."""
+    weight = w1 * targets + w0 * (1 - targets)
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), weight=weight)
+
+
+def study_log_probs(logits, study: torch.Tensor, n_studies: int):
+    """Per study (ids 0..n-1), log of the mean view probability and of its complement, stably from view logits."""
+    logits = logits.float()
+    counts = torch.zeros(n_studies, device=logits.device).index_add_(0, study, torch.ones_like(logits))
+    out = []
+    for sign in (1.0, -1.0):
+        lp = F.logsigmoid(sign * logits)
+        peak = torch.full((n_studies,), -math.inf, device=logits.device).scatter_reduce(0, study, lp, "amax")
+        sums = torch.zeros(n_studies, device=logits.device).index_add_(0, study, (lp - peak[study]).exp())
+        out.append(peak + sums.log() - counts.log())
+    return out[0], out[1]
+
+
+def study_weighted_bce(logits, targets, study: torch.Tensor, n_studies: int, w0, w1):
+    """The report's variant: weighted BCE on each study's mean view probability (one term per study); w0 and w1
+    are numbers, or each view's weights (a study takes its views')."""
+    log_p, log_q = study_log_probs(logits, study, n_studies)
+    def per_study(values):  # a study's label (or weight: one study type a study) from its views'
+        return torch.zeros(n_studies, device=logits.device).scatter_reduce(0, study, values.float(), "amax")
+    y = per_study(targets)
+    if isinstance(w0, torch.Tensor):  # per-view weights (several study types)
+        w0, w1 = per_study(w0), per_study(w1)
+    return -(w1 * y * log_p + w0 * (1 - y) * log_q).mean()
+
+
+# ---------------------------------------------------------------- settings: validated configs, TrainConfig, presets
+
+SELECT_METRICS = {f"{split}_{metric}": direction for split in ("tune", "valid")
+                  for metric, direction in (("loss", "min"), ("auroc", "max"), ("kappa", "max"), ("accuracy", "max"))}
+COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201")  # build_model replaces a DenseNet's classifier
+AMP_MODES = ("auto", "fp16", "bf16", "off")
+ON_BAD = ("raise", "skip")
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+class ConfigError(ValueError):
+    """A setting of the wrong type or out of range, named with its value and what is allowed."""
+
+
+def _bad_setting(owner: str, name: str, value, allowed: str):
+    """Raise the ConfigError naming the setting, its value and what is allowed."""
+    raise ConfigError(f"{owner}.{name} = {value!r}: must be {allowed}")
+
+
+def _bool_setting(owner: str, name: str, value) -> bool:
+    """A boolean setting; papermill's strings ('False', 'false', '0', 'true', ...) are read as what they say."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    return _bad_setting(owner, name, value, "True or False (or the strings 'true'/'false', 'yes'/'no', '1'/'0')")
+
+
+def _number_setting(owner: str, name: str, value, kind: type, lo: float, hi: float, lo_open: bool = False,
+                    optional: bool = False):
+    """An int or float setting within [lo, hi] (or (lo, hi]); numeric strings (papermill's -r) are converted."""
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
+        return None
+    allowed = (f"{'an integer' if kind is int else 'a finite number'} in {'(' if lo_open else '['}{lo}, {hi}]"
+               + (" or None" if optional else ""))
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            _bad_setting(owner, name, value, allowed)
+    if isinstance(number, (bool, np.bool_)) or not isinstance(number, (int, float, np.integer, np.floating)):
+        _bad_setting(owner, name, value, allowed)
+    try:
+        as_float = float(number)
+    except OverflowError:
+        as_float = math.inf
+    if not math.isfinite(as_float) or (kind is int and not as_float.is_integer()):
+        _bad_setting(owner, name, value, allowed)
+    number = int(number) if kind is int else as_float
+    if number < lo or (lo_open and number == lo) or number > hi:
+        _bad_setting(owner, name, value, allowed)
+    return number
+
+
+def _choice_setting(owner: str, name: str, value, allowed: Sequence):
+    """A setting that must be one of `allowed`."""
+    if isinstance(value, str) and value not in allowed and value.strip() in allowed:
+        value = value.strip()
+    if value not in allowed:
+        raise ConfigError(f"{owner}.{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+def _path_setting(owner: str, name: str, value, optional: bool = False) -> str | None:
+    """A folder setting as a string; an empty string is refused (it would silently mean the current folder)."""
+    if optional and value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        _bad_setting(owner, name, value, "a folder path" + (" or None (the embedded phantom)" if optional else "")
+                     + "; an empty string would mean the current folder")
+    return value
+
+
+def _names_setting(owner: str, name: str, value, allowed: Sequence[str]) -> tuple[str, ...]:
+    """A list of names; one name given as a string ('train', or 'train,valid') is read as a list of them."""
+    names = [n for n in re.split(r"[,\s]+", value) if n] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        _bad_setting(owner, name, value, f"a non-empty list of names from {list(allowed)}")
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        _bad_setting(owner, name, value, f"names from {list(allowed)} (unknown: {unknown})")
+    return tuple(names)
+
+
+def _body_part_setting(owner: str, value):
+    """body_part: one of BODY_PARTS, a list of them, 'all' or None."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+        return value
+    if isinstance(value, str):
+        return _choice_setting(owner, "body_part", value.strip(), (*BODY_PARTS, "all"))
+    return _names_setting(owner, "body_part", value, BODY_PARTS)
+
+
+def _device_setting(owner: str, value) -> str:
+    """device: 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'."""
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value.strip()):
+        _bad_setting(owner, "device", value, "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
+    return value.strip()
+
+
+def _range_pair_setting(owner: str, name: str, value, lo: float, hi: float) -> tuple[float, float]:
+    """A (low, high) pair of numbers within [lo, hi], low <= high."""
+    if isinstance(value, str):
+        value = [v for v in re.split(r"[,\s()\[\]]+", value) if v]
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        _bad_setting(owner, name, value, f"two numbers (low, high) in [{lo:g}, {hi:g}]")
+    pair = tuple(_number_setting(owner, name, v, float, lo, hi) for v in value)
+    if pair[0] > pair[1]:
+        _bad_setting(owner, name, value, "(low, high) with low <= high")
+    return pair
+
+
+def _validate_common(cfg, owner: str, integers: dict[str, tuple[int, int]], floats: dict[str, tuple]) -> None:
+    """Check and convert the settings TrainConfig and AnomalyConfig share, then the given ranges."""
+    cfg.data_dir = _path_setting(owner, "data_dir", cfg.data_dir, optional=True)
+    for name in ("output_dir", "cache_dir", "phantom_dir"):
+        setattr(cfg, name, _path_setting(owner, name, getattr(cfg, name)))
+    cfg.body_part = _body_part_setting(owner, cfg.body_part)
+    common = {"phantom_patients": (2, 1_000_000), "phantom_image_size": (64, 8192), "phantom_seed": (0, 2**32 - 1),
+              "num_workers": (0, 1024), "seed": (0, 2**32 - 1)}
+    for name, (lo, hi) in {**common, **integers}.items():
+        setattr(cfg, name, _number_setting(owner, name, getattr(cfg, name), int, lo, hi))
+    for name, (lo, hi, lo_open) in floats.items():
+        setattr(cfg, name, _number_setting(owner, name, getattr(cfg, name), float, lo, hi, lo_open))
+    cfg.max_steps_per_epoch = _number_setting(owner, "max_steps_per_epoch", cfg.max_steps_per_epoch, int, 1, 2**40,
+                                              optional=True)
+    for name in ("hflip", "resume"):
+        setattr(cfg, name, _bool_setting(owner, name, getattr(cfg, name)))
+    cfg.amp = _choice_setting(owner, "amp", cfg.amp, AMP_MODES)
+    cfg.on_bad = _choice_setting(owner, "on_bad", cfg.on_bad, ON_BAD)
+    cfg.device = _device_setting(owner, cfg.device)
+
+
+def _validate_train_config(cfg) -> None:
+    """Every TrainConfig setting checked (types, ranges, names) before any data is read."""
+    owner = "TrainConfig"
+    _validate_common(cfg, owner, {
+        "image_size": (32, 4096),  # a DenseNet halves the input five times: 32 px leaves one feature pixel
+        "batch_size": (2, 1_000_000),  # batch norm needs two values a channel in training
+        "valid_batch_size": (1, 1_000_000), "epochs": (1, 1_000_000), "plateau_patience": (0, 1_000_000),
+        "keep_top_k": (0, 1_000_000), "split_seed": (0, 2**32 - 1),
+    }, {"lr": (0.0, 1.0, True), "weight_decay": (0.0, 1.0, False), "plateau_factor": (0.0, 1.0, True),
+        "rotation_degrees": (0.0, 180.0, False), "tune_fraction": (0.0, 0.95, False)})
+    for name in ("pretrained", "channels_last", "sync_batchnorm"):
+        setattr(cfg, name, _bool_setting(owner, name, getattr(cfg, name)))
+    cfg.arch = _choice_setting(owner, "arch", cfg.arch, ARCHS)
+    if isinstance(cfg.betas, str):
+        cfg.betas = [v for v in re.split(r"[,\s()\[\]]+", cfg.betas) if v]
+    if not isinstance(cfg.betas, (list, tuple)) or len(cfg.betas) != 2:
+        _bad_setting(owner, "betas", cfg.betas, "two numbers in [0, 1), e.g. (0.9, 0.999)")
+    cfg.betas = tuple(_number_setting(owner, "betas", b, float, 0.0, 0.999999) for b in cfg.betas)
+    if isinstance(cfg.compile, str) and cfg.compile.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+        cfg.compile = _bool_setting(owner, "compile", cfg.compile)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; the reference report's run is image_size=224, batch_size=8, epochs=5,
+    rotation_degrees=10, select_metric='tune_accuracy' (its 'valid_accuracy' with tune_fraction=0), loss_level='study'.
+
+    Selection (best.pt, the plateau schedule, the top-k ensemble, any threshold) reads the tuning split: a
+    patient-disjoint, label-stratified `tune_fraction` of the training patients; MURA's validation split is then
+    a held-out test. tune_fraction=0 selects on the validation split, as the MURA paper and the report did.
+    """
+
+    data_dir: str | None = None  # None: the embedded phantom
+    body_part: str = "XR_HAND"
+    output_dir: str = "outputs/run"
+    cache_dir: str = "data/cache"
+    phantom_dir: str = "data/phantom"  # where the phantom is made when data_dir is None ...
+    phantom_patients: int = 240  # ... with this many patients
+    phantom_image_size: int = 512
+    phantom_seed: int = 0  # the phantom's own seed (not the training seed: runs of several seeds share the data)
+    image_size: int = 224  # the report; the MURA paper used 320
+    resize: str = "squash"  # "squash" (report, paper) or "pad" (keeps the aspect ratio)
+    arch: str = "densenet169"
+    pretrained: bool = True  # ImageNet weights (the paper and the report)
+    batch_size: int = 32  # views per step (the report: 8); with loss_level="study": studies per step
+    valid_batch_size: int = 64
+    epochs: int = 5
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    plateau_factor: float = 0.1  # the learning rate is divided by 10 ...
+    plateau_patience: int = 1  # ... when the tuning loss has not improved for this many epochs
+    rotation_degrees: float = 10.0  # the report; the MURA paper used 30
+    hflip: bool = True
+    loss_level: str = "image"  # "image": per-view weighted BCE (the paper); "study": on the study mean (report)
+    select_metric: str = "tune_loss"  # best.pt is kept by this (the paper: validation loss); tune_* reads valid_*
+    # when tune_fraction=0, and valid_* is refused when there is a tuning split (it would select on the test set)
+    keep_top_k: int = 5  # also keep the weights of the k best epochs, for an ensemble (the paper averaged 5)
+    amp: str = "auto"  # "auto": fp16 + GradScaler on GPUs without fast bf16 (T4), bf16 on Ampere+; "off" on CPU
+    channels_last: bool = True
+    compile: bool | str = False  # torch.compile: True or a mode ("reduce-overhead": CUDA graphs, launch-bound GPUs)
+    num_workers: int = 2
+    device: str = "auto"
+    seed: int = 0
+    on_bad: str = "raise"  # "skip": leave bad files out, counted in a warning (mh.data_problems lists them)
+    resume: bool = True
+    max_steps_per_epoch: int | None = None  # for smoke tests
+    sync_batchnorm: bool = False  # several GPUs: batch norm over the global batch (off: each GPU's own, as the
+    # paper's single GPU saw batches of batch_size; on CPU processes always off)
+    tune_fraction: float = 0.1  # share of the training patients held out for selection; 0: select on validation
+    split_seed: int = 0  # the tuning split's seed (not the training seed: runs of several seeds share the split)
+
+    def __post_init__(self):
+        _validate_train_config(self)
+        checks = {"resize": (self.resize, RESIZE_MODES), "loss_level": (self.loss_level, ("image", "study")),
+                  "select_metric": (self.select_metric, tuple(SELECT_METRICS)),
+                  "amp": (self.amp, ("auto", "fp16", "bf16", "off"))}
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"TrainConfig.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if not 0 <= self.tune_fraction < 1:
+            raise ValueError(f"TrainConfig.tune_fraction must be in [0, 1), got {self.tune_fraction!r}")
+        if self.tune_fraction == 0:  # no tuning split: selection reads MURA's validation split (the old behaviour)
+            self.select_metric = self.select_metric.replace("tune_", "valid_", 1)
+        elif self.select_metric.startswith("valid_"):
+            raise ValueError(f"TrainConfig.select_metric={self.select_metric!r} would select on MURA's validation "
+                             f"split, the held-out test when tune_fraction > 0: use "
+                             f"{self.select_metric.replace('valid_', 'tune_', 1)!r}, or tune_fraction=0")
+
+    @property
+    def tuning_set(self) -> str:
+        """The history's prefix of the set that selects: 'tune', or 'valid' when tune_fraction is 0."""
+        return self.select_metric.split("_", 1)[0]
+
+
+# Presets: named sets of TrainConfig fields (train_preset), each field's source said where it is set.
+TRAIN_PRESETS = {
+    # the reference report's run (its section on training; pyaf/DenseNet-MURA-PyTorch)
+    "report": {"image_size": 224, "batch_size": 8, "epochs": 5, "rotation_degrees": 10.0, "loss_level": "study",
+               "select_metric": "tune_accuracy", "lr": 1e-4},  # the report chose on validation: tune_fraction=0
+    # the MURA paper (Rajpurkar et al. 2017): all seven study types with per-type loss weights, 320 px, flips and
+    # rotations up to 30 degrees, batch 8 (per GPU here), Adam 1e-4, the rate divided by 10 when the validation loss
+    # plateaus, the model of lowest validation loss (and an ensemble of the 5 best); here the tuning split stands in
+    # for its validation set (MURA's validation split is our test: its test set is hidden), tune_fraction=0 as it did
+    "mura_paper": {"body_part": "all", "image_size": 320, "rotation_degrees": 30.0, "hflip": True, "batch_size": 8,
+                   "lr": 1e-4, "betas": (0.9, 0.999), "plateau_factor": 0.1, "loss_level": "image",
+                   "select_metric": "tune_loss", "keep_top_k": 5, "pretrained": True},  # the paper: validation
+}
+
+
+def train_preset(name: str, **overrides) -> TrainConfig:
+    """A TrainConfig with a named preset's settings (TRAIN_PRESETS), any field overridden by keyword."""
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose from {sorted(TRAIN_PRESETS)}")
+    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    """The config as plain types (loadable with weights_only=True)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+LEGACY_CONFIG = {"tune_fraction": 0.0}  # what a run saved before a field existed did (no tuning split)
+
+
+def _stored_config(config_class, state: dict, path: str | os.PathLike):
+    """The config a checkpoint was saved with, validated like a new one (an edited image_size is refused)."""
+    try:
+        legacy = LEGACY_CONFIG if config_class is TrainConfig else {}  # what a run saved before a field existed did
+        return config_class(**{**legacy, **state["config"]})
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its stored settings are not valid ({e})") from None
+
+
+# ---------------------------------------------------------------- devices & processes: GPU/CPU, AMP, torch.distributed
+
+def resolve_device(device: str = "auto"):
+    """The torch device to use: CUDA when available (or as asked), else CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(device)
+
+
+def amp_dtype(amp: str, device):
+    """The autocast dtype for this device: fp16 (with a GradScaler) on T4-class GPUs, bf16 where fast; or None."""
+    if amp == "off" or device.type != "cuda":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's generators (CPU and CUDA); the suite's NumPy code takes explicit seeds."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in a torch.distributed run (one process: rank 0 of 1)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes checkpoints, history and figures."""
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> tuple[Distributed, torch.device]:
+    """Join the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPU) and return
+    this process's place and device; without torchrun, one process on resolve_device(device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(), resolve_device(device)
+    ctx = Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = torch.cuda.is_available() and str(device).split(":")[0] in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(ctx.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+    return ctx, torch.device("cuda", ctx.local_rank) if use_cuda else torch.device("cpu")
+
+
+def _gather_result(result: dict, ctx: Distributed) -> dict:
+    """One epoch's results of every process joined on rank 0 (the loss averaged over all items); None elsewhere."""
+    if ctx.world_size == 1:
+        return result
+    parts = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object({k: result[k] for k in ("loss", "n", "probs", "index")}, parts, dst=0)
+    if not ctx.is_main:
+        return None
+    n = sum(p["n"] for p in parts)
+    return {"loss": sum(p["loss"] * p["n"] for p in parts) / max(n, 1), "n": n,
+            "probs": np.concatenate([p["probs"] for p in parts]), "index": np.concatenate([p["index"] for p in parts])}
+
+
+def _from_main(obj, ctx: Distributed):
+    """Rank 0's `obj` on every process (one process: `obj`)."""
+    if ctx.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _unwrap(model):
+    """The underlying module of a torch.compile'd and/or DistributedDataParallel model."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------- checkpoints & run folders: atomic, digests, locks
+
+DIGEST_KEY = "sha256"  # a checkpoint's digest of its own content, checked on every load
+
+
+def _state_digest(obj) -> str:
+    """sha256 over a checkpoint's content: every tensor's dtype, shape and bytes, every other value's type and repr,
+    in order (independent of how torch.save lays the file out)."""
+    digest = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{t.dtype}{tuple(x.shape)};".encode())
+            digest.update(t.view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            digest.update(f"D{len(x)};".encode())
+            for key, value in x.items():
+                feed(key)
+                feed(value)
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"L{len(x)};".encode())
+            for value in x:
+                feed(value)
+        else:
+            digest.update(f"{type(x).__name__}:{x!r};".encode())
+
+    feed(obj)
+    return digest.hexdigest()
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file, flushed to disk, then rename: a crash never leaves a half-written
+    checkpoint, and a failed write (a full disk) leaves no temporary file behind. A dict gets its sha256 digest
+    (DIGEST_KEY), which every load checks."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(obj, dict):
+        obj = {**{k: v for k, v in obj.items() if k != DIGEST_KEY}, DIGEST_KEY: _state_digest(
+            {k: v for k, v in obj.items() if k != DIGEST_KEY})}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"disk full while writing {path} (the partial file was removed; {path} "
+                                   f"keeps its previous content): free some space and run again to resume") from e
+        raise
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (empty, truncated, corrupt, not a checkpoint, of the other kind), named."""
+
+
+CHECKPOINT_KINDS = {"supervised": "a supervised (DenseNet) checkpoint: load it with load_checkpoint",
+                    "anomaly": "an anomaly-detection checkpoint: load it with load_anomaly_model"}
+
+
+def _checkpoint_kind(state: dict) -> str | None:
+    """'supervised' or 'anomaly' (stored, or told by the config of a checkpoint saved before it was stored)."""
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    return state.get("kind") or ("anomaly" if "variant" in config else "supervised" if "arch" in config else None)
+
+
+def _read_checkpoint(path: Path, kind: str | None) -> tuple[dict | None, str | None]:
+    """(state, None) for a verified checkpoint of this kind, else (None, what is wrong with the file)."""
+    if not path.is_file():
+        return None, "no such file"
+    if path.stat().st_size == 0:
+        return None, "an empty file (0 bytes): its write never finished"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        return None, f"not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with {head!r})"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never do that with such a file
+        return None, ("not a checkpoint of this suite: it holds Python objects that a safe load refuses "
+                      "(nothing in it was run)")
+    except Exception as e:  # a truncated or damaged archive
+        reason = str(e).split(". ")[0] if str(e) and "weights_only" not in str(e) else type(e).__name__
+        return None, f"truncated or damaged: not a readable PyTorch archive ({reason})"
+    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
+        return None, "not a checkpoint of this suite (a PyTorch file without its 'model' and 'config')"
+    saved = state.pop(DIGEST_KEY, None)
+    if saved is None:
+        warnings.warn(f"{path}: saved before checkpoints carried a digest, so it is loaded unverified", stacklevel=3)
+    elif saved != _state_digest(state):
+        return None, ("corrupt: its content does not match the sha256 digest stored when it was written (changed "
+                      "on disk: a bad copy, a sync conflict, a disk error, an edit)")
+    found = _checkpoint_kind(state)
+    if kind is not None and found != kind:
+        return None, f"{CHECKPOINT_KINDS.get(found, 'a checkpoint of an unknown kind')}, not {kind}"
+    return state, None
+
+
+def load_state(path: str | os.PathLike, kind: str | None = None) -> dict:
+    """A checkpoint's state, loaded with weights_only=True and checked against its sha256 digest and its kind
+    ('supervised' or 'anomaly'); else one CheckpointError naming the file, what is wrong, and a good checkpoint
+    beside it when there is one."""
+    path = Path(path)
+    state, problem = _read_checkpoint(path, kind)
+    if problem is None:
+        return state
+    if problem == "no such file":
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    raise CheckpointError(f"{path}: {problem}.{_good_checkpoint_beside(path, kind)}")
+
+
+def _good_checkpoint_beside(path: Path, kind: str | None) -> str:
+    """A sentence offering the newest other checkpoint in the same folder that verifies (or saying there is none)."""
+    others = sorted((p for p in path.parent.glob("*.pt") if p.name != path.name),
+                    key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    for other in others:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state, problem = _read_checkpoint(other, kind)
+        if problem is None:
+            resumable = "optimizer" in state
+            return (f" The newest good checkpoint beside it is {other} (epoch {state.get('epoch', -1) + 1}"
+                    + ("" if resumable else ", weights only") + "): use it instead"
+                    + (f", or copy it over {path} to resume from it." if resumable else "."))
+    return " No other checkpoint beside it verifies."
+
+
+def _checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best, data: dict | None = None) -> dict:
+    """The resumable state: model, optimiser (or a dict of them), scheduler (or None), scaler, epoch, history, RNG
+    states, config, its kind and the data's fingerprint."""
+    return {
+        "kind": "anomaly" if isinstance(cfg, AnomalyConfig) else "supervised", "data": data,
+        "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+        "optimizer": {k: o.state_dict() for k, o in optimizer.items()} if isinstance(optimizer, dict)
+        else optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+        "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "best": best, "config": _config_dict(cfg),
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+
+
+def _resumable_state(cfg, must_match: Sequence[str]) -> dict | None:
+    """The state in cfg.output_dir/checkpoints/last.pt to resume from (None: start afresh); refuses a run that was
+    saved with other settings."""
+    last_path = Path(cfg.output_dir) / "checkpoints" / "last.pt"
+    if not cfg.resume or not last_path.is_file():
+        return None
+    state = load_state(last_path, "anomaly" if isinstance(cfg, AnomalyConfig) else "supervised")
+    saved = {**LEGACY_CONFIG, **state["config"]}  # a run saved before a field existed did what LEGACY_CONFIG says
+    changed = {k: (saved[k], v) for k, v in _config_dict(cfg).items()  # a field newer than the run
+               if k in must_match and k in saved and saved[k] != v}  # had none to differ
+    if changed:
+        raise ValueError(f"{last_path}: holds a run with other settings {changed} (saved, now); use another "
+                         f"output_dir, or resume=False to start again")
+    return state
+
+
+def _restore(state: dict, model, optimizer, scheduler, scaler) -> tuple[list[dict], float | None, int]:
+    """Load a resumable state into the training objects; return (history, best score, first epoch to run)."""
+    model.load_state_dict(state["model"])
+    pairs = optimizer.items() if isinstance(optimizer, dict) else [(None, optimizer)]
+    for name, opt in pairs:
+        saved = state["optimizer"] if name is None else state["optimizer"][name]
+        # saved on another device: keep this device's (fused) Adam, set before loading, so that load_state_dict
+        # puts the step counts where that implementation wants them (fused: on the parameters' device)
+        flags = {k: opt.defaults[k] for k in ("fused", "foreach") if k in opt.defaults}
+        opt.load_state_dict({**saved, "param_groups": [{**g, **flags} for g in saved["param_groups"]]})
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:  # empty when saved without fp16 (CPU, bf16): this scaler starts afresh
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return list(state["history"]), state["best"], state["epoch"] + 1
+
+
+def _save_epoch(state: dict, improved: bool, out: Path) -> None:
+    """Write best.pt (when improved), last.pt and history.csv, each atomically."""
+    if improved:
+        save_atomic(state, out / "checkpoints" / "best.pt")
+    save_atomic(state, out / "checkpoints" / "last.pt")
+    _write_csv_atomic(pd.DataFrame(state["history"]), out / "history.csv")
+
+
+RUN_LOCK = "run.lock"
+LOCK_HEARTBEAT_S = 60  # a running run touches its lock this often ...
+LOCK_STALE_AFTER_S = 900  # ... so a lock from another machine untouched this long is a dead run's
+
+
+class RunLockedError(RuntimeError):
+    """Another training run holds the run folder's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _lock_is_stale(path: Path, holder: dict | None) -> bool:
+    """A lock whose process is gone: dead on this machine, or (another machine's) not touched for a long time."""
+    age = time.time() - path.stat().st_mtime
+    if holder is None:  # unreadable: a process killed between creating and writing it
+        return age > 10
+    if holder.get("host") == socket.gethostname():
+        return holder.get("pid") != os.getpid() and not _pid_alive(int(holder.get("pid", -1)))
+    return age > LOCK_STALE_AFTER_S
+
+
+def _lock_heartbeat(path: Path, stop: threading.Event) -> None:
+    """Touch the lock every LOCK_HEARTBEAT_S seconds until `stop` is set (others see the run is alive)."""
+    while not stop.wait(LOCK_HEARTBEAT_S):
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike):
+    """Hold run_dir/run.lock (pid, host, start time, command; created atomically) while a run writes there; a
+    second run raises RunLockedError naming the holder; a dead run's lock is taken over with a warning."""
+    path = Path(run_dir) / RUN_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = None
+            if attempt == 0 and _lock_is_stale(path, holder):
+                warnings.warn(f"{path}: taking over the lock of a run that is no longer running ({holder})",
+                              stacklevel=3)
+                path.unlink(missing_ok=True)
+                continue
+            raise RunLockedError(
+                f"{path.parent}: another run is writing here (lock {path}: pid {(holder or {}).get('pid')} on "
+                f"{(holder or {}).get('host')}, started {(holder or {}).get('started')}, command "
+                f"{(holder or {}).get('command')!r}). Two runs in one folder would mix their checkpoints: wait for "
+                f"it, or use another output_dir; if that process is gone, delete {path}.") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    stop = threading.Event()
+    threading.Thread(target=_lock_heartbeat, args=(path, stop), daemon=True).start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == me["pid"]:
+                path.unlink()
+
+
+RUN_FILES = ("checkpoints", "history.csv", "config.json", "test_scores.csv")  # what a run writes in its folder
+
+
+def _set_aside_previous_run(out: Path) -> Path | None:
+    """Before a fresh run in `out`: move an earlier run's files to a sibling <name>.previous-<UTC time>/ (nothing is
+    deleted), with a warning naming both folders; None when there was no earlier run."""
+    checkpoints = out / "checkpoints"
+    if not (out / "history.csv").is_file() and not (checkpoints.is_dir() and any(checkpoints.glob("*.pt"))):
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = out.parent / f"{out.name}.previous-{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = out.parent / f"{out.name}.previous-{stamp}-{n}"
+    aside.mkdir(parents=True)
+    for name in RUN_FILES:
+        if (out / name).exists():
+            shutil.move(out / name, aside / name)
+    warnings.warn(f"{out}: starting a new run here; the earlier run's checkpoints and history were moved to "
+                  f"{aside} (nothing was deleted)", stacklevel=3)
+    return aside
+
+
+def _remove_temporaries(folders: Sequence[Path]) -> list[Path]:
+    """Remove the temporary files (.NAME.tmpPID) a killed write left in a run's folders (the caller holds its lock)."""
+    removed = []
+    for folder in folders:
+        for tmp in folder.glob(".*.tmp*") if folder.is_dir() else ():
+            if tmp.is_file() and re.fullmatch(r"\..+\.tmp\d+", tmp.name):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    if removed:
+        warnings.warn(f"removed {len(removed)} temporary file(s) left by an interrupted write: "
+                      f"{[str(p) for p in removed[:5]]}", stacklevel=3)
+    return removed
+
+
+def data_fingerprint(studies: pd.DataFrame) -> str:
+    """sha256 of a study table: each study's split, path below the MURA root, label, view count and file names."""
+    digest = hashlib.sha256()
+    for row in studies.sort_values(["split", "study_path"]).itertuples():
+        digest.update(json.dumps([row.split, row.study_path.split("/", 1)[-1], int(row.label), int(row.n_views),
+                                  [Path(p).name for p in row.image_paths]]).encode())
+    return digest.hexdigest()
+
+
+def _data_record(root: Path, studies: pd.DataFrame) -> dict:
+    """What a checkpoint keeps of the data it was trained on: the folder, the study count and the fingerprint."""
+    return {"root": str(root), "n_studies": len(studies), "fingerprint": data_fingerprint(studies)}
+
+
+def _check_same_data(state: dict | None, data: dict, where: Path) -> None:
+    """Refuse to resume a run (state) on data other than it was trained on."""
+    if state is None:
+        return
+    saved = state.get("data")
+    if saved is None:
+        warnings.warn(f"{where}: saved before checkpoints recorded their data, so this resume cannot check that it "
+                      f"reads the same data", stacklevel=3)
+    elif saved["fingerprint"] != data["fingerprint"]:
+        raise MuraDataError(
+            f"{where}: this run was trained on {saved['root']} ({saved['n_studies']} studies) but now reads "
+            f"{data['root']} ({data['n_studies']} studies), whose study table differs (studies, labels, views or "
+            f"files). Resuming would mix two datasets: point data_dir back at {saved['root']}, or use another "
+            f"output_dir (resume=False keeps the old run aside).")
+
+
+def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
+    """Write a CSV through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(obj, path: Path) -> None:
+    """Write JSON through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- training: one epoch, evaluation, the run, ensembles
+
+def make_view_loader(cache: ImageCache, images: pd.DataFrame, batch_size: int, shuffle: bool = False, seed: int = 0,
+                     num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader of whole batches of cached views; set `loader.sampler.batches` to re-shuffle per epoch."""
+    dataset = CachedViewBatches(cache, cache.rows(images["image_path"]), images["label"].to_numpy(),
+                                pd.factorize(images["study_path"])[0])
+    sampler = EpochBatches()
+    sampler.batches = epoch_batches(len(images), batch_size, shuffle, seed, 0)
+    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+                      generator=torch.Generator())  # its own: starting workers leaves the global generator alone
+
+
+def loader_throughput(loader, device, max_batches: int = 50, **augment) -> float:
+    """Views per second that `loader` delivers to `device`, augmented and normalised as for training."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    n, started = 0, time.perf_counter()
+    for step, (views, *_rest) in enumerate(loader):
+        if step >= max_batches:
+            break
+        prepare_batch(views, device, True, generator, **augment)
+        n += len(views)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - started)
+
+
+def amp_step(loss, optimizer, scaler) -> None:
+    """One optimiser step under mixed precision: scaled backward, unscale-and-skip on inf/NaN, scale update."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def build_optimizer(params, lr: float, device, betas=(0.9, 0.999), weight_decay: float = 0.0):
+    """Adam; fused into a few kernels on CUDA (fewer launches a step than the default multi-tensor Adam)."""
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=device.type == "cuda")
+
+
+def compile_model(model, mode: bool | str):
+    """torch.compile the model (mode True or a torch.compile mode name); the model itself when mode is False."""
+    if mode is False:
+        return model
+    return torch.compile(model, mode=None if mode is True else mode)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, device, weights, cfg: TrainConfig, epoch: int,
+                    progress: bool = True, rank: int = 0) -> dict:
+    """One pass over the training views (this process's share of them); returns the mean loss and every view's
+    probability. `weights`: (w0, w1), or each view's (view_loss_weights)."""
+    model.train()
+    dtype = amp_dtype(cfg.amp, device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * rank)
+    loss_sum = torch.zeros((), device=device)
+    n_seen, probs, indices = 0, [], []
+    steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1} train", leave=False, disable=not progress)
+    for step, (views, labels, index, study) in enumerate(loader):
+        if step >= steps:
+            break
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for compile's CUDA graphs (a no-op otherwise)
+        x = prepare_batch(views, device, True, generator, cfg.rotation_degrees, cfg.hflip, cfg.channels_last)
+        y = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x).squeeze(1)
+        if cfg.loss_level == "study":
+            n_items = int(study.max()) + 1  # studies in the batch (a CPU tensor: no device sync)
+            loss = study_weighted_bce(logits, y, study.to(device, non_blocking=True), n_items,
+                                      *_batch_weights(weights, index))
+        else:
+            n_items = len(y)
+            loss = weighted_bce_with_logits(logits, y, *_batch_weights(weights, index))
+        amp_step(loss, optimizer, scaler)
+        loss_sum += loss.detach() * n_items  # the epoch's loss: a mean over its views (or studies)
+        n_seen += n_items
+        probs.append(torch.sigmoid(logits.detach().float()))
+        indices.append(index)
+        bar.update()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    return {"loss": float(loss_sum) / max(n_seen, 1), "n": n_seen, "probs": torch.cat(probs).cpu().numpy(),
+            "index": torch.cat(indices).numpy()}
+
+
+def evaluate_views(model, loader, device, weights, amp: str = "auto", channels_last: bool = True,
+                   desc: str = "valid", progress: bool = True) -> dict:
+    """Predict every view of `loader` without augmentation; returns the weighted loss and the view probabilities.
+    `weights`: (w0, w1), or each view's (view_loss_weights)."""
+    model.eval()
+    dtype = amp_dtype(amp, device)
+    loss_sum, n_seen, probs, indices = torch.zeros((), device=device), 0, [], []
+    with torch.inference_mode():
+        for views, labels, index, _ in tqdm(loader, desc=desc, leave=False, disable=not progress):
+            torch.compiler.cudagraph_mark_step_begin()
+            x = prepare_batch(views, device, False, channels_last=channels_last)
+            y = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = model(x).squeeze(1)
+            loss_sum += weighted_bce_with_logits(logits, y, *_batch_weights(weights, index)) * len(y)
+            n_seen += len(y)
+            probs.append(torch.sigmoid(logits.float()))
+            indices.append(index)
+    if not probs:  # this process's share of a small set was empty
+        return {"loss": 0.0, "n": 0, "probs": np.zeros(0, np.float32), "index": np.zeros(0, np.int64)}
+    return {"loss": float(loss_sum) / max(n_seen, 1), "n": n_seen, "probs": torch.cat(probs).cpu().numpy(),
+            "index": torch.cat(indices).numpy()}
+
+
+def tuning_split(studies: pd.DataFrame, fraction: float = 0.1, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split MURA's training studies into (train, tune) by patient: `fraction` of the patients with an abnormal
+    study and of the normal-only patients (at least one of each, never all), drawn with `seed`."""
+    if fraction <= 0:
+        return studies, studies.iloc[:0]
+    if "split" in studies and set(studies["split"]) - {"train"}:
+        raise ValueError(f"the tuning split is drawn from MURA's train split only, got {sorted(set(studies['split']))}"
+                         f": the validation split stays the held-out test")
+    positive = studies.groupby("patient")["label"].max()
+    rng = np.random.default_rng(seed)
+    tune = []
+    for label, name in ((1, "with an abnormal study"), (0, "with normal studies only")):
+        patients = np.array(sorted(positive.index[positive == label]))
+        if len(patients) < 2:
+            raise MuraDataError(f"tune_fraction={fraction} needs at least 2 training patients {name} (one tunes, one "
+                                f"trains), found {len(patients)}: use tune_fraction=0 to select on validation")
+        n_tune = min(max(1, round(fraction * len(patients))), len(patients) - 1)
+        tune += list(rng.permutation(patients)[:n_tune])
+    held = studies["patient"].isin(tune)
+    return studies[~held], studies[held]
+
+
+def _prepare_run(cfg: TrainConfig, progress: bool = True, state: dict | None = None) -> dict:
+    """Load the studies (for a resume: the same data as its checkpoint `state`, else an error), build the view
+    cache and the per-view tables that training and evaluation use (run["tune"]: the tuning split's views, None
+    when tune_fraction is 0)."""
+    root = config_data_root(cfg)
+    run = {"root": root}
+    tables = []
+    for split in SPLITS:
+        studies = load_studies(root, split, cfg.body_part, on_bad=cfg.on_bad)
+        if studies.empty:
+            raise MuraDataError(f"{root}: no {cfg.body_part} studies in the {split} split")
+        run[split] = studies_to_images(studies)
+        tables.append(studies)
+        if split == "train":
+            train, tune = tuning_split(studies, cfg.tune_fraction, cfg.split_seed)
+    run["data"] = _data_record(root, pd.concat(tables, ignore_index=True))
+    _check_same_data(state, run["data"], Path(cfg.output_dir) / "checkpoints" / "last.pt")
+    all_paths = list(run["train"]["image_path"]) + list(run["valid"]["image_path"])
+    run["cache"] = build_image_cache(all_paths, cfg.image_size, cfg.cache_dir, cfg.resize, progress=progress)
+    run["train"], run["tune"] = studies_to_images(train), studies_to_images(tune) if len(tune) else None
+    return run
+
+
+def _epoch_metrics(prefix: str, images: pd.DataFrame, result: dict) -> dict:
+    """Study-level metrics of one epoch's view probabilities, with the loss, prefixed train_/tune_/valid_."""
+    views = images.iloc[result["index"]].assign(prob=result["probs"])
+    studies = views.groupby("study_path", sort=False).agg(label=("label", "first"), prob=("prob", "mean"))
+    metrics = study_metrics(studies["label"], studies["prob"])
+    return {f"{prefix}_loss": result["loss"], **{f"{prefix}_{k}": v for k, v in metrics.items()}}
+
+
+RESUME_MUST_MATCH = ("body_part", "image_size", "resize", "arch", "batch_size", "lr", "betas", "weight_decay",
+                     "plateau_factor", "plateau_patience", "rotation_degrees", "hflip", "loss_level", "select_metric",
+                     "seed", "tune_fraction", "split_seed")  # (the scheduler's settings are restored with its state)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
+    """Train (or resume) a run in cfg.output_dir: checkpoints/last.pt every epoch, best.pt, history.csv; the folder
+    is locked meanwhile, and an earlier run there is moved aside, not overwritten, when this one starts afresh.
+
+    Under torchrun (several processes, one a GPU, or gloo processes on a CPU) the same call trains with
+    DistributedDataParallel: each process takes its share of every global batch of batch_size x processes views,
+    validation is sharded and gathered, rank 0 alone computes the metrics, holds the lock and writes the files.
+    """
+    ctx, device = setup_distributed(cfg.device)
+    with run_lock(cfg.output_dir) if ctx.is_main else contextlib.nullcontext():
+        return _train_locked(cfg, progress, ctx, device)
+
+
+def _train_locked(cfg: TrainConfig, progress: bool, ctx: Distributed, device) -> pd.DataFrame:
+    """train() while rank 0 holds the run folder's lock."""
+    out = Path(cfg.output_dir)
+    if ctx.is_main:
+        _remove_temporaries([out, out / "checkpoints"])
+    state = _resumable_state(cfg, RESUME_MUST_MATCH)
+    if state is None and ctx.is_main:
+        _set_aside_previous_run(out)
+    if ctx.local_rank != 0:  # the first process of each machine makes the phantom and the view cache ...
+        dist.barrier()
+    run = _prepare_run(cfg, progress and ctx.is_main, state)
+    if ctx.local_rank == 0 and ctx.world_size > 1:  # ... while the others wait, then read them
+        dist.barrier()
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick the fastest kernels
+    seed_everything(cfg.seed)
+    model = build_model(cfg.pretrained and state is None, cfg.arch).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    weight_table = class_weights_by_type(run["train"])  # the paper's w_T per study type (one row for XR_HAND)
+    optimizer = build_optimizer(model.parameters(), cfg.lr, device, cfg.betas, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
+                                                           patience=cfg.plateau_patience)
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    history, best, start_epoch = [], None, 0
+    if state is not None:
+        history, best, start_epoch = _restore(state, model, optimizer, scheduler, scaler)
+        if ctx.is_main:
+            print(f"resuming {out / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of {cfg.epochs}")
+    if ctx.world_size > 1:
+        if cfg.sync_batchnorm and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    model = compile_model(model, cfg.compile)
+    eval_model = model if ctx.world_size == 1 else _unwrap(model)  # no collectives in evaluation
+
+    train_images, tune_images, valid_images = run["train"], run["tune"], run["valid"]
+    train_weights = view_loss_weights(train_images, weight_table).to(device)
+    valid_weights = view_loss_weights(valid_images, weight_table).to(device)  # training's weights: comparable
+    tune_weights = None if tune_images is None else view_loss_weights(tune_images, weight_table).to(device)
+    groups = list(train_images.groupby("study_path", sort=False).indices.values())
+    pin = device.type == "cuda"
+    train_loader = make_view_loader(run["cache"], train_images, cfg.batch_size, True, cfg.seed, cfg.num_workers, pin)
+    valid_loader = make_view_loader(run["cache"], valid_images, cfg.valid_batch_size, False, cfg.seed,
+                                    cfg.num_workers, pin)
+    tune_loader = None if tune_images is None else make_view_loader(run["cache"], tune_images, cfg.valid_batch_size,
+                                                                    False, cfg.seed, cfg.num_workers, pin)
+    for loader, images in ((valid_loader, valid_images), (tune_loader, tune_images)):  # each process its share
+        if loader is not None:
+            loader.sampler.batches = [b for b in epoch_batches(len(images), cfg.valid_batch_size, False, cfg.seed, 0,
+                                                               None, ctx.rank, ctx.world_size) if b]
+    direction = SELECT_METRICS[cfg.select_metric]
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch,
+                                                     groups if cfg.loss_level == "study" else None,
+                                                     ctx.rank, ctx.world_size)
+        started = time.perf_counter()
+        trained = train_one_epoch(model, train_loader, optimizer, scaler, device, train_weights, cfg, epoch,
+                                  progress and ctx.is_main, ctx.rank)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.perf_counter() - started  # rank 0's; its images/s counts every process's views
+        tuned = None if tune_loader is None else evaluate_views(eval_model, tune_loader, device, tune_weights,
+                                                                cfg.amp, cfg.channels_last, desc="tune",
+                                                                progress=progress and ctx.is_main)
+        validated = evaluate_views(eval_model, valid_loader, device, valid_weights, cfg.amp, cfg.channels_last,
+                                   progress=progress and ctx.is_main)
+        trained, validated = _gather_result(trained, ctx), _gather_result(validated, ctx)
+        tuned = None if tuned is None else _gather_result(tuned, ctx)
+        row = None
+        if ctx.is_main:  # the metrics, once, on every view's prediction
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                   **_epoch_metrics("train", train_images, trained),
+                   **(_epoch_metrics("tune", tune_images, tuned) if tuned else {}),
+                   **_epoch_metrics("valid", valid_images, validated),
+                   "epoch_time_s": time.perf_counter() - started,
+                   "train_images_per_s": len(trained["probs"]) / train_time, "processes": ctx.world_size}
+        row = _from_main(row, ctx)
+        scheduler.step(row[f"{cfg.tuning_set}_loss"])  # the plateau schedule reads the tuning set, never the test
+        history.append(row)
+        score = row[cfg.select_metric]
+        improved = best is None or (score < best if direction == "min" else score > best) or math.isnan(best)
+        if improved:
+            best = score
+        if ctx.is_main:
+            if cfg.keep_top_k > 0:
+                _keep_top_k_weights(model, cfg, history, epoch, out / "checkpoints")
+            _save_epoch(_checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best, run["data"]),
+                        improved, out)
+        if progress and ctx.is_main:
+            shown = [f"{k.replace('_', ' ')} {row[k]:.4f}" for k in ("train_loss", "tune_loss", "tune_auroc",
+                                                                          "valid_loss", "valid_auroc") if k in row]
+            print(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(shown) +
+                  f"  {row['train_images_per_s']:.0f} img/s" + ("  (best)" if improved else ""), flush=True)
+    if ctx.world_size > 1:
+        dist.barrier()  # every process returns after rank 0 has written the last epoch
+    return pd.DataFrame(history)
+
+
+def launch_training(cfg: TrainConfig | AnomalyConfig, devices: int | str = "auto",
+                    progress: bool = True) -> pd.DataFrame:
+    """Train a TrainConfig (train) or an autoencoder's AnomalyConfig (train_anomaly) on `devices` processes and
+    return the history: "auto" uses every visible GPU; 1 (or one GPU, or none, or a GAN) trains in this process;
+    N > 1 starts N worker processes with torchrun (NCCL on GPUs, gloo on a CPU), shows rank 0's epoch lines, and
+    raises with the workers' output when one fails."""
+    anomaly = isinstance(cfg, AnomalyConfig)
+    n = torch.cuda.device_count() if devices == "auto" else int(devices)
+    if n <= 1 or (anomaly and cfg.is_gan):  # the GANs stay on one device (train_anomaly says why)
+        return train_anomaly(cfg, progress) if anomaly else train(cfg, progress)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "launch_config.json"
+    config.write_text(json.dumps(_config_dict(cfg), indent=2))
+    module_dir = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [module_dir, os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", "mura_helpers", "train-anomaly" if anomaly else "train", "--config", str(config), "--no-progress"]
+    lines = []
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            if progress and (line.startswith(("epoch ", "resuming ")) or (anomaly and " epoch " in line)):
+                print(line, end="", flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed training on {n} processes failed (exit {proc.returncode}); the workers' "
+                           f"last output:\n{''.join(lines[-40:])}")
+    return pd.read_csv(out / "history.csv")
+
+
+def _keep_top_k_weights(model, cfg: TrainConfig, history: list[dict], epoch: int, folder: Path) -> None:
+    """Save this epoch's weights as epoch_NNN.pt, keeping only the files of the cfg.keep_top_k best epochs."""
+    save_atomic({"model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+                 "config": _config_dict(cfg), "epoch": epoch}, folder / f"epoch_{epoch + 1:03d}.pt")
+    for path in _rank_epoch_files(folder, history, cfg.select_metric)[cfg.keep_top_k:]:
+        path.unlink()
+
+
+def _rank_epoch_files(folder: Path, history: list[dict], metric: str) -> list[Path]:
+    """The epoch_NNN.pt files of this run's epochs in `folder`, best first by `metric` (epochs without a score
+    last); files of epochs not in `history` (an earlier run's) are left out."""
+    sign = 1 if SELECT_METRICS[metric] == "min" else -1
+    scores = {int(row["epoch"]): sign * float(row[metric]) for row in history if not math.isnan(float(row[metric]))}
+    epochs = {int(row["epoch"]) for row in history}
+    files = {e: p for p in folder.glob("epoch_*.pt") if (e := int(p.stem.split("_")[1])) in epochs}
+    return [files[e] for e in sorted(files, key=lambda e: (e not in scores, scores.get(e, 0.0), e))]
+
+
+def top_k_checkpoints(run_dir: str | os.PathLike, k: int = 5) -> list[Path]:
+    """The k best saved epochs of a run, best first by its selection metric (the MURA paper's ensemble: k=5)."""
+    run_dir = Path(run_dir)
+    config, history = run_dir / "config.json", run_dir / "history.csv"
+    if not config.is_file() or not history.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a training run (no config.json/history.csv); train one first")
+    metric = json.loads(config.read_text())["select_metric"]
+    ranked = _rank_epoch_files(run_dir / "checkpoints", pd.read_csv(history).to_dict("records"), metric)
+    if not ranked:
+        raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no epoch_*.pt weights (train with keep_top_k > 0)")
+    return ranked[:k]
+
+
+def ensemble_checkpoints(run_dirs: Sequence[str | os.PathLike], k: int = 1) -> tuple[list[Path], str]:
+    """An ensemble's checkpoints over runs (several seeds) and epochs: each run's best.pt (k=1) or its k best epochs
+    (top_k_checkpoints); and a note that says which (the MURA paper's "5 models" could be either)."""
+    paths, seeds, metric = [], [], None
+    for run_dir in map(Path, run_dirs):
+        if k <= 1 and not (run_dir / "checkpoints" / "best.pt").is_file():
+            raise FileNotFoundError(f"{run_dir}: no checkpoints/best.pt; train a model with notebook 03 first")
+        paths += [run_dir / "checkpoints" / "best.pt"] if k <= 1 else top_k_checkpoints(run_dir, k)
+        config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        seeds.append(config.get("seed"))
+        metric = metric or config.get("select_metric")
+    members = "best.pt" if k <= 1 else f"the {k} best epochs by {metric}"
+    runs = f"of {len(seeds)} run{'s' if len(seeds) > 1 else ''} (seed{'s' if len(seeds) > 1 else ''} " \
+           f"{', '.join(map(str, seeds))})"
+    return paths, f"{len(paths)} checkpoint{'s' if len(paths) > 1 else ''}: {members} {runs}"
+
+
+def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
+    """Load a checkpoint (weights_only, its digest checked) and return (model in eval mode, its TrainConfig)."""
+    state = load_state(path, "supervised")
+    cfg = _stored_config(TrainConfig, state, path)
+    model = build_model(pretrained=False, arch=cfg.arch)
+    model.load_state_dict(state["model"])
+    return model.to(resolve_device(device)).eval(), cfg
+
+
+# ---------------------------------------------------------------- evaluation & metrics
+
+def study_metrics(labels, probs, threshold: float = 0.5) -> dict:
+    """Accuracy, Cohen's kappa, AUROC, sensitivity, specificity and the confusion counts and row-normalised rates."""
+    labels, probs = np.asarray(labels, dtype=int), np.asarray(probs, dtype=float)
+    preds = (probs > threshold).astype(int)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, preds, labels=[0, 1]).ravel())
+    one_class = len(np.unique(labels)) < 2
+    if one_class:
+        warnings.warn(f"only one class in the labels ({len(labels)} studies): AUROC is undefined (NaN)", stacklevel=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        kappa = cohen_kappa_score(labels, preds) if len(np.unique(np.r_[labels, preds])) > 1 else float("nan")
+    return {
+        "accuracy": (tp + tn) / max(len(labels), 1), "kappa": float(kappa),
+        "auroc": float("nan") if one_class else float(roc_auc_score(labels, probs)),
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+        "tn": tn, "fp": fp, "fn": fn, "tp": tp,
+        "tn_rate": tn / (tn + fp) if tn + fp else float("nan"), "fp_rate": fp / (tn + fp) if tn + fp else float("nan"),
+        "fn_rate": fn / (fn + tp) if fn + tp else float("nan"), "tp_rate": tp / (fn + tp) if fn + tp else float("nan"),
+    }
+
+
+def predict_studies(model, studies: pd.DataFrame, image_size: int = 224, resize: str = "squash",
+                    cache_dir: str | os.PathLike = "data/cache", device: str = "auto", batch_size: int = 64,
+                    amp: str = "auto", num_workers: int = 0) -> pd.DataFrame:
+    """Each study's abnormality probability: the mean of its views' probabilities (abnormal when > 0.5)."""
+    images = studies_to_images(studies)
+    cache = build_image_cache(images["image_path"], image_size, cache_dir, resize, progress=False)
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    loader = make_view_loader(cache, images, batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda")
+    result = evaluate_views(model, loader, dev, (0.5, 0.5), amp, desc="predict", progress=False)
+    views = images.iloc[result["index"]].assign(prob=result["probs"])
+    out = views.groupby("study_path", sort=False).agg(label=("label", "first"), prob=("prob", "mean"),
+                                                      n_views=("prob", "size"), view_probs=("prob", list))
+    return out.reset_index()
+
+
+def youden_threshold(labels, probs) -> float:
+    """The threshold that maximises sensitivity + specificity - 1 (Youden's J) on these labels."""
+    fpr, tpr, thresholds = roc_curve(np.asarray(labels, int), np.asarray(probs, float), drop_intermediate=False)
+    best = int(np.argmax(tpr - fpr))
+    if best == 0:  # the (0, 0) corner: call nothing abnormal
+        return 1.0
+    # roc_curve counts prob >= t as abnormal, the suite prob > t: return the midpoint to the next lower score
+    lower = thresholds[best + 1] if best + 1 < len(thresholds) else thresholds[best] - 1e-6
+    return float((thresholds[best] + lower) / 2)
+
+
+CI_METRICS = ("accuracy", "kappa", "auroc", "sensitivity", "specificity")
+
+
+def _resample_counts(groups, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, rows) multiplicities of each row when its group (a patient) is drawn with replacement: a group's
+    rows are drawn together. With one row per group this is the plain bootstrap of rows."""
+    codes, uniques = pd.factorize(np.asarray(groups))  # groups in order of appearance
+    n = len(uniques)
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    counts = np.bincount((np.arange(n_boot)[:, None] * n + idx).ravel(), minlength=n_boot * n).reshape(n_boot, n)
+    return counts[:, codes]
+
+
+def _weighted_auroc_rows(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """AUROC of labels `y` and scores `p` under each row of row weights `w` (Mann-Whitney with multiplicities; ties
+    count one half; NaN when a row holds one class only)."""
+    order = np.argsort(p, kind="stable")
+    p, y, w = p[order], y[order], w[:, order]
+    starts = np.r_[0, np.flatnonzero(np.diff(p)) + 1]  # runs of tied scores
+    pos, neg = np.add.reduceat(w * y, starts, axis=1), np.add.reduceat(w * (1 - y), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (pos * (below + neg / 2)).sum(1) / (pos.sum(1) * neg.sum(1))
+
+
+def auroc_interval(labels, scores, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
+                   patients=None) -> tuple[float, float]:
+    """A (1 - alpha) percentile bootstrap interval of the AUROC, resampling the rows (studies) with replacement, or
+    with `patients` (one per row) the patients, each with all its rows."""
+    labels, scores = np.asarray(labels, int), np.asarray(scores, float)
+    counts = _resample_counts(np.arange(len(labels)) if patients is None else patients, n_boot, seed)
+    draws = _weighted_auroc_rows(counts, labels, scores)
+    draws = draws[np.isfinite(draws)]
+    if not len(draws):
+        return np.nan, np.nan
+    lo, hi = np.percentile(draws, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi)
+
+
+def bootstrap_metrics(labels, probs, threshold: float = 0.5, n_boot: int = 2000, seed: int = 0,
+                      alpha: float = 0.05, patients=None) -> pd.DataFrame:
+    """Each study metric with a (1 - alpha) percentile bootstrap interval, resampling studies with replacement, or
+    with `patients` (one per study) the patients, a patient's studies together (what independence means here).
+
+    Vectorised over resamples; resamples with one class only (AUROC undefined) are left out of the AUROC interval.
+    """
+    labels, probs = np.asarray(labels, int), np.asarray(probs, float)
+    point = study_metrics(labels, probs, threshold)
+    counts = _resample_counts(np.arange(len(labels)) if patients is None else patients, n_boot, seed)
+    pred = (probs > threshold).astype(int)
+    tp, tn = counts @ (pred & labels), counts @ ((1 - pred) & (1 - labels))
+    fp, fn = counts @ (pred & (1 - labels)), counts @ ((1 - pred) & labels)
+    n = counts.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        po = (tp + tn) / n
+        pe = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / n**2
+        draws = {"accuracy": po, "kappa": np.where(pe < 1, (po - pe) / (1 - pe), np.nan),
+                 "auroc": _weighted_auroc_rows(counts, labels, probs),
+                 "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp)}
+    rows = []
+    for name in CI_METRICS:
+        values = draws[name][np.isfinite(draws[name])]
+        lo, hi = (np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(values)
+                  else (np.nan, np.nan))
+        rows.append({"metric": name, "estimate": point[name], "ci_low": lo, "ci_high": hi,
+                     "n_boot_used": len(values)})
+    return pd.DataFrame(rows).set_index("metric")
+
+
+def trivial_baselines(labels) -> pd.DataFrame:
+    """What rules that look at no image score on these labels: calling every study the majority class (accuracy,
+    sensitivity, specificity; Cohen's kappa 0) and any constant score (AUROC 0.5)."""
+    labels = np.asarray(labels, int)
+    majority = int(labels.mean() > 0.5)  # a tie calls every study normal
+    rule = f"every study {'abnormal' if majority else 'normal'} ({int((labels == majority).sum())}/{len(labels)})"
+    rows = {"accuracy": (float((labels == majority).mean()), rule), "kappa": (0.0, "chance (any rule blind to "
+            "the image)"), "auroc": (0.5, "chance (a constant or random score)"),
+            "sensitivity": (float(majority), rule), "specificity": (float(1 - majority), rule)}
+    return pd.DataFrame(rows, index=["baseline", "baseline_rule"]).T.rename_axis("metric") \
+        .astype({"baseline": float})
+
+
+def evaluation_report(preds: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: str = "patient",
+                      tune_preds: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Study metrics with 95% bootstrap CIs (resampled by patient, or by study with level="study") at the paper's
+    0.5 threshold and at Youden's threshold, chosen on `tune_preds` (the tuning split) or, without them, on these
+    studies themselves (then optimistic, and labelled so); beside each, the trivial baseline on these studies."""
+    if level not in ("patient", "study"):
+        raise ValueError(f"level must be 'patient' or 'study', got {level!r}")
+    if level == "patient" and "patient" not in preds:
+        raise ValueError("a bootstrap by patient needs a 'patient' column (ensemble_predict adds it); or level='study'")
+    patients = preds["patient"].to_numpy() if level == "patient" else None
+    chosen = preds if tune_preds is None else tune_preds
+    youden = youden_threshold(chosen["label"], chosen["prob"])
+    where = "this set" if tune_preds is None else "the tuning set"
+    baselines = trivial_baselines(preds["label"])
+    tables = []
+    for name, threshold in (("0.5 (MURA paper)", 0.5), (f"{youden:.3f} (Youden, chosen on {where})", youden)):
+        table = bootstrap_metrics(preds["label"], preds["prob"], threshold, n_boot, seed, patients=patients)
+        tables.append(table.join(baselines).assign(threshold=name, threshold_value=threshold, resampled=level))
+    return pd.concat(tables).reset_index().set_index(["threshold", "metric"])
+
+
+def run_studies(cfg: TrainConfig, data_dir: str | os.PathLike | None = None) -> dict[str, pd.DataFrame | None]:
+    """A run's studies as it used them: 'train' (without the tuning patients), 'tune' (None when tune_fraction is 0)
+    and 'test' (MURA's validation split)."""
+    root = config_data_root(cfg, data_dir)
+    train, tune = tuning_split(load_studies(root, "train", cfg.body_part, on_bad=cfg.on_bad), cfg.tune_fraction,
+                               cfg.split_seed)
+    return {"train": train, "tune": tune if cfg.tune_fraction > 0 else None,
+            "test": load_studies(root, "valid", cfg.body_part, on_bad=cfg.on_bad)}
+
+
+SCORE_ID_COLUMNS = ("image_path", "study_path", "patient", "label", "subset")  # a score table's non-scores
+
+
+def model_free_floor(sets: dict[str, pd.DataFrame], train_studies: pd.DataFrame,
+                     cache_dir: str | os.PathLike = "data/cache", size: int = 64, n_boot: int = 2000, seed: int = 0,
+                     level: str = "patient", progress: bool = True) -> pd.DataFrame:
+    """The unsupervised path's model-free scores (reference_anomaly_scores: template error against the mean normal
+    view of `train_studies`, intensity, hand area; full+HE preprocessing at `size` px) as study-level AUROCs with
+    95% bootstrap CIs (by patient, or by study), on each named set of studies."""
+    template = studies_to_images(train_studies[train_studies["label"] == 0])
+    views = {name: studies_to_images(studies) for name, studies in sets.items()}
+    paths = list(dict.fromkeys([*template["image_path"], *(p for v in views.values() for p in v["image_path"])]))
+    cache = build_anomaly_cache(paths, PreprocessConfig(size=size), cache_dir, progress=progress)
+    rows = []
+    for name, images in views.items():
+        scores = study_scores(reference_anomaly_scores(cache, images, template))
+        scores = scores.merge(sets[name][["study_path", "patient"]], on="study_path")
+        for score in [c for c in scores.columns if c not in SCORE_ID_COLUMNS]:
+            low, high = auroc_interval(scores["label"], scores[score], n_boot, seed,
+                                       patients=scores["patient"] if level == "patient" else None)
+            rows.append({"set": name, "score": score, "auroc": roc_auc_score(scores["label"], scores[score]),
+                         "ci_low": low, "ci_high": high, "n_studies": len(scores)})
+    return pd.DataFrame(rows)
+
+
+_MURA_PAPER_CAVEAT = ("MURA's hidden test set, labelled by the majority vote of radiologists; the paper's model is "
+                      "'an ensemble of the 5 models with the lowest validation losses', which does not say whether "
+                      "these are 5 checkpoints of one run or 5 runs; chosen on MURA's validation split")
+REFERENCE_RESULTS = pd.DataFrame([
+    {"source": "Reference report (2023), DenseNet-169, MURA hand, validation", "metric": "accuracy",
+     "set": "MURA hand validation split, 167 studies (101 normal)", "value": 0.611, "baseline": 101 / 167,
+     "baseline_rule": "every study normal (101/167)",
+     "note": "best validation accuracy, its Figure 31: 102/167 studies, one more than calling every study normal; "
+             "the best of its 5 epochs by accuracy on these same 167 studies (chosen on the set it is reported on); "
+             "its DenseNet loaded ImageNet weights with strict=False (pyaf/DenseNet-MURA-PyTorch densenet.py:24) into "
+             "renamed layers whose keys do not match, so its dense layers started untrained"},
+    {"source": "Rajpurkar et al. 2017 (MURA paper), DenseNet-169, hand, hidden test set", "metric": "kappa",
+     "set": "MURA hidden test set, hand studies", "value": 0.851, "baseline": 0.0, "baseline_rule": "chance",
+     "note": "Cohen's kappa vs radiologists' gold standard; " + _MURA_PAPER_CAVEAT},
+    {"source": "Rajpurkar et al. 2017 (MURA paper), DenseNet-169, all body parts, hidden test set",
+     "metric": "auroc", "set": "MURA hidden test set, all body parts", "value": 0.929, "baseline": 0.5,
+     "baseline_rule": "chance",
+     "note": "overall AUROC; " + _MURA_PAPER_CAVEAT},
+    {"source": "Davletshina et al. 2020, best unsupervised (alpha-GAN), MURA hand, test", "metric": "auroc",
+     "set": "their test split of MURA's training hands", "value": 0.607, "baseline": 0.5, "baseline_rule": "chance",
+     "note": "ROC-AUC from the discriminator; chosen by ROC-AUC on their validation split of MURA's training hands, "
+             "reported on their test split of it"},
+])
+HEADLINE_METRICS = ("accuracy", "kappa", "auroc")
+
+
+def _at_half(report: pd.DataFrame) -> pd.DataFrame:
+    """The rows of an evaluation_report at its first threshold (the paper's 0.5)."""
+    return report.xs(report.index.get_level_values(0)[0], level=0)
+
+
+def comparison_table(report: pd.DataFrame, label: str = "this model", tune_report: pd.DataFrame | None = None,
+                     floor: pd.DataFrame | None = None, models: str = "best.pt") -> pd.DataFrame:
+    """Our estimates at 0.5 with their CIs, on the tuning split (when given) and the held-out test, the model-free
+    floor (when given), and the cited reference numbers (cited, not recomputed), each beside its trivial
+    baseline, with what was chosen on which set in the note."""
+    tuned = tune_report is not None
+    names = {"tune": "tuning split (of MURA's training patients)",
+             "test": "MURA validation split, held out (scored once)" if tuned else
+             "MURA validation split, which also chose the checkpoint (tune_fraction=0)"}
+    sets = ([(names["tune"], tune_report,
+              f"{models}; chose the checkpoint(s), the learning-rate plateaus and Youden's threshold on this set")]
+            if tuned else [])
+    sets.append((names["test"], report, f"{models}; " + ("selected on the tuning split, not on this set" if tuned else
+                                                         "chosen on the set it is reported on: optimistic")))
+    rows = []
+    for name, rep, note in sets:
+        ours = _at_half(rep)
+        rows += [{"source": label, "set": name, "metric": m, "value": ours.loc[m, "estimate"],
+                  "ci_low": ours.loc[m, "ci_low"], "ci_high": ours.loc[m, "ci_high"],
+                  "baseline": ours.loc[m, "baseline"], "baseline_rule": ours.loc[m, "baseline_rule"],
+                  "note": f"95% CI resampled by {ours['resampled'].iloc[0]}; {note}"} for m in HEADLINE_METRICS]
+    for row in ([] if floor is None else floor.reset_index().to_dict("records")):
+        rows.append({"source": f"no model: {row['score']} (model-free floor)", "set": names[row["set"]],
+                     "metric": "auroc",
+                     "value": row["auroc"], "ci_low": row["ci_low"], "ci_high": row["ci_high"], "baseline": 0.5,
+                     "baseline_rule": "chance", "note": "template error or hand size, no training "
+                     "(reference_anomaly_scores, study mean of its views); a model should beat it"})
+    return pd.concat([pd.DataFrame(rows), REFERENCE_RESULTS], ignore_index=True)[
+        ["source", "set", "metric", "value", "ci_low", "ci_high", "baseline", "baseline_rule", "note"]]
+
+
+def headline_table(report: pd.DataFrame, tune_report: pd.DataFrame | None = None,
+                   floor: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The headline numbers at 0.5 side by side: tuning split and held-out test, each with its 95% CI and the
+    trivial baseline on that set; the model-free floor's AUROCs as extra rows (phantom)."""
+    columns = {}
+    for prefix, rep in (("tune", tune_report), ("test", report)):
+        if rep is None:
+            continue
+        ours = _at_half(rep)
+        columns.update({prefix: ours["estimate"], f"{prefix}_ci_low": ours["ci_low"],
+                        f"{prefix}_ci_high": ours["ci_high"], f"{prefix}_baseline": ours["baseline"]})
+    table = pd.DataFrame(columns).assign(baseline_rule=_at_half(report)["baseline_rule"].str.replace(
+        r" \(\d+/\d+\)", "", regex=True))
+    if floor is not None:
+        for score, rows in floor.groupby("score", sort=False):
+            values = {}
+            for prefix in ("tune", "test"):
+                row = rows[rows["set"] == prefix]
+                if prefix in table and len(row):
+                    values.update({prefix: row["auroc"].iloc[0], f"{prefix}_ci_low": row["ci_low"].iloc[0],
+                                   f"{prefix}_ci_high": row["ci_high"].iloc[0], f"{prefix}_baseline": 0.5})
+            table.loc[f"auroc, no model: {score}"] = {**values, "baseline_rule": "chance"}
+    return table.rename_axis("metric")
+
+
+def findings_by_study(findings: pd.DataFrame) -> pd.Series:
+    """Phantom only: the planted finding type of each abnormal study, indexed by (split, body part, patient, study)."""
+    keys = [_relative_key(p)[:-1] for p in findings["image_path"]]
+    return pd.Series(list(findings["finding"]), index=pd.MultiIndex.from_tuples(keys)).groupby(level=[0, 1, 2, 3]) \
+        .first()
+
+
+def metrics_by_finding(studies: pd.DataFrame, findings: pd.DataFrame, scores: Sequence[str] = ("prob",),
+                       threshold: float | None = None) -> pd.DataFrame:
+    """Phantom only: per planted finding type (and all), its abnormal studies' count and each score's AUROC against
+    all normal studies; with `threshold`, also the share of them scored above it (the sensitivity)."""
+    kinds = findings_by_study(findings)
+    finding = [kinds.get(_relative_key(p), "(none listed)") if label else None
+               for p, label in zip(studies["study_path"], studies["label"])]
+    studies = studies.assign(finding=finding)
+    normal = studies[studies["label"] == 0]
+    rows = []
+    for kind in [*sorted(studies["finding"].dropna().unique()), "all"]:
+        abnormal = studies[studies["label"] == 1] if kind == "all" else studies[studies["finding"] == kind]
+        both = pd.concat([normal, abnormal])
+        row = {"finding": kind, "n_abnormal": len(abnormal), "n_normal": len(normal)}
+        for score in scores:
+            row[f"auroc_{score}"] = (roc_auc_score(both["label"], both[score]) if len(normal) and len(abnormal)
+                                     else np.nan)
+            if threshold is not None:
+                row[f"sensitivity_{score}"] = float((abnormal[score] > threshold).mean()) if len(abnormal) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("finding")
+
+
+# The MURA paper's Table 2, model column: Cohen's kappa (95% CI) per study type against the radiologists' majority
+# vote on its hidden test set (Rajpurkar et al. 2017); cited, not recomputed.
+PAPER_KAPPA_BY_TYPE = {"XR_ELBOW": 0.710, "XR_FINGER": 0.389, "XR_FOREARM": 0.737, "XR_HAND": 0.851,
+                       "XR_HUMERUS": 0.600, "XR_SHOULDER": 0.729, "XR_WRIST": 0.931, "overall": 0.705}
+
+
+def metrics_by_body_part(preds: pd.DataFrame, threshold: float = 0.5, n_boot: int = 2000,
+                         seed: int = 0) -> pd.DataFrame:
+    """The paper's Table 2 layout: per study type and overall, the studies, Cohen's kappa with its 95% bootstrap
+    interval (studies resampled), accuracy and AUROC, beside the paper's model kappa (its hidden test set)."""
+    body_part = [_relative_key(p)[1] if len(_relative_key(p)) > 1 else "?" for p in preds["study_path"]]
+    preds = preds.assign(body_part=body_part)
+    rows = []
+    for part, group in [*preds.groupby("body_part", sort=True), ("overall", preds)]:
+        table = bootstrap_metrics(group["label"], group["prob"], threshold, n_boot, seed)
+        rows.append({"study_type": part, "studies": len(group), "abnormal": int(group["label"].sum()),
+                     "kappa": table.loc["kappa", "estimate"], "kappa_ci_low": table.loc["kappa", "ci_low"],
+                     "kappa_ci_high": table.loc["kappa", "ci_high"], "accuracy": table.loc["accuracy", "estimate"],
+                     "auroc": table.loc["auroc", "estimate"],
+                     "paper_model_kappa": PAPER_KAPPA_BY_TYPE.get(part, np.nan)})
+    return pd.DataFrame(rows).set_index("study_type")
+
+
+def load_ensemble(checkpoints: str | os.PathLike | Sequence[str | os.PathLike], device: str = "auto"):
+    """Load one or several checkpoints; return (models, the first one's TrainConfig)."""
+    paths = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
+    if not paths:
+        raise FileNotFoundError("no checkpoints given")
+    loaded = [load_checkpoint(p, device) for p in paths]
+    sizes = {(cfg.image_size, cfg.resize) for _, cfg in loaded}
+    if len(sizes) > 1:
+        raise ValueError(f"the checkpoints were trained at different input settings {sizes}; ensemble like with like")
+    splits = {(c.data_dir, c.phantom_seed, c.phantom_patients, c.body_part, c.tune_fraction, c.split_seed)
+              for _, c in loaded}
+    if len(splits) > 1:  # a member's training patients would be another's tuning patients
+        raise ValueError(f"the checkpoints were trained on different data or tuning splits {splits} (data_dir, "
+                         f"phantom_seed, phantom_patients, body_part, tune_fraction, split_seed); ensemble runs that "
+                         f"share them (several seeds: change only `seed`)")
+    return [m for m, _ in loaded], loaded[0][1]
+
+
+def ensemble_predict(models, studies: pd.DataFrame, image_size: int, resize: str = "squash",
+                     cache_dir: str | os.PathLike = "data/cache", device: str = "auto") -> pd.DataFrame:
+    """Study predictions averaged over models (the MURA paper: the 5 best checkpoints); one model works too."""
+    runs = [predict_studies(m, studies, image_size, resize, cache_dir, device) for m in models]
+    out = runs[0].copy()
+    out["prob"] = np.mean([r["prob"].to_numpy() for r in runs], axis=0)
+    out["view_probs"] = [list(np.mean(v, axis=0)) for v in zip(*[r["view_probs"] for r in runs])]
+    out["model_probs"] = [list(v) for v in zip(*[r["prob"] for r in runs])]
+    return out.merge(studies[["study_path", "patient", "image_paths"]], on="study_path")
+
+
+def confident_cases(preds: pd.DataFrame, threshold: float = 0.5, k: int = 2) -> pd.DataFrame:
+    """The k most confident true/false positives and negatives (by distance of the probability from 0.5)."""
+    predicted = (preds["prob"] > threshold).astype(int)
+    kind = np.select([(predicted == 1) & (preds["label"] == 1), (predicted == 1) & (preds["label"] == 0),
+                      (predicted == 0) & (preds["label"] == 1)], ["true positive", "false positive",
+                                                                   "false negative"], "true negative")
+    cases = preds.assign(case=kind, confidence=(preds["prob"] - 0.5).abs())
+    order = ["true positive", "false positive", "false negative", "true negative"]
+    top = cases.sort_values("confidence", ascending=False).groupby("case").head(k)
+    return top.assign(case=pd.Categorical(top["case"], order, ordered=True)).sort_values(["case", "confidence"],
+                                                                                          ascending=[True, False])
+
+
+# ---------------------------------------------------------------- heatmaps: class activation maps (the MURA paper)
+
+def class_activation_maps(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAMs of a DenseNet-style model (features -> ReLU -> global pool -> linear): (maps (B, h, w), logits (B)).
+
+    The map is sum_k w_k * ReLU(features)_k, so its spatial mean plus the bias is the logit. The features are
+    taken by calling model.features directly and applying a fresh (not in-place) ReLU, which avoids the pitfall
+    of hooking torchvision's DenseNet, whose forward applies ReLU in place to the hooked tensor.
+    """
+    features = F.relu(model.features(x)).float()
+    weight, bias = model.classifier.weight[0].float(), model.classifier.bias[0].float()
+    maps = torch.einsum("bchw,c->bhw", features, weight)
+    return maps, maps.mean(dim=(1, 2)) + bias
+
+
+def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each map to [0, 1] (min-max; a constant map, up to float rounding, becomes all zeros)."""
+    flat = maps.flatten(1)
+    lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
+    varies = (hi - lo) > 1e-5 * hi.abs().clamp_min(1.0)  # else rounding noise would be stretched to [0, 1]
+    return torch.where(varies, (maps - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(maps))
+
+
+def _map_to_original(cam: np.ndarray, size: tuple[int, int], resize: str) -> np.ndarray:
+    """Bring a square map at the model's input size back onto the original view's pixel grid (w, h)."""
+    w, h = size
+    if resize == "pad":
+        s = cam.shape[0]
+        scale = s / max(w, h)
+        cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
+        x0, y0 = (s - cw) // 2, (s - ch) // 2
+        cam = cam[y0:y0 + ch, x0:x0 + cw]
+    return np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
+
+
+def view_heatmaps(models, image_paths: Sequence[str], image_size: int, resize: str = "squash",
+                  device: str = "auto", batch_size: int = 32) -> list[dict]:
+    """For each view: the grey image, its CAM in [0, 1] on the image's own pixel grid (averaged over models), and
+    its abnormality probability (averaged over models). Runs in batches of `batch_size` views."""
+    if len(image_paths) == 0:
+        return []
+    if len(image_paths) > batch_size:
+        return [h for i in range(0, len(image_paths), batch_size)
+                for h in view_heatmaps(models, image_paths[i:i + batch_size], image_size, resize, device, batch_size)]
+    models = models if isinstance(models, (list, tuple)) else [models]
+    dev = resolve_device(device)
+    images = [load_image(p) for p in image_paths]
+    views = torch.from_numpy(np.stack([np.asarray(resize_view(im, image_size, resize)) for im in images]))[:, None]
+    x = prepare_batch(views, dev, train=False, channels_last=False)
+    maps, probs = [], []
+    with torch.inference_mode():
+        for model in models:
+            m, logits = class_activation_maps(model.to(dev).eval(), x)
+            up = F.interpolate(m[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0]
+            maps.append(normalise_maps(up).cpu().numpy())
+            probs.append(torch.sigmoid(logits).cpu().numpy())
+    mean_maps, mean_probs = np.mean(maps, axis=0), np.mean(probs, axis=0)
+    return [{"image_path": str(p), "image": np.asarray(im), "cam": _map_to_original(cam, im.size, resize),
+             "prob": float(prob)} for p, im, cam, prob in zip(image_paths, images, mean_maps, mean_probs)]
+
+
+def heatmap_localisation(heatmaps: Sequence[dict], boxes: pd.DataFrame) -> pd.DataFrame:
+    """Score maps against ground-truth boxes: pointing game (is the peak inside? a flat map has none: a miss) and
+    the share of heat inside, beside the box's share of the image (what a uniform map would score)."""
+    rows = []
+    for h in heatmaps:
+        for b in boxes[boxes["image_file"] == h["image_path"]].itertuples():
+            cam = h["cam"]
+            inside = np.zeros(cam.shape, bool)
+            inside[b.y0:b.y1 + 1, b.x0:b.x1 + 1] = True
+            peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+            hit = bool(inside[peak]) and cam.max() > cam.min()
+            rows.append({"image_path": h["image_path"], "finding": b.finding, "pointing_hit": hit,
+                         "heat_in_box": float(cam[inside].sum() / max(cam.sum(), 1e-12)),
+                         "box_share": float(inside.mean()), "prob": h["prob"]})
+    return pd.DataFrame(rows, columns=["image_path", "finding", "pointing_hit", "heat_in_box", "box_share", "prob"])
+
+
+def cam_localisation(models, studies: pd.DataFrame, boxes: pd.DataFrame, image_size: int, resize: str = "squash",
+                     device: str = "auto") -> pd.DataFrame:
+    """Score the CAMs of every view of `studies` that has a ground-truth box (see heatmap_localisation)."""
+    views = studies_to_images(studies)
+    scored = list(views.loc[views["image_path"].isin(boxes["image_file"]), "image_path"])
+    return heatmap_localisation(view_heatmaps(models, scored, image_size, resize, device), boxes)
+
+
+# ---------------------------------------------------------------- prediction on a new study
+
+def study_image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files of one study: a folder's PNG/JPEG files (natural order) or a given list; all checked first."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        folder = Path(source)
+        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                        and not p.name.startswith(".")), key=_natural_image_order)
+        others = [p.name for p in folder.iterdir() if p.is_file() and p not in files]
+        if others:
+            warnings.warn(f"{folder}: ignored {len(others)} non-image file(s): {others[:5]}", stacklevel=2)
+        if not files:
+            raise MuraDataError(f"{folder}: no .png/.jpg/.jpeg images in this folder")
+    elif isinstance(source, (str, os.PathLike)):
+        files = [Path(source)]
+    else:
+        files = [Path(p) for p in source]
+    if not files:
+        raise MuraDataError("no views given: a study needs at least one image (a folder of them or a list of files)")
+    bad = [f"  {p}: {issue}" for p in files if (issue := check_image_file(p, full_decode=True))]
+    if bad:
+        raise MuraDataError(f"{len(bad)} unreadable image(s):\n" + "\n".join(bad))
+    return files
+
+
+def predict_new_study(checkpoints, source, device: str = "auto") -> dict:
+    """Predict one new study (a folder of views or a list of files) with one checkpoint or an ensemble.
+
+    Returns {"study_prob", "abnormal", "views" (DataFrame: image_path, prob), "heatmaps" (per view)}.
+    """
+    files = study_image_files(source)
+    models, cfg = load_ensemble(checkpoints, device)
+    heatmaps = view_heatmaps(models, [str(f) for f in files], cfg.image_size, cfg.resize, device)
+    views = pd.DataFrame({"image_path": [h["image_path"] for h in heatmaps], "prob": [h["prob"] for h in heatmaps]})
+    study_prob = float(views["prob"].mean())
+    return {"study_prob": study_prob, "abnormal": study_prob > 0.5, "views": views, "heatmaps": heatmaps,
+            "n_models": len(models), "image_size": cfg.image_size}
+
+
+# ---------------------------------------------------------------- plots: data, pipeline, training, results, heatmaps
+
+def save_figure(fig, name: str, output_dir: str | os.PathLike = "outputs", dpi: int = 120) -> Path:
+    """Save `fig` as `output_dir/figures/<name>.png` (a stable name) and return the path."""
+    path = Path(output_dir) / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def dataset_overview(studies: pd.DataFrame) -> pd.DataFrame:
+    """Return per-split counts: patients, studies, images, and abnormal share at study and image level."""
+    images = studies_to_images(studies)
+    g = studies.groupby("split", sort=False)
+    gi = images.groupby("split", sort=False)
+    overview = pd.DataFrame({
+        "patients": g["patient"].nunique(),
+        "studies": g.size(),
+        "images": gi.size(),
+        "abnormal_studies": g["label"].sum(),
+        "abnormal_images": gi["label"].sum(),
+    })
+    overview["abnormal_study_share"] = (overview["abnormal_studies"] / overview["studies"]).round(3)
+    overview["abnormal_image_share"] = (overview["abnormal_images"] / overview["images"]).round(3)
+    overview["views_per_study"] = (overview["images"] / overview["studies"]).round(2)
+    return overview
+
+
+def patients_in_both_splits(studies: pd.DataFrame) -> list[str]:
+    """Return the patients (per body part) that appear in more than one split: leakage if any."""
+    splits = studies.groupby(["body_part", "patient"])["split"].nunique()
+    return [f"{part}/{patient}" for (part, patient), n in splits.items() if n > 1]
+
+
+def plot_xray_grid(images: pd.DataFrame, n: int = 12, seed: int = 0, cols: int = 6, title: str | None = None,
+                   boxes: pd.DataFrame | None = None):
+    """Show a grid of `n` random views with patient, study and label (and ground-truth boxes when given)."""
+    sample = images.sample(min(n, len(images)), random_state=seed)
+    rows = math.ceil(len(sample) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, sample.itertuples()):
+        ax.imshow(load_image(row.image_path), cmap="gray", vmin=0, vmax=255)
+        label = "abnormal" if row.label else "normal"
+        ax.set_title(f"{row.patient}\n{row.study.split('_')[0]} view {row.view}: {label}", fontsize=8,
+                     color="crimson" if row.label else "black")
+        if boxes is not None:
+            for b in boxes[boxes["image_file"] == row.image_path].itertuples():
+                ax.add_patch(Rectangle((b.x0, b.y0), b.x1 - b.x0, b.y1 - b.y0, fill=False, color="red", lw=1.2))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_patients_per_split(studies: pd.DataFrame):
+    """Bar chart of the number of patients in each split (the report's Figure 17)."""
+    counts = studies.groupby("split", sort=False)["patient"].nunique().reset_index(name="patients")
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    sns.barplot(data=counts, x="split", y="patients", hue="split", legend=False, ax=ax)
+    for c in ax.containers:
+        ax.bar_label(c)
+    ax.set_title("Patients per split")
+    fig.tight_layout()
+    return fig
+
+
+def _split_countplot(data: pd.DataFrame, x: str, title: str, xlabel: str, ylabel: str):
+    """Bar chart of the counts of `x`, one bar per split, labelled with the counts."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    sns.countplot(data=data, x=x, hue="split", ax=ax)
+    for c in ax.containers:
+        ax.bar_label(c, fontsize=8)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    fig.tight_layout()
+    return fig
+
+
+def plot_studies_per_patient(studies: pd.DataFrame):
+    """Bar chart of how many patients have 1, 2, 3... studies, per split (the report's Figure 18)."""
+    per_patient = studies.groupby(["split", "body_part", "patient"]).size().reset_index(name="studies")
+    return _split_countplot(per_patient, "studies", "Studies per patient", "studies of one patient", "patients")
+
+
+def plot_views_per_study(studies: pd.DataFrame):
+    """Bar chart of how many studies have 1..5 views (images), per split (the report's Figure 19)."""
+    return _split_countplot(studies, "n_views", "Images (views) per study", "views in the study", "studies")
+
+
+def plot_label_balance(studies: pd.DataFrame):
+    """Two bar charts of normal vs abnormal counts per split, at study level and at image level."""
+    images = studies_to_images(studies)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, df, level in ((axes[0], studies, "studies"), (axes[1], images, "images")):
+        data = df.assign(label=df["label"].map({0: "normal", 1: "abnormal"}))
+        sns.countplot(data=data, x="split", hue="label", hue_order=["normal", "abnormal"],
+                      palette={"normal": "tab:blue", "abnormal": "tab:red"}, ax=ax)
+        for c in ax.containers:
+            ax.bar_label(c, fontsize=8)
+        ax.set(title=f"Label balance: {level}", ylabel=level)
+    fig.tight_layout()
+    return fig
+
+
+def image_properties(images: pd.DataFrame) -> pd.DataFrame:
+    """Return each image's width, height, PNG mode and file size, read from the headers (no decode)."""
+    rows = []
+    for path in images["image_path"]:
+        with Image.open(path) as im:
+            rows.append({"image_path": path, "width": im.width, "height": im.height, "mode": im.mode,
+                         "bytes": Path(path).stat().st_size})
+    return images.merge(pd.DataFrame(rows), on="image_path")
+
+
+def plot_image_properties(props: pd.DataFrame):
+    """Scatter of image width vs height coloured by PNG mode, and the count of each mode per split."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1.4, 1]})
+    sns.scatterplot(data=props, x="width", y="height", hue="mode", style="split", alpha=0.6, s=18, ax=axes[0])
+    axes[0].set_title("Image sizes (pixels)")
+    sns.countplot(data=props, x="mode", hue="split", ax=axes[1])
+    for c in axes[1].containers:
+        axes[1].bar_label(c, fontsize=8)
+    axes[1].set_title("Stored PNG modes (all are read as 8-bit grey)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_intensity_histograms(images: pd.DataFrame, n_per_label: int = 40, seed: int = 0):
+    """Pixel-intensity histograms of sampled normal and abnormal views, and each image's mean intensity."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    means = {}
+    for label, name, color in ((0, "normal", "tab:blue"), (1, "abnormal", "tab:red")):
+        subset = images[images["label"] == label]
+        if subset.empty:
+            continue
+        sample = subset.sample(min(n_per_label, len(subset)), random_state=seed)
+        pixels = [np.asarray(load_image(p)) for p in sample["image_path"]]
+        hist = sum(np.bincount(p.ravel(), minlength=256) for p in pixels)
+        axes[0].plot(np.arange(256), hist / hist.sum(), color=color, label=f"{name} ({len(sample)} views)")
+        means[name] = [p.mean() for p in pixels]
+        axes[1].hist(means[name], bins=20, range=(0, 255), alpha=0.6, color=color, label=name)
+    axes[0].set(title="Pixel intensity distribution", xlabel="intensity (0-255)", ylabel="share of pixels",
+                yscale="log")
+    axes[0].legend()
+    axes[1].set(title="Mean intensity per view (bright = inverted or over-exposed)", xlabel="mean intensity",
+                ylabel="views")
+    axes[1].legend()
+    fig.tight_layout()
+    return fig
+
+
+def epoch_table(history: pd.DataFrame) -> pd.DataFrame:
+    """Per-epoch table in the layout of the report's Figure 31: confusion rates, losses and accuracies (with the
+    tuning split's loss, accuracy, kappa and AUROC when the run had one)."""
+    columns = {"epoch": "Epoch"}
+    for split, name in (("train", "Training"), ("valid", "Validation")):
+        for k, label in (("tn", "True Negative"), ("fp", "False Positive"), ("fn", "False Negative"),
+                         ("tp", "True Positive")):
+            columns[f"{split}_{k}_rate"] = f"{label} ({name})"
+    columns.update({"train_loss": "Training Loss", "train_accuracy": "Training Accuracy"})
+    if "tune_loss" in history:
+        columns.update({"tune_loss": "Tuning Loss", "tune_accuracy": "Tuning Accuracy", "tune_kappa": "Tuning Kappa",
+                        "tune_auroc": "Tuning AUROC"})
+    columns.update({"valid_loss": "Validation Loss", "valid_accuracy": "Validation Accuracy",
+                    "valid_kappa": "Validation Kappa", "valid_auroc": "Validation AUROC", "lr": "Learning Rate"})
+    return history[list(columns)].rename(columns=columns).set_index("Epoch").round(4)
+
+
+def plot_training_curves(history: pd.DataFrame, select_metric: str = "valid_loss"):
+    """Loss, accuracy and Cohen's kappa per epoch for train, tune (when the run had a tuning split) and valid (the
+    report's Figure 32), the best epoch by the selection metric marked."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    best = history[select_metric].idxmin() if SELECT_METRICS[select_metric] == "min" else \
+        history[select_metric].idxmax()
+    tuned = "tune_loss" in history
+    splits = [("train", "o-", "train"), ("tune", "^-", "tune (selects)"), ("valid", "s-", "valid (held-out test)")] \
+        if tuned else [("train", "o-", "train"), ("valid", "s-", "valid")]
+    for ax, metric in zip(axes, ("loss", "accuracy", "kappa")):
+        for split, style, label in splits:
+            ax.plot(history["epoch"], history[f"{split}_{metric}"], style, label=label)
+        ax.axvline(history.loc[best, "epoch"], color="grey", ls="--", lw=1, label=f"best ({select_metric})")
+        ax.set(title=metric.capitalize() + (" (weighted BCE)" if metric == "loss" else " (study level)"),
+               xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_pipeline_views(images: pd.DataFrame, cache: ImageCache, n: int = 4, seed: int = 0,
+                        rotation_degrees: float = 10.0, hflip: bool = True):
+    """For n random views: the raw file, the cached resized view, and two random training augmentations."""
+    sample = images.sample(min(n, len(images)), random_state=seed)
+    cached = torch.from_numpy(cache.array[cache.rows(sample["image_path"])][:, None].copy())
+    generator = torch.Generator().manual_seed(seed)
+    augmented = [prepare_batch(cached, torch.device("cpu"), True, generator, rotation_degrees, hflip, False)
+                 for _ in range(2)]
+    fig, axes = plt.subplots(len(sample), 4, figsize=(10, 2.7 * len(sample)), squeeze=False)
+    for i, row in enumerate(sample.itertuples()):
+        raw = load_image(row.image_path)
+        panels = [(raw, f"raw file {raw.width}x{raw.height}"), (cached[i, 0], f"cached {cache.size}px")]
+        panels += [(aug[i, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0], f"augmented #{k + 1}")
+                   for k, aug in enumerate(augmented)]
+        for ax, (img, title) in zip(axes[i], panels):
+            ax.imshow(np.asarray(img), cmap="gray")
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+        axes[i, 0].set_title(f"{row.patient} ({'abnormal' if row.label else 'normal'})\nraw {raw.width}x{raw.height}",
+                             fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc(preds: pd.DataFrame, title: str = "ROC, validation studies", youden: float | None = None):
+    """ROC curve with its AUROC, the 0.5 operating point and Youden's point (at `youden`, a threshold chosen on a
+    tuning set; None: chosen on these studies)."""
+    fpr, tpr, _ = roc_curve(preds["label"], preds["prob"])
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    ax.plot(fpr, tpr, lw=2, label=f"AUROC = {roc_auc_score(preds['label'], preds['prob']):.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    for threshold, marker, name in ((0.5, "o", "threshold 0.5"),
+                                    (youden_threshold(preds["label"], preds["prob"]) if youden is None else youden,
+                                     "s", "Youden" + (" (this set)" if youden is None else " (tuning set)"))):
+        m = study_metrics(preds["label"], preds["prob"], threshold)
+        ax.plot(1 - m["specificity"], m["sensitivity"], marker, ms=8, label=f"{name} ({threshold:.2f})")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(labels, probs, threshold: float = 0.5):
+    """Confusion matrix at a threshold: counts and row-normalised rates side by side."""
+    m = study_metrics(labels, probs, threshold)
+    counts = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
+    rates = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.6))
+    ticks = ["normal", "abnormal"]
+    sns.heatmap(counts, annot=True, fmt="d", cmap="Blues", cbar=False, ax=axes[0], xticklabels=ticks,
+                yticklabels=ticks)
+    sns.heatmap(rates, annot=True, fmt=".3f", cmap="Blues", vmin=0, vmax=1, cbar=False, ax=axes[1],
+                xticklabels=ticks, yticklabels=ticks)
+    for ax, name in zip(axes, ("counts", "rates (per true class)")):
+        ax.set(xlabel="predicted", ylabel="true", title=f"Confusion {name}, threshold {threshold:.2f}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_headline(table: pd.DataFrame, title: str = "Study level, threshold 0.5: 95% CIs and trivial baselines"):
+    """Each headline metric's estimate with its CI on the tuning split and the held-out test, the trivial baseline
+    of each set marked (x), the model-free floor's AUROCs beside."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(table)), 4))
+    sets = [(p, name, c) for p, name, c in (("tune", "tuning split", "tab:orange"), ("test", "held-out test",
+                                                                                        "tab:blue")) if p in table]
+    x = np.arange(len(table))
+    for k, (prefix, name, color) in enumerate(sets):
+        dx = (k - (len(sets) - 1) / 2) * 0.22
+        est = table[prefix].to_numpy(float)
+        err = np.vstack([est - table[f"{prefix}_ci_low"], table[f"{prefix}_ci_high"] - est])
+        ax.errorbar(x + dx, est, yerr=np.abs(err), fmt="o", color=color, capsize=4, label=name)
+        ax.plot(x + dx, table[f"{prefix}_baseline"], "x", color=color, ms=9, mew=2,
+                label=f"trivial baseline ({name})")
+    ax.set_xticks(x, [m.replace("auroc, no model: ", "floor AUROC: ") for m in table.index], fontsize=8, rotation=20,
+                  ha="right")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(ylabel="value", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_cases(cases: pd.DataFrame, max_views: int = 3):
+    """Each case's views in a row, titled with the case type, the study and its probability."""
+    fig, axes = plt.subplots(len(cases), max_views, figsize=(2.6 * max_views, 2.8 * len(cases)), squeeze=False)
+    for row_axes, case in zip(axes, cases.itertuples()):
+        for ax in row_axes:
+            ax.axis("off")
+        header = f"{case.case}, study p={case.prob:.2f}\n{'/'.join(case.study_path.split('/')[-3:-1])}\n"
+        for i, (ax, path) in enumerate(zip(row_axes, case.image_paths)):
+            ax.imshow(load_image(path), cmap="gray")
+            ax.set_title((header if i == 0 else "") + f"view {i + 1}: p={case.view_probs[i]:.2f}", fontsize=8,
+                         color="black" if i else "darkgreen" if case.case.startswith("true") else "crimson")
+    fig.tight_layout()
+    return fig
+
+
+def plot_heatmaps(heatmaps: Sequence[dict], boxes: pd.DataFrame | None = None, cols: int = 4, alpha: float = 0.45,
+                  title: str | None = None, value_label: str = "p(abnormal)"):
+    """Each view with its heatmap overlaid (and ground-truth boxes when given), titled with its score."""
+    rows = max(1, math.ceil(len(heatmaps) / cols))  # constrained layout: two-line titles clear the row above
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.5 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    if not heatmaps:
+        axes[0, 0].text(0, 0.5, "no views to show", fontsize=10)
+    for ax, h in zip(axes.flat, heatmaps):
+        ax.imshow(h["image"], cmap="gray")
+        ax.imshow(h["cam"], cmap="jet", alpha=alpha, vmin=0, vmax=1)
+        parts = Path(h["image_path"]).parts
+        ax.set_title(f"{'/'.join(parts[-3:])}\n{value_label} = {h['prob']:.3g}", fontsize=7)
+        if boxes is not None:
+            for b in boxes[boxes["image_file"] == h["image_path"]].itertuples():
+                ax.add_patch(Rectangle((b.x0, b.y0), b.x1 - b.x0, b.y1 - b.y0, fill=False, color="white", lw=1.5))
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# ---------------------------------------------------------------- anomaly detection (Davletshina 2020): preprocessing
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Their Figure 1 pipeline; every step can be switched off: 'raw', 'crop' or 'full', each with or without HE."""
+
+    crop: bool = True  # carrier crop: Otsu + the detector plate's minimum-area rotated rectangle (else whole image)
+    segment: bool = True  # foreground segmentation: a hand mask, and the background set to 0
+    equalize: str | None = "he"  # histogram equalisation: "he", "clahe" or None
+    size: int = 512  # aspect-preserving resize and padding to a square (512: autoencoders; 128: the GAN family)
+
+    def __post_init__(self):
+        for name in ("crop", "segment"):
+            object.__setattr__(self, name, _bool_setting("PreprocessConfig", name, getattr(self, name)))
+        object.__setattr__(self, "size", _number_setting("PreprocessConfig", "size", self.size, int, 4, 8192))
+        if self.equalize not in ("he", "clahe", None):
+            raise ConfigError(f"PreprocessConfig.equalize must be one of ('he', 'clahe', None), got {self.equalize!r}")
+
+    @property
+    def name(self) -> str:
+        """The variant's name in the paper's table: raw / crop / full, plus +HE or +CLAHE."""
+        base = "full" if self.segment else "crop" if self.crop else "raw"
+        return base + {"he": "+HE", "clahe": "+CLAHE", None: ""}[self.equalize]
+
+
+def preprocess_variants(size: int = 512, names: Sequence[str] | None = None) -> dict[str, PreprocessConfig]:
+    """The paper's six variants (raw, crop, full; without and with HE), or those named (+CLAHE also works)."""
+    variants = {cfg.name: cfg for crop, segment in ((False, False), (True, False), (True, True))
+                for cfg in (PreprocessConfig(crop, segment, eq, size) for eq in (None, "he", "clahe"))}
+    names = [n for n in variants if not n.endswith("+CLAHE")] if names is None else list(names)
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        raise ValueError(f"unknown preprocessing variant(s) {unknown}: choose from {list(variants)}")
+    return {n: variants[n] for n in names}
+
+
+def min_area_rect(points: np.ndarray) -> tuple[np.ndarray, tuple[float, float], float]:
+    """Minimum-area enclosing rectangle of 2-D points (x, y), by rotating calipers: (center, (w, h), angle rad)."""
+    hull = points[ConvexHull(points).vertices]
+    edges = np.diff(np.vstack([hull, hull[:1]]), axis=0)
+    angles = np.unique(np.mod(np.arctan2(edges[:, 1], edges[:, 0]), np.pi / 2))
+    cos, sin = np.cos(angles), np.sin(angles)
+    u = hull[:, 0, None] * cos + hull[:, 1, None] * sin  # every edge's frame at once: (points, angles)
+    v = -hull[:, 0, None] * sin + hull[:, 1, None] * cos
+    lo, hi = np.stack([u.min(0), v.min(0)]), np.stack([u.max(0), v.max(0)])
+    best = int(np.argmin(np.prod(hi - lo, axis=0)))  # the first of equal areas, as a loop would keep
+    a = float(angles[best])
+    rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+    center = rot.T @ ((lo[:, best] + hi[:, best]) / 2)
+    w, h = float(hi[0, best] - lo[0, best]), float(hi[1, best] - lo[1, best])
+    if a > np.pi / 4:  # keep the rectangle close to upright: angle in (-45, 45] degrees
+        a, w, h = a - np.pi / 2, h, w
+    return center, (w, h), a
+
+
+def rect_mask(shape: tuple[int, int], rect) -> np.ndarray:
+    """Pixels (of an image of `shape`) inside a rotated rectangle (center, (w, h), angle)."""
+    (cx, cy), (w, h), angle = rect
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    u = (xx - cx) * math.cos(angle) + (yy - cy) * math.sin(angle)
+    v = -(xx - cx) * math.sin(angle) + (yy - cy) * math.cos(angle)
+    return (np.abs(u) <= w / 2) & (np.abs(v) <= h / 2)
+
+
+def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray, min_share: float,
+                max_share: float, min_fill: float = 0.9):
+    """(share, center, (w, h), angle) of a component's minimum-area rectangle when it is plate-like, else None:
+    it covers min_share..max_share of the searched pixels, the convex hull fills min_fill of it, and what lies
+    outside it is mostly not of the component's class (`region`): a plate stands out from its surround, while
+    the background beside a straight finger, a rectangle too, does not."""
+    area = int(component.sum())
+    ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))  # its outline has the same hull
+    if area < 16 or len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # too small, or a line: no area, not a plate
+        return None
+    if (np.ptp(xs) + 1) * (np.ptp(ys) + 1) < min_share * searched.sum() or area < 0.45 * min_share * searched.sum():
+        return None  # too small to be a plate, whatever its rectangle (cheap checks first)
+    points = np.column_stack([xs, ys]).astype(float)
+    center, (w, h), angle = min_area_rect(points)
+    share = w * h / searched.sum()
+    if not (min_share <= share <= max_share and ConvexHull(points).volume / max(w * h, 1e-9) > min_fill
+            and area / (w * h) > 0.45):
+        return None
+    outside = searched & ~rect_mask(searched.shape, (center, (w + 2, h + 2), angle))
+    if outside.sum() > 0.01 * searched.sum() and region[outside].mean() > 0.2:
+        # ... or framed: a band just around it lies mostly in the view and is not of its class (a field inside a
+        # plate's lighter frame, with the surround beyond it as dark as the field)
+        ring = rect_mask(searched.shape, (center, (w + 8, h + 8), angle)) & ~rect_mask(searched.shape,
+                                                                                        (center, (w + 2, h + 2), angle))
+        band = ring & searched
+        if band.sum() < 0.6 * (2 * (w + h) * 3) or region[band].mean() > 0.2:
+            return None
+    return share, center, (w, h), angle
+
+
+def _holds_the_detail(found, detail: np.ndarray, margin: float = 8.0) -> bool:
+    """Whether a plate candidate (share, center, (w, h), angle) holds most of the view's edges (the hand's): a dark
+    rectangle beside a light surround that holds the hand is not the plate. (`detail`: strong edges, away from
+    the searched area's border; `margin`: the candidate's own edges, left out.)"""
+    _, center, (w, h), angle = found
+    inner = detail & rect_mask(detail.shape, (center, (w - margin, h - margin), angle))
+    outer = detail & ~rect_mask(detail.shape, (center, (w + margin, h + margin), angle))
+    return outer.sum() <= 2 * inner.sum() + 0.002 * detail.size
+
+
+def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0.97, within=None):
+    """The detector plate as a rotated rectangle (center, (w, h), angle), or None when no plate stands out.
+
+    Binarised at Otsu's threshold, at Otsu's threshold of each side of it (a plate only a little darker than a
+    dark surround) and at the two of a three-class Otsu (a plate between a darker and a brighter surround); for
+    each threshold and polarity, the largest component and the union of the large ones (a hand lying across the
+    plate can cut its background apart) are candidates, kept when plate-like (see _plate_rect: a plate is a
+    rectangle even with a hand across it, and stands out from its surround; a hand does neither). The largest
+    wins. `within` (a rectangle like the result) restricts the search to it: the exposed field inside a plate,
+    when collimation left bright unexposed borders.
+    """
+    step = 4 if min(gray.shape) >= 256 else 1  # the plate is large: a quarter resolution will do
+    small = gray[::step, ::step]
+    searched = np.ones(small.shape, bool) if within is None else \
+        rect_mask(small.shape, (np.asarray(within[0]) / step, np.asarray(within[1]) / step, within[2]))
+    values = small[searched]
+    if values.size < 64 or values.min() == values.max():
+        return None
+    otsu = threshold_otsu(values)
+    thresholds = {otsu, *(threshold_otsu(part) for part in (values[values <= otsu], values[values > otsu])
+                          if np.ptp(part) > 0)}  # Otsu again on each side: a plate darker than a dark surround
+    if len(np.unique(values)) > 3:
+        thresholds |= set(threshold_multiotsu(values, classes=3).tolist())
+    commonest = 16 * np.argmax(np.bincount(values // 16)) + 8  # the direct-exposure background, mostly
+    grad = np.hypot(*np.gradient(ndimage.gaussian_filter(small.astype(np.float32), 1.0)))
+    detail = ndimage.binary_erosion(searched, iterations=3) & (grad > 4 * max(float(np.median(grad[searched])), 0.25))
+    best, tried = None, set()
+    for threshold in sorted(thresholds):
+        above = (small > threshold) & searched
+        for region, background in ((above, commonest > threshold), (searched & ~above, commonest <= threshold)):
+            if within is not None and not background:  # the field inside a plate is of the background's class
+                continue
+            labels, n = ndimage.label(region)
+            if n == 0:
+                continue
+            sizes = np.bincount(labels.ravel())[1:]
+            largest = labels == np.argmax(sizes) + 1
+            large = np.flatnonzero(sizes >= 0.05 * sizes.max()) + 1
+            for component in (largest, np.isin(labels, large)) if len(large) > 1 else (largest,):
+                key = (background, hash(component.tobytes()))  # close thresholds often give the same component
+                if key in tried:
+                    continue
+                tried.add(key)
+                # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
+                found = _plate_rect(component, region, searched, min_share, max_share, 0.85 if background else 0.9)
+                if found is not None and _holds_the_detail(found, detail) and (best is None or found[0] > best[0]):
+                    best = found
+    return None if best is None else (best[1] * step, (best[2][0] * step, best[2][1] * step), best[3])
+
+
+def find_field(gray: np.ndarray, max_share: float = 0.92):
+    """The carrier crop's rectangle: the plate (find_carrier), narrowed to the exposed field inside it when
+    collimation left bright unexposed borders (a plate-like region covering at most max_share of the plate)."""
+    plate = find_carrier(gray)
+    field = find_carrier(gray, max_share=max_share, within=plate) if plate is not None else None
+    return field or plate
+
+
+def _square_affine(size_wh, carrier, out_size: int) -> np.ndarray:
+    """2x3 affine mapping input pixels to the output square: crop the (rotated) carrier, fit it, pad it."""
+    if carrier is None:
+        w, h = size_wh
+        center, (cw, ch), angle = np.array([w / 2, h / 2]), (float(w), float(h)), 0.0
+    else:
+        center, (cw, ch), angle = carrier
+    scale = out_size / max(cw, ch)
+    ca, sa = math.cos(angle), math.sin(angle)
+    rotate = np.array([[ca, sa], [-sa, ca]]) * scale  # input offsets -> rectangle axes, scaled
+    offset = np.array([out_size / 2, out_size / 2]) - rotate @ np.asarray(center, float)
+    return np.hstack([rotate, offset[:, None]])
+
+
+def _warp(image: np.ndarray, affine: np.ndarray, out_size: int, order: int = 1) -> np.ndarray:
+    """Apply an input->output affine with PIL (inverse mapping, zero fill)."""
+    inv = np.linalg.inv(np.vstack([affine, [0, 0, 1]]))[:2]
+    resample = Image.Resampling.BILINEAR if order else Image.Resampling.NEAREST
+    warped = Image.fromarray(image).transform((out_size, out_size), Image.Transform.AFFINE, inv.ravel().tolist(),
+                                              resample=resample, fillcolor=0)
+    return np.asarray(warped)
+
+
+def _class_thresholds(values: np.ndarray) -> list[float]:
+    """Candidate thresholds between a view's intensity classes: Otsu's, and those of a three- and a four-class
+    Otsu (the four-class one on a 64-bin histogram, for speed), ascending."""
+    if np.ptp(values) == 0:
+        return []
+    thresholds = {float(threshold_otsu(values))}
+    if len(np.unique(values)) > 3:
+        thresholds |= set(threshold_multiotsu(values, classes=3).tolist())
+        counts, edges = np.histogram(values, bins=64)
+        if (counts > 0).sum() > 4:
+            thresholds |= set(threshold_multiotsu(hist=(counts, (edges[:-1] + edges[1:]) / 2), classes=4).tolist())
+    return sorted(thresholds)
+
+
+def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content: np.ndarray, flat: float,
+                     spread: float) -> np.ndarray:
+    """The hand-like components of a foreground: large, thick, textured, not the plate or field (covering much of
+    the content's rim or most of the content, or a large filled rectangle), not a marker or plate edge (thin, or
+    uniform like the background)."""
+    labels, n = ndimage.label(fg)
+    if n == 0:
+        return fg
+    index = np.arange(1, n + 1)
+    area = ndimage.sum_labels(fg, labels, index)
+    on_rim = ndimage.sum_labels(ring, labels, index)
+    total = content.sum()
+    keep = (area >= 0.01 * total) & (area <= 0.75 * total) & (on_rim <= 0.3 * ring.sum())
+    if keep.any():
+        keep &= ndimage.standard_deviation(work, labels, index) >= max(2.5 * flat, 0.06 * spread)
+    if keep.any():
+        thickness = ndimage.maximum(ndimage.distance_transform_edt(fg), labels, index)
+        keep &= thickness >= max(2.0, 0.02 * fg.shape[0])
+    for k in np.flatnonzero(keep & (area >= 0.2 * total)):  # a filled rectangle over most of it: the plate
+        component = labels == index[k]
+        ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))
+        _, (w, h), _ = min_area_rect(np.column_stack([xs, ys]).astype(float))
+        keep[k] = area[k] < 0.8 * w * h or w * h < 0.6 * total
+    return np.isin(labels, index[keep])
+
+
+def hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> tuple[np.ndarray, bool]:
+    """Foreground (hand) mask inside `content` pixels, and whether the view was inverted (see _hand_mask)."""
+    mask, inverted, _ = _hand_mask(image, content, work_size)
+    return mask, inverted
+
+
+# signals of a doubtful hand mask (measured at the working resolution), and where suspect_masks flags them
+MASK_DOUBTS = {"missed": "foreground left outside the mask (share of its area)",
+               "cut": "the mask's edge cuts through foreground (share of a band outside it)",
+               "background_inside": "background inside the mask's edge (share of a band inside it)",
+               "rim": "the mask covers much of the content's rim (share)"}
+
+
+def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> tuple[np.ndarray, bool, dict]:
+    """Foreground (hand) mask inside `content` pixels, whether the view was inverted (hand darker than its
+    background), and the signals of a doubtful mask (MASK_DOUBTS).
+
+    Classical, as a stand-in for the paper's SSD hand detector and Photoshop masks, at a working resolution of at
+    most `work_size` (the mask is upsampled): the background is the level of the content's rim; the hand lies on
+    the side of it where the view's extremes lie farthest (bone: brighter, or darker when inverted). Thresholds
+    between intensity classes (Otsu, 3- and 4-class Otsu) are tried from the background's side outwards; the
+    first that leaves hand-like components (see _hand_components; every one kept: two hands) wins, else the other
+    polarity is tried. Uniform bright patches touching the rim (markers, plate edges) are cut out first.
+    """
+    size = image.shape[0]
+    n = min(size, work_size)
+    if n < size:
+        small = np.asarray(Image.fromarray(image).resize((n, n), Image.Resampling.BOX), np.float32)
+        inside = np.asarray(Image.fromarray(content.astype(np.uint8) * 255).resize((n, n), Image.Resampling.BOX)) > 250
+    else:
+        small, inside = image.astype(np.float32), content.astype(bool)
+    whole, inside = inside, ndimage.binary_erosion(inside, border_value=0)  # edge pixels blend with the zero fill
+    values = small[inside]
+    if values.size < 64 or np.ptp(values) == 0:
+        return np.zeros_like(content, bool), False, dict.fromkeys(MASK_DOUBTS, 0.0)
+    rim = max(3, n // 20)
+    ring = inside & ~ndimage.binary_erosion(inside, iterations=rim, border_value=0)
+    if ring.sum() >= 32:  # flatten the background: a plane through the rim (twice, without the hand's pixels)
+        ys, xs = np.nonzero(ring)
+        design = np.column_stack([np.ones(len(xs)), xs / n - 0.5, ys / n - 0.5])
+        fit = np.ones(len(xs), bool)
+        for _ in range(2):
+            coef = np.linalg.lstsq(design[fit], small[ys, xs][fit], rcond=None)[0]
+            residual = small[ys, xs] - design @ coef
+            deviation = np.abs(residual - np.median(residual))
+            fit = deviation <= 2.5 * 1.4826 * np.median(deviation) + 1
+        spread = 1.4826 * np.median(np.abs(residual[fit] - np.median(residual[fit])))
+        if abs(coef[1]) + abs(coef[2]) > 4 * spread + 2:  # a real gradient (a heel effect), not noise
+            yy, xx = np.mgrid[:n, :n] / n - 0.5
+            small = np.where(inside, small - coef[1] * xx - coef[2] * yy, small).astype(np.float32)
+            values = small[inside]
+    background = float(np.median(small[ring])) if ring.any() else float(np.median(values))
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    mean = ndimage.uniform_filter(small, 5)
+    local = np.sqrt(np.maximum(ndimage.uniform_filter(small * small, 5) - mean * mean, 0))
+    noise = max(float(np.percentile(local[inside], 25)), 0.5)  # the flattest quarter: the background's noise
+    prior = bool(background - lo > hi - background)
+
+    thresholds = _class_thresholds(values)  # besides the classes: just off the background (a faint soft tissue)
+    thresholds += [background + k * noise * (-1 if side else 1) for side in (prior, not prior) for k in (3, 6)]
+    found, inverted = np.zeros((n, n), bool), prior
+    for inverted, texture in ((prior, 1.0), (not prior, 1.0), (prior, 0.0)):  # last: a hand without texture
+        work = 255 - small if inverted else small
+        levels = sorted(255 - t for t in thresholds) if inverted else sorted(thresholds)
+        top = (255 - lo if inverted else hi) - 3 * noise
+        edge = (work > top) & (local <= 1.5 * noise + 0.5) & inside  # the brightest and flat: markers, plate edges
+        labels, count = ndimage.label(edge)
+        if count:
+            touching = np.unique(labels[ring & edge])
+            edge = ndimage.binary_dilation(np.isin(labels, touching[touching > 0]), iterations=2)
+        base = 255 - background if inverted else background
+        for level in (v for v in levels if v > base + 2 * noise):  # below: the background's own noise
+            fg = ndimage.binary_opening((work > level) & inside & ~edge)
+            found = _hand_components(fg, work, ring, inside, texture * noise, texture * (hi - lo))
+            if found.any():
+                break
+        if found.any():
+            break
+    if not found.any():
+        return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
+    found = ndimage.binary_closing(found, iterations=1, border_value=0)
+    filled = ndimage.binary_fill_holes(found)
+    holes, count = ndimage.label(filled & ~found)
+    if count:  # fill small holes (joint spaces, dark trabeculae); keep large ones (a loop of flexed fingers)
+        big = np.flatnonzero(np.bincount(holes.ravel())[1:] > 0.005 * inside.sum()) + 1
+        filled &= ~np.isin(holes, big)
+    filled |= ndimage.binary_dilation(filled) & whole & ~inside  # back onto the content's edge pixels
+    above = work > level
+    band_out = ndimage.binary_dilation(filled, iterations=2) & ~filled & inside
+    band_in = filled & ~ndimage.binary_erosion(filled, iterations=2) & inside
+    doubts = {"missed": float((fg & ~filled).sum() / max(filled.sum(), 1)),
+              "cut": float(above[band_out].mean()) if band_out.any() else 0.0,
+              "background_inside": float((~above[band_in]).mean()) if band_in.any() else 0.0,
+              "rim": float((filled & ring).sum() / max(ring.sum(), 1))}
+    if n < size:
+        filled = np.asarray(Image.fromarray(filled.astype(np.uint8) * 255).resize((size, size),
+                                                                                   Image.Resampling.BILINEAR)) >= 128
+    return filled & content, inverted, doubts
+
+
+def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
+    """Run the pipeline on one view: {'image' uint8 (S, S), 'mask' uint8 0/1, 'affine' 2x3 input->output, ...}."""
+    gray = np.asarray(load_image(path))
+    carrier = find_field(gray) if cfg.crop else None
+    affine = _square_affine((gray.shape[1], gray.shape[0]), carrier, cfg.size)
+    image = _warp(gray, affine, cfg.size)
+    content = _warp(np.full(gray.shape, 255, np.uint8), affine, cfg.size, order=0) > 0
+    if carrier is not None:  # the plate only: what lies beside a tilted or narrow plate is not part of the view
+        half = np.asarray(carrier[1]) * cfg.size / max(carrier[1]) / 2  # the plate's half sides in the square
+        centers = np.arange(cfg.size) + 0.5 - cfg.size / 2
+        content &= (np.abs(centers)[:, None] <= half[1]) & (np.abs(centers)[None, :] <= half[0])
+    inverted, doubts = False, dict.fromkeys(MASK_DOUBTS, 0.0)
+    if cfg.segment:
+        mask, inverted, doubts = _hand_mask(image, content)
+        if inverted:
+            image = np.where(content, 255 - image, 0).astype(np.uint8)
+    else:
+        mask = content
+    region = mask if mask.any() else content
+    if cfg.equalize == "he":  # skimage's equalize_hist, as a look-up table over the 256 grey levels
+        cdf, centers = exposure.cumulative_distribution(image[region], 256)
+        image = (np.interp(np.arange(256), centers, cdf) * 255).astype(np.uint8)[image]
+    elif cfg.equalize == "clahe":
+        image = (exposure.equalize_adapthist(image, clip_limit=0.01) * 255).astype(np.uint8)
+    image = np.where(mask if cfg.segment else content, image, 0).astype(np.uint8)
+    return {"image": image, "mask": mask.astype(np.uint8), "affine": affine.astype(np.float32),
+            "carrier_found": carrier is not None, "inverted": inverted, "doubts": doubts}
+
+
+def _anomaly_cache_chunk(task: tuple) -> int:
+    """Preprocess a chunk of views into the cache's arrays (runs in a worker process)."""
+    folder, start, paths, cfg = task
+    images = np.load(folder / "images.npy", mmap_mode="r+")
+    masks = np.load(folder / "masks.npy", mmap_mode="r+")
+    affines = np.load(folder / "affines.npy", mmap_mode="r+")
+    doubts = np.load(folder / "doubts.npy", mmap_mode="r+")
+    for i, p in enumerate(paths):
+        out = preprocess_view(p, cfg)
+        images[start + i], masks[start + i], affines[start + i] = out["image"], out["mask"], out["affine"]
+        doubts[start + i] = [out["doubts"][k] for k in MASK_DOUBTS]
+    for a in (images, masks, affines, doubts):
+        a.flush()
+    return len(paths)
+
+
+@dataclass
+class AnomalyCache:
+    """Preprocessed views, hand masks and each view's affine into the square, memory-mapped on disk."""
+
+    folder: Path
+    image_paths: list[str]
+    cfg: PreprocessConfig
+
+    def __post_init__(self):
+        self.row_of = {p: i for i, p in enumerate(self.image_paths)}
+        self._arrays = None
+
+    def _open(self) -> dict:
+        """Open the three arrays on first use (also inside data-loader workers)."""
+        if self._arrays is None:
+            self._arrays = {n: np.load(self.folder / f"{n}.npy", mmap_mode="r") for n in ("images", "masks", "affines")}
+        return self._arrays
+
+    images = property(lambda self: self._open()["images"], doc="(N, S, S) uint8 preprocessed views")
+    masks = property(lambda self: self._open()["masks"], doc="(N, S, S) uint8 hand masks (0/1)")
+    affines = property(lambda self: self._open()["affines"], doc="(N, 2, 3) original -> square pixel affines")
+
+    @property
+    def doubts(self) -> pd.DataFrame | None:
+        """Each view's signals of a doubtful hand mask (columns: MASK_DOUBTS), or None for a cache without them."""
+        path = self.folder / "doubts.npy"
+        return pd.DataFrame(np.load(path), columns=list(MASK_DOUBTS)) if path.is_file() else None
+
+    def rows(self, paths: Sequence[str]) -> np.ndarray:
+        """Row numbers of the given image paths."""
+        return np.array([self.row_of[p] for p in paths], dtype=np.int64)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}  # workers re-open the memory maps
+
+
+# bump when preprocess_view changes its output, so that caches built by an older version are rebuilt
+# (2: the exposed field inside collimated plates, plates barely darker than their surround, three-class Otsu masks;
+# 3: a plate of the background's class may miss a corner; 4: polarity from the content, every hand, markers and
+# plates kept out, the mask found at <= 128 px, framed fields, fields that hold the hand)
+ANOMALY_PIPELINE_VERSION = 4
+
+
+def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
+                        workers: int | None = None, progress: bool = True) -> AnomalyCache:
+    """Run the offline preprocessing once per (views, settings) and keep it on disk; reuse it afterwards."""
+    paths = [str(p) for p in image_paths]
+    _remove_dead_cache_builds(cache_dir)
+    stamp = _files_stamp(paths, {**asdict(cfg), "pipeline": ANOMALY_PIPELINE_VERSION})
+    folder = Path(cache_dir) / f"anomaly_{cfg.name.replace('+', '_')}_{cfg.size}px_{stamp}"
+    if (folder / "affines.npy").is_file():
+        return AnomalyCache(folder, paths, cfg)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    n, s = len(paths), cfg.size
+    for name, shape, dtype in (("images", (n, s, s), np.uint8), ("masks", (n, s, s), np.uint8),
+                               ("affines", (n, 2, 3), np.float32), ("doubts", (n, len(MASK_DOUBTS)), np.float32)):
+        np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+    tasks = [(tmp, i, paths[i:i + 32], cfg) for i in range(0, n, 32)]
+    try:
+        _run_tasks(_anomaly_cache_chunk, tasks, f"preprocessing ({cfg.name}, {s}px)", progress, workers,
+                   [len(t[2]) for t in tasks])
+    except BaseException:  # an undecodable image (named in the error) or an interrupt: leave no partial folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return AnomalyCache(folder, paths, cfg)
+
+
+# where a doubt signal flags a view (set on phantom v3 at 512 px: its 90th percentile over the views whose mask IoU
+# with the truth was >= 0.5)
+MASK_DOUBT_LIMITS = {"missed": 0.055, "cut": 0.09, "background_inside": 0.021, "rim": 0.185}
+
+
+def suspect_masks(cache: AnomalyCache, low: float = 0.02, high: float = 0.45,
+                  limits: dict | None = MASK_DOUBT_LIMITS) -> pd.DataFrame:
+    """Views whose hand mask is implausible, to look at before training: covering more than `high` of the square
+    (mostly the plate or the exposed field taken for the hand) or less than `low` (the hand missed), or with a
+    doubt signal (MASK_DOUBTS) above its limit (`limits`; None: shares only). None for variants without
+    segmentation, whose mask is the whole view."""
+    rows = np.arange(len(cache.image_paths)) if cache.cfg.segment else np.arange(0)
+    shares = np.array([cache.masks[i].mean() for i in rows], dtype=float)
+    problems = [[f"mask covers more than {high:.0%} of the square"] if s > high else
+                [f"mask under {low:.0%}"] if s < low else [] for s in shares]
+    doubts = cache.doubts if limits else None
+    if doubts is not None and len(rows):
+        for name, limit in limits.items():
+            for k in np.flatnonzero(doubts[name].to_numpy()[rows] > limit):
+                problems[k].append(f"{MASK_DOUBTS[name]} above {limit}")
+    table = pd.DataFrame({"image_path": [cache.image_paths[i] for i in rows], "mask_share": shares,
+                          "problem": ["; ".join(p) for p in problems]})
+    return table[table["problem"] != ""].sort_values("mask_share", ascending=False).reset_index(drop=True)
+
+
+def _truth_in_square(truth: np.ndarray, affine: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """A true mask (original pixels) warped into a preprocessed square by its affine, and how much of it (in the
+    square's pixels) the crop cut off."""
+    affine = np.asarray(affine, float)
+    warped = _warp(np.asarray(truth, bool).astype(np.uint8) * 255, affine, size) >= 128
+    ys, xs = np.nonzero(truth)
+    xy = np.column_stack([xs + 0.5, ys + 0.5]) @ affine[:, :2].T + affine[:, 2]
+    cut_off = ((xy < 0) | (xy >= size)).any(1).sum() * abs(np.linalg.det(affine[:, :2]))
+    return warped, float(cut_off)
+
+
+def mask_iou(mask: np.ndarray, affine: np.ndarray, truth: np.ndarray) -> float:
+    """IoU of a preprocessed view's hand mask (in its square) with the true mask (in the original view's pixels),
+    in the square's pixels: the truth warped by the view's affine; true hand that the crop cut off counts as missed."""
+    warped, cut_off = _truth_in_square(truth, affine, mask.shape[0])
+    pred = np.asarray(mask, bool)
+    union = (pred | warped).sum() + cut_off
+    return float((pred & warped).sum() / union) if union > 0 else 1.0
+
+
+def _mask_iou_rows(task: tuple) -> list[dict]:
+    """mask_iou of a chunk of cached views against their true masks (runs in a worker process)."""
+    cache, views = task
+    rows = []
+    for v in views:
+        i = cache.row_of[v["image_file"]]
+        mask, affine = np.asarray(cache.masks[i], bool), cache.affines[i]
+        truth = phantom_hand_mask(v["mask_file"])
+        warped, cut_off = _truth_in_square(truth, affine, mask.shape[0])
+        union = (mask | warped).sum() + cut_off
+        rows.append({"image_path": v["image_path"], "iou": float((mask & warped).sum() / union) if union else 1.0,
+                     "truth_share": float(warped.mean()), "mask_share": float(mask.mean()),
+                     "cut_off_share": float(cut_off / mask.size)})
+    return rows
+
+
+def mask_iou_table(data_dir: str | os.PathLike, cache: AnomalyCache | PreprocessConfig,
+                   cache_dir: str | os.PathLike = "data/cache", workers: int | None = None,
+                   progress: bool = True) -> pd.DataFrame:
+    """Per-view IoU of the hand masks with a phantom's true masks (v3+), one row per view: iou, truth_share and
+    mask_share (of the square), cut_off_share (true hand the crop left out), and the truth's view_type, n_hands,
+    polarity, low_contrast, marker. Computed in the preprocessed square (mask_iou). `cache`: a built AnomalyCache
+    (its views that the phantom knows), or a PreprocessConfig, built for all the phantom's views."""
+    truth = load_phantom_truth(data_dir)
+    if isinstance(cache, PreprocessConfig):
+        cache = build_anomaly_cache(truth["image_file"], cache, cache_dir, workers=workers, progress=progress)
+    if not cache.cfg.segment:
+        raise ValueError(f"variant {cache.cfg.name} has no hand mask (its mask is the whole view): use a full variant")
+    truth = truth[truth["image_file"].isin(cache.row_of)].reset_index(drop=True)
+    views = truth[["image_path", "image_file", "mask_file"]].to_dict("records")
+    tasks = [(cache, views[i:i + 32]) for i in range(0, len(views), 32)]
+    rows = [r for chunk in _run_tasks(_mask_iou_rows, tasks, "mask IoU", progress, workers,
+                                      [len(t[1]) for t in tasks]) for r in chunk]
+    table = pd.DataFrame(rows, columns=["image_path", "iou", "truth_share", "mask_share", "cut_off_share"])
+    keep = ["image_path", "image_file", "mask_file", "view_type", "n_hands", "polarity", "low_contrast", "marker"]
+    return truth[keep].merge(table, on="image_path").assign(size=cache.cfg.size, variant=cache.cfg.name)
+
+
+def mask_iou_summary(table: pd.DataFrame, good: float = 0.85, bad: float = 0.5) -> dict:
+    """The IoU distribution in numbers: views, share >= `good`, median, 5th percentile, count < `bad`."""
+    iou = table["iou"].to_numpy()
+    return {"views": int(len(iou)), f"share_iou_ge_{good}": float(np.mean(iou >= good)),
+            "median_iou": float(np.median(iou)), "p5_iou": float(np.percentile(iou, 5)),
+            f"n_iou_lt_{bad}": int(np.sum(iou < bad))}
+
+
+def anomaly_split(studies: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Davletshina et al.'s split by patient: positive patients halved into val and test, each joined by as many
+    normal-only patients; all other (normal-only) patients train. Adds a column 'subset' (train/val/test)."""
+    patient_key = studies["body_part"] + "/" + studies["patient"]
+    positive = sorted(set(patient_key[studies["label"] == 1]))
+    normal = sorted(set(patient_key) - set(positive))
+    rng = np.random.default_rng(seed)
+    positive, normal = list(rng.permutation(positive)), list(rng.permutation(normal))
+    half = len(positive) // 2
+    val_pos, test_pos = positive[:half], positive[half:]
+    if len(normal) <= len(positive):
+        raise MuraDataError(f"the split needs more normal-only patients ({len(normal)}) than patients with an "
+                            f"abnormal study ({len(positive)}): as many go to val and test, the rest train")
+    if half == 0:
+        raise MuraDataError(f"the split needs at least 2 patients with an abnormal study, found {len(positive)}: "
+                            f"half of them go to validation, half to test")
+    val_neg, test_neg, train = normal[:len(val_pos)], normal[len(val_pos):len(positive)], normal[len(positive):]
+    subset = {**dict.fromkeys(train, "train"), **dict.fromkeys(val_pos + val_neg, "val"),
+              **dict.fromkeys(test_pos + test_neg, "test")}
+    return studies.assign(subset=patient_key.map(subset))
+
+
+# ---------------------------------------------------------------- anomaly detection: models and masked losses
+
+def _conv_block(cin: int, cout: int, kernel: int, stride: int, padding: int) -> torch.nn.Sequential:
+    """Convolution, batch norm, ReLU."""
+    return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
+                               torch.nn.BatchNorm2d(cout), torch.nn.ReLU(inplace=True))
+
+
+def _deconv_block(cin: int, cout: int, kernel: int = 4, stride: int = 2, padding: int = 1) -> torch.nn.Sequential:
+    """Transposed convolution, batch norm, ReLU."""
+    return torch.nn.Sequential(torch.nn.ConvTranspose2d(cin, cout, kernel, stride, padding, bias=False),
+                               torch.nn.BatchNorm2d(cout), torch.nn.ReLU(inplace=True))
+
+
+class ConvAutoencoder(torch.nn.Module):
+    """The CAE of Davletshina et al.'s Figure 5: 3x3 and stride-2 4x4 conv/BN/ReLU blocks from 1x512x512 down to
+    512x16x16 (any input size divisible by 32 gives size/32), mirrored by a transposed-convolution decoder; with
+    architecture "paper", their code's shorter decoder (PaperCAEDecoder)."""
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128, 256, 512), architecture: str = "suite"):
+        super().__init__()
+        layers = [_conv_block(1, widths[0], 3, 1, 1)]
+        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(_conv_block(cin, cout, 4, 2, 1))
+            if i < len(widths) - 2:
+                layers.append(_conv_block(cout, cout, 3, 1, 1))
+        self.encoder = torch.nn.Sequential(*layers)
+        layers = []
+        for i, (cin, cout) in enumerate(zip(widths[::-1][:-1], widths[::-1][1:])):
+            layers.append(_deconv_block(cin, cout))
+            if i < len(widths) - 2:
+                layers.append(_conv_block(cout, cout, 3, 1, 1))
+        layers += [torch.nn.Conv2d(widths[0], 1, 3, 1, 1), torch.nn.Sigmoid()]
+        self.decoder = PaperCAEDecoder(widths) if architecture == "paper" else torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        """Reconstruct x (B, 1, H, W) in [0, 1]."""
+        return {"recon": self.decoder(self.encoder(x)), "mu": None, "logvar": None}
+
+
+class VariationalAutoencoder(torch.nn.Module):
+    """The VAE of Davletshina et al.'s Figure 7: unpadded stride-2 4x4 convolutions down to 512x2x2 (seven for a
+    512 input), fully connected mu and log-variance of size 1024, reparameterisation, and a mirrored decoder whose
+    last transposed convolution restores the exact input size (6x6 for 512). `bottom` 6: their code's VAE
+    (vaetorch.py: six convolutions 16 ... 512 channels to 512x6x6 = h_dim 18432 for 512 px, a last 6x6 kernel)."""
+
+    def __init__(self, image_size: int = 512, latent: int = 1024, bottom: int = 2):
+        super().__init__()
+        sizes = [image_size]
+        while sizes[-1] > bottom:
+            sizes.append((sizes[-1] - 4) // 2 + 1)
+        if sizes[-1] != bottom or len(sizes) < 3:
+            raise ValueError(f"image_size {image_size} does not reach {bottom}x{bottom} with stride-2 4x4 "
+                             f"convolutions; use 64, 128, 256 or 512")
+        n = len(sizes) - 1
+        widths = [512 // 2 ** (n - 1 - i) for i in range(n)]  # 8, 16, ..., 512 for seven layers
+        self.encoder = torch.nn.Sequential(*[_conv_block(c_in, c_out, 4, 2, 0)
+                                             for c_in, c_out in zip([1, *widths[:-1]], widths)])
+        self.bottom = bottom
+        cells = 512 * bottom**2
+        self.fc_mu, self.fc_logvar = torch.nn.Linear(cells, latent), torch.nn.Linear(cells, latent)
+        self.fc_decode = torch.nn.Linear(latent, cells)
+        rev = widths[::-1]
+        layers, size = [], bottom
+        for c_in, c_out in zip(rev[:-1], rev[1:]):
+            layers.append(_deconv_block(c_in, c_out, 4, 2, 0))
+            size = 2 * size + 2
+        layers += [torch.nn.ConvTranspose2d(rev[-1], 1, image_size - 2 * (size - 1), 2, 0), torch.nn.Sigmoid()]
+        self.decoder = torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        """Reconstruct x; also return the posterior's mu and log-variance (for the KLD)."""
+        h = self.encoder(x).flatten(1)
+        mu, logvar = self.fc_mu(h), self.fc_logvar(h).clamp(-20, 20)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        recon = self.decoder(self.fc_decode(z).view(-1, 512, self.bottom, self.bottom))
+        return {"recon": recon, "mu": mu, "logvar": logvar}
+
+
+def masked_mse(x, recon, mask):
+    """Per image: ||m * (x - x_hat)||^2 / ||m||_1 (Davletshina et al.'s masked reconstruction loss L_M)."""
+    err = (mask * (x.float() - recon.float())) ** 2
+    return err.flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
+
+
+def masked_l1(x, recon, mask):
+    """Per image: ||m * (x - x_hat)||_1 / ||m||_1 (alpha-GAN's reconstruction loss, inside the hand mask)."""
+    err = (mask * (x.float() - recon.float())).abs()
+    return err.flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
+
+
+def kl_divergence(mu, logvar):
+    """Per image: KL( N(mu, diag(exp(logvar))) || N(0, I) )."""
+    return -0.5 * (1 + logvar.float() - mu.float() ** 2 - logvar.float().exp()).sum(1)
+
+
+def reconstruction_scores(x, out: dict, mask, top_k: int = 200, kld_weight: float = 1.0,
+                          smooth_l1: bool = False) -> dict[str, torch.Tensor]:
+    """Per-image anomaly scores: masked MSE and L1 and their top-k pixel means (where the model reconstructs), for a
+    VAE the KLD and the sums, and the scores a GAN computes itself (out['scores']); `smooth_l1`: the L1 scores as
+    smooth L1 (beta 1), as their VAE's loss_L_one (vaetorch.py)."""
+    scores = dict(out.get("scores") or {})
+    if out["recon"] is None:
+        return scores
+    m = mask.float().flatten(1)
+    diff = (x.float() - out["recon"].float()).flatten(1) * m
+    n = m.sum(1).clamp_min(1)
+    sq, ab = diff**2, diff.abs()
+    if smooth_l1:
+        ab = torch.where(ab < 1, 0.5 * sq, ab - 0.5)
+    k = min(top_k, sq.shape[1])
+    scores.update({"mse": sq.sum(1) / n, "l1": ab.sum(1) / n, f"mse_top{top_k}": sq.topk(k, 1).values.mean(1),
+                   f"l1_top{top_k}": ab.topk(k, 1).values.mean(1)})
+    if out["mu"] is not None:
+        kld = kl_divergence(out["mu"], out["logvar"])
+        per_pixel = kld_weight * kld / sq.shape[1]  # the KLD as weighted in the training loss
+        scores.update({"kld": kld, "l1+kld": scores["l1"] + per_pixel, "mse+kld": scores["mse"] + per_pixel})
+    return scores
+
+
+# ---------------------------------------------------------------- anomaly detection: GANs (DCGAN, BiGAN, alpha-GAN)
+
+GAN_MODELS = ("dcgan", "bigan", "alphagan")
+ANOMALY_MODELS = ("cae", "vae", *GAN_MODELS)
+ANOMALY_MODEL_NAMES = {"cae": "CAE", "vae": "VAE", "dcgan": "DCGAN", "bigan": "BiGAN", "alphagan": "alpha-GAN"}
+
+
+def _down_block(cin: int, cout: int, norm: bool = True) -> torch.nn.Sequential:
+    """Stride-2 4x4 convolution, batch norm (not on the first layer, as in DCGAN), leaky ReLU."""
+    return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 4, 2, 1, bias=not norm),
+                               *([torch.nn.BatchNorm2d(cout)] if norm else []), torch.nn.LeakyReLU(0.2, inplace=True))
+
+
+def _gan_depth(image_size: int) -> int:
+    """Stride-2 steps between 4x4 and image_size (a power of two, at least 16)."""
+    depth = int(round(math.log2(image_size / 4))) if image_size > 0 else 0
+    if image_size < 16 or 4 * 2**depth != image_size:
+        raise ValueError(f"the GAN models need a power-of-two image size of at least 16, got {image_size}")
+    return depth
+
+
+class ImageCritic(torch.nn.Module):
+    """The DCGAN discriminator's convolutions of Davletshina et al.'s Figure 9: stride-2 4x4 layers whose width
+    doubles as the map halves (4 channels at 256x256 ... 256 at 4x4 for a 512 input), then a 4x4 convolution to
+    512x1x1: the image's 512 features."""
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        depth = _gan_depth(image_size)
+        widths = [256 // 2 ** (depth - 1 - i) for i in range(depth)]
+        self.features = torch.nn.Sequential(
+            *[_down_block(cin, cout, norm=i > 0) for i, (cin, cout) in enumerate(zip([1, *widths[:-1]], widths))],
+            torch.nn.Conv2d(widths[-1], 512, 4, 1, 0), torch.nn.LeakyReLU(0.2, inplace=True), torch.nn.Flatten())
+
+    def forward(self, x):
+        """(B, 1, S, S) -> (B, 512)."""
+        return self.features(x)
+
+
+class MinibatchDiscrimination(torch.nn.Module):
+    """Salimans et al. (2016): how close each sample's features are to the rest of its batch, as extra features
+    (512 -> 528 in DCGAN's discriminator). In eval mode the sample is compared with a reference batch kept from
+    training, so that an anomaly score does not depend on which views were scored together."""
+
+    def __init__(self, in_features: int = 512, out_features: int = 16, kernel_dim: int = 5, reference: int = 64):
+        super().__init__()
+        self.out_features, self.kernel_dim = out_features, kernel_dim
+        self.projection = torch.nn.Parameter(torch.randn(in_features, out_features * kernel_dim) * 0.05)
+        self.register_buffer("reference", torch.zeros(reference, out_features, kernel_dim))
+        self.register_buffer("reference_size", torch.zeros((), dtype=torch.long))
+        self.largest_batch = 0  # on the host: checking the buffer each step would wait for the GPU
+
+    def forward(self, h, remember: bool = False):
+        """(B, F) -> (B, F + out_features); `remember` keeps this (real, training) batch as the reference."""
+        rows = (h @ self.projection.to(h.dtype)).view(-1, self.out_features, self.kernel_dim)
+        if self.training:
+            closeness = torch.exp(-(rows[:, None] - rows[None]).abs().sum(3)).sum(1) - 1  # less itself
+            keep = min(len(rows), len(self.reference))
+            if remember and keep >= self.largest_batch:  # a short last batch keeps the full one before
+                self.reference[:keep] = rows[:keep].detach().float()
+                self.reference_size.fill_(keep)
+                self.largest_batch = keep
+        else:
+            others = self.reference[: int(self.reference_size)].to(rows.dtype)
+            scale = (len(others) - 1) / max(len(others), 1)  # as many others as in a training batch
+            closeness = torch.exp(-(rows[:, None] - others[None]).abs().sum(3)).sum(1) * scale
+        return torch.cat([h, closeness.to(h.dtype)], 1)
+
+
+class Generator(torch.nn.Module):
+    """The DCGAN generator of Davletshina et al.'s Figure 9: a latent code to 1024x4x4, then stride-2 4x4
+    transposed convolutions halving the width as the map doubles, to a 1-channel image in [0, 1]."""
+
+    def __init__(self, image_size: int, latent: int = 128):
+        super().__init__()
+        depth = _gan_depth(image_size)
+        widths = [1024 // 2**i for i in range(depth)]
+        self.net = torch.nn.Sequential(
+            torch.nn.Unflatten(1, (latent, 1, 1)), _deconv_block(latent, widths[0], 4, 1, 0),
+            *[_deconv_block(cin, cout) for cin, cout in zip(widths[:-1], widths[1:])],
+            torch.nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1), torch.nn.Sigmoid())
+
+    def forward(self, z):
+        """(B, latent) -> (B, 1, S, S)."""
+        return self.net(z)
+
+
+class AdversarialAnomalyModel(torch.nn.Module):
+    """The GAN family of Davletshina et al. in one module, trained on normal views only:
+    'dcgan' (generator G, discriminator D with minibatch discrimination), 'bigan' (BiGAN/ALI: an encoder E, and D
+    judging image-code pairs), 'alphagan' (alpha-GAN, Rosca et al. 2017: E, G, an image D and a code discriminator
+    C, with a reconstruction loss). Called on views in eval mode it returns the anomaly scores: 1 - D's
+    probability that the view is real ('disc'), for alpha-GAN also 1 - C's for its code ('code_disc') and their
+    mean ('c+d'), and the reconstruction G(E(x)) where there is an encoder."""
+
+    def __init__(self, kind: str, image_size: int, latent: int = 128):
+        super().__init__()
+        if kind not in GAN_MODELS:
+            raise ValueError(f"kind must be one of {GAN_MODELS}, got {kind!r}")
+        self.kind, self.latent = kind, latent
+        self.generator = Generator(image_size, latent)
+        self.critic = ImageCritic(image_size)
+        if kind == "bigan":
+            self.code_features = torch.nn.Sequential(torch.nn.Linear(latent, 512), torch.nn.LeakyReLU(0.2, True))
+            self.head = torch.nn.Sequential(torch.nn.Linear(1024, 512), torch.nn.LeakyReLU(0.2, True),
+                                            torch.nn.Linear(512, 1))
+        else:
+            self.minibatch = MinibatchDiscrimination(512)
+            self.head = torch.nn.Linear(512 + self.minibatch.out_features, 1)
+        if kind != "dcgan":
+            self.encoder = torch.nn.Sequential(ImageCritic(image_size), torch.nn.Linear(512, latent))
+        if kind == "alphagan":
+            self.code_critic = torch.nn.Sequential(torch.nn.Linear(latent, 750), torch.nn.LeakyReLU(0.2, True),
+                                                   torch.nn.Linear(750, 750), torch.nn.LeakyReLU(0.2, True),
+                                                   torch.nn.Linear(750, 1))
+
+    def discriminate(self, x, z=None, remember: bool = False):
+        """D's logit that x (with its code z, for BiGAN) is a real normal view; `remember`: x is a real training
+        batch, kept as minibatch discrimination's reference for scoring."""
+        h = self.critic(x)
+        if self.kind == "bigan":
+            return self.head(torch.cat([h, self.code_features(z)], 1))[:, 0]
+        return self.head(self.minibatch(h, remember))[:, 0]
+
+    def discriminator_parameters(self):
+        """The parameters of the discriminating side (D, and C for alpha-GAN)."""
+        names = ("critic", "head", "code_features", "minibatch", "code_critic")
+        return [p for name, module in self.named_children() if name in names for p in module.parameters()]
+
+    def generator_parameters(self):
+        """The parameters of the generating side (G, and E where there is one)."""
+        return [p for name, module in self.named_children() if name in ("generator", "encoder")
+                for p in module.parameters()]
+
+    def forward(self, x):
+        """Anomaly scores of views x (B, 1, S, S) in [0, 1], and their reconstruction where there is an encoder."""
+        z = self.encoder(x) if self.kind != "dcgan" else None
+        disc = 1 - torch.sigmoid(self.discriminate(x, z).float())
+        scores = {"disc": disc}
+        if self.kind == "alphagan":
+            scores["code_disc"] = 1 - torch.sigmoid(self.code_critic(z)[:, 0].float())
+            scores["c+d"] = (scores["code_disc"] + disc) / 2
+        return {"recon": self.generator(z) if z is not None else None, "mu": None, "logvar": None, "scores": scores}
+
+
+def _adversarial_loss(logits, real: bool):
+    """Binary cross-entropy of D's logits against 'real' (1) or 'fake' (0)."""
+    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    return F.binary_cross_entropy_with_logits(logits.float(), target)
+
+
+def gan_step(model: AdversarialAnomalyModel, x, mask, optimizers: dict, scaler, dtype, generator,
+             recon_weight: float = 10.0, masked: bool = True) -> dict[str, torch.Tensor]:
+    """One training step of a GAN on normal views: the discriminating side first (on detached fakes), then the
+    generating side against the updated discriminators (non-saturating losses); alpha-GAN adds recon_weight x the
+    masked L1 reconstruction loss. Returns the step's losses."""
+    device_type = x.device.type
+    z = torch.randn(len(x), model.latent, device=x.device, generator=generator)
+    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        fake = model.generator(z)
+        code = model.encoder(x) if model.kind != "dcgan" else None
+        recon = model.generator(code) if model.kind == "alphagan" else None
+        fakes = [fake] + ([recon] if recon is not None else [])
+        d_loss = _adversarial_loss(model.discriminate(x, None if code is None else code.detach(), remember=True), True)
+        for f in fakes:
+            d_loss = d_loss + _adversarial_loss(model.discriminate(f.detach(), z if model.kind == "bigan" else None),
+                                                False) / len(fakes)
+        if model.kind == "alphagan":
+            d_loss = d_loss + _adversarial_loss(model.code_critic(z)[:, 0], True) \
+                + _adversarial_loss(model.code_critic(code.detach())[:, 0], False)
+    optimizers["discriminator"].zero_grad(set_to_none=True)
+    scaler.scale(d_loss).backward()
+    scaler.step(optimizers["discriminator"])
+    discriminating = model.discriminator_parameters()
+    for p in discriminating:
+        p.requires_grad_(False)
+    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        if model.kind == "bigan":  # E and G fool D the other way round: real pairs called fake, fake pairs real
+            g_loss = _adversarial_loss(model.discriminate(x, code), False) \
+                + _adversarial_loss(model.discriminate(fake, z), True)
+        else:
+            g_loss = sum(_adversarial_loss(model.discriminate(f), True) for f in fakes) / len(fakes)
+        if model.kind == "alphagan":
+            g_loss = g_loss + _adversarial_loss(model.code_critic(code)[:, 0], True)
+            g_loss = g_loss + recon_weight * masked_l1(x, recon, mask if masked else torch.ones_like(mask)).mean()
+    optimizers["generator"].zero_grad(set_to_none=True)
+    scaler.scale(g_loss).backward()
+    scaler.step(optimizers["generator"])
+    scaler.update()
+    for p in discriminating:
+        p.requires_grad_(True)
+    return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach()}
+
+
+# ---------------------------------------------------------------- anomaly detection: their networks (recipe "paper")
+
+# Written afresh from a reading of their repository (github.com/Valentyn1997/xray, commit 0c11b6f for the models and
+# train.py, c8568f5 for src/models/run_params.py): the networks their code trains, where those differ from the
+# suite's. Our own networks above follow the paper's figures; these follow the code.
+
+def _spectral(layer: torch.nn.Module) -> torch.nn.Module:
+    """Spectral normalisation of a layer's weight (Miyato et al. 2018; their gans.py SpectralNorm)."""
+    return torch.nn.utils.parametrizations.spectral_norm(layer)
+
+
+class PaperCAEDecoder(torch.nn.Sequential):
+    """Their CAE decoder (autoencoders.py, BaselineAutoencoder defaults): five stride-2 4x4 transposed convolutions
+    with BN and ReLU, 512 -> 16 channels, then a 3x3 one to one channel, ReLU, then Tanh (so outputs lie in [0, 1))."""
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128, 256, 512)):
+        rev = list(widths[::-1])
+        layers = [_deconv_block(cin, cout) for cin, cout in zip(rev[:-1], rev[1:])]
+        layers += [torch.nn.ConvTranspose2d(rev[-1], 1, 3, 1, 1), torch.nn.ReLU(), torch.nn.Tanh()]
+        super().__init__(*layers)
+
+
+class SelfAttention(torch.nn.Module):
+    """Self-attention over a feature map (Zhang et al. 2019, SAGAN): x + gamma * attention-weighted values, gamma
+    starting at 0 (their sagan.py and alphagan.py Self_Attn)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.query = torch.nn.Conv2d(channels, max(1, channels // 8), 1)
+        self.key = torch.nn.Conv2d(channels, max(1, channels // 8), 1)
+        self.value = torch.nn.Conv2d(channels, channels, 1)
+        self.gamma = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        """(B, C, H, W) -> (B, C, H, W)."""
+        b, c, h, w = x.shape
+        attention = torch.softmax(self.query(x).flatten(2).transpose(1, 2) @ self.key(x).flatten(2), -1)
+        out = self.value(x).flatten(2) @ attention.transpose(1, 2)
+        return x + self.gamma * out.view(b, c, h, w)
+
+
+def _attention_stack(image_size: int, conv_dim: int = 64) -> tuple[torch.nn.Sequential, int]:
+    """Their BiGAN/alpha-GAN image stack (sagan.py Encoder/Discriminator): stride-2 4x4 spectral-norm convolutions
+    doubling from 64 channels down to 4x4 (1024 channels at 128 px), leaky ReLU 0.1, self-attention after the
+    last two. Returns (stack, channels)."""
+    depth = _gan_depth(image_size)
+    layers, cin = [], 1
+    for i in range(depth):
+        cout = conv_dim * 2**i
+        layers += [_spectral(torch.nn.Conv2d(cin, cout, 4, 2, 1)), torch.nn.LeakyReLU(0.1)]
+        if i >= depth - 2:
+            layers.append(SelfAttention(cout))
+        cin = cout
+    return torch.nn.Sequential(*layers), cin
+
+
+class AttentionGenerator(torch.nn.Module):
+    """Their BiGAN/alpha-GAN generator (sagan.py Generator): a spectral-norm 4x4 transposed convolution from the
+    code to 8*size channels (1024 at 128 px), halving stride-2 blocks with BN and ReLU, self-attention after the
+    last two, and a last transposed convolution to one channel with Tanh."""
+
+    def __init__(self, image_size: int, latent: int = 100, conv_dim: int = 64):
+        super().__init__()
+        depth = _gan_depth(image_size) - 1
+        width = conv_dim * image_size // 8
+        layers = [torch.nn.Unflatten(1, (latent, 1, 1)), _spectral(torch.nn.ConvTranspose2d(latent, width, 4)),
+                  torch.nn.BatchNorm2d(width), torch.nn.ReLU()]
+        for i in range(depth):
+            layers += [_spectral(torch.nn.ConvTranspose2d(width, width // 2, 4, 2, 1)),
+                       torch.nn.BatchNorm2d(width // 2), torch.nn.ReLU()]
+            width //= 2
+            if i >= depth - 2:
+                layers.append(SelfAttention(width))
+        layers += [torch.nn.ConvTranspose2d(width, 1, 4, 2, 1), torch.nn.Tanh()]
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, z):
+        """(B, latent) -> (B, 1, S, S) in [-1, 1]."""
+        return self.net(z)
+
+
+class PaperGAN(torch.nn.Module):
+    """The GAN family as their code builds it, trained by paper_gan_step:
+    'dcgan' (gans.py DCGAN: spectral norm everywhere, no BN (run_params 'batch_normalisation': False), ReLU in D,
+    D ending in one logit, no minibatch discrimination in the code we read, latent 2048);
+    'bigan' (their class SAGAN, sagan.py: an encoder, a generator and a discriminator of image-code pairs, with
+    self-attention and spectral norm, latent 100); 'alphagan' (alphagan.py AlphaGan: a stochastic encoder with mean
+    and 'log-variance' heads, the same generator, an image D and a code discriminator C).
+    Called on views in eval mode it returns the same scores as AdversarialAnomalyModel: 'disc' (D's probability
+    that the view is abnormal), for alpha-GAN 'code_disc' and 'c+d', and the reconstruction G(E(x))."""
+
+    def __init__(self, kind: str, image_size: int, latent: int):
+        super().__init__()
+        if kind not in GAN_MODELS:
+            raise ValueError(f"kind must be one of {GAN_MODELS}, got {kind!r}")
+        self.kind, self.latent = kind, latent
+        depth = _gan_depth(image_size)
+        if kind == "dcgan":  # gans.py Generator/Discriminator defaults, generalised from 512 px
+            widths = [1024 // 2**i for i in range(depth)]
+            layers = [torch.nn.Unflatten(1, (latent, 1, 1)), _spectral(torch.nn.ConvTranspose2d(latent, widths[0], 4)),
+                      torch.nn.ReLU()]
+            for cin, cout in zip(widths[:-1], widths[1:]):
+                layers += [_spectral(torch.nn.ConvTranspose2d(cin, cout, 4, 2, 1)), torch.nn.ReLU()]
+            self.generator = torch.nn.Sequential(*layers, _spectral(torch.nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1)),
+                                                 torch.nn.Sigmoid())
+            widths = [256 // 2 ** (depth - 1 - i) for i in range(depth)]
+            layers = []
+            for cin, cout in zip([1, *widths[:-1]], widths):
+                layers += [_spectral(torch.nn.Conv2d(cin, cout, 4, 2, 1)), torch.nn.ReLU()]
+            self.critic = torch.nn.Sequential(*layers, _spectral(torch.nn.Conv2d(widths[-1], 1, 4, 1, 0)),
+                                              torch.nn.Flatten())
+            return
+        self.generator = AttentionGenerator(image_size, latent)
+        stack, channels = _attention_stack(image_size)
+        encoder_stack, _ = _attention_stack(image_size)
+        if kind == "bigan":  # sagan.py Encoder, Discriminator (its infer_z and infer_joint heads)
+            self.encoder = torch.nn.Sequential(encoder_stack, torch.nn.Conv2d(channels, latent, 4), torch.nn.Flatten())
+            self.critic = torch.nn.Sequential(stack, _spectral(torch.nn.Conv2d(channels, channels, 4)),
+                                              torch.nn.LeakyReLU(0.1))
+            self.code_features = torch.nn.Sequential(
+                _spectral(torch.nn.Conv2d(latent, 512, 1)), torch.nn.LeakyReLU(0.1),
+                _spectral(torch.nn.Conv2d(512, 512, 1)), torch.nn.LeakyReLU(0.1))
+            self.head = torch.nn.Sequential(
+                _spectral(torch.nn.Conv2d(channels + 512, 1024, 1)), torch.nn.LeakyReLU(0.1),
+                _spectral(torch.nn.Conv2d(1024, 1024, 1)), torch.nn.LeakyReLU(0.1), torch.nn.Conv2d(1024, 1, 1),
+                torch.nn.Flatten())
+        else:  # alphagan.py Encoder (mean and log_var heads, each Conv 4x4 + Tanh), Discriminator, Codescriminator
+            self.encoder = encoder_stack
+            self.encoder_mean = torch.nn.Sequential(torch.nn.Conv2d(channels, latent, 4), torch.nn.Tanh(),
+                                                    torch.nn.Flatten())
+            self.encoder_spread = torch.nn.Sequential(torch.nn.Conv2d(channels, latent, 4), torch.nn.Tanh(),
+                                                      torch.nn.Flatten())
+            self.critic = torch.nn.Sequential(stack, _spectral(torch.nn.Conv2d(channels, 1, 4)), torch.nn.Flatten())
+            widths = [latent, latent // 2, latent // 4, latent // 8]
+            layers = []
+            for cin, cout in zip(widths[:-1], widths[1:]):
+                layers += [torch.nn.Linear(cin, cout), torch.nn.LeakyReLU(0.1)]
+            self.code_critic = torch.nn.Sequential(*layers, torch.nn.Linear(widths[-1], 1))
+
+    def encode(self, x, sample: bool = False):
+        """E(x): the code (alpha-GAN: its mean, or with `sample` mean + spread * noise, as their training does)."""
+        if self.kind == "bigan":
+            return self.encoder(x)
+        h = self.encoder(x)
+        mean = self.encoder_mean(h)
+        # alphagan.py train_on_batch: z_hat = z_mean + z_logvar * randn, the 'log-variance' used as a spread
+        return mean + self.encoder_spread(h) * torch.randn_like(mean) if sample else mean
+
+    def discriminate(self, x, z=None):
+        """D's logit that x (with its code z, for BiGAN) is real (for DCGAN: that it is FAKE, their inverted labels)."""
+        h = self.critic(x)
+        if self.kind == "bigan":
+            return self.head(torch.cat([h, self.code_features(z[:, :, None, None])], 1))[:, 0]
+        return h[:, 0]
+
+    def forward(self, x):
+        """Anomaly scores of views x (B, 1, S, S), and their reconstruction where there is an encoder."""
+        if self.kind == "dcgan":  # D learns 0 for real, 1 for fake: D itself is the probability of abnormal
+            return {"recon": None, "mu": None, "logvar": None,
+                    "scores": {"disc": torch.sigmoid(self.discriminate(x).float())}}
+        z = self.encode(x)
+        scores = {"disc": 1 - torch.sigmoid(self.discriminate(x, z).float())}
+        if self.kind == "alphagan":
+            scores["code_disc"] = 1 - torch.sigmoid(self.code_critic(z)[:, 0].float())
+            scores["c+d"] = (scores["code_disc"] + scores["disc"]) / 2
+        return {"recon": self.generator(z), "mu": None, "logvar": None, "scores": scores}
+
+    def parameter_groups(self) -> dict[str, list]:
+        """The parameters each of their optimisers updates."""
+        groups = {"discriminator": [*self.critic.parameters()], "generator": [*self.generator.parameters()]}
+        if self.kind == "bigan":  # sagan.py: one optimiser for G and E, one for D (with its code and joint heads)
+            groups["discriminator"] += [*self.code_features.parameters(), *self.head.parameters()]
+            groups["generator"] += [*self.encoder.parameters()]
+        if self.kind == "alphagan":  # alphagan.py: four optimisers, E, G, D and C
+            groups["encoder"] = [*self.encoder.parameters(), *self.encoder_mean.parameters(),
+                                 *self.encoder_spread.parameters()]
+            groups["code_discriminator"] = [*self.code_critic.parameters()]
+        return groups
+
+
+def _bce(logits, target):
+    """Binary cross-entropy of logits against a target (a number or a tensor of soft labels)."""
+    target = torch.as_tensor(target, dtype=torch.float32, device=logits.device).expand(logits.shape)
+    return F.binary_cross_entropy_with_logits(logits.float(), target)
+
+
+def paper_gan_step(model: PaperGAN, x, optimizers: dict, scaler, dtype, generator, cfg) -> dict[str, torch.Tensor]:
+    """One step of their GAN training (their train_on_batch), with logits in place of their sigmoid + BCELoss (the
+    same loss, safe under autocast):
+    dcgan (gans.py): inverted soft labels, real -> U(0, d), fake -> U(1 - d, 1) (d = cfg.label_noise), D first,
+    then G towards 'real' (0) against the updated D;
+    bigan (sagan.py, adv_loss 'hinge', which is the log loss): D on (x, E(x)) real and (G(z), z) fake, G and E
+    the other way round, from the same forward pass;
+    alphagan (alphagan.py): E: 0.01-weighted unmasked L1 + [bce(C(z^), 1) - bce(C(z^), 0)]; G: the same L1 +
+    the same difference for D(x_rec) and D(G(z)); D: x real, x_rec and G(z) fake; C: z^ fake, z real; each from
+    the same forward pass, each with its own optimiser. Their instance noise (std 0.01 (epoch+1-E)/(epoch+1), a
+    negative std) is left out."""
+    device_type = x.device.type
+    z = torch.randn(len(x), model.latent, device=x.device, generator=generator)
+    groups = model.parameter_groups()
+    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        if model.kind == "dcgan":
+            d = cfg.label_noise
+            real_t = torch.rand(len(x), device=x.device, generator=generator) * d
+            fake_t = 1 - torch.rand(len(x), device=x.device, generator=generator) * d
+            fake = model.generator(z)
+            losses = {"discriminator": _bce(model.discriminate(x), real_t) + _bce(model.discriminate(fake.detach()),
+                                                                                     fake_t)}
+        elif model.kind == "bigan":
+            code = model.encode(x)
+            real, fake = model.discriminate(x, code), model.discriminate(model.generator(z), z)
+            losses = {"discriminator": _bce(real, 1) + _bce(fake, 0), "generator": _bce(fake, 1) + _bce(real, 0)}
+        else:
+            code = model.encode(x, sample=True)
+            recon, fake = model.generator(code), model.generator(z)
+            d_real, d_recon, d_fake = (model.discriminate(v) for v in (x, recon, fake))
+            c_code, c_prior = model.code_critic(code)[:, 0], model.code_critic(z)[:, 0]
+            l1 = cfg.recon_weight * (x.float() - recon.float()).abs().mean()  # alphagan.py: 0.01 * nn.L1Loss()
+            losses = {"encoder": l1 + _bce(c_code, 1) - _bce(c_code, 0),
+                      "generator": l1 + _bce(d_recon, 1) - _bce(d_recon, 0) + _bce(d_fake, 1) - _bce(d_fake, 0),
+                      "discriminator": _bce(d_real, 1) + _bce(d_recon, 0) + _bce(d_fake, 0),
+                      "code_discriminator": _bce(c_code, 0) + _bce(c_prior, 1)}
+    for name, loss in losses.items():  # each optimiser's gradient of its own loss, from the same forward pass
+        grads = torch.autograd.grad(scaler.scale(loss), groups[name], retain_graph=True, allow_unused=True)
+        for p, g in zip(groups[name], grads):
+            p.grad = g
+    for name in losses:
+        scaler.step(optimizers[name])
+    if model.kind == "dcgan":  # then G, against the updated D, towards the 'real' label 0
+        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            losses["generator"] = _bce(model.discriminate(fake), 0)
+        grads = torch.autograd.grad(scaler.scale(losses["generator"]), groups["generator"])
+        for p, g in zip(groups["generator"], grads):
+            p.grad = g
+        scaler.step(optimizers["generator"])
+    scaler.update()
+    for group in groups.values():
+        for p in group:
+            p.grad = None
+    return {f"{name}_loss": loss.detach() for name, loss in losses.items()}
+
+
+def build_anomaly_model(model: str, image_size: int, latent: int = 128, architecture: str = "suite",
+                        vae_latent: int = 1024) -> torch.nn.Module:
+    """One of ANOMALY_MODELS for this input size: 'cae', 'vae' or a GAN ('dcgan', 'bigan', 'alphagan'); the
+    suite's networks or ("paper") their code's. `latent`: the GANs' code size; `vae_latent`: the VAE's."""
+    if architecture not in ("suite", "paper"):
+        raise ValueError(f"architecture must be 'suite' or 'paper', got {architecture!r}")
+    if model == "cae":
+        if image_size % 32:
+            raise ValueError(f"the CAE needs an image size divisible by 32, got {image_size}")
+        return ConvAutoencoder(architecture=architecture)
+    if model == "vae":
+        return VariationalAutoencoder(image_size, vae_latent, bottom=6 if architecture == "paper" else 2)
+    if model in GAN_MODELS:
+        return (PaperGAN if architecture == "paper" else AdversarialAnomalyModel)(model, image_size, latent)
+    raise ValueError(f"model must be one of {ANOMALY_MODELS}, got {model!r}")
+
+
+def anomaly_score_names(model: str, top_k: int = 200) -> list[str]:
+    """The scores a model gives (columns of evaluate_anomaly, rows of the results table)."""
+    recon = ["mse", "l1", f"mse_top{top_k}", f"l1_top{top_k}"]
+    return {"cae": recon, "vae": [*recon, "kld", "l1+kld", "mse+kld"], "dcgan": ["disc"],
+            "bigan": ["disc", *recon], "alphagan": ["disc", "code_disc", "c+d", *recon]}[model]
+
+
+# ---------------------------------------------------------------- anomaly detection: recipes (suite, paper), config
+
+# Two recipes, as data: every setting a recipe fixes, per model. "paper": Davletshina et al.'s code (where their
+# code and paper disagree, the code; sources: xray@c8568f5 src/models/run_params.py for epochs, batches, learning
+# rates, latents and augmentation, xray@0c11b6f for the rest). "suite": ours, each difference kept for the reason
+# in RECIPE_REASONS. AnomalyConfig takes every setting left None from its recipe; a value given explicitly wins.
+_PAPER_FLIPS = {"hflip": True, "vflip": True, "rotation_degrees": 0.0, "scale_range": (1.0, 1.0),
+                "intensity_range": (1.0, 1.0), "augment_p": 1.0}  # run_params.py DEFAULT_AUGMENTATION: Fliplr, Flipud
+_PAPER_ADVANCED = {"hflip": True, "vflip": True, "rotation_degrees": 20.0, "scale_range": (0.8, 1.2),
+                   "intensity_range": (0.8, 1.2), "augment_p": 0.5}  # ADVANCED_AUGMENTATION: each 'Sometimes(0.5)'
+ANOMALY_RECIPES = {
+    "suite": {
+        "common": {"architecture": "suite", "epochs": 20, "batch_size": 16, "hflip": True, "vflip": False,
+                   "rotation_degrees": 10.0, "scale_range": (0.9, 1.1), "intensity_range": (0.9, 1.1),
+                   "augment_p": 1.0, "hand_crop": False, "minmax": False, "masked_loss": True,
+                   "masked_scores": True, "smooth_l1": False},
+        "cae": {"lr": 5e-4},
+        "vae": {"lr": 5e-4, "vae_latent": 1024, "vae_loss": "mse", "kld_weight": 1.0},
+        "dcgan": {"gan_lr": 2e-4, "d_lr": 2e-4, "gan_latent": 128, "label_noise": 0.0},
+        "bigan": {"gan_lr": 2e-4, "d_lr": 2e-4, "gan_latent": 128},
+        "alphagan": {"gan_lr": 2e-4, "d_lr": 2e-4, "code_lr": 2e-4, "gan_latent": 128, "recon_weight": 10.0},
+    },
+    "paper": {
+        "common": {"architecture": "paper", "hand_crop": True, "minmax": True,  # train.py: MinMaxNormalization()
+                   "masked_loss": True, "masked_scores": True, "smooth_l1": False},
+        # run_params.py 'BaselineAutoencoder': 1000 epochs, batch 32, lr 1e-4, ADVANCED_AUGMENTATION, masked loss
+        "cae": {"epochs": 1000, "batch_size": 32, "lr": 1e-4, **_PAPER_ADVANCED},
+        # run_params.py 'VAE': 500 epochs, batch 32, lr 1e-4, z_dim 2048 (h_dim 18432 = 512 x 6 x 6),
+        # masked_loss_on_train/val False; vaetorch.py loss: BCE (size_average=False: summed) + KLD summed
+        "vae": {"epochs": 500, "batch_size": 32, "lr": 1e-4, "vae_latent": 2048, "vae_loss": "bce",
+                "kld_weight": 1.0, "masked_loss": False, "masked_scores": False, "smooth_l1": True, **_PAPER_FLIPS},
+        # run_params.py 'DCGAN': 500 epochs, batch 80, glr 1e-3, dlr 1e-5, z_dim 2048, soft_delta 0.01
+        "dcgan": {"epochs": 500, "batch_size": 80, "gan_lr": 1e-3, "d_lr": 1e-5, "gan_latent": 2048,
+                  "label_noise": 0.01, **_PAPER_FLIPS},
+        # run_params.py 'SAGAN' (their BiGAN): 500 epochs, batch 18, gelr 1e-3, dlr 1e-5, z_dim 100
+        "bigan": {"epochs": 500, "batch_size": 18, "gan_lr": 1e-3, "d_lr": 1e-5, "gan_latent": 100, **_PAPER_FLIPS},
+        # run_params.py 'AlphaGan': 500 epochs, batch 15, gelr 1e-3, dlr 1e-5 (alphagan.py: C's optimiser takes
+        # dlr too), z_dim 100; alphagan.py: 0.01 * unmasked L1
+        "alphagan": {"epochs": 500, "batch_size": 15, "gan_lr": 1e-3, "d_lr": 1e-5, "code_lr": 1e-5,
+                     "gan_latent": 100, "recon_weight": 0.01, "masked_loss": False, **_PAPER_FLIPS},
+    },
+}
+# why the suite differs, per setting (or per (model, setting)); read by recipe_deviations
+RECIPE_REASONS = {
+    ("cae", "architecture"): "four more 3x3 blocks in the decoder and a Sigmoid: the decoder mirrors the encoder "
+                             "(their ReLU-then-Tanh output reaches only [0, 1))",
+    ("vae", "architecture"): "down to 2x2 as the paper's Figure 7 (their code stops at 6x6)",
+    ("dcgan", "architecture"): "BatchNorm and leaky ReLU (the DCGAN recipe) and minibatch discrimination against a "
+                               "kept reference batch, so that a view's score does not depend on the views beside it",
+    ("bigan", "architecture"): "the DCGAN networks with an encoder: no self-attention, whose memory grows with the "
+                               "square of the map, so it also trains at 512 px",
+    ("alphagan", "architecture"): "the DCGAN networks, a deterministic encoder and an MLP code discriminator "
+                                  "(Rosca et al.); no self-attention",
+    "epochs": "20, resumable, best.pt kept on validation: a Colab session's budget (theirs: 500-1000)",
+    "batch_size": "16 fits every model at 512 px on a T4",
+    "lr": "5e-4 converges within 20 epochs",
+    "gan_lr": "2e-4 for both sides (Radford et al.); their 1e-3 / 1e-5 starves the discriminator",
+    "d_lr": "2e-4 for both sides (Radford et al.); their 1e-3 / 1e-5 starves the discriminator",
+    "code_lr": "as the other discriminator",
+    "gan_latent": "128: a compact code, the same for the three GANs",
+    "vae_latent": "1024, the paper's Figure 7",
+    "vae_loss": "the paper's masked loss L_M (MSE inside the hand): the background does not dominate",
+    "masked_loss": "the loss inside the hand mask (the paper's L_M), for every model",
+    "masked_scores": "scores inside the hand mask: the background holds no finding",
+    "smooth_l1": "a true L1 score (their 'L1' is smooth L1, which on errors below 1 ranks as the MSE)",
+    "label_noise": "plain labels with the non-saturating loss: their inverted labels make their score 1 - D rank "
+                   "normal views higher (gans.py evaluate: score = 1 - output when real_label is 0)",
+    "recon_weight": "10 x masked L1 keeps alpha-GAN a reconstruction model; their 0.01 x L1 is ~1000x lighter",
+    "hflip": "left and right hands are both normal",
+    "vflip": "hands are not seen upside down in MURA",
+    "rotation_degrees": "milder (+-10 deg), applied to every view",
+    "scale_range": "milder (0.9-1.1), applied to every view",
+    "intensity_range": "milder (0.9-1.1), applied to every view",
+    "augment_p": "every augmentation on every view (theirs: each with probability 0.5, or flips only)",
+    "hand_crop": "the whole plate kept: heatmaps and boxes map back through one affine, and a crop per hand needs "
+                 "a reliable per-hand mask (theirs: an SSD detector)",
+    "minmax": "intensities kept: per-image min-max rescales a view by its own extremes (one bright marker changes "
+              "it all)",
+}
+# what each architecture is, per model (the deviations table shows these)
+ARCHITECTURES = {
+    ("cae", "suite"): "decoder: 5 stride-2 4x4 deconvs, each followed by a 3x3 conv block (but the last), 3x3 conv, "
+                      "Sigmoid",
+    ("cae", "paper"): "decoder: 5 stride-2 4x4 deconvs (BN, ReLU), a 3x3 deconv, ReLU, Tanh (autoencoders.py)",
+    ("vae", "suite"): "7 unpadded stride-2 4x4 convs to 512x2x2 (512 px), fc to the code",
+    ("vae", "paper"): "6 unpadded stride-2 4x4 convs to 512x6x6 (h_dim 18432), fc to the code (vaetorch.py)",
+    ("dcgan", "suite"): "BN + leaky ReLU D with a 512-feature layer and minibatch discrimination; BN + ReLU G",
+    ("dcgan", "paper"): "spectral norm on every conv, no BN, ReLU D ending in one unit; G ending in Sigmoid "
+                        "(gans.py)",
+    ("bigan", "suite"): "DCGAN-style G, E and D; D joins 512 image and 512 code features (MLP)",
+    ("bigan", "paper"): "their SAGAN: spectral norm, self-attention in E, G and D, 1x1-conv joint head, "
+                        "G ending in Tanh (sagan.py)",
+    ("alphagan", "suite"): "DCGAN-style G, D, a deterministic E, an MLP code discriminator (750 units)",
+    ("alphagan", "paper"): "self-attention and spectral norm, E with mean and 'log-variance' heads (Tanh), code "
+                           "discriminator 100-50-25-12-1 (alphagan.py)",
+}
+# which models a setting concerns (the others ignore it); settings not named concern every model
+RECIPE_SETTING_MODELS = {"lr": ("cae", "vae"), "vae_latent": ("vae",), "vae_loss": ("vae",), "kld_weight": ("vae",),
+                         "smooth_l1": ("vae",), "gan_lr": GAN_MODELS, "d_lr": GAN_MODELS, "gan_latent": GAN_MODELS,
+                         "code_lr": ("alphagan",), "recon_weight": ("alphagan",), "label_noise": ("dcgan",),
+                         "masked_loss": ("cae", "vae", "alphagan")}
+# preprocessing and evaluation facts that are not settings: their pipeline against ours
+PIPELINE_DIFFERENCES = pd.DataFrame([
+    {"step": "hand detection", "paper": "SSD (MobileNet) hand detector, one box per hand "
+     "(src/features/hand_detection/detect_and_save_hands.py), masks drawn in Photoshop (XR_HAND_PHOTOSHOP)",
+     "suite": "classical mask (polarity, Otsu, largest component); hand crops from its components (hand_crop)",
+     "why": "no detector weights or hand-drawn masks to ship"},
+    {"step": "histogram equalisation", "paper": "cv2.equalizeHist over the whole image, before the resize "
+     "(src/data/transforms.py HistEqualisation)", "suite": "inside the hand mask (or the plate), after the crop",
+     "why": "the background's share does not shift the hand's intensities"},
+    {"step": "split", "paper": "images: negatives split 70/30 by patient, every positive image to val/test "
+     "(src/data/__init__.py TrainValTestSplitter), so positive patients' normal views can train",
+     "suite": "patients (the paper's text): a patient is in one subset only",
+     "why": "no patient both trains and tests"},
+    {"step": "metric level", "paper": "per image (their evaluate(): one score per image)",
+     "suite": "per image and per study (mean of its views), both with a 95% bootstrap interval",
+     "why": "MURA labels studies; image level is kept to compare with theirs"},
+    {"step": "uncertainty", "paper": "+- the SD over 4 seeds (run_params.py random_seed)",
+     "suite": "95% bootstrap interval of one run; with `seeds`, also mean +- SD over seeds (own split each)",
+     "why": "the interval covers the test sample; the SD only the training's randomness"},
+    {"step": "model selection", "paper": "the last epoch, evaluated on test (train.py)",
+     "suite": "best.pt by validation ROC-AUC; the heatmap gallery's run chosen on validation",
+     "why": "nothing chosen on the test set"},
+])
+RECIPE_SETTINGS = ("architecture", "epochs", "batch_size", "lr", "gan_lr", "d_lr", "code_lr", "gan_latent",
+                   "vae_latent", "vae_loss", "kld_weight", "recon_weight", "label_noise", "masked_loss",
+                   "masked_scores", "smooth_l1", "hflip", "vflip", "rotation_degrees", "scale_range",
+                   "intensity_range", "augment_p", "hand_crop", "minmax")
+
+
+def recipe_settings(recipe: str, model: str) -> dict:
+    """Every setting the recipe fixes for this model (the others' settings at the suite's values)."""
+    if recipe not in ANOMALY_RECIPES:
+        raise ValueError(f"recipe must be one of {list(ANOMALY_RECIPES)}, got {recipe!r}")
+    if model not in ANOMALY_MODELS:
+        raise ValueError(f"model must be one of {ANOMALY_MODELS}, got {model!r}")
+    suite = ANOMALY_RECIPES["suite"]
+    base = {**suite["common"], **{k: v for m in ANOMALY_MODELS for k, v in suite[m].items()}}
+    chosen = ANOMALY_RECIPES[recipe]
+    return {**base, **chosen["common"], **chosen[model]}
+
+
+def recipe_deviations() -> pd.DataFrame:
+    """Every setting where the paper's recipe and the suite's differ, per model, with the suite's reason; then the
+    pipeline's differences that are not settings (PIPELINE_DIFFERENCES). Generated from ANOMALY_RECIPES."""
+    rows = []
+    for model in ANOMALY_MODELS:
+        paper, suite = recipe_settings("paper", model), recipe_settings("suite", model)
+        for key in RECIPE_SETTINGS:
+            if model in RECIPE_SETTING_MODELS.get(key, ANOMALY_MODELS) and paper[key] != suite[key]:
+                shown = {r: ARCHITECTURES[model, v[key]] if key == "architecture" else v[key]
+                         for r, v in (("paper", paper), ("suite", suite))}
+                rows.append({"model": ANOMALY_MODEL_NAMES[model], "setting": key, **shown,
+                             "why": RECIPE_REASONS.get((model, key), RECIPE_REASONS.get(key, ""))})
+    settings = pd.DataFrame(rows)
+    pipeline = PIPELINE_DIFFERENCES.rename(columns={"step": "setting"}).assign(model="all")
+    return pd.concat([settings, pipeline], ignore_index=True)[["model", "setting", "paper", "suite", "why"]]
+
+
+ANOMALY_RESUME_MUST_MATCH = ("model", "variant", "body_part", "image_size", "splits", "batch_size", "lr",
+                             "kld_weight", "gan_latent", "gan_lr", "recon_weight", "top_k", "hflip",
+                             "rotation_degrees", "scale_range", "intensity_range", "select_score", "seed",
+                             "split_seed", "recipe", *(k for k in RECIPE_SETTINGS if k != "epochs"))
+
+
+@dataclass
+class AnomalyConfig:
+    """Every knob of an unsupervised run (one model on one preprocessing variant)."""
+
+    model: str = "cae"  # "cae" (their Figure 5), "vae" (Figure 7), or a GAN: "dcgan" (Figure 9), "bigan", "alphagan"
+    variant: str = "full+HE"  # raw, raw+HE, crop, crop+HE, full, full+HE
+    data_dir: str | None = None  # None: the embedded phantom
+    body_part: str = "XR_HAND"
+    splits: tuple[str, ...] = ("train",)  # MURA splits pooled before the patient split (the paper: train)
+    output_dir: str = "outputs/anomaly/cae_full+HE"
+    cache_dir: str = "data/cache"
+    phantom_dir: str = "data/phantom"
+    phantom_patients: int = 240
+    phantom_image_size: int = 512
+    phantom_seed: int = 0  # the phantom's own seed (not the training seed: runs of several seeds share the data)
+    image_size: int = 512  # the paper: 512 for the autoencoders and DCGAN, 128 for BiGAN and alpha-GAN
+    recipe: str = "suite"  # "suite" (ours) or "paper" (their code): fills every setting below left None
+    # (ANOMALY_RECIPES; recipe_deviations() lists the differences and why)
+    architecture: str | None = None  # "suite" (the paper's figures, ours) or "paper" (their code's networks)
+    batch_size: int | None = None
+    epochs: int | None = None
+    lr: float | None = None  # the autoencoders' Adam learning rate
+    kld_weight: float | None = None  # VAE: loss = reconstruction + kld_weight * KLD / pixels
+    vae_latent: int | None = None  # the VAE's latent size
+    vae_loss: str | None = None  # VAE reconstruction loss: "mse" (the paper's L_M) or "bce" (their code)
+    masked_loss: bool | None = None  # reconstruction losses inside the hand mask (else over the whole view)
+    masked_scores: bool | None = None  # reconstruction scores inside the hand mask
+    smooth_l1: bool | None = None  # the "l1" scores as smooth L1 (their VAE's loss_L_one)
+    gan_latent: int | None = None  # the GANs' latent code size
+    gan_lr: float | None = None  # the GANs' generating side's Adam learning rate (betas 0.5, 0.999, as DCGAN)
+    d_lr: float | None = None  # ... and the discriminator's
+    code_lr: float | None = None  # alpha-GAN's code discriminator's
+    recon_weight: float | None = None  # alpha-GAN: weight of the L1 reconstruction loss beside the adversarial ones
+    label_noise: float | None = None  # DCGAN "paper": their inverted soft labels' width (0: plain labels)
+    top_k: int = 200
+    hflip: bool | None = None
+    vflip: bool | None = None
+    rotation_degrees: float | None = None
+    scale_range: tuple[float, float] | None = None
+    intensity_range: tuple[float, float] | None = None
+    augment_p: float | None = None  # each of rotation, scale and intensity applied with this probability
+    hand_crop: bool | None = None  # crop/full variants: one crop per hand (its mask's component), view = max
+    minmax: bool | None = None  # per-image min-max scaling to [0, 1] (their MinMaxNormalization)
+    explicit: tuple[str, ...] = ()  # the recipe's settings given explicitly (filled in; the grid keeps only these)
+    select_score: str | None = None  # best.pt by the validation ROC-AUC of this score (None: "mse" for the
+    # autoencoders, "disc" for the GANs, whose discriminator gives the paper's GAN scores); the paper chose by ROC-AUC
+    amp: str = "auto"
+    num_workers: int = 2
+    device: str = "auto"
+    seed: int = 0
+    split_seed: int = 0
+    resume: bool = True
+    max_steps_per_epoch: int | None = None
+    on_bad: str = "raise"  # "skip": leave bad files out, counted in a warning (mh.data_problems lists them)
+    sync_batchnorm: bool = False  # autoencoders on several GPUs: batch norm over the global batch (off: each GPU's
+    # own batch of batch_size, as one GPU sees; on CPU processes always off)
+
+    def __post_init__(self):
+        self.model = _choice_setting("AnomalyConfig", "model", self.model, ANOMALY_MODELS)  # the recipe reads it
+        self.explicit = tuple(self.explicit) or tuple(k for k in RECIPE_SETTINGS if getattr(self, k) is not None)
+        for key, value in recipe_settings(self.recipe, self.model).items():  # the recipe fills what is not given
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        _validate_anomaly_config(self)
+        self.splits, self.scale_range = tuple(self.splits), tuple(self.scale_range)
+        self.intensity_range = tuple(self.intensity_range)
+        preprocess_variants(self.image_size, [self.variant])  # validates the name
+        if self.model not in ANOMALY_MODELS:
+            raise ValueError(f"AnomalyConfig.model must be one of {ANOMALY_MODELS}, got {self.model!r}")
+        if self.model in GAN_MODELS:
+            _gan_depth(self.image_size)  # validates the size
+        if self.select_score is not None and self.select_score not in anomaly_score_names(self.model, self.top_k):
+            raise ValueError(f"AnomalyConfig.select_score {self.select_score!r} is not a score of {self.model}: "
+                             f"{anomaly_score_names(self.model, self.top_k)}")
+
+    @property
+    def is_gan(self) -> bool:
+        """Whether the model is a GAN (trained on one device; its scores are the discriminator's)."""
+        return self.model in GAN_MODELS
+
+    @property
+    def selection_score(self) -> str:
+        """The validation score best.pt is kept by: select_score, or the model's default."""
+        return self.select_score or ("disc" if self.model in GAN_MODELS else "mse")
+
+
+def _anomaly_size_allowed(model: str, size: int) -> bool:
+    """Whether `model` takes square inputs of this size (CAE: a multiple of 32; VAE: down to 2x2 by its stride-2
+    4x4 convolutions, e.g. 64, 128, 256, 512; GANs: a power of two from 16)."""
+    if model == "cae":
+        return size % 32 == 0
+    if model == "vae":
+        sizes = [size]
+        while sizes[-1] > 2:
+            sizes.append((sizes[-1] - 4) // 2 + 1)
+        return sizes[-1] == 2 and len(sizes) >= 3
+    return size >= 16 and size & (size - 1) == 0
+
+
+def _validate_anomaly_config(cfg) -> None:
+    """Every AnomalyConfig setting checked (types, ranges, names, the image size for the model) before any data."""
+    owner = "AnomalyConfig"
+    cfg.model = _choice_setting(owner, "model", cfg.model, ANOMALY_MODELS)
+    _validate_common(cfg, owner, {
+        "image_size": (16, 4096), "batch_size": (2, 1_000_000),  # batch norm needs two values a channel
+        "epochs": (1, 1_000_000), "gan_latent": (1, 1_000_000), "top_k": (1, 2**40), "split_seed": (0, 2**32 - 1),
+    }, {"lr": (0.0, 1.0, True), "gan_lr": (0.0, 1.0, True), "kld_weight": (0.0, 1e6, False),
+        "recon_weight": (0.0, 1e6, False), "rotation_degrees": (0.0, 180.0, False)})
+    if not _anomaly_size_allowed(cfg.model, cfg.image_size):
+        _bad_setting(owner, "image_size", cfg.image_size, {
+            "cae": "a multiple of 32 for the CAE", "vae": "64, 128, 256 or 512 for the VAE (a size its stride-2 "
+            "convolutions take down to 2x2)"}.get(cfg.model, f"a power of two of at least 16 for {cfg.model}"))
+    cfg.sync_batchnorm = _bool_setting(owner, "sync_batchnorm", cfg.sync_batchnorm)
+    cfg.splits = _names_setting(owner, "splits", cfg.splits, SPLITS)
+    cfg.scale_range = _range_pair_setting(owner, "scale_range", cfg.scale_range, 0.01, 100.0)
+    cfg.intensity_range = _range_pair_setting(owner, "intensity_range", cfg.intensity_range, 0.0, 100.0)
+    if isinstance(cfg.select_score, str) and cfg.select_score.strip().lower() in ("", "none", "null"):
+        cfg.select_score = None
+
+
+# ---------------------------------------------------------------- anomaly detection: training, scores, heatmaps, grid
+
+class AnomalyViewBatches:
+    """Dataset whose items are whole batches of preprocessed views: indices -> (uint8 views, uint8 masks, indices)."""
+
+    def __init__(self, cache: AnomalyCache, rows: np.ndarray):
+        self.cache, self.rows = cache, np.asarray(rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, batch: list[int]):
+        batch = np.asarray(batch)
+        rows = self.rows[batch]
+        order = np.argsort(rows)
+        images = np.empty((len(batch), 1, *self.cache.images.shape[1:]), np.uint8)
+        masks = np.empty_like(images)
+        images[order, 0] = self.cache.images[rows[order]]
+        masks[order, 0] = self.cache.masks[rows[order]]
+        return torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(batch)
+
+
+def hand_boxes(mask: np.ndarray, min_share: float = 0.05) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes (x0, y0, x1, y1) of a hand mask's connected components, one per hand, largest first;
+    components under `min_share` of the mask's area (specks) are left out."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel())[1:]
+    slices = ndimage.find_objects(labels)
+    return [(slices[i][1].start, slices[i][0].start, slices[i][1].stop, slices[i][0].stop)
+            for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_share * sizes.sum()]
+
+
+def _hand_crop_chunk(task: tuple) -> int:
+    """Cut a chunk of views' hand crops into the crop arrays (runs in a worker process)."""
+    folder, views, masks, jobs = task
+    images, crop_masks, affines = (np.load(folder / f"{n}.npy", mmap_mode="r+") for n in ("images", "masks",
+                                                                                           "affines"))
+    view_images, view_masks = np.load(views, mmap_mode="r"), np.load(masks, mmap_mode="r")
+    view_affines = np.load(Path(views).with_name("affines.npy"), mmap_mode="r")
+    size = view_images.shape[1]
+    for row, view_row, (x0, y0, x1, y1) in jobs:
+        affine = _square_affine(None, (((x0 + x1) / 2, (y0 + y1) / 2), (x1 - x0, y1 - y0), 0.0), size)
+        images[row] = _warp(np.ascontiguousarray(view_images[view_row]), affine, size)
+        crop_masks[row] = _warp(np.ascontiguousarray(view_masks[view_row]), affine, size, order=0)
+        affines[row] = (np.vstack([affine, [0, 0, 1]]) @ np.vstack([view_affines[view_row], [0, 0, 1]]))[:2]
+    for a in (images, crop_masks, affines):
+        a.flush()
+    return len(jobs)
+
+
+def build_hand_crops(cache: AnomalyCache, hands: AnomalyCache, progress: bool = True) -> AnomalyCache:
+    """Their hand crop, from our masks: one crop per hand (each connected component of the view's hand mask in
+    `hands`, a segmented cache of the same views and geometry), its bounding box fitted into the square and padded,
+    cut from `cache`'s view and mask. Returns a cache with one row per crop (image_paths: each crop's view; a view
+    without a hand has no crop); affines map the original view onto each crop. Kept on disk beside `cache`."""
+    jobs, paths = [], []
+    for view_row, path in enumerate(cache.image_paths):
+        for box in hand_boxes(hands.masks[hands.row_of[path]]):
+            jobs.append((len(jobs), view_row, box))
+            paths.append(path)
+    stamp = hashlib.sha1(json.dumps([hands.folder.name, [list(map(int, j[2])) for j in jobs]]).encode()).hexdigest()
+    folder = cache.folder.with_name(f"{cache.folder.name}_hands_{stamp[:10]}")
+    if not (folder / "affines.npy").is_file():
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        s = cache.cfg.size
+        for name, shape, dtype in (("images", (len(jobs), s, s), np.uint8), ("masks", (len(jobs), s, s), np.uint8),
+                                   ("affines", (len(jobs), 2, 3), np.float32)):
+            np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+        tasks = [(tmp, cache.folder / "images.npy", cache.folder / "masks.npy", jobs[i:i + 64])
+                 for i in range(0, len(jobs), 64)]
+        try:
+            _run_tasks(_hand_crop_chunk, tasks, f"hand crops ({cache.cfg.name})", progress, None,
+                       [len(t[3]) for t in tasks])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    return AnomalyCache(folder, paths, cache.cfg)
+
+
+def prepare_anomaly_data(cfg: AnomalyConfig, progress: bool = True, state: dict | None = None) -> dict:
+    """Studies with their train/val/test subset (Davletshina et al.'s split), one row per view, and the cache (for a
+    resume: of the same data as its checkpoint `state`, else an error); with cfg.hand_crop on a cropped variant, one
+    row per hand crop (its 'cache_row' in the crop cache), views without a hand left out and counted in a warning
+    (data['no_hand'])."""
+    root = config_data_root(cfg)
+    studies = pd.concat([load_studies(root, s, cfg.body_part, on_bad=cfg.on_bad) for s in cfg.splits],
+                        ignore_index=True)
+    record = _data_record(root, studies)
+    _check_same_data(state, record, Path(cfg.output_dir) / "checkpoints" / "last.pt")
+    studies = anomaly_split(studies, cfg.split_seed)
+    images = studies_to_images(studies)
+    pre = preprocess_variants(cfg.image_size, [cfg.variant])[cfg.variant]
+    cache = build_anomaly_cache(images["image_path"], pre, cfg.cache_dir, progress=progress)
+    data = {"root": root, "studies": studies, "images": images, "cache": cache, "data": record, "no_hand": []}
+    if cfg.hand_crop and pre.crop:
+        hands = cache if pre.segment else build_anomaly_cache(
+            images["image_path"], replace(pre, segment=True, equalize=None), cfg.cache_dir, progress=progress)
+        crops = build_hand_crops(cache, hands, progress)
+        rows = pd.DataFrame({"image_path": crops.image_paths, "cache_row": np.arange(len(crops.image_paths))})
+        data["no_hand"] = sorted(set(images["image_path"]) - set(rows["image_path"]))
+        if data["no_hand"]:
+            warnings.warn(f"{len(data['no_hand'])} of {len(images)} views have no hand in their mask: left out of "
+                          f"the hand crops (data['no_hand'] lists them)", stacklevel=2)
+        data.update(view_cache=cache, cache=crops, images=images.merge(rows, on="image_path"))
+    return data
+
+
+def _anomaly_loader(cache: AnomalyCache, images: pd.DataFrame, batch_size: int, num_workers: int, pin: bool):
+    """A DataLoader of whole batches of preprocessed views (re-shuffle via loader.sampler.batches)."""
+    sampler = EpochBatches()
+    sampler.batches = epoch_batches(len(images), batch_size, False, 0, 0)
+    rows = images["cache_row"].to_numpy() if "cache_row" in images else cache.rows(images["image_path"])
+    return DataLoader(AnomalyViewBatches(cache, rows), sampler=sampler, batch_size=None,
+                      num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
+                      generator=torch.Generator())  # its own: starting workers leaves the VAE's noise alone
+
+
+def anomaly_inputs(views, masks, device, cfg: AnomalyConfig):
+    """uint8 views and masks (B, 1, S, S) -> float views in [0, 1] (per-image min-max scaled when cfg.minmax, as
+    their MinMaxNormalization) and float masks, on `device`."""
+    x = views.to(device, non_blocking=True).float() / 255
+    if cfg.minmax:
+        low = x.amin((1, 2, 3), keepdim=True)
+        x = (x - low) / (x.amax((1, 2, 3), keepdim=True) - low).clamp_min(1e-6)
+    return x, masks.to(device, non_blocking=True).float()
+
+
+def evaluate_anomaly(model, cache: AnomalyCache, images: pd.DataFrame, cfg: AnomalyConfig, device,
+                     progress: bool = False) -> pd.DataFrame:
+    """Every score for every view of `images` (no augmentation), with the view's study, label and subset; for hand
+    crops (images with 'cache_row'), a view's score is the maximum over its crops."""
+    model.eval()
+    dtype = amp_dtype(cfg.amp, device)
+    loader = _anomaly_loader(cache, images, cfg.batch_size, 0, False)
+    columns, index = {}, []
+    with torch.inference_mode():
+        for views, masks, idx in tqdm(loader, desc="scoring", leave=False, disable=not progress):
+            x, m = anomaly_inputs(views, masks, device, cfg)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = model(x)
+            m = m if cfg.masked_scores else torch.ones_like(m)
+            for k, v in reconstruction_scores(x, out, m, cfg.top_k, cfg.kld_weight, cfg.smooth_l1).items():
+                columns.setdefault(k, []).append(v.float().cpu())
+            index.append(idx)
+    order = torch.cat(index).numpy()
+    scores = pd.DataFrame({k: torch.cat(v).numpy() for k, v in columns.items()})
+    keep = [c for c in SCORE_ID_COLUMNS if c in images.columns]
+    scores = pd.concat([images.iloc[order][keep].reset_index(drop=True), scores], axis=1)
+    if "cache_row" in images:  # hand crops: a view is as abnormal as its most abnormal hand (every crop holds a
+        names = [c for c in scores.columns if c not in SCORE_ID_COLUMNS]  # hand: views without one were left out)
+        scores = scores.groupby("image_path", sort=False).agg(
+            {**{c: "first" for c in keep if c != "image_path"}, **dict.fromkeys(names, "max")}).reset_index()
+        scores.attrs["empty_masks"] = []
+        return scores
+    return _without_empty_masks(scores, cache)
+
+
+def _without_empty_masks(scores: pd.DataFrame, cache: AnomalyCache) -> pd.DataFrame:
+    """The score table without views whose hand mask is empty (every masked score would be 0, the most normal):
+    they are counted in a warning and listed in attrs['empty_masks']."""
+    empty = np.array([not cache.masks[row].any() for row in cache.rows(scores["image_path"])], dtype=bool)
+    flagged = list(scores.loc[empty, "image_path"])
+    kept = scores[~empty].reset_index(drop=True)
+    kept.attrs["empty_masks"] = flagged
+    if flagged:
+        warnings.warn(f"{len(flagged)} of {len(scores)} view(s) have an empty hand mask and were left out of the "
+                      f"scores: {flagged[:5]}{' ...' if len(flagged) > 5 else ''}", stacklevel=3)
+    return kept
+
+
+def study_scores(scores: pd.DataFrame) -> pd.DataFrame:
+    """View scores to study scores (the mean of its views), one row per study with its label."""
+    names = [c for c in scores.columns if c not in SCORE_ID_COLUMNS]
+    return scores.groupby("study_path").agg({"label": "first", **dict.fromkeys(names, "mean")}).reset_index()
+
+
+def anomaly_metrics(scores: pd.DataFrame, level: str = "study", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """ROC-AUC (with a 95% bootstrap interval when n_boot > 0) and average precision of every score, per study
+    (mean of its views) or per image."""
+    data = study_scores(scores) if level == "study" else scores
+    names = [c for c in data.columns if c not in SCORE_ID_COLUMNS]
+    rows = []
+    for name in names:
+        one_class = data["label"].nunique() < 2
+        low, high = (np.nan, np.nan) if one_class or n_boot <= 0 else \
+            auroc_interval(data["label"], data[name], n_boot, seed)
+        rows.append({"score": name, "roc_auc": np.nan if one_class else roc_auc_score(data["label"], data[name]),
+                     "roc_auc_ci_low": low, "roc_auc_ci_high": high,
+                     "average_precision": np.nan if one_class else average_precision_score(data["label"], data[name]),
+                     "n": len(data), "n_abnormal": int(data["label"].sum())})
+    return pd.DataFrame(rows).set_index("score")
+
+
+def reference_anomaly_scores(cache: AnomalyCache, images: pd.DataFrame, train_images: pd.DataFrame,
+                             top_k: int = 200, chunk: int = 64) -> pd.DataFrame:
+    """Model-free scores of the views of `images`, a floor that a trained model must beat: the masked MSE and its
+    top-k against the mean normal training view (a template), the mean intensity inside the hand mask, and the
+    mask's share of the square (hand size)."""
+    def batches(views):  # the loader the scoring uses: (views, masks, positions in `views`), read in file order
+        for x, m, idx in _anomaly_loader(cache, views, chunk, 0, False):
+            yield x.float() / 255, m.float(), idx
+    total, count = 0, 0
+    for x, m, _ in batches(train_images):
+        total, count = total + (x * m).sum(0, keepdim=True), count + m.sum(0, keepdim=True)
+    template = total / count.clamp(min=1)
+    columns, order = {}, []
+    for x, m, idx in batches(images):
+        s = reconstruction_scores(x, {"recon": template.expand_as(x), "mu": None, "logvar": None}, m, top_k)
+        found = {"template_mse": s["mse"], f"template_mse_top{top_k}": s[f"mse_top{top_k}"],
+                 "intensity": (x * m).sum((1, 2, 3)) / m.sum((1, 2, 3)).clamp(min=1), "hand_area": m.mean((1, 2, 3))}
+        for k, v in found.items():
+            columns.setdefault(k, []).append(v.numpy())
+        order.append(idx.numpy())
+    scores = pd.DataFrame({k: np.concatenate(v) for k, v in columns.items()}, index=np.concatenate(order)).sort_index()
+    keep = [c for c in SCORE_ID_COLUMNS if c in images.columns]
+    return _without_empty_masks(pd.concat([images[keep].reset_index(drop=True), scores.reset_index(drop=True)], axis=1),
+                                cache)
+
+
+def anomaly_model_for(cfg: AnomalyConfig) -> torch.nn.Module:
+    """The network a config trains (its model, size, architecture and latent sizes)."""
+    return build_anomaly_model(cfg.model, cfg.image_size, cfg.gan_latent, cfg.architecture, cfg.vae_latent)
+
+
+def anomaly_optimizers(model, cfg: AnomalyConfig, device) -> dict:
+    """Adam for an autoencoder ({'model'}); for a GAN one per side ({'discriminator', 'generator'}, betas 0.5/0.999,
+    D at d_lr); their alpha-GAN has four: also 'encoder' (gan_lr) and 'code_discriminator' (code_lr)."""
+    if isinstance(model, PaperGAN):
+        lrs = {"discriminator": cfg.d_lr, "generator": cfg.gan_lr, "encoder": cfg.gan_lr,
+               "code_discriminator": cfg.code_lr}
+        return {name: build_optimizer(params, lrs[name], device, (0.5, 0.999))
+                for name, params in model.parameter_groups().items()}
+    if cfg.model in GAN_MODELS:
+        return {"discriminator": build_optimizer(model.discriminator_parameters(), cfg.d_lr, device, (0.5, 0.999)),
+                "generator": build_optimizer(model.generator_parameters(), cfg.gan_lr, device, (0.5, 0.999))}
+    return {"model": build_optimizer(model.parameters(), cfg.lr, device)}
+
+
+def autoencoder_step(model, x, mask, optimizer, scaler, dtype, kld_weight: float = 1.0,
+                     vae_loss: str = "mse") -> dict[str, torch.Tensor]:
+    """One training step of an autoencoder: the masked loss L_M (plus kld_weight x KLD / pixels for the VAE; with
+    vae_loss "bce", their VAE's binary cross-entropy in place of the MSE: pass an all-ones mask for theirs)."""
+    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        result = model(x)
+    if result["mu"] is not None and vae_loss == "bce":  # vaetorch.py loss(): BCE + KLD, both summed (per pixel here)
+        bce = F.binary_cross_entropy(result["recon"].float().clamp(1e-6, 1 - 1e-6), x.float(), reduction="none")
+        loss = ((bce * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)).mean()
+    else:
+        loss = masked_mse(x, result["recon"], mask).mean()
+    if result["mu"] is not None:
+        loss = loss + kld_weight * kl_divergence(result["mu"], result["logvar"]).mean() / x[0].numel()
+    amp_step(loss, optimizer, scaler)
+    return {"loss": loss.detach()}
+
+
+def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
+    """Train (or resume) an autoencoder (masked loss) or a GAN on normal training views; returns the history. The
+    run folder is locked meanwhile; an earlier run there is moved aside when this one starts afresh.
+
+    Under torchrun the autoencoders train with DistributedDataParallel as train() does (each process its share of
+    every global batch of batch_size x processes views, validation sharded by view and gathered, rank 0 alone
+    scores, holds the lock and writes). The GANs stay on one device: their alternating discriminator and
+    generator steps, minibatch discrimination and spectral norm would each see one process's batch, which changes
+    their dynamics; they are refused under torchrun.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.model in GAN_MODELS:
+        raise ConfigError(f"AnomalyConfig.model = {cfg.model!r}: the GANs train on one device (DDP would change "
+                          f"their dynamics); run it without torchrun, or train an autoencoder ('cae', 'vae')")
+    ctx, device = setup_distributed(cfg.device)
+    with run_lock(cfg.output_dir) if ctx.is_main else contextlib.nullcontext():
+        return _train_anomaly_locked(cfg, progress, ctx, device)
+
+
+def _view_shard(images: pd.DataFrame, ctx: Distributed) -> pd.DataFrame:
+    """This process's share of the rows of `images`, split by view (a view's hand crops stay together)."""
+    if ctx.world_size == 1:
+        return images
+    views = pd.unique(images["image_path"])
+    return images[images["image_path"].isin(set(views[ctx.rank::ctx.world_size]))]
+
+
+def _gather_scores(scores: pd.DataFrame, ctx: Distributed) -> pd.DataFrame | None:
+    """Every process's score table joined on rank 0 (their empty-mask lists too); None elsewhere."""
+    if ctx.world_size == 1:
+        return scores
+    parts = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object((scores, scores.attrs.get("empty_masks", [])), parts, dst=0)
+    if not ctx.is_main:
+        return None
+    joined = pd.concat([p[0] for p in parts], ignore_index=True)
+    joined.attrs["empty_masks"] = [path for p in parts for path in p[1]]
+    return joined
+
+
+def _summed_losses(loss_sums: dict, n_seen: int, ctx: Distributed, device) -> tuple[dict[str, float], int]:
+    """Each loss averaged over every view of the epoch across processes, and the number of those views."""
+    names = sorted(loss_sums)
+    totals = torch.stack([torch.as_tensor(loss_sums[k], dtype=torch.float64, device=device) for k in names]
+                         + [torch.tensor(float(n_seen), dtype=torch.float64, device=device)])
+    if ctx.world_size > 1:
+        dist.all_reduce(totals)
+    n = int(totals[-1])
+    return {f"train_{k}": float(totals[i]) / max(n, 1) for i, k in enumerate(names)}, n
+
+
+def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: Distributed, device) -> pd.DataFrame:
+    """train_anomaly() while rank 0 holds the run folder's lock."""
+    out = Path(cfg.output_dir)
+    if ctx.is_main:
+        _remove_temporaries([out, out / "checkpoints"])
+    state = _resumable_state(cfg, ANOMALY_RESUME_MUST_MATCH)
+    if state is None and ctx.is_main:
+        _set_aside_previous_run(out)
+    if ctx.local_rank != 0:  # the first process of each machine makes the phantom and the cache ...
+        dist.barrier()
+    data = prepare_anomaly_data(cfg, progress and ctx.is_main, state)
+    if ctx.local_rank == 0 and ctx.world_size > 1:  # ... while the others wait, then read them
+        dist.barrier()
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    seed_everything(cfg.seed)
+    model = anomaly_model_for(cfg).to(device)
+    optimizers = anomaly_optimizers(model, cfg, device)
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    history, best, start_epoch = [], None, 0
+    if state is not None:
+        history, best, start_epoch = _restore(state, model, optimizers, None, scaler)
+        if progress and ctx.is_main:
+            print(f"resuming {out / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of {cfg.epochs}")
+    if ctx.world_size > 1:
+        if cfg.sync_batchnorm and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    eval_model = _unwrap(model)  # no collectives in evaluation
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
+    images = data["images"]
+    train_images = images[(images["subset"] == "train") & (images["label"] == 0)]
+    val_images = images[images["subset"] == "val"]
+    val_shard = _view_shard(val_images, ctx)
+    loader = _anomaly_loader(data["cache"], train_images, cfg.batch_size, cfg.num_workers, device.type == "cuda")
+    for epoch in range(start_epoch, cfg.epochs):
+        loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch, None,
+                                               ctx.rank, ctx.world_size)
+        model.train()
+        generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch + 7_919 * ctx.rank)
+        steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+        loss_sums, n_seen, started = {}, 0, time.perf_counter()
+        bar = tqdm(total=steps, desc=f"{cfg.model} {cfg.variant} epoch {epoch + 1}", leave=False,
+                   disable=not (progress and ctx.is_main))
+        for step, (views, masks, _) in enumerate(loader):
+            if step >= steps:
+                break
+            x, m = augment_views_and_masks(*anomaly_inputs(views, masks, device, cfg), generator, cfg)
+            if isinstance(model, PaperGAN):
+                losses = paper_gan_step(model, x, optimizers, scaler, dtype, generator, cfg)
+            elif cfg.model in GAN_MODELS:
+                losses = gan_step(model, x, m, optimizers, scaler, dtype, generator, cfg.recon_weight,
+                                  cfg.masked_loss)
+            else:
+                losses = autoencoder_step(model, x, m if cfg.masked_loss else torch.ones_like(m), optimizers["model"],
+                                          scaler, dtype, cfg.kld_weight, cfg.vae_loss)
+            for name, value in losses.items():
+                loss_sums[name] = loss_sums.get(name, 0) + value * len(x)
+            n_seen += len(x)
+            bar.update()
+        bar.close()
+        losses, n_all = _summed_losses(loss_sums, n_seen, ctx, device)
+        train_time = time.perf_counter() - started  # rank 0's; its images/s counts every process's views
+        val_scores = _gather_scores(evaluate_anomaly(eval_model, data["cache"], val_shard, cfg, device), ctx)
+        row = None
+        if ctx.is_main:  # the metrics, once, on every validation view's scores
+            val_metrics = anomaly_metrics(val_scores, n_boot=0)
+            normal = val_scores[val_scores["label"] == 0]
+            row = {"epoch": epoch + 1, **losses,
+                   **({"val_normal_mse": float(normal["mse"].mean())} if "mse" in normal else {}),
+                   **{f"val_auroc_{k}": v for k, v in val_metrics["roc_auc"].items()},
+                   "epoch_time_s": time.perf_counter() - started,
+                   "train_images_per_s": n_all / train_time, "processes": ctx.world_size}
+        row = _from_main(row, ctx)
+        history.append(row)
+        score = row[f"val_auroc_{cfg.selection_score}"]
+        improved = best is None or (not math.isnan(score) and (math.isnan(best) or score > best))
+        if improved:
+            best = score
+        if ctx.is_main:
+            _save_epoch(_checkpoint(model, optimizers, None, scaler, epoch, history, cfg, best, data["data"]),
+                        improved, out)
+        if progress and ctx.is_main:
+            shown = ", ".join(f"{k.removeprefix('train_').replace('_', ' ')} {v:.5f}" for k, v in losses.items())
+            print(f"{cfg.model} {cfg.variant} epoch {epoch + 1}/{cfg.epochs}: train {shown}, "
+                  f"val ROC-AUC ({cfg.selection_score}) {score:.3f}" + ("  (best)" if improved else ""), flush=True)
+    if ctx.world_size > 1:
+        dist.barrier()  # every process returns after rank 0 has written the last epoch
+    return pd.DataFrame(history)
+
+
+def load_anomaly_model(path: str | os.PathLike, device: str = "cpu"):
+    """Load an unsupervised checkpoint (weights_only, its digest checked): (model in eval mode, its AnomalyConfig)."""
+    state = load_state(path, "anomaly")
+    cfg = _stored_config(AnomalyConfig, state, path)
+    model = anomaly_model_for(cfg)
+    model.load_state_dict(state["model"])
+    return model.to(resolve_device(device)).eval(), cfg
+
+
+def anomaly_heatmaps(model, cache: AnomalyCache, image_paths: Sequence[str], device: str = "auto",
+                     sigma: float = 2.0, batch_size: int = 16, cfg: AnomalyConfig | None = None) -> list[dict]:
+    """Per view: the preprocessed image, its masked squared reconstruction error (smoothed, scaled to [0, 1]),
+    and its masked-MSE score, in the format of plot_heatmaps and heatmap_localisation; in batches. `cfg`: the
+    run's config, for its input scaling (min-max)."""
+    if len(image_paths) == 0:
+        return []
+    if len(image_paths) > batch_size:
+        return [h for i in range(0, len(image_paths), batch_size)
+                for h in anomaly_heatmaps(model, cache, image_paths[i:i + batch_size], device, sigma, batch_size, cfg)]
+    dev = resolve_device(device)
+    rows = cache.rows(image_paths)
+    x, m = anomaly_inputs(torch.from_numpy(cache.images[rows][:, None]), torch.from_numpy(cache.masks[rows][:, None]),
+                          dev, cfg or AnomalyConfig(image_size=cache.cfg.size))
+    with torch.inference_mode():
+        out = model.to(dev).eval()(x)
+    if out["recon"] is None:
+        raise ValueError(f"{type(model).__name__} ({getattr(model, 'kind', '')}) reconstructs nothing: no error map")
+    errors = ((x - out["recon"]) ** 2 * m)[:, 0].cpu().numpy()
+    scores = masked_mse(x, out["recon"], m).cpu().numpy()
+    maps = []
+    for path, img, err, score in zip(image_paths, cache.images[rows], errors, scores):
+        smooth = ndimage.gaussian_filter(err, sigma)
+        maps.append({"image_path": str(path), "image": np.asarray(img), "prob": float(score),
+                     "cam": smooth / smooth.max() if smooth.max() > 0 else smooth})
+    return maps
+
+
+def transform_boxes(findings: pd.DataFrame, cache: AnomalyCache) -> pd.DataFrame:
+    """Ground-truth boxes moved from the original views into the preprocessed squares (cropped, rotated, scaled)."""
+    rows = []
+    for f in findings[findings["image_file"].isin(cache.row_of)].itertuples():
+        affine = cache.affines[cache.row_of[f.image_file]]
+        corners = np.array([[f.x0, f.y0, 1], [f.x1, f.y0, 1], [f.x0, f.y1, 1], [f.x1, f.y1, 1]], float) @ affine.T
+        lo = np.clip(np.floor(corners.min(0)), 0, cache.cfg.size - 1).astype(int)
+        hi = np.clip(np.ceil(corners.max(0)), 0, cache.cfg.size - 1).astype(int)
+        rows.append({**f._asdict(), "x0": lo[0], "y0": lo[1], "x1": hi[0], "y1": hi[1]})
+    return pd.DataFrame(rows, columns=["Index", *findings.columns]).drop(columns=["Index"])
+
+
+REFERENCE_MODEL = "no model"  # the grid's rows of model-free scores (reference_anomaly_scores)
+PUBLISHED_ANOMALY_AUROC = pd.DataFrame([
+    {"model": "CAE", "score": "MSE", "variant": "full+HE", "roc_auc": 0.570},
+    {"model": "VAE", "score": "KLD", "variant": "full+HE", "roc_auc": 0.533},
+    {"model": "DCGAN", "score": "Disc. (D)", "variant": "full", "roc_auc": 0.530},
+    {"model": "BiGAN", "score": "Disc. (D)", "variant": "full", "roc_auc": 0.549},
+    {"model": "alpha-GAN", "score": "Disc. (D)", "variant": "full", "roc_auc": 0.607},
+]).assign(source="Davletshina et al. 2020, MURA hands, test split (cited)")
+
+
+def anomaly_grid_names(models, variants) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The grid's models and preprocessing variants, checked; one name given as a string is a list of one."""
+    every_variant = [f"{base}{eq}" for base in ("raw", "crop", "full") for eq in ("", "+HE", "+CLAHE")]
+    return (_names_setting("run_anomaly_grid", "models", models, ANOMALY_MODELS),
+            _names_setting("run_anomaly_grid", "variants", variants, every_variant))
+
+
+def _grid_config(base: AnomalyConfig, **changes) -> AnomalyConfig:
+    """A run of the grid: base's settings with `changes`; the recipe's settings that base did not give explicitly
+    are taken afresh from the (possibly other) model's and recipe's preset."""
+    fresh = {k: None for k in RECIPE_SETTINGS if k not in base.explicit}
+    return AnomalyConfig(**{**_config_dict(base), **fresh, "explicit": (), **changes})
+
+
+def _level_metrics(scores: pd.DataFrame, val_scores: pd.DataFrame, seed: int, n_boot: int = 2000) -> pd.DataFrame:
+    """Test metrics per score at both levels (image, study), each with its bootstrap interval, and the validation
+    ROC-AUC at the same level ('val_roc_auc': what choices may use)."""
+    tables = []
+    for level in ("study", "image"):
+        test = anomaly_metrics(scores, level, n_boot, seed)
+        val = anomaly_metrics(val_scores, level, 0)["roc_auc"].rename("val_roc_auc")
+        tables.append(test.join(val).reset_index().assign(level=level))
+    return pd.concat(tables, ignore_index=True)
+
+
+def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Sequence[str],
+                     image_sizes: dict[str, int] | None = None, progress: bool = True,
+                     seeds: Sequence[int] | None = None, recipes: Sequence[str] | None = None,
+                     devices: int | str = 1) -> pd.DataFrame:
+    """Train (or resume) every model on every preprocessing variant (and recipe, and seed) and score each best
+    checkpoint (kept on validation) on the test subset: one row per (recipe, model, variant, seed, level, score)
+    with test ROC-AUC (and its 95% bootstrap interval) and average precision at the image and the study level,
+    and the validation ROC-AUC ('val_roc_auc', for choosing); per variant also the model-free scores of
+    reference_anomaly_scores (model "no model"), the floor a model must beat. Variant by variant, so that a grid
+    cut short has scored every model on the first variants. `image_sizes` sets a model's own size (the paper:
+    {'bigan': 128, 'alphagan': 128}); the others take base.image_size. `seeds`: train each run once per seed, each
+    with its own split (split_seed = seed, as their 4 seeds); default base's seed and split. `recipes`: default
+    [base.recipe]; runs of other recipes than "suite" go to <model>_<variant>_<recipe>. `devices`: the
+    autoencoders train on this many processes (launch_training: "auto" = every visible GPU), the GANs on one."""
+    models, variants = anomaly_grid_names(models, variants)
+    recipes = list(recipes or [base.recipe])
+    several = seeds is not None and len(seeds) > 0
+    seeds = list(seeds) if several else [base.seed]
+    rows = []
+    for variant in variants:
+        for seed in seeds:
+            split_seed = seed if several else base.split_seed
+            for recipe in recipes:
+                for model in models:
+                    name = f"{model}_{variant}" + ("" if recipe == "suite" else f"_{recipe}") + \
+                        (f"_seed{seed}" if several else "")
+                    cfg = _grid_config(base, model=model, variant=variant, recipe=recipe, seed=seed,
+                                       split_seed=split_seed, output_dir=str(Path(base.output_dir) / name),
+                                       image_size=(image_sizes or {}).get(model, base.image_size))
+                    launch_training(cfg, devices, progress)
+                    net, _ = load_anomaly_model(Path(cfg.output_dir) / "checkpoints" / "best.pt", cfg.device)
+                    data = prepare_anomaly_data(cfg, progress=False)
+                    images, device = data["images"], resolve_device(cfg.device)
+                    scores = evaluate_anomaly(net, data["cache"], images[images["subset"] == "test"], cfg, device)
+                    val = evaluate_anomaly(net, data["cache"], images[images["subset"] == "val"], cfg, device)
+                    scores.to_csv(Path(cfg.output_dir) / "test_scores.csv", index=False)
+                    val.to_csv(Path(cfg.output_dir) / "val_scores.csv", index=False)
+                    rows.append(_level_metrics(scores, val, cfg.seed).assign(
+                        model=ANOMALY_MODEL_NAMES[model], recipe=recipe, variant=variant, seed=seed,
+                        image_size=cfg.image_size, run_dir=cfg.output_dir,
+                        n_empty_masks=len(scores.attrs.get("empty_masks", []))))
+            # the floor: model-free scores on the suite's preprocessed views (whole views, no min-max)
+            cfg = _grid_config(base, variant=variant, seed=seed, split_seed=split_seed, recipe="suite")
+            data = prepare_anomaly_data(cfg, progress=False)
+            images = data["images"]
+            normal_train = images[(images["subset"] == "train") & (images["label"] == 0)]
+            scores, val = (reference_anomaly_scores(data["cache"], images[images["subset"] == subset], normal_train,
+                                                    cfg.top_k) for subset in ("test", "val"))
+            reference_dir = Path(base.output_dir) / (f"{REFERENCE_MODEL.replace(' ', '_')}_{variant}"
+                                                     + (f"_seed{seed}" if several else ""))
+            reference_dir.mkdir(parents=True, exist_ok=True)
+            scores.to_csv(reference_dir / "test_scores.csv", index=False)
+            rows.append(_level_metrics(scores, val, cfg.seed).assign(
+                model=REFERENCE_MODEL, recipe="-", variant=variant, seed=seed, image_size=cfg.image_size,
+                run_dir=str(reference_dir), n_empty_masks=len(scores.attrs.get("empty_masks", []))))
+    return pd.concat(rows, ignore_index=True)
+
+
+def _one_run_per_cell(results: pd.DataFrame, level: str) -> pd.DataFrame:
+    """The rows of one level and of the grid's first seed; models labelled with their recipe when several."""
+    results = results[(results["level"] == level) & (results["seed"] == results["seed"].iloc[0])]
+    if results.loc[results["model"] != REFERENCE_MODEL, "recipe"].nunique() > 1:
+        results = results.assign(model=[m if r == "-" else f"{m} ({r})" for m, r in results[["model", "recipe"]]
+                                        .to_numpy()])
+    return results
+
+
+def anomaly_results_table(results: pd.DataFrame, value: str = "roc_auc", level: str = "study") -> pd.DataFrame:
+    """Pivot the grid's results at one level ('study' or 'image'; the grid's first seed): rows model x score,
+    columns preprocessing variants (their Figure 11 layout); value "roc_auc_ci" gives each ROC-AUC with its 95%
+    bootstrap interval as text."""
+    order = [v for v in preprocess_variants() if v in set(results["variant"])]
+    results = _one_run_per_cell(results, level)
+    if value == "roc_auc_ci":
+        results = results.assign(roc_auc_ci=[f"{a:.3f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in
+                                             results[["roc_auc", "roc_auc_ci_low", "roc_auc_ci_high"]].to_numpy()])
+    table = results.pivot_table(index=["model", "score"], columns="variant", values=value, aggfunc="first",
+                                sort=False)
+    return table[order]
+
+
+def seed_summary(results: pd.DataFrame, level: str = "image") -> pd.DataFrame:
+    """Per recipe, model, variant and score: the test ROC-AUC's mean and SD over the grid's seeds (each with its own
+    split: their '±'), beside the first seed's ROC-AUC and 95% bootstrap interval (ours)."""
+    data = results[results["level"] == level]
+    keys = ["recipe", "model", "variant", "score"]
+    spread = data.groupby(keys, sort=False)["roc_auc"].agg(seeds_mean="mean", seeds_sd="std", n_seeds="count")
+    first = data[data["seed"] == data["seed"].iloc[0]].set_index(keys)[["roc_auc", "roc_auc_ci_low",
+                                                                         "roc_auc_ci_high"]]
+    return first.join(spread).reset_index()
+
+
+# which of our scores is theirs, per model, in PUBLISHED_ANOMALY_AUROC
+PUBLISHED_SCORE = {"CAE": "mse", "VAE": "kld", "DCGAN": "disc", "BiGAN": "disc", "alpha-GAN": "disc"}
+
+
+def published_comparison(results: pd.DataFrame) -> pd.DataFrame:
+    """Their published ROC-AUCs (real MURA, per image, mean over 4 seeds) beside ours at their level (image) on the
+    same model, score and variant, per recipe: our first seed's ROC-AUC with its 95% interval and, with several
+    seeds, mean +- SD. Ours are measured on this run's data (the phantom unless data_dir is MURA)."""
+    ours = seed_summary(results, "image")
+    rows = []
+    for pub in PUBLISHED_ANOMALY_AUROC.itertuples():
+        score = PUBLISHED_SCORE[pub.model]
+        for run in ours[(ours["model"] == pub.model) & (ours["variant"] == pub.variant) &
+                        (ours["score"] == score)].itertuples():
+            rows.append({"model": pub.model, "score": score, "variant": pub.variant, "level": "image",
+                         "published": pub.roc_auc, "recipe": run.recipe,
+                         "ours": f"{run.roc_auc:.3f} [{run.roc_auc_ci_low:.2f}, {run.roc_auc_ci_high:.2f}]",
+                         "ours_mean_sd": f"{run.seeds_mean:.3f} +- {run.seeds_sd:.3f} ({run.n_seeds} seeds)"
+                         if run.n_seeds > 1 else ""})
+    return pd.DataFrame(rows, columns=["model", "score", "variant", "level", "published", "recipe", "ours",
+                                       "ours_mean_sd"])
+
+
+def anomaly_findings_table(results: pd.DataFrame, findings: pd.DataFrame, variant: str | None = None) -> pd.DataFrame:
+    """Phantom only: each model x score's test ROC-AUC per planted finding type (its abnormal studies against all
+    normal ones), for one preprocessing variant (default: the grid's first); attrs["n_abnormal"]: the count of
+    abnormal test studies of each type."""
+    variant = variant or results["variant"].iloc[0]
+    tables = []
+    for run in results[results["variant"] == variant].drop_duplicates("run_dir").itertuples():
+        studies = study_scores(pd.read_csv(Path(run.run_dir) / "test_scores.csv"))
+        names = [c for c in studies.columns if c not in ("study_path", "label")]
+        table = metrics_by_finding(studies, findings, names)
+        aurocs = table[[f"auroc_{n}" for n in names]].T.set_axis(names)
+        tables.append(aurocs.assign(model=run.model).rename_axis("score").reset_index())
+        counts = table["n_abnormal"]
+    table = pd.concat(tables).set_index(["model", "score"]).rename_axis(columns="finding")
+    table.attrs["n_abnormal"] = {kind: int(n) for kind, n in counts.items()}
+    return table
+
+
+def best_run(results: pd.DataFrame, score: str = "mse") -> pd.Series:
+    """The grid's run with the highest study-level VALIDATION ROC-AUC of `score` (test ROC-AUCs choose nothing)."""
+    runs = results[(results["score"] == score) & (results["level"] == "study")]
+    if runs.empty:
+        raise ValueError(f"no run of the grid gives the score {score!r}")
+    return runs.sort_values("val_roc_auc", ascending=False, na_position="last", kind="stable").iloc[0]
+
+
+def best_run_heatmaps(results: pd.DataFrame, score: str = "mse", n: int = 8, device: str = "auto") -> dict:
+    """For the grid's best run by `score`, chosen on VALIDATION (its study-level val_roc_auc; the test set chooses
+    nothing): error heatmaps of abnormal test views (those with ground truth on the phantom), the boxes moved into
+    the preprocessed frame (not for hand crops), and their localisation scores over all such views."""
+    best = best_run(results, score)
+    net, cfg = load_anomaly_model(Path(best["run_dir"]) / "checkpoints" / "best.pt", device)
+    data = prepare_anomaly_data(cfg, progress=False)
+    images = data["images"]
+    abnormal = images[(images["subset"] == "test") & (images["label"] == 1)]
+    findings = phantom_boxes(data["root"])
+    boxes = transform_boxes(findings, data["cache"]) if findings is not None and "view_cache" not in data else None
+    if boxes is not None:
+        abnormal = abnormal[abnormal["image_path"].isin(boxes["image_file"])]
+    heatmaps = anomaly_heatmaps(net, data["cache"], list(abnormal["image_path"]), device, cfg=cfg) \
+        if len(abnormal) else []
+    localisation = heatmap_localisation(heatmaps, boxes) if boxes is not None and heatmaps else None
+    return {"best": best, "heatmaps": heatmaps[:n], "boxes": boxes, "localisation": localisation}
+
+
+# ---------------------------------------------------------------- anomaly detection: plots
+
+def plot_mask_iou(table: pd.DataFrame, worst: int = 6, good: float = 0.85):
+    """The mask IoU's distribution (by polarity) and the worst views: each cropped view with its mask (red) and the
+    true one (green; both: yellow) in the preprocessed square."""
+    fig = plt.figure(figsize=(3 * max(worst, 4), 6.2))
+    grid = fig.add_gridspec(2, max(worst, 4))
+    ax = fig.add_subplot(grid[0, :])
+    sns.histplot(table, x="iou", hue="polarity", bins=np.linspace(0, 1, 41), multiple="stack", ax=ax)
+    ax.axvline(good, color="k", ls="--", lw=1)
+    ax.set_title(f"Hand mask IoU with the phantom's truth ({table['variant'].iloc[0]}, {table['size'].iloc[0]} px): "
+                 f"{np.mean(table['iou'] >= good):.1%} of {len(table)} views >= {good}")
+    cfg = preprocess_variants(int(table["size"].iloc[0]), [table["variant"].iloc[0]])[table["variant"].iloc[0]]
+    for k, row in enumerate(table.nsmallest(worst, "iou").itertuples()):
+        out = preprocess_view(row.image_file, cfg)
+        truth, _ = _truth_in_square(phantom_hand_mask(row.mask_file), out["affine"], cfg.size)
+        view = preprocess_view(row.image_file, PreprocessConfig(cfg.crop, False, None, cfg.size))["image"] / 255
+        overlay = np.stack([np.maximum(view * 0.6, out["mask"]), np.maximum(view * 0.6, truth * 0.8), view * 0.6], -1)
+        axis = fig.add_subplot(grid[1, k])
+        axis.imshow(overlay)
+        axis.set_title(f"IoU {row.iou:.2f}: {row.view_type}, {row.polarity}\n{row.n_hands} hand(s)"
+                       f"{', low contrast' if row.low_contrast else ''}", fontsize=8)
+        axis.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_anomaly_table(table: pd.DataFrame, title: str = "Study-level ROC-AUC (rows: model and score)",
+                       labels: pd.DataFrame | None = None):
+    """Heatmap of ROC-AUCs: rows model x score, columns preprocessing variants (their Figure 11 layout); `labels`
+    (same shape, text) annotates the cells instead of the values, e.g. anomaly_results_table(..., "roc_auc_ci")."""
+    fig, ax = plt.subplots(figsize=((2.4 if labels is not None else 1.6) * table.shape[1] + 3,
+                                    0.45 * table.shape[0] + 1.5))
+    annot = True if labels is None else labels.loc[table.index, table.columns].to_numpy()
+    sns.heatmap(table.astype(float), annot=annot, fmt=".3f" if labels is None else "", cmap="RdYlGn", vmin=0.3,
+                vmax=0.9, center=0.5, ax=ax, cbar_kws={"label": "ROC-AUC"}, annot_kws={"fontsize": 8})
+    ax.set(title=title, xlabel="preprocessing", ylabel="")
+    fig.tight_layout()
+    return fig
+
+
+def plot_gan_samples(results: pd.DataFrame, n: int = 6, device: str = "auto", seed: int = 0):
+    """A row per GAN run of the grid: views its generator draws from random codes (has it learned hands?); None
+    when the grid holds no GAN."""
+    runs = results[results["model"].isin([ANOMALY_MODEL_NAMES[m] for m in GAN_MODELS])].drop_duplicates("run_dir")
+    if runs.empty:
+        return None
+    fig, axes = plt.subplots(len(runs), n, figsize=(1.6 * n, 1.8 * len(runs)), squeeze=False)
+    for row, run in zip(axes, runs.itertuples()):
+        net, cfg = load_anomaly_model(Path(run.run_dir) / "checkpoints" / "best.pt", device)
+        z = torch.randn(n, cfg.gan_latent, generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            drawn = net.generator(z.to(next(net.parameters()).device))[:, 0].float().cpu().numpy()
+        for ax, image in zip(row, drawn):
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+            ax.axis("off")
+        row[0].set_title(f"{run.model} on {run.variant}: G(z)", fontsize=9, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_figure12(results: pd.DataFrame, n: int = 4, device: str = "auto", seed: int = 0):
+    """Their Figure 12 for this grid: per run with a reconstruction (the autoencoders, BiGAN and alpha-GAN) typical
+    test inputs (normal and abnormal alternating), their reconstructions and masked error maps; per GAN, views its
+    generator draws from random codes. The grid's first seed and variant."""
+    runs = results[(results["model"] != REFERENCE_MODEL) & (results["seed"] == results["seed"].iloc[0])
+                   & (results["variant"] == results["variant"].iloc[0])].drop_duplicates("run_dir")
+    panels = []  # (title, images, cmap)
+    for run in runs.itertuples():
+        net, cfg = load_anomaly_model(Path(run.run_dir) / "checkpoints" / "best.pt", device)
+        dev = next(net.parameters()).device
+        label = f"{run.model} ({cfg.recipe}, {run.variant})"
+        if run.model in [ANOMALY_MODEL_NAMES[m] for m in GAN_MODELS]:
+            z = torch.randn(n, cfg.gan_latent, generator=torch.Generator().manual_seed(seed))
+            with torch.inference_mode():
+                panels.append((f"{label}: samples G(z)", net.generator(z.to(dev))[:, 0].float().cpu().numpy(), "gray"))
+        if run.model == ANOMALY_MODEL_NAMES["dcgan"]:
+            continue
+        data = prepare_anomaly_data(cfg, progress=False)
+        test = data["images"][data["images"]["subset"] == "test"].drop_duplicates("image_path")
+        picks = pd.concat([test[test["label"] == k].sample(min(n - n // 2 if k == 0 else n // 2, (test["label"] == k)
+                                                                 .sum()), random_state=seed) for k in (0, 1)])
+        rows = picks["cache_row"].to_numpy() if "cache_row" in picks else data["cache"].rows(picks["image_path"])
+        x, m = anomaly_inputs(torch.from_numpy(data["cache"].images[rows][:, None]),
+                              torch.from_numpy(data["cache"].masks[rows][:, None]), dev, cfg)
+        with torch.inference_mode():
+            recon = net.eval()(x)["recon"].float()
+        error = ((x - recon) ** 2 * m)[:, 0].cpu().numpy()
+        kinds = ["normal" if k == 0 else "abnormal" for k in picks["label"]]
+        panels += [(f"{label}: inputs ({', '.join(kinds)})", x[:, 0].cpu().numpy(), "gray"),
+                   (f"{label}: reconstructions", recon[:, 0].cpu().numpy(), "gray"),
+                   (f"{label}: squared error in the mask", error, "inferno")]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), n, figsize=(1.9 * n, 2.1 * len(panels)), squeeze=False,
+                             layout="constrained")
+    for row, (title, images, cmap) in zip(axes, panels):
+        for ax in row:
+            ax.axis("off")
+        for ax, image in zip(row, images):
+            ax.imshow(image, cmap=cmap, **({"vmin": 0, "vmax": 1} if cmap == "gray" else {}))
+        row[0].set_title(title, fontsize=8, loc="left")
+    fig.suptitle("Inputs, reconstructions and error maps of each model; samples of each GAN (their Figure 12)")
+    return fig
+
+
+def plot_preprocessing(image_paths: Sequence[str], size: int = 256, variants: Sequence[str] = ("raw", "crop",
+                       "full", "full+HE")):
+    """Each view through the pipeline's variants side by side, with the hand mask."""
+    configs = preprocess_variants(size, variants)
+    fig, axes = plt.subplots(len(image_paths), len(configs) + 1, figsize=(2.4 * (len(configs) + 1),
+                                                                          2.5 * len(image_paths)), squeeze=False)
+    for row, path in zip(axes, image_paths):
+        masked = None
+        for ax, (name, cfg) in zip(row, configs.items()):
+            out = preprocess_view(path, cfg)
+            masked = out if cfg.segment else masked
+            ax.imshow(out["image"], cmap="gray", vmin=0, vmax=255)
+            ax.set_title(name + (" (no plate found)" if cfg.crop and not out["carrier_found"] else ""), fontsize=8)
+        masked = masked or preprocess_view(path, PreprocessConfig(size=size))
+        row[-1].imshow(masked["mask"], cmap="gray")
+        row[-1].set_title("hand mask" + (" (view was inverted)" if masked["inverted"] else ""), fontsize=8)
+        for ax in row:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- phantom: a synthetic MURA, with its truth
 
 PHANTOM_FINDINGS_CSV = "phantom_findings.csv"
 PHANTOM_TRUTH_CSV = "phantom_truth.csv"  # one row per view: pose, hands, polarity, plate, field, hand-mask file
@@ -1012,14 +5495,6 @@ def ensure_phantom(root: str | os.PathLike = "data/phantom", **kwargs) -> Path:
     return make_phantom_mura(root, **kwargs)  # removes an older or unfinished phantom of ours first
 
 
-def _write_json_atomic(obj, path: Path) -> None:
-    """Write JSON through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def _phantom_manifest(mura: Path) -> dict | None:
     """The phantom manifest in `mura` when this code wrote it (marked, or a version-1/2 manifest); else None."""
     path = mura / PHANTOM_MANIFEST
@@ -1070,69 +5545,6 @@ def _remove_own_phantom(mura: Path) -> None:
             f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); nothing was deleted. Move them out "
             f"(or the phantom folder away) and run again to remake the phantom.")
     shutil.rmtree(mura)
-
-
-KAGGLE_PREFIX = "kaggle:"  # data_dir="kaggle:OWNER/DATASET" downloads through kagglehub
-KAGGLE_HELP = (
-    "On Kaggle: attach the dataset to the notebook (Add Input), and kagglehub reads it from /kaggle/input without a "
-    "download. In Colab: add the secrets KAGGLE_USERNAME and KAGGLE_KEY (the key icon in the left bar; the values are "
-    "in the kaggle.json of kaggle.com > Settings > API > Create New Token) and give this notebook access to them. "
-    "Elsewhere: set the environment variables KAGGLE_USERNAME and KAGGLE_KEY, or put kaggle.json in ~/.kaggle/."
-)
-
-
-def _kaggle_credentials_from_colab() -> None:
-    """In Colab, copy the KAGGLE_USERNAME/KAGGLE_KEY secrets into the environment (where kagglehub looks)."""
-    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
-        return
-    try:
-        from google.colab import userdata
-    except ImportError:  # not in Colab
-        return
-    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY"):
-        try:
-            value = userdata.get(name)
-        except Exception:  # secret missing, or this notebook not granted access to it
-            value = None
-        if value:
-            os.environ[name] = value
-
-
-def download_kaggle_dataset(handle: str) -> Path:
-    """Download a Kaggle dataset ('OWNER/DATASET') through kagglehub (cached; read in place when attached on Kaggle)
-    and return its local folder."""
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+(/versions/\d+)?", handle):
-        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: not a Kaggle dataset handle; write it as "
-                            f"'{KAGGLE_PREFIX}OWNER/DATASET', e.g. '{KAGGLE_PREFIX}bogomililiev2308/mura-hand-xray'")
-    try:
-        import kagglehub
-    except ImportError as e:
-        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: needs the kagglehub package (preinstalled in Colab and on "
-                            f"Kaggle; elsewhere: pip install kagglehub)") from e
-    _kaggle_credentials_from_colab()
-    try:
-        return Path(kagglehub.dataset_download(handle))
-    except Exception as e:  # no credentials, no network, no such dataset, terms not accepted
-        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: the download failed ({type(e).__name__}: {e}). "
-                            f"{KAGGLE_HELP}") from e
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None, phantom_root: str | os.PathLike = "data/phantom",
-                     **phantom_kwargs) -> Path:
-    """Return the MURA root to use: `data_dir` when given (a folder, or 'kaggle:OWNER/DATASET'; an empty one is an
-    error), else the embedded phantom (made if needed)."""
-    if data_dir is not None and str(data_dir).startswith(KAGGLE_PREFIX):
-        return find_mura_root(download_kaggle_dataset(str(data_dir)[len(KAGGLE_PREFIX):]))
-    if data_dir is not None:
-        return find_mura_root(data_dir)
-    return ensure_phantom(phantom_root, **phantom_kwargs)
-
-
-def config_data_root(cfg, data_dir: str | os.PathLike | None = None) -> Path:
-    """The MURA root a TrainConfig or AnomalyConfig reads: `data_dir`, else its own, else its phantom (made if
-    needed)."""
-    return resolve_data_dir(cfg.data_dir if data_dir is None else data_dir, cfg.phantom_dir,
-                            n_patients=cfg.phantom_patients, image_size=cfg.phantom_image_size, seed=cfg.phantom_seed)
 
 
 def load_phantom_findings(data_dir: str | os.PathLike) -> pd.DataFrame:
@@ -1186,4403 +5598,6 @@ def phantom_boxes(data_dir: str | os.PathLike) -> pd.DataFrame | None:
     """The phantom's ground truth when the dataset is a phantom; None for real MURA (which has no boxes)."""
     root = find_mura_root(data_dir)
     return load_phantom_findings(root) if (root / PHANTOM_FINDINGS_CSV).is_file() else None
-
-
-# ---------------------------------------------------------------- images & cache: decode and resize once, uint8 on disk
-
-def _files_stamp(paths: Sequence[str], *settings) -> str:
-    """A key for a cache: the settings and every file's path, size, modification time and content (sha256 of its
-    bytes: a file changed with the same size and time gets a new key; ~0.3 s for the default phantom's 876 views)."""
-    stamp = hashlib.sha1(json.dumps([CACHE_VERSION, *settings]).encode())
-    for p in paths:
-        st = Path(p).stat()
-        content = hashlib.sha256(Path(p).read_bytes()).hexdigest()
-        stamp.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{content}\n".encode())
-    return stamp.hexdigest()[:16]
-
-
-def _run_tasks(func, tasks: list, desc: str, progress: bool = True, workers: int | None = None,
-               sizes: Sequence[int] | None = None) -> list:
-    """Run func over tasks in a process pool (inline for one worker or one task), with a progress bar of items."""
-    sizes = sizes or [1] * len(tasks)
-    workers = workers or min(os.cpu_count() or 1, 8)
-    results = []
-    with tqdm(total=sum(sizes), desc=desc, disable=not progress) as bar:
-        if workers > 1 and len(tasks) > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                for result, n in zip(pool.map(func, tasks), sizes):
-                    results.append(result)
-                    bar.update(n)
-        else:
-            for task, n in zip(tasks, sizes):
-                results.append(func(task))
-                bar.update(n)
-    return results
-
-
-CACHE_VERSION = 1
-RESIZE_MODES = ("squash", "pad")
-
-
-def resize_view(image: Image.Image, size: int, mode: str = "squash") -> Image.Image:
-    """Resize a grey view to size x size: stretched ('squash', as the report and paper) or letterboxed ('pad')."""
-    if mode == "squash":
-        return image.resize((size, size), Image.Resampling.BILINEAR)
-    if mode != "pad":
-        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
-    scale = size / max(image.size)
-    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-    canvas = Image.new("L", (size, size), 0)
-    canvas.paste(image.resize((w, h), Image.Resampling.BILINEAR), ((size - w) // 2, (size - h) // 2))
-    return canvas
-
-
-@dataclass
-class ImageCache:
-    """Views decoded and resized once into a memory-mapped uint8 array (N, size, size) on disk."""
-    path: Path
-    image_paths: list[str]
-    size: int
-    resize: str
-
-    def __post_init__(self):
-        self.row_of = {p: i for i, p in enumerate(self.image_paths)}
-        self._array = None
-
-    @property
-    def array(self) -> np.ndarray:
-        """The memory-mapped array, opened on first use (also inside data-loader workers)."""
-        if self._array is None:
-            self._array = np.load(self.path, mmap_mode="r")
-        return self._array
-
-    def rows(self, paths: Sequence[str]) -> np.ndarray:
-        """Row numbers of the given image paths."""
-        return np.array([self.row_of[p] for p in paths], dtype=np.int64)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_array": None}  # workers re-open the memory map
-
-
-def _cache_chunk(task: tuple) -> int:
-    """Decode, convert and resize a chunk of views into the cache file (runs in a worker process)."""
-    npy, start, paths, size, resize = task
-    out = np.load(npy, mmap_mode="r+")
-    for i, p in enumerate(paths):
-        out[start + i] = np.asarray(resize_view(load_image(p), size, resize))
-    out.flush()
-    return len(paths)
-
-
-def _remove_dead_cache_builds(cache_dir: str | os.PathLike, min_age_s: float = 600) -> None:
-    """Remove what a killed cache build left (views_*.tmpPID.npy, .anomaly_*.tmpPID/): its process is gone from this
-    machine and it was not written to for `min_age_s` (a build on another machine sharing the folder goes on)."""
-    folder = Path(cache_dir)
-    for tmp in folder.glob("*.tmp*") if folder.is_dir() else ():
-        m = re.fullmatch(r"(views_.+\.tmp(\d+)\.npy|\.anomaly_.+\.tmp(\d+))", tmp.name)
-        if not m or _pid_alive(int(m.group(2) or m.group(3))) or time.time() - tmp.stat().st_mtime < min_age_s:
-            continue
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        warnings.warn(f"removed {tmp}, left by an interrupted cache build", stacklevel=3)
-
-
-def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: str | os.PathLike = "data/cache",
-                      resize: str = "squash", workers: int | None = None, progress: bool = True) -> ImageCache:
-    """Return the cache of these views at this size, building it once (keyed by paths, file stamps, size, mode)."""
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    paths = [str(p) for p in image_paths]
-    _remove_dead_cache_builds(cache_dir)
-    npy = Path(cache_dir) / f"views_{size}px_{resize}_{_files_stamp(paths, size, resize)}.npy"
-    cache = ImageCache(npy, paths, size, resize)
-    if npy.is_file():
-        return cache
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    tmp = npy.with_suffix(f".tmp{os.getpid()}.npy")
-    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size)).flush()
-    tasks = [(str(tmp), i, paths[i:i + 64], size, resize) for i in range(0, len(paths), 64)]
-    try:
-        _run_tasks(_cache_chunk, tasks, f"caching views at {size}px", progress, workers, [len(t[2]) for t in tasks])
-    except BaseException:  # an undecodable image (named in the error) or an interrupt: leave no partial file
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, npy)  # complete caches only ever appear under their final name
-    return cache
-
-
-class CachedViewBatches:
-    """A dataset whose items are whole batches: view indices -> (uint8 views, labels, indices, study of each view).
-
-    The study ids are renumbered 0..k-1 within the batch, so the device never has to find them (no sync).
-    """
-
-    def __init__(self, cache: ImageCache, rows: np.ndarray, labels: np.ndarray, studies: np.ndarray):
-        self.cache, self.rows = cache, np.asarray(rows)
-        self.labels, self.studies = np.asarray(labels, dtype=np.float32), np.asarray(studies)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, batch: list[int]):
-        import torch
-
-        batch = np.asarray(batch)
-        order = np.argsort(self.rows[batch])  # read the memory map in file order
-        views = np.empty((len(batch), 1, self.cache.size, self.cache.size), np.uint8)
-        views[order, 0] = self.cache.array[self.rows[batch][order]]
-        study_in_batch = np.unique(self.studies[batch], return_inverse=True)[1].reshape(-1)
-        return (torch.from_numpy(views), torch.from_numpy(self.labels[batch]), torch.from_numpy(batch),
-                torch.from_numpy(study_in_batch))
-
-
-class EpochBatches:
-    """Batch sampler whose batches are set per epoch (seeded shuffles), so persistent workers can be reused."""
-    def __init__(self):
-        self.batches: list[list[int]] = []
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
-def epoch_batches(n: int, batch_size: int, shuffle: bool, seed: int, epoch: int,
-                  groups: Sequence[np.ndarray] | None = None, rank: int = 0, world_size: int = 1) -> list[list[int]]:
-    """Split n views (or whole groups of views, e.g. studies) into batches, shuffled by (seed, epoch).
-
-    With world_size processes, every process draws the same order; each global batch of batch_size x world_size
-    items is split into world_size near-equal parts and process `rank` gets part `rank`, so every view is in one
-    process's batch exactly once an epoch and every process takes as many steps. In a shuffled (training) epoch a
-    last batch with a part of one view joins the batch before it (batch norm needs two values a channel); in an
-    unshuffled one a part may be empty.
-    """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    units = [[i] for i in range(n)] if groups is None else [[int(v) for v in g] for g in groups]
-    order = torch.randperm(len(units), generator=generator).tolist() if shuffle else list(range(len(units)))
-    step = batch_size * world_size
-    chunks = [order[i:i + step] for i in range(0, len(order), step)]
-
-    def parts(chunk: list[int]) -> list[list[int]]:
-        return [[v for u in part for v in units[u]] for part in np.array_split(np.asarray(chunk, int), world_size)]
-
-    if shuffle and len(chunks) > 1 and min(len(p) for p in parts(chunks[-1])) < 2:
-        last = chunks.pop()
-        chunks[-1] = chunks[-1] + last
-    return [parts(chunk)[rank] for chunk in chunks]
-
-
-# ---------------------------------------------------------------- augmentation: on the device, per sample, batched
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def gpu_augment(views, generator=None, rotation_degrees: float = 0.0, hflip: bool = False,
-                scale_range: tuple[float, float] = (1.0, 1.0), vflip: bool = False, p: float = 1.0):
-    """Flip, rotate (and zoom) each image of a float batch (B, C, H, W) by its own random draw, in one grid_sample;
-    `p`: the probability that a view is rotated, and (separately) zoomed."""
-    if not hflip and not vflip and not rotation_degrees and scale_range[0] == scale_range[1] == 1.0:
-        return views
-    b = views.shape[0]
-
-    def draw():
-        return torch.rand(b, generator=generator, device=views.device)
-    angle = (draw() * 2 - 1) * math.radians(rotation_degrees)
-    if p < 1:
-        angle = torch.where(draw() < p, angle, 0.0)
-    flip = torch.where(draw() < 0.5, -1.0, 1.0) if hflip else torch.ones(b, device=views.device)
-    flip_v = torch.where(draw() < 0.5, -1.0, 1.0) if vflip else torch.ones(b, device=views.device)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    if tuple(scale_range) != (1.0, 1.0):  # equal ends: a fixed zoom
-        zoom = scale_range[0] + (scale_range[1] - scale_range[0]) * draw()
-        if p < 1:
-            zoom = torch.where(draw() < p, zoom, 1.0)
-        cos, sin = cos / zoom, sin / zoom
-    zero = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos * flip, -sin * flip_v, zero], 1),
-                         torch.stack([sin * flip, cos * flip_v, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(views.dtype), list(views.shape), align_corners=False)
-    return F.grid_sample(views, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-@functools.cache
-def _imagenet_stats(device: str):
-    """ImageNet mean and std as (1, 3, 1, 1) tensors on `device`, made once (no copy per step)."""
-    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
-            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
-
-
-def prepare_batch(views_uint8, device, train: bool, generator=None, rotation_degrees: float = 10.0,
-                  hflip: bool = True, channels_last: bool = True):
-    """uint8 (B, 1, H, W) -> augmented, ImageNet-normalised float (B, 3, H, W) on `device`, grey replicated."""
-    x = views_uint8.to(device, non_blocking=True).float().div_(255)
-    if train:
-        x = gpu_augment(x, generator, rotation_degrees, hflip)
-    mean, std = _imagenet_stats(str(device))
-    x = (x - mean) / std  # broadcasting replicates the grey channel to three
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-# ---------------------------------------------------------------- model & loss
-
-def build_model(pretrained: bool = True, arch: str = "densenet169"):
-    """torchvision DenseNet (169 by default) with its classifier replaced by one abnormality logit."""
-    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1 if pretrained else None
-    try:
-        model = torchvision.models.get_model(arch, weights=weights)
-    except Exception as e:  # no network, a proxy, a corrupt download
-        hub = Path(torch.hub.get_dir()) / "checkpoints"
-        raise RuntimeError(
-            f"could not load the ImageNet weights of {arch} ({type(e).__name__}: {e}). Either train from scratch "
-            f"with pretrained=False, or download {weights.url} and put the file in {hub} "
-            f"(set TORCH_HOME to choose another folder)."
-        ) from e
-    model.classifier = torch.nn.Linear(model.classifier.in_features, 1)
-    return model
-
-
-def class_weights(labels) -> tuple[float, float]:
-    """The MURA paper's loss weights (w0, w1) = (|A|, |N|) / (|A| + |N|) from the training views' labels."""
-    labels = np.asarray(labels)
-    n_abnormal, n_normal = int((labels == 1).sum()), int((labels == 0).sum())
-    if n_abnormal == 0 or n_normal == 0:
-        raise MuraDataError(f"the training set needs both classes for the weighted loss: {n_abnormal} abnormal, "
-                            f"{n_normal} normal views")
-    total = n_abnormal + n_normal
-    return n_abnormal / total, n_normal / total
-
-
-def class_weights_by_type(images: pd.DataFrame) -> pd.DataFrame:
-    """The paper's weights per study type T, (w_T0, w_T1) = (|A_T|, |N_T|) / (|A_T| + |N_T|), from that type's
-    training views; one row per body part (with one body part, the same as class_weights)."""
-    rows = []
-    for part, labels in images.groupby("body_part", sort=True)["label"]:
-        try:
-            w0, w1 = class_weights(labels)
-        except MuraDataError as e:
-            raise MuraDataError(f"{part}: {e}") from e
-        rows.append({"body_part": part, "w0": w0, "w1": w1, "abnormal_views": int((labels == 1).sum()),
-                     "normal_views": int((labels == 0).sum())})
-    return pd.DataFrame(rows).set_index("body_part")
-
-
-def view_loss_weights(images: pd.DataFrame, table: pd.DataFrame) -> torch.Tensor:
-    """Each view's (w0, w1), from its study type's row of `table` (class_weights_by_type): a float tensor (n, 2)."""
-    unknown = sorted(set(images["body_part"]) - set(table.index))
-    if unknown:
-        raise MuraDataError(f"no training views of {unknown}, so no loss weights for them: train on those study "
-                            f"types too, or leave them out of body_part")
-    return torch.tensor(table.loc[images["body_part"], ["w0", "w1"]].to_numpy(), dtype=torch.float32)
-
-
-def _batch_weights(weights, index: torch.Tensor):
-    """A batch's (w0, w1): the pair itself, or each view's row of a per-view (n, 2) table (view_loss_weights)."""
-    if isinstance(weights, torch.Tensor):
-        rows = weights[index.to(weights.device, non_blocking=True)]
-        return rows[:, 0], rows[:, 1]
-    return weights
-
-
-def weighted_bce_with_logits(logits, targets, w0, w1):
-    """Mean of -w1*y*log(p) - w0*(1-y)*log(1-p) with p = sigmoid(logits), computed stably from logits; w0 and w1
-    are numbers or each view's weights."""
-    weight = w1 * targets + w0 * (1 - targets)
-    return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), weight=weight)
-
-
-def study_log_probs(logits, study: torch.Tensor, n_studies: int):
-    """Per study (ids 0..n-1), log of the mean view probability and of its complement, stably from view logits."""
-    logits = logits.float()
-    counts = torch.zeros(n_studies, device=logits.device).index_add_(0, study, torch.ones_like(logits))
-    out = []
-    for sign in (1.0, -1.0):
-        lp = F.logsigmoid(sign * logits)
-        peak = torch.full((n_studies,), -math.inf, device=logits.device).scatter_reduce(0, study, lp, "amax")
-        sums = torch.zeros(n_studies, device=logits.device).index_add_(0, study, (lp - peak[study]).exp())
-        out.append(peak + sums.log() - counts.log())
-    return out[0], out[1]
-
-
-def study_weighted_bce(logits, targets, study: torch.Tensor, n_studies: int, w0, w1):
-    """The report's variant: weighted BCE on each study's mean view probability (one term per study); w0 and w1
-    are numbers, or each view's weights (a study takes its views')."""
-    log_p, log_q = study_log_probs(logits, study, n_studies)
-    def per_study(values):  # a study's label (or weight: one study type a study) from its views'
-        return torch.zeros(n_studies, device=logits.device).scatter_reduce(0, study, values.float(), "amax")
-    y = per_study(targets)
-    if isinstance(w0, torch.Tensor):  # per-view weights (several study types)
-        w0, w1 = per_study(w0), per_study(w1)
-    return -(w1 * y * log_p + w0 * (1 - y) * log_q).mean()
-
-
-# ---------------------------------------------------------------- training: config, one epoch, checkpoints, resume
-
-SELECT_METRICS = {f"{split}_{metric}": direction for split in ("tune", "valid")
-                  for metric, direction in (("loss", "min"), ("auroc", "max"), ("kappa", "max"), ("accuracy", "max"))}
-COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201")  # build_model replaces a DenseNet's classifier
-AMP_MODES = ("auto", "fp16", "bf16", "off")
-ON_BAD = ("raise", "skip")
-_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-
-
-class ConfigError(ValueError):
-    """A setting of the wrong type or out of range, named with its value and what is allowed."""
-
-
-def _bad_setting(owner: str, name: str, value, allowed: str):
-    """Raise the ConfigError naming the setting, its value and what is allowed."""
-    raise ConfigError(f"{owner}.{name} = {value!r}: must be {allowed}")
-
-
-def _bool_setting(owner: str, name: str, value) -> bool:
-    """A boolean setting; papermill's strings ('False', 'false', '0', 'true', ...) are read as what they say."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
-        return value.strip().lower() in _TRUE_WORDS
-    return _bad_setting(owner, name, value, "True or False (or the strings 'true'/'false', 'yes'/'no', '1'/'0')")
-
-
-def _number_setting(owner: str, name: str, value, kind: type, lo: float, hi: float, lo_open: bool = False,
-                    optional: bool = False):
-    """An int or float setting within [lo, hi] (or (lo, hi]); numeric strings (papermill's -r) are converted."""
-    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
-        return None
-    allowed = (f"{'an integer' if kind is int else 'a finite number'} in {'(' if lo_open else '['}{lo}, {hi}]"
-               + (" or None" if optional else ""))
-    number = value
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            _bad_setting(owner, name, value, allowed)
-    if isinstance(number, (bool, np.bool_)) or not isinstance(number, (int, float, np.integer, np.floating)):
-        _bad_setting(owner, name, value, allowed)
-    try:
-        as_float = float(number)
-    except OverflowError:
-        as_float = math.inf
-    if not math.isfinite(as_float) or (kind is int and not as_float.is_integer()):
-        _bad_setting(owner, name, value, allowed)
-    number = int(number) if kind is int else as_float
-    if number < lo or (lo_open and number == lo) or number > hi:
-        _bad_setting(owner, name, value, allowed)
-    return number
-
-
-def _choice_setting(owner: str, name: str, value, allowed: Sequence):
-    """A setting that must be one of `allowed`."""
-    if isinstance(value, str) and value not in allowed and value.strip() in allowed:
-        value = value.strip()
-    if value not in allowed:
-        raise ConfigError(f"{owner}.{name} must be one of {tuple(allowed)}, got {value!r}")
-    return value
-
-
-def _path_setting(owner: str, name: str, value, optional: bool = False) -> str | None:
-    """A folder setting as a string; an empty string is refused (it would silently mean the current folder)."""
-    if optional and value is None:
-        return None
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if not isinstance(value, str) or not value.strip():
-        _bad_setting(owner, name, value, "a folder path" + (" or None (the embedded phantom)" if optional else "")
-                     + "; an empty string would mean the current folder")
-    return value
-
-
-def _names_setting(owner: str, name: str, value, allowed: Sequence[str]) -> tuple[str, ...]:
-    """A list of names; one name given as a string ('train', or 'train,valid') is read as a list of them."""
-    names = [n for n in re.split(r"[,\s]+", value) if n] if isinstance(value, str) else value
-    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
-        _bad_setting(owner, name, value, f"a non-empty list of names from {list(allowed)}")
-    unknown = [n for n in names if n not in allowed]
-    if unknown:
-        _bad_setting(owner, name, value, f"names from {list(allowed)} (unknown: {unknown})")
-    return tuple(names)
-
-
-def _body_part_setting(owner: str, value):
-    """body_part: one of BODY_PARTS, a list of them, 'all' or None."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
-        return value
-    if isinstance(value, str):
-        return _choice_setting(owner, "body_part", value.strip(), (*BODY_PARTS, "all"))
-    return _names_setting(owner, "body_part", value, BODY_PARTS)
-
-
-def _device_setting(owner: str, value) -> str:
-    """device: 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'."""
-    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value.strip()):
-        _bad_setting(owner, "device", value, "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
-    return value.strip()
-
-
-def _range_pair_setting(owner: str, name: str, value, lo: float, hi: float) -> tuple[float, float]:
-    """A (low, high) pair of numbers within [lo, hi], low <= high."""
-    if isinstance(value, str):
-        value = [v for v in re.split(r"[,\s()\[\]]+", value) if v]
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        _bad_setting(owner, name, value, f"two numbers (low, high) in [{lo:g}, {hi:g}]")
-    pair = tuple(_number_setting(owner, name, v, float, lo, hi) for v in value)
-    if pair[0] > pair[1]:
-        _bad_setting(owner, name, value, "(low, high) with low <= high")
-    return pair
-
-
-def _validate_common(cfg, owner: str, integers: dict[str, tuple[int, int]], floats: dict[str, tuple]) -> None:
-    """Check and convert the settings TrainConfig and AnomalyConfig share, then the given ranges."""
-    cfg.data_dir = _path_setting(owner, "data_dir", cfg.data_dir, optional=True)
-    for name in ("output_dir", "cache_dir", "phantom_dir"):
-        setattr(cfg, name, _path_setting(owner, name, getattr(cfg, name)))
-    cfg.body_part = _body_part_setting(owner, cfg.body_part)
-    common = {"phantom_patients": (2, 1_000_000), "phantom_image_size": (64, 8192), "phantom_seed": (0, 2**32 - 1),
-              "num_workers": (0, 1024), "seed": (0, 2**32 - 1)}
-    for name, (lo, hi) in {**common, **integers}.items():
-        setattr(cfg, name, _number_setting(owner, name, getattr(cfg, name), int, lo, hi))
-    for name, (lo, hi, lo_open) in floats.items():
-        setattr(cfg, name, _number_setting(owner, name, getattr(cfg, name), float, lo, hi, lo_open))
-    cfg.max_steps_per_epoch = _number_setting(owner, "max_steps_per_epoch", cfg.max_steps_per_epoch, int, 1, 2**40,
-                                              optional=True)
-    for name in ("hflip", "resume"):
-        setattr(cfg, name, _bool_setting(owner, name, getattr(cfg, name)))
-    cfg.amp = _choice_setting(owner, "amp", cfg.amp, AMP_MODES)
-    cfg.on_bad = _choice_setting(owner, "on_bad", cfg.on_bad, ON_BAD)
-    cfg.device = _device_setting(owner, cfg.device)
-
-
-def _validate_train_config(cfg) -> None:
-    """Every TrainConfig setting checked (types, ranges, names) before any data is read."""
-    owner = "TrainConfig"
-    _validate_common(cfg, owner, {
-        "image_size": (32, 4096),  # a DenseNet halves the input five times: 32 px leaves one feature pixel
-        "batch_size": (2, 1_000_000),  # batch norm needs two values a channel in training
-        "valid_batch_size": (1, 1_000_000), "epochs": (1, 1_000_000), "plateau_patience": (0, 1_000_000),
-        "keep_top_k": (0, 1_000_000), "split_seed": (0, 2**32 - 1),
-    }, {"lr": (0.0, 1.0, True), "weight_decay": (0.0, 1.0, False), "plateau_factor": (0.0, 1.0, True),
-        "rotation_degrees": (0.0, 180.0, False), "tune_fraction": (0.0, 0.95, False)})
-    for name in ("pretrained", "channels_last", "sync_batchnorm"):
-        setattr(cfg, name, _bool_setting(owner, name, getattr(cfg, name)))
-    cfg.arch = _choice_setting(owner, "arch", cfg.arch, ARCHS)
-    if isinstance(cfg.betas, str):
-        cfg.betas = [v for v in re.split(r"[,\s()\[\]]+", cfg.betas) if v]
-    if not isinstance(cfg.betas, (list, tuple)) or len(cfg.betas) != 2:
-        _bad_setting(owner, "betas", cfg.betas, "two numbers in [0, 1), e.g. (0.9, 0.999)")
-    cfg.betas = tuple(_number_setting(owner, "betas", b, float, 0.0, 0.999999) for b in cfg.betas)
-    if isinstance(cfg.compile, str) and cfg.compile.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
-        cfg.compile = _bool_setting(owner, "compile", cfg.compile)
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a training run; the reference report's run is image_size=224, batch_size=8, epochs=5,
-    rotation_degrees=10, select_metric='tune_accuracy' (its 'valid_accuracy' with tune_fraction=0), loss_level='study'.
-
-    Selection (best.pt, the plateau schedule, the top-k ensemble, any threshold) reads the tuning split: a
-    patient-disjoint, label-stratified `tune_fraction` of the training patients; MURA's validation split is then
-    a held-out test. tune_fraction=0 selects on the validation split, as the MURA paper and the report did.
-    """
-
-    data_dir: str | None = None  # None: the embedded phantom
-    body_part: str = "XR_HAND"
-    output_dir: str = "outputs/run"
-    cache_dir: str = "data/cache"
-    phantom_dir: str = "data/phantom"  # where the phantom is made when data_dir is None ...
-    phantom_patients: int = 240  # ... with this many patients
-    phantom_image_size: int = 512
-    phantom_seed: int = 0  # the phantom's own seed (not the training seed: runs of several seeds share the data)
-    image_size: int = 224  # the report; the MURA paper used 320
-    resize: str = "squash"  # "squash" (report, paper) or "pad" (keeps the aspect ratio)
-    arch: str = "densenet169"
-    pretrained: bool = True  # ImageNet weights (the paper and the report)
-    batch_size: int = 32  # views per step (the report: 8); with loss_level="study": studies per step
-    valid_batch_size: int = 64
-    epochs: int = 5
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    plateau_factor: float = 0.1  # the learning rate is divided by 10 ...
-    plateau_patience: int = 1  # ... when the tuning loss has not improved for this many epochs
-    rotation_degrees: float = 10.0  # the report; the MURA paper used 30
-    hflip: bool = True
-    loss_level: str = "image"  # "image": per-view weighted BCE (the paper); "study": on the study mean (report)
-    select_metric: str = "tune_loss"  # best.pt is kept by this (the paper: validation loss); tune_* reads valid_*
-    # when tune_fraction=0, and valid_* is refused when there is a tuning split (it would select on the test set)
-    keep_top_k: int = 5  # also keep the weights of the k best epochs, for an ensemble (the paper averaged 5)
-    amp: str = "auto"  # "auto": fp16 + GradScaler on GPUs without fast bf16 (T4), bf16 on Ampere+; "off" on CPU
-    channels_last: bool = True
-    compile: bool | str = False  # torch.compile: True or a mode ("reduce-overhead": CUDA graphs, launch-bound GPUs)
-    num_workers: int = 2
-    device: str = "auto"
-    seed: int = 0
-    on_bad: str = "raise"  # "skip": leave bad files out, counted in a warning (mh.data_problems lists them)
-    resume: bool = True
-    max_steps_per_epoch: int | None = None  # for smoke tests
-    sync_batchnorm: bool = False  # several GPUs: batch norm over the global batch (off: each GPU's own, as the
-    # paper's single GPU saw batches of batch_size; on CPU processes always off)
-    tune_fraction: float = 0.1  # share of the training patients held out for selection; 0: select on validation
-    split_seed: int = 0  # the tuning split's seed (not the training seed: runs of several seeds share the split)
-
-    def __post_init__(self):
-        _validate_train_config(self)
-        checks = {"resize": (self.resize, RESIZE_MODES), "loss_level": (self.loss_level, ("image", "study")),
-                  "select_metric": (self.select_metric, tuple(SELECT_METRICS)),
-                  "amp": (self.amp, ("auto", "fp16", "bf16", "off"))}
-        for name, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"TrainConfig.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
-        if not 0 <= self.tune_fraction < 1:
-            raise ValueError(f"TrainConfig.tune_fraction must be in [0, 1), got {self.tune_fraction!r}")
-        if self.tune_fraction == 0:  # no tuning split: selection reads MURA's validation split (the old behaviour)
-            self.select_metric = self.select_metric.replace("tune_", "valid_", 1)
-        elif self.select_metric.startswith("valid_"):
-            raise ValueError(f"TrainConfig.select_metric={self.select_metric!r} would select on MURA's validation "
-                             f"split, the held-out test when tune_fraction > 0: use "
-                             f"{self.select_metric.replace('valid_', 'tune_', 1)!r}, or tune_fraction=0")
-
-    @property
-    def tuning_set(self) -> str:
-        """The history's prefix of the set that selects: 'tune', or 'valid' when tune_fraction is 0."""
-        return self.select_metric.split("_", 1)[0]
-
-
-# Presets: named sets of TrainConfig fields (train_preset), each field's source said where it is set.
-TRAIN_PRESETS = {
-    # the reference report's run (its section on training; pyaf/DenseNet-MURA-PyTorch)
-    "report": {"image_size": 224, "batch_size": 8, "epochs": 5, "rotation_degrees": 10.0, "loss_level": "study",
-               "select_metric": "tune_accuracy", "lr": 1e-4},  # the report chose on validation: tune_fraction=0
-    # the MURA paper (Rajpurkar et al. 2017): all seven study types with per-type loss weights, 320 px, flips and
-    # rotations up to 30 degrees, batch 8 (per GPU here), Adam 1e-4, the rate divided by 10 when the validation loss
-    # plateaus, the model of lowest validation loss (and an ensemble of the 5 best); here the tuning split stands in
-    # for its validation set (MURA's validation split is our test: its test set is hidden), tune_fraction=0 as it did
-    "mura_paper": {"body_part": "all", "image_size": 320, "rotation_degrees": 30.0, "hflip": True, "batch_size": 8,
-                   "lr": 1e-4, "betas": (0.9, 0.999), "plateau_factor": 0.1, "loss_level": "image",
-                   "select_metric": "tune_loss", "keep_top_k": 5, "pretrained": True},  # the paper: validation
-}
-
-
-def train_preset(name: str, **overrides) -> TrainConfig:
-    """A TrainConfig with a named preset's settings (TRAIN_PRESETS), any field overridden by keyword."""
-    if name not in TRAIN_PRESETS:
-        raise ValueError(f"unknown preset {name!r}: choose from {sorted(TRAIN_PRESETS)}")
-    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})
-
-
-def resolve_device(device: str = "auto"):
-    """The torch device to use: CUDA when available (or as asked), else CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return torch.device(device)
-
-
-def amp_dtype(amp: str, device):
-    """The autocast dtype for this device: fp16 (with a GradScaler) on T4-class GPUs, bf16 where fast; or None."""
-    if amp == "off" or device.type != "cuda":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's and torch's generators (CPU and CUDA); the suite's NumPy code takes explicit seeds."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """Where this process stands in a torch.distributed run (one process: rank 0 of 1)."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the one process that writes checkpoints, history and figures."""
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> tuple[Distributed, torch.device]:
-    """Join the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPU) and return
-    this process's place and device; without torchrun, one process on resolve_device(device)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed(), resolve_device(device)
-    ctx = Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    use_cuda = torch.cuda.is_available() and str(device).split(":")[0] in ("auto", "cuda")
-    if use_cuda:
-        torch.cuda.set_device(ctx.local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
-    return ctx, torch.device("cuda", ctx.local_rank) if use_cuda else torch.device("cpu")
-
-
-def _gather_result(result: dict, ctx: Distributed) -> dict:
-    """One epoch's results of every process joined on rank 0 (the loss averaged over all items); None elsewhere."""
-    if ctx.world_size == 1:
-        return result
-    parts = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object({k: result[k] for k in ("loss", "n", "probs", "index")}, parts, dst=0)
-    if not ctx.is_main:
-        return None
-    n = sum(p["n"] for p in parts)
-    return {"loss": sum(p["loss"] * p["n"] for p in parts) / max(n, 1), "n": n,
-            "probs": np.concatenate([p["probs"] for p in parts]), "index": np.concatenate([p["index"] for p in parts])}
-
-
-def _from_main(obj, ctx: Distributed):
-    """Rank 0's `obj` on every process (one process: `obj`)."""
-    if ctx.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-DIGEST_KEY = "sha256"  # a checkpoint's digest of its own content, checked on every load
-
-
-def _state_digest(obj) -> str:
-    """sha256 over a checkpoint's content: every tensor's dtype, shape and bytes, every other value's type and repr,
-    in order (independent of how torch.save lays the file out)."""
-    digest = hashlib.sha256()
-
-    def feed(x):
-        if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"T{t.dtype}{tuple(x.shape)};".encode())
-            digest.update(t.view(torch.uint8).numpy())
-        elif isinstance(x, dict):
-            digest.update(f"D{len(x)};".encode())
-            for key, value in x.items():
-                feed(key)
-                feed(value)
-        elif isinstance(x, (list, tuple)):
-            digest.update(f"L{len(x)};".encode())
-            for value in x:
-                feed(value)
-        else:
-            digest.update(f"{type(x).__name__}:{x!r};".encode())
-
-    feed(obj)
-    return digest.hexdigest()
-
-
-def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file, flushed to disk, then rename: a crash never leaves a half-written
-    checkpoint, and a failed write (a full disk) leaves no temporary file behind. A dict gets its sha256 digest
-    (DIGEST_KEY), which every load checks."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(obj, dict):
-        obj = {**{k: v for k, v in obj.items() if k != DIGEST_KEY}, DIGEST_KEY: _state_digest(
-            {k: v for k, v in obj.items() if k != DIGEST_KEY})}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"disk full while writing {path} (the partial file was removed; {path} "
-                                   f"keeps its previous content): free some space and run again to resume") from e
-        raise
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (empty, truncated, corrupt, not a checkpoint, of the other kind), named."""
-
-
-CHECKPOINT_KINDS = {"supervised": "a supervised (DenseNet) checkpoint: load it with load_checkpoint",
-                    "anomaly": "an anomaly-detection checkpoint: load it with load_anomaly_model"}
-
-
-def _checkpoint_kind(state: dict) -> str | None:
-    """'supervised' or 'anomaly' (stored, or told by the config of a checkpoint saved before it was stored)."""
-    config = state.get("config") if isinstance(state.get("config"), dict) else {}
-    return state.get("kind") or ("anomaly" if "variant" in config else "supervised" if "arch" in config else None)
-
-
-def _read_checkpoint(path: Path, kind: str | None) -> tuple[dict | None, str | None]:
-    """(state, None) for a verified checkpoint of this kind, else (None, what is wrong with the file)."""
-    if not path.is_file():
-        return None, "no such file"
-    if path.stat().st_size == 0:
-        return None, "an empty file (0 bytes): its write never finished"
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != b"PK\x03\x04":  # torch.save writes a zip archive
-        return None, f"not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with {head!r})"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never do that with such a file
-        return None, ("not a checkpoint of this suite: it holds Python objects that a safe load refuses "
-                      "(nothing in it was run)")
-    except Exception as e:  # a truncated or damaged archive
-        reason = str(e).split(". ")[0] if str(e) and "weights_only" not in str(e) else type(e).__name__
-        return None, f"truncated or damaged: not a readable PyTorch archive ({reason})"
-    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
-        return None, "not a checkpoint of this suite (a PyTorch file without its 'model' and 'config')"
-    saved = state.pop(DIGEST_KEY, None)
-    if saved is None:
-        warnings.warn(f"{path}: saved before checkpoints carried a digest, so it is loaded unverified", stacklevel=3)
-    elif saved != _state_digest(state):
-        return None, ("corrupt: its content does not match the sha256 digest stored when it was written (changed "
-                      "on disk: a bad copy, a sync conflict, a disk error, an edit)")
-    found = _checkpoint_kind(state)
-    if kind is not None and found != kind:
-        return None, f"{CHECKPOINT_KINDS.get(found, 'a checkpoint of an unknown kind')}, not {kind}"
-    return state, None
-
-
-def load_state(path: str | os.PathLike, kind: str | None = None) -> dict:
-    """A checkpoint's state, loaded with weights_only=True and checked against its sha256 digest and its kind
-    ('supervised' or 'anomaly'); else one CheckpointError naming the file, what is wrong, and a good checkpoint
-    beside it when there is one."""
-    path = Path(path)
-    state, problem = _read_checkpoint(path, kind)
-    if problem is None:
-        return state
-    if problem == "no such file":
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    raise CheckpointError(f"{path}: {problem}.{_good_checkpoint_beside(path, kind)}")
-
-
-def _good_checkpoint_beside(path: Path, kind: str | None) -> str:
-    """A sentence offering the newest other checkpoint in the same folder that verifies (or saying there is none)."""
-    others = sorted((p for p in path.parent.glob("*.pt") if p.name != path.name),
-                    key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
-    for other in others:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state, problem = _read_checkpoint(other, kind)
-        if problem is None:
-            resumable = "optimizer" in state
-            return (f" The newest good checkpoint beside it is {other} (epoch {state.get('epoch', -1) + 1}"
-                    + ("" if resumable else ", weights only") + "): use it instead"
-                    + (f", or copy it over {path} to resume from it." if resumable else "."))
-    return " No other checkpoint beside it verifies."
-
-
-def make_view_loader(cache: ImageCache, images: pd.DataFrame, batch_size: int, shuffle: bool = False, seed: int = 0,
-                     num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader of whole batches of cached views; set `loader.sampler.batches` to re-shuffle per epoch."""
-    dataset = CachedViewBatches(cache, cache.rows(images["image_path"]), images["label"].to_numpy(),
-                                pd.factorize(images["study_path"])[0])
-    sampler = EpochBatches()
-    sampler.batches = epoch_batches(len(images), batch_size, shuffle, seed, 0)
-    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
-                      generator=torch.Generator())  # its own: starting workers leaves the global generator alone
-
-
-def loader_throughput(loader, device, max_batches: int = 50, **augment) -> float:
-    """Views per second that `loader` delivers to `device`, augmented and normalised as for training."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    n, started = 0, time.perf_counter()
-    for step, (views, *_rest) in enumerate(loader):
-        if step >= max_batches:
-            break
-        prepare_batch(views, device, True, generator, **augment)
-        n += len(views)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return n / (time.perf_counter() - started)
-
-
-def amp_step(loss, optimizer, scaler) -> None:
-    """One optimiser step under mixed precision: scaled backward, unscale-and-skip on inf/NaN, scale update."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-
-
-def build_optimizer(params, lr: float, device, betas=(0.9, 0.999), weight_decay: float = 0.0):
-    """Adam; fused into a few kernels on CUDA (fewer launches a step than the default multi-tensor Adam)."""
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=device.type == "cuda")
-
-
-def compile_model(model, mode: bool | str):
-    """torch.compile the model (mode True or a torch.compile mode name); the model itself when mode is False."""
-    if mode is False:
-        return model
-    return torch.compile(model, mode=None if mode is True else mode)
-
-
-def train_one_epoch(model, loader, optimizer, scaler, device, weights, cfg: TrainConfig, epoch: int,
-                    progress: bool = True, rank: int = 0) -> dict:
-    """One pass over the training views (this process's share of them); returns the mean loss and every view's
-    probability. `weights`: (w0, w1), or each view's (view_loss_weights)."""
-    model.train()
-    dtype = amp_dtype(cfg.amp, device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * rank)
-    loss_sum = torch.zeros((), device=device)
-    n_seen, probs, indices = 0, [], []
-    steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1} train", leave=False, disable=not progress)
-    for step, (views, labels, index, study) in enumerate(loader):
-        if step >= steps:
-            break
-        torch.compiler.cudagraph_mark_step_begin()  # a new step for compile's CUDA graphs (a no-op otherwise)
-        x = prepare_batch(views, device, True, generator, cfg.rotation_degrees, cfg.hflip, cfg.channels_last)
-        y = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x).squeeze(1)
-        if cfg.loss_level == "study":
-            n_items = int(study.max()) + 1  # studies in the batch (a CPU tensor: no device sync)
-            loss = study_weighted_bce(logits, y, study.to(device, non_blocking=True), n_items,
-                                      *_batch_weights(weights, index))
-        else:
-            n_items = len(y)
-            loss = weighted_bce_with_logits(logits, y, *_batch_weights(weights, index))
-        amp_step(loss, optimizer, scaler)
-        loss_sum += loss.detach() * n_items  # the epoch's loss: a mean over its views (or studies)
-        n_seen += n_items
-        probs.append(torch.sigmoid(logits.detach().float()))
-        indices.append(index)
-        bar.update()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    bar.close()
-    return {"loss": float(loss_sum) / max(n_seen, 1), "n": n_seen, "probs": torch.cat(probs).cpu().numpy(),
-            "index": torch.cat(indices).numpy()}
-
-
-def evaluate_views(model, loader, device, weights, amp: str = "auto", channels_last: bool = True,
-                   desc: str = "valid", progress: bool = True) -> dict:
-    """Predict every view of `loader` without augmentation; returns the weighted loss and the view probabilities.
-    `weights`: (w0, w1), or each view's (view_loss_weights)."""
-    model.eval()
-    dtype = amp_dtype(amp, device)
-    loss_sum, n_seen, probs, indices = torch.zeros((), device=device), 0, [], []
-    with torch.inference_mode():
-        for views, labels, index, _ in tqdm(loader, desc=desc, leave=False, disable=not progress):
-            torch.compiler.cudagraph_mark_step_begin()
-            x = prepare_batch(views, device, False, channels_last=channels_last)
-            y = labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = model(x).squeeze(1)
-            loss_sum += weighted_bce_with_logits(logits, y, *_batch_weights(weights, index)) * len(y)
-            n_seen += len(y)
-            probs.append(torch.sigmoid(logits.float()))
-            indices.append(index)
-    if not probs:  # this process's share of a small set was empty
-        return {"loss": 0.0, "n": 0, "probs": np.zeros(0, np.float32), "index": np.zeros(0, np.int64)}
-    return {"loss": float(loss_sum) / max(n_seen, 1), "n": n_seen, "probs": torch.cat(probs).cpu().numpy(),
-            "index": torch.cat(indices).numpy()}
-
-
-def tuning_split(studies: pd.DataFrame, fraction: float = 0.1, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split MURA's training studies into (train, tune) by patient: `fraction` of the patients with an abnormal
-    study and of the normal-only patients (at least one of each, never all), drawn with `seed`."""
-    if fraction <= 0:
-        return studies, studies.iloc[:0]
-    if "split" in studies and set(studies["split"]) - {"train"}:
-        raise ValueError(f"the tuning split is drawn from MURA's train split only, got {sorted(set(studies['split']))}"
-                         f": the validation split stays the held-out test")
-    positive = studies.groupby("patient")["label"].max()
-    rng = np.random.default_rng(seed)
-    tune = []
-    for label, name in ((1, "with an abnormal study"), (0, "with normal studies only")):
-        patients = np.array(sorted(positive.index[positive == label]))
-        if len(patients) < 2:
-            raise MuraDataError(f"tune_fraction={fraction} needs at least 2 training patients {name} (one tunes, one "
-                                f"trains), found {len(patients)}: use tune_fraction=0 to select on validation")
-        n_tune = min(max(1, round(fraction * len(patients))), len(patients) - 1)
-        tune += list(rng.permutation(patients)[:n_tune])
-    held = studies["patient"].isin(tune)
-    return studies[~held], studies[held]
-
-
-def _prepare_run(cfg: TrainConfig, progress: bool = True, state: dict | None = None) -> dict:
-    """Load the studies (for a resume: the same data as its checkpoint `state`, else an error), build the view
-    cache and the per-view tables that training and evaluation use (run["tune"]: the tuning split's views, None
-    when tune_fraction is 0)."""
-    root = config_data_root(cfg)
-    run = {"root": root}
-    tables = []
-    for split in SPLITS:
-        studies = load_studies(root, split, cfg.body_part, on_bad=cfg.on_bad)
-        if studies.empty:
-            raise MuraDataError(f"{root}: no {cfg.body_part} studies in the {split} split")
-        run[split] = studies_to_images(studies)
-        tables.append(studies)
-        if split == "train":
-            train, tune = tuning_split(studies, cfg.tune_fraction, cfg.split_seed)
-    run["data"] = _data_record(root, pd.concat(tables, ignore_index=True))
-    _check_same_data(state, run["data"], Path(cfg.output_dir) / "checkpoints" / "last.pt")
-    all_paths = list(run["train"]["image_path"]) + list(run["valid"]["image_path"])
-    run["cache"] = build_image_cache(all_paths, cfg.image_size, cfg.cache_dir, cfg.resize, progress=progress)
-    run["train"], run["tune"] = studies_to_images(train), studies_to_images(tune) if len(tune) else None
-    return run
-
-
-def _epoch_metrics(prefix: str, images: pd.DataFrame, result: dict) -> dict:
-    """Study-level metrics of one epoch's view probabilities, with the loss, prefixed train_/tune_/valid_."""
-    views = images.iloc[result["index"]].assign(prob=result["probs"])
-    studies = views.groupby("study_path", sort=False).agg(label=("label", "first"), prob=("prob", "mean"))
-    metrics = study_metrics(studies["label"], studies["prob"])
-    return {f"{prefix}_loss": result["loss"], **{f"{prefix}_{k}": v for k, v in metrics.items()}}
-
-
-def _checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best, data: dict | None = None) -> dict:
-    """The resumable state: model, optimiser (or a dict of them), scheduler (or None), scaler, epoch, history, RNG
-    states, config, its kind and the data's fingerprint."""
-    return {
-        "kind": "anomaly" if isinstance(cfg, AnomalyConfig) else "supervised", "data": data,
-        "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
-        "optimizer": {k: o.state_dict() for k, o in optimizer.items()} if isinstance(optimizer, dict)
-        else optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-        "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "best": best, "config": _config_dict(cfg),
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }
-
-
-def _resumable_state(cfg, must_match: Sequence[str]) -> dict | None:
-    """The state in cfg.output_dir/checkpoints/last.pt to resume from (None: start afresh); refuses a run that was
-    saved with other settings."""
-    last_path = Path(cfg.output_dir) / "checkpoints" / "last.pt"
-    if not cfg.resume or not last_path.is_file():
-        return None
-    state = load_state(last_path, "anomaly" if isinstance(cfg, AnomalyConfig) else "supervised")
-    saved = {**LEGACY_CONFIG, **state["config"]}  # a run saved before a field existed did what LEGACY_CONFIG says
-    changed = {k: (saved[k], v) for k, v in _config_dict(cfg).items()  # a field newer than the run
-               if k in must_match and k in saved and saved[k] != v}  # had none to differ
-    if changed:
-        raise ValueError(f"{last_path}: holds a run with other settings {changed} (saved, now); use another "
-                         f"output_dir, or resume=False to start again")
-    return state
-
-
-def _restore(state: dict, model, optimizer, scheduler, scaler) -> tuple[list[dict], float | None, int]:
-    """Load a resumable state into the training objects; return (history, best score, first epoch to run)."""
-    model.load_state_dict(state["model"])
-    pairs = optimizer.items() if isinstance(optimizer, dict) else [(None, optimizer)]
-    for name, opt in pairs:
-        saved = state["optimizer"] if name is None else state["optimizer"][name]
-        # saved on another device: keep this device's (fused) Adam, set before loading, so that load_state_dict
-        # puts the step counts where that implementation wants them (fused: on the parameters' device)
-        flags = {k: opt.defaults[k] for k in ("fused", "foreach") if k in opt.defaults}
-        opt.load_state_dict({**saved, "param_groups": [{**g, **flags} for g in saved["param_groups"]]})
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if state["scaler"]:  # empty when saved without fp16 (CPU, bf16): this scaler starts afresh
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return list(state["history"]), state["best"], state["epoch"] + 1
-
-
-def _save_epoch(state: dict, improved: bool, out: Path) -> None:
-    """Write best.pt (when improved), last.pt and history.csv, each atomically."""
-    if improved:
-        save_atomic(state, out / "checkpoints" / "best.pt")
-    save_atomic(state, out / "checkpoints" / "last.pt")
-    _write_csv_atomic(pd.DataFrame(state["history"]), out / "history.csv")
-
-
-def _stored_config(config_class, state: dict, path: str | os.PathLike):
-    """The config a checkpoint was saved with, validated like a new one (an edited image_size is refused)."""
-    try:
-        legacy = LEGACY_CONFIG if config_class is TrainConfig else {}  # what a run saved before a field existed did
-        return config_class(**{**legacy, **state["config"]})
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: its stored settings are not valid ({e})") from None
-
-
-RUN_LOCK = "run.lock"
-LOCK_HEARTBEAT_S = 60  # a running run touches its lock this often ...
-LOCK_STALE_AFTER_S = 900  # ... so a lock from another machine untouched this long is a dead run's
-
-
-class RunLockedError(RuntimeError):
-    """Another training run holds the run folder's lock."""
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-def _lock_is_stale(path: Path, holder: dict | None) -> bool:
-    """A lock whose process is gone: dead on this machine, or (another machine's) not touched for a long time."""
-    age = time.time() - path.stat().st_mtime
-    if holder is None:  # unreadable: a process killed between creating and writing it
-        return age > 10
-    if holder.get("host") == socket.gethostname():
-        return holder.get("pid") != os.getpid() and not _pid_alive(int(holder.get("pid", -1)))
-    return age > LOCK_STALE_AFTER_S
-
-
-def _lock_heartbeat(path: Path, stop: threading.Event) -> None:
-    """Touch the lock every LOCK_HEARTBEAT_S seconds until `stop` is set (others see the run is alive)."""
-    while not stop.wait(LOCK_HEARTBEAT_S):
-        with contextlib.suppress(OSError):
-            os.utime(path)
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: str | os.PathLike):
-    """Hold run_dir/run.lock (pid, host, start time, command; created atomically) while a run writes there; a
-    second run raises RunLockedError naming the holder; a dead run's lock is taken over with a warning."""
-    path = Path(run_dir) / RUN_LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
-    for attempt in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
-                holder = None
-            if attempt == 0 and _lock_is_stale(path, holder):
-                warnings.warn(f"{path}: taking over the lock of a run that is no longer running ({holder})",
-                              stacklevel=3)
-                path.unlink(missing_ok=True)
-                continue
-            raise RunLockedError(
-                f"{path.parent}: another run is writing here (lock {path}: pid {(holder or {}).get('pid')} on "
-                f"{(holder or {}).get('host')}, started {(holder or {}).get('started')}, command "
-                f"{(holder or {}).get('command')!r}). Two runs in one folder would mix their checkpoints: wait for "
-                f"it, or use another output_dir; if that process is gone, delete {path}.") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    stop = threading.Event()
-    threading.Thread(target=_lock_heartbeat, args=(path, stop), daemon=True).start()
-    try:
-        yield path
-    finally:
-        stop.set()
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(path.read_text()).get("pid") == me["pid"]:
-                path.unlink()
-
-
-RUN_FILES = ("checkpoints", "history.csv", "config.json", "test_scores.csv")  # what a run writes in its folder
-
-
-def _set_aside_previous_run(out: Path) -> Path | None:
-    """Before a fresh run in `out`: move an earlier run's files to a sibling <name>.previous-<UTC time>/ (nothing is
-    deleted), with a warning naming both folders; None when there was no earlier run."""
-    checkpoints = out / "checkpoints"
-    if not (out / "history.csv").is_file() and not (checkpoints.is_dir() and any(checkpoints.glob("*.pt"))):
-        return None
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    aside = out.parent / f"{out.name}.previous-{stamp}"
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = out.parent / f"{out.name}.previous-{stamp}-{n}"
-    aside.mkdir(parents=True)
-    for name in RUN_FILES:
-        if (out / name).exists():
-            shutil.move(out / name, aside / name)
-    warnings.warn(f"{out}: starting a new run here; the earlier run's checkpoints and history were moved to "
-                  f"{aside} (nothing was deleted)", stacklevel=3)
-    return aside
-
-
-def _remove_temporaries(folders: Sequence[Path]) -> list[Path]:
-    """Remove the temporary files (.NAME.tmpPID) a killed write left in a run's folders (the caller holds its lock)."""
-    removed = []
-    for folder in folders:
-        for tmp in folder.glob(".*.tmp*") if folder.is_dir() else ():
-            if tmp.is_file() and re.fullmatch(r"\..+\.tmp\d+", tmp.name):
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp)
-    if removed:
-        warnings.warn(f"removed {len(removed)} temporary file(s) left by an interrupted write: "
-                      f"{[str(p) for p in removed[:5]]}", stacklevel=3)
-    return removed
-
-
-def data_fingerprint(studies: pd.DataFrame) -> str:
-    """sha256 of a study table: each study's split, path below the MURA root, label, view count and file names."""
-    digest = hashlib.sha256()
-    for row in studies.sort_values(["split", "study_path"]).itertuples():
-        digest.update(json.dumps([row.split, row.study_path.split("/", 1)[-1], int(row.label), int(row.n_views),
-                                  [Path(p).name for p in row.image_paths]]).encode())
-    return digest.hexdigest()
-
-
-def _data_record(root: Path, studies: pd.DataFrame) -> dict:
-    """What a checkpoint keeps of the data it was trained on: the folder, the study count and the fingerprint."""
-    return {"root": str(root), "n_studies": len(studies), "fingerprint": data_fingerprint(studies)}
-
-
-def _check_same_data(state: dict | None, data: dict, where: Path) -> None:
-    """Refuse to resume a run (state) on data other than it was trained on."""
-    if state is None:
-        return
-    saved = state.get("data")
-    if saved is None:
-        warnings.warn(f"{where}: saved before checkpoints recorded their data, so this resume cannot check that it "
-                      f"reads the same data", stacklevel=3)
-    elif saved["fingerprint"] != data["fingerprint"]:
-        raise MuraDataError(
-            f"{where}: this run was trained on {saved['root']} ({saved['n_studies']} studies) but now reads "
-            f"{data['root']} ({data['n_studies']} studies), whose study table differs (studies, labels, views or "
-            f"files). Resuming would mix two datasets: point data_dir back at {saved['root']}, or use another "
-            f"output_dir (resume=False keeps the old run aside).")
-
-
-def _config_dict(cfg: TrainConfig) -> dict:
-    """The config as plain types (loadable with weights_only=True)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
-
-
-def _unwrap(model):
-    """The underlying module of a torch.compile'd and/or DistributedDataParallel model."""
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-RESUME_MUST_MATCH = ("body_part", "image_size", "resize", "arch", "batch_size", "lr", "betas", "weight_decay",
-                     "plateau_factor", "plateau_patience", "rotation_degrees", "hflip", "loss_level", "select_metric",
-                     "seed", "tune_fraction", "split_seed")  # (the scheduler's settings are restored with its state)
-LEGACY_CONFIG = {"tune_fraction": 0.0}  # what a run saved before a field existed did (no tuning split)
-
-
-def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
-    """Train (or resume) a run in cfg.output_dir: checkpoints/last.pt every epoch, best.pt, history.csv; the folder
-    is locked meanwhile, and an earlier run there is moved aside, not overwritten, when this one starts afresh.
-
-    Under torchrun (several processes, one a GPU, or gloo processes on a CPU) the same call trains with
-    DistributedDataParallel: each process takes its share of every global batch of batch_size x processes views,
-    validation is sharded and gathered, rank 0 alone computes the metrics, holds the lock and writes the files.
-    """
-    ctx, device = setup_distributed(cfg.device)
-    with run_lock(cfg.output_dir) if ctx.is_main else contextlib.nullcontext():
-        return _train_locked(cfg, progress, ctx, device)
-
-
-def _train_locked(cfg: TrainConfig, progress: bool, ctx: Distributed, device) -> pd.DataFrame:
-    """train() while rank 0 holds the run folder's lock."""
-    out = Path(cfg.output_dir)
-    if ctx.is_main:
-        _remove_temporaries([out, out / "checkpoints"])
-    state = _resumable_state(cfg, RESUME_MUST_MATCH)
-    if state is None and ctx.is_main:
-        _set_aside_previous_run(out)
-    if ctx.local_rank != 0:  # the first process of each machine makes the phantom and the view cache ...
-        dist.barrier()
-    run = _prepare_run(cfg, progress and ctx.is_main, state)
-    if ctx.local_rank == 0 and ctx.world_size > 1:  # ... while the others wait, then read them
-        dist.barrier()
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick the fastest kernels
-    seed_everything(cfg.seed)
-    model = build_model(cfg.pretrained and state is None, cfg.arch).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    weight_table = class_weights_by_type(run["train"])  # the paper's w_T per study type (one row for XR_HAND)
-    optimizer = build_optimizer(model.parameters(), cfg.lr, device, cfg.betas, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
-                                                           patience=cfg.plateau_patience)
-    dtype = amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    history, best, start_epoch = [], None, 0
-    if state is not None:
-        history, best, start_epoch = _restore(state, model, optimizer, scheduler, scaler)
-        if ctx.is_main:
-            print(f"resuming {out / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of {cfg.epochs}")
-    if ctx.world_size > 1:
-        if cfg.sync_batchnorm and device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    model = compile_model(model, cfg.compile)
-    eval_model = model if ctx.world_size == 1 else _unwrap(model)  # no collectives in evaluation
-
-    train_images, tune_images, valid_images = run["train"], run["tune"], run["valid"]
-    train_weights = view_loss_weights(train_images, weight_table).to(device)
-    valid_weights = view_loss_weights(valid_images, weight_table).to(device)  # training's weights: comparable
-    tune_weights = None if tune_images is None else view_loss_weights(tune_images, weight_table).to(device)
-    groups = list(train_images.groupby("study_path", sort=False).indices.values())
-    pin = device.type == "cuda"
-    train_loader = make_view_loader(run["cache"], train_images, cfg.batch_size, True, cfg.seed, cfg.num_workers, pin)
-    valid_loader = make_view_loader(run["cache"], valid_images, cfg.valid_batch_size, False, cfg.seed,
-                                    cfg.num_workers, pin)
-    tune_loader = None if tune_images is None else make_view_loader(run["cache"], tune_images, cfg.valid_batch_size,
-                                                                    False, cfg.seed, cfg.num_workers, pin)
-    for loader, images in ((valid_loader, valid_images), (tune_loader, tune_images)):  # each process its share
-        if loader is not None:
-            loader.sampler.batches = [b for b in epoch_batches(len(images), cfg.valid_batch_size, False, cfg.seed, 0,
-                                                               None, ctx.rank, ctx.world_size) if b]
-    direction = SELECT_METRICS[cfg.select_metric]
-    for epoch in range(start_epoch, cfg.epochs):
-        train_loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch,
-                                                     groups if cfg.loss_level == "study" else None,
-                                                     ctx.rank, ctx.world_size)
-        started = time.perf_counter()
-        trained = train_one_epoch(model, train_loader, optimizer, scaler, device, train_weights, cfg, epoch,
-                                  progress and ctx.is_main, ctx.rank)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_time = time.perf_counter() - started  # rank 0's; its images/s counts every process's views
-        tuned = None if tune_loader is None else evaluate_views(eval_model, tune_loader, device, tune_weights,
-                                                                cfg.amp, cfg.channels_last, desc="tune",
-                                                                progress=progress and ctx.is_main)
-        validated = evaluate_views(eval_model, valid_loader, device, valid_weights, cfg.amp, cfg.channels_last,
-                                   progress=progress and ctx.is_main)
-        trained, validated = _gather_result(trained, ctx), _gather_result(validated, ctx)
-        tuned = None if tuned is None else _gather_result(tuned, ctx)
-        row = None
-        if ctx.is_main:  # the metrics, once, on every view's prediction
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                   **_epoch_metrics("train", train_images, trained),
-                   **(_epoch_metrics("tune", tune_images, tuned) if tuned else {}),
-                   **_epoch_metrics("valid", valid_images, validated),
-                   "epoch_time_s": time.perf_counter() - started,
-                   "train_images_per_s": len(trained["probs"]) / train_time, "processes": ctx.world_size}
-        row = _from_main(row, ctx)
-        scheduler.step(row[f"{cfg.tuning_set}_loss"])  # the plateau schedule reads the tuning set, never the test
-        history.append(row)
-        score = row[cfg.select_metric]
-        improved = best is None or (score < best if direction == "min" else score > best) or math.isnan(best)
-        if improved:
-            best = score
-        if ctx.is_main:
-            if cfg.keep_top_k > 0:
-                _keep_top_k_weights(model, cfg, history, epoch, out / "checkpoints")
-            _save_epoch(_checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best, run["data"]),
-                        improved, out)
-        if progress and ctx.is_main:
-            shown = [f"{k.replace('_', ' ')} {row[k]:.4f}" for k in ("train_loss", "tune_loss", "tune_auroc",
-                                                                          "valid_loss", "valid_auroc") if k in row]
-            print(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(shown) +
-                  f"  {row['train_images_per_s']:.0f} img/s" + ("  (best)" if improved else ""), flush=True)
-    if ctx.world_size > 1:
-        dist.barrier()  # every process returns after rank 0 has written the last epoch
-    return pd.DataFrame(history)
-
-
-def launch_training(cfg: TrainConfig | AnomalyConfig, devices: int | str = "auto",
-                    progress: bool = True) -> pd.DataFrame:
-    """Train a TrainConfig (train) or an autoencoder's AnomalyConfig (train_anomaly) on `devices` processes and
-    return the history: "auto" uses every visible GPU; 1 (or one GPU, or none, or a GAN) trains in this process;
-    N > 1 starts N worker processes with torchrun (NCCL on GPUs, gloo on a CPU), shows rank 0's epoch lines, and
-    raises with the workers' output when one fails."""
-    anomaly = isinstance(cfg, AnomalyConfig)
-    n = torch.cuda.device_count() if devices == "auto" else int(devices)
-    if n <= 1 or (anomaly and cfg.model in GAN_MODELS):  # the GANs stay on one device (train_anomaly says why)
-        return train_anomaly(cfg, progress) if anomaly else train(cfg, progress)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = out / "launch_config.json"
-    config.write_text(json.dumps(_config_dict(cfg), indent=2))
-    module_dir = str(Path(__file__).resolve().parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [module_dir, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "mura_helpers", "train-anomaly" if anomaly else "train", "--config", str(config), "--no-progress"]
-    lines = []
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            lines.append(line)
-            if progress and (line.startswith(("epoch ", "resuming ")) or (anomaly and " epoch " in line)):
-                print(line, end="", flush=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"distributed training on {n} processes failed (exit {proc.returncode}); the workers' "
-                           f"last output:\n{''.join(lines[-40:])}")
-    return pd.read_csv(out / "history.csv")
-
-
-def _keep_top_k_weights(model, cfg: TrainConfig, history: list[dict], epoch: int, folder: Path) -> None:
-    """Save this epoch's weights as epoch_NNN.pt, keeping only the files of the cfg.keep_top_k best epochs."""
-    save_atomic({"model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
-                 "config": _config_dict(cfg), "epoch": epoch}, folder / f"epoch_{epoch + 1:03d}.pt")
-    for path in _rank_epoch_files(folder, history, cfg.select_metric)[cfg.keep_top_k:]:
-        path.unlink()
-
-
-def _rank_epoch_files(folder: Path, history: list[dict], metric: str) -> list[Path]:
-    """The epoch_NNN.pt files of this run's epochs in `folder`, best first by `metric` (epochs without a score
-    last); files of epochs not in `history` (an earlier run's) are left out."""
-    sign = 1 if SELECT_METRICS[metric] == "min" else -1
-    scores = {int(row["epoch"]): sign * float(row[metric]) for row in history if not math.isnan(float(row[metric]))}
-    epochs = {int(row["epoch"]) for row in history}
-    files = {e: p for p in folder.glob("epoch_*.pt") if (e := int(p.stem.split("_")[1])) in epochs}
-    return [files[e] for e in sorted(files, key=lambda e: (e not in scores, scores.get(e, 0.0), e))]
-
-
-def top_k_checkpoints(run_dir: str | os.PathLike, k: int = 5) -> list[Path]:
-    """The k best saved epochs of a run, best first by its selection metric (the MURA paper's ensemble: k=5)."""
-    run_dir = Path(run_dir)
-    config, history = run_dir / "config.json", run_dir / "history.csv"
-    if not config.is_file() or not history.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a training run (no config.json/history.csv); train one first")
-    metric = json.loads(config.read_text())["select_metric"]
-    ranked = _rank_epoch_files(run_dir / "checkpoints", pd.read_csv(history).to_dict("records"), metric)
-    if not ranked:
-        raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no epoch_*.pt weights (train with keep_top_k > 0)")
-    return ranked[:k]
-
-
-def ensemble_checkpoints(run_dirs: Sequence[str | os.PathLike], k: int = 1) -> tuple[list[Path], str]:
-    """An ensemble's checkpoints over runs (several seeds) and epochs: each run's best.pt (k=1) or its k best epochs
-    (top_k_checkpoints); and a note that says which (the MURA paper's "5 models" could be either)."""
-    paths, seeds, metric = [], [], None
-    for run_dir in map(Path, run_dirs):
-        if k <= 1 and not (run_dir / "checkpoints" / "best.pt").is_file():
-            raise FileNotFoundError(f"{run_dir}: no checkpoints/best.pt; train a model with notebook 03 first")
-        paths += [run_dir / "checkpoints" / "best.pt"] if k <= 1 else top_k_checkpoints(run_dir, k)
-        config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
-        seeds.append(config.get("seed"))
-        metric = metric or config.get("select_metric")
-    members = "best.pt" if k <= 1 else f"the {k} best epochs by {metric}"
-    runs = f"of {len(seeds)} run{'s' if len(seeds) > 1 else ''} (seed{'s' if len(seeds) > 1 else ''} " \
-           f"{', '.join(map(str, seeds))})"
-    return paths, f"{len(paths)} checkpoint{'s' if len(paths) > 1 else ''}: {members} {runs}"
-
-
-def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Write a CSV through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
-    """Load a checkpoint (weights_only, its digest checked) and return (model in eval mode, its TrainConfig)."""
-    state = load_state(path, "supervised")
-    cfg = _stored_config(TrainConfig, state, path)
-    model = build_model(pretrained=False, arch=cfg.arch)
-    model.load_state_dict(state["model"])
-    return model.to(resolve_device(device)).eval(), cfg
-
-
-# ---------------------------------------------------------------- evaluation & metrics
-
-def study_metrics(labels, probs, threshold: float = 0.5) -> dict:
-    """Accuracy, Cohen's kappa, AUROC, sensitivity, specificity and the confusion counts and row-normalised rates."""
-    labels, probs = np.asarray(labels, dtype=int), np.asarray(probs, dtype=float)
-    preds = (probs > threshold).astype(int)
-    tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, preds, labels=[0, 1]).ravel())
-    one_class = len(np.unique(labels)) < 2
-    if one_class:
-        warnings.warn(f"only one class in the labels ({len(labels)} studies): AUROC is undefined (NaN)", stacklevel=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        kappa = cohen_kappa_score(labels, preds) if len(np.unique(np.r_[labels, preds])) > 1 else float("nan")
-    return {
-        "accuracy": (tp + tn) / max(len(labels), 1), "kappa": float(kappa),
-        "auroc": float("nan") if one_class else float(roc_auc_score(labels, probs)),
-        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
-        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
-        "tn": tn, "fp": fp, "fn": fn, "tp": tp,
-        "tn_rate": tn / (tn + fp) if tn + fp else float("nan"), "fp_rate": fp / (tn + fp) if tn + fp else float("nan"),
-        "fn_rate": fn / (fn + tp) if fn + tp else float("nan"), "tp_rate": tp / (fn + tp) if fn + tp else float("nan"),
-    }
-
-
-def predict_studies(model, studies: pd.DataFrame, image_size: int = 224, resize: str = "squash",
-                    cache_dir: str | os.PathLike = "data/cache", device: str = "auto", batch_size: int = 64,
-                    amp: str = "auto", num_workers: int = 0) -> pd.DataFrame:
-    """Each study's abnormality probability: the mean of its views' probabilities (abnormal when > 0.5)."""
-    images = studies_to_images(studies)
-    cache = build_image_cache(images["image_path"], image_size, cache_dir, resize, progress=False)
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
-    loader = make_view_loader(cache, images, batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda")
-    result = evaluate_views(model, loader, dev, (0.5, 0.5), amp, desc="predict", progress=False)
-    views = images.iloc[result["index"]].assign(prob=result["probs"])
-    out = views.groupby("study_path", sort=False).agg(label=("label", "first"), prob=("prob", "mean"),
-                                                      n_views=("prob", "size"), view_probs=("prob", list))
-    return out.reset_index()
-
-
-def youden_threshold(labels, probs) -> float:
-    """The threshold that maximises sensitivity + specificity - 1 (Youden's J) on these labels."""
-    fpr, tpr, thresholds = roc_curve(np.asarray(labels, int), np.asarray(probs, float), drop_intermediate=False)
-    best = int(np.argmax(tpr - fpr))
-    if best == 0:  # the (0, 0) corner: call nothing abnormal
-        return 1.0
-    # roc_curve counts prob >= t as abnormal, the suite prob > t: return the midpoint to the next lower score
-    lower = thresholds[best + 1] if best + 1 < len(thresholds) else thresholds[best] - 1e-6
-    return float((thresholds[best] + lower) / 2)
-
-
-CI_METRICS = ("accuracy", "kappa", "auroc", "sensitivity", "specificity")
-
-
-def _resample_counts(groups, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, rows) multiplicities of each row when its group (a patient) is drawn with replacement: a group's
-    rows are drawn together. With one row per group this is the plain bootstrap of rows."""
-    codes, uniques = pd.factorize(np.asarray(groups))  # groups in order of appearance
-    n = len(uniques)
-    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
-    counts = np.bincount((np.arange(n_boot)[:, None] * n + idx).ravel(), minlength=n_boot * n).reshape(n_boot, n)
-    return counts[:, codes]
-
-
-def _weighted_auroc_rows(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """AUROC of labels `y` and scores `p` under each row of row weights `w` (Mann-Whitney with multiplicities; ties
-    count one half; NaN when a row holds one class only)."""
-    order = np.argsort(p, kind="stable")
-    p, y, w = p[order], y[order], w[:, order]
-    starts = np.r_[0, np.flatnonzero(np.diff(p)) + 1]  # runs of tied scores
-    pos, neg = np.add.reduceat(w * y, starts, axis=1), np.add.reduceat(w * (1 - y), starts, axis=1)
-    below = np.cumsum(neg, axis=1) - neg
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (pos * (below + neg / 2)).sum(1) / (pos.sum(1) * neg.sum(1))
-
-
-def auroc_interval(labels, scores, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
-                   patients=None) -> tuple[float, float]:
-    """A (1 - alpha) percentile bootstrap interval of the AUROC, resampling the rows (studies) with replacement, or
-    with `patients` (one per row) the patients, each with all its rows."""
-    labels, scores = np.asarray(labels, int), np.asarray(scores, float)
-    counts = _resample_counts(np.arange(len(labels)) if patients is None else patients, n_boot, seed)
-    draws = _weighted_auroc_rows(counts, labels, scores)
-    draws = draws[np.isfinite(draws)]
-    if not len(draws):
-        return np.nan, np.nan
-    lo, hi = np.percentile(draws, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(lo), float(hi)
-
-
-def bootstrap_metrics(labels, probs, threshold: float = 0.5, n_boot: int = 2000, seed: int = 0,
-                      alpha: float = 0.05, patients=None) -> pd.DataFrame:
-    """Each study metric with a (1 - alpha) percentile bootstrap interval, resampling studies with replacement, or
-    with `patients` (one per study) the patients, a patient's studies together (what independence means here).
-
-    Vectorised over resamples; resamples with one class only (AUROC undefined) are left out of the AUROC interval.
-    """
-    labels, probs = np.asarray(labels, int), np.asarray(probs, float)
-    point = study_metrics(labels, probs, threshold)
-    counts = _resample_counts(np.arange(len(labels)) if patients is None else patients, n_boot, seed)
-    pred = (probs > threshold).astype(int)
-    tp, tn = counts @ (pred & labels), counts @ ((1 - pred) & (1 - labels))
-    fp, fn = counts @ (pred & (1 - labels)), counts @ ((1 - pred) & labels)
-    n = counts.sum(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        po = (tp + tn) / n
-        pe = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / n**2
-        draws = {"accuracy": po, "kappa": np.where(pe < 1, (po - pe) / (1 - pe), np.nan),
-                 "auroc": _weighted_auroc_rows(counts, labels, probs),
-                 "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp)}
-    rows = []
-    for name in CI_METRICS:
-        values = draws[name][np.isfinite(draws[name])]
-        lo, hi = (np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(values)
-                  else (np.nan, np.nan))
-        rows.append({"metric": name, "estimate": point[name], "ci_low": lo, "ci_high": hi,
-                     "n_boot_used": len(values)})
-    return pd.DataFrame(rows).set_index("metric")
-
-
-def trivial_baselines(labels) -> pd.DataFrame:
-    """What rules that look at no image score on these labels: calling every study the majority class (accuracy,
-    sensitivity, specificity; Cohen's kappa 0) and any constant score (AUROC 0.5)."""
-    labels = np.asarray(labels, int)
-    majority = int(labels.mean() > 0.5)  # a tie calls every study normal
-    rule = f"every study {'abnormal' if majority else 'normal'} ({int((labels == majority).sum())}/{len(labels)})"
-    rows = {"accuracy": (float((labels == majority).mean()), rule), "kappa": (0.0, "chance (any rule blind to "
-            "the image)"), "auroc": (0.5, "chance (a constant or random score)"),
-            "sensitivity": (float(majority), rule), "specificity": (float(1 - majority), rule)}
-    return pd.DataFrame(rows, index=["baseline", "baseline_rule"]).T.rename_axis("metric") \
-        .astype({"baseline": float})
-
-
-def evaluation_report(preds: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: str = "patient",
-                      tune_preds: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Study metrics with 95% bootstrap CIs (resampled by patient, or by study with level="study") at the paper's
-    0.5 threshold and at Youden's threshold, chosen on `tune_preds` (the tuning split) or, without them, on these
-    studies themselves (then optimistic, and labelled so); beside each, the trivial baseline on these studies."""
-    if level not in ("patient", "study"):
-        raise ValueError(f"level must be 'patient' or 'study', got {level!r}")
-    if level == "patient" and "patient" not in preds:
-        raise ValueError("a bootstrap by patient needs a 'patient' column (ensemble_predict adds it); or level='study'")
-    patients = preds["patient"].to_numpy() if level == "patient" else None
-    chosen = preds if tune_preds is None else tune_preds
-    youden = youden_threshold(chosen["label"], chosen["prob"])
-    where = "this set" if tune_preds is None else "the tuning set"
-    baselines = trivial_baselines(preds["label"])
-    tables = []
-    for name, threshold in (("0.5 (MURA paper)", 0.5), (f"{youden:.3f} (Youden, chosen on {where})", youden)):
-        table = bootstrap_metrics(preds["label"], preds["prob"], threshold, n_boot, seed, patients=patients)
-        tables.append(table.join(baselines).assign(threshold=name, threshold_value=threshold, resampled=level))
-    return pd.concat(tables).reset_index().set_index(["threshold", "metric"])
-
-
-def run_studies(cfg: TrainConfig, data_dir: str | os.PathLike | None = None) -> dict[str, pd.DataFrame | None]:
-    """A run's studies as it used them: 'train' (without the tuning patients), 'tune' (None when tune_fraction is 0)
-    and 'test' (MURA's validation split)."""
-    root = config_data_root(cfg, data_dir)
-    train, tune = tuning_split(load_studies(root, "train", cfg.body_part, on_bad=cfg.on_bad), cfg.tune_fraction,
-                               cfg.split_seed)
-    return {"train": train, "tune": tune if cfg.tune_fraction > 0 else None,
-            "test": load_studies(root, "valid", cfg.body_part, on_bad=cfg.on_bad)}
-
-
-def model_free_floor(sets: dict[str, pd.DataFrame], train_studies: pd.DataFrame,
-                     cache_dir: str | os.PathLike = "data/cache", size: int = 64, n_boot: int = 2000, seed: int = 0,
-                     level: str = "patient", progress: bool = True) -> pd.DataFrame:
-    """The unsupervised path's model-free scores (reference_anomaly_scores: template error against the mean normal
-    view of `train_studies`, intensity, hand area; full+HE preprocessing at `size` px) as study-level AUROCs with
-    95% bootstrap CIs (by patient, or by study), on each named set of studies."""
-    template = studies_to_images(train_studies[train_studies["label"] == 0])
-    views = {name: studies_to_images(studies) for name, studies in sets.items()}
-    paths = list(dict.fromkeys([*template["image_path"], *(p for v in views.values() for p in v["image_path"])]))
-    cache = build_anomaly_cache(paths, PreprocessConfig(size=size), cache_dir, progress=progress)
-    rows = []
-    for name, images in views.items():
-        scores = study_scores(reference_anomaly_scores(cache, images, template))
-        scores = scores.merge(sets[name][["study_path", "patient"]], on="study_path")
-        for score in [c for c in scores.columns if c not in SCORE_ID_COLUMNS]:
-            low, high = auroc_interval(scores["label"], scores[score], n_boot, seed,
-                                       patients=scores["patient"] if level == "patient" else None)
-            rows.append({"set": name, "score": score, "auroc": roc_auc_score(scores["label"], scores[score]),
-                         "ci_low": low, "ci_high": high, "n_studies": len(scores)})
-    return pd.DataFrame(rows)
-
-
-_MURA_PAPER_CAVEAT = ("MURA's hidden test set, labelled by the majority vote of radiologists; the paper's model is "
-                      "'an ensemble of the 5 models with the lowest validation losses', which does not say whether "
-                      "these are 5 checkpoints of one run or 5 runs; chosen on MURA's validation split")
-REFERENCE_RESULTS = pd.DataFrame([
-    {"source": "Reference report (2023), DenseNet-169, MURA hand, validation", "metric": "accuracy",
-     "set": "MURA hand validation split, 167 studies (101 normal)", "value": 0.611, "baseline": 101 / 167,
-     "baseline_rule": "every study normal (101/167)",
-     "note": "best validation accuracy, its Figure 31: 102/167 studies, one more than calling every study normal; "
-             "the best of its 5 epochs by accuracy on these same 167 studies (chosen on the set it is reported on); "
-             "its DenseNet loaded ImageNet weights with strict=False (pyaf/DenseNet-MURA-PyTorch densenet.py:24) into "
-             "renamed layers whose keys do not match, so its dense layers started untrained"},
-    {"source": "Rajpurkar et al. 2017 (MURA paper), DenseNet-169, hand, hidden test set", "metric": "kappa",
-     "set": "MURA hidden test set, hand studies", "value": 0.851, "baseline": 0.0, "baseline_rule": "chance",
-     "note": "Cohen's kappa vs radiologists' gold standard; " + _MURA_PAPER_CAVEAT},
-    {"source": "Rajpurkar et al. 2017 (MURA paper), DenseNet-169, all body parts, hidden test set",
-     "metric": "auroc", "set": "MURA hidden test set, all body parts", "value": 0.929, "baseline": 0.5,
-     "baseline_rule": "chance",
-     "note": "overall AUROC; " + _MURA_PAPER_CAVEAT},
-    {"source": "Davletshina et al. 2020, best unsupervised (alpha-GAN), MURA hand, test", "metric": "auroc",
-     "set": "their test split of MURA's training hands", "value": 0.607, "baseline": 0.5, "baseline_rule": "chance",
-     "note": "ROC-AUC from the discriminator; chosen by ROC-AUC on their validation split of MURA's training hands, "
-             "reported on their test split of it"},
-])
-HEADLINE_METRICS = ("accuracy", "kappa", "auroc")
-
-
-def _at_half(report: pd.DataFrame) -> pd.DataFrame:
-    """The rows of an evaluation_report at its first threshold (the paper's 0.5)."""
-    return report.xs(report.index.get_level_values(0)[0], level=0)
-
-
-def comparison_table(report: pd.DataFrame, label: str = "this model", tune_report: pd.DataFrame | None = None,
-                     floor: pd.DataFrame | None = None, models: str = "best.pt") -> pd.DataFrame:
-    """Our estimates at 0.5 with their CIs, on the tuning split (when given) and the held-out test, the model-free
-    floor (when given), and the cited reference numbers (cited, not recomputed), each beside its trivial
-    baseline, with what was chosen on which set in the note."""
-    tuned = tune_report is not None
-    names = {"tune": "tuning split (of MURA's training patients)",
-             "test": "MURA validation split, held out (scored once)" if tuned else
-             "MURA validation split, which also chose the checkpoint (tune_fraction=0)"}
-    sets = ([(names["tune"], tune_report,
-              f"{models}; chose the checkpoint(s), the learning-rate plateaus and Youden's threshold on this set")]
-            if tuned else [])
-    sets.append((names["test"], report, f"{models}; " + ("selected on the tuning split, not on this set" if tuned else
-                                                         "chosen on the set it is reported on: optimistic")))
-    rows = []
-    for name, rep, note in sets:
-        ours = _at_half(rep)
-        rows += [{"source": label, "set": name, "metric": m, "value": ours.loc[m, "estimate"],
-                  "ci_low": ours.loc[m, "ci_low"], "ci_high": ours.loc[m, "ci_high"],
-                  "baseline": ours.loc[m, "baseline"], "baseline_rule": ours.loc[m, "baseline_rule"],
-                  "note": f"95% CI resampled by {ours['resampled'].iloc[0]}; {note}"} for m in HEADLINE_METRICS]
-    for row in ([] if floor is None else floor.reset_index().to_dict("records")):
-        rows.append({"source": f"no model: {row['score']} (model-free floor)", "set": names[row["set"]],
-                     "metric": "auroc",
-                     "value": row["auroc"], "ci_low": row["ci_low"], "ci_high": row["ci_high"], "baseline": 0.5,
-                     "baseline_rule": "chance", "note": "template error or hand size, no training "
-                     "(reference_anomaly_scores, study mean of its views); a model should beat it"})
-    return pd.concat([pd.DataFrame(rows), REFERENCE_RESULTS], ignore_index=True)[
-        ["source", "set", "metric", "value", "ci_low", "ci_high", "baseline", "baseline_rule", "note"]]
-
-
-def headline_table(report: pd.DataFrame, tune_report: pd.DataFrame | None = None,
-                   floor: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The headline numbers at 0.5 side by side: tuning split and held-out test, each with its 95% CI and the
-    trivial baseline on that set; the model-free floor's AUROCs as extra rows (phantom)."""
-    columns = {}
-    for prefix, rep in (("tune", tune_report), ("test", report)):
-        if rep is None:
-            continue
-        ours = _at_half(rep)
-        columns.update({prefix: ours["estimate"], f"{prefix}_ci_low": ours["ci_low"],
-                        f"{prefix}_ci_high": ours["ci_high"], f"{prefix}_baseline": ours["baseline"]})
-    table = pd.DataFrame(columns).assign(baseline_rule=_at_half(report)["baseline_rule"].str.replace(
-        r" \(\d+/\d+\)", "", regex=True))
-    if floor is not None:
-        for score, rows in floor.groupby("score", sort=False):
-            values = {}
-            for prefix in ("tune", "test"):
-                row = rows[rows["set"] == prefix]
-                if prefix in table and len(row):
-                    values.update({prefix: row["auroc"].iloc[0], f"{prefix}_ci_low": row["ci_low"].iloc[0],
-                                   f"{prefix}_ci_high": row["ci_high"].iloc[0], f"{prefix}_baseline": 0.5})
-            table.loc[f"auroc, no model: {score}"] = {**values, "baseline_rule": "chance"}
-    return table.rename_axis("metric")
-
-
-def plot_headline(table: pd.DataFrame, title: str = "Study level, threshold 0.5: 95% CIs and trivial baselines"):
-    """Each headline metric's estimate with its CI on the tuning split and the held-out test, the trivial baseline
-    of each set marked (x), the model-free floor's AUROCs beside."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(table)), 4))
-    sets = [(p, name, c) for p, name, c in (("tune", "tuning split", "tab:orange"), ("test", "held-out test",
-                                                                                        "tab:blue")) if p in table]
-    x = np.arange(len(table))
-    for k, (prefix, name, color) in enumerate(sets):
-        dx = (k - (len(sets) - 1) / 2) * 0.22
-        est = table[prefix].to_numpy(float)
-        err = np.vstack([est - table[f"{prefix}_ci_low"], table[f"{prefix}_ci_high"] - est])
-        ax.errorbar(x + dx, est, yerr=np.abs(err), fmt="o", color=color, capsize=4, label=name)
-        ax.plot(x + dx, table[f"{prefix}_baseline"], "x", color=color, ms=9, mew=2,
-                label=f"trivial baseline ({name})")
-    ax.set_xticks(x, [m.replace("auroc, no model: ", "floor AUROC: ") for m in table.index], fontsize=8, rotation=20,
-                  ha="right")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set(ylabel="value", title=title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def findings_by_study(findings: pd.DataFrame) -> pd.Series:
-    """Phantom only: the planted finding type of each abnormal study, indexed by (split, body part, patient, study)."""
-    keys = [_relative_key(p)[:-1] for p in findings["image_path"]]
-    return pd.Series(list(findings["finding"]), index=pd.MultiIndex.from_tuples(keys)).groupby(level=[0, 1, 2, 3]) \
-        .first()
-
-
-def metrics_by_finding(studies: pd.DataFrame, findings: pd.DataFrame, scores: Sequence[str] = ("prob",),
-                       threshold: float | None = None) -> pd.DataFrame:
-    """Phantom only: per planted finding type (and all), its abnormal studies' count and each score's AUROC against
-    all normal studies; with `threshold`, also the share of them scored above it (the sensitivity)."""
-    kinds = findings_by_study(findings)
-    finding = [kinds.get(_relative_key(p), "(none listed)") if label else None
-               for p, label in zip(studies["study_path"], studies["label"])]
-    studies = studies.assign(finding=finding)
-    normal = studies[studies["label"] == 0]
-    rows = []
-    for kind in [*sorted(studies["finding"].dropna().unique()), "all"]:
-        abnormal = studies[studies["label"] == 1] if kind == "all" else studies[studies["finding"] == kind]
-        both = pd.concat([normal, abnormal])
-        row = {"finding": kind, "n_abnormal": len(abnormal), "n_normal": len(normal)}
-        for score in scores:
-            row[f"auroc_{score}"] = (roc_auc_score(both["label"], both[score]) if len(normal) and len(abnormal)
-                                     else np.nan)
-            if threshold is not None:
-                row[f"sensitivity_{score}"] = float((abnormal[score] > threshold).mean()) if len(abnormal) else np.nan
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("finding")
-
-
-# The MURA paper's Table 2, model column: Cohen's kappa (95% CI) per study type against the radiologists' majority
-# vote on its hidden test set (Rajpurkar et al. 2017); cited, not recomputed.
-PAPER_KAPPA_BY_TYPE = {"XR_ELBOW": 0.710, "XR_FINGER": 0.389, "XR_FOREARM": 0.737, "XR_HAND": 0.851,
-                       "XR_HUMERUS": 0.600, "XR_SHOULDER": 0.729, "XR_WRIST": 0.931, "overall": 0.705}
-
-
-def metrics_by_body_part(preds: pd.DataFrame, threshold: float = 0.5, n_boot: int = 2000,
-                         seed: int = 0) -> pd.DataFrame:
-    """The paper's Table 2 layout: per study type and overall, the studies, Cohen's kappa with its 95% bootstrap
-    interval (studies resampled), accuracy and AUROC, beside the paper's model kappa (its hidden test set)."""
-    body_part = [_relative_key(p)[1] if len(_relative_key(p)) > 1 else "?" for p in preds["study_path"]]
-    preds = preds.assign(body_part=body_part)
-    rows = []
-    for part, group in [*preds.groupby("body_part", sort=True), ("overall", preds)]:
-        table = bootstrap_metrics(group["label"], group["prob"], threshold, n_boot, seed)
-        rows.append({"study_type": part, "studies": len(group), "abnormal": int(group["label"].sum()),
-                     "kappa": table.loc["kappa", "estimate"], "kappa_ci_low": table.loc["kappa", "ci_low"],
-                     "kappa_ci_high": table.loc["kappa", "ci_high"], "accuracy": table.loc["accuracy", "estimate"],
-                     "auroc": table.loc["auroc", "estimate"],
-                     "paper_model_kappa": PAPER_KAPPA_BY_TYPE.get(part, np.nan)})
-    return pd.DataFrame(rows).set_index("study_type")
-
-
-def load_ensemble(checkpoints: str | os.PathLike | Sequence[str | os.PathLike], device: str = "auto"):
-    """Load one or several checkpoints; return (models, the first one's TrainConfig)."""
-    paths = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
-    if not paths:
-        raise FileNotFoundError("no checkpoints given")
-    loaded = [load_checkpoint(p, device) for p in paths]
-    sizes = {(cfg.image_size, cfg.resize) for _, cfg in loaded}
-    if len(sizes) > 1:
-        raise ValueError(f"the checkpoints were trained at different input settings {sizes}; ensemble like with like")
-    splits = {(c.data_dir, c.phantom_seed, c.phantom_patients, c.body_part, c.tune_fraction, c.split_seed)
-              for _, c in loaded}
-    if len(splits) > 1:  # a member's training patients would be another's tuning patients
-        raise ValueError(f"the checkpoints were trained on different data or tuning splits {splits} (data_dir, "
-                         f"phantom_seed, phantom_patients, body_part, tune_fraction, split_seed); ensemble runs that "
-                         f"share them (several seeds: change only `seed`)")
-    return [m for m, _ in loaded], loaded[0][1]
-
-
-def ensemble_predict(models, studies: pd.DataFrame, image_size: int, resize: str = "squash",
-                     cache_dir: str | os.PathLike = "data/cache", device: str = "auto") -> pd.DataFrame:
-    """Study predictions averaged over models (the MURA paper: the 5 best checkpoints); one model works too."""
-    runs = [predict_studies(m, studies, image_size, resize, cache_dir, device) for m in models]
-    out = runs[0].copy()
-    out["prob"] = np.mean([r["prob"].to_numpy() for r in runs], axis=0)
-    out["view_probs"] = [list(np.mean(v, axis=0)) for v in zip(*[r["view_probs"] for r in runs])]
-    out["model_probs"] = [list(v) for v in zip(*[r["prob"] for r in runs])]
-    return out.merge(studies[["study_path", "patient", "image_paths"]], on="study_path")
-
-
-def confident_cases(preds: pd.DataFrame, threshold: float = 0.5, k: int = 2) -> pd.DataFrame:
-    """The k most confident true/false positives and negatives (by distance of the probability from 0.5)."""
-    predicted = (preds["prob"] > threshold).astype(int)
-    kind = np.select([(predicted == 1) & (preds["label"] == 1), (predicted == 1) & (preds["label"] == 0),
-                      (predicted == 0) & (preds["label"] == 1)], ["true positive", "false positive",
-                                                                   "false negative"], "true negative")
-    cases = preds.assign(case=kind, confidence=(preds["prob"] - 0.5).abs())
-    order = ["true positive", "false positive", "false negative", "true negative"]
-    top = cases.sort_values("confidence", ascending=False).groupby("case").head(k)
-    return top.assign(case=pd.Categorical(top["case"], order, ordered=True)).sort_values(["case", "confidence"],
-                                                                                          ascending=[True, False])
-
-
-# ---------------------------------------------------------------- heatmaps: class activation maps (the MURA paper)
-
-def class_activation_maps(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CAMs of a DenseNet-style model (features -> ReLU -> global pool -> linear): (maps (B, h, w), logits (B)).
-
-    The map is sum_k w_k * ReLU(features)_k, so its spatial mean plus the bias is the logit. The features are
-    taken by calling model.features directly and applying a fresh (not in-place) ReLU, which avoids the pitfall
-    of hooking torchvision's DenseNet, whose forward applies ReLU in place to the hooked tensor.
-    """
-    features = F.relu(model.features(x)).float()
-    weight, bias = model.classifier.weight[0].float(), model.classifier.bias[0].float()
-    maps = torch.einsum("bchw,c->bhw", features, weight)
-    return maps, maps.mean(dim=(1, 2)) + bias
-
-
-def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Scale each map to [0, 1] (min-max; a constant map, up to float rounding, becomes all zeros)."""
-    flat = maps.flatten(1)
-    lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
-    varies = (hi - lo) > 1e-5 * hi.abs().clamp_min(1.0)  # else rounding noise would be stretched to [0, 1]
-    return torch.where(varies, (maps - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(maps))
-
-
-def _map_to_original(cam: np.ndarray, size: tuple[int, int], resize: str) -> np.ndarray:
-    """Bring a square map at the model's input size back onto the original view's pixel grid (w, h)."""
-    w, h = size
-    if resize == "pad":
-        s = cam.shape[0]
-        scale = s / max(w, h)
-        cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
-        x0, y0 = (s - cw) // 2, (s - ch) // 2
-        cam = cam[y0:y0 + ch, x0:x0 + cw]
-    return np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
-
-
-def view_heatmaps(models, image_paths: Sequence[str], image_size: int, resize: str = "squash",
-                  device: str = "auto", batch_size: int = 32) -> list[dict]:
-    """For each view: the grey image, its CAM in [0, 1] on the image's own pixel grid (averaged over models), and
-    its abnormality probability (averaged over models). Runs in batches of `batch_size` views."""
-    if len(image_paths) == 0:
-        return []
-    if len(image_paths) > batch_size:
-        return [h for i in range(0, len(image_paths), batch_size)
-                for h in view_heatmaps(models, image_paths[i:i + batch_size], image_size, resize, device, batch_size)]
-    models = models if isinstance(models, (list, tuple)) else [models]
-    dev = resolve_device(device)
-    images = [load_image(p) for p in image_paths]
-    views = torch.from_numpy(np.stack([np.asarray(resize_view(im, image_size, resize)) for im in images]))[:, None]
-    x = prepare_batch(views, dev, train=False, channels_last=False)
-    maps, probs = [], []
-    with torch.inference_mode():
-        for model in models:
-            m, logits = class_activation_maps(model.to(dev).eval(), x)
-            up = F.interpolate(m[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0]
-            maps.append(normalise_maps(up).cpu().numpy())
-            probs.append(torch.sigmoid(logits).cpu().numpy())
-    mean_maps, mean_probs = np.mean(maps, axis=0), np.mean(probs, axis=0)
-    return [{"image_path": str(p), "image": np.asarray(im), "cam": _map_to_original(cam, im.size, resize),
-             "prob": float(prob)} for p, im, cam, prob in zip(image_paths, images, mean_maps, mean_probs)]
-
-
-def heatmap_localisation(heatmaps: Sequence[dict], boxes: pd.DataFrame) -> pd.DataFrame:
-    """Score maps against ground-truth boxes: pointing game (is the peak inside? a flat map has none: a miss) and
-    the share of heat inside, beside the box's share of the image (what a uniform map would score)."""
-    rows = []
-    for h in heatmaps:
-        for b in boxes[boxes["image_file"] == h["image_path"]].itertuples():
-            cam = h["cam"]
-            inside = np.zeros(cam.shape, bool)
-            inside[b.y0:b.y1 + 1, b.x0:b.x1 + 1] = True
-            peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
-            hit = bool(inside[peak]) and cam.max() > cam.min()
-            rows.append({"image_path": h["image_path"], "finding": b.finding, "pointing_hit": hit,
-                         "heat_in_box": float(cam[inside].sum() / max(cam.sum(), 1e-12)),
-                         "box_share": float(inside.mean()), "prob": h["prob"]})
-    return pd.DataFrame(rows, columns=["image_path", "finding", "pointing_hit", "heat_in_box", "box_share", "prob"])
-
-
-def cam_localisation(models, studies: pd.DataFrame, boxes: pd.DataFrame, image_size: int, resize: str = "squash",
-                     device: str = "auto") -> pd.DataFrame:
-    """Score the CAMs of every view of `studies` that has a ground-truth box (see heatmap_localisation)."""
-    views = studies_to_images(studies)
-    scored = list(views.loc[views["image_path"].isin(boxes["image_file"]), "image_path"])
-    return heatmap_localisation(view_heatmaps(models, scored, image_size, resize, device), boxes)
-
-
-# ---------------------------------------------------------------- prediction on a new study
-
-def study_image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """The image files of one study: a folder's PNG/JPEG files (natural order) or a given list; all checked first."""
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        folder = Path(source)
-        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                        and not p.name.startswith(".")), key=_natural_image_order)
-        others = [p.name for p in folder.iterdir() if p.is_file() and p not in files]
-        if others:
-            warnings.warn(f"{folder}: ignored {len(others)} non-image file(s): {others[:5]}", stacklevel=2)
-        if not files:
-            raise MuraDataError(f"{folder}: no .png/.jpg/.jpeg images in this folder")
-    elif isinstance(source, (str, os.PathLike)):
-        files = [Path(source)]
-    else:
-        files = [Path(p) for p in source]
-    if not files:
-        raise MuraDataError("no views given: a study needs at least one image (a folder of them or a list of files)")
-    bad = [f"  {p}: {issue}" for p in files if (issue := check_image_file(p, full_decode=True))]
-    if bad:
-        raise MuraDataError(f"{len(bad)} unreadable image(s):\n" + "\n".join(bad))
-    return files
-
-
-def predict_new_study(checkpoints, source, device: str = "auto") -> dict:
-    """Predict one new study (a folder of views or a list of files) with one checkpoint or an ensemble.
-
-    Returns {"study_prob", "abnormal", "views" (DataFrame: image_path, prob), "heatmaps" (per view)}.
-    """
-    files = study_image_files(source)
-    models, cfg = load_ensemble(checkpoints, device)
-    heatmaps = view_heatmaps(models, [str(f) for f in files], cfg.image_size, cfg.resize, device)
-    views = pd.DataFrame({"image_path": [h["image_path"] for h in heatmaps], "prob": [h["prob"] for h in heatmaps]})
-    study_prob = float(views["prob"].mean())
-    return {"study_prob": study_prob, "abnormal": study_prob > 0.5, "views": views, "heatmaps": heatmaps,
-            "n_models": len(models), "image_size": cfg.image_size}
-
-
-# ---------------------------------------------------------------- plots: data, pipeline, training, results, heatmaps
-
-
-def save_figure(fig, name: str, output_dir: str | os.PathLike = "outputs", dpi: int = 120) -> Path:
-    """Save `fig` as `output_dir/figures/<name>.png` (a stable name) and return the path."""
-    path = Path(output_dir) / "figures" / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
-
-
-def dataset_overview(studies: pd.DataFrame) -> pd.DataFrame:
-    """Return per-split counts: patients, studies, images, and abnormal share at study and image level."""
-    images = studies_to_images(studies)
-    g = studies.groupby("split", sort=False)
-    gi = images.groupby("split", sort=False)
-    overview = pd.DataFrame({
-        "patients": g["patient"].nunique(),
-        "studies": g.size(),
-        "images": gi.size(),
-        "abnormal_studies": g["label"].sum(),
-        "abnormal_images": gi["label"].sum(),
-    })
-    overview["abnormal_study_share"] = (overview["abnormal_studies"] / overview["studies"]).round(3)
-    overview["abnormal_image_share"] = (overview["abnormal_images"] / overview["images"]).round(3)
-    overview["views_per_study"] = (overview["images"] / overview["studies"]).round(2)
-    return overview
-
-
-def patients_in_both_splits(studies: pd.DataFrame) -> list[str]:
-    """Return the patients (per body part) that appear in more than one split: leakage if any."""
-    splits = studies.groupby(["body_part", "patient"])["split"].nunique()
-    return [f"{part}/{patient}" for (part, patient), n in splits.items() if n > 1]
-
-
-def plot_xray_grid(images: pd.DataFrame, n: int = 12, seed: int = 0, cols: int = 6, title: str | None = None,
-                   boxes: pd.DataFrame | None = None):
-    """Show a grid of `n` random views with patient, study and label (and ground-truth boxes when given)."""
-    sample = images.sample(min(n, len(images)), random_state=seed)
-    rows = math.ceil(len(sample) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.0 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, row in zip(axes.flat, sample.itertuples()):
-        ax.imshow(load_image(row.image_path), cmap="gray", vmin=0, vmax=255)
-        label = "abnormal" if row.label else "normal"
-        ax.set_title(f"{row.patient}\n{row.study.split('_')[0]} view {row.view}: {label}", fontsize=8,
-                     color="crimson" if row.label else "black")
-        if boxes is not None:
-            for b in boxes[boxes["image_file"] == row.image_path].itertuples():
-                ax.add_patch(Rectangle((b.x0, b.y0), b.x1 - b.x0, b.y1 - b.y0, fill=False, color="red", lw=1.2))
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def plot_patients_per_split(studies: pd.DataFrame):
-    """Bar chart of the number of patients in each split (the report's Figure 17)."""
-    counts = studies.groupby("split", sort=False)["patient"].nunique().reset_index(name="patients")
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    sns.barplot(data=counts, x="split", y="patients", hue="split", legend=False, ax=ax)
-    for c in ax.containers:
-        ax.bar_label(c)
-    ax.set_title("Patients per split")
-    fig.tight_layout()
-    return fig
-
-
-def _split_countplot(data: pd.DataFrame, x: str, title: str, xlabel: str, ylabel: str):
-    """Bar chart of the counts of `x`, one bar per split, labelled with the counts."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    sns.countplot(data=data, x=x, hue="split", ax=ax)
-    for c in ax.containers:
-        ax.bar_label(c, fontsize=8)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    fig.tight_layout()
-    return fig
-
-
-def plot_studies_per_patient(studies: pd.DataFrame):
-    """Bar chart of how many patients have 1, 2, 3... studies, per split (the report's Figure 18)."""
-    per_patient = studies.groupby(["split", "body_part", "patient"]).size().reset_index(name="studies")
-    return _split_countplot(per_patient, "studies", "Studies per patient", "studies of one patient", "patients")
-
-
-def plot_views_per_study(studies: pd.DataFrame):
-    """Bar chart of how many studies have 1..5 views (images), per split (the report's Figure 19)."""
-    return _split_countplot(studies, "n_views", "Images (views) per study", "views in the study", "studies")
-
-
-def plot_label_balance(studies: pd.DataFrame):
-    """Two bar charts of normal vs abnormal counts per split, at study level and at image level."""
-    images = studies_to_images(studies)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, df, level in ((axes[0], studies, "studies"), (axes[1], images, "images")):
-        data = df.assign(label=df["label"].map({0: "normal", 1: "abnormal"}))
-        sns.countplot(data=data, x="split", hue="label", hue_order=["normal", "abnormal"],
-                      palette={"normal": "tab:blue", "abnormal": "tab:red"}, ax=ax)
-        for c in ax.containers:
-            ax.bar_label(c, fontsize=8)
-        ax.set(title=f"Label balance: {level}", ylabel=level)
-    fig.tight_layout()
-    return fig
-
-
-def image_properties(images: pd.DataFrame) -> pd.DataFrame:
-    """Return each image's width, height, PNG mode and file size, read from the headers (no decode)."""
-    rows = []
-    for path in images["image_path"]:
-        with Image.open(path) as im:
-            rows.append({"image_path": path, "width": im.width, "height": im.height, "mode": im.mode,
-                         "bytes": Path(path).stat().st_size})
-    return images.merge(pd.DataFrame(rows), on="image_path")
-
-
-def plot_image_properties(props: pd.DataFrame):
-    """Scatter of image width vs height coloured by PNG mode, and the count of each mode per split."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1.4, 1]})
-    sns.scatterplot(data=props, x="width", y="height", hue="mode", style="split", alpha=0.6, s=18, ax=axes[0])
-    axes[0].set_title("Image sizes (pixels)")
-    sns.countplot(data=props, x="mode", hue="split", ax=axes[1])
-    for c in axes[1].containers:
-        axes[1].bar_label(c, fontsize=8)
-    axes[1].set_title("Stored PNG modes (all are read as 8-bit grey)")
-    fig.tight_layout()
-    return fig
-
-
-def plot_intensity_histograms(images: pd.DataFrame, n_per_label: int = 40, seed: int = 0):
-    """Pixel-intensity histograms of sampled normal and abnormal views, and each image's mean intensity."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    means = {}
-    for label, name, color in ((0, "normal", "tab:blue"), (1, "abnormal", "tab:red")):
-        subset = images[images["label"] == label]
-        if subset.empty:
-            continue
-        sample = subset.sample(min(n_per_label, len(subset)), random_state=seed)
-        pixels = [np.asarray(load_image(p)) for p in sample["image_path"]]
-        hist = sum(np.bincount(p.ravel(), minlength=256) for p in pixels)
-        axes[0].plot(np.arange(256), hist / hist.sum(), color=color, label=f"{name} ({len(sample)} views)")
-        means[name] = [p.mean() for p in pixels]
-        axes[1].hist(means[name], bins=20, range=(0, 255), alpha=0.6, color=color, label=name)
-    axes[0].set(title="Pixel intensity distribution", xlabel="intensity (0-255)", ylabel="share of pixels",
-                yscale="log")
-    axes[0].legend()
-    axes[1].set(title="Mean intensity per view (bright = inverted or over-exposed)", xlabel="mean intensity",
-                ylabel="views")
-    axes[1].legend()
-    fig.tight_layout()
-    return fig
-
-
-def epoch_table(history: pd.DataFrame) -> pd.DataFrame:
-    """Per-epoch table in the layout of the report's Figure 31: confusion rates, losses and accuracies (with the
-    tuning split's loss, accuracy, kappa and AUROC when the run had one)."""
-    columns = {"epoch": "Epoch"}
-    for split, name in (("train", "Training"), ("valid", "Validation")):
-        for k, label in (("tn", "True Negative"), ("fp", "False Positive"), ("fn", "False Negative"),
-                         ("tp", "True Positive")):
-            columns[f"{split}_{k}_rate"] = f"{label} ({name})"
-    columns.update({"train_loss": "Training Loss", "train_accuracy": "Training Accuracy"})
-    if "tune_loss" in history:
-        columns.update({"tune_loss": "Tuning Loss", "tune_accuracy": "Tuning Accuracy", "tune_kappa": "Tuning Kappa",
-                        "tune_auroc": "Tuning AUROC"})
-    columns.update({"valid_loss": "Validation Loss", "valid_accuracy": "Validation Accuracy",
-                    "valid_kappa": "Validation Kappa", "valid_auroc": "Validation AUROC", "lr": "Learning Rate"})
-    return history[list(columns)].rename(columns=columns).set_index("Epoch").round(4)
-
-
-def plot_training_curves(history: pd.DataFrame, select_metric: str = "valid_loss"):
-    """Loss, accuracy and Cohen's kappa per epoch for train, tune (when the run had a tuning split) and valid (the
-    report's Figure 32), the best epoch by the selection metric marked."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    best = history[select_metric].idxmin() if SELECT_METRICS[select_metric] == "min" else \
-        history[select_metric].idxmax()
-    tuned = "tune_loss" in history
-    splits = [("train", "o-", "train"), ("tune", "^-", "tune (selects)"), ("valid", "s-", "valid (held-out test)")] \
-        if tuned else [("train", "o-", "train"), ("valid", "s-", "valid")]
-    for ax, metric in zip(axes, ("loss", "accuracy", "kappa")):
-        for split, style, label in splits:
-            ax.plot(history["epoch"], history[f"{split}_{metric}"], style, label=label)
-        ax.axvline(history.loc[best, "epoch"], color="grey", ls="--", lw=1, label=f"best ({select_metric})")
-        ax.set(title=metric.capitalize() + (" (weighted BCE)" if metric == "loss" else " (study level)"),
-               xlabel="epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_pipeline_views(images: pd.DataFrame, cache: ImageCache, n: int = 4, seed: int = 0,
-                        rotation_degrees: float = 10.0, hflip: bool = True):
-    """For n random views: the raw file, the cached resized view, and two random training augmentations."""
-    sample = images.sample(min(n, len(images)), random_state=seed)
-    cached = torch.from_numpy(cache.array[cache.rows(sample["image_path"])][:, None].copy())
-    generator = torch.Generator().manual_seed(seed)
-    augmented = [prepare_batch(cached, torch.device("cpu"), True, generator, rotation_degrees, hflip, False)
-                 for _ in range(2)]
-    fig, axes = plt.subplots(len(sample), 4, figsize=(10, 2.7 * len(sample)), squeeze=False)
-    for i, row in enumerate(sample.itertuples()):
-        raw = load_image(row.image_path)
-        panels = [(raw, f"raw file {raw.width}x{raw.height}"), (cached[i, 0], f"cached {cache.size}px")]
-        panels += [(aug[i, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0], f"augmented #{k + 1}")
-                   for k, aug in enumerate(augmented)]
-        for ax, (img, title) in zip(axes[i], panels):
-            ax.imshow(np.asarray(img), cmap="gray")
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
-        axes[i, 0].set_title(f"{row.patient} ({'abnormal' if row.label else 'normal'})\nraw {raw.width}x{raw.height}",
-                             fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_roc(preds: pd.DataFrame, title: str = "ROC, validation studies", youden: float | None = None):
-    """ROC curve with its AUROC, the 0.5 operating point and Youden's point (at `youden`, a threshold chosen on a
-    tuning set; None: chosen on these studies)."""
-    fpr, tpr, _ = roc_curve(preds["label"], preds["prob"])
-    fig, ax = plt.subplots(figsize=(4.8, 4.5))
-    ax.plot(fpr, tpr, lw=2, label=f"AUROC = {roc_auc_score(preds['label'], preds['prob']):.3f}")
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
-    for threshold, marker, name in ((0.5, "o", "threshold 0.5"),
-                                    (youden_threshold(preds["label"], preds["prob"]) if youden is None else youden,
-                                     "s", "Youden" + (" (this set)" if youden is None else " (tuning set)"))):
-        m = study_metrics(preds["label"], preds["prob"], threshold)
-        ax.plot(1 - m["specificity"], m["sensitivity"], marker, ms=8, label=f"{name} ({threshold:.2f})")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_confusion(labels, probs, threshold: float = 0.5):
-    """Confusion matrix at a threshold: counts and row-normalised rates side by side."""
-    m = study_metrics(labels, probs, threshold)
-    counts = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
-    rates = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
-    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.6))
-    ticks = ["normal", "abnormal"]
-    sns.heatmap(counts, annot=True, fmt="d", cmap="Blues", cbar=False, ax=axes[0], xticklabels=ticks,
-                yticklabels=ticks)
-    sns.heatmap(rates, annot=True, fmt=".3f", cmap="Blues", vmin=0, vmax=1, cbar=False, ax=axes[1],
-                xticklabels=ticks, yticklabels=ticks)
-    for ax, name in zip(axes, ("counts", "rates (per true class)")):
-        ax.set(xlabel="predicted", ylabel="true", title=f"Confusion {name}, threshold {threshold:.2f}")
-    fig.tight_layout()
-    return fig
-
-
-def plot_cases(cases: pd.DataFrame, max_views: int = 3):
-    """Each case's views in a row, titled with the case type, the study and its probability."""
-    fig, axes = plt.subplots(len(cases), max_views, figsize=(2.6 * max_views, 2.8 * len(cases)), squeeze=False)
-    for row_axes, case in zip(axes, cases.itertuples()):
-        for ax in row_axes:
-            ax.axis("off")
-        header = f"{case.case}, study p={case.prob:.2f}\n{'/'.join(case.study_path.split('/')[-3:-1])}\n"
-        for i, (ax, path) in enumerate(zip(row_axes, case.image_paths)):
-            ax.imshow(load_image(path), cmap="gray")
-            ax.set_title((header if i == 0 else "") + f"view {i + 1}: p={case.view_probs[i]:.2f}", fontsize=8,
-                         color="black" if i else "darkgreen" if case.case.startswith("true") else "crimson")
-    fig.tight_layout()
-    return fig
-
-
-def plot_heatmaps(heatmaps: Sequence[dict], boxes: pd.DataFrame | None = None, cols: int = 4, alpha: float = 0.45,
-                  title: str | None = None, value_label: str = "p(abnormal)"):
-    """Each view with its heatmap overlaid (and ground-truth boxes when given), titled with its score."""
-    rows = max(1, math.ceil(len(heatmaps) / cols))  # constrained layout: two-line titles clear the row above
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.5 * rows), squeeze=False, layout="constrained")
-    for ax in axes.flat:
-        ax.axis("off")
-    if not heatmaps:
-        axes[0, 0].text(0, 0.5, "no views to show", fontsize=10)
-    for ax, h in zip(axes.flat, heatmaps):
-        ax.imshow(h["image"], cmap="gray")
-        ax.imshow(h["cam"], cmap="jet", alpha=alpha, vmin=0, vmax=1)
-        parts = Path(h["image_path"]).parts
-        ax.set_title(f"{'/'.join(parts[-3:])}\n{value_label} = {h['prob']:.3g}", fontsize=7)
-        if boxes is not None:
-            for b in boxes[boxes["image_file"] == h["image_path"]].itertuples():
-                ax.add_patch(Rectangle((b.x0, b.y0), b.x1 - b.x0, b.y1 - b.y0, fill=False, color="white", lw=1.5))
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
-# ---------------------------------------------------------------- anomaly detection (Davletshina 2020): preprocessing
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Their Figure 1 pipeline; every step can be switched off: 'raw', 'crop' or 'full', each with or without HE."""
-
-    crop: bool = True  # carrier crop: Otsu + the detector plate's minimum-area rotated rectangle (else whole image)
-    segment: bool = True  # foreground segmentation: a hand mask, and the background set to 0
-    equalize: str | None = "he"  # histogram equalisation: "he", "clahe" or None
-    size: int = 512  # aspect-preserving resize and padding to a square (512: autoencoders; 128: the GAN family)
-
-    def __post_init__(self):
-        for name in ("crop", "segment"):
-            object.__setattr__(self, name, _bool_setting("PreprocessConfig", name, getattr(self, name)))
-        object.__setattr__(self, "size", _number_setting("PreprocessConfig", "size", self.size, int, 4, 8192))
-        if self.equalize not in ("he", "clahe", None):
-            raise ConfigError(f"PreprocessConfig.equalize must be one of ('he', 'clahe', None), got {self.equalize!r}")
-
-    @property
-    def name(self) -> str:
-        """The variant's name in the paper's table: raw / crop / full, plus +HE or +CLAHE."""
-        base = "full" if self.segment else "crop" if self.crop else "raw"
-        return base + {"he": "+HE", "clahe": "+CLAHE", None: ""}[self.equalize]
-
-
-def preprocess_variants(size: int = 512, names: Sequence[str] | None = None) -> dict[str, PreprocessConfig]:
-    """The paper's six variants (raw, crop, full; without and with HE), or those named (+CLAHE also works)."""
-    variants = {cfg.name: cfg for crop, segment in ((False, False), (True, False), (True, True))
-                for cfg in (PreprocessConfig(crop, segment, eq, size) for eq in (None, "he", "clahe"))}
-    names = [n for n in variants if not n.endswith("+CLAHE")] if names is None else list(names)
-    unknown = [n for n in names if n not in variants]
-    if unknown:
-        raise ValueError(f"unknown preprocessing variant(s) {unknown}: choose from {list(variants)}")
-    return {n: variants[n] for n in names}
-
-
-def min_area_rect(points: np.ndarray) -> tuple[np.ndarray, tuple[float, float], float]:
-    """Minimum-area enclosing rectangle of 2-D points (x, y), by rotating calipers: (center, (w, h), angle rad)."""
-    hull = points[ConvexHull(points).vertices]
-    edges = np.diff(np.vstack([hull, hull[:1]]), axis=0)
-    angles = np.unique(np.mod(np.arctan2(edges[:, 1], edges[:, 0]), np.pi / 2))
-    cos, sin = np.cos(angles), np.sin(angles)
-    u = hull[:, 0, None] * cos + hull[:, 1, None] * sin  # every edge's frame at once: (points, angles)
-    v = -hull[:, 0, None] * sin + hull[:, 1, None] * cos
-    lo, hi = np.stack([u.min(0), v.min(0)]), np.stack([u.max(0), v.max(0)])
-    best = int(np.argmin(np.prod(hi - lo, axis=0)))  # the first of equal areas, as a loop would keep
-    a = float(angles[best])
-    rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
-    center = rot.T @ ((lo[:, best] + hi[:, best]) / 2)
-    w, h = float(hi[0, best] - lo[0, best]), float(hi[1, best] - lo[1, best])
-    if a > np.pi / 4:  # keep the rectangle close to upright: angle in (-45, 45] degrees
-        a, w, h = a - np.pi / 2, h, w
-    return center, (w, h), a
-
-
-def rect_mask(shape: tuple[int, int], rect) -> np.ndarray:
-    """Pixels (of an image of `shape`) inside a rotated rectangle (center, (w, h), angle)."""
-    (cx, cy), (w, h), angle = rect
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    u = (xx - cx) * math.cos(angle) + (yy - cy) * math.sin(angle)
-    v = -(xx - cx) * math.sin(angle) + (yy - cy) * math.cos(angle)
-    return (np.abs(u) <= w / 2) & (np.abs(v) <= h / 2)
-
-
-def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray, min_share: float,
-                max_share: float, min_fill: float = 0.9):
-    """(share, center, (w, h), angle) of a component's minimum-area rectangle when it is plate-like, else None:
-    it covers min_share..max_share of the searched pixels, the convex hull fills min_fill of it, and what lies
-    outside it is mostly not of the component's class (`region`): a plate stands out from its surround, while
-    the background beside a straight finger, a rectangle too, does not."""
-    area = int(component.sum())
-    ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))  # its outline has the same hull
-    if area < 16 or len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # too small, or a line: no area, not a plate
-        return None
-    if (np.ptp(xs) + 1) * (np.ptp(ys) + 1) < min_share * searched.sum() or area < 0.45 * min_share * searched.sum():
-        return None  # too small to be a plate, whatever its rectangle (cheap checks first)
-    points = np.column_stack([xs, ys]).astype(float)
-    center, (w, h), angle = min_area_rect(points)
-    share = w * h / searched.sum()
-    if not (min_share <= share <= max_share and ConvexHull(points).volume / max(w * h, 1e-9) > min_fill
-            and area / (w * h) > 0.45):
-        return None
-    outside = searched & ~rect_mask(searched.shape, (center, (w + 2, h + 2), angle))
-    if outside.sum() > 0.01 * searched.sum() and region[outside].mean() > 0.2:
-        # ... or framed: a band just around it lies mostly in the view and is not of its class (a field inside a
-        # plate's lighter frame, with the surround beyond it as dark as the field)
-        ring = rect_mask(searched.shape, (center, (w + 8, h + 8), angle)) & ~rect_mask(searched.shape,
-                                                                                        (center, (w + 2, h + 2), angle))
-        band = ring & searched
-        if band.sum() < 0.6 * (2 * (w + h) * 3) or region[band].mean() > 0.2:
-            return None
-    return share, center, (w, h), angle
-
-
-def _holds_the_detail(found, detail: np.ndarray, margin: float = 8.0) -> bool:
-    """Whether a plate candidate (share, center, (w, h), angle) holds most of the view's edges (the hand's): a dark
-    rectangle beside a light surround that holds the hand is not the plate. (`detail`: strong edges, away from
-    the searched area's border; `margin`: the candidate's own edges, left out.)"""
-    _, center, (w, h), angle = found
-    inner = detail & rect_mask(detail.shape, (center, (w - margin, h - margin), angle))
-    outer = detail & ~rect_mask(detail.shape, (center, (w + margin, h + margin), angle))
-    return outer.sum() <= 2 * inner.sum() + 0.002 * detail.size
-
-
-def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0.97, within=None):
-    """The detector plate as a rotated rectangle (center, (w, h), angle), or None when no plate stands out.
-
-    Binarised at Otsu's threshold, at Otsu's threshold of each side of it (a plate only a little darker than a
-    dark surround) and at the two of a three-class Otsu (a plate between a darker and a brighter surround); for
-    each threshold and polarity, the largest component and the union of the large ones (a hand lying across the
-    plate can cut its background apart) are candidates, kept when plate-like (see _plate_rect: a plate is a
-    rectangle even with a hand across it, and stands out from its surround; a hand does neither). The largest
-    wins. `within` (a rectangle like the result) restricts the search to it: the exposed field inside a plate,
-    when collimation left bright unexposed borders.
-    """
-    step = 4 if min(gray.shape) >= 256 else 1  # the plate is large: a quarter resolution will do
-    small = gray[::step, ::step]
-    searched = np.ones(small.shape, bool) if within is None else \
-        rect_mask(small.shape, (np.asarray(within[0]) / step, np.asarray(within[1]) / step, within[2]))
-    values = small[searched]
-    if values.size < 64 or values.min() == values.max():
-        return None
-    otsu = threshold_otsu(values)
-    thresholds = {otsu, *(threshold_otsu(part) for part in (values[values <= otsu], values[values > otsu])
-                          if np.ptp(part) > 0)}  # Otsu again on each side: a plate darker than a dark surround
-    if len(np.unique(values)) > 3:
-        thresholds |= set(threshold_multiotsu(values, classes=3).tolist())
-    commonest = 16 * np.argmax(np.bincount(values // 16)) + 8  # the direct-exposure background, mostly
-    grad = np.hypot(*np.gradient(ndimage.gaussian_filter(small.astype(np.float32), 1.0)))
-    detail = ndimage.binary_erosion(searched, iterations=3) & (grad > 4 * max(float(np.median(grad[searched])), 0.25))
-    best, tried = None, set()
-    for threshold in sorted(thresholds):
-        above = (small > threshold) & searched
-        for region, background in ((above, commonest > threshold), (searched & ~above, commonest <= threshold)):
-            if within is not None and not background:  # the field inside a plate is of the background's class
-                continue
-            labels, n = ndimage.label(region)
-            if n == 0:
-                continue
-            sizes = np.bincount(labels.ravel())[1:]
-            largest = labels == np.argmax(sizes) + 1
-            large = np.flatnonzero(sizes >= 0.05 * sizes.max()) + 1
-            for component in (largest, np.isin(labels, large)) if len(large) > 1 else (largest,):
-                key = (background, hash(component.tobytes()))  # close thresholds often give the same component
-                if key in tried:
-                    continue
-                tried.add(key)
-                # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
-                found = _plate_rect(component, region, searched, min_share, max_share, 0.85 if background else 0.9)
-                if found is not None and _holds_the_detail(found, detail) and (best is None or found[0] > best[0]):
-                    best = found
-    return None if best is None else (best[1] * step, (best[2][0] * step, best[2][1] * step), best[3])
-
-
-def find_field(gray: np.ndarray, max_share: float = 0.92):
-    """The carrier crop's rectangle: the plate (find_carrier), narrowed to the exposed field inside it when
-    collimation left bright unexposed borders (a plate-like region covering at most max_share of the plate)."""
-    plate = find_carrier(gray)
-    field = find_carrier(gray, max_share=max_share, within=plate) if plate is not None else None
-    return field or plate
-
-
-def _square_affine(size_wh, carrier, out_size: int) -> np.ndarray:
-    """2x3 affine mapping input pixels to the output square: crop the (rotated) carrier, fit it, pad it."""
-    if carrier is None:
-        w, h = size_wh
-        center, (cw, ch), angle = np.array([w / 2, h / 2]), (float(w), float(h)), 0.0
-    else:
-        center, (cw, ch), angle = carrier
-    scale = out_size / max(cw, ch)
-    ca, sa = math.cos(angle), math.sin(angle)
-    rotate = np.array([[ca, sa], [-sa, ca]]) * scale  # input offsets -> rectangle axes, scaled
-    offset = np.array([out_size / 2, out_size / 2]) - rotate @ np.asarray(center, float)
-    return np.hstack([rotate, offset[:, None]])
-
-
-def _warp(image: np.ndarray, affine: np.ndarray, out_size: int, order: int = 1) -> np.ndarray:
-    """Apply an input->output affine with PIL (inverse mapping, zero fill)."""
-    inv = np.linalg.inv(np.vstack([affine, [0, 0, 1]]))[:2]
-    resample = Image.Resampling.BILINEAR if order else Image.Resampling.NEAREST
-    warped = Image.fromarray(image).transform((out_size, out_size), Image.Transform.AFFINE, inv.ravel().tolist(),
-                                              resample=resample, fillcolor=0)
-    return np.asarray(warped)
-
-
-def _class_thresholds(values: np.ndarray) -> list[float]:
-    """Candidate thresholds between a view's intensity classes: Otsu's, and those of a three- and a four-class
-    Otsu (the four-class one on a 64-bin histogram, for speed), ascending."""
-    if np.ptp(values) == 0:
-        return []
-    thresholds = {float(threshold_otsu(values))}
-    if len(np.unique(values)) > 3:
-        thresholds |= set(threshold_multiotsu(values, classes=3).tolist())
-        counts, edges = np.histogram(values, bins=64)
-        if (counts > 0).sum() > 4:
-            thresholds |= set(threshold_multiotsu(hist=(counts, (edges[:-1] + edges[1:]) / 2), classes=4).tolist())
-    return sorted(thresholds)
-
-
-def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content: np.ndarray, flat: float,
-                     spread: float) -> np.ndarray:
-    """The hand-like components of a foreground: large, thick, textured, not the plate or field (covering much of
-    the content's rim or most of the content, or a large filled rectangle), not a marker or plate edge (thin, or
-    uniform like the background)."""
-    labels, n = ndimage.label(fg)
-    if n == 0:
-        return fg
-    index = np.arange(1, n + 1)
-    area = ndimage.sum_labels(fg, labels, index)
-    on_rim = ndimage.sum_labels(ring, labels, index)
-    total = content.sum()
-    keep = (area >= 0.01 * total) & (area <= 0.75 * total) & (on_rim <= 0.3 * ring.sum())
-    if keep.any():
-        keep &= ndimage.standard_deviation(work, labels, index) >= max(2.5 * flat, 0.06 * spread)
-    if keep.any():
-        thickness = ndimage.maximum(ndimage.distance_transform_edt(fg), labels, index)
-        keep &= thickness >= max(2.0, 0.02 * fg.shape[0])
-    for k in np.flatnonzero(keep & (area >= 0.2 * total)):  # a filled rectangle over most of it: the plate
-        component = labels == index[k]
-        ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))
-        _, (w, h), _ = min_area_rect(np.column_stack([xs, ys]).astype(float))
-        keep[k] = area[k] < 0.8 * w * h or w * h < 0.6 * total
-    return np.isin(labels, index[keep])
-
-
-def hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> tuple[np.ndarray, bool]:
-    """Foreground (hand) mask inside `content` pixels, and whether the view was inverted (see _hand_mask)."""
-    mask, inverted, _ = _hand_mask(image, content, work_size)
-    return mask, inverted
-
-
-# signals of a doubtful hand mask (measured at the working resolution), and where suspect_masks flags them
-MASK_DOUBTS = {"missed": "foreground left outside the mask (share of its area)",
-               "cut": "the mask's edge cuts through foreground (share of a band outside it)",
-               "background_inside": "background inside the mask's edge (share of a band inside it)",
-               "rim": "the mask covers much of the content's rim (share)"}
-
-
-def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> tuple[np.ndarray, bool, dict]:
-    """Foreground (hand) mask inside `content` pixels, whether the view was inverted (hand darker than its
-    background), and the signals of a doubtful mask (MASK_DOUBTS).
-
-    Classical, as a stand-in for the paper's SSD hand detector and Photoshop masks, at a working resolution of at
-    most `work_size` (the mask is upsampled): the background is the level of the content's rim; the hand lies on
-    the side of it where the view's extremes lie farthest (bone: brighter, or darker when inverted). Thresholds
-    between intensity classes (Otsu, 3- and 4-class Otsu) are tried from the background's side outwards; the
-    first that leaves hand-like components (see _hand_components; every one kept: two hands) wins, else the other
-    polarity is tried. Uniform bright patches touching the rim (markers, plate edges) are cut out first.
-    """
-    size = image.shape[0]
-    n = min(size, work_size)
-    if n < size:
-        small = np.asarray(Image.fromarray(image).resize((n, n), Image.Resampling.BOX), np.float32)
-        inside = np.asarray(Image.fromarray(content.astype(np.uint8) * 255).resize((n, n), Image.Resampling.BOX)) > 250
-    else:
-        small, inside = image.astype(np.float32), content.astype(bool)
-    whole, inside = inside, ndimage.binary_erosion(inside, border_value=0)  # edge pixels blend with the zero fill
-    values = small[inside]
-    if values.size < 64 or np.ptp(values) == 0:
-        return np.zeros_like(content, bool), False, dict.fromkeys(MASK_DOUBTS, 0.0)
-    rim = max(3, n // 20)
-    ring = inside & ~ndimage.binary_erosion(inside, iterations=rim, border_value=0)
-    if ring.sum() >= 32:  # flatten the background: a plane through the rim (twice, without the hand's pixels)
-        ys, xs = np.nonzero(ring)
-        design = np.column_stack([np.ones(len(xs)), xs / n - 0.5, ys / n - 0.5])
-        fit = np.ones(len(xs), bool)
-        for _ in range(2):
-            coef = np.linalg.lstsq(design[fit], small[ys, xs][fit], rcond=None)[0]
-            residual = small[ys, xs] - design @ coef
-            deviation = np.abs(residual - np.median(residual))
-            fit = deviation <= 2.5 * 1.4826 * np.median(deviation) + 1
-        spread = 1.4826 * np.median(np.abs(residual[fit] - np.median(residual[fit])))
-        if abs(coef[1]) + abs(coef[2]) > 4 * spread + 2:  # a real gradient (a heel effect), not noise
-            yy, xx = np.mgrid[:n, :n] / n - 0.5
-            small = np.where(inside, small - coef[1] * xx - coef[2] * yy, small).astype(np.float32)
-            values = small[inside]
-    background = float(np.median(small[ring])) if ring.any() else float(np.median(values))
-    lo, hi = np.percentile(values, [0.5, 99.5])
-    mean = ndimage.uniform_filter(small, 5)
-    local = np.sqrt(np.maximum(ndimage.uniform_filter(small * small, 5) - mean * mean, 0))
-    noise = max(float(np.percentile(local[inside], 25)), 0.5)  # the flattest quarter: the background's noise
-    prior = bool(background - lo > hi - background)
-
-    thresholds = _class_thresholds(values)  # besides the classes: just off the background (a faint soft tissue)
-    thresholds += [background + k * noise * (-1 if side else 1) for side in (prior, not prior) for k in (3, 6)]
-    found, inverted = np.zeros((n, n), bool), prior
-    for inverted, texture in ((prior, 1.0), (not prior, 1.0), (prior, 0.0)):  # last: a hand without texture
-        work = 255 - small if inverted else small
-        levels = sorted(255 - t for t in thresholds) if inverted else sorted(thresholds)
-        top = (255 - lo if inverted else hi) - 3 * noise
-        edge = (work > top) & (local <= 1.5 * noise + 0.5) & inside  # the brightest and flat: markers, plate edges
-        labels, count = ndimage.label(edge)
-        if count:
-            touching = np.unique(labels[ring & edge])
-            edge = ndimage.binary_dilation(np.isin(labels, touching[touching > 0]), iterations=2)
-        base = 255 - background if inverted else background
-        for level in (v for v in levels if v > base + 2 * noise):  # below: the background's own noise
-            fg = ndimage.binary_opening((work > level) & inside & ~edge)
-            found = _hand_components(fg, work, ring, inside, texture * noise, texture * (hi - lo))
-            if found.any():
-                break
-        if found.any():
-            break
-    if not found.any():
-        return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
-    found = ndimage.binary_closing(found, iterations=1, border_value=0)
-    filled = ndimage.binary_fill_holes(found)
-    holes, count = ndimage.label(filled & ~found)
-    if count:  # fill small holes (joint spaces, dark trabeculae); keep large ones (a loop of flexed fingers)
-        big = np.flatnonzero(np.bincount(holes.ravel())[1:] > 0.005 * inside.sum()) + 1
-        filled &= ~np.isin(holes, big)
-    filled |= ndimage.binary_dilation(filled) & whole & ~inside  # back onto the content's edge pixels
-    above = work > level
-    band_out = ndimage.binary_dilation(filled, iterations=2) & ~filled & inside
-    band_in = filled & ~ndimage.binary_erosion(filled, iterations=2) & inside
-    doubts = {"missed": float((fg & ~filled).sum() / max(filled.sum(), 1)),
-              "cut": float(above[band_out].mean()) if band_out.any() else 0.0,
-              "background_inside": float((~above[band_in]).mean()) if band_in.any() else 0.0,
-              "rim": float((filled & ring).sum() / max(ring.sum(), 1))}
-    if n < size:
-        filled = np.asarray(Image.fromarray(filled.astype(np.uint8) * 255).resize((size, size),
-                                                                                   Image.Resampling.BILINEAR)) >= 128
-    return filled & content, inverted, doubts
-
-
-def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
-    """Run the pipeline on one view: {'image' uint8 (S, S), 'mask' uint8 0/1, 'affine' 2x3 input->output, ...}."""
-    gray = np.asarray(load_image(path))
-    carrier = find_field(gray) if cfg.crop else None
-    affine = _square_affine((gray.shape[1], gray.shape[0]), carrier, cfg.size)
-    image = _warp(gray, affine, cfg.size)
-    content = _warp(np.full(gray.shape, 255, np.uint8), affine, cfg.size, order=0) > 0
-    if carrier is not None:  # the plate only: what lies beside a tilted or narrow plate is not part of the view
-        half = np.asarray(carrier[1]) * cfg.size / max(carrier[1]) / 2  # the plate's half sides in the square
-        centers = np.arange(cfg.size) + 0.5 - cfg.size / 2
-        content &= (np.abs(centers)[:, None] <= half[1]) & (np.abs(centers)[None, :] <= half[0])
-    inverted, doubts = False, dict.fromkeys(MASK_DOUBTS, 0.0)
-    if cfg.segment:
-        mask, inverted, doubts = _hand_mask(image, content)
-        if inverted:
-            image = np.where(content, 255 - image, 0).astype(np.uint8)
-    else:
-        mask = content
-    region = mask if mask.any() else content
-    if cfg.equalize == "he":  # skimage's equalize_hist, as a look-up table over the 256 grey levels
-        cdf, centers = exposure.cumulative_distribution(image[region], 256)
-        image = (np.interp(np.arange(256), centers, cdf) * 255).astype(np.uint8)[image]
-    elif cfg.equalize == "clahe":
-        image = (exposure.equalize_adapthist(image, clip_limit=0.01) * 255).astype(np.uint8)
-    image = np.where(mask if cfg.segment else content, image, 0).astype(np.uint8)
-    return {"image": image, "mask": mask.astype(np.uint8), "affine": affine.astype(np.float32),
-            "carrier_found": carrier is not None, "inverted": inverted, "doubts": doubts}
-
-
-def _anomaly_cache_chunk(task: tuple) -> int:
-    """Preprocess a chunk of views into the cache's arrays (runs in a worker process)."""
-    folder, start, paths, cfg = task
-    images = np.load(folder / "images.npy", mmap_mode="r+")
-    masks = np.load(folder / "masks.npy", mmap_mode="r+")
-    affines = np.load(folder / "affines.npy", mmap_mode="r+")
-    doubts = np.load(folder / "doubts.npy", mmap_mode="r+")
-    for i, p in enumerate(paths):
-        out = preprocess_view(p, cfg)
-        images[start + i], masks[start + i], affines[start + i] = out["image"], out["mask"], out["affine"]
-        doubts[start + i] = [out["doubts"][k] for k in MASK_DOUBTS]
-    for a in (images, masks, affines, doubts):
-        a.flush()
-    return len(paths)
-
-
-@dataclass
-class AnomalyCache:
-    """Preprocessed views, hand masks and each view's affine into the square, memory-mapped on disk."""
-
-    folder: Path
-    image_paths: list[str]
-    cfg: PreprocessConfig
-
-    def __post_init__(self):
-        self.row_of = {p: i for i, p in enumerate(self.image_paths)}
-        self._arrays = None
-
-    def _open(self) -> dict:
-        """Open the three arrays on first use (also inside data-loader workers)."""
-        if self._arrays is None:
-            self._arrays = {n: np.load(self.folder / f"{n}.npy", mmap_mode="r") for n in ("images", "masks", "affines")}
-        return self._arrays
-
-    images = property(lambda self: self._open()["images"], doc="(N, S, S) uint8 preprocessed views")
-    masks = property(lambda self: self._open()["masks"], doc="(N, S, S) uint8 hand masks (0/1)")
-    affines = property(lambda self: self._open()["affines"], doc="(N, 2, 3) original -> square pixel affines")
-
-    @property
-    def doubts(self) -> pd.DataFrame | None:
-        """Each view's signals of a doubtful hand mask (columns: MASK_DOUBTS), or None for a cache without them."""
-        path = self.folder / "doubts.npy"
-        return pd.DataFrame(np.load(path), columns=list(MASK_DOUBTS)) if path.is_file() else None
-
-    def rows(self, paths: Sequence[str]) -> np.ndarray:
-        """Row numbers of the given image paths."""
-        return np.array([self.row_of[p] for p in paths], dtype=np.int64)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_arrays": None}  # workers re-open the memory maps
-
-
-# bump when preprocess_view changes its output, so that caches built by an older version are rebuilt
-# (2: the exposed field inside collimated plates, plates barely darker than their surround, three-class Otsu masks;
-# 3: a plate of the background's class may miss a corner; 4: polarity from the content, every hand, markers and
-# plates kept out, the mask found at <= 128 px, framed fields, fields that hold the hand)
-ANOMALY_PIPELINE_VERSION = 4
-
-
-def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
-                        workers: int | None = None, progress: bool = True) -> AnomalyCache:
-    """Run the offline preprocessing once per (views, settings) and keep it on disk; reuse it afterwards."""
-    paths = [str(p) for p in image_paths]
-    _remove_dead_cache_builds(cache_dir)
-    stamp = _files_stamp(paths, {**asdict(cfg), "pipeline": ANOMALY_PIPELINE_VERSION})
-    folder = Path(cache_dir) / f"anomaly_{cfg.name.replace('+', '_')}_{cfg.size}px_{stamp}"
-    if (folder / "affines.npy").is_file():
-        return AnomalyCache(folder, paths, cfg)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    n, s = len(paths), cfg.size
-    for name, shape, dtype in (("images", (n, s, s), np.uint8), ("masks", (n, s, s), np.uint8),
-                               ("affines", (n, 2, 3), np.float32), ("doubts", (n, len(MASK_DOUBTS)), np.float32)):
-        np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
-    tasks = [(tmp, i, paths[i:i + 32], cfg) for i in range(0, n, 32)]
-    try:
-        _run_tasks(_anomaly_cache_chunk, tasks, f"preprocessing ({cfg.name}, {s}px)", progress, workers,
-                   [len(t[2]) for t in tasks])
-    except BaseException:  # an undecodable image (named in the error) or an interrupt: leave no partial folder
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return AnomalyCache(folder, paths, cfg)
-
-
-# where a doubt signal flags a view (set on phantom v3 at 512 px: its 90th percentile over the views whose mask IoU
-# with the truth was >= 0.5)
-MASK_DOUBT_LIMITS = {"missed": 0.055, "cut": 0.09, "background_inside": 0.021, "rim": 0.185}
-
-
-def suspect_masks(cache: AnomalyCache, low: float = 0.02, high: float = 0.45,
-                  limits: dict | None = MASK_DOUBT_LIMITS) -> pd.DataFrame:
-    """Views whose hand mask is implausible, to look at before training: covering more than `high` of the square
-    (mostly the plate or the exposed field taken for the hand) or less than `low` (the hand missed), or with a
-    doubt signal (MASK_DOUBTS) above its limit (`limits`; None: shares only). None for variants without
-    segmentation, whose mask is the whole view."""
-    rows = np.arange(len(cache.image_paths)) if cache.cfg.segment else np.arange(0)
-    shares = np.array([cache.masks[i].mean() for i in rows], dtype=float)
-    problems = [[f"mask covers more than {high:.0%} of the square"] if s > high else
-                [f"mask under {low:.0%}"] if s < low else [] for s in shares]
-    doubts = cache.doubts if limits else None
-    if doubts is not None and len(rows):
-        for name, limit in limits.items():
-            for k in np.flatnonzero(doubts[name].to_numpy()[rows] > limit):
-                problems[k].append(f"{MASK_DOUBTS[name]} above {limit}")
-    table = pd.DataFrame({"image_path": [cache.image_paths[i] for i in rows], "mask_share": shares,
-                          "problem": ["; ".join(p) for p in problems]})
-    return table[table["problem"] != ""].sort_values("mask_share", ascending=False).reset_index(drop=True)
-
-
-def _truth_in_square(truth: np.ndarray, affine: np.ndarray, size: int) -> tuple[np.ndarray, float]:
-    """A true mask (original pixels) warped into a preprocessed square by its affine, and how much of it (in the
-    square's pixels) the crop cut off."""
-    affine = np.asarray(affine, float)
-    warped = _warp(np.asarray(truth, bool).astype(np.uint8) * 255, affine, size) >= 128
-    ys, xs = np.nonzero(truth)
-    xy = np.column_stack([xs + 0.5, ys + 0.5]) @ affine[:, :2].T + affine[:, 2]
-    cut_off = ((xy < 0) | (xy >= size)).any(1).sum() * abs(np.linalg.det(affine[:, :2]))
-    return warped, float(cut_off)
-
-
-def mask_iou(mask: np.ndarray, affine: np.ndarray, truth: np.ndarray) -> float:
-    """IoU of a preprocessed view's hand mask (in its square) with the true mask (in the original view's pixels),
-    in the square's pixels: the truth warped by the view's affine; true hand that the crop cut off counts as missed."""
-    warped, cut_off = _truth_in_square(truth, affine, mask.shape[0])
-    pred = np.asarray(mask, bool)
-    union = (pred | warped).sum() + cut_off
-    return float((pred & warped).sum() / union) if union > 0 else 1.0
-
-
-def _mask_iou_rows(task: tuple) -> list[dict]:
-    """mask_iou of a chunk of cached views against their true masks (runs in a worker process)."""
-    cache, views = task
-    rows = []
-    for v in views:
-        i = cache.row_of[v["image_file"]]
-        mask, affine = np.asarray(cache.masks[i], bool), cache.affines[i]
-        truth = phantom_hand_mask(v["mask_file"])
-        warped, cut_off = _truth_in_square(truth, affine, mask.shape[0])
-        union = (mask | warped).sum() + cut_off
-        rows.append({"image_path": v["image_path"], "iou": float((mask & warped).sum() / union) if union else 1.0,
-                     "truth_share": float(warped.mean()), "mask_share": float(mask.mean()),
-                     "cut_off_share": float(cut_off / mask.size)})
-    return rows
-
-
-def mask_iou_table(data_dir: str | os.PathLike, cache: AnomalyCache | PreprocessConfig,
-                   cache_dir: str | os.PathLike = "data/cache", workers: int | None = None,
-                   progress: bool = True) -> pd.DataFrame:
-    """Per-view IoU of the hand masks with a phantom's true masks (v3+), one row per view: iou, truth_share and
-    mask_share (of the square), cut_off_share (true hand the crop left out), and the truth's view_type, n_hands,
-    polarity, low_contrast, marker. Computed in the preprocessed square (mask_iou). `cache`: a built AnomalyCache
-    (its views that the phantom knows), or a PreprocessConfig, built for all the phantom's views."""
-    truth = load_phantom_truth(data_dir)
-    if isinstance(cache, PreprocessConfig):
-        cache = build_anomaly_cache(truth["image_file"], cache, cache_dir, workers=workers, progress=progress)
-    if not cache.cfg.segment:
-        raise ValueError(f"variant {cache.cfg.name} has no hand mask (its mask is the whole view): use a full variant")
-    truth = truth[truth["image_file"].isin(cache.row_of)].reset_index(drop=True)
-    views = truth[["image_path", "image_file", "mask_file"]].to_dict("records")
-    tasks = [(cache, views[i:i + 32]) for i in range(0, len(views), 32)]
-    rows = [r for chunk in _run_tasks(_mask_iou_rows, tasks, "mask IoU", progress, workers,
-                                      [len(t[1]) for t in tasks]) for r in chunk]
-    table = pd.DataFrame(rows, columns=["image_path", "iou", "truth_share", "mask_share", "cut_off_share"])
-    keep = ["image_path", "image_file", "mask_file", "view_type", "n_hands", "polarity", "low_contrast", "marker"]
-    return truth[keep].merge(table, on="image_path").assign(size=cache.cfg.size, variant=cache.cfg.name)
-
-
-def mask_iou_summary(table: pd.DataFrame, good: float = 0.85, bad: float = 0.5) -> dict:
-    """The IoU distribution in numbers: views, share >= `good`, median, 5th percentile, count < `bad`."""
-    iou = table["iou"].to_numpy()
-    return {"views": int(len(iou)), f"share_iou_ge_{good}": float(np.mean(iou >= good)),
-            "median_iou": float(np.median(iou)), "p5_iou": float(np.percentile(iou, 5)),
-            f"n_iou_lt_{bad}": int(np.sum(iou < bad))}
-
-
-def plot_mask_iou(table: pd.DataFrame, worst: int = 6, good: float = 0.85):
-    """The mask IoU's distribution (by polarity) and the worst views: each cropped view with its mask (red) and the
-    true one (green; both: yellow) in the preprocessed square."""
-    fig = plt.figure(figsize=(3 * max(worst, 4), 6.2))
-    grid = fig.add_gridspec(2, max(worst, 4))
-    ax = fig.add_subplot(grid[0, :])
-    sns.histplot(table, x="iou", hue="polarity", bins=np.linspace(0, 1, 41), multiple="stack", ax=ax)
-    ax.axvline(good, color="k", ls="--", lw=1)
-    ax.set_title(f"Hand mask IoU with the phantom's truth ({table['variant'].iloc[0]}, {table['size'].iloc[0]} px): "
-                 f"{np.mean(table['iou'] >= good):.1%} of {len(table)} views >= {good}")
-    cfg = preprocess_variants(int(table["size"].iloc[0]), [table["variant"].iloc[0]])[table["variant"].iloc[0]]
-    for k, row in enumerate(table.nsmallest(worst, "iou").itertuples()):
-        out = preprocess_view(row.image_file, cfg)
-        truth, _ = _truth_in_square(phantom_hand_mask(row.mask_file), out["affine"], cfg.size)
-        view = preprocess_view(row.image_file, PreprocessConfig(cfg.crop, False, None, cfg.size))["image"] / 255
-        overlay = np.stack([np.maximum(view * 0.6, out["mask"]), np.maximum(view * 0.6, truth * 0.8), view * 0.6], -1)
-        axis = fig.add_subplot(grid[1, k])
-        axis.imshow(overlay)
-        axis.set_title(f"IoU {row.iou:.2f}: {row.view_type}, {row.polarity}\n{row.n_hands} hand(s)"
-                       f"{', low contrast' if row.low_contrast else ''}", fontsize=8)
-        axis.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-def anomaly_split(studies: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """Davletshina et al.'s split by patient: positive patients halved into val and test, each joined by as many
-    normal-only patients; all other (normal-only) patients train. Adds a column 'subset' (train/val/test)."""
-    patient_key = studies["body_part"] + "/" + studies["patient"]
-    positive = sorted(set(patient_key[studies["label"] == 1]))
-    normal = sorted(set(patient_key) - set(positive))
-    rng = np.random.default_rng(seed)
-    positive, normal = list(rng.permutation(positive)), list(rng.permutation(normal))
-    half = len(positive) // 2
-    val_pos, test_pos = positive[:half], positive[half:]
-    if len(normal) <= len(positive):
-        raise MuraDataError(f"the split needs more normal-only patients ({len(normal)}) than patients with an "
-                            f"abnormal study ({len(positive)}): as many go to val and test, the rest train")
-    if half == 0:
-        raise MuraDataError(f"the split needs at least 2 patients with an abnormal study, found {len(positive)}: "
-                            f"half of them go to validation, half to test")
-    val_neg, test_neg, train = normal[:len(val_pos)], normal[len(val_pos):len(positive)], normal[len(positive):]
-    subset = {**dict.fromkeys(train, "train"), **dict.fromkeys(val_pos + val_neg, "val"),
-              **dict.fromkeys(test_pos + test_neg, "test")}
-    return studies.assign(subset=patient_key.map(subset))
-
-
-# ---------------------------------------------------------------- anomaly detection: models and masked losses
-
-def _conv_block(cin: int, cout: int, kernel: int, stride: int, padding: int) -> torch.nn.Sequential:
-    """Convolution, batch norm, ReLU."""
-    return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
-                               torch.nn.BatchNorm2d(cout), torch.nn.ReLU(inplace=True))
-
-
-def _deconv_block(cin: int, cout: int, kernel: int = 4, stride: int = 2, padding: int = 1) -> torch.nn.Sequential:
-    """Transposed convolution, batch norm, ReLU."""
-    return torch.nn.Sequential(torch.nn.ConvTranspose2d(cin, cout, kernel, stride, padding, bias=False),
-                               torch.nn.BatchNorm2d(cout), torch.nn.ReLU(inplace=True))
-
-
-class ConvAutoencoder(torch.nn.Module):
-    """The CAE of Davletshina et al.'s Figure 5: 3x3 and stride-2 4x4 conv/BN/ReLU blocks from 1x512x512 down to
-    512x16x16 (any input size divisible by 32 gives size/32), mirrored by a transposed-convolution decoder; with
-    architecture "paper", their code's shorter decoder (PaperCAEDecoder)."""
-
-    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128, 256, 512), architecture: str = "suite"):
-        super().__init__()
-        layers = [_conv_block(1, widths[0], 3, 1, 1)]
-        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
-            layers.append(_conv_block(cin, cout, 4, 2, 1))
-            if i < len(widths) - 2:
-                layers.append(_conv_block(cout, cout, 3, 1, 1))
-        self.encoder = torch.nn.Sequential(*layers)
-        layers = []
-        for i, (cin, cout) in enumerate(zip(widths[::-1][:-1], widths[::-1][1:])):
-            layers.append(_deconv_block(cin, cout))
-            if i < len(widths) - 2:
-                layers.append(_conv_block(cout, cout, 3, 1, 1))
-        layers += [torch.nn.Conv2d(widths[0], 1, 3, 1, 1), torch.nn.Sigmoid()]
-        self.decoder = PaperCAEDecoder(widths) if architecture == "paper" else torch.nn.Sequential(*layers)
-
-    def forward(self, x):
-        """Reconstruct x (B, 1, H, W) in [0, 1]."""
-        return {"recon": self.decoder(self.encoder(x)), "mu": None, "logvar": None}
-
-
-class VariationalAutoencoder(torch.nn.Module):
-    """The VAE of Davletshina et al.'s Figure 7: unpadded stride-2 4x4 convolutions down to 512x2x2 (seven for a
-    512 input), fully connected mu and log-variance of size 1024, reparameterisation, and a mirrored decoder whose
-    last transposed convolution restores the exact input size (6x6 for 512). `bottom` 6: their code's VAE
-    (vaetorch.py: six convolutions 16 ... 512 channels to 512x6x6 = h_dim 18432 for 512 px, a last 6x6 kernel)."""
-
-    def __init__(self, image_size: int = 512, latent: int = 1024, bottom: int = 2):
-        super().__init__()
-        sizes = [image_size]
-        while sizes[-1] > bottom:
-            sizes.append((sizes[-1] - 4) // 2 + 1)
-        if sizes[-1] != bottom or len(sizes) < 3:
-            raise ValueError(f"image_size {image_size} does not reach {bottom}x{bottom} with stride-2 4x4 "
-                             f"convolutions; use 64, 128, 256 or 512")
-        n = len(sizes) - 1
-        widths = [512 // 2 ** (n - 1 - i) for i in range(n)]  # 8, 16, ..., 512 for seven layers
-        self.encoder = torch.nn.Sequential(*[_conv_block(c_in, c_out, 4, 2, 0)
-                                             for c_in, c_out in zip([1, *widths[:-1]], widths)])
-        self.bottom = bottom
-        cells = 512 * bottom**2
-        self.fc_mu, self.fc_logvar = torch.nn.Linear(cells, latent), torch.nn.Linear(cells, latent)
-        self.fc_decode = torch.nn.Linear(latent, cells)
-        rev = widths[::-1]
-        layers, size = [], bottom
-        for c_in, c_out in zip(rev[:-1], rev[1:]):
-            layers.append(_deconv_block(c_in, c_out, 4, 2, 0))
-            size = 2 * size + 2
-        layers += [torch.nn.ConvTranspose2d(rev[-1], 1, image_size - 2 * (size - 1), 2, 0), torch.nn.Sigmoid()]
-        self.decoder = torch.nn.Sequential(*layers)
-
-    def forward(self, x):
-        """Reconstruct x; also return the posterior's mu and log-variance (for the KLD)."""
-        h = self.encoder(x).flatten(1)
-        mu, logvar = self.fc_mu(h), self.fc_logvar(h).clamp(-20, 20)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
-        recon = self.decoder(self.fc_decode(z).view(-1, 512, self.bottom, self.bottom))
-        return {"recon": recon, "mu": mu, "logvar": logvar}
-
-
-def masked_mse(x, recon, mask):
-    """Per image: ||m * (x - x_hat)||^2 / ||m||_1 (Davletshina et al.'s masked reconstruction loss L_M)."""
-    err = (mask * (x.float() - recon.float())) ** 2
-    return err.flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
-
-
-def masked_l1(x, recon, mask):
-    """Per image: ||m * (x - x_hat)||_1 / ||m||_1 (alpha-GAN's reconstruction loss, inside the hand mask)."""
-    err = (mask * (x.float() - recon.float())).abs()
-    return err.flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)
-
-
-def kl_divergence(mu, logvar):
-    """Per image: KL( N(mu, diag(exp(logvar))) || N(0, I) )."""
-    return -0.5 * (1 + logvar.float() - mu.float() ** 2 - logvar.float().exp()).sum(1)
-
-
-def reconstruction_scores(x, out: dict, mask, top_k: int = 200, kld_weight: float = 1.0,
-                          smooth_l1: bool = False) -> dict[str, torch.Tensor]:
-    """Per-image anomaly scores: masked MSE and L1 and their top-k pixel means (where the model reconstructs), for a
-    VAE the KLD and the sums, and the scores a GAN computes itself (out['scores']); `smooth_l1`: the L1 scores as
-    smooth L1 (beta 1), as their VAE's loss_L_one (vaetorch.py)."""
-    scores = dict(out.get("scores") or {})
-    if out["recon"] is None:
-        return scores
-    m = mask.float().flatten(1)
-    diff = (x.float() - out["recon"].float()).flatten(1) * m
-    n = m.sum(1).clamp_min(1)
-    sq, ab = diff**2, diff.abs()
-    if smooth_l1:
-        ab = torch.where(ab < 1, 0.5 * sq, ab - 0.5)
-    k = min(top_k, sq.shape[1])
-    scores.update({"mse": sq.sum(1) / n, "l1": ab.sum(1) / n, f"mse_top{top_k}": sq.topk(k, 1).values.mean(1),
-                   f"l1_top{top_k}": ab.topk(k, 1).values.mean(1)})
-    if out["mu"] is not None:
-        kld = kl_divergence(out["mu"], out["logvar"])
-        per_pixel = kld_weight * kld / sq.shape[1]  # the KLD as weighted in the training loss
-        scores.update({"kld": kld, "l1+kld": scores["l1"] + per_pixel, "mse+kld": scores["mse"] + per_pixel})
-    return scores
-
-
-# ---------------------------------------------------------------- anomaly detection: GANs (DCGAN, BiGAN, alpha-GAN)
-
-GAN_MODELS = ("dcgan", "bigan", "alphagan")
-ANOMALY_MODELS = ("cae", "vae", *GAN_MODELS)
-ANOMALY_MODEL_NAMES = {"cae": "CAE", "vae": "VAE", "dcgan": "DCGAN", "bigan": "BiGAN", "alphagan": "alpha-GAN"}
-
-
-def _down_block(cin: int, cout: int, norm: bool = True) -> torch.nn.Sequential:
-    """Stride-2 4x4 convolution, batch norm (not on the first layer, as in DCGAN), leaky ReLU."""
-    return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 4, 2, 1, bias=not norm),
-                               *([torch.nn.BatchNorm2d(cout)] if norm else []), torch.nn.LeakyReLU(0.2, inplace=True))
-
-
-def _gan_depth(image_size: int) -> int:
-    """Stride-2 steps between 4x4 and image_size (a power of two, at least 16)."""
-    depth = int(round(math.log2(image_size / 4))) if image_size > 0 else 0
-    if image_size < 16 or 4 * 2**depth != image_size:
-        raise ValueError(f"the GAN models need a power-of-two image size of at least 16, got {image_size}")
-    return depth
-
-
-class ImageCritic(torch.nn.Module):
-    """The DCGAN discriminator's convolutions of Davletshina et al.'s Figure 9: stride-2 4x4 layers whose width
-    doubles as the map halves (4 channels at 256x256 ... 256 at 4x4 for a 512 input), then a 4x4 convolution to
-    512x1x1: the image's 512 features."""
-
-    def __init__(self, image_size: int):
-        super().__init__()
-        depth = _gan_depth(image_size)
-        widths = [256 // 2 ** (depth - 1 - i) for i in range(depth)]
-        self.features = torch.nn.Sequential(
-            *[_down_block(cin, cout, norm=i > 0) for i, (cin, cout) in enumerate(zip([1, *widths[:-1]], widths))],
-            torch.nn.Conv2d(widths[-1], 512, 4, 1, 0), torch.nn.LeakyReLU(0.2, inplace=True), torch.nn.Flatten())
-
-    def forward(self, x):
-        """(B, 1, S, S) -> (B, 512)."""
-        return self.features(x)
-
-
-class MinibatchDiscrimination(torch.nn.Module):
-    """Salimans et al. (2016): how close each sample's features are to the rest of its batch, as extra features
-    (512 -> 528 in DCGAN's discriminator). In eval mode the sample is compared with a reference batch kept from
-    training, so that an anomaly score does not depend on which views were scored together."""
-
-    def __init__(self, in_features: int = 512, out_features: int = 16, kernel_dim: int = 5, reference: int = 64):
-        super().__init__()
-        self.out_features, self.kernel_dim = out_features, kernel_dim
-        self.projection = torch.nn.Parameter(torch.randn(in_features, out_features * kernel_dim) * 0.05)
-        self.register_buffer("reference", torch.zeros(reference, out_features, kernel_dim))
-        self.register_buffer("reference_size", torch.zeros((), dtype=torch.long))
-        self.largest_batch = 0  # on the host: checking the buffer each step would wait for the GPU
-
-    def forward(self, h, remember: bool = False):
-        """(B, F) -> (B, F + out_features); `remember` keeps this (real, training) batch as the reference."""
-        rows = (h @ self.projection.to(h.dtype)).view(-1, self.out_features, self.kernel_dim)
-        if self.training:
-            closeness = torch.exp(-(rows[:, None] - rows[None]).abs().sum(3)).sum(1) - 1  # less itself
-            keep = min(len(rows), len(self.reference))
-            if remember and keep >= self.largest_batch:  # a short last batch keeps the full one before
-                self.reference[:keep] = rows[:keep].detach().float()
-                self.reference_size.fill_(keep)
-                self.largest_batch = keep
-        else:
-            others = self.reference[: int(self.reference_size)].to(rows.dtype)
-            scale = (len(others) - 1) / max(len(others), 1)  # as many others as in a training batch
-            closeness = torch.exp(-(rows[:, None] - others[None]).abs().sum(3)).sum(1) * scale
-        return torch.cat([h, closeness.to(h.dtype)], 1)
-
-
-class Generator(torch.nn.Module):
-    """The DCGAN generator of Davletshina et al.'s Figure 9: a latent code to 1024x4x4, then stride-2 4x4
-    transposed convolutions halving the width as the map doubles, to a 1-channel image in [0, 1]."""
-
-    def __init__(self, image_size: int, latent: int = 128):
-        super().__init__()
-        depth = _gan_depth(image_size)
-        widths = [1024 // 2**i for i in range(depth)]
-        self.net = torch.nn.Sequential(
-            torch.nn.Unflatten(1, (latent, 1, 1)), _deconv_block(latent, widths[0], 4, 1, 0),
-            *[_deconv_block(cin, cout) for cin, cout in zip(widths[:-1], widths[1:])],
-            torch.nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1), torch.nn.Sigmoid())
-
-    def forward(self, z):
-        """(B, latent) -> (B, 1, S, S)."""
-        return self.net(z)
-
-
-class AdversarialAnomalyModel(torch.nn.Module):
-    """The GAN family of Davletshina et al. in one module, trained on normal views only:
-    'dcgan' (generator G, discriminator D with minibatch discrimination), 'bigan' (BiGAN/ALI: an encoder E, and D
-    judging image-code pairs), 'alphagan' (alpha-GAN, Rosca et al. 2017: E, G, an image D and a code discriminator
-    C, with a reconstruction loss). Called on views in eval mode it returns the anomaly scores: 1 - D's
-    probability that the view is real ('disc'), for alpha-GAN also 1 - C's for its code ('code_disc') and their
-    mean ('c+d'), and the reconstruction G(E(x)) where there is an encoder."""
-
-    def __init__(self, kind: str, image_size: int, latent: int = 128):
-        super().__init__()
-        if kind not in GAN_MODELS:
-            raise ValueError(f"kind must be one of {GAN_MODELS}, got {kind!r}")
-        self.kind, self.latent = kind, latent
-        self.generator = Generator(image_size, latent)
-        self.critic = ImageCritic(image_size)
-        if kind == "bigan":
-            self.code_features = torch.nn.Sequential(torch.nn.Linear(latent, 512), torch.nn.LeakyReLU(0.2, True))
-            self.head = torch.nn.Sequential(torch.nn.Linear(1024, 512), torch.nn.LeakyReLU(0.2, True),
-                                            torch.nn.Linear(512, 1))
-        else:
-            self.minibatch = MinibatchDiscrimination(512)
-            self.head = torch.nn.Linear(512 + self.minibatch.out_features, 1)
-        if kind != "dcgan":
-            self.encoder = torch.nn.Sequential(ImageCritic(image_size), torch.nn.Linear(512, latent))
-        if kind == "alphagan":
-            self.code_critic = torch.nn.Sequential(torch.nn.Linear(latent, 750), torch.nn.LeakyReLU(0.2, True),
-                                                   torch.nn.Linear(750, 750), torch.nn.LeakyReLU(0.2, True),
-                                                   torch.nn.Linear(750, 1))
-
-    def discriminate(self, x, z=None, remember: bool = False):
-        """D's logit that x (with its code z, for BiGAN) is a real normal view; `remember`: x is a real training
-        batch, kept as minibatch discrimination's reference for scoring."""
-        h = self.critic(x)
-        if self.kind == "bigan":
-            return self.head(torch.cat([h, self.code_features(z)], 1))[:, 0]
-        return self.head(self.minibatch(h, remember))[:, 0]
-
-    def discriminator_parameters(self):
-        """The parameters of the discriminating side (D, and C for alpha-GAN)."""
-        names = ("critic", "head", "code_features", "minibatch", "code_critic")
-        return [p for name, module in self.named_children() if name in names for p in module.parameters()]
-
-    def generator_parameters(self):
-        """The parameters of the generating side (G, and E where there is one)."""
-        return [p for name, module in self.named_children() if name in ("generator", "encoder")
-                for p in module.parameters()]
-
-    def forward(self, x):
-        """Anomaly scores of views x (B, 1, S, S) in [0, 1], and their reconstruction where there is an encoder."""
-        z = self.encoder(x) if self.kind != "dcgan" else None
-        disc = 1 - torch.sigmoid(self.discriminate(x, z).float())
-        scores = {"disc": disc}
-        if self.kind == "alphagan":
-            scores["code_disc"] = 1 - torch.sigmoid(self.code_critic(z)[:, 0].float())
-            scores["c+d"] = (scores["code_disc"] + disc) / 2
-        return {"recon": self.generator(z) if z is not None else None, "mu": None, "logvar": None, "scores": scores}
-
-
-def _adversarial_loss(logits, real: bool):
-    """Binary cross-entropy of D's logits against 'real' (1) or 'fake' (0)."""
-    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
-    return F.binary_cross_entropy_with_logits(logits.float(), target)
-
-
-def gan_step(model: AdversarialAnomalyModel, x, mask, optimizers: dict, scaler, dtype, generator,
-             recon_weight: float = 10.0, masked: bool = True) -> dict[str, torch.Tensor]:
-    """One training step of a GAN on normal views: the discriminating side first (on detached fakes), then the
-    generating side against the updated discriminators (non-saturating losses); alpha-GAN adds recon_weight x the
-    masked L1 reconstruction loss. Returns the step's losses."""
-    device_type = x.device.type
-    z = torch.randn(len(x), model.latent, device=x.device, generator=generator)
-    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        fake = model.generator(z)
-        code = model.encoder(x) if model.kind != "dcgan" else None
-        recon = model.generator(code) if model.kind == "alphagan" else None
-        fakes = [fake] + ([recon] if recon is not None else [])
-        d_loss = _adversarial_loss(model.discriminate(x, None if code is None else code.detach(), remember=True), True)
-        for f in fakes:
-            d_loss = d_loss + _adversarial_loss(model.discriminate(f.detach(), z if model.kind == "bigan" else None),
-                                                False) / len(fakes)
-        if model.kind == "alphagan":
-            d_loss = d_loss + _adversarial_loss(model.code_critic(z)[:, 0], True) \
-                + _adversarial_loss(model.code_critic(code.detach())[:, 0], False)
-    optimizers["discriminator"].zero_grad(set_to_none=True)
-    scaler.scale(d_loss).backward()
-    scaler.step(optimizers["discriminator"])
-    discriminating = model.discriminator_parameters()
-    for p in discriminating:
-        p.requires_grad_(False)
-    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        if model.kind == "bigan":  # E and G fool D the other way round: real pairs called fake, fake pairs real
-            g_loss = _adversarial_loss(model.discriminate(x, code), False) \
-                + _adversarial_loss(model.discriminate(fake, z), True)
-        else:
-            g_loss = sum(_adversarial_loss(model.discriminate(f), True) for f in fakes) / len(fakes)
-        if model.kind == "alphagan":
-            g_loss = g_loss + _adversarial_loss(model.code_critic(code)[:, 0], True)
-            g_loss = g_loss + recon_weight * masked_l1(x, recon, mask if masked else torch.ones_like(mask)).mean()
-    optimizers["generator"].zero_grad(set_to_none=True)
-    scaler.scale(g_loss).backward()
-    scaler.step(optimizers["generator"])
-    scaler.update()
-    for p in discriminating:
-        p.requires_grad_(True)
-    return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach()}
-
-
-# ---------------------------------------------------------------- anomaly detection: their networks (recipe "paper")
-# Written afresh from a reading of their repository (github.com/Valentyn1997/xray, commit 0c11b6f for the models and
-# train.py, c8568f5 for src/models/run_params.py): the networks their code trains, where those differ from the
-# suite's. Our own networks above follow the paper's figures; these follow the code.
-
-def _spectral(layer: torch.nn.Module) -> torch.nn.Module:
-    """Spectral normalisation of a layer's weight (Miyato et al. 2018; their gans.py SpectralNorm)."""
-    return torch.nn.utils.parametrizations.spectral_norm(layer)
-
-
-class PaperCAEDecoder(torch.nn.Sequential):
-    """Their CAE decoder (autoencoders.py, BaselineAutoencoder defaults): five stride-2 4x4 transposed convolutions
-    with BN and ReLU, 512 -> 16 channels, then a 3x3 one to one channel, ReLU, then Tanh (so outputs lie in [0, 1))."""
-
-    def __init__(self, widths: Sequence[int] = (16, 32, 64, 128, 256, 512)):
-        rev = list(widths[::-1])
-        layers = [_deconv_block(cin, cout) for cin, cout in zip(rev[:-1], rev[1:])]
-        layers += [torch.nn.ConvTranspose2d(rev[-1], 1, 3, 1, 1), torch.nn.ReLU(), torch.nn.Tanh()]
-        super().__init__(*layers)
-
-
-class SelfAttention(torch.nn.Module):
-    """Self-attention over a feature map (Zhang et al. 2019, SAGAN): x + gamma * attention-weighted values, gamma
-    starting at 0 (their sagan.py and alphagan.py Self_Attn)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.query = torch.nn.Conv2d(channels, max(1, channels // 8), 1)
-        self.key = torch.nn.Conv2d(channels, max(1, channels // 8), 1)
-        self.value = torch.nn.Conv2d(channels, channels, 1)
-        self.gamma = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        """(B, C, H, W) -> (B, C, H, W)."""
-        b, c, h, w = x.shape
-        attention = torch.softmax(self.query(x).flatten(2).transpose(1, 2) @ self.key(x).flatten(2), -1)
-        out = self.value(x).flatten(2) @ attention.transpose(1, 2)
-        return x + self.gamma * out.view(b, c, h, w)
-
-
-def _attention_stack(image_size: int, conv_dim: int = 64) -> tuple[torch.nn.Sequential, int]:
-    """Their BiGAN/alpha-GAN image stack (sagan.py Encoder/Discriminator): stride-2 4x4 spectral-norm convolutions
-    doubling from 64 channels down to 4x4 (1024 channels at 128 px), leaky ReLU 0.1, self-attention after the
-    last two. Returns (stack, channels)."""
-    depth = _gan_depth(image_size)
-    layers, cin = [], 1
-    for i in range(depth):
-        cout = conv_dim * 2**i
-        layers += [_spectral(torch.nn.Conv2d(cin, cout, 4, 2, 1)), torch.nn.LeakyReLU(0.1)]
-        if i >= depth - 2:
-            layers.append(SelfAttention(cout))
-        cin = cout
-    return torch.nn.Sequential(*layers), cin
-
-
-class AttentionGenerator(torch.nn.Module):
-    """Their BiGAN/alpha-GAN generator (sagan.py Generator): a spectral-norm 4x4 transposed convolution from the
-    code to 8*size channels (1024 at 128 px), halving stride-2 blocks with BN and ReLU, self-attention after the
-    last two, and a last transposed convolution to one channel with Tanh."""
-
-    def __init__(self, image_size: int, latent: int = 100, conv_dim: int = 64):
-        super().__init__()
-        depth = _gan_depth(image_size) - 1
-        width = conv_dim * image_size // 8
-        layers = [torch.nn.Unflatten(1, (latent, 1, 1)), _spectral(torch.nn.ConvTranspose2d(latent, width, 4)),
-                  torch.nn.BatchNorm2d(width), torch.nn.ReLU()]
-        for i in range(depth):
-            layers += [_spectral(torch.nn.ConvTranspose2d(width, width // 2, 4, 2, 1)),
-                       torch.nn.BatchNorm2d(width // 2), torch.nn.ReLU()]
-            width //= 2
-            if i >= depth - 2:
-                layers.append(SelfAttention(width))
-        layers += [torch.nn.ConvTranspose2d(width, 1, 4, 2, 1), torch.nn.Tanh()]
-        self.net = torch.nn.Sequential(*layers)
-
-    def forward(self, z):
-        """(B, latent) -> (B, 1, S, S) in [-1, 1]."""
-        return self.net(z)
-
-
-class PaperGAN(torch.nn.Module):
-    """The GAN family as their code builds it, trained by paper_gan_step:
-    'dcgan' (gans.py DCGAN: spectral norm everywhere, no BN (run_params 'batch_normalisation': False), ReLU in D,
-    D ending in one logit, no minibatch discrimination in the code we read, latent 2048);
-    'bigan' (their class SAGAN, sagan.py: an encoder, a generator and a discriminator of image-code pairs, with
-    self-attention and spectral norm, latent 100); 'alphagan' (alphagan.py AlphaGan: a stochastic encoder with mean
-    and 'log-variance' heads, the same generator, an image D and a code discriminator C).
-    Called on views in eval mode it returns the same scores as AdversarialAnomalyModel: 'disc' (D's probability
-    that the view is abnormal), for alpha-GAN 'code_disc' and 'c+d', and the reconstruction G(E(x))."""
-
-    def __init__(self, kind: str, image_size: int, latent: int):
-        super().__init__()
-        if kind not in GAN_MODELS:
-            raise ValueError(f"kind must be one of {GAN_MODELS}, got {kind!r}")
-        self.kind, self.latent = kind, latent
-        depth = _gan_depth(image_size)
-        if kind == "dcgan":  # gans.py Generator/Discriminator defaults, generalised from 512 px
-            widths = [1024 // 2**i for i in range(depth)]
-            layers = [torch.nn.Unflatten(1, (latent, 1, 1)), _spectral(torch.nn.ConvTranspose2d(latent, widths[0], 4)),
-                      torch.nn.ReLU()]
-            for cin, cout in zip(widths[:-1], widths[1:]):
-                layers += [_spectral(torch.nn.ConvTranspose2d(cin, cout, 4, 2, 1)), torch.nn.ReLU()]
-            self.generator = torch.nn.Sequential(*layers, _spectral(torch.nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1)),
-                                                 torch.nn.Sigmoid())
-            widths = [256 // 2 ** (depth - 1 - i) for i in range(depth)]
-            layers = []
-            for cin, cout in zip([1, *widths[:-1]], widths):
-                layers += [_spectral(torch.nn.Conv2d(cin, cout, 4, 2, 1)), torch.nn.ReLU()]
-            self.critic = torch.nn.Sequential(*layers, _spectral(torch.nn.Conv2d(widths[-1], 1, 4, 1, 0)),
-                                              torch.nn.Flatten())
-            return
-        self.generator = AttentionGenerator(image_size, latent)
-        stack, channels = _attention_stack(image_size)
-        encoder_stack, _ = _attention_stack(image_size)
-        if kind == "bigan":  # sagan.py Encoder, Discriminator (its infer_z and infer_joint heads)
-            self.encoder = torch.nn.Sequential(encoder_stack, torch.nn.Conv2d(channels, latent, 4), torch.nn.Flatten())
-            self.critic = torch.nn.Sequential(stack, _spectral(torch.nn.Conv2d(channels, channels, 4)),
-                                              torch.nn.LeakyReLU(0.1))
-            self.code_features = torch.nn.Sequential(
-                _spectral(torch.nn.Conv2d(latent, 512, 1)), torch.nn.LeakyReLU(0.1),
-                _spectral(torch.nn.Conv2d(512, 512, 1)), torch.nn.LeakyReLU(0.1))
-            self.head = torch.nn.Sequential(
-                _spectral(torch.nn.Conv2d(channels + 512, 1024, 1)), torch.nn.LeakyReLU(0.1),
-                _spectral(torch.nn.Conv2d(1024, 1024, 1)), torch.nn.LeakyReLU(0.1), torch.nn.Conv2d(1024, 1, 1),
-                torch.nn.Flatten())
-        else:  # alphagan.py Encoder (mean and log_var heads, each Conv 4x4 + Tanh), Discriminator, Codescriminator
-            self.encoder = encoder_stack
-            self.encoder_mean = torch.nn.Sequential(torch.nn.Conv2d(channels, latent, 4), torch.nn.Tanh(),
-                                                    torch.nn.Flatten())
-            self.encoder_spread = torch.nn.Sequential(torch.nn.Conv2d(channels, latent, 4), torch.nn.Tanh(),
-                                                      torch.nn.Flatten())
-            self.critic = torch.nn.Sequential(stack, _spectral(torch.nn.Conv2d(channels, 1, 4)), torch.nn.Flatten())
-            widths = [latent, latent // 2, latent // 4, latent // 8]
-            layers = []
-            for cin, cout in zip(widths[:-1], widths[1:]):
-                layers += [torch.nn.Linear(cin, cout), torch.nn.LeakyReLU(0.1)]
-            self.code_critic = torch.nn.Sequential(*layers, torch.nn.Linear(widths[-1], 1))
-
-    def encode(self, x, sample: bool = False):
-        """E(x): the code (alpha-GAN: its mean, or with `sample` mean + spread * noise, as their training does)."""
-        if self.kind == "bigan":
-            return self.encoder(x)
-        h = self.encoder(x)
-        mean = self.encoder_mean(h)
-        # alphagan.py train_on_batch: z_hat = z_mean + z_logvar * randn, the 'log-variance' used as a spread
-        return mean + self.encoder_spread(h) * torch.randn_like(mean) if sample else mean
-
-    def discriminate(self, x, z=None):
-        """D's logit that x (with its code z, for BiGAN) is real (for DCGAN: that it is FAKE, their inverted labels)."""
-        h = self.critic(x)
-        if self.kind == "bigan":
-            return self.head(torch.cat([h, self.code_features(z[:, :, None, None])], 1))[:, 0]
-        return h[:, 0]
-
-    def forward(self, x):
-        """Anomaly scores of views x (B, 1, S, S), and their reconstruction where there is an encoder."""
-        if self.kind == "dcgan":  # D learns 0 for real, 1 for fake: D itself is the probability of abnormal
-            return {"recon": None, "mu": None, "logvar": None,
-                    "scores": {"disc": torch.sigmoid(self.discriminate(x).float())}}
-        z = self.encode(x)
-        scores = {"disc": 1 - torch.sigmoid(self.discriminate(x, z).float())}
-        if self.kind == "alphagan":
-            scores["code_disc"] = 1 - torch.sigmoid(self.code_critic(z)[:, 0].float())
-            scores["c+d"] = (scores["code_disc"] + scores["disc"]) / 2
-        return {"recon": self.generator(z), "mu": None, "logvar": None, "scores": scores}
-
-    def parameter_groups(self) -> dict[str, list]:
-        """The parameters each of their optimisers updates."""
-        groups = {"discriminator": [*self.critic.parameters()], "generator": [*self.generator.parameters()]}
-        if self.kind == "bigan":  # sagan.py: one optimiser for G and E, one for D (with its code and joint heads)
-            groups["discriminator"] += [*self.code_features.parameters(), *self.head.parameters()]
-            groups["generator"] += [*self.encoder.parameters()]
-        if self.kind == "alphagan":  # alphagan.py: four optimisers, E, G, D and C
-            groups["encoder"] = [*self.encoder.parameters(), *self.encoder_mean.parameters(),
-                                 *self.encoder_spread.parameters()]
-            groups["code_discriminator"] = [*self.code_critic.parameters()]
-        return groups
-
-
-def _bce(logits, target):
-    """Binary cross-entropy of logits against a target (a number or a tensor of soft labels)."""
-    target = torch.as_tensor(target, dtype=torch.float32, device=logits.device).expand(logits.shape)
-    return F.binary_cross_entropy_with_logits(logits.float(), target)
-
-
-def paper_gan_step(model: PaperGAN, x, optimizers: dict, scaler, dtype, generator, cfg) -> dict[str, torch.Tensor]:
-    """One step of their GAN training (their train_on_batch), with logits in place of their sigmoid + BCELoss (the
-    same loss, safe under autocast):
-    dcgan (gans.py): inverted soft labels, real -> U(0, d), fake -> U(1 - d, 1) (d = cfg.label_noise), D first,
-    then G towards 'real' (0) against the updated D;
-    bigan (sagan.py, adv_loss 'hinge', which is the log loss): D on (x, E(x)) real and (G(z), z) fake, G and E
-    the other way round, from the same forward pass;
-    alphagan (alphagan.py): E: 0.01-weighted unmasked L1 + [bce(C(z^), 1) - bce(C(z^), 0)]; G: the same L1 +
-    the same difference for D(x_rec) and D(G(z)); D: x real, x_rec and G(z) fake; C: z^ fake, z real; each from
-    the same forward pass, each with its own optimiser. Their instance noise (std 0.01 (epoch+1-E)/(epoch+1), a
-    negative std) is left out."""
-    device_type = x.device.type
-    z = torch.randn(len(x), model.latent, device=x.device, generator=generator)
-    groups = model.parameter_groups()
-    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        if model.kind == "dcgan":
-            d = cfg.label_noise
-            real_t = torch.rand(len(x), device=x.device, generator=generator) * d
-            fake_t = 1 - torch.rand(len(x), device=x.device, generator=generator) * d
-            fake = model.generator(z)
-            losses = {"discriminator": _bce(model.discriminate(x), real_t) + _bce(model.discriminate(fake.detach()),
-                                                                                     fake_t)}
-        elif model.kind == "bigan":
-            code = model.encode(x)
-            real, fake = model.discriminate(x, code), model.discriminate(model.generator(z), z)
-            losses = {"discriminator": _bce(real, 1) + _bce(fake, 0), "generator": _bce(fake, 1) + _bce(real, 0)}
-        else:
-            code = model.encode(x, sample=True)
-            recon, fake = model.generator(code), model.generator(z)
-            d_real, d_recon, d_fake = (model.discriminate(v) for v in (x, recon, fake))
-            c_code, c_prior = model.code_critic(code)[:, 0], model.code_critic(z)[:, 0]
-            l1 = cfg.recon_weight * (x.float() - recon.float()).abs().mean()  # alphagan.py: 0.01 * nn.L1Loss()
-            losses = {"encoder": l1 + _bce(c_code, 1) - _bce(c_code, 0),
-                      "generator": l1 + _bce(d_recon, 1) - _bce(d_recon, 0) + _bce(d_fake, 1) - _bce(d_fake, 0),
-                      "discriminator": _bce(d_real, 1) + _bce(d_recon, 0) + _bce(d_fake, 0),
-                      "code_discriminator": _bce(c_code, 0) + _bce(c_prior, 1)}
-    for name, loss in losses.items():  # each optimiser's gradient of its own loss, from the same forward pass
-        grads = torch.autograd.grad(scaler.scale(loss), groups[name], retain_graph=True, allow_unused=True)
-        for p, g in zip(groups[name], grads):
-            p.grad = g
-    for name in losses:
-        scaler.step(optimizers[name])
-    if model.kind == "dcgan":  # then G, against the updated D, towards the 'real' label 0
-        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            losses["generator"] = _bce(model.discriminate(fake), 0)
-        grads = torch.autograd.grad(scaler.scale(losses["generator"]), groups["generator"])
-        for p, g in zip(groups["generator"], grads):
-            p.grad = g
-        scaler.step(optimizers["generator"])
-    scaler.update()
-    for group in groups.values():
-        for p in group:
-            p.grad = None
-    return {f"{name}_loss": loss.detach() for name, loss in losses.items()}
-
-
-def build_anomaly_model(model: str, image_size: int, latent: int = 128, architecture: str = "suite",
-                        vae_latent: int = 1024) -> torch.nn.Module:
-    """One of ANOMALY_MODELS for this input size: 'cae', 'vae' or a GAN ('dcgan', 'bigan', 'alphagan'); the
-    suite's networks or ("paper") their code's. `latent`: the GANs' code size; `vae_latent`: the VAE's."""
-    if architecture not in ("suite", "paper"):
-        raise ValueError(f"architecture must be 'suite' or 'paper', got {architecture!r}")
-    if model == "cae":
-        if image_size % 32:
-            raise ValueError(f"the CAE needs an image size divisible by 32, got {image_size}")
-        return ConvAutoencoder(architecture=architecture)
-    if model == "vae":
-        return VariationalAutoencoder(image_size, vae_latent, bottom=6 if architecture == "paper" else 2)
-    if model in GAN_MODELS:
-        return (PaperGAN if architecture == "paper" else AdversarialAnomalyModel)(model, image_size, latent)
-    raise ValueError(f"model must be one of {ANOMALY_MODELS}, got {model!r}")
-
-
-def anomaly_score_names(model: str, top_k: int = 200) -> list[str]:
-    """The scores a model gives (columns of evaluate_anomaly, rows of the results table)."""
-    recon = ["mse", "l1", f"mse_top{top_k}", f"l1_top{top_k}"]
-    return {"cae": recon, "vae": [*recon, "kld", "l1+kld", "mse+kld"], "dcgan": ["disc"],
-            "bigan": ["disc", *recon], "alphagan": ["disc", "code_disc", "c+d", *recon]}[model]
-
-
-# ---------------------------------------------------------------- anomaly detection: training, scores, heatmaps
-
-# Two recipes, as data: every setting a recipe fixes, per model. "paper": Davletshina et al.'s code (where their
-# code and paper disagree, the code; sources: xray@c8568f5 src/models/run_params.py for epochs, batches, learning
-# rates, latents and augmentation, xray@0c11b6f for the rest). "suite": ours, each difference kept for the reason
-# in RECIPE_REASONS. AnomalyConfig takes every setting left None from its recipe; a value given explicitly wins.
-_PAPER_FLIPS = {"hflip": True, "vflip": True, "rotation_degrees": 0.0, "scale_range": (1.0, 1.0),
-                "intensity_range": (1.0, 1.0), "augment_p": 1.0}  # run_params.py DEFAULT_AUGMENTATION: Fliplr, Flipud
-_PAPER_ADVANCED = {"hflip": True, "vflip": True, "rotation_degrees": 20.0, "scale_range": (0.8, 1.2),
-                   "intensity_range": (0.8, 1.2), "augment_p": 0.5}  # ADVANCED_AUGMENTATION: each 'Sometimes(0.5)'
-ANOMALY_RECIPES = {
-    "suite": {
-        "common": {"architecture": "suite", "epochs": 20, "batch_size": 16, "hflip": True, "vflip": False,
-                   "rotation_degrees": 10.0, "scale_range": (0.9, 1.1), "intensity_range": (0.9, 1.1),
-                   "augment_p": 1.0, "hand_crop": False, "minmax": False, "masked_loss": True,
-                   "masked_scores": True, "smooth_l1": False},
-        "cae": {"lr": 5e-4},
-        "vae": {"lr": 5e-4, "vae_latent": 1024, "vae_loss": "mse", "kld_weight": 1.0},
-        "dcgan": {"gan_lr": 2e-4, "d_lr": 2e-4, "gan_latent": 128, "label_noise": 0.0},
-        "bigan": {"gan_lr": 2e-4, "d_lr": 2e-4, "gan_latent": 128},
-        "alphagan": {"gan_lr": 2e-4, "d_lr": 2e-4, "code_lr": 2e-4, "gan_latent": 128, "recon_weight": 10.0},
-    },
-    "paper": {
-        "common": {"architecture": "paper", "hand_crop": True, "minmax": True,  # train.py: MinMaxNormalization()
-                   "masked_loss": True, "masked_scores": True, "smooth_l1": False},
-        # run_params.py 'BaselineAutoencoder': 1000 epochs, batch 32, lr 1e-4, ADVANCED_AUGMENTATION, masked loss
-        "cae": {"epochs": 1000, "batch_size": 32, "lr": 1e-4, **_PAPER_ADVANCED},
-        # run_params.py 'VAE': 500 epochs, batch 32, lr 1e-4, z_dim 2048 (h_dim 18432 = 512 x 6 x 6),
-        # masked_loss_on_train/val False; vaetorch.py loss: BCE (size_average=False: summed) + KLD summed
-        "vae": {"epochs": 500, "batch_size": 32, "lr": 1e-4, "vae_latent": 2048, "vae_loss": "bce",
-                "kld_weight": 1.0, "masked_loss": False, "masked_scores": False, "smooth_l1": True, **_PAPER_FLIPS},
-        # run_params.py 'DCGAN': 500 epochs, batch 80, glr 1e-3, dlr 1e-5, z_dim 2048, soft_delta 0.01
-        "dcgan": {"epochs": 500, "batch_size": 80, "gan_lr": 1e-3, "d_lr": 1e-5, "gan_latent": 2048,
-                  "label_noise": 0.01, **_PAPER_FLIPS},
-        # run_params.py 'SAGAN' (their BiGAN): 500 epochs, batch 18, gelr 1e-3, dlr 1e-5, z_dim 100
-        "bigan": {"epochs": 500, "batch_size": 18, "gan_lr": 1e-3, "d_lr": 1e-5, "gan_latent": 100, **_PAPER_FLIPS},
-        # run_params.py 'AlphaGan': 500 epochs, batch 15, gelr 1e-3, dlr 1e-5 (alphagan.py: C's optimiser takes
-        # dlr too), z_dim 100; alphagan.py: 0.01 * unmasked L1
-        "alphagan": {"epochs": 500, "batch_size": 15, "gan_lr": 1e-3, "d_lr": 1e-5, "code_lr": 1e-5,
-                     "gan_latent": 100, "recon_weight": 0.01, "masked_loss": False, **_PAPER_FLIPS},
-    },
-}
-# why the suite differs, per setting (or per (model, setting)); read by recipe_deviations
-RECIPE_REASONS = {
-    ("cae", "architecture"): "four more 3x3 blocks in the decoder and a Sigmoid: the decoder mirrors the encoder "
-                             "(their ReLU-then-Tanh output reaches only [0, 1))",
-    ("vae", "architecture"): "down to 2x2 as the paper's Figure 7 (their code stops at 6x6)",
-    ("dcgan", "architecture"): "BatchNorm and leaky ReLU (the DCGAN recipe) and minibatch discrimination against a "
-                               "kept reference batch, so that a view's score does not depend on the views beside it",
-    ("bigan", "architecture"): "the DCGAN networks with an encoder: no self-attention, whose memory grows with the "
-                               "square of the map, so it also trains at 512 px",
-    ("alphagan", "architecture"): "the DCGAN networks, a deterministic encoder and an MLP code discriminator "
-                                  "(Rosca et al.); no self-attention",
-    "epochs": "20, resumable, best.pt kept on validation: a Colab session's budget (theirs: 500-1000)",
-    "batch_size": "16 fits every model at 512 px on a T4",
-    "lr": "5e-4 converges within 20 epochs",
-    "gan_lr": "2e-4 for both sides (Radford et al.); their 1e-3 / 1e-5 starves the discriminator",
-    "d_lr": "2e-4 for both sides (Radford et al.); their 1e-3 / 1e-5 starves the discriminator",
-    "code_lr": "as the other discriminator",
-    "gan_latent": "128: a compact code, the same for the three GANs",
-    "vae_latent": "1024, the paper's Figure 7",
-    "vae_loss": "the paper's masked loss L_M (MSE inside the hand): the background does not dominate",
-    "masked_loss": "the loss inside the hand mask (the paper's L_M), for every model",
-    "masked_scores": "scores inside the hand mask: the background holds no finding",
-    "smooth_l1": "a true L1 score (their 'L1' is smooth L1, which on errors below 1 ranks as the MSE)",
-    "label_noise": "plain labels with the non-saturating loss: their inverted labels make their score 1 - D rank "
-                   "normal views higher (gans.py evaluate: score = 1 - output when real_label is 0)",
-    "recon_weight": "10 x masked L1 keeps alpha-GAN a reconstruction model; their 0.01 x L1 is ~1000x lighter",
-    "hflip": "left and right hands are both normal",
-    "vflip": "hands are not seen upside down in MURA",
-    "rotation_degrees": "milder (+-10 deg), applied to every view",
-    "scale_range": "milder (0.9-1.1), applied to every view",
-    "intensity_range": "milder (0.9-1.1), applied to every view",
-    "augment_p": "every augmentation on every view (theirs: each with probability 0.5, or flips only)",
-    "hand_crop": "the whole plate kept: heatmaps and boxes map back through one affine, and a crop per hand needs "
-                 "a reliable per-hand mask (theirs: an SSD detector)",
-    "minmax": "intensities kept: per-image min-max rescales a view by its own extremes (one bright marker changes "
-              "it all)",
-}
-# what each architecture is, per model (the deviations table shows these)
-ARCHITECTURES = {
-    ("cae", "suite"): "decoder: 5 stride-2 4x4 deconvs, each followed by a 3x3 conv block (but the last), 3x3 conv, "
-                      "Sigmoid",
-    ("cae", "paper"): "decoder: 5 stride-2 4x4 deconvs (BN, ReLU), a 3x3 deconv, ReLU, Tanh (autoencoders.py)",
-    ("vae", "suite"): "7 unpadded stride-2 4x4 convs to 512x2x2 (512 px), fc to the code",
-    ("vae", "paper"): "6 unpadded stride-2 4x4 convs to 512x6x6 (h_dim 18432), fc to the code (vaetorch.py)",
-    ("dcgan", "suite"): "BN + leaky ReLU D with a 512-feature layer and minibatch discrimination; BN + ReLU G",
-    ("dcgan", "paper"): "spectral norm on every conv, no BN, ReLU D ending in one unit; G ending in Sigmoid "
-                        "(gans.py)",
-    ("bigan", "suite"): "DCGAN-style G, E and D; D joins 512 image and 512 code features (MLP)",
-    ("bigan", "paper"): "their SAGAN: spectral norm, self-attention in E, G and D, 1x1-conv joint head, "
-                        "G ending in Tanh (sagan.py)",
-    ("alphagan", "suite"): "DCGAN-style G, D, a deterministic E, an MLP code discriminator (750 units)",
-    ("alphagan", "paper"): "self-attention and spectral norm, E with mean and 'log-variance' heads (Tanh), code "
-                           "discriminator 100-50-25-12-1 (alphagan.py)",
-}
-# which models a setting concerns (the others ignore it); settings not named concern every model
-RECIPE_SETTING_MODELS = {"lr": ("cae", "vae"), "vae_latent": ("vae",), "vae_loss": ("vae",), "kld_weight": ("vae",),
-                         "smooth_l1": ("vae",), "gan_lr": GAN_MODELS, "d_lr": GAN_MODELS, "gan_latent": GAN_MODELS,
-                         "code_lr": ("alphagan",), "recon_weight": ("alphagan",), "label_noise": ("dcgan",),
-                         "masked_loss": ("cae", "vae", "alphagan")}
-# preprocessing and evaluation facts that are not settings: their pipeline against ours
-PIPELINE_DIFFERENCES = pd.DataFrame([
-    {"step": "hand detection", "paper": "SSD (MobileNet) hand detector, one box per hand "
-     "(src/features/hand_detection/detect_and_save_hands.py), masks drawn in Photoshop (XR_HAND_PHOTOSHOP)",
-     "suite": "classical mask (polarity, Otsu, largest component); hand crops from its components (hand_crop)",
-     "why": "no detector weights or hand-drawn masks to ship"},
-    {"step": "histogram equalisation", "paper": "cv2.equalizeHist over the whole image, before the resize "
-     "(src/data/transforms.py HistEqualisation)", "suite": "inside the hand mask (or the plate), after the crop",
-     "why": "the background's share does not shift the hand's intensities"},
-    {"step": "split", "paper": "images: negatives split 70/30 by patient, every positive image to val/test "
-     "(src/data/__init__.py TrainValTestSplitter), so positive patients' normal views can train",
-     "suite": "patients (the paper's text): a patient is in one subset only",
-     "why": "no patient both trains and tests"},
-    {"step": "metric level", "paper": "per image (their evaluate(): one score per image)",
-     "suite": "per image and per study (mean of its views), both with a 95% bootstrap interval",
-     "why": "MURA labels studies; image level is kept to compare with theirs"},
-    {"step": "uncertainty", "paper": "+- the SD over 4 seeds (run_params.py random_seed)",
-     "suite": "95% bootstrap interval of one run; with `seeds`, also mean +- SD over seeds (own split each)",
-     "why": "the interval covers the test sample; the SD only the training's randomness"},
-    {"step": "model selection", "paper": "the last epoch, evaluated on test (train.py)",
-     "suite": "best.pt by validation ROC-AUC; the heatmap gallery's run chosen on validation",
-     "why": "nothing chosen on the test set"},
-])
-RECIPE_SETTINGS = ("architecture", "epochs", "batch_size", "lr", "gan_lr", "d_lr", "code_lr", "gan_latent",
-                   "vae_latent", "vae_loss", "kld_weight", "recon_weight", "label_noise", "masked_loss",
-                   "masked_scores", "smooth_l1", "hflip", "vflip", "rotation_degrees", "scale_range",
-                   "intensity_range", "augment_p", "hand_crop", "minmax")
-
-
-def recipe_settings(recipe: str, model: str) -> dict:
-    """Every setting the recipe fixes for this model (the others' settings at the suite's values)."""
-    if recipe not in ANOMALY_RECIPES:
-        raise ValueError(f"recipe must be one of {list(ANOMALY_RECIPES)}, got {recipe!r}")
-    if model not in ANOMALY_MODELS:
-        raise ValueError(f"model must be one of {ANOMALY_MODELS}, got {model!r}")
-    suite = ANOMALY_RECIPES["suite"]
-    base = {**suite["common"], **{k: v for m in ANOMALY_MODELS for k, v in suite[m].items()}}
-    chosen = ANOMALY_RECIPES[recipe]
-    return {**base, **chosen["common"], **chosen[model]}
-
-
-def recipe_deviations() -> pd.DataFrame:
-    """Every setting where the paper's recipe and the suite's differ, per model, with the suite's reason; then the
-    pipeline's differences that are not settings (PIPELINE_DIFFERENCES). Generated from ANOMALY_RECIPES."""
-    rows = []
-    for model in ANOMALY_MODELS:
-        paper, suite = recipe_settings("paper", model), recipe_settings("suite", model)
-        for key in RECIPE_SETTINGS:
-            if model in RECIPE_SETTING_MODELS.get(key, ANOMALY_MODELS) and paper[key] != suite[key]:
-                shown = {r: ARCHITECTURES[model, v[key]] if key == "architecture" else v[key]
-                         for r, v in (("paper", paper), ("suite", suite))}
-                rows.append({"model": ANOMALY_MODEL_NAMES[model], "setting": key, **shown,
-                             "why": RECIPE_REASONS.get((model, key), RECIPE_REASONS.get(key, ""))})
-    settings = pd.DataFrame(rows)
-    pipeline = PIPELINE_DIFFERENCES.rename(columns={"step": "setting"}).assign(model="all")
-    return pd.concat([settings, pipeline], ignore_index=True)[["model", "setting", "paper", "suite", "why"]]
-
-
-ANOMALY_RESUME_MUST_MATCH = ("model", "variant", "body_part", "image_size", "splits", "batch_size", "lr",
-                             "kld_weight", "gan_latent", "gan_lr", "recon_weight", "top_k", "hflip",
-                             "rotation_degrees", "scale_range", "intensity_range", "select_score", "seed",
-                             "split_seed", "recipe", *(k for k in RECIPE_SETTINGS if k != "epochs"))
-
-
-@dataclass
-class AnomalyConfig:
-    """Every knob of an unsupervised run (one model on one preprocessing variant)."""
-
-    model: str = "cae"  # "cae" (their Figure 5), "vae" (Figure 7), or a GAN: "dcgan" (Figure 9), "bigan", "alphagan"
-    variant: str = "full+HE"  # raw, raw+HE, crop, crop+HE, full, full+HE
-    data_dir: str | None = None  # None: the embedded phantom
-    body_part: str = "XR_HAND"
-    splits: tuple[str, ...] = ("train",)  # MURA splits pooled before the patient split (the paper: train)
-    output_dir: str = "outputs/anomaly/cae_full+HE"
-    cache_dir: str = "data/cache"
-    phantom_dir: str = "data/phantom"
-    phantom_patients: int = 240
-    phantom_image_size: int = 512
-    phantom_seed: int = 0  # the phantom's own seed (not the training seed: runs of several seeds share the data)
-    image_size: int = 512  # the paper: 512 for the autoencoders and DCGAN, 128 for BiGAN and alpha-GAN
-    recipe: str = "suite"  # "suite" (ours) or "paper" (their code): fills every setting below left None
-    # (ANOMALY_RECIPES; recipe_deviations() lists the differences and why)
-    architecture: str | None = None  # "suite" (the paper's figures, ours) or "paper" (their code's networks)
-    batch_size: int | None = None
-    epochs: int | None = None
-    lr: float | None = None  # the autoencoders' Adam learning rate
-    kld_weight: float | None = None  # VAE: loss = reconstruction + kld_weight * KLD / pixels
-    vae_latent: int | None = None  # the VAE's latent size
-    vae_loss: str | None = None  # VAE reconstruction loss: "mse" (the paper's L_M) or "bce" (their code)
-    masked_loss: bool | None = None  # reconstruction losses inside the hand mask (else over the whole view)
-    masked_scores: bool | None = None  # reconstruction scores inside the hand mask
-    smooth_l1: bool | None = None  # the "l1" scores as smooth L1 (their VAE's loss_L_one)
-    gan_latent: int | None = None  # the GANs' latent code size
-    gan_lr: float | None = None  # the GANs' generating side's Adam learning rate (betas 0.5, 0.999, as DCGAN)
-    d_lr: float | None = None  # ... and the discriminator's
-    code_lr: float | None = None  # alpha-GAN's code discriminator's
-    recon_weight: float | None = None  # alpha-GAN: weight of the L1 reconstruction loss beside the adversarial ones
-    label_noise: float | None = None  # DCGAN "paper": their inverted soft labels' width (0: plain labels)
-    top_k: int = 200
-    hflip: bool | None = None
-    vflip: bool | None = None
-    rotation_degrees: float | None = None
-    scale_range: tuple[float, float] | None = None
-    intensity_range: tuple[float, float] | None = None
-    augment_p: float | None = None  # each of rotation, scale and intensity applied with this probability
-    hand_crop: bool | None = None  # crop/full variants: one crop per hand (its mask's component), view = max
-    minmax: bool | None = None  # per-image min-max scaling to [0, 1] (their MinMaxNormalization)
-    explicit: tuple[str, ...] = ()  # the recipe's settings given explicitly (filled in; the grid keeps only these)
-    select_score: str | None = None  # best.pt by the validation ROC-AUC of this score (None: "mse" for the
-    # autoencoders, "disc" for the GANs, whose discriminator gives the paper's GAN scores); the paper chose by ROC-AUC
-    amp: str = "auto"
-    num_workers: int = 2
-    device: str = "auto"
-    seed: int = 0
-    split_seed: int = 0
-    resume: bool = True
-    max_steps_per_epoch: int | None = None
-    on_bad: str = "raise"  # "skip": leave bad files out, counted in a warning (mh.data_problems lists them)
-    sync_batchnorm: bool = False  # autoencoders on several GPUs: batch norm over the global batch (off: each GPU's
-    # own batch of batch_size, as one GPU sees; on CPU processes always off)
-
-    def __post_init__(self):
-        self.model = _choice_setting("AnomalyConfig", "model", self.model, ANOMALY_MODELS)  # the recipe reads it
-        self.explicit = tuple(self.explicit) or tuple(k for k in RECIPE_SETTINGS if getattr(self, k) is not None)
-        for key, value in recipe_settings(self.recipe, self.model).items():  # the recipe fills what is not given
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        _validate_anomaly_config(self)
-        self.splits, self.scale_range = tuple(self.splits), tuple(self.scale_range)
-        self.intensity_range = tuple(self.intensity_range)
-        preprocess_variants(self.image_size, [self.variant])  # validates the name
-        if self.model not in ANOMALY_MODELS:
-            raise ValueError(f"AnomalyConfig.model must be one of {ANOMALY_MODELS}, got {self.model!r}")
-        if self.model in GAN_MODELS:
-            _gan_depth(self.image_size)  # validates the size
-        if self.select_score is not None and self.select_score not in anomaly_score_names(self.model, self.top_k):
-            raise ValueError(f"AnomalyConfig.select_score {self.select_score!r} is not a score of {self.model}: "
-                             f"{anomaly_score_names(self.model, self.top_k)}")
-
-    @property
-    def selection_score(self) -> str:
-        """The validation score best.pt is kept by: select_score, or the model's default."""
-        return self.select_score or ("disc" if self.model in GAN_MODELS else "mse")
-
-
-def _anomaly_size_allowed(model: str, size: int) -> bool:
-    """Whether `model` takes square inputs of this size (CAE: a multiple of 32; VAE: down to 2x2 by its stride-2
-    4x4 convolutions, e.g. 64, 128, 256, 512; GANs: a power of two from 16)."""
-    if model == "cae":
-        return size % 32 == 0
-    if model == "vae":
-        sizes = [size]
-        while sizes[-1] > 2:
-            sizes.append((sizes[-1] - 4) // 2 + 1)
-        return sizes[-1] == 2 and len(sizes) >= 3
-    return size >= 16 and size & (size - 1) == 0
-
-
-def _validate_anomaly_config(cfg) -> None:
-    """Every AnomalyConfig setting checked (types, ranges, names, the image size for the model) before any data."""
-    owner = "AnomalyConfig"
-    cfg.model = _choice_setting(owner, "model", cfg.model, ANOMALY_MODELS)
-    _validate_common(cfg, owner, {
-        "image_size": (16, 4096), "batch_size": (2, 1_000_000),  # batch norm needs two values a channel
-        "epochs": (1, 1_000_000), "gan_latent": (1, 1_000_000), "top_k": (1, 2**40), "split_seed": (0, 2**32 - 1),
-    }, {"lr": (0.0, 1.0, True), "gan_lr": (0.0, 1.0, True), "kld_weight": (0.0, 1e6, False),
-        "recon_weight": (0.0, 1e6, False), "rotation_degrees": (0.0, 180.0, False)})
-    if not _anomaly_size_allowed(cfg.model, cfg.image_size):
-        _bad_setting(owner, "image_size", cfg.image_size, {
-            "cae": "a multiple of 32 for the CAE", "vae": "64, 128, 256 or 512 for the VAE (a size its stride-2 "
-            "convolutions take down to 2x2)"}.get(cfg.model, f"a power of two of at least 16 for {cfg.model}"))
-    cfg.sync_batchnorm = _bool_setting(owner, "sync_batchnorm", cfg.sync_batchnorm)
-    cfg.splits = _names_setting(owner, "splits", cfg.splits, SPLITS)
-    cfg.scale_range = _range_pair_setting(owner, "scale_range", cfg.scale_range, 0.01, 100.0)
-    cfg.intensity_range = _range_pair_setting(owner, "intensity_range", cfg.intensity_range, 0.0, 100.0)
-    if isinstance(cfg.select_score, str) and cfg.select_score.strip().lower() in ("", "none", "null"):
-        cfg.select_score = None
-
-
-class AnomalyViewBatches:
-    """Dataset whose items are whole batches of preprocessed views: indices -> (uint8 views, uint8 masks, indices)."""
-
-    def __init__(self, cache: AnomalyCache, rows: np.ndarray):
-        self.cache, self.rows = cache, np.asarray(rows)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, batch: list[int]):
-        batch = np.asarray(batch)
-        rows = self.rows[batch]
-        order = np.argsort(rows)
-        images = np.empty((len(batch), 1, *self.cache.images.shape[1:]), np.uint8)
-        masks = np.empty_like(images)
-        images[order, 0] = self.cache.images[rows[order]]
-        masks[order, 0] = self.cache.masks[rows[order]]
-        return torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(batch)
-
-
-def hand_boxes(mask: np.ndarray, min_share: float = 0.05) -> list[tuple[int, int, int, int]]:
-    """Bounding boxes (x0, y0, x1, y1) of a hand mask's connected components, one per hand, largest first;
-    components under `min_share` of the mask's area (specks) are left out."""
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return []
-    sizes = np.bincount(labels.ravel())[1:]
-    slices = ndimage.find_objects(labels)
-    return [(slices[i][1].start, slices[i][0].start, slices[i][1].stop, slices[i][0].stop)
-            for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_share * sizes.sum()]
-
-
-def _hand_crop_chunk(task: tuple) -> int:
-    """Cut a chunk of views' hand crops into the crop arrays (runs in a worker process)."""
-    folder, views, masks, jobs = task
-    images, crop_masks, affines = (np.load(folder / f"{n}.npy", mmap_mode="r+") for n in ("images", "masks",
-                                                                                           "affines"))
-    view_images, view_masks = np.load(views, mmap_mode="r"), np.load(masks, mmap_mode="r")
-    view_affines = np.load(Path(views).with_name("affines.npy"), mmap_mode="r")
-    size = view_images.shape[1]
-    for row, view_row, (x0, y0, x1, y1) in jobs:
-        affine = _square_affine(None, (((x0 + x1) / 2, (y0 + y1) / 2), (x1 - x0, y1 - y0), 0.0), size)
-        images[row] = _warp(np.ascontiguousarray(view_images[view_row]), affine, size)
-        crop_masks[row] = _warp(np.ascontiguousarray(view_masks[view_row]), affine, size, order=0)
-        affines[row] = (np.vstack([affine, [0, 0, 1]]) @ np.vstack([view_affines[view_row], [0, 0, 1]]))[:2]
-    for a in (images, crop_masks, affines):
-        a.flush()
-    return len(jobs)
-
-
-def build_hand_crops(cache: AnomalyCache, hands: AnomalyCache, progress: bool = True) -> AnomalyCache:
-    """Their hand crop, from our masks: one crop per hand (each connected component of the view's hand mask in
-    `hands`, a segmented cache of the same views and geometry), its bounding box fitted into the square and padded,
-    cut from `cache`'s view and mask. Returns a cache with one row per crop (image_paths: each crop's view; a view
-    without a hand has no crop); affines map the original view onto each crop. Kept on disk beside `cache`."""
-    jobs, paths = [], []
-    for view_row, path in enumerate(cache.image_paths):
-        for box in hand_boxes(hands.masks[hands.row_of[path]]):
-            jobs.append((len(jobs), view_row, box))
-            paths.append(path)
-    stamp = hashlib.sha1(json.dumps([hands.folder.name, [list(map(int, j[2])) for j in jobs]]).encode()).hexdigest()
-    folder = cache.folder.with_name(f"{cache.folder.name}_hands_{stamp[:10]}")
-    if not (folder / "affines.npy").is_file():
-        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        s = cache.cfg.size
-        for name, shape, dtype in (("images", (len(jobs), s, s), np.uint8), ("masks", (len(jobs), s, s), np.uint8),
-                                   ("affines", (len(jobs), 2, 3), np.float32)):
-            np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
-        tasks = [(tmp, cache.folder / "images.npy", cache.folder / "masks.npy", jobs[i:i + 64])
-                 for i in range(0, len(jobs), 64)]
-        try:
-            _run_tasks(_hand_crop_chunk, tasks, f"hand crops ({cache.cfg.name})", progress, None,
-                       [len(t[3]) for t in tasks])
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    return AnomalyCache(folder, paths, cache.cfg)
-
-
-def prepare_anomaly_data(cfg: AnomalyConfig, progress: bool = True, state: dict | None = None) -> dict:
-    """Studies with their train/val/test subset (Davletshina et al.'s split), one row per view, and the cache (for a
-    resume: of the same data as its checkpoint `state`, else an error); with cfg.hand_crop on a cropped variant, one
-    row per hand crop (its 'cache_row' in the crop cache), views without a hand left out and counted in a warning
-    (data['no_hand'])."""
-    root = config_data_root(cfg)
-    studies = pd.concat([load_studies(root, s, cfg.body_part, on_bad=cfg.on_bad) for s in cfg.splits],
-                        ignore_index=True)
-    record = _data_record(root, studies)
-    _check_same_data(state, record, Path(cfg.output_dir) / "checkpoints" / "last.pt")
-    studies = anomaly_split(studies, cfg.split_seed)
-    images = studies_to_images(studies)
-    pre = preprocess_variants(cfg.image_size, [cfg.variant])[cfg.variant]
-    cache = build_anomaly_cache(images["image_path"], pre, cfg.cache_dir, progress=progress)
-    data = {"root": root, "studies": studies, "images": images, "cache": cache, "data": record, "no_hand": []}
-    if cfg.hand_crop and pre.crop:
-        hands = cache if pre.segment else build_anomaly_cache(
-            images["image_path"], replace(pre, segment=True, equalize=None), cfg.cache_dir, progress=progress)
-        crops = build_hand_crops(cache, hands, progress)
-        rows = pd.DataFrame({"image_path": crops.image_paths, "cache_row": np.arange(len(crops.image_paths))})
-        data["no_hand"] = sorted(set(images["image_path"]) - set(rows["image_path"]))
-        if data["no_hand"]:
-            warnings.warn(f"{len(data['no_hand'])} of {len(images)} views have no hand in their mask: left out of "
-                          f"the hand crops (data['no_hand'] lists them)", stacklevel=2)
-        data.update(view_cache=cache, cache=crops, images=images.merge(rows, on="image_path"))
-    return data
-
-
-def _anomaly_loader(cache: AnomalyCache, images: pd.DataFrame, batch_size: int, num_workers: int, pin: bool):
-    """A DataLoader of whole batches of preprocessed views (re-shuffle via loader.sampler.batches)."""
-    sampler = EpochBatches()
-    sampler.batches = epoch_batches(len(images), batch_size, False, 0, 0)
-    rows = images["cache_row"].to_numpy() if "cache_row" in images else cache.rows(images["image_path"])
-    return DataLoader(AnomalyViewBatches(cache, rows), sampler=sampler, batch_size=None,
-                      num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
-                      generator=torch.Generator())  # its own: starting workers leaves the VAE's noise alone
-
-
-def augment_views_and_masks(x, m, generator, cfg: AnomalyConfig):
-    """The online augmentation, per sample: flips, rotation and scale applied alike to view and mask; intensity;
-    rotation, scale and intensity each with probability cfg.augment_p."""
-    both = gpu_augment(torch.cat([x, m], 1), generator, cfg.rotation_degrees, cfg.hflip, cfg.scale_range, cfg.vflip,
-                       cfg.augment_p)
-    x, m = both[:, :1], (both[:, 1:] > 0.5).float()
-    lo, hi = cfg.intensity_range
-    gain = lo + (hi - lo) * torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device)
-    if cfg.augment_p < 1:
-        keep = torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device) >= cfg.augment_p
-        gain = torch.where(keep, 1.0, gain)
-    return (x * gain).clamp(0, 1), m
-
-
-def anomaly_inputs(views, masks, device, cfg: AnomalyConfig):
-    """uint8 views and masks (B, 1, S, S) -> float views in [0, 1] (per-image min-max scaled when cfg.minmax, as
-    their MinMaxNormalization) and float masks, on `device`."""
-    x = views.to(device, non_blocking=True).float() / 255
-    if cfg.minmax:
-        low = x.amin((1, 2, 3), keepdim=True)
-        x = (x - low) / (x.amax((1, 2, 3), keepdim=True) - low).clamp_min(1e-6)
-    return x, masks.to(device, non_blocking=True).float()
-
-
-SCORE_ID_COLUMNS = ("image_path", "study_path", "patient", "label", "subset")  # a score table's non-scores
-
-
-def evaluate_anomaly(model, cache: AnomalyCache, images: pd.DataFrame, cfg: AnomalyConfig, device,
-                     progress: bool = False) -> pd.DataFrame:
-    """Every score for every view of `images` (no augmentation), with the view's study, label and subset; for hand
-    crops (images with 'cache_row'), a view's score is the maximum over its crops."""
-    model.eval()
-    dtype = amp_dtype(cfg.amp, device)
-    loader = _anomaly_loader(cache, images, cfg.batch_size, 0, False)
-    columns, index = {}, []
-    with torch.inference_mode():
-        for views, masks, idx in tqdm(loader, desc="scoring", leave=False, disable=not progress):
-            x, m = anomaly_inputs(views, masks, device, cfg)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = model(x)
-            m = m if cfg.masked_scores else torch.ones_like(m)
-            for k, v in reconstruction_scores(x, out, m, cfg.top_k, cfg.kld_weight, cfg.smooth_l1).items():
-                columns.setdefault(k, []).append(v.float().cpu())
-            index.append(idx)
-    order = torch.cat(index).numpy()
-    scores = pd.DataFrame({k: torch.cat(v).numpy() for k, v in columns.items()})
-    keep = [c for c in SCORE_ID_COLUMNS if c in images.columns]
-    scores = pd.concat([images.iloc[order][keep].reset_index(drop=True), scores], axis=1)
-    if "cache_row" in images:  # hand crops: a view is as abnormal as its most abnormal hand (every crop holds a
-        names = [c for c in scores.columns if c not in SCORE_ID_COLUMNS]  # hand: views without one were left out)
-        scores = scores.groupby("image_path", sort=False).agg(
-            {**{c: "first" for c in keep if c != "image_path"}, **dict.fromkeys(names, "max")}).reset_index()
-        scores.attrs["empty_masks"] = []
-        return scores
-    return _without_empty_masks(scores, cache)
-
-
-def _without_empty_masks(scores: pd.DataFrame, cache: AnomalyCache) -> pd.DataFrame:
-    """The score table without views whose hand mask is empty (every masked score would be 0, the most normal):
-    they are counted in a warning and listed in attrs['empty_masks']."""
-    empty = np.array([not cache.masks[row].any() for row in cache.rows(scores["image_path"])], dtype=bool)
-    flagged = list(scores.loc[empty, "image_path"])
-    kept = scores[~empty].reset_index(drop=True)
-    kept.attrs["empty_masks"] = flagged
-    if flagged:
-        warnings.warn(f"{len(flagged)} of {len(scores)} view(s) have an empty hand mask and were left out of the "
-                      f"scores: {flagged[:5]}{' ...' if len(flagged) > 5 else ''}", stacklevel=3)
-    return kept
-
-
-def study_scores(scores: pd.DataFrame) -> pd.DataFrame:
-    """View scores to study scores (the mean of its views), one row per study with its label."""
-    names = [c for c in scores.columns if c not in SCORE_ID_COLUMNS]
-    return scores.groupby("study_path").agg({"label": "first", **dict.fromkeys(names, "mean")}).reset_index()
-
-
-def anomaly_metrics(scores: pd.DataFrame, level: str = "study", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """ROC-AUC (with a 95% bootstrap interval when n_boot > 0) and average precision of every score, per study
-    (mean of its views) or per image."""
-    data = study_scores(scores) if level == "study" else scores
-    names = [c for c in data.columns if c not in SCORE_ID_COLUMNS]
-    rows = []
-    for name in names:
-        one_class = data["label"].nunique() < 2
-        low, high = (np.nan, np.nan) if one_class or n_boot <= 0 else \
-            auroc_interval(data["label"], data[name], n_boot, seed)
-        rows.append({"score": name, "roc_auc": np.nan if one_class else roc_auc_score(data["label"], data[name]),
-                     "roc_auc_ci_low": low, "roc_auc_ci_high": high,
-                     "average_precision": np.nan if one_class else average_precision_score(data["label"], data[name]),
-                     "n": len(data), "n_abnormal": int(data["label"].sum())})
-    return pd.DataFrame(rows).set_index("score")
-
-
-def reference_anomaly_scores(cache: AnomalyCache, images: pd.DataFrame, train_images: pd.DataFrame,
-                             top_k: int = 200, chunk: int = 64) -> pd.DataFrame:
-    """Model-free scores of the views of `images`, a floor that a trained model must beat: the masked MSE and its
-    top-k against the mean normal training view (a template), the mean intensity inside the hand mask, and the
-    mask's share of the square (hand size)."""
-    def batches(views):  # the loader the scoring uses: (views, masks, positions in `views`), read in file order
-        for x, m, idx in _anomaly_loader(cache, views, chunk, 0, False):
-            yield x.float() / 255, m.float(), idx
-    total, count = 0, 0
-    for x, m, _ in batches(train_images):
-        total, count = total + (x * m).sum(0, keepdim=True), count + m.sum(0, keepdim=True)
-    template = total / count.clamp(min=1)
-    columns, order = {}, []
-    for x, m, idx in batches(images):
-        s = reconstruction_scores(x, {"recon": template.expand_as(x), "mu": None, "logvar": None}, m, top_k)
-        found = {"template_mse": s["mse"], f"template_mse_top{top_k}": s[f"mse_top{top_k}"],
-                 "intensity": (x * m).sum((1, 2, 3)) / m.sum((1, 2, 3)).clamp(min=1), "hand_area": m.mean((1, 2, 3))}
-        for k, v in found.items():
-            columns.setdefault(k, []).append(v.numpy())
-        order.append(idx.numpy())
-    scores = pd.DataFrame({k: np.concatenate(v) for k, v in columns.items()}, index=np.concatenate(order)).sort_index()
-    keep = [c for c in SCORE_ID_COLUMNS if c in images.columns]
-    return _without_empty_masks(pd.concat([images[keep].reset_index(drop=True), scores.reset_index(drop=True)], axis=1),
-                                cache)
-
-
-def anomaly_model_for(cfg: AnomalyConfig) -> torch.nn.Module:
-    """The network a config trains (its model, size, architecture and latent sizes)."""
-    return build_anomaly_model(cfg.model, cfg.image_size, cfg.gan_latent, cfg.architecture, cfg.vae_latent)
-
-
-def anomaly_optimizers(model, cfg: AnomalyConfig, device) -> dict:
-    """Adam for an autoencoder ({'model'}); for a GAN one per side ({'discriminator', 'generator'}, betas 0.5/0.999,
-    D at d_lr); their alpha-GAN has four: also 'encoder' (gan_lr) and 'code_discriminator' (code_lr)."""
-    if isinstance(model, PaperGAN):
-        lrs = {"discriminator": cfg.d_lr, "generator": cfg.gan_lr, "encoder": cfg.gan_lr,
-               "code_discriminator": cfg.code_lr}
-        return {name: build_optimizer(params, lrs[name], device, (0.5, 0.999))
-                for name, params in model.parameter_groups().items()}
-    if cfg.model in GAN_MODELS:
-        return {"discriminator": build_optimizer(model.discriminator_parameters(), cfg.d_lr, device, (0.5, 0.999)),
-                "generator": build_optimizer(model.generator_parameters(), cfg.gan_lr, device, (0.5, 0.999))}
-    return {"model": build_optimizer(model.parameters(), cfg.lr, device)}
-
-
-def autoencoder_step(model, x, mask, optimizer, scaler, dtype, kld_weight: float = 1.0,
-                     vae_loss: str = "mse") -> dict[str, torch.Tensor]:
-    """One training step of an autoencoder: the masked loss L_M (plus kld_weight x KLD / pixels for the VAE; with
-    vae_loss "bce", their VAE's binary cross-entropy in place of the MSE: pass an all-ones mask for theirs)."""
-    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        result = model(x)
-    if result["mu"] is not None and vae_loss == "bce":  # vaetorch.py loss(): BCE + KLD, both summed (per pixel here)
-        bce = F.binary_cross_entropy(result["recon"].float().clamp(1e-6, 1 - 1e-6), x.float(), reduction="none")
-        loss = ((bce * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)).mean()
-    else:
-        loss = masked_mse(x, result["recon"], mask).mean()
-    if result["mu"] is not None:
-        loss = loss + kld_weight * kl_divergence(result["mu"], result["logvar"]).mean() / x[0].numel()
-    amp_step(loss, optimizer, scaler)
-    return {"loss": loss.detach()}
-
-
-def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
-    """Train (or resume) an autoencoder (masked loss) or a GAN on normal training views; returns the history. The
-    run folder is locked meanwhile; an earlier run there is moved aside when this one starts afresh.
-
-    Under torchrun the autoencoders train with DistributedDataParallel as train() does (each process its share of
-    every global batch of batch_size x processes views, validation sharded by view and gathered, rank 0 alone
-    scores, holds the lock and writes). The GANs stay on one device: their alternating discriminator and
-    generator steps, minibatch discrimination and spectral norm would each see one process's batch, which changes
-    their dynamics; they are refused under torchrun.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.model in GAN_MODELS:
-        raise ConfigError(f"AnomalyConfig.model = {cfg.model!r}: the GANs train on one device (DDP would change "
-                          f"their dynamics); run it without torchrun, or train an autoencoder ('cae', 'vae')")
-    ctx, device = setup_distributed(cfg.device)
-    with run_lock(cfg.output_dir) if ctx.is_main else contextlib.nullcontext():
-        return _train_anomaly_locked(cfg, progress, ctx, device)
-
-
-def _view_shard(images: pd.DataFrame, ctx: Distributed) -> pd.DataFrame:
-    """This process's share of the rows of `images`, split by view (a view's hand crops stay together)."""
-    if ctx.world_size == 1:
-        return images
-    views = pd.unique(images["image_path"])
-    return images[images["image_path"].isin(set(views[ctx.rank::ctx.world_size]))]
-
-
-def _gather_scores(scores: pd.DataFrame, ctx: Distributed) -> pd.DataFrame | None:
-    """Every process's score table joined on rank 0 (their empty-mask lists too); None elsewhere."""
-    if ctx.world_size == 1:
-        return scores
-    parts = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object((scores, scores.attrs.get("empty_masks", [])), parts, dst=0)
-    if not ctx.is_main:
-        return None
-    joined = pd.concat([p[0] for p in parts], ignore_index=True)
-    joined.attrs["empty_masks"] = [path for p in parts for path in p[1]]
-    return joined
-
-
-def _summed_losses(loss_sums: dict, n_seen: int, ctx: Distributed, device) -> tuple[dict[str, float], int]:
-    """Each loss averaged over every view of the epoch across processes, and the number of those views."""
-    names = sorted(loss_sums)
-    totals = torch.stack([torch.as_tensor(loss_sums[k], dtype=torch.float64, device=device) for k in names]
-                         + [torch.tensor(float(n_seen), dtype=torch.float64, device=device)])
-    if ctx.world_size > 1:
-        dist.all_reduce(totals)
-    n = int(totals[-1])
-    return {f"train_{k}": float(totals[i]) / max(n, 1) for i, k in enumerate(names)}, n
-
-
-def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: Distributed, device) -> pd.DataFrame:
-    """train_anomaly() while rank 0 holds the run folder's lock."""
-    out = Path(cfg.output_dir)
-    if ctx.is_main:
-        _remove_temporaries([out, out / "checkpoints"])
-    state = _resumable_state(cfg, ANOMALY_RESUME_MUST_MATCH)
-    if state is None and ctx.is_main:
-        _set_aside_previous_run(out)
-    if ctx.local_rank != 0:  # the first process of each machine makes the phantom and the cache ...
-        dist.barrier()
-    data = prepare_anomaly_data(cfg, progress and ctx.is_main, state)
-    if ctx.local_rank == 0 and ctx.world_size > 1:  # ... while the others wait, then read them
-        dist.barrier()
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    seed_everything(cfg.seed)
-    model = anomaly_model_for(cfg).to(device)
-    optimizers = anomaly_optimizers(model, cfg, device)
-    dtype = amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    history, best, start_epoch = [], None, 0
-    if state is not None:
-        history, best, start_epoch = _restore(state, model, optimizers, None, scaler)
-        if progress and ctx.is_main:
-            print(f"resuming {out / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of {cfg.epochs}")
-    if ctx.world_size > 1:
-        if cfg.sync_batchnorm and device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    eval_model = _unwrap(model)  # no collectives in evaluation
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
-    images = data["images"]
-    train_images = images[(images["subset"] == "train") & (images["label"] == 0)]
-    val_images = images[images["subset"] == "val"]
-    val_shard = _view_shard(val_images, ctx)
-    loader = _anomaly_loader(data["cache"], train_images, cfg.batch_size, cfg.num_workers, device.type == "cuda")
-    for epoch in range(start_epoch, cfg.epochs):
-        loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch, None,
-                                               ctx.rank, ctx.world_size)
-        model.train()
-        generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch + 7_919 * ctx.rank)
-        steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-        loss_sums, n_seen, started = {}, 0, time.perf_counter()
-        bar = tqdm(total=steps, desc=f"{cfg.model} {cfg.variant} epoch {epoch + 1}", leave=False,
-                   disable=not (progress and ctx.is_main))
-        for step, (views, masks, _) in enumerate(loader):
-            if step >= steps:
-                break
-            x, m = augment_views_and_masks(*anomaly_inputs(views, masks, device, cfg), generator, cfg)
-            if isinstance(model, PaperGAN):
-                losses = paper_gan_step(model, x, optimizers, scaler, dtype, generator, cfg)
-            elif cfg.model in GAN_MODELS:
-                losses = gan_step(model, x, m, optimizers, scaler, dtype, generator, cfg.recon_weight,
-                                  cfg.masked_loss)
-            else:
-                losses = autoencoder_step(model, x, m if cfg.masked_loss else torch.ones_like(m), optimizers["model"],
-                                          scaler, dtype, cfg.kld_weight, cfg.vae_loss)
-            for name, value in losses.items():
-                loss_sums[name] = loss_sums.get(name, 0) + value * len(x)
-            n_seen += len(x)
-            bar.update()
-        bar.close()
-        losses, n_all = _summed_losses(loss_sums, n_seen, ctx, device)
-        train_time = time.perf_counter() - started  # rank 0's; its images/s counts every process's views
-        val_scores = _gather_scores(evaluate_anomaly(eval_model, data["cache"], val_shard, cfg, device), ctx)
-        row = None
-        if ctx.is_main:  # the metrics, once, on every validation view's scores
-            val_metrics = anomaly_metrics(val_scores, n_boot=0)
-            normal = val_scores[val_scores["label"] == 0]
-            row = {"epoch": epoch + 1, **losses,
-                   **({"val_normal_mse": float(normal["mse"].mean())} if "mse" in normal else {}),
-                   **{f"val_auroc_{k}": v for k, v in val_metrics["roc_auc"].items()},
-                   "epoch_time_s": time.perf_counter() - started,
-                   "train_images_per_s": n_all / train_time, "processes": ctx.world_size}
-        row = _from_main(row, ctx)
-        history.append(row)
-        score = row[f"val_auroc_{cfg.selection_score}"]
-        improved = best is None or (not math.isnan(score) and (math.isnan(best) or score > best))
-        if improved:
-            best = score
-        if ctx.is_main:
-            _save_epoch(_checkpoint(model, optimizers, None, scaler, epoch, history, cfg, best, data["data"]),
-                        improved, out)
-        if progress and ctx.is_main:
-            shown = ", ".join(f"{k.removeprefix('train_').replace('_', ' ')} {v:.5f}" for k, v in losses.items())
-            print(f"{cfg.model} {cfg.variant} epoch {epoch + 1}/{cfg.epochs}: train {shown}, "
-                  f"val ROC-AUC ({cfg.selection_score}) {score:.3f}" + ("  (best)" if improved else ""), flush=True)
-    if ctx.world_size > 1:
-        dist.barrier()  # every process returns after rank 0 has written the last epoch
-    return pd.DataFrame(history)
-
-
-def load_anomaly_model(path: str | os.PathLike, device: str = "cpu"):
-    """Load an unsupervised checkpoint (weights_only, its digest checked): (model in eval mode, its AnomalyConfig)."""
-    state = load_state(path, "anomaly")
-    cfg = _stored_config(AnomalyConfig, state, path)
-    model = anomaly_model_for(cfg)
-    model.load_state_dict(state["model"])
-    return model.to(resolve_device(device)).eval(), cfg
-
-
-def anomaly_heatmaps(model, cache: AnomalyCache, image_paths: Sequence[str], device: str = "auto",
-                     sigma: float = 2.0, batch_size: int = 16, cfg: AnomalyConfig | None = None) -> list[dict]:
-    """Per view: the preprocessed image, its masked squared reconstruction error (smoothed, scaled to [0, 1]),
-    and its masked-MSE score, in the format of plot_heatmaps and heatmap_localisation; in batches. `cfg`: the
-    run's config, for its input scaling (min-max)."""
-    if len(image_paths) == 0:
-        return []
-    if len(image_paths) > batch_size:
-        return [h for i in range(0, len(image_paths), batch_size)
-                for h in anomaly_heatmaps(model, cache, image_paths[i:i + batch_size], device, sigma, batch_size, cfg)]
-    dev = resolve_device(device)
-    rows = cache.rows(image_paths)
-    x, m = anomaly_inputs(torch.from_numpy(cache.images[rows][:, None]), torch.from_numpy(cache.masks[rows][:, None]),
-                          dev, cfg or AnomalyConfig(image_size=cache.cfg.size))
-    with torch.inference_mode():
-        out = model.to(dev).eval()(x)
-    if out["recon"] is None:
-        raise ValueError(f"{type(model).__name__} ({getattr(model, 'kind', '')}) reconstructs nothing: no error map")
-    errors = ((x - out["recon"]) ** 2 * m)[:, 0].cpu().numpy()
-    scores = masked_mse(x, out["recon"], m).cpu().numpy()
-    maps = []
-    for path, img, err, score in zip(image_paths, cache.images[rows], errors, scores):
-        smooth = ndimage.gaussian_filter(err, sigma)
-        maps.append({"image_path": str(path), "image": np.asarray(img), "prob": float(score),
-                     "cam": smooth / smooth.max() if smooth.max() > 0 else smooth})
-    return maps
-
-
-def transform_boxes(findings: pd.DataFrame, cache: AnomalyCache) -> pd.DataFrame:
-    """Ground-truth boxes moved from the original views into the preprocessed squares (cropped, rotated, scaled)."""
-    rows = []
-    for f in findings[findings["image_file"].isin(cache.row_of)].itertuples():
-        affine = cache.affines[cache.row_of[f.image_file]]
-        corners = np.array([[f.x0, f.y0, 1], [f.x1, f.y0, 1], [f.x0, f.y1, 1], [f.x1, f.y1, 1]], float) @ affine.T
-        lo = np.clip(np.floor(corners.min(0)), 0, cache.cfg.size - 1).astype(int)
-        hi = np.clip(np.ceil(corners.max(0)), 0, cache.cfg.size - 1).astype(int)
-        rows.append({**f._asdict(), "x0": lo[0], "y0": lo[1], "x1": hi[0], "y1": hi[1]})
-    return pd.DataFrame(rows, columns=["Index", *findings.columns]).drop(columns=["Index"])
-
-
-REFERENCE_MODEL = "no model"  # the grid's rows of model-free scores (reference_anomaly_scores)
-PUBLISHED_ANOMALY_AUROC = pd.DataFrame([
-    {"model": "CAE", "score": "MSE", "variant": "full+HE", "roc_auc": 0.570},
-    {"model": "VAE", "score": "KLD", "variant": "full+HE", "roc_auc": 0.533},
-    {"model": "DCGAN", "score": "Disc. (D)", "variant": "full", "roc_auc": 0.530},
-    {"model": "BiGAN", "score": "Disc. (D)", "variant": "full", "roc_auc": 0.549},
-    {"model": "alpha-GAN", "score": "Disc. (D)", "variant": "full", "roc_auc": 0.607},
-]).assign(source="Davletshina et al. 2020, MURA hands, test split (cited)")
-
-
-def plot_anomaly_table(table: pd.DataFrame, title: str = "Study-level ROC-AUC (rows: model and score)",
-                       labels: pd.DataFrame | None = None):
-    """Heatmap of ROC-AUCs: rows model x score, columns preprocessing variants (their Figure 11 layout); `labels`
-    (same shape, text) annotates the cells instead of the values, e.g. anomaly_results_table(..., "roc_auc_ci")."""
-    fig, ax = plt.subplots(figsize=((2.4 if labels is not None else 1.6) * table.shape[1] + 3,
-                                    0.45 * table.shape[0] + 1.5))
-    annot = True if labels is None else labels.loc[table.index, table.columns].to_numpy()
-    sns.heatmap(table.astype(float), annot=annot, fmt=".3f" if labels is None else "", cmap="RdYlGn", vmin=0.3,
-                vmax=0.9, center=0.5, ax=ax, cbar_kws={"label": "ROC-AUC"}, annot_kws={"fontsize": 8})
-    ax.set(title=title, xlabel="preprocessing", ylabel="")
-    fig.tight_layout()
-    return fig
-
-
-def anomaly_grid_names(models, variants) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The grid's models and preprocessing variants, checked; one name given as a string is a list of one."""
-    every_variant = [f"{base}{eq}" for base in ("raw", "crop", "full") for eq in ("", "+HE", "+CLAHE")]
-    return (_names_setting("run_anomaly_grid", "models", models, ANOMALY_MODELS),
-            _names_setting("run_anomaly_grid", "variants", variants, every_variant))
-
-
-def _grid_config(base: AnomalyConfig, **changes) -> AnomalyConfig:
-    """A run of the grid: base's settings with `changes`; the recipe's settings that base did not give explicitly
-    are taken afresh from the (possibly other) model's and recipe's preset."""
-    fresh = {k: None for k in RECIPE_SETTINGS if k not in base.explicit}
-    return AnomalyConfig(**{**_config_dict(base), **fresh, "explicit": (), **changes})
-
-
-def _level_metrics(scores: pd.DataFrame, val_scores: pd.DataFrame, seed: int, n_boot: int = 2000) -> pd.DataFrame:
-    """Test metrics per score at both levels (image, study), each with its bootstrap interval, and the validation
-    ROC-AUC at the same level ('val_roc_auc': what choices may use)."""
-    tables = []
-    for level in ("study", "image"):
-        test = anomaly_metrics(scores, level, n_boot, seed)
-        val = anomaly_metrics(val_scores, level, 0)["roc_auc"].rename("val_roc_auc")
-        tables.append(test.join(val).reset_index().assign(level=level))
-    return pd.concat(tables, ignore_index=True)
-
-
-def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Sequence[str],
-                     image_sizes: dict[str, int] | None = None, progress: bool = True,
-                     seeds: Sequence[int] | None = None, recipes: Sequence[str] | None = None,
-                     devices: int | str = 1) -> pd.DataFrame:
-    """Train (or resume) every model on every preprocessing variant (and recipe, and seed) and score each best
-    checkpoint (kept on validation) on the test subset: one row per (recipe, model, variant, seed, level, score)
-    with test ROC-AUC (and its 95% bootstrap interval) and average precision at the image and the study level,
-    and the validation ROC-AUC ('val_roc_auc', for choosing); per variant also the model-free scores of
-    reference_anomaly_scores (model "no model"), the floor a model must beat. Variant by variant, so that a grid
-    cut short has scored every model on the first variants. `image_sizes` sets a model's own size (the paper:
-    {'bigan': 128, 'alphagan': 128}); the others take base.image_size. `seeds`: train each run once per seed, each
-    with its own split (split_seed = seed, as their 4 seeds); default base's seed and split. `recipes`: default
-    [base.recipe]; runs of other recipes than "suite" go to <model>_<variant>_<recipe>. `devices`: the
-    autoencoders train on this many processes (launch_training: "auto" = every visible GPU), the GANs on one."""
-    models, variants = anomaly_grid_names(models, variants)
-    recipes = list(recipes or [base.recipe])
-    several = seeds is not None and len(seeds) > 0
-    seeds = list(seeds) if several else [base.seed]
-    rows = []
-    for variant in variants:
-        for seed in seeds:
-            split_seed = seed if several else base.split_seed
-            for recipe in recipes:
-                for model in models:
-                    name = f"{model}_{variant}" + ("" if recipe == "suite" else f"_{recipe}") + \
-                        (f"_seed{seed}" if several else "")
-                    cfg = _grid_config(base, model=model, variant=variant, recipe=recipe, seed=seed,
-                                       split_seed=split_seed, output_dir=str(Path(base.output_dir) / name),
-                                       image_size=(image_sizes or {}).get(model, base.image_size))
-                    launch_training(cfg, devices, progress)
-                    net, _ = load_anomaly_model(Path(cfg.output_dir) / "checkpoints" / "best.pt", cfg.device)
-                    data = prepare_anomaly_data(cfg, progress=False)
-                    images, device = data["images"], resolve_device(cfg.device)
-                    scores = evaluate_anomaly(net, data["cache"], images[images["subset"] == "test"], cfg, device)
-                    val = evaluate_anomaly(net, data["cache"], images[images["subset"] == "val"], cfg, device)
-                    scores.to_csv(Path(cfg.output_dir) / "test_scores.csv", index=False)
-                    val.to_csv(Path(cfg.output_dir) / "val_scores.csv", index=False)
-                    rows.append(_level_metrics(scores, val, cfg.seed).assign(
-                        model=ANOMALY_MODEL_NAMES[model], recipe=recipe, variant=variant, seed=seed,
-                        image_size=cfg.image_size, run_dir=cfg.output_dir,
-                        n_empty_masks=len(scores.attrs.get("empty_masks", []))))
-            # the floor: model-free scores on the suite's preprocessed views (whole views, no min-max)
-            cfg = _grid_config(base, variant=variant, seed=seed, split_seed=split_seed, recipe="suite")
-            data = prepare_anomaly_data(cfg, progress=False)
-            images = data["images"]
-            normal_train = images[(images["subset"] == "train") & (images["label"] == 0)]
-            scores, val = (reference_anomaly_scores(data["cache"], images[images["subset"] == subset], normal_train,
-                                                    cfg.top_k) for subset in ("test", "val"))
-            reference_dir = Path(base.output_dir) / (f"{REFERENCE_MODEL.replace(' ', '_')}_{variant}"
-                                                     + (f"_seed{seed}" if several else ""))
-            reference_dir.mkdir(parents=True, exist_ok=True)
-            scores.to_csv(reference_dir / "test_scores.csv", index=False)
-            rows.append(_level_metrics(scores, val, cfg.seed).assign(
-                model=REFERENCE_MODEL, recipe="-", variant=variant, seed=seed, image_size=cfg.image_size,
-                run_dir=str(reference_dir), n_empty_masks=len(scores.attrs.get("empty_masks", []))))
-    return pd.concat(rows, ignore_index=True)
-
-
-def _one_run_per_cell(results: pd.DataFrame, level: str) -> pd.DataFrame:
-    """The rows of one level and of the grid's first seed; models labelled with their recipe when several."""
-    results = results[(results["level"] == level) & (results["seed"] == results["seed"].iloc[0])]
-    if results.loc[results["model"] != REFERENCE_MODEL, "recipe"].nunique() > 1:
-        results = results.assign(model=[m if r == "-" else f"{m} ({r})" for m, r in results[["model", "recipe"]]
-                                        .to_numpy()])
-    return results
-
-
-def anomaly_results_table(results: pd.DataFrame, value: str = "roc_auc", level: str = "study") -> pd.DataFrame:
-    """Pivot the grid's results at one level ('study' or 'image'; the grid's first seed): rows model x score,
-    columns preprocessing variants (their Figure 11 layout); value "roc_auc_ci" gives each ROC-AUC with its 95%
-    bootstrap interval as text."""
-    order = [v for v in preprocess_variants() if v in set(results["variant"])]
-    results = _one_run_per_cell(results, level)
-    if value == "roc_auc_ci":
-        results = results.assign(roc_auc_ci=[f"{a:.3f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in
-                                             results[["roc_auc", "roc_auc_ci_low", "roc_auc_ci_high"]].to_numpy()])
-    table = results.pivot_table(index=["model", "score"], columns="variant", values=value, aggfunc="first",
-                                sort=False)
-    return table[order]
-
-
-def seed_summary(results: pd.DataFrame, level: str = "image") -> pd.DataFrame:
-    """Per recipe, model, variant and score: the test ROC-AUC's mean and SD over the grid's seeds (each with its own
-    split: their '±'), beside the first seed's ROC-AUC and 95% bootstrap interval (ours)."""
-    data = results[results["level"] == level]
-    keys = ["recipe", "model", "variant", "score"]
-    spread = data.groupby(keys, sort=False)["roc_auc"].agg(seeds_mean="mean", seeds_sd="std", n_seeds="count")
-    first = data[data["seed"] == data["seed"].iloc[0]].set_index(keys)[["roc_auc", "roc_auc_ci_low",
-                                                                         "roc_auc_ci_high"]]
-    return first.join(spread).reset_index()
-
-
-# which of our scores is theirs, per model, in PUBLISHED_ANOMALY_AUROC
-PUBLISHED_SCORE = {"CAE": "mse", "VAE": "kld", "DCGAN": "disc", "BiGAN": "disc", "alpha-GAN": "disc"}
-
-
-def published_comparison(results: pd.DataFrame) -> pd.DataFrame:
-    """Their published ROC-AUCs (real MURA, per image, mean over 4 seeds) beside ours at their level (image) on the
-    same model, score and variant, per recipe: our first seed's ROC-AUC with its 95% interval and, with several
-    seeds, mean +- SD. Ours are measured on this run's data (the phantom unless data_dir is MURA)."""
-    ours = seed_summary(results, "image")
-    rows = []
-    for pub in PUBLISHED_ANOMALY_AUROC.itertuples():
-        score = PUBLISHED_SCORE[pub.model]
-        for run in ours[(ours["model"] == pub.model) & (ours["variant"] == pub.variant) &
-                        (ours["score"] == score)].itertuples():
-            rows.append({"model": pub.model, "score": score, "variant": pub.variant, "level": "image",
-                         "published": pub.roc_auc, "recipe": run.recipe,
-                         "ours": f"{run.roc_auc:.3f} [{run.roc_auc_ci_low:.2f}, {run.roc_auc_ci_high:.2f}]",
-                         "ours_mean_sd": f"{run.seeds_mean:.3f} +- {run.seeds_sd:.3f} ({run.n_seeds} seeds)"
-                         if run.n_seeds > 1 else ""})
-    return pd.DataFrame(rows, columns=["model", "score", "variant", "level", "published", "recipe", "ours",
-                                       "ours_mean_sd"])
-
-
-def anomaly_findings_table(results: pd.DataFrame, findings: pd.DataFrame, variant: str | None = None) -> pd.DataFrame:
-    """Phantom only: each model x score's test ROC-AUC per planted finding type (its abnormal studies against all
-    normal ones), for one preprocessing variant (default: the grid's first); attrs["n_abnormal"]: the count of
-    abnormal test studies of each type."""
-    variant = variant or results["variant"].iloc[0]
-    tables = []
-    for run in results[results["variant"] == variant].drop_duplicates("run_dir").itertuples():
-        studies = study_scores(pd.read_csv(Path(run.run_dir) / "test_scores.csv"))
-        names = [c for c in studies.columns if c not in ("study_path", "label")]
-        table = metrics_by_finding(studies, findings, names)
-        aurocs = table[[f"auroc_{n}" for n in names]].T.set_axis(names)
-        tables.append(aurocs.assign(model=run.model).rename_axis("score").reset_index())
-        counts = table["n_abnormal"]
-    table = pd.concat(tables).set_index(["model", "score"]).rename_axis(columns="finding")
-    table.attrs["n_abnormal"] = {kind: int(n) for kind, n in counts.items()}
-    return table
-
-
-def plot_gan_samples(results: pd.DataFrame, n: int = 6, device: str = "auto", seed: int = 0):
-    """A row per GAN run of the grid: views its generator draws from random codes (has it learned hands?); None
-    when the grid holds no GAN."""
-    runs = results[results["model"].isin([ANOMALY_MODEL_NAMES[m] for m in GAN_MODELS])].drop_duplicates("run_dir")
-    if runs.empty:
-        return None
-    fig, axes = plt.subplots(len(runs), n, figsize=(1.6 * n, 1.8 * len(runs)), squeeze=False)
-    for row, run in zip(axes, runs.itertuples()):
-        net, cfg = load_anomaly_model(Path(run.run_dir) / "checkpoints" / "best.pt", device)
-        z = torch.randn(n, cfg.gan_latent, generator=torch.Generator().manual_seed(seed))
-        with torch.inference_mode():
-            drawn = net.generator(z.to(next(net.parameters()).device))[:, 0].float().cpu().numpy()
-        for ax, image in zip(row, drawn):
-            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-            ax.axis("off")
-        row[0].set_title(f"{run.model} on {run.variant}: G(z)", fontsize=9, loc="left")
-    fig.tight_layout()
-    return fig
-
-
-def plot_figure12(results: pd.DataFrame, n: int = 4, device: str = "auto", seed: int = 0):
-    """Their Figure 12 for this grid: per run with a reconstruction (the autoencoders, BiGAN and alpha-GAN) typical
-    test inputs (normal and abnormal alternating), their reconstructions and masked error maps; per GAN, views its
-    generator draws from random codes. The grid's first seed and variant."""
-    runs = results[(results["model"] != REFERENCE_MODEL) & (results["seed"] == results["seed"].iloc[0])
-                   & (results["variant"] == results["variant"].iloc[0])].drop_duplicates("run_dir")
-    panels = []  # (title, images, cmap)
-    for run in runs.itertuples():
-        net, cfg = load_anomaly_model(Path(run.run_dir) / "checkpoints" / "best.pt", device)
-        dev = next(net.parameters()).device
-        label = f"{run.model} ({cfg.recipe}, {run.variant})"
-        if run.model in [ANOMALY_MODEL_NAMES[m] for m in GAN_MODELS]:
-            z = torch.randn(n, cfg.gan_latent, generator=torch.Generator().manual_seed(seed))
-            with torch.inference_mode():
-                panels.append((f"{label}: samples G(z)", net.generator(z.to(dev))[:, 0].float().cpu().numpy(), "gray"))
-        if run.model == ANOMALY_MODEL_NAMES["dcgan"]:
-            continue
-        data = prepare_anomaly_data(cfg, progress=False)
-        test = data["images"][data["images"]["subset"] == "test"].drop_duplicates("image_path")
-        picks = pd.concat([test[test["label"] == k].sample(min(n - n // 2 if k == 0 else n // 2, (test["label"] == k)
-                                                                 .sum()), random_state=seed) for k in (0, 1)])
-        rows = picks["cache_row"].to_numpy() if "cache_row" in picks else data["cache"].rows(picks["image_path"])
-        x, m = anomaly_inputs(torch.from_numpy(data["cache"].images[rows][:, None]),
-                              torch.from_numpy(data["cache"].masks[rows][:, None]), dev, cfg)
-        with torch.inference_mode():
-            recon = net.eval()(x)["recon"].float()
-        error = ((x - recon) ** 2 * m)[:, 0].cpu().numpy()
-        kinds = ["normal" if k == 0 else "abnormal" for k in picks["label"]]
-        panels += [(f"{label}: inputs ({', '.join(kinds)})", x[:, 0].cpu().numpy(), "gray"),
-                   (f"{label}: reconstructions", recon[:, 0].cpu().numpy(), "gray"),
-                   (f"{label}: squared error in the mask", error, "inferno")]
-    if not panels:
-        return None
-    fig, axes = plt.subplots(len(panels), n, figsize=(1.9 * n, 2.1 * len(panels)), squeeze=False,
-                             layout="constrained")
-    for row, (title, images, cmap) in zip(axes, panels):
-        for ax in row:
-            ax.axis("off")
-        for ax, image in zip(row, images):
-            ax.imshow(image, cmap=cmap, **({"vmin": 0, "vmax": 1} if cmap == "gray" else {}))
-        row[0].set_title(title, fontsize=8, loc="left")
-    fig.suptitle("Inputs, reconstructions and error maps of each model; samples of each GAN (their Figure 12)")
-    return fig
-
-
-def plot_preprocessing(image_paths: Sequence[str], size: int = 256, variants: Sequence[str] = ("raw", "crop",
-                       "full", "full+HE")):
-    """Each view through the pipeline's variants side by side, with the hand mask."""
-    configs = preprocess_variants(size, variants)
-    fig, axes = plt.subplots(len(image_paths), len(configs) + 1, figsize=(2.4 * (len(configs) + 1),
-                                                                          2.5 * len(image_paths)), squeeze=False)
-    for row, path in zip(axes, image_paths):
-        masked = None
-        for ax, (name, cfg) in zip(row, configs.items()):
-            out = preprocess_view(path, cfg)
-            masked = out if cfg.segment else masked
-            ax.imshow(out["image"], cmap="gray", vmin=0, vmax=255)
-            ax.set_title(name + (" (no plate found)" if cfg.crop and not out["carrier_found"] else ""), fontsize=8)
-        masked = masked or preprocess_view(path, PreprocessConfig(size=size))
-        row[-1].imshow(masked["mask"], cmap="gray")
-        row[-1].set_title("hand mask" + (" (view was inverted)" if masked["inverted"] else ""), fontsize=8)
-        for ax in row:
-            ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-def best_run(results: pd.DataFrame, score: str = "mse") -> pd.Series:
-    """The grid's run with the highest study-level VALIDATION ROC-AUC of `score` (test ROC-AUCs choose nothing)."""
-    runs = results[(results["score"] == score) & (results["level"] == "study")]
-    if runs.empty:
-        raise ValueError(f"no run of the grid gives the score {score!r}")
-    return runs.sort_values("val_roc_auc", ascending=False, na_position="last", kind="stable").iloc[0]
-
-
-def best_run_heatmaps(results: pd.DataFrame, score: str = "mse", n: int = 8, device: str = "auto") -> dict:
-    """For the grid's best run by `score`, chosen on VALIDATION (its study-level val_roc_auc; the test set chooses
-    nothing): error heatmaps of abnormal test views (those with ground truth on the phantom), the boxes moved into
-    the preprocessed frame (not for hand crops), and their localisation scores over all such views."""
-    best = best_run(results, score)
-    net, cfg = load_anomaly_model(Path(best["run_dir"]) / "checkpoints" / "best.pt", device)
-    data = prepare_anomaly_data(cfg, progress=False)
-    images = data["images"]
-    abnormal = images[(images["subset"] == "test") & (images["label"] == 1)]
-    findings = phantom_boxes(data["root"])
-    boxes = transform_boxes(findings, data["cache"]) if findings is not None and "view_cache" not in data else None
-    if boxes is not None:
-        abnormal = abnormal[abnormal["image_path"].isin(boxes["image_file"])]
-    heatmaps = anomaly_heatmaps(net, data["cache"], list(abnormal["image_path"]), device, cfg=cfg) \
-        if len(abnormal) else []
-    localisation = heatmap_localisation(heatmaps, boxes) if boxes is not None and heatmaps else None
-    return {"best": best, "heatmaps": heatmaps[:n], "boxes": boxes, "localisation": localisation}
 
 
 # ---------------------------------------------------------------- command line: python -m mura_helpers
