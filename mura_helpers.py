@@ -1,8 +1,41 @@
-"""Shared helpers for the MURA hand-radiograph notebook suite.
+"""Shared helpers for the MURA hand-radiograph notebook suite: every notebook imports this one module.
 
-Reads top to bottom as the pipeline does: data -> phantom -> images & cache -> augmentation -> model & loss ->
-training -> evaluation & metrics -> heatmaps -> prediction -> plots -> anomaly detection (Davletshina et al. 2020).
-Every notebook imports this one module; the notebooks themselves stay thin.
+Reads top to bottom as the pipeline does; each section opens with a `# ----- name` line (search for it):
+
+  data                      MURA's layout and CSVs, checks with named errors, where data comes from (a folder,
+                            "kaggle:OWNER/DATASET", the phantom): find_mura_root, load_studies, resolve_data_dir
+  images & cache            decode and resize once into a uint8 cache on disk: build_image_cache, epoch_batches
+  augmentation              on the device, per sample: gpu_augment and prepare_batch (supervised views),
+                            augment_views_and_masks (the unsupervised path's views and masks alike)
+  model & loss              build_model (torchvision DenseNet), the paper's weighted BCE, per study type
+  training: settings        RunConfig (what both paths share) -> TrainConfig; TRAIN_PRESETS; config_from (notebooks)
+  training: devices         resolve_device, amp_dtype, setup_distributed (torchrun: NCCL or gloo)
+  training: checkpoints     save_atomic/load_state (digests), resume, run folders, run_lock
+  training: one epoch ...   train_one_epoch, evaluate_views, tuning_split, train, launch_training, ensembles
+  evaluation & metrics      study_metrics, bootstrap intervals by patient, baselines, comparison tables
+  heatmaps                  class activation maps and their localisation on the phantom's truth
+  prediction                predict_new_study (a folder of views)
+  plots                     data, pipeline, training and results figures; save_figure
+  anomaly detection         Davletshina et al. 2020: preprocessing (crop, hand mask, HE) -> models (CAE, VAE) ->
+                            GANs -> their networks ("paper" recipe) -> recipes and AnomalyConfig -> training,
+                            scores, heatmaps, the grid -> plots
+  phantom                   a synthetic MURA in MURA's exact layout, with per-view truth (a data source: last)
+  command line              python -m mura_helpers train | train-anomaly --config run.json (torchrun-ready)
+
+Where to change what:
+  a setting        a field of RunConfig (both paths), TrainConfig or AnomalyConfig, and the notebook's
+                   parameters cell under the same name (config_from picks it up); a field that may change when a
+                   run resumes is made with _free(...), every other one must match (must_match_on_resume)
+  a preset         TRAIN_PRESETS (supervised); ANOMALY_RECIPES and RECIPE_REASONS (unsupervised)
+  the loss         weighted_bce_with_logits / study_weighted_bce (supervised); masked_mse, autoencoder_step,
+                   gan_step, paper_gan_step (unsupervised)
+  the augmentation gpu_augment (both paths), prepare_batch (supervised), augment_views_and_masks (unsupervised)
+  the model        build_model (ARCHS); build_anomaly_model and ARCHITECTURES
+  a metric         study_metrics and bootstrap_metrics (CI_METRICS); anomaly_metrics, reconstruction_scores
+  a figure         its plot_* function (plots, or anomaly detection: plots); save_figure names the file
+  the phantom      make_phantom_mura and the _render_view family (bump PHANTOM_VERSION when the pixels change)
+  preprocessing    find_carrier / find_field (crop), _hand_mask (mask), preprocess_view (bump
+                   ANOMALY_PIPELINE_VERSION when its output changes)
 """
 
 from __future__ import annotations
@@ -27,7 +60,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -831,7 +864,7 @@ def study_weighted_bce(logits, targets, study: torch.Tensor, n_studies: int, w0,
     return -(w1 * y * log_p + w0 * (1 - y) * log_q).mean()
 
 
-# ---------------------------------------------------------------- settings: validated configs, TrainConfig, presets
+# ---------------------------------------------------------------- training: settings (validated configs, presets)
 
 SELECT_METRICS = {f"{split}_{metric}": direction for split in ("tune", "valid")
                   for metric, direction in (("loss", "min"), ("auroc", "max"), ("kappa", "max"), ("accuracy", "max"))}
@@ -992,8 +1025,62 @@ def _validate_train_config(cfg) -> None:
         cfg.compile = _bool_setting(owner, "compile", cfg.compile)
 
 
+FREE_ON_RESUME = {"resume": "free"}  # a config field's metadata: it may change when a run resumes
+
+
+def _free(default):
+    """A config field that may change when a run resumes: where and how the run runs, not what it learns."""
+    return field(default=default, metadata=FREE_ON_RESUME)
+
+
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """The settings both training paths share: data, phantom, cache, device, precision, seeds, bad files, resume.
+
+    Every field of a config must match when a run resumes, but those made with _free (where and how it runs):
+    must_match_on_resume(config_class) lists them, so a new setting is protected without a list to keep.
+    """
+
+    data_dir: str | None = _free(None)  # None: the embedded phantom; a MURA-v1.1 folder (or above); "kaggle:O/D"
+    body_part: str = "XR_HAND"  # a study type, a list of them, or "all"
+    output_dir: str = _free("outputs/run")
+    cache_dir: str = _free("data/cache")
+    phantom_dir: str = _free("data/phantom")  # where the phantom is made when data_dir is None ...
+    phantom_patients: int = _free(240)  # ... with this many patients
+    phantom_image_size: int = _free(512)
+    phantom_seed: int = _free(0)  # the phantom's own seed (not the training seed: runs of several seeds share the data)
+    amp: str = _free("auto")  # "auto": fp16 + GradScaler on GPUs without fast bf16 (T4), bf16 on Ampere+; off on CPU
+    num_workers: int = _free(2)
+    device: str = _free("auto")
+    seed: int = 0
+    split_seed: int = 0  # the split's seed (the tuning split; the unsupervised path's split by patient), not the
+    # training seed: runs of several seeds share it
+    on_bad: str = _free("raise")  # "skip": leave bad files out, counted in a warning (mh.data_problems lists them)
+    resume: bool = _free(True)
+    max_steps_per_epoch: int | None = _free(None)  # for smoke tests
+    sync_batchnorm: bool = _free(False)  # several GPUs: batch norm over the global batch (off: each GPU's own, as
+    # one GPU sees batches of batch_size; on CPU processes always off)
+
+
+def config_from(config_class, variables: dict, **overrides):
+    """A config from a notebook's variables (globals() after its parameters cell): every variable named like a
+    field of `config_class`, then `overrides` (fields whose knob has another name or a default to resolve), so a
+    new setting is added in one place: the dataclass, and the parameters cell under the field's name."""
+    names = {f.name for f in fields(config_class)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"{config_class.__name__} has no field(s) {unknown}; its fields: {sorted(names)}")
+    values = {**{k: v for k, v in variables.items() if k in names}, **overrides}
+    return config_class(**{k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
+
+
+def must_match_on_resume(config_class) -> tuple[str, ...]:
+    """The fields of a config class that a resumed run must share with its checkpoint (all but the _free ones)."""
+    return tuple(f.name for f in fields(config_class) if f.metadata.get("resume") != "free")
+
+
+@dataclass
+class TrainConfig(RunConfig):
     """Every knob of a training run; the reference report's run is image_size=224, batch_size=8, epochs=5,
     rotation_degrees=10, select_metric='tune_accuracy' (its 'valid_accuracy' with tune_fraction=0), loss_level='study'.
 
@@ -1002,21 +1089,14 @@ class TrainConfig:
     a held-out test. tune_fraction=0 selects on the validation split, as the MURA paper and the report did.
     """
 
-    data_dir: str | None = None  # None: the embedded phantom
-    body_part: str = "XR_HAND"
-    output_dir: str = "outputs/run"
-    cache_dir: str = "data/cache"
-    phantom_dir: str = "data/phantom"  # where the phantom is made when data_dir is None ...
-    phantom_patients: int = 240  # ... with this many patients
-    phantom_image_size: int = 512
-    phantom_seed: int = 0  # the phantom's own seed (not the training seed: runs of several seeds share the data)
+    output_dir: str = _free("outputs/run")
     image_size: int = 224  # the report; the MURA paper used 320
     resize: str = "squash"  # "squash" (report, paper) or "pad" (keeps the aspect ratio)
     arch: str = "densenet169"
-    pretrained: bool = True  # ImageNet weights (the paper and the report)
+    pretrained: bool = _free(True)  # ImageNet weights (the paper and the report)
     batch_size: int = 32  # views per step (the report: 8); with loss_level="study": studies per step
-    valid_batch_size: int = 64
-    epochs: int = 5
+    valid_batch_size: int = _free(64)
+    epochs: int = _free(5)
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -1027,20 +1107,11 @@ class TrainConfig:
     loss_level: str = "image"  # "image": per-view weighted BCE (the paper); "study": on the study mean (report)
     select_metric: str = "tune_loss"  # best.pt is kept by this (the paper: validation loss); tune_* reads valid_*
     # when tune_fraction=0, and valid_* is refused when there is a tuning split (it would select on the test set)
-    keep_top_k: int = 5  # also keep the weights of the k best epochs, for an ensemble (the paper averaged 5)
-    amp: str = "auto"  # "auto": fp16 + GradScaler on GPUs without fast bf16 (T4), bf16 on Ampere+; "off" on CPU
-    channels_last: bool = True
-    compile: bool | str = False  # torch.compile: True or a mode ("reduce-overhead": CUDA graphs, launch-bound GPUs)
-    num_workers: int = 2
-    device: str = "auto"
-    seed: int = 0
-    on_bad: str = "raise"  # "skip": leave bad files out, counted in a warning (mh.data_problems lists them)
-    resume: bool = True
-    max_steps_per_epoch: int | None = None  # for smoke tests
-    sync_batchnorm: bool = False  # several GPUs: batch norm over the global batch (off: each GPU's own, as the
-    # paper's single GPU saw batches of batch_size; on CPU processes always off)
+    keep_top_k: int = _free(5)  # also keep the weights of the k best epochs, for an ensemble (the paper averaged 5)
+    channels_last: bool = _free(True)
+    compile: bool | str = _free(False)  # torch.compile: True or a mode ("reduce-overhead": CUDA graphs, for
+    # launch-bound GPUs)
     tune_fraction: float = 0.1  # share of the training patients held out for selection; 0: select on validation
-    split_seed: int = 0  # the tuning split's seed (not the training seed: runs of several seeds share the split)
 
     def __post_init__(self):
         _validate_train_config(self)
@@ -1104,7 +1175,7 @@ def _stored_config(config_class, state: dict, path: str | os.PathLike):
         raise CheckpointError(f"{path}: its stored settings are not valid ({e})") from None
 
 
-# ---------------------------------------------------------------- devices & processes: GPU/CPU, AMP, torch.distributed
+# ---------------------------------------------------------------- training: devices & processes (AMP, distributed)
 
 def resolve_device(device: str = "auto"):
     """The torch device to use: CUDA when available (or as asked), else CPU."""
@@ -1184,7 +1255,7 @@ def _unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-# ---------------------------------------------------------------- checkpoints & run folders: atomic, digests, locks
+# ---------------------------------------------------------------- training: checkpoints & run folders (atomic, locked)
 
 DIGEST_KEY = "sha256"  # a checkpoint's digest of its own content, checked on every load
 
@@ -1328,9 +1399,10 @@ def _checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best, 
     }
 
 
-def _resumable_state(cfg, must_match: Sequence[str]) -> dict | None:
+def _resumable_state(cfg) -> dict | None:
     """The state in cfg.output_dir/checkpoints/last.pt to resume from (None: start afresh); refuses a run that was
-    saved with other settings."""
+    saved with other settings (those of must_match_on_resume)."""
+    must_match = must_match_on_resume(type(cfg))
     last_path = Path(cfg.output_dir) / "checkpoints" / "last.pt"
     if not cfg.resume or not last_path.is_file():
         return None
@@ -1587,7 +1659,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, weights, cfg: Trai
     probability. `weights`: (w0, w1), or each view's (view_loss_weights)."""
     model.train()
     dtype = amp_dtype(cfg.amp, device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * rank)
+    generator = _epoch_generator(cfg, epoch, rank, device)
     loss_sum = torch.zeros((), device=device)
     n_seen, probs, indices = 0, [], []
     steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
@@ -1697,9 +1769,72 @@ def _epoch_metrics(prefix: str, images: pd.DataFrame, result: dict) -> dict:
     return {f"{prefix}_loss": result["loss"], **{f"{prefix}_{k}": v for k, v in metrics.items()}}
 
 
-RESUME_MUST_MATCH = ("body_part", "image_size", "resize", "arch", "batch_size", "lr", "betas", "weight_decay",
-                     "plateau_factor", "plateau_patience", "rotation_degrees", "hflip", "loss_level", "select_metric",
-                     "seed", "tune_fraction", "split_seed")  # (the scheduler's settings are restored with its state)
+
+
+def _start_run(cfg: RunConfig, ctx: Distributed, device, prepare, progress: bool) -> tuple[dict | None, dict]:
+    """The start-up both trainers share: leftover temporaries removed; the checkpoint to resume (or an earlier run
+    moved aside); the data prepared by `prepare(cfg, progress, state)` on the first process of each machine while
+    the others wait, then read; config.json written; cuDNN's autotuner and the seeds set. Returns (state, data)."""
+    out = Path(cfg.output_dir)
+    if ctx.is_main:
+        _remove_temporaries([out, out / "checkpoints"])
+    state = _resumable_state(cfg)
+    if state is None and ctx.is_main:
+        _set_aside_previous_run(out)
+    if ctx.local_rank != 0:  # the first process of each machine makes the phantom and the cache ...
+        dist.barrier()
+    data = prepare(cfg, progress and ctx.is_main, state)
+    if ctx.local_rank == 0 and ctx.world_size > 1:  # ... while the others wait, then read them
+        dist.barrier()
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick the fastest kernels
+    seed_everything(cfg.seed)
+    return state, data
+
+
+def _precision(cfg: RunConfig, device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """The autocast dtype (None: full precision) and the gradient scaler (enabled for fp16 only)."""
+    dtype = amp_dtype(cfg.amp, device)
+    return dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def _resume_into(state: dict | None, model, optimizer, scheduler, scaler, cfg: RunConfig,
+                 ctx: Distributed) -> tuple[list[dict], float | None, int]:
+    """Restore a checkpoint's state (when resuming) and say so: (history, best score, first epoch to run)."""
+    if state is None:
+        return [], None, 0
+    history, best, start_epoch = _restore(state, model, optimizer, scheduler, scaler)
+    if ctx.is_main:
+        print(f"resuming {Path(cfg.output_dir) / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of "
+              f"{cfg.epochs}", flush=True)
+    return history, best, start_epoch
+
+
+def _for_processes(model, cfg: RunConfig, ctx: Distributed, device):
+    """The model wrapped for several processes (DistributedDataParallel; SyncBatchNorm when asked, on GPUs)."""
+    if ctx.world_size == 1:
+        return model
+    if cfg.sync_batchnorm and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                     else None)
+
+
+def _epoch_generator(cfg: RunConfig, epoch: int, rank: int, device) -> torch.Generator:
+    """The augmentation's random generator of one epoch on one process (seeded: a resumed run draws the same)."""
+    return torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * rank)
+
+
+def _improves(score: float, best: float | None, direction: str = "max") -> bool:
+    """Whether an epoch's selection score beats the best so far: the first epoch always does, a NaN score
+    (a one-class tuning set) never does, and any number beats a NaN best."""
+    if best is None:
+        return True
+    if math.isnan(score):
+        return False
+    return math.isnan(best) or (score < best if direction == "min" else score > best)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
@@ -1718,21 +1853,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
 def _train_locked(cfg: TrainConfig, progress: bool, ctx: Distributed, device) -> pd.DataFrame:
     """train() while rank 0 holds the run folder's lock."""
     out = Path(cfg.output_dir)
-    if ctx.is_main:
-        _remove_temporaries([out, out / "checkpoints"])
-    state = _resumable_state(cfg, RESUME_MUST_MATCH)
-    if state is None and ctx.is_main:
-        _set_aside_previous_run(out)
-    if ctx.local_rank != 0:  # the first process of each machine makes the phantom and the view cache ...
-        dist.barrier()
-    run = _prepare_run(cfg, progress and ctx.is_main, state)
-    if ctx.local_rank == 0 and ctx.world_size > 1:  # ... while the others wait, then read them
-        dist.barrier()
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick the fastest kernels
-    seed_everything(cfg.seed)
+    state, run = _start_run(cfg, ctx, device, _prepare_run, progress)
     model = build_model(cfg.pretrained and state is None, cfg.arch).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -1740,19 +1861,9 @@ def _train_locked(cfg: TrainConfig, progress: bool, ctx: Distributed, device) ->
     optimizer = build_optimizer(model.parameters(), cfg.lr, device, cfg.betas, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
                                                            patience=cfg.plateau_patience)
-    dtype = amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    history, best, start_epoch = [], None, 0
-    if state is not None:
-        history, best, start_epoch = _restore(state, model, optimizer, scheduler, scaler)
-        if ctx.is_main:
-            print(f"resuming {out / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of {cfg.epochs}")
-    if ctx.world_size > 1:
-        if cfg.sync_batchnorm and device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    model = compile_model(model, cfg.compile)
+    _, scaler = _precision(cfg, device)
+    history, best, start_epoch = _resume_into(state, model, optimizer, scheduler, scaler, cfg, ctx)
+    model = compile_model(_for_processes(model, cfg, ctx, device), cfg.compile)
     eval_model = model if ctx.world_size == 1 else _unwrap(model)  # no collectives in evaluation
 
     train_images, tune_images, valid_images = run["train"], run["tune"], run["valid"]
@@ -1800,7 +1911,7 @@ def _train_locked(cfg: TrainConfig, progress: bool, ctx: Distributed, device) ->
         scheduler.step(row[f"{cfg.tuning_set}_loss"])  # the plateau schedule reads the tuning set, never the test
         history.append(row)
         score = row[cfg.select_metric]
-        improved = best is None or (score < best if direction == "min" else score > best) or math.isnan(best)
+        improved = _improves(score, best, direction)
         if improved:
             best = score
         if ctx.is_main:
@@ -4003,33 +4114,22 @@ def recipe_deviations() -> pd.DataFrame:
     return pd.concat([settings, pipeline], ignore_index=True)[["model", "setting", "paper", "suite", "why"]]
 
 
-ANOMALY_RESUME_MUST_MATCH = ("model", "variant", "body_part", "image_size", "splits", "batch_size", "lr",
-                             "kld_weight", "gan_latent", "gan_lr", "recon_weight", "top_k", "hflip",
-                             "rotation_degrees", "scale_range", "intensity_range", "select_score", "seed",
-                             "split_seed", "recipe", *(k for k in RECIPE_SETTINGS if k != "epochs"))
 
 
 @dataclass
-class AnomalyConfig:
+class AnomalyConfig(RunConfig):
     """Every knob of an unsupervised run (one model on one preprocessing variant)."""
 
     model: str = "cae"  # "cae" (their Figure 5), "vae" (Figure 7), or a GAN: "dcgan" (Figure 9), "bigan", "alphagan"
     variant: str = "full+HE"  # raw, raw+HE, crop, crop+HE, full, full+HE
-    data_dir: str | None = None  # None: the embedded phantom
-    body_part: str = "XR_HAND"
     splits: tuple[str, ...] = ("train",)  # MURA splits pooled before the patient split (the paper: train)
-    output_dir: str = "outputs/anomaly/cae_full+HE"
-    cache_dir: str = "data/cache"
-    phantom_dir: str = "data/phantom"
-    phantom_patients: int = 240
-    phantom_image_size: int = 512
-    phantom_seed: int = 0  # the phantom's own seed (not the training seed: runs of several seeds share the data)
+    output_dir: str = _free("outputs/anomaly/cae_full+HE")
     image_size: int = 512  # the paper: 512 for the autoencoders and DCGAN, 128 for BiGAN and alpha-GAN
     recipe: str = "suite"  # "suite" (ours) or "paper" (their code): fills every setting below left None
     # (ANOMALY_RECIPES; recipe_deviations() lists the differences and why)
     architecture: str | None = None  # "suite" (the paper's figures, ours) or "paper" (their code's networks)
     batch_size: int | None = None
-    epochs: int | None = None
+    epochs: int | None = _free(None)
     lr: float | None = None  # the autoencoders' Adam learning rate
     kld_weight: float | None = None  # VAE: loss = reconstruction + kld_weight * KLD / pixels
     vae_latent: int | None = None  # the VAE's latent size
@@ -4052,19 +4152,10 @@ class AnomalyConfig:
     augment_p: float | None = None  # each of rotation, scale and intensity applied with this probability
     hand_crop: bool | None = None  # crop/full variants: one crop per hand (its mask's component), view = max
     minmax: bool | None = None  # per-image min-max scaling to [0, 1] (their MinMaxNormalization)
-    explicit: tuple[str, ...] = ()  # the recipe's settings given explicitly (filled in; the grid keeps only these)
+    explicit: tuple[str, ...] = _free(())  # the recipe's settings given explicitly (filled in; the grid keeps
+    # only these)
     select_score: str | None = None  # best.pt by the validation ROC-AUC of this score (None: "mse" for the
     # autoencoders, "disc" for the GANs, whose discriminator gives the paper's GAN scores); the paper chose by ROC-AUC
-    amp: str = "auto"
-    num_workers: int = 2
-    device: str = "auto"
-    seed: int = 0
-    split_seed: int = 0
-    resume: bool = True
-    max_steps_per_epoch: int | None = None
-    on_bad: str = "raise"  # "skip": leave bad files out, counted in a warning (mh.data_problems lists them)
-    sync_batchnorm: bool = False  # autoencoders on several GPUs: batch norm over the global batch (off: each GPU's
-    # own batch of batch_size, as one GPU sees; on CPU processes always off)
 
     def __post_init__(self):
         self.model = _choice_setting("AnomalyConfig", "model", self.model, ANOMALY_MODELS)  # the recipe reads it
@@ -4440,39 +4531,45 @@ def _summed_losses(loss_sums: dict, n_seen: int, ctx: Distributed, device) -> tu
     return {f"train_{k}": float(totals[i]) / max(n, 1) for i, k in enumerate(names)}, n
 
 
+def train_anomaly_one_epoch(model, loader, optimizers: dict, scaler, device, cfg: AnomalyConfig, epoch: int,
+                            progress: bool = True, rank: int = 0) -> dict:
+    """One pass over the normal training views (this process's share of them), augmented: {'losses': each loss
+    summed over the views, 'n': views seen}."""
+    model.train()
+    dtype = amp_dtype(cfg.amp, device)
+    generator = _epoch_generator(cfg, epoch, rank, device)
+    steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    loss_sums, n_seen = {}, 0
+    bar = tqdm(total=steps, desc=f"{cfg.model} {cfg.variant} epoch {epoch + 1}", leave=False, disable=not progress)
+    for step, (views, masks, _) in enumerate(loader):
+        if step >= steps:
+            break
+        x, m = augment_views_and_masks(*anomaly_inputs(views, masks, device, cfg), generator, cfg)
+        if isinstance(_unwrap(model), PaperGAN):
+            losses = paper_gan_step(model, x, optimizers, scaler, dtype, generator, cfg)
+        elif cfg.is_gan:
+            losses = gan_step(model, x, m, optimizers, scaler, dtype, generator, cfg.recon_weight, cfg.masked_loss)
+        else:
+            losses = autoencoder_step(model, x, m if cfg.masked_loss else torch.ones_like(m), optimizers["model"],
+                                      scaler, dtype, cfg.kld_weight, cfg.vae_loss)
+        for name, value in losses.items():
+            loss_sums[name] = loss_sums.get(name, 0) + value * len(x)
+        n_seen += len(x)
+        bar.update()
+    bar.close()
+    return {"losses": loss_sums, "n": n_seen}
+
+
 def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: Distributed, device) -> pd.DataFrame:
     """train_anomaly() while rank 0 holds the run folder's lock."""
     out = Path(cfg.output_dir)
-    if ctx.is_main:
-        _remove_temporaries([out, out / "checkpoints"])
-    state = _resumable_state(cfg, ANOMALY_RESUME_MUST_MATCH)
-    if state is None and ctx.is_main:
-        _set_aside_previous_run(out)
-    if ctx.local_rank != 0:  # the first process of each machine makes the phantom and the cache ...
-        dist.barrier()
-    data = prepare_anomaly_data(cfg, progress and ctx.is_main, state)
-    if ctx.local_rank == 0 and ctx.world_size > 1:  # ... while the others wait, then read them
-        dist.barrier()
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    seed_everything(cfg.seed)
+    state, data = _start_run(cfg, ctx, device, prepare_anomaly_data, progress)
     model = anomaly_model_for(cfg).to(device)
     optimizers = anomaly_optimizers(model, cfg, device)
-    dtype = amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    history, best, start_epoch = [], None, 0
-    if state is not None:
-        history, best, start_epoch = _restore(state, model, optimizers, None, scaler)
-        if progress and ctx.is_main:
-            print(f"resuming {out / 'checkpoints' / 'last.pt'} after epoch {start_epoch} of {cfg.epochs}")
-    if ctx.world_size > 1:
-        if cfg.sync_batchnorm and device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
+    _, scaler = _precision(cfg, device)
+    history, best, start_epoch = _resume_into(state, model, optimizers, None, scaler, cfg, ctx)
+    model = _for_processes(model, cfg, ctx, device)
     eval_model = _unwrap(model)  # no collectives in evaluation
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
     images = data["images"]
     train_images = images[(images["subset"] == "train") & (images["label"] == 0)]
     val_images = images[images["subset"] == "val"]
@@ -4481,30 +4578,10 @@ def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: Distributed, 
     for epoch in range(start_epoch, cfg.epochs):
         loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch, None,
                                                ctx.rank, ctx.world_size)
-        model.train()
-        generator = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch + 7_919 * ctx.rank)
-        steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-        loss_sums, n_seen, started = {}, 0, time.perf_counter()
-        bar = tqdm(total=steps, desc=f"{cfg.model} {cfg.variant} epoch {epoch + 1}", leave=False,
-                   disable=not (progress and ctx.is_main))
-        for step, (views, masks, _) in enumerate(loader):
-            if step >= steps:
-                break
-            x, m = augment_views_and_masks(*anomaly_inputs(views, masks, device, cfg), generator, cfg)
-            if isinstance(model, PaperGAN):
-                losses = paper_gan_step(model, x, optimizers, scaler, dtype, generator, cfg)
-            elif cfg.model in GAN_MODELS:
-                losses = gan_step(model, x, m, optimizers, scaler, dtype, generator, cfg.recon_weight,
-                                  cfg.masked_loss)
-            else:
-                losses = autoencoder_step(model, x, m if cfg.masked_loss else torch.ones_like(m), optimizers["model"],
-                                          scaler, dtype, cfg.kld_weight, cfg.vae_loss)
-            for name, value in losses.items():
-                loss_sums[name] = loss_sums.get(name, 0) + value * len(x)
-            n_seen += len(x)
-            bar.update()
-        bar.close()
-        losses, n_all = _summed_losses(loss_sums, n_seen, ctx, device)
+        started = time.perf_counter()
+        trained = train_anomaly_one_epoch(model, loader, optimizers, scaler, device, cfg, epoch,
+                                          progress and ctx.is_main, ctx.rank)
+        losses, n_all = _summed_losses(trained["losses"], trained["n"], ctx, device)
         train_time = time.perf_counter() - started  # rank 0's; its images/s counts every process's views
         val_scores = _gather_scores(evaluate_anomaly(eval_model, data["cache"], val_shard, cfg, device), ctx)
         row = None
@@ -4519,7 +4596,7 @@ def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: Distributed, 
         row = _from_main(row, ctx)
         history.append(row)
         score = row[f"val_auroc_{cfg.selection_score}"]
-        improved = best is None or (not math.isnan(score) and (math.isnan(best) or score > best))
+        improved = _improves(score, best, "max")
         if improved:
             best = score
         if ctx.is_main:

@@ -2,6 +2,7 @@
 executed headless with papermill on the tiny phantom (those runs are slow: `pytest -m "not slow"` skips them)."""
 
 import ast
+import dataclasses
 import json
 import re
 
@@ -111,6 +112,29 @@ def test_the_setup_cells_declare_no_name_that_no_later_cell_uses():
     declared = declared_names(setup_and_later_cells(NOTEBOOKS[0])[0])
     used = set().union(*(names_taken_from_before(setup_and_later_cells(path)[1]) for path in NOTEBOOKS))
     assert declared <= used  # a name no notebook needs any more leaves the list
+
+
+CONFIG_CELLS = {"03_training.ipynb": "TrainConfig", "06_anomaly_detection.ipynb": "AnomalyConfig"}
+
+
+@pytest.mark.parametrize(("name", "config_class"), CONFIG_CELLS.items())
+def test_the_config_is_built_from_the_parameters_by_field_name(name, config_class):
+    import mura_helpers as mh
+
+    code = [c for c in nbformat.read(REPO / "notebooks" / name, as_version=4).cells if c.cell_type == "code"]
+    at = next(i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", []))
+    later = [c.source for c in code[at + 1:]]
+    fields = {f.name for f in dataclasses.fields(getattr(mh, config_class))}
+    calls = [n for source in later for n in ast.walk(ast.parse(source))
+             if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "config_from"]
+    assert len(calls) == 1 and calls[0].args[0].attr == config_class and ast.unparse(calls[0].args[1]) == "globals()"
+    overrides = {k.arg for k in calls[0].keywords}
+    parameters = names_bound(ast.parse(code[at].source).body)
+    assert len(parameters & fields) >= 15  # the knobs carry their field's name
+    assert overrides <= fields  # (config_from refuses others too)
+    rebound = names_bound([s for source in later for s in ast.parse(source).body]) & fields
+    assert rebound <= overrides  # a later cell rebinding a field's name would change what config_from reads
+    assert not (parameters - fields) - names_taken_from_before(later)  # every other knob is used by some cell
 
 
 @pytest.mark.notebook

@@ -375,3 +375,46 @@ def test_select_metric_follows_the_tuning_split_and_resume_refuses_another_split
         mh.train(_config(tiny_phantom, tmp_path / "run", tmp_path / "cache", **{**settings, "epochs": 2}),
                  progress=False)
     assert mh.load_checkpoint(last)[1].tune_fraction == 0  # and loads as what it was
+
+
+# ---------------------------------------------------------------- one place per setting, one training skeleton
+
+
+def test_a_new_setting_must_match_on_resume_unless_made_free():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Extended(mh.TrainConfig):
+        dropout: float = 0.0  # a new knob: protected on resume without any list to edit
+        log_every: int = mh._free(10)  # where/how a run runs: may change
+
+    must = mh.must_match_on_resume(Extended)
+    assert "dropout" in must and "log_every" not in must
+    assert {"lr", "image_size", "seed", "split_seed", "body_part"} <= set(must)  # what the model learns from
+    assert not {"epochs", "data_dir", "output_dir", "device", "num_workers", "resume"} & set(must)
+    shared = {f.name for f in dataclasses.fields(mh.RunConfig)}  # one base: both paths take its fields
+    for config_class in (mh.TrainConfig, mh.AnomalyConfig):
+        assert shared <= {f.name for f in dataclasses.fields(config_class)}
+    assert {"data_dir", "cache_dir", "phantom_seed", "device", "amp", "seed", "on_bad"} <= shared
+
+
+def test_config_from_takes_the_notebook_variables_named_like_fields(tmp_path):
+    variables = {"image_size": 96, "lr": 3e-4, "epochs": "2", "run_name": "not a field", "REPO": tmp_path,
+                 "devices": "auto"}
+    cfg = mh.config_from(mh.TrainConfig, variables, output_dir=tmp_path / "run", compile=False)
+    assert (cfg.image_size, cfg.lr, cfg.epochs, cfg.output_dir) == (96, 3e-4, 2, str(tmp_path / "run"))
+    assert cfg.batch_size == mh.TrainConfig().batch_size  # not given: the field's default
+    with pytest.raises(mh.ConfigError, match="torch_compile"):  # a misspelt override is named
+        mh.config_from(mh.TrainConfig, variables, torch_compile=True)
+    anomaly = mh.config_from(mh.AnomalyConfig, {"model": "vae", "image_size": 64, "epochs": None}, recipe="paper")
+    assert anomaly.model == "vae" and anomaly.epochs == mh.recipe_settings("paper", "vae")["epochs"]
+
+
+@pytest.mark.parametrize(("score", "best", "direction", "expected"), [
+    (0.3, None, "min", True), (float("nan"), None, "max", True),  # the first epoch is always the best so far
+    (0.3, 0.4, "min", True), (0.5, 0.4, "min", False), (0.5, 0.4, "max", True), (0.4, 0.4, "max", False),
+    (float("nan"), 0.4, "max", False), (float("nan"), float("nan"), "min", False),  # NaN (one-class tuning set)
+    (0.1, float("nan"), "max", True), (0.9, float("nan"), "min", True),  # never improves; a number beats NaN
+])
+def test_both_trainers_keep_the_best_epoch_by_one_rule(score, best, direction, expected):
+    assert mh._improves(score, best, direction) is expected
