@@ -3046,6 +3046,37 @@ def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content
     return np.isin(labels, index[keep])
 
 
+def _commonest_level(values: np.ndarray, width: float = 4.0) -> float:
+    """The most common grey level of `values`: the median of the fullest bin of a `width`-wide histogram."""
+    bins = np.floor(np.asarray(values, np.float32) / width)
+    codes, counts = np.unique(bins, return_counts=True)
+    return float(np.median(values[bins == codes[np.argmax(counts)]]))
+
+
+def _without_frame(mask: np.ndarray, inside: np.ndarray, depth: int, full: float = 0.6) -> np.ndarray:
+    """The mask without a plate's frame: a run of at most `depth` lines, starting within `depth` of a side of the
+    (upright, cropped) content, each covered for more than `full` of its length, is a frame or a plate edge, not
+    a hand (a forearm or a wrist crosses a side over a third of it at most)."""
+    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    if not len(rows):
+        return mask
+    cleaned = mask.copy()
+    for axis, lines in ((0, rows), (1, cols)):
+        covered = cleaned.sum(1 - axis) / np.maximum(inside.sum(1 - axis), 1)
+        for side in (lines, lines[::-1]):
+            start = next((k for k in range(min(depth, len(side))) if covered[side[k]] > full), None)
+            if start is None:
+                continue
+            stop = start
+            while stop < min(start + depth, len(side)) and covered[side[stop]] > full:
+                stop += 1
+            if axis == 0:
+                cleaned[side[start:stop]] = False
+            else:
+                cleaned[:, side[start:stop]] = False
+    return cleaned
+
+
 def hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> tuple[np.ndarray, bool]:
     """Foreground (hand) mask inside `content` pixels, and whether the view was inverted (see _hand_mask)."""
     mask, inverted, _ = _hand_mask(image, content, work_size)
@@ -3097,11 +3128,13 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> 
             yy, xx = np.mgrid[:n, :n] / n - 0.5
             small = np.where(inside, small - coef[1] * xx - coef[2] * yy, small).astype(np.float32)
             values = small[inside]
-    background = float(np.median(small[ring])) if ring.any() else float(np.median(values))
     lo, hi = np.percentile(values, [0.5, 99.5])
     mean = ndimage.uniform_filter(small, 5)
     local = np.sqrt(np.maximum(ndimage.uniform_filter(small * small, 5) - mean * mean, 0))
     noise = max(float(np.percentile(local[inside], 25)), 0.5)  # the flattest quarter: the background's noise
+    flat = inside & (local <= 2 * noise)  # the background: the commonest flat level (not the rim's: a plate's
+    # frame along the rim is not it)
+    background = _commonest_level(small[flat]) if flat.sum() >= 32 else float(np.median(values))
     prior = bool(background - lo > hi - background)
 
     thresholds = _class_thresholds(values)  # besides the classes: just off the background (a faint soft tissue)
@@ -3118,7 +3151,7 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> 
             edge = ndimage.binary_dilation(np.isin(labels, touching[touching > 0]), iterations=2)
         base = 255 - background if inverted else background
         for level in (v for v in levels if v > base + 2 * noise):  # below: the background's own noise
-            fg = ndimage.binary_opening((work > level) & inside & ~edge)
+            fg = _without_frame(ndimage.binary_opening((work > level) & inside & ~edge), inside, rim)
             found = _hand_components(fg, work, ring, inside, texture * noise, texture * (hi - lo))
             if found.any():
                 break
@@ -3231,7 +3264,7 @@ class AnomalyCache:
 # (2: the exposed field inside collimated plates, plates barely darker than their surround, three-class Otsu masks;
 # 3: a plate of the background's class may miss a corner; 4: polarity from the content, every hand, markers and
 # plates kept out, the mask found at <= 128 px, framed fields, fields that hold the hand)
-ANOMALY_PIPELINE_VERSION = 4
+ANOMALY_PIPELINE_VERSION = 5
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
