@@ -32,3 +32,20 @@ def test_preprocess_speed_benchmark_smoke(tiny_phantom, tmp_path):
     assert report["views"] == 4 and report["variant"] == "full+HE" and report["size"] == 64
     assert 0 < report["median_wall_ms"] <= report["p90_wall_ms"] and report["median_cpu_ms"] > 0
     assert json.loads((tmp_path / "prep.json").read_text())["median_wall_ms"] == report["median_wall_ms"]
+
+
+@pytest.mark.slow
+def test_learnability_benchmark_smoke(tiny_phantom, tmp_path):
+    spec = importlib.util.spec_from_file_location("learn_bench", REPO / "benchmarks" / "learnability.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--data-dir", str(tiny_phantom), "--out", str(tmp_path / "learn"), "--size", "32",
+                         "--epochs", "2", "--batch-size", "8"])
+    assert report["phantom_version"] == json.loads((tiny_phantom / "phantom_manifest.json").read_text())["version"]
+    assert len(report["tune_auroc_by_epoch"]) == len(report["test_auroc_by_epoch"]) == 2
+    assert report["best_epoch"] in (1, 2) and report["select_metric"] == "tune_loss" and not report["pretrained"]
+    valid = [p for p in (tiny_phantom / "valid" / "XR_HAND").glob("patient*/study*")]
+    assert report["test_studies"] == len(valid) and report["test_abnormal"] == sum("positive" in p.name for p in valid)
+    lo, hi = report["test_auroc_ci95_by_patient"]
+    assert 0 <= lo <= hi <= 1 and 0 <= report["test_auroc_best"] <= 1
+    assert json.loads((tmp_path / "learn" / "learnability.json").read_text()) == report
