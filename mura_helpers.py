@@ -1794,10 +1794,9 @@ def _start_run(cfg: RunConfig, ctx: Distributed, device, prepare, progress: bool
     return state, data
 
 
-def _precision(cfg: RunConfig, device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
-    """The autocast dtype (None: full precision) and the gradient scaler (enabled for fp16 only)."""
-    dtype = amp_dtype(cfg.amp, device)
-    return dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+def _grad_scaler(cfg: RunConfig, device) -> torch.amp.GradScaler:
+    """The gradient scaler of a run: enabled when it autocasts to fp16 (a T4), a no-op otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(cfg.amp, device) == torch.float16)
 
 
 def _resume_into(state: dict | None, model, optimizer, scheduler, scaler, cfg: RunConfig,
@@ -1861,7 +1860,7 @@ def _train_locked(cfg: TrainConfig, progress: bool, ctx: Distributed, device) ->
     optimizer = build_optimizer(model.parameters(), cfg.lr, device, cfg.betas, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
                                                            patience=cfg.plateau_patience)
-    _, scaler = _precision(cfg, device)
+    scaler = _grad_scaler(cfg, device)
     history, best, start_epoch = _resume_into(state, model, optimizer, scheduler, scaler, cfg, ctx)
     model = compile_model(_for_processes(model, cfg, ctx, device), cfg.compile)
     eval_model = model if ctx.world_size == 1 else _unwrap(model)  # no collectives in evaluation
@@ -4599,7 +4598,7 @@ def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: Distributed, 
     state, data = _start_run(cfg, ctx, device, prepare_anomaly_data, progress)
     model = anomaly_model_for(cfg).to(device)
     optimizers = anomaly_optimizers(model, cfg, device)
-    _, scaler = _precision(cfg, device)
+    scaler = _grad_scaler(cfg, device)
     history, best, start_epoch = _resume_into(state, model, optimizers, None, scaler, cfg, ctx)
     model = _for_processes(model, cfg, ctx, device)
     eval_model = _unwrap(model)  # no collectives in evaluation
