@@ -22,14 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mura_helpers as mh  # noqa: E402
 
 
-def phantom_version(root: Path) -> int | None:
-    """The version a phantom folder's manifest records (None for a folder that is not a phantom)."""
-    manifest = Path(root) / mh.PHANTOM_MANIFEST
-    if not manifest.is_file():
-        return None
-    return json.loads(manifest.read_text()).get("version")
-
-
 def main(argv=None) -> dict:
     """Train, score best.pt on the test split and write the JSON summary."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -62,7 +54,8 @@ def main(argv=None) -> dict:
     lo, hi = mh.auroc_interval(preds["label"], preds["prob"], patients=preds["patient"])
     best_epoch = int(history.loc[history[cfg.select_metric].idxmin(), "epoch"])
     result = {
-        "phantom_version": phantom_version(root), "data_dir": str(root), "arch": args.arch, "pretrained": False,
+        "phantom_version": (mh._phantom_manifest(root) or {}).get("version"),  # None: not a phantom
+        "data_dir": str(root), "arch": args.arch, "pretrained": False,
         "image_size": args.size, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "tune_fraction": cfg.tune_fraction, "select_metric": cfg.select_metric, "best_epoch": best_epoch,
         "train_views": int(sum(len(p) for p in sets["train"]["image_paths"])),
