@@ -2924,7 +2924,7 @@ def _holds_the_detail(found, detail: np.ndarray, margin: float = 8.0) -> bool:
     return outer.sum() <= 2 * inner.sum() + 0.002 * detail.size
 
 
-def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0.97, within=None):
+def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0.97):
     """The detector plate as a rotated rectangle (center, (w, h), angle), or None when no plate stands out.
 
     Binarised at Otsu's threshold, at Otsu's threshold of each side of it (a plate only a little darker than a
@@ -2932,13 +2932,13 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
     each threshold and polarity, the largest component and the union of the large ones (a hand lying across the
     plate can cut its background apart) are candidates, kept when plate-like (see _plate_rect: a plate is a
     rectangle even with a hand across it, and stands out from its surround; a hand does neither). The largest
-    wins. `within` (a rectangle like the result) restricts the search to it: the exposed field inside a plate,
-    when collimation left bright unexposed borders.
+    wins.
     """
-    step = 4 if min(gray.shape) >= 256 else 1  # the plate is large: a quarter resolution will do
-    small = gray[::step, ::step]
-    searched = np.ones(small.shape, bool) if within is None else \
-        rect_mask(small.shape, (np.asarray(within[0]) / step, np.asarray(within[1]) / step, within[2]))
+    step = 4 if min(gray.shape) >= 256 else 1  # the plate is large: a quarter resolution will do, each pixel the
+    # mean of its block (the noise a quarter as strong: a dark plate only a few levels above a black surround)
+    h, w = gray.shape[0] // step * step, gray.shape[1] // step * step
+    small = (gray[:h, :w].reshape(h // step, step, w // step, step).mean((1, 3)) + 0.5).astype(np.uint8)
+    searched = np.ones(small.shape, bool)
     values = small[searched]
     if values.size < 64 or values.min() == values.max():
         return None
@@ -2954,8 +2954,6 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
     for threshold in sorted(thresholds):
         above = (small > threshold) & searched
         for region, background in ((above, commonest > threshold), (searched & ~above, commonest <= threshold)):
-            if within is not None and not background:  # the field inside a plate is of the background's class
-                continue
             labels, n = ndimage.label(region)
             if n == 0:
                 continue
@@ -2971,15 +2969,64 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
                 found = _plate_rect(component, region, searched, min_share, max_share, 0.85 if background else 0.9)
                 if found is not None and _holds_the_detail(found, detail) and (best is None or found[0] > best[0]):
                     best = found
-    return None if best is None else (best[1] * step, (best[2][0] * step, best[2][1] * step), best[3])
+    return None if best is None else (best[1] * step + (step - 1) / 2, (best[2][0] * step, best[2][1] * step), best[3])
 
 
-def find_field(gray: np.ndarray, max_share: float = 0.92):
+def _border_band(lines: np.ndarray, tol: float, depth: int, background: float) -> int:
+    """How many of the first `lines` (rows: a side's lines, from the edge in) form a band of one level, not the
+    field's `background`, that ends abruptly: 70% of their pixels within `tol` of its level, under 25% of the
+    next six lines'. 0 when none (background up to a hand that fills the lines is no band)."""
+    medians = np.median(lines, 1)
+    best, best_score = 0, 0.0
+    for cut in range(2, min(depth, len(lines) - 6) + 1):
+        level = np.median(medians[:cut])
+        if abs(level - background) <= tol:
+            continue
+        inside = float((np.abs(lines[:cut] - level) <= tol).mean())
+        after = float((np.abs(lines[cut:cut + 6] - level) <= tol).mean())
+        if inside >= 0.7 and after <= 0.25 and inside - after > best_score:
+            best, best_score = cut, inside - after
+    return best
+
+
+def _collimated_field(gray: np.ndarray, plate, size: int = 256, depth: float = 0.2):
+    """The exposed field inside a plate (a rectangle like it): along each side, bands of one level each (the
+    surround that the plate's rectangle took in, collimation's unexposed border; see _border_band), at most
+    `depth` of the plate deep, are cut off. Looked for in the plate made upright at `size` px."""
+    affine = _square_affine((gray.shape[1], gray.shape[0]), plate, size)
+    upright = _warp(gray, affine, size).astype(np.float32)
+    scale = size / max(plate[1])
+    x0, y0 = (int(math.ceil(size / 2 - side * scale / 2)) for side in plate[1])
+    inner = upright[y0:size - y0, x0:size - x0]
+    h, w = inner.shape
+    if min(h, w) < 32:
+        return plate
+    middle = inner[h // 5:h - h // 5, w // 5:w - w // 5]  # the field's, whatever its borders
+    mean = ndimage.uniform_filter(middle, 5)
+    local = np.sqrt(np.maximum(ndimage.uniform_filter(middle * middle, 5) - mean * mean, 0))
+    noise = max(float(np.percentile(local, 25)), 0.5)  # the flattest quarter's
+    tol, flat = 3 * noise, local <= 2 * noise
+    background = _commonest_level(middle[flat]) if flat.sum() >= 32 else float(np.median(middle))
+    margins = []
+    for lines in (inner[:, w // 10:w - w // 10], inner[::-1, w // 10:w - w // 10],  # top, bottom,
+                  inner[h // 10:h - h // 10].T, inner[h // 10:h - h // 10, ::-1].T):  # left, right (corners out)
+        deepest, cut = int(depth * len(lines)), 0
+        while band := _border_band(lines[cut:], tol, deepest - cut, background):  # surround, then a border
+            cut += band
+        margins.append(cut)
+    top, bottom, left, right = margins
+    if not any(margins):
+        return plate
+    center = np.linalg.inv(np.vstack([affine, [0, 0, 1]]))[:2] @ [x0 + (left + w - right) / 2,
+                                                                  y0 + (top + h - bottom) / 2, 1]
+    return center, ((w - left - right) / scale, (h - top - bottom) / scale), plate[2]
+
+
+def find_field(gray: np.ndarray):
     """The carrier crop's rectangle: the plate (find_carrier), narrowed to the exposed field inside it when
-    collimation left bright unexposed borders (a plate-like region covering at most max_share of the plate)."""
+    collimation left unexposed borders (see _collimated_field); None when no plate stands out."""
     plate = find_carrier(gray)
-    field = find_carrier(gray, max_share=max_share, within=plate) if plate is not None else None
-    return field or plate
+    return None if plate is None else _collimated_field(gray, plate)
 
 
 def _square_affine(size_wh, carrier, out_size: int) -> np.ndarray:
@@ -3046,10 +3093,12 @@ def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content
 
 
 def _commonest_level(values: np.ndarray, width: float = 4.0) -> float:
-    """The most common grey level of `values`: the median of the fullest bin of a `width`-wide histogram."""
-    bins = np.floor(np.asarray(values, np.float32) / width)
-    codes, counts = np.unique(bins, return_counts=True)
-    return float(np.median(values[bins == codes[np.argmax(counts)]]))
+    """The most common grey level of `values`: the peak of their histogram smoothed over about `width` levels
+    (no bin edges to split a level's pixels between two bins)."""
+    values = np.asarray(values, np.float32)
+    low = float(values.min())
+    counts = np.bincount(np.round(values - low).astype(np.int64)).astype(np.float32)
+    return low + float(np.argmax(ndimage.gaussian_filter1d(counts, width / 2, mode="constant")))
 
 
 def _without_frame(mask: np.ndarray, inside: np.ndarray, depth: int, full: float = 0.6) -> np.ndarray:
@@ -3262,8 +3311,9 @@ class AnomalyCache:
 # bump when preprocess_view changes its output, so that caches built by an older version are rebuilt
 # (2: the exposed field inside collimated plates, plates barely darker than their surround, three-class Otsu masks;
 # 3: a plate of the background's class may miss a corner; 4: polarity from the content, every hand, markers and
-# plates kept out, the mask found at <= 128 px, framed fields, fields that hold the hand)
-ANOMALY_PIPELINE_VERSION = 5
+# plates kept out, the mask found at <= 128 px, framed fields, fields that hold the hand; 5: the background is the
+# commonest flat level; 6: the plate found on block means, the field by the bands along its sides)
+ANOMALY_PIPELINE_VERSION = 6
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",

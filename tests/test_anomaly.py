@@ -94,6 +94,7 @@ def _hand_view(plate, outside, background, frame=None, size=(400, 300), seed=0):
     (25, 5, 25, None),  # a plate only a little brighter than its dark surround (Otsu alone splits hand from rest)
     (235, 5, 25, True),  # bright unexposed borders inside the plate: the field is the exposed part
     (25, 25, 25, True),  # ... with no plate edge at all: collimation on a dark scanner background
+    (105, 75, 90, True),  # borders only a little lighter than the field (one Otsu class with it)
 ])
 def test_carrier_crop_finds_the_exposed_field_and_the_mask_the_hand(plate, outside, background, frame, tmp_path):
     image = _hand_view(plate, outside, background, frame)
