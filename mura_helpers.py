@@ -2887,20 +2887,25 @@ def rect_mask(shape: tuple[int, int], rect) -> np.ndarray:
 def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray, min_share: float,
                 max_share: float, min_fill: float = 0.9):
     """(share, center, (w, h), angle) of a component's minimum-area rectangle when it is plate-like, else None:
-    it covers min_share..max_share of the searched pixels, the convex hull fills min_fill of it, and what lies
+    it covers at least min_share of the searched pixels and leaves at least 1 - max_share of them out (a tilted
+    plate may reach past the view's edges; the whole view is no plate), the convex hull fills min_fill of it,
+    and what lies
     outside it is mostly not of the component's class (`region`): a plate stands out from its surround, while
     the background beside a straight finger, a rectangle too, does not."""
     area = int(component.sum())
-    ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))  # its outline has the same hull
-    if area < 16 or len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # too small, or a line: no area, not a plate
+    if area < max(16, 0.45 * min_share * searched.sum()):  # too small to be a plate, whatever its rectangle
         return None
-    if (np.ptp(xs) + 1) * (np.ptp(ys) + 1) < min_share * searched.sum() or area < 0.45 * min_share * searched.sum():
-        return None  # too small to be a plate, whatever its rectangle (cheap checks first)
+    ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))  # its outline has the same hull
+    if len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # a line: no area, not a plate
+        return None
+    if (np.ptp(xs) + 1) * (np.ptp(ys) + 1) < min_share * searched.sum():
+        return None
     points = np.column_stack([xs, ys]).astype(float)
     center, (w, h), angle = min_area_rect(points)
-    share = w * h / searched.sum()
-    if not (min_share <= share <= max_share and ConvexHull(points).volume / max(w * h, 1e-9) > min_fill
-            and area / (w * h) > 0.45):
+    share = w * h / searched.sum()  # above 1 for a tilted plate reaching past the view's edges
+    left_out = (searched & ~rect_mask(searched.shape, (center, (w, h), angle))).sum() / searched.sum()
+    if not (share >= min_share and left_out >= 1 - max_share and ConvexHull(points).volume / max(w * h, 1e-9) >
+            min_fill and area / (w * h) > 0.45):
         return None
     outside = searched & ~rect_mask(searched.shape, (center, (w + 2, h + 2), angle))
     if outside.sum() > 0.01 * searched.sum() and region[outside].mean() > 0.2:
@@ -2924,6 +2929,24 @@ def _holds_the_detail(found, detail: np.ndarray, margin: float = 8.0) -> bool:
     return outer.sum() <= 2 * inner.sum() + 0.002 * detail.size
 
 
+def _rim_on_edges(found, steepest: np.ndarray, contrast: float = 1.3) -> bool:
+    """Whether each side of a plate candidate (share, center, (w, h), angle) that lies mostly inside the view runs
+    along a step: the gradient there (`steepest`: the gradient's largest within a pixel) is, in the median,
+    `contrast` times the view's median. A plate's rim is a step all along; the line where a smooth gradient (a heel
+    effect) crosses a threshold is none, and a rectangle around a hand runs through background beside it."""
+    _, center, (w, h), angle = found
+    u, v = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1], [-1, -1]], float).T * [[w / 2], [h / 2]]
+    corners = np.column_stack([u * math.cos(angle) - v * math.sin(angle),
+                               u * math.sin(angle) + v * math.cos(angle)]) + center
+    floor = contrast * max(float(np.median(steepest)), 1e-3)
+    for a, b in zip(corners, corners[1:]):
+        xs, ys = np.round(np.linspace(a, b, max(int(np.hypot(*(b - a))), 2))).astype(int).T
+        inner = (xs >= 3) & (ys >= 3) & (xs < steepest.shape[1] - 3) & (ys < steepest.shape[0] - 3)
+        if inner.mean() >= 0.5 and np.median(steepest[ys[inner], xs[inner]]) < floor:
+            return False
+    return True
+
+
 def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0.97):
     """The detector plate as a rotated rectangle (center, (w, h), angle), or None when no plate stands out.
 
@@ -2943,13 +2966,20 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
     if values.size < 64 or values.min() == values.max():
         return None
     otsu = threshold_otsu(values)
-    thresholds = {otsu, *(threshold_otsu(part) for part in (values[values <= otsu], values[values > otsu])
-                          if np.ptp(part) > 0)}  # Otsu again on each side: a plate darker than a dark surround
+    thresholds = {otsu}
+    for side in (np.less_equal, np.greater):  # Otsu again on each side, thrice: a dark plate a few levels off a
+        part = values  # black surround, beside a hand and soft tissue that take the first splits
+        for _ in range(3):
+            part = part[side(part, threshold_otsu(part))]
+            if np.ptp(part) == 0:
+                break
+            thresholds.add(threshold_otsu(part))
     if len(np.unique(values)) > 3:
         thresholds |= set(threshold_multiotsu(values, classes=3).tolist())
     commonest = 16 * np.argmax(np.bincount(values // 16)) + 8  # the direct-exposure background, mostly
     grad = np.hypot(*np.gradient(ndimage.gaussian_filter(small.astype(np.float32), 1.0)))
     detail = ndimage.binary_erosion(searched, iterations=3) & (grad > 4 * max(float(np.median(grad[searched])), 0.25))
+    steepest = ndimage.maximum_filter(grad, 3)  # for _rim_on_edges
     best, tried = None, set()
     for threshold in sorted(thresholds):
         above = (small > threshold) & searched
@@ -2967,7 +2997,8 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
                 tried.add(key)
                 # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
                 found = _plate_rect(component, region, searched, min_share, max_share, 0.85 if background else 0.9)
-                if found is not None and _holds_the_detail(found, detail) and (best is None or found[0] > best[0]):
+                if found is not None and _holds_the_detail(found, detail) and _rim_on_edges(found, steepest) and (
+                        best is None or found[0] > best[0]):
                     best = found
     return None if best is None else (best[1] * step + (step - 1) / 2, (best[2][0] * step, best[2][1] * step), best[3])
 

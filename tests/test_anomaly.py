@@ -108,6 +108,21 @@ def test_carrier_crop_finds_the_exposed_field_and_the_mask_the_hand(plate, outsi
     assert out["carrier_found"] and 0.15 < out["mask"].mean() < 0.4  # the hand: not the whole field nor its borders
 
 
+@pytest.mark.parametrize("plate, outside", [(12, 4), (10, 4)])
+def test_a_dark_plate_a_few_levels_above_a_black_surround_is_found(plate, outside):
+    # the hand and its soft tissue take Otsu's first splits; the plate's step is found a few splits further down
+    (cx, cy), (w, h), angle = mh.find_carrier(_hand_view(plate, outside, plate))
+    assert (h, w) == (pytest.approx(320, rel=0.04), pytest.approx(240, rel=0.04)) and abs(angle) < 0.03
+    assert (cx, cy) == (pytest.approx(150, abs=4), pytest.approx(200, abs=4))
+
+
+@pytest.mark.parametrize("slope", [0.1, 0.3])
+def test_a_heel_effect_gradient_is_no_plate(slope):
+    image = _hand_view(100, 100, 100).astype(float)  # no plate: a background brightening from top to bottom ...
+    image += slope * (np.mgrid[: image.shape[0], : image.shape[1]][0] - 200)
+    assert mh.find_carrier(np.clip(image, 0, 255).astype(np.uint8)) is None  # ... whose Otsu halves have no rim
+
+
 def test_a_plate_with_a_collimated_corner_is_still_found():
     image = _hand_view(25, 25, 25)
     plate = np.zeros(image.shape, bool)
