@@ -3174,11 +3174,13 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> 
     background), and the signals of a doubtful mask (MASK_DOUBTS).
 
     Classical, as a stand-in for the paper's SSD hand detector and Photoshop masks, at a working resolution of at
-    most `work_size` (the mask is upsampled): the background is the level of the content's rim; the hand lies on
-    the side of it where the view's extremes lie farthest (bone: brighter, or darker when inverted). Thresholds
-    between intensity classes (Otsu, 3- and 4-class Otsu) are tried from the background's side outwards; the
-    first that leaves hand-like components (see _hand_components; every one kept: two hands) wins, else the other
-    polarity is tried. Uniform bright patches touching the rim (markers, plate edges) are cut out first.
+    most `work_size` (the mask is upsampled): the background is the commonest flat level; the hand lies on the
+    side of it where the view's extremes lie farthest (bone: brighter, or darker when inverted). Thresholds
+    between intensity classes (Otsu, 3- and 4-class Otsu) and just off the background are tried from the
+    background's side outwards, none closer to it than its noise or 5% of the view's contrast; the first that
+    leaves hand-like components (see _hand_components; every one kept: two hands) wins, else the other polarity is
+    tried. Uniform bright patches touching the rim (markers, plate edges) and a plate's frame are cut out first;
+    the mask then grows up to two pixels into the soft tissue's faint margin above that floor.
     """
     size = image.shape[0]
     n = min(size, work_size)
@@ -3210,7 +3212,8 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> 
     lo, hi = np.percentile(values, [0.5, 99.5])
     mean = ndimage.uniform_filter(small, 5)
     local = np.sqrt(np.maximum(ndimage.uniform_filter(small * small, 5) - mean * mean, 0))
-    noise = max(float(np.percentile(local[inside], 25)), 0.5)  # the flattest quarter: the background's noise
+    # the flattest quarter's: the background's noise
+    noise = max(float(np.percentile(local[inside], 25)), 0.5)
     flat = inside & (local <= 2 * noise)  # the background: the commonest flat level (not the rim's: a plate's
     # frame along the rim is not it)
     background = _commonest_level(small[flat]) if flat.sum() >= 32 else float(np.median(values))
@@ -3218,18 +3221,23 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> 
 
     thresholds = _class_thresholds(values)  # besides the classes: just off the background (a faint soft tissue)
     thresholds += [background + k * noise * (-1 if side else 1) for side in (prior, not prior) for k in (3, 6)]
+    thresholds += [background + 0.06 * (extreme - background) for extreme in (lo, hi)]  # just above that floor
     found, inverted = np.zeros((n, n), bool), prior
     for inverted, texture in ((prior, 1.0), (not prior, 1.0), (prior, 0.0)):  # last: a hand without texture
         work = 255 - small if inverted else small
         levels = sorted(255 - t for t in thresholds) if inverted else sorted(thresholds)
-        top = (255 - lo if inverted else hi) - 3 * noise
-        edge = (work > top) & (local <= 1.5 * noise + 0.5) & inside  # the brightest and flat: markers, plate edges
+        extreme = 255 - lo if inverted else hi
+        # the brightest and flat: markers, plate edges
+        edge = (work > extreme - 3 * noise) & (local <= 1.5 * noise + 0.5) & inside
         labels, count = ndimage.label(edge)
         if count:
             touching = np.unique(labels[ring & edge])
             edge = ndimage.binary_dilation(np.isin(labels, touching[touching > 0]), iterations=2)
         base = 255 - background if inverted else background
-        for level in (v for v in levels if v > base + 2 * noise):  # below: the background's own noise
+        # below: the background's own noise, or under 5% of the view's contrast above it (a plate a level or two off
+        # its surround, in a view averaged down smoother than its grey levels; the soft tissue's margin is more)
+        least = base + max(2 * noise, 0.05 * (extreme - base))
+        for level in (v for v in levels if v > least):
             fg = _without_frame(ndimage.binary_opening((work > level) & inside & ~edge), inside, rim)
             found = _hand_components(fg, work, ring, inside, texture * noise, texture * (hi - lo))
             if found.any():
@@ -3238,6 +3246,11 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> 
             break
     if not found.any():
         return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
+    # the soft tissue's faint margin, below the level found: two pixels at most into what lies above the floor
+    # (in a low-contrast view the margin is within the noise, and the levels that would take it in leak)
+    faint = (work > least) & inside & ~edge
+    for _ in range(2):
+        found |= ndimage.binary_dilation(found) & faint
     found = ndimage.binary_closing(found, iterations=1, border_value=0)
     filled = ndimage.binary_fill_holes(found)
     holes, count = ndimage.label(filled & ~found)
@@ -3343,7 +3356,8 @@ class AnomalyCache:
 # (2: the exposed field inside collimated plates, plates barely darker than their surround, three-class Otsu masks;
 # 3: a plate of the background's class may miss a corner; 4: polarity from the content, every hand, markers and
 # plates kept out, the mask found at <= 128 px, framed fields, fields that hold the hand; 5: the background is the
-# commonest flat level; 6: the plate found on block means, the field by the bands along its sides)
+# commonest flat level; 6: the plate found on block means and deeper Otsu splits, its sides steps, the field by
+# the bands along its sides; the mask's levels at least 5% of the contrast off the background, its faint margin)
 ANOMALY_PIPELINE_VERSION = 6
 
 
