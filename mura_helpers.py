@@ -2929,20 +2929,25 @@ def _holds_the_detail(found, detail: np.ndarray, margin: float = 8.0) -> bool:
     return outer.sum() <= 2 * inner.sum() + 0.002 * detail.size
 
 
-def _rim_on_edges(found, steepest: np.ndarray, contrast: float = 1.3) -> bool:
-    """Whether each side of a plate candidate (share, center, (w, h), angle) that lies mostly inside the view runs
-    along a step: the gradient there (`steepest`: the gradient's largest within a pixel) is, in the median,
-    `contrast` times the view's median. A plate's rim is a step all along; the line where a smooth gradient (a heel
-    effect) crosses a threshold is none, and a rectangle around a hand runs through background beside it."""
+def _sides_are_steps(found, smooth: np.ndarray, step: float = 3.0, offset: float = 2.0) -> bool:
+    """Whether each side of a plate candidate (share, center, (w, h), angle) that lies mostly inside the view is a
+    step: across it (from `offset` pixels outside to `offset` inside) the smoothed view changes by `step` grey
+    levels more than over as far again inside, in the median along the side. A plate's rim is such a step; the line
+    where a smooth gradient (a heel effect) crosses a threshold is none, nor is a rectangle around a hand, which
+    runs through background."""
     _, center, (w, h), angle = found
     u, v = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1], [-1, -1]], float).T * [[w / 2], [h / 2]]
-    corners = np.column_stack([u * math.cos(angle) - v * math.sin(angle),
-                               u * math.sin(angle) + v * math.cos(angle)]) + center
-    floor = contrast * max(float(np.median(steepest)), 1e-3)
+    turn = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    corners = np.column_stack([u, v]) @ turn.T + center
     for a, b in zip(corners, corners[1:]):
-        xs, ys = np.round(np.linspace(a, b, max(int(np.hypot(*(b - a))), 2))).astype(int).T
-        inner = (xs >= 3) & (ys >= 3) & (xs < steepest.shape[1] - 3) & (ys < steepest.shape[0] - 3)
-        if inner.mean() >= 0.5 and np.median(steepest[ys[inner], xs[inner]]) < floor:
+        points = np.linspace(a, b, max(int(np.hypot(*(b - a))), 2))
+        inward = (center - (a + b) / 2) / max(float(np.hypot(*(center - (a + b) / 2))), 1e-9)
+        xs, ys = np.round(points[None] + np.array([-1, 1, 3])[:, None, None] * offset * inward).astype(int).T
+        valid = ((xs >= 0) & (ys >= 0) & (xs < smooth.shape[1]) & (ys < smooth.shape[0])).all(1)
+        if valid.mean() < 0.5:
+            continue
+        outside, inside, deeper = smooth[ys[valid].T, xs[valid].T]
+        if abs(np.median((inside - outside) - (deeper - inside))) < step:
             return False
     return True
 
@@ -2977,9 +2982,9 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
     if len(np.unique(values)) > 3:
         thresholds |= set(threshold_multiotsu(values, classes=3).tolist())
     commonest = 16 * np.argmax(np.bincount(values // 16)) + 8  # the direct-exposure background, mostly
-    grad = np.hypot(*np.gradient(ndimage.gaussian_filter(small.astype(np.float32), 1.0)))
+    smooth = ndimage.gaussian_filter(small.astype(np.float32), 1.0)
+    grad = np.hypot(*np.gradient(smooth))
     detail = ndimage.binary_erosion(searched, iterations=3) & (grad > 4 * max(float(np.median(grad[searched])), 0.25))
-    steepest = ndimage.maximum_filter(grad, 3)  # for _rim_on_edges
     best, tried = None, set()
     for threshold in sorted(thresholds):
         above = (small > threshold) & searched
@@ -2997,7 +3002,7 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
                 tried.add(key)
                 # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
                 found = _plate_rect(component, region, searched, min_share, max_share, 0.85 if background else 0.9)
-                if found is not None and _holds_the_detail(found, detail) and _rim_on_edges(found, steepest) and (
+                if found is not None and _holds_the_detail(found, detail) and _sides_are_steps(found, smooth) and (
                         best is None or found[0] > best[0]):
                     best = found
     return None if best is None else (best[1] * step + (step - 1) / 2, (best[2][0] * step, best[2][1] * step), best[3])
