@@ -3008,15 +3008,15 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
     return None if best is None else (best[1] * step + (step - 1) / 2, (best[2][0] * step, best[2][1] * step), best[3])
 
 
-def _border_band(lines: np.ndarray, tol: float, depth: int, background: float) -> int:
+def _border_band(lines: np.ndarray, tol: float, depth: int, background: float | None) -> int:
     """How many of the first `lines` (rows: a side's lines, from the edge in) form a band of one level, not the
-    field's `background`, that ends abruptly: 70% of their pixels within `tol` of its level, under 25% of the
-    next six lines'. 0 when none (background up to a hand that fills the lines is no band)."""
+    field's `background` (None: any level), that ends abruptly: 70% of their pixels within `tol` of its level,
+    under 25% of the next six lines'. 0 when none (background up to a hand that fills the lines is no band)."""
     medians = np.median(lines, 1)
     best, best_score = 0, 0.0
     for cut in range(2, min(depth, len(lines) - 6) + 1):
         level = np.median(medians[:cut])
-        if abs(level - background) <= tol:
+        if background is not None and abs(level - background) <= tol:
             continue
         inside = float((np.abs(lines[:cut] - level) <= tol).mean())
         after = float((np.abs(lines[cut:cut + 6] - level) <= tol).mean())
@@ -3047,7 +3047,14 @@ def _collimated_field(gray: np.ndarray, plate, size: int = 256, depth: float = 0
     for lines in (inner[:, w // 10:w - w // 10], inner[::-1, w // 10:w - w // 10],  # top, bottom,
                   inner[h // 10:h - h // 10].T, inner[h // 10:h - h // 10, ::-1].T):  # left, right (corners out)
         deepest, cut = int(depth * len(lines)), 0
-        while band := _border_band(lines[cut:], tol, deepest - cut, background):  # surround, then a border
+        while True:  # the surround, then a border
+            band = _border_band(lines[cut:], tol, deepest - cut, background)
+            if not band:  # a surround as dark as the field counts when a border follows it
+                band = _border_band(lines[cut:], tol, deepest - cut, None)
+                inner = _border_band(lines[cut + band:], tol, deepest - cut - band, background) if band else 0
+                band = band + inner if inner else 0
+            if not band:
+                break
             cut += band
         margins.append(cut)
     top, bottom, left, right = margins

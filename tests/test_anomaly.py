@@ -123,6 +123,14 @@ def test_a_heel_effect_gradient_is_no_plate(slope):
     assert mh.find_carrier(np.clip(image, 0, 255).astype(np.uint8)) is None  # ... whose Otsu halves have no rim
 
 
+def test_the_field_is_found_inside_a_plate_rectangle_that_took_in_a_dark_surround():
+    image = _hand_view(200, 8, 12, True)  # light borders (8% margins) around a dark field, on a black surround ...
+    plate = (np.array([150.0, 200.0]), (256.0, 336.0), 0.0)  # ... the plate's rectangle 8 px too large all round
+    (cx, cy), (w, h), angle = mh._collimated_field(image, plate)  # surround as dark as the field, then the border
+    assert (h, w) == (pytest.approx(268, rel=0.04), pytest.approx(200, rel=0.04)) and angle == 0
+    assert (cx, cy) == (pytest.approx(150, abs=3), pytest.approx(200, abs=3))
+
+
 def test_a_plate_with_a_collimated_corner_is_still_found():
     image = _hand_view(25, 25, 25)
     plate = np.zeros(image.shape, bool)
