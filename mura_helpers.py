@@ -3112,8 +3112,8 @@ def _class_thresholds(values: np.ndarray) -> list[float]:
 def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content: np.ndarray, flat: float,
                      spread: float) -> np.ndarray:
     """The hand-like components of a foreground: large, thick, textured, not the plate or field (covering much of
-    the content's rim or most of the content, or a large filled rectangle), not a marker or plate edge (thin, or
-    uniform like the background)."""
+    the content's rim or most of the content), not a marker or plate edge (thin, or uniform like the background).
+    None at all when one is a large filled rectangle: the plate, at a level that shows no hand apart from it."""
     labels, n = ndimage.label(fg)
     if n == 0:
         return fg
@@ -3131,7 +3131,8 @@ def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content
         component = labels == index[k]
         ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))
         _, (w, h), _ = min_area_rect(np.column_stack([xs, ys]).astype(float))
-        keep[k] = area[k] < 0.8 * w * h or w * h < 0.6 * total
+        if area[k] >= 0.8 * w * h and w * h >= 0.6 * total:
+            return np.zeros_like(fg)  # this level shows the plate, and the hand within it only at another
     return np.isin(labels, index[keep])
 
 
@@ -3181,6 +3182,18 @@ MASK_DOUBTS = {"missed": "foreground left outside the mask (share of its area)",
                "rim": "the mask covers much of the content's rim (share)"}
 
 
+def _background_level(small: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, float]:
+    """(local std over 5x5, the background's noise, its flat pixels, its level) of a view at working size: the
+    noise is the flattest quarter's; the level the commonest flat one (not the rim's: a plate's frame along the rim
+    is not it)."""
+    mean = ndimage.uniform_filter(small, 5)
+    local = np.sqrt(np.maximum(ndimage.uniform_filter(small * small, 5) - mean * mean, 0))
+    noise = max(float(np.percentile(local[inside], 25)), 0.5)
+    flat = inside & (local <= 2 * noise)
+    level = _commonest_level(small[flat]) if flat.sum() >= 32 else float(np.median(small[inside]))
+    return local, noise, flat, level
+
+
 def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> tuple[np.ndarray, bool, dict]:
     """Foreground (hand) mask inside `content` pixels, whether the view was inverted (hand darker than its
     background), and the signals of a doubtful mask (MASK_DOUBTS).
@@ -3207,8 +3220,10 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> 
         return np.zeros_like(content, bool), False, dict.fromkeys(MASK_DOUBTS, 0.0)
     rim = max(3, n // 20)
     ring = inside & ~ndimage.binary_erosion(inside, iterations=rim, border_value=0)
-    if ring.sum() >= 32:  # flatten the background: a plane through the rim (twice, without the hand's pixels)
-        ys, xs = np.nonzero(ring)
+    local, noise, flat, background = _background_level(small, inside)
+    near = flat & (np.abs(small - background) <= 8 * noise)
+    if near.sum() >= 32:  # flatten the background: a plane through the pixels near its level (robustly, twice)
+        ys, xs = np.nonzero(near)
         design = np.column_stack([np.ones(len(xs)), xs / n - 0.5, ys / n - 0.5])
         fit = np.ones(len(xs), bool)
         for _ in range(2):
@@ -3221,14 +3236,8 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> 
             yy, xx = np.mgrid[:n, :n] / n - 0.5
             small = np.where(inside, small - coef[1] * xx - coef[2] * yy, small).astype(np.float32)
             values = small[inside]
+            local, noise, flat, background = _background_level(small, inside)
     lo, hi = np.percentile(values, [0.5, 99.5])
-    mean = ndimage.uniform_filter(small, 5)
-    local = np.sqrt(np.maximum(ndimage.uniform_filter(small * small, 5) - mean * mean, 0))
-    # the flattest quarter's: the background's noise
-    noise = max(float(np.percentile(local[inside], 25)), 0.5)
-    flat = inside & (local <= 2 * noise)  # the background: the commonest flat level (not the rim's: a plate's
-    # frame along the rim is not it)
-    background = _commonest_level(small[flat]) if flat.sum() >= 32 else float(np.median(values))
     prior = bool(background - lo > hi - background)
 
     thresholds = _class_thresholds(values)  # besides the classes: just off the background (a faint soft tissue)

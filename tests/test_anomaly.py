@@ -214,6 +214,18 @@ def test_a_low_contrast_plate_is_not_taken_for_the_hand():
     assert (mask & truth).sum() / (mask | truth).sum() >= 0.8  # ... but the hand
 
 
+@pytest.mark.parametrize("slope", [0.06, 0.1])
+def test_a_heel_effect_is_flattened_from_the_background_not_the_rim(slope):
+    image, truth = _radiograph(shape=(512, 512), background=22, soft=40, bone=80, noise=3, hands=((256, 400, 1.3),))
+    image = image + slope * (np.mgrid[:512, :512][1] - 256.0)  # a heel effect across the view ...
+    border = np.ones(truth.shape, bool)
+    border[24:-24, 24:-24] = False
+    image[border] = 110  # ... inside a uniform light border all along the rim, which says nothing of it
+    mask, _ = mh.hand_mask(np.clip(image, 0, 255).astype(np.uint8), np.ones(truth.shape, bool))
+    truth &= ~border
+    assert (mask & truth).sum() / (mask | truth).sum() >= 0.85
+
+
 def test_two_hands_are_both_masked_and_a_bright_plate_edge_is_not(tmp_path):
     image, truth = _radiograph(shape=(320, 440), background=25, soft=95, bone=200,
                                hands=((120, 190, 0.8), (320, 190, 0.8)))
