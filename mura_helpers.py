@@ -2903,10 +2903,10 @@ def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray,
     points = np.column_stack([xs, ys]).astype(float)
     center, (w, h), angle = min_area_rect(points)
     share = w * h / searched.sum()  # above 1 for a tilted plate reaching past the view's edges
-    left_out = (searched & ~rect_mask(searched.shape, (center, (w, h), angle))).sum() / searched.sum()
-    if not (share >= min_share and left_out >= 1 - max_share and ConvexHull(points).volume / max(w * h, 1e-9) >
-            min_fill and area / (w * h) > 0.45):
+    if not (share >= min_share and area / (w * h) > 0.45 and ConvexHull(points).volume / max(w * h, 1e-9) > min_fill):
         return None
+    if (searched & ~rect_mask(searched.shape, (center, (w, h), angle))).sum() < (1 - max_share) * searched.sum():
+        return None  # the whole view, not a plate in it
     outside = searched & ~rect_mask(searched.shape, (center, (w + 2, h + 2), angle))
     if outside.sum() > 0.01 * searched.sum() and region[outside].mean() > 0.2:
         # ... or framed: a band just around it lies mostly in the view and is not of its class (a field inside a
@@ -3011,15 +3011,27 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
 def _border_band(lines: np.ndarray, tol: float, depth: int, background: float | None) -> int:
     """How many of the first `lines` (rows: a side's lines, from the edge in) form a band of one level, not the
     field's `background` (None: any level), that ends abruptly: 70% of their pixels within `tol` of its level,
-    under 25% of the next six lines'. 0 when none (background up to a hand that fills the lines is no band)."""
-    medians = np.median(lines, 1)
+    under 25% of the next six lines'. 0 when none (background up to a hand that fills the lines is no band).
+    NaN pixels (beyond the view) count for nothing."""
+    lines = lines[:depth + 6]
+    seen = ~np.isnan(lines)
+    rows = np.repeat(np.arange(len(lines)), seen.sum(1))  # each line's histogram of (rounded) grey levels
+    cumulative = np.cumsum(np.bincount(rows * 256 + np.clip(np.round(lines[seen]), 0, 255).astype(np.int64),
+                                       minlength=len(lines) * 256).reshape(len(lines), 256), 1)
+    totals = cumulative[:, -1]
+    medians = np.array([np.searchsorted(c, t / 2) if t else np.nan for c, t in zip(cumulative, totals)])
+    counts = np.cumsum(totals)
     best, best_score = 0, 0.0
     for cut in range(2, min(depth, len(lines) - 6) + 1):
-        level = np.median(medians[:cut])
+        if np.isnan(medians[:cut]).all():
+            continue
+        level = np.nanmedian(medians[:cut])
         if background is not None and abs(level - background) <= tol:
             continue
-        inside = float((np.abs(lines[:cut] - level) <= tol).mean())
-        after = float((np.abs(lines[cut:cut + 6] - level) <= tol).mean())
+        low, high = int(np.clip(math.ceil(level - tol), 0, 255)), int(np.clip(math.floor(level + tol), 0, 255))
+        near = cumulative[:cut + 6, high] - (cumulative[:cut + 6, low - 1] if low > 0 else 0)
+        inside = float(near[:cut].sum() / max(counts[cut - 1], 1))
+        after = float(near[cut:].sum() / max(counts[cut + 5] - counts[cut - 1], 1))
         if inside >= 0.7 and after <= 0.25 and inside - after > best_score:
             best, best_score = cut, inside - after
     return best
@@ -3037,6 +3049,8 @@ def _collimated_field(gray: np.ndarray, plate, size: int = 256, depth: float = 0
     h, w = inner.shape
     if min(h, w) < 32:
         return plate
+    in_view = _warp(np.full(gray.shape, 255, np.uint8), affine, size, order=0)[y0:size - y0, x0:size - x0] > 0
+    seen = np.where(in_view, inner, np.nan)
     middle = inner[h // 5:h - h // 5, w // 5:w - w // 5]  # the field's, whatever its borders
     mean = ndimage.uniform_filter(middle, 5)
     local = np.sqrt(np.maximum(ndimage.uniform_filter(middle * middle, 5) - mean * mean, 0))
@@ -3044,15 +3058,15 @@ def _collimated_field(gray: np.ndarray, plate, size: int = 256, depth: float = 0
     tol, flat = 3 * noise, local <= 2 * noise
     background = _commonest_level(middle[flat]) if flat.sum() >= 32 else float(np.median(middle))
     margins = []
-    for lines in (inner[:, w // 10:w - w // 10], inner[::-1, w // 10:w - w // 10],  # top, bottom,
-                  inner[h // 10:h - h // 10].T, inner[h // 10:h - h // 10, ::-1].T):  # left, right (corners out)
+    for lines in (seen[:, w // 10:w - w // 10], seen[::-1, w // 10:w - w // 10],  # top, bottom,
+                  seen[h // 10:h - h // 10].T, seen[h // 10:h - h // 10, ::-1].T):  # left, right (corners out)
         deepest, cut = int(depth * len(lines)), 0
         while True:  # the surround, then a border
             band = _border_band(lines[cut:], tol, deepest - cut, background)
             if not band:  # a surround as dark as the field counts when a border follows it
                 band = _border_band(lines[cut:], tol, deepest - cut, None)
-                inner = _border_band(lines[cut + band:], tol, deepest - cut - band, background) if band else 0
-                band = band + inner if inner else 0
+                border = _border_band(lines[cut + band:], tol, deepest - cut - band, background) if band else 0
+                band = band + border if border else 0
             if not band:
                 break
             cut += band

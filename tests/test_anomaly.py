@@ -131,6 +131,16 @@ def test_the_field_is_found_inside_a_plate_rectangle_that_took_in_a_dark_surroun
     assert (cx, cy) == (pytest.approx(150, abs=3), pytest.approx(200, abs=3))
 
 
+def test_the_field_is_found_where_the_plate_reaches_past_the_view():
+    image = Image.fromarray(_hand_view(200, 8, 12, True)).rotate(6, Image.Resampling.BILINEAR, center=(150, 200),
+                                                                 fillcolor=8)
+    view = np.asarray(image)[:, 40:]  # the tilted plate's left border half beyond the view: no pixels there
+    plate = (np.array([110.0, 200.0]), (240.0, 320.0), math.radians(-6))
+    (cx, cy), (w, h), _ = mh._collimated_field(view, plate)
+    assert (h, w) == (pytest.approx(268, rel=0.04), pytest.approx(200, rel=0.04))
+    assert (cx, cy) == (pytest.approx(110, abs=3), pytest.approx(200, abs=3))
+
+
 def test_a_plate_with_a_collimated_corner_is_still_found():
     image = _hand_view(25, 25, 25)
     plate = np.zeros(image.shape, bool)
