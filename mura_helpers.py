@@ -3424,9 +3424,9 @@ def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache
     return AnomalyCache(folder, paths, cfg)
 
 
-# where a doubt signal flags a view (set on phantom v3 at 512 px: its 90th percentile over the views whose mask IoU
-# with the truth was >= 0.5)
-MASK_DOUBT_LIMITS = {"missed": 0.055, "cut": 0.09, "background_inside": 0.021, "rim": 0.185}
+# where a doubt signal flags a view (set on phantom v3 at 512 px: its 97th percentile over the views whose mask IoU
+# with the truth was >= 0.5; ANOMALY_PIPELINE_VERSION 6)
+MASK_DOUBT_LIMITS = {"missed": 0.06, "cut": 0.093, "background_inside": 0.126, "rim": 0.213}
 
 
 def suspect_masks(cache: AnomalyCache, low: float = 0.02, high: float = 0.45,
