@@ -34,8 +34,9 @@ Where to change what:
   a metric         study_metrics and bootstrap_metrics (CI_METRICS); anomaly_metrics, reconstruction_scores
   a figure         its plot_* function (plots, or anomaly detection: plots); save_figure names the file
   the phantom      make_phantom_mura and the _render_view family (bump PHANTOM_VERSION when the pixels change)
-  preprocessing    find_carrier / find_field (crop), _hand_mask (mask), preprocess_view (bump
-                   ANOMALY_PIPELINE_VERSION when its output changes)
+  preprocessing    find_carrier (the plate), _collimated_field (the field in it), _hand_mask (mask),
+                   preprocess_view (bump ANOMALY_PIPELINE_VERSION when its output changes; re-set
+                   MASK_DOUBT_LIMITS when the masks change)
 """
 
 from __future__ import annotations
