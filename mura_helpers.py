@@ -3053,11 +3053,8 @@ def _collimated_field(gray: np.ndarray, plate, size: int = 256, depth: float = 0
     in_view = _warp(np.full(gray.shape, 255, np.uint8), affine, size, order=0)[y0:size - y0, x0:size - x0] > 0
     seen = np.where(in_view, inner, np.nan)
     middle = inner[h // 5:h - h // 5, w // 5:w - w // 5]  # the field's, whatever its borders
-    mean = ndimage.uniform_filter(middle, 5)
-    local = np.sqrt(np.maximum(ndimage.uniform_filter(middle * middle, 5) - mean * mean, 0))
-    noise = max(float(np.percentile(local, 25)), 0.5)  # the flattest quarter's
-    tol, flat = 3 * noise, local <= 2 * noise
-    background = _commonest_level(middle[flat]) if flat.sum() >= 32 else float(np.median(middle))
+    _, noise, _, background = _background_level(middle, np.ones(middle.shape, bool))
+    tol = 3 * noise
     margins = []
     for lines in (seen[:, w // 10:w - w // 10], seen[::-1, w // 10:w - w // 10],  # top, bottom,
                   seen[h // 10:h - h // 10].T, seen[h // 10:h - h // 10, ::-1].T):  # left, right (corners out)
