@@ -2889,10 +2889,9 @@ def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray,
                 max_share: float, min_fill: float = 0.9):
     """(share, center, (w, h), angle) of a component's minimum-area rectangle when it is plate-like, else None:
     it covers at least min_share of the searched pixels and leaves at least 1 - max_share of them out (a tilted
-    plate may reach past the view's edges; the whole view is no plate), the convex hull fills min_fill of it,
-    and what lies
-    outside it is mostly not of the component's class (`region`): a plate stands out from its surround, while
-    the background beside a straight finger, a rectangle too, does not."""
+    plate may reach past the view's edges; the whole view is no plate), the convex hull fills min_fill of it, and
+    what lies outside it is mostly not of the component's class (`region`): a plate stands out from its surround,
+    while the background beside a straight finger, a rectangle too, does not."""
     area = int(component.sum())
     if area < max(16, 0.45 * min_share * searched.sum()):  # too small to be a plate, whatever its rectangle
         return None
@@ -2956,25 +2955,26 @@ def _sides_are_steps(found, smooth: np.ndarray, step: float = 3.0, offset: float
 def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0.97):
     """The detector plate as a rotated rectangle (center, (w, h), angle), or None when no plate stands out.
 
-    Binarised at Otsu's threshold, at Otsu's threshold of each side of it (a plate only a little darker than a
-    dark surround) and at the two of a three-class Otsu (a plate between a darker and a brighter surround); for
-    each threshold and polarity, the largest component and the union of the large ones (a hand lying across the
-    plate can cut its background apart) are candidates, kept when plate-like (see _plate_rect: a plate is a
-    rectangle even with a hand across it, and stands out from its surround; a hand does neither). The largest
-    wins.
+    Searched on block means at a quarter resolution, binarised at Otsu's threshold, at Otsu's threshold of each
+    side of it and again of each side of that, three deep (a dark plate a few levels off a black surround, beside
+    a hand and soft tissue that take the first splits) and at the two of a three-class Otsu (a plate between a
+    darker and a brighter surround); for each threshold and polarity, the largest component and the union of the
+    large ones (a hand lying across the plate can cut its background apart) are candidates, kept when plate-like
+    (see _plate_rect: a plate is a rectangle even with a hand across it, and stands out from its surround; a hand
+    does neither), whose sides inside the view are steps (_sides_are_steps) and which holds the hand's edges. The
+    largest wins.
     """
     step = 4 if min(gray.shape) >= 256 else 1  # the plate is large: a quarter resolution will do, each pixel the
     # mean of its block (the noise a quarter as strong: a dark plate only a few levels above a black surround)
     h, w = gray.shape[0] // step * step, gray.shape[1] // step * step
     small = (gray[:h, :w].reshape(h // step, step, w // step, step).mean((1, 3)) + 0.5).astype(np.uint8)
-    searched = np.ones(small.shape, bool)
-    values = small[searched]
+    searched, values = np.ones(small.shape, bool), small.ravel()  # the whole view
     if values.size < 64 or values.min() == values.max():
         return None
     otsu = threshold_otsu(values)
     thresholds = {otsu}
-    for side in (np.less_equal, np.greater):  # Otsu again on each side, thrice: a dark plate a few levels off a
-        part = values  # black surround, beside a hand and soft tissue that take the first splits
+    for side in (np.less_equal, np.greater):  # Otsu again on each side, thrice
+        part = values
         for _ in range(3):
             part = part[side(part, threshold_otsu(part))]
             if np.ptp(part) == 0:
@@ -2985,11 +2985,11 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
     commonest = 16 * np.argmax(np.bincount(values // 16)) + 8  # the direct-exposure background, mostly
     smooth = ndimage.gaussian_filter(small.astype(np.float32), 1.0)
     grad = np.hypot(*np.gradient(smooth))
-    detail = ndimage.binary_erosion(searched, iterations=3) & (grad > 4 * max(float(np.median(grad[searched])), 0.25))
+    detail = ndimage.binary_erosion(searched, iterations=3) & (grad > 4 * max(float(np.median(grad)), 0.25))
     best, tried = None, set()
     for threshold in sorted(thresholds):
-        above = (small > threshold) & searched
-        for region, background in ((above, commonest > threshold), (searched & ~above, commonest <= threshold)):
+        above = small > threshold
+        for region, background in ((above, commonest > threshold), (~above, commonest <= threshold)):
             labels, n = ndimage.label(region)
             if n == 0:
                 continue
