@@ -236,6 +236,17 @@ def test_a_heel_effect_is_flattened_from_the_background_not_the_rim(slope):
     assert (mask & truth).sum() / (mask | truth).sum() >= 0.85
 
 
+def test_a_level_that_shows_the_plate_keeps_no_strip_beside_it():
+    rng = np.random.default_rng(0)
+    work = rng.normal(100, 10, (128, 128))  # textured everywhere, so only shape decides
+    inside = np.ones(work.shape, bool)
+    ring = inside & ~ndimage.binary_erosion(inside, iterations=6, border_value=0)
+    fg = np.zeros(work.shape, bool)
+    fg[28:120, 8:120] = True  # the field above the threshold (0.63 of the view), filled: the hand lies within it
+    fg[12:20, 30:100] = True  # a border strip beside it, hand-sized
+    assert not mh._hand_components(fg, work, ring, inside, 1.0, 50.0).any()  # this level shows no hand
+
+
 def test_two_hands_are_both_masked_and_a_bright_plate_edge_is_not(tmp_path):
     image, truth = _radiograph(shape=(320, 440), background=25, soft=95, bone=200,
                                hands=((120, 190, 0.8), (320, 190, 0.8)))
