@@ -2199,7 +2199,8 @@ def model_free_floor(sets: dict[str, pd.DataFrame], train_studies: pd.DataFrame,
     rows = []
     for name, images in views.items():
         scores = study_scores(reference_anomaly_scores(cache, images, template))
-        scores = scores.merge(sets[name][["study_path", "patient"]], on="study_path")
+        if "patient" not in scores:  # (study_scores keeps the views' patient column)
+            scores = scores.merge(sets[name][["study_path", "patient"]], on="study_path")
         for score in [c for c in scores.columns if c not in SCORE_ID_COLUMNS]:
             low, high = auroc_interval(scores["label"], scores[score], n_boot, seed,
                                        patients=scores["patient"] if level == "patient" else None)
@@ -4567,25 +4568,38 @@ def _without_empty_masks(scores: pd.DataFrame, cache: AnomalyCache) -> pd.DataFr
 
 
 def study_scores(scores: pd.DataFrame) -> pd.DataFrame:
-    """View scores to study scores (the mean of its views), one row per study with its label."""
+    """View scores to study scores (the mean of its views), one row per study with its label (and patient)."""
     names = [c for c in scores.columns if c not in SCORE_ID_COLUMNS]
-    return scores.groupby("study_path").agg({"label": "first", **dict.fromkeys(names, "mean")}).reset_index()
+    ids = {c: "first" for c in ("label", "patient") if c in scores}
+    return scores.groupby("study_path").agg({**ids, **dict.fromkeys(names, "mean")}).reset_index()
 
 
-def anomaly_metrics(scores: pd.DataFrame, level: str = "study", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """ROC-AUC (with a 95% bootstrap interval when n_boot > 0) and average precision of every score, per study
-    (mean of its views) or per image."""
+def anomaly_metrics(scores: pd.DataFrame, level: str = "study", n_boot: int = 2000, seed: int = 0,
+                    resample: str = "patient") -> pd.DataFrame:
+    """ROC-AUC and average precision of every score, per study (mean of its views) or per image, the ROC-AUC with a
+    95% percentile bootstrap interval when n_boot > 0 that resamples patients, each with all its studies and views
+    (views of a patient are not independent; auroc_interval's `patients`, as the supervised path), or with
+    resample="rows" the rows themselves."""
+    if level not in ("study", "image"):
+        raise ValueError(f"level must be 'study' or 'image', got {level!r}")
+    if resample not in ("patient", "rows"):
+        raise ValueError(f"resample must be 'patient' or 'rows', got {resample!r}")
+    if n_boot > 0 and resample == "patient" and "patient" not in scores:
+        raise ValueError("a bootstrap by patient needs a 'patient' column in the scores (evaluate_anomaly keeps it); "
+                         "or resample='rows'")
     data = study_scores(scores) if level == "study" else scores
+    patients = data["patient"].to_numpy() if resample == "patient" and "patient" in data else None
     names = [c for c in data.columns if c not in SCORE_ID_COLUMNS]
     rows = []
     for name in names:
         one_class = data["label"].nunique() < 2
         low, high = (np.nan, np.nan) if one_class or n_boot <= 0 else \
-            auroc_interval(data["label"], data[name], n_boot, seed)
+            auroc_interval(data["label"], data[name], n_boot, seed, patients=patients)
         rows.append({"score": name, "roc_auc": np.nan if one_class else roc_auc_score(data["label"], data[name]),
-                     "roc_auc_ci_low": low, "roc_auc_ci_high": high,
+                     "roc_auc_ci_low": low, "roc_auc_ci_high": high, "resampled": resample,
                      "average_precision": np.nan if one_class else average_precision_score(data["label"], data[name]),
-                     "n": len(data), "n_abnormal": int(data["label"].sum())})
+                     "n": len(data), "n_abnormal": int(data["label"].sum()),
+                     "n_patients": data["patient"].nunique() if "patient" in data else np.nan})
     return pd.DataFrame(rows).set_index("score")
 
 
@@ -4988,7 +5002,7 @@ def anomaly_findings_table(results: pd.DataFrame, findings: pd.DataFrame, varian
     tables = []
     for run in results[results["variant"] == variant].drop_duplicates("run_dir").itertuples():
         studies = study_scores(pd.read_csv(Path(run.run_dir) / "test_scores.csv"))
-        names = [c for c in studies.columns if c not in ("study_path", "label")]
+        names = [c for c in studies.columns if c not in SCORE_ID_COLUMNS]
         table = metrics_by_finding(studies, findings, names)
         aurocs = table[[f"auroc_{n}" for n in names]].T.set_axis(names)
         tables.append(aurocs.assign(model=run.model).rename_axis("score").reset_index())

@@ -615,11 +615,37 @@ def test_error_heatmaps_and_boxes_in_the_preprocessed_frame(normal_heavy_phantom
 
 def test_metrics_per_study_and_per_image():
     scores = pd.DataFrame({"study_path": ["a", "a", "b", "c"], "label": [1, 1, 0, 0], "image_path": list("wxyz"),
-                           "mse": [0.9, 0.1, 0.3, 0.2]})
+                           "patient": ["p", "p", "q", "r"], "mse": [0.9, 0.1, 0.3, 0.2]})
     study = mh.anomaly_metrics(scores)
     assert study.loc["mse", "roc_auc"] == 1.0 and study.loc["mse", "n"] == 3  # study a: mean 0.5 beats 0.3, 0.2
     image = mh.anomaly_metrics(scores, level="image")
-    assert image.loc["mse", "roc_auc"] == 0.5 and image.loc["mse", "n"] == 4
+    assert image.loc["mse", "roc_auc"] == 0.5 and image.loc["mse", "n"] == 4 and image.loc["mse", "n_patients"] == 3
+    with pytest.raises(ValueError, match="by patient needs a 'patient' column"):
+        mh.anomaly_metrics(scores.drop(columns="patient"))
+
+
+def test_intervals_resample_patients_at_both_levels():
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(30):  # 30 patients, 2 studies of 2 views each; a patient's views share most of their score
+        label, shift = p % 3 == 0, rng.normal()
+        for st in range(2):
+            for v in range(2):
+                rows.append({"patient": f"p{p}", "study_path": f"p{p}/s{st}", "image_path": f"p{p}/s{st}/v{v}",
+                             "label": int(label), "mse": shift + 0.6 * label + 0.1 * rng.normal()})
+    scores = pd.DataFrame(rows)
+    for level in ("image", "study"):
+        table = mh.anomaly_metrics(scores, level, n_boot=500, seed=1)
+        data = scores if level == "image" else mh.study_scores(scores)
+        by_patient = mh.auroc_interval(data["label"], data["mse"], 500, 1, patients=data["patient"])
+        by_row = mh.auroc_interval(data["label"], data["mse"], 500, 1)
+        assert (table.loc["mse", "roc_auc_ci_low"], table.loc["mse", "roc_auc_ci_high"]) == pytest.approx(by_patient)
+        assert table.loc["mse", "resampled"] == "patient" and table.loc["mse", "n_patients"] == 30
+        rows_table = mh.anomaly_metrics(scores, level, n_boot=500, seed=1, resample="rows")
+        assert (rows_table.loc["mse", "roc_auc_ci_low"], rows_table.loc["mse", "roc_auc_ci_high"]) == \
+            pytest.approx(by_row)
+        # views and studies of a patient move together: the honest interval is the wider one
+        assert by_patient[1] - by_patient[0] > by_row[1] - by_row[0]
 
 
 # ---------------------------------------------------------------- recipes: theirs ("paper") and ours ("suite")
