@@ -3587,29 +3587,30 @@ class ConvAutoencoder(torch.nn.Module):
 
 
 class VariationalAutoencoder(torch.nn.Module):
-    """The VAE of Davletshina et al.'s Figure 7: unpadded stride-2 4x4 convolutions down to 512x2x2 (seven for a
-    512 input), fully connected mu and log-variance of size 1024, reparameterisation, and a mirrored decoder whose
-    last transposed convolution restores the exact input size (6x6 for 512). `bottom` 6: their code's VAE
-    (vaetorch.py: six convolutions 16 ... 512 channels to 512x6x6 = h_dim 18432 for 512 px, a last 6x6 kernel)."""
+    """The VAE of Davletshina et al.'s Figure 7 and of their code (vaetorch.py:56-107 with run_params.py:70-71):
+    unpadded stride-2 4x4 convolutions down to 512x2x2 (seven for a 512 input; h_dim 2048), fully connected mu and
+    log-variance (1024 in both), reparameterisation, and a mirrored decoder whose last transposed convolution
+    restores the exact input size (6x6 for 512). `sample_scores`: draw z when scoring too, as their forward does
+    (vaetorch.py:138-139); else the posterior mean (a view's score does not change from one scoring to the next)."""
 
-    def __init__(self, image_size: int = 512, latent: int = 1024, bottom: int = 2):
+    def __init__(self, image_size: int = 512, latent: int = 1024, sample_scores: bool = False):
         super().__init__()
         sizes = [image_size]
-        while sizes[-1] > bottom:
+        while sizes[-1] > 2:
             sizes.append((sizes[-1] - 4) // 2 + 1)
-        if sizes[-1] != bottom or len(sizes) < 3:
-            raise ValueError(f"image_size {image_size} does not reach {bottom}x{bottom} with stride-2 4x4 "
-                             f"convolutions; use 64, 128, 256 or 512")
+        if sizes[-1] != 2 or len(sizes) < 3:
+            raise ValueError(f"image_size {image_size} does not reach 2x2 with stride-2 4x4 convolutions; use 64, "
+                             f"128, 256 or 512")
         n = len(sizes) - 1
         widths = [512 // 2 ** (n - 1 - i) for i in range(n)]  # 8, 16, ..., 512 for seven layers
         self.encoder = torch.nn.Sequential(*[_conv_block(c_in, c_out, 4, 2, 0)
                                              for c_in, c_out in zip([1, *widths[:-1]], widths)])
-        self.bottom = bottom
-        cells = 512 * bottom**2
+        self.sample_scores = sample_scores
+        cells = 512 * 2 * 2
         self.fc_mu, self.fc_logvar = torch.nn.Linear(cells, latent), torch.nn.Linear(cells, latent)
         self.fc_decode = torch.nn.Linear(latent, cells)
         rev = widths[::-1]
-        layers, size = [], bottom
+        layers, size = [], 2
         for c_in, c_out in zip(rev[:-1], rev[1:]):
             layers.append(_deconv_block(c_in, c_out, 4, 2, 0))
             size = 2 * size + 2
@@ -3619,9 +3620,10 @@ class VariationalAutoencoder(torch.nn.Module):
     def forward(self, x):
         """Reconstruct x; also return the posterior's mu and log-variance (for the KLD)."""
         h = self.encoder(x).flatten(1)
-        mu, logvar = self.fc_mu(h), self.fc_logvar(h).clamp(-20, 20)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
-        recon = self.decoder(self.fc_decode(z).view(-1, 512, self.bottom, self.bottom))
+        mu, logvar = self.fc_mu(h), self.fc_logvar(h).clamp(-20, 20)  # (a guard against exp overflow)
+        sample = self.training or self.sample_scores
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        recon = self.decoder(self.fc_decode(z).view(-1, 512, 2, 2))
         return {"recon": recon, "mu": mu, "logvar": logvar}
 
 
@@ -3642,11 +3644,12 @@ def kl_divergence(mu, logvar):
     return -0.5 * (1 + logvar.float() - mu.float() ** 2 - logvar.float().exp()).sum(1)
 
 
-def reconstruction_scores(x, out: dict, mask, top_k: int = 200, kld_weight: float = 1.0,
+def reconstruction_scores(x, out: dict, mask, top_k: int = 200, kld_scale: float | None = None,
                           smooth_l1: bool = False) -> dict[str, torch.Tensor]:
     """Per-image anomaly scores: masked MSE and L1 and their top-k pixel means (where the model reconstructs), for a
-    VAE the KLD and the sums, and the scores a GAN computes itself (out['scores']); `smooth_l1`: the L1 scores as
-    smooth L1 (beta 1), as their VAE's loss_L_one (vaetorch.py)."""
+    VAE the KLD and the sums l1+kld and mse+kld, the KLD in them times `kld_scale` (None: per pixel, 1 / pixels;
+    1: the raw KLD, as their vaetorch.py:260-261 add it), and the scores a GAN computes itself (out['scores']);
+    `smooth_l1`: the L1 scores as smooth L1 (beta 1), as their VAE's loss_L1 (vaetorch.py:207, 251)."""
     scores = dict(out.get("scores") or {})
     if out["recon"] is None:
         return scores
@@ -3661,8 +3664,8 @@ def reconstruction_scores(x, out: dict, mask, top_k: int = 200, kld_weight: floa
                    f"l1_top{top_k}": ab.topk(k, 1).values.mean(1)})
     if out["mu"] is not None:
         kld = kl_divergence(out["mu"], out["logvar"])
-        per_pixel = kld_weight * kld / sq.shape[1]  # the KLD as weighted in the training loss
-        scores.update({"kld": kld, "l1+kld": scores["l1"] + per_pixel, "mse+kld": scores["mse"] + per_pixel})
+        scaled = kld * (1 / sq.shape[1] if kld_scale is None else kld_scale)
+        scores.update({"kld": kld, "l1+kld": scores["l1"] + scaled, "mse+kld": scores["mse"] + scaled})
     return scores
 
 
@@ -3862,29 +3865,34 @@ def gan_step(model: AdversarialAnomalyModel, x, mask, optimizers: dict, scaler, 
 
 # ---------------------------------------------------------------- anomaly detection: their networks (recipe "paper")
 
-# Written afresh from a reading of their repository (github.com/Valentyn1997/xray, commit 0c11b6f for the models and
-# train.py, c8568f5 for src/models/run_params.py): the networks their code trains, where those differ from the
-# suite's. Our own networks above follow the paper's figures; these follow the code.
+# Written afresh from a reading of their repository at its last commit (github.com/Valentyn1997/xray @ c801459; the
+# model code equals that of 5eb48b8, which added the published notebooks/summary.csv): the networks and training
+# steps their code runs, where those differ from the suite's; file:line at c801459. Our own networks above follow
+# the paper's figures; these follow the code.
+DCGAN_MIXED_SAMPLES = 4  # gans.py:177: D's 512 features viewed as rows of 512 x 4, so minibatch discrimination mixes
+# four samples into each row
+
 
 def _spectral(layer: torch.nn.Module) -> torch.nn.Module:
-    """Spectral normalisation of a layer's weight (Miyato et al. 2018; their gans.py SpectralNorm)."""
+    """Spectral normalisation of a layer's weight (Miyato et al. 2018; their gans.py:33-85 SpectralNorm)."""
     return torch.nn.utils.parametrizations.spectral_norm(layer)
 
 
 class PaperCAEDecoder(torch.nn.Sequential):
-    """Their CAE decoder (autoencoders.py, BaselineAutoencoder defaults): five stride-2 4x4 transposed convolutions
-    with BN and ReLU, 512 -> 16 channels, then a 3x3 one to one channel, ReLU, then Tanh (so outputs lie in [0, 1))."""
+    """Their CAE decoder (autoencoders.py:48-51, 77-86; batch_normalisation True, run_params.py:37): five stride-2
+    4x4 transposed convolutions with BN and ReLU, 512 -> 16 channels, then a 3x3 one to one channel without bias or
+    BN, ReLU, then Tanh (so outputs lie in [0, 1))."""
 
     def __init__(self, widths: Sequence[int] = (16, 32, 64, 128, 256, 512)):
         rev = list(widths[::-1])
         layers = [_deconv_block(cin, cout) for cin, cout in zip(rev[:-1], rev[1:])]
-        layers += [torch.nn.ConvTranspose2d(rev[-1], 1, 3, 1, 1), torch.nn.ReLU(), torch.nn.Tanh()]
+        layers += [torch.nn.ConvTranspose2d(rev[-1], 1, 3, 1, 1, bias=False), torch.nn.ReLU(), torch.nn.Tanh()]
         super().__init__(*layers)
 
 
 class SelfAttention(torch.nn.Module):
     """Self-attention over a feature map (Zhang et al. 2019, SAGAN): x + gamma * attention-weighted values, gamma
-    starting at 0 (their sagan.py and alphagan.py Self_Attn)."""
+    starting at 0 (their sagan.py:21-55 and alphagan.py:21-55 Self_Attn)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -3901,10 +3909,28 @@ class SelfAttention(torch.nn.Module):
         return x + self.gamma * out.view(b, c, h, w)
 
 
+class PaperMinibatchDiscrimination(torch.nn.Module):
+    """Minibatch discrimination as their code uses it (torchgan's MinibatchDiscrimination1d; gans.py:172,
+    alphagan.py:262): a projection T (in x out x kernel, drawn from N(0, 1)), and per sample and output feature the
+    sum over the other rows of the batch of exp(-L1 distance), appended to the features. Always over the batch it is
+    called on, in training and scoring alike (their evaluate() scores batches too)."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_dim: int):
+        super().__init__()
+        self.out_features, self.kernel_dim = out_features, kernel_dim
+        self.projection = torch.nn.Parameter(torch.randn(in_features, out_features * kernel_dim))
+
+    def forward(self, h):
+        """(B, F) -> (B, F + out_features)."""
+        rows = (h @ self.projection.to(h.dtype)).view(-1, self.out_features, self.kernel_dim)
+        closeness = torch.exp(-(rows[:, None] - rows[None]).abs().sum(3)).sum(1) - 1  # less itself
+        return torch.cat([h, closeness], 1)
+
+
 def _attention_stack(image_size: int, conv_dim: int = 64) -> tuple[torch.nn.Sequential, int]:
-    """Their BiGAN/alpha-GAN image stack (sagan.py Encoder/Discriminator): stride-2 4x4 spectral-norm convolutions
-    doubling from 64 channels down to 4x4 (1024 channels at 128 px), leaky ReLU 0.1, self-attention after the
-    last two. Returns (stack, channels)."""
+    """Their BiGAN/alpha-GAN image stack (sagan.py:156-214, 231-271; alphagan.py:156-210, 231-258): stride-2 4x4
+    spectral-norm convolutions doubling from 64 channels down to 4x4 (1024 channels at 128 px), leaky ReLU 0.1,
+    self-attention after the last two. Returns (stack, channels)."""
     depth = _gan_depth(image_size)
     layers, cin = [], 1
     for i in range(depth):
@@ -3917,9 +3943,9 @@ def _attention_stack(image_size: int, conv_dim: int = 64) -> tuple[torch.nn.Sequ
 
 
 class AttentionGenerator(torch.nn.Module):
-    """Their BiGAN/alpha-GAN generator (sagan.py Generator): a spectral-norm 4x4 transposed convolution from the
-    code to 8*size channels (1024 at 128 px), halving stride-2 blocks with BN and ReLU, self-attention after the
-    last two, and a last transposed convolution to one channel with Tanh."""
+    """Their BiGAN/alpha-GAN generator (sagan.py:58-140 = alphagan.py:58-140): a spectral-norm 4x4 transposed
+    convolution from the code to 8*size channels (1024 at 128 px), halving stride-2 blocks with BN and ReLU,
+    self-attention after the last two, and a last transposed convolution to one channel with Tanh."""
 
     def __init__(self, image_size: int, latent: int = 100, conv_dim: int = 64):
         super().__init__()
@@ -3943,11 +3969,13 @@ class AttentionGenerator(torch.nn.Module):
 
 class PaperGAN(torch.nn.Module):
     """The GAN family as their code builds it, trained by paper_gan_step:
-    'dcgan' (gans.py DCGAN: spectral norm everywhere, no BN (run_params 'batch_normalisation': False), ReLU in D,
-    D ending in one logit, no minibatch discrimination in the code we read, latent 2048);
-    'bigan' (their class SAGAN, sagan.py: an encoder, a generator and a discriminator of image-code pairs, with
-    self-attention and spectral norm, latent 100); 'alphagan' (alphagan.py AlphaGan: a stochastic encoder with mean
-    and 'log-variance' heads, the same generator, an image D and a code discriminator C).
+    'dcgan' (gans.py:88-180 with run_params.py:79-80: spectral norm on every convolution, no BN, leaky ReLU 0.01 in
+    both networks, G ending in Tanh, D's convolutions to 512 features, minibatch discrimination over rows that mix
+    four samples, one linear unit; latent 2048);
+    'bigan' (their class SAGAN, sagan.py:143-352: an encoder, a generator and a discriminator of image-code pairs,
+    with self-attention and spectral norm; latent 100); 'alphagan' (alphagan.py:143-374: a stochastic encoder with
+    mean and 'log-variance' heads, the same generator, an image D with minibatch discrimination and a code
+    discriminator C, 100-50-25-1).
     Called on views in eval mode it returns the same scores as AdversarialAnomalyModel: 'disc' (D's probability
     that the view is abnormal), for alpha-GAN 'code_disc' and 'c+d', and the reconstruction G(E(x))."""
 
@@ -3957,20 +3985,22 @@ class PaperGAN(torch.nn.Module):
             raise ValueError(f"kind must be one of {GAN_MODELS}, got {kind!r}")
         self.kind, self.latent = kind, latent
         depth = _gan_depth(image_size)
-        if kind == "dcgan":  # gans.py Generator/Discriminator defaults, generalised from 512 px
+        if kind == "dcgan":  # gans.py Generator/Discriminator defaults (512 px), generalised to other sizes
             widths = [1024 // 2**i for i in range(depth)]
             layers = [torch.nn.Unflatten(1, (latent, 1, 1)), _spectral(torch.nn.ConvTranspose2d(latent, widths[0], 4)),
-                      torch.nn.ReLU()]
+                      torch.nn.LeakyReLU()]  # (torch's default slope 0.01: their nn.LeakyReLU())
             for cin, cout in zip(widths[:-1], widths[1:]):
-                layers += [_spectral(torch.nn.ConvTranspose2d(cin, cout, 4, 2, 1)), torch.nn.ReLU()]
+                layers += [_spectral(torch.nn.ConvTranspose2d(cin, cout, 4, 2, 1)), torch.nn.LeakyReLU()]
             self.generator = torch.nn.Sequential(*layers, _spectral(torch.nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1)),
-                                                 torch.nn.Sigmoid())
+                                                 torch.nn.Tanh())
             widths = [256 // 2 ** (depth - 1 - i) for i in range(depth)]
             layers = []
             for cin, cout in zip([1, *widths[:-1]], widths):
-                layers += [_spectral(torch.nn.Conv2d(cin, cout, 4, 2, 1)), torch.nn.ReLU()]
-            self.critic = torch.nn.Sequential(*layers, _spectral(torch.nn.Conv2d(widths[-1], 1, 4, 1, 0)),
-                                              torch.nn.Flatten())
+                layers += [_spectral(torch.nn.Conv2d(cin, cout, 4, 2, 1)), torch.nn.LeakyReLU()]
+            self.critic = torch.nn.Sequential(*layers, _spectral(torch.nn.Conv2d(widths[-1], 512, 4, 1, 0)),
+                                              torch.nn.LeakyReLU(), torch.nn.Flatten())
+            self.minibatch = PaperMinibatchDiscrimination(512 * DCGAN_MIXED_SAMPLES, 16 * DCGAN_MIXED_SAMPLES, 128)
+            self.head = torch.nn.Linear(512 + 16, 1)
             return
         self.generator = AttentionGenerator(image_size, latent)
         stack, channels = _attention_stack(image_size)
@@ -3986,18 +4016,21 @@ class PaperGAN(torch.nn.Module):
                 _spectral(torch.nn.Conv2d(channels + 512, 1024, 1)), torch.nn.LeakyReLU(0.1),
                 _spectral(torch.nn.Conv2d(1024, 1024, 1)), torch.nn.LeakyReLU(0.1), torch.nn.Conv2d(1024, 1, 1),
                 torch.nn.Flatten())
-        else:  # alphagan.py Encoder (mean and log_var heads, each Conv 4x4 + Tanh), Discriminator, Codescriminator
-            self.encoder = encoder_stack
-            self.encoder_mean = torch.nn.Sequential(torch.nn.Conv2d(channels, latent, 4), torch.nn.Tanh(),
-                                                    torch.nn.Flatten())
-            self.encoder_spread = torch.nn.Sequential(torch.nn.Conv2d(channels, latent, 4), torch.nn.Tanh(),
-                                                      torch.nn.Flatten())
-            self.critic = torch.nn.Sequential(stack, _spectral(torch.nn.Conv2d(channels, 1, 4)), torch.nn.Flatten())
-            widths = [latent, latent // 2, latent // 4, latent // 8]
-            layers = []
-            for cin, cout in zip(widths[:-1], widths[1:]):
-                layers += [torch.nn.Linear(cin, cout), torch.nn.LeakyReLU(0.1)]
-            self.code_critic = torch.nn.Sequential(*layers, torch.nn.Linear(widths[-1], 1))
+            return
+        # alphagan.py Encoder (mean and log_var heads, each Conv 4x4 + Tanh), Discriminator, Codescriminator
+        self.encoder = encoder_stack
+        self.encoder_mean = torch.nn.Sequential(torch.nn.Conv2d(channels, latent, 4), torch.nn.Tanh(),
+                                                torch.nn.Flatten())
+        self.encoder_spread = torch.nn.Sequential(torch.nn.Conv2d(channels, latent, 4), torch.nn.Tanh(),
+                                                  torch.nn.Flatten())
+        self.critic = stack
+        self.minibatch = PaperMinibatchDiscrimination(channels * 4 * 4, 4 * 4 * 4, 256)  # alphagan.py:261-264
+        self.head = torch.nn.Sequential(_spectral(torch.nn.Conv2d(channels + 4, 1, 4)), torch.nn.Flatten())
+        widths = [latent, latent // 2, latent // 4]  # alphagan.py:306-318: z -> z/2 -> z/4 -> 1
+        layers = []
+        for cin, cout in zip(widths[:-1], widths[1:]):
+            layers += [torch.nn.Linear(cin, cout), torch.nn.LeakyReLU(0.1)]
+        self.code_critic = torch.nn.Sequential(*layers, torch.nn.Linear(widths[-1], 1))
 
     def encode(self, x, sample: bool = False):
         """E(x): the code (alpha-GAN: its mean, or with `sample` mean + spread * noise, as their training does)."""
@@ -4005,38 +4038,46 @@ class PaperGAN(torch.nn.Module):
             return self.encoder(x)
         h = self.encoder(x)
         mean = self.encoder_mean(h)
-        # alphagan.py train_on_batch: z_hat = z_mean + z_logvar * randn, the 'log-variance' used as a spread
+        # alphagan.py:447 z_hat = z_mean + z_logvar * randn, the 'log-variance' used as a spread
         return mean + self.encoder_spread(h) * torch.randn_like(mean) if sample else mean
 
     def discriminate(self, x, z=None):
-        """D's logit that x (with its code z, for BiGAN) is real (for DCGAN: that it is FAKE, their inverted labels)."""
+        """D's logit that x (with its code z, for BiGAN) is real (for DCGAN: that it is FAKE, their inverted labels).
+        DCGAN's minibatch discrimination needs rows of four samples (gans.py:177; their loaders drop a last short
+        batch, train.py:104-108): a batch of another size is completed by repeating its first samples."""
         h = self.critic(x)
         if self.kind == "bigan":
             return self.head(torch.cat([h, self.code_features(z[:, :, None, None])], 1))[:, 0]
-        return h[:, 0]
+        if self.kind == "alphagan":  # alphagan.py:288-290: per sample, the closeness reshaped to 4 channels of 4x4
+            return self.head(self.minibatch(h.flatten(1)).view(len(h), -1, 4, 4))[:, 0]
+        n = len(h)
+        full = h[torch.arange(n + (-n % DCGAN_MIXED_SAMPLES), device=h.device) % n]
+        mixed = self.minibatch(full.reshape(-1, h.shape[1] * DCGAN_MIXED_SAMPLES)).reshape(len(full), -1)
+        return self.head(mixed[:n])[:, 0]
 
     def forward(self, x):
         """Anomaly scores of views x (B, 1, S, S), and their reconstruction where there is an encoder."""
-        if self.kind == "dcgan":  # D learns 0 for real, 1 for fake: D itself is the probability of abnormal
+        if self.kind == "dcgan":  # gans.py:359: D learns 0 for real, 1 for fake: D is the probability of abnormal
             return {"recon": None, "mu": None, "logvar": None,
                     "scores": {"disc": torch.sigmoid(self.discriminate(x).float())}}
         z = self.encode(x)
-        scores = {"disc": 1 - torch.sigmoid(self.discriminate(x, z).float())}
-        if self.kind == "alphagan":
+        scores = {"disc": 1 - torch.sigmoid(self.discriminate(x, z).float())}  # sagan.py:573, alphagan.py:561
+        if self.kind == "alphagan":  # alphagan.py:562-563
             scores["code_disc"] = 1 - torch.sigmoid(self.code_critic(z)[:, 0].float())
             scores["c+d"] = (scores["code_disc"] + scores["disc"]) / 2
         return {"recon": self.generator(z), "mu": None, "logvar": None, "scores": scores}
 
     def parameter_groups(self) -> dict[str, list]:
         """The parameters each of their optimisers updates."""
-        groups = {"discriminator": [*self.critic.parameters()], "generator": [*self.generator.parameters()]}
-        if self.kind == "bigan":  # sagan.py: one optimiser for G and E, one for D (with its code and joint heads)
-            groups["discriminator"] += [*self.code_features.parameters(), *self.head.parameters()]
-            groups["generator"] += [*self.encoder.parameters()]
-        if self.kind == "alphagan":  # alphagan.py: four optimisers, E, G, D and C
-            groups["encoder"] = [*self.encoder.parameters(), *self.encoder_mean.parameters(),
-                                 *self.encoder_spread.parameters()]
-            groups["code_discriminator"] = [*self.code_critic.parameters()]
+        def params(*names):
+            return [p for name in names if hasattr(self, name) for p in getattr(self, name).parameters()]
+        groups = {"discriminator": params("critic", "minibatch", "code_features", "head"),
+                  "generator": params("generator")}
+        if self.kind == "bigan":  # sagan.py:348-352: one optimiser for G and E, one for D
+            groups["generator"] += params("encoder")
+        if self.kind == "alphagan":  # alphagan.py:366-374: four optimisers, E, G, D and C
+            groups["encoder"] = params("encoder", "encoder_mean", "encoder_spread")
+            groups["code_discriminator"] = params("code_critic")
         return groups
 
 
@@ -4048,15 +4089,17 @@ def _bce(logits, target):
 
 def paper_gan_step(model: PaperGAN, x, optimizers: dict, scaler, dtype, generator, cfg) -> dict[str, torch.Tensor]:
     """One step of their GAN training (their train_on_batch), with logits in place of their sigmoid + BCELoss (the
-    same loss, safe under autocast):
-    dcgan (gans.py): inverted soft labels, real -> U(0, d), fake -> U(1 - d, 1) (d = cfg.label_noise), D first,
-    then G towards 'real' (0) against the updated D;
-    bigan (sagan.py, adv_loss 'hinge', which is the log loss): D on (x, E(x)) real and (G(z), z) fake, G and E
-    the other way round, from the same forward pass;
-    alphagan (alphagan.py): E: 0.01-weighted unmasked L1 + [bce(C(z^), 1) - bce(C(z^), 0)]; G: the same L1 +
-    the same difference for D(x_rec) and D(G(z)); D: x real, x_rec and G(z) fake; C: z^ fake, z real; each from
-    the same forward pass, each with its own optimiser. Their instance noise (std 0.01 (epoch+1-E)/(epoch+1), a
-    negative std) is left out."""
+    same loss, safe under autocast), each loss a mean over the batch:
+    dcgan (gans.py:258-318): inverted soft labels, real -> U(0, d), fake -> U(1 - d, 1) (d = cfg.label_noise), D
+    first, then G towards 'real' (0, unsoftened) against the updated D;
+    bigan (sagan.py:391-485, adv_loss 'hinge', which is the log loss, :436-440): D on (x, E(x)) real and (G(z), z)
+    fake; G and E step on the gradient of their own loss (the other way round) PLUS D's loss, since nothing is
+    detached and D's backward (:449) leaves its gradient in G and E before theirs (:478-480) adds to it;
+    alphagan (alphagan.py:419-502): E: 0.01-weighted unmasked L1 + [bce(C(z^), 1) - bce(C(z^), 0)]; G: the same
+    L1 + the same difference for D(x_rec) and D(G(z)); D: x real, x_rec and G(z) fake; C: z^ fake, z real; each
+    from the same forward pass, each with its own optimiser (each zeroes its gradients first).
+    Their BiGAN's instance noise (sagan.py:412-415: std 0.01 (epoch + 1 - E) / (epoch + 1), negative before the
+    last epoch) is left out: PyTorch refuses a negative std."""
     device_type = x.device.type
     z = torch.randn(len(x), model.latent, device=x.device, generator=generator)
     groups = model.parameter_groups()
@@ -4071,13 +4114,14 @@ def paper_gan_step(model: PaperGAN, x, optimizers: dict, scaler, dtype, generato
         elif model.kind == "bigan":
             code = model.encode(x)
             real, fake = model.discriminate(x, code), model.discriminate(model.generator(z), z)
-            losses = {"discriminator": _bce(real, 1) + _bce(fake, 0), "generator": _bce(fake, 1) + _bce(real, 0)}
+            d_loss = _bce(real, 1) + _bce(fake, 0)
+            losses = {"discriminator": d_loss, "generator": _bce(fake, 1) + _bce(real, 0) + d_loss}
         else:
             code = model.encode(x, sample=True)
             recon, fake = model.generator(code), model.generator(z)
             d_real, d_recon, d_fake = (model.discriminate(v) for v in (x, recon, fake))
             c_code, c_prior = model.code_critic(code)[:, 0], model.code_critic(z)[:, 0]
-            l1 = cfg.recon_weight * (x.float() - recon.float()).abs().mean()  # alphagan.py: 0.01 * nn.L1Loss()
+            l1 = cfg.recon_weight * (x.float() - recon.float()).abs().mean()  # alphagan.py:463: 0.01 * nn.L1Loss()
             losses = {"encoder": l1 + _bce(c_code, 1) - _bce(c_code, 0),
                       "generator": l1 + _bce(d_recon, 1) - _bce(d_recon, 0) + _bce(d_fake, 1) - _bce(d_fake, 0),
                       "discriminator": _bce(d_real, 1) + _bce(d_recon, 0) + _bce(d_fake, 0),
@@ -4113,7 +4157,7 @@ def build_anomaly_model(model: str, image_size: int, latent: int = 128, architec
             raise ValueError(f"the CAE needs an image size divisible by 32, got {image_size}")
         return ConvAutoencoder(architecture=architecture)
     if model == "vae":
-        return VariationalAutoencoder(image_size, vae_latent, bottom=6 if architecture == "paper" else 2)
+        return VariationalAutoencoder(image_size, vae_latent, sample_scores=architecture == "paper")
     if model in GAN_MODELS:
         return (PaperGAN if architecture == "paper" else AdversarialAnomalyModel)(model, image_size, latent)
     raise ValueError(f"model must be one of {ANOMALY_MODELS}, got {model!r}")
@@ -4128,12 +4172,12 @@ def anomaly_score_names(model: str, top_k: int = 200) -> list[str]:
 
 # ---------------------------------------------------------------- anomaly detection: recipes (suite, paper), config
 
-# Two recipes, as data: every setting a recipe fixes, per model. "paper": Davletshina et al.'s code (where their
-# code and paper disagree, the code; sources: xray@c8568f5 src/models/run_params.py for epochs, batches, learning
-# rates, latents and augmentation, xray@0c11b6f for the rest). "suite": ours, each difference kept for the reason
-# in RECIPE_REASONS. AnomalyConfig takes every setting left None from its recipe; a value given explicitly wins.
+# Two recipes, as data: every setting a recipe fixes, per model. "paper": Davletshina et al.'s code at its last
+# commit (github.com/Valentyn1997/xray @ c801459; where their code and paper disagree, the code), each value's
+# file:line in PAPER_SOURCES. "suite": ours, each difference kept for the reason in RECIPE_REASONS. AnomalyConfig
+# takes every setting left None from its recipe; a value given explicitly wins.
 _PAPER_FLIPS = {"hflip": True, "vflip": True, "rotation_degrees": 0.0, "scale_range": (1.0, 1.0),
-                "intensity_range": (1.0, 1.0), "augment_p": 1.0}  # run_params.py DEFAULT_AUGMENTATION: Fliplr, Flipud
+                "intensity_range": (1.0, 1.0), "augment_p": 1.0}  # DEFAULT_AUGMENTATION: Fliplr(0.5), Flipud(0.5)
 _PAPER_ADVANCED = {"hflip": True, "vflip": True, "rotation_degrees": 20.0, "scale_range": (0.8, 1.2),
                    "intensity_range": (0.8, 1.2), "augment_p": 0.5}  # ADVANCED_AUGMENTATION: each 'Sometimes(0.5)'
 ANOMALY_RECIPES = {
@@ -4141,60 +4185,99 @@ ANOMALY_RECIPES = {
         "common": {"architecture": "suite", "epochs": 20, "batch_size": 16, "hflip": True, "vflip": False,
                    "rotation_degrees": 10.0, "scale_range": (0.9, 1.1), "intensity_range": (0.9, 1.1),
                    "augment_p": 1.0, "hand_crop": False, "minmax": False, "masked_loss": True,
-                   "masked_scores": True, "smooth_l1": False},
+                   "masked_scores": True, "smooth_l1": False, "input_range": (0.0, 1.0), "mask_from": "hand",
+                   "loss_reduction": "image"},
         "cae": {"lr": 5e-4},
-        "vae": {"lr": 5e-4, "vae_latent": 1024, "vae_loss": "mse", "kld_weight": 1.0},
+        "vae": {"lr": 5e-4, "vae_latent": 1024, "vae_loss": "mse", "kld_weight": 1.0, "kld_in_sums": "per_pixel"},
         "dcgan": {"gan_lr": 2e-4, "d_lr": 2e-4, "gan_latent": 128, "label_noise": 0.0},
         "bigan": {"gan_lr": 2e-4, "d_lr": 2e-4, "gan_latent": 128},
         "alphagan": {"gan_lr": 2e-4, "d_lr": 2e-4, "code_lr": 2e-4, "gan_latent": 128, "recon_weight": 10.0},
     },
     "paper": {
-        "common": {"architecture": "paper", "hand_crop": True, "minmax": True,  # train.py: MinMaxNormalization()
-                   "masked_loss": True, "masked_scores": True, "smooth_l1": False},
-        # run_params.py 'BaselineAutoencoder': 1000 epochs, batch 32, lr 1e-4, ADVANCED_AUGMENTATION, masked loss
-        "cae": {"epochs": 1000, "batch_size": 32, "lr": 1e-4, **_PAPER_ADVANCED},
-        # run_params.py 'VAE': 500 epochs, batch 32, lr 1e-4, z_dim 2048 (h_dim 18432 = 512 x 6 x 6),
-        # masked_loss_on_train/val False; vaetorch.py loss: BCE (size_average=False: summed) + KLD summed
-        "vae": {"epochs": 500, "batch_size": 32, "lr": 1e-4, "vae_latent": 2048, "vae_loss": "bce",
-                "kld_weight": 1.0, "masked_loss": False, "masked_scores": False, "smooth_l1": True, **_PAPER_FLIPS},
-        # run_params.py 'DCGAN': 500 epochs, batch 80, glr 1e-3, dlr 1e-5, z_dim 2048, soft_delta 0.01
+        "common": {"architecture": "paper", "hand_crop": True, "minmax": True, "masked_loss": True,
+                   "masked_scores": True, "smooth_l1": False, "mask_from": "input", "loss_reduction": "batch"},
+        "cae": {"epochs": 1000, "batch_size": 32, "lr": 1e-4, "input_range": (0.0, 1.0), **_PAPER_ADVANCED},
+        "vae": {"epochs": 500, "batch_size": 32, "lr": 5e-5, "vae_latent": 1024, "vae_loss": "bce", "kld_weight": 1.0,
+                "kld_in_sums": "raw", "masked_loss": False, "masked_scores": False, "smooth_l1": True,
+                "input_range": (0.0, 1.0), **_PAPER_FLIPS},
         "dcgan": {"epochs": 500, "batch_size": 80, "gan_lr": 1e-3, "d_lr": 1e-5, "gan_latent": 2048,
-                  "label_noise": 0.01, **_PAPER_FLIPS},
-        # run_params.py 'SAGAN' (their BiGAN): 500 epochs, batch 18, gelr 1e-3, dlr 1e-5, z_dim 100
-        "bigan": {"epochs": 500, "batch_size": 18, "gan_lr": 1e-3, "d_lr": 1e-5, "gan_latent": 100, **_PAPER_FLIPS},
-        # run_params.py 'AlphaGan': 500 epochs, batch 15, gelr 1e-3, dlr 1e-5 (alphagan.py: C's optimiser takes
-        # dlr too), z_dim 100; alphagan.py: 0.01 * unmasked L1
-        "alphagan": {"epochs": 500, "batch_size": 15, "gan_lr": 1e-3, "d_lr": 1e-5, "code_lr": 1e-5,
-                     "gan_latent": 100, "recon_weight": 0.01, "masked_loss": False, **_PAPER_FLIPS},
+                  "label_noise": 0.01, "input_range": (-1.0, 1.0), **_PAPER_FLIPS},
+        "bigan": {"epochs": 500, "batch_size": 16, "gan_lr": 1e-3, "d_lr": 5e-6, "gan_latent": 100,
+                  "input_range": (-1.0, 1.0), **_PAPER_FLIPS},
+        "alphagan": {"epochs": 500, "batch_size": 16, "gan_lr": 1e-3, "d_lr": 1e-4, "code_lr": 1e-6, "gan_latent": 100,
+                     "recon_weight": 0.01, "masked_loss": False, "input_range": (-1.0, 1.0), **_PAPER_FLIPS},
     },
+}
+# where each "paper" value comes from: file:line in xray @ c801459 (run_params.py is src/models/run_params.py);
+# per (model, setting), or per setting for every model. summary.csv (notebooks/, added in 5eb48b8, unchanged since)
+# holds the published runs' pipelines.
+_FLIP_SOURCES = {k: "run_params.py:5-8 DEFAULT_AUGMENTATION" for k in _PAPER_FLIPS}
+PAPER_SOURCES = {
+    "architecture": "ARCHITECTURES", "hand_crop": "XR_HAND_CROPPED: detect_and_save_hands.py:156-194",
+    "minmax": "train.py:74, transforms.py:92", "mask_from": "transforms.py:108 (mask = image != 0, after min-max)",
+    "loss_reduction": "autoencoders.py:35-37 (sums over the batch), vaetorch.py:163-165",
+    "masked_loss": "run_params.py:39 masked_loss_on_train", "masked_scores": "run_params.py:38, 93, 104",
+    "smooth_l1": "autoencoders.py:164-167 (MSE)", **{("cae", k): "run_params.py:10-17 ADVANCED_AUGMENTATION"
+                                                   for k in _PAPER_ADVANCED},
+    ("cae", "epochs"): "run_params.py:36", ("cae", "batch_size"): "run_params.py:34", ("cae", "lr"): "run_params.py:40",
+    ("cae", "input_range"): "run_params.py:26 normalisation (0, 1); summary.csv:2-7",
+    **{(m, k): v for m in ("vae", "dcgan", "bigan", "alphagan") for k, v in _FLIP_SOURCES.items()},
+    ("vae", "epochs"): "run_params.py:66", ("vae", "batch_size"): "run_params.py:64", ("vae", "lr"): "run_params.py:72",
+    ("vae", "vae_latent"): "run_params.py:70 z_dim (h_dim 2048 = 512x2x2, :71)",
+    ("vae", "vae_loss"): "vaetorch.py:163, 336", ("vae", "kld_weight"): "vaetorch.py:337 (BCE + KLD)",
+    ("vae", "loss_reduction"): "vaetorch.py:163 (BCE mean), 165 (KLD summed over batch and code)",
+    ("vae", "kld_in_sums"): "vaetorch.py:259-261", ("vae", "masked_loss"): "run_params.py:69",
+    ("vae", "masked_scores"): "run_params.py:68", ("vae", "smooth_l1"): "vaetorch.py:207, 251",
+    ("vae", "input_range"): "run_params.py:26; summary.csv:14-19",
+    ("dcgan", "epochs"): "run_params.py:78", ("dcgan", "batch_size"): "run_params.py:76",
+    ("dcgan", "gan_lr"): "run_params.py:82", ("dcgan", "d_lr"): "run_params.py:83", ("dcgan", "gan_latent"):
+    "run_params.py:85", ("dcgan", "label_noise"): "run_params.py:81, 84; gans.py:209-216",
+    ("dcgan", "input_range"): "summary.csv:20-25 normalisation (-1, 1) (run_params.py:26 says (0, 1))",
+    ("bigan", "epochs"): "run_params.py:103", ("bigan", "batch_size"): "run_params.py:101",
+    ("bigan", "gan_lr"): "run_params.py:105", ("bigan", "d_lr"): "run_params.py:106",
+    ("bigan", "gan_latent"): "run_params.py:108",
+    ("bigan", "input_range"): "summary.csv:26-28 normalisation (-1, 1) (its one full+HE run, :29, (0, 1))",
+    ("alphagan", "epochs"): "run_params.py:92", ("alphagan", "batch_size"): "run_params.py:90",
+    ("alphagan", "gan_lr"): "run_params.py:94", ("alphagan", "d_lr"): "run_params.py:95",
+    ("alphagan", "code_lr"): "alphagan.py:372-374 (0.01 x dlr)", ("alphagan", "gan_latent"): "run_params.py:96",
+    ("alphagan", "recon_weight"): "alphagan.py:463", ("alphagan", "masked_loss"): "alphagan.py:359, 463 (nn.L1Loss)",
+    ("alphagan", "input_range"): "summary.csv:30-32 normalisation (-1, 1)",
 }
 # why the suite differs, per setting (or per (model, setting)); read by recipe_deviations
 RECIPE_REASONS = {
-    ("cae", "architecture"): "four more 3x3 blocks in the decoder and a Sigmoid: the decoder mirrors the encoder "
-                             "(their ReLU-then-Tanh output reaches only [0, 1))",
-    ("vae", "architecture"): "down to 2x2 as the paper's Figure 7 (their code stops at 6x6)",
-    ("dcgan", "architecture"): "BatchNorm and leaky ReLU (the DCGAN recipe) and minibatch discrimination against a "
-                               "kept reference batch, so that a view's score does not depend on the views beside it",
-    ("bigan", "architecture"): "the DCGAN networks with an encoder: no self-attention, whose memory grows with the "
-                               "square of the map, so it also trains at 512 px",
+    ("cae", "architecture"): "four more 3x3 blocks in the decoder, mirroring the encoder, and a Sigmoid: outputs "
+                             "reach 1 (their ReLU then Tanh reaches only [0, 1))",
+    ("vae", "architecture"): "the posterior mean when scoring: a view scores the same each time (theirs draws z)",
+    ("dcgan", "architecture"): "BatchNorm and leaky ReLU 0.2 (Radford et al.), a Sigmoid output as the views' "
+                               "[0, 1], and minibatch discrimination per sample against a reference batch kept from "
+                               "training: a view's score does not depend on the views scored beside it (theirs "
+                               "mixes four samples in each row and compares with the scoring batch)",
+    ("bigan", "architecture"): "the DCGAN networks with an encoder, without self-attention (whose memory grows with "
+                               "the square of the map, so it also trains at 512 px); G and E do not also descend "
+                               "D's loss",
     ("alphagan", "architecture"): "the DCGAN networks, a deterministic encoder and an MLP code discriminator "
-                                  "(Rosca et al.); no self-attention",
-    "epochs": "20, resumable, best.pt kept on validation: a Colab session's budget (theirs: 500-1000)",
+                                  "(Rosca et al.); no self-attention; minibatch discrimination against a kept "
+                                  "reference batch",
+    "epochs": "20, resumable, best.pt kept on validation: a Colab session's budget (theirs: 500-1000, the last "
+              "epoch scored)",
     "batch_size": "16 fits every model at 512 px on a T4",
     "lr": "5e-4 converges within 20 epochs",
-    "gan_lr": "2e-4 for both sides (Radford et al.); their 1e-3 / 1e-5 starves the discriminator",
-    "d_lr": "2e-4 for both sides (Radford et al.); their 1e-3 / 1e-5 starves the discriminator",
-    "code_lr": "as the other discriminator",
+    "gan_lr": "2e-4 for both sides (Radford et al.): G and D learn at one pace (theirs: D 10-200x slower than G)",
+    "d_lr": "2e-4 for both sides (Radford et al.): G and D learn at one pace (theirs: D 10-200x slower than G)",
+    "code_lr": "as the other discriminator (theirs: 0.01 x D's)",
     "gan_latent": "128: a compact code, the same for the three GANs",
-    "vae_latent": "1024, the paper's Figure 7",
     "vae_loss": "the paper's masked loss L_M (MSE inside the hand): the background does not dominate",
+    "loss_reduction": "each image's loss is its own masked mean and images weigh alike whatever their hand's size; "
+                      "the KLD per pixel, so kld_weight 1 balances it with a per-pixel error (theirs: squared errors "
+                      "summed over the batch over mask pixels summed over the batch; the VAE's BCE a mean over all "
+                      "pixels, its KLD summed over the batch and the code)",
+    "kld_in_sums": "the KLD per pixel, as weighted in the loss (theirs add the raw KLD to the per-pixel error)",
     "masked_loss": "the loss inside the hand mask (the paper's L_M), for every model",
     "masked_scores": "scores inside the hand mask: the background holds no finding",
     "smooth_l1": "a true L1 score (their 'L1' is smooth L1, which on errors below 1 ranks as the MSE)",
-    "label_noise": "plain labels with the non-saturating loss: their inverted labels make their score 1 - D rank "
-                   "normal views higher (gans.py evaluate: score = 1 - output when real_label is 0)",
-    "recon_weight": "10 x masked L1 keeps alpha-GAN a reconstruction model; their 0.01 x L1 is ~1000x lighter",
-    "hflip": "left and right hands are both normal",
+    "label_noise": "plain labels with the non-saturating loss (theirs: soft inverted labels, real in [0, 0.01), "
+                   "fake in (0.99, 1])",
+    "recon_weight": "10 x masked L1 keeps alpha-GAN a reconstruction model; their 0.01 x L1 is 1000x lighter",
     "vflip": "hands are not seen upside down in MURA",
     "rotation_degrees": "milder (+-10 deg), applied to every view",
     "scale_range": "milder (0.9-1.1), applied to every view",
@@ -4204,56 +4287,85 @@ RECIPE_REASONS = {
                  "a reliable per-hand mask (theirs: an SSD detector)",
     "minmax": "intensities kept: per-image min-max rescales a view by its own extremes (one bright marker changes "
               "it all)",
+    "input_range": "[0, 1] for every model: the suite's generators end in a Sigmoid, so real and generated views "
+                   "share one range (theirs: Tanh generators and views in (-1, 1))",
+    "mask_from": "the preprocessing's hand mask (theirs: every pixel not 0 after min-max: in (-1, 1) nearly all of "
+                 "the view, in (0, 1) all but the view's darkest level)",
 }
 # what each architecture is, per model (the deviations table shows these)
 ARCHITECTURES = {
     ("cae", "suite"): "decoder: 5 stride-2 4x4 deconvs, each followed by a 3x3 conv block (but the last), 3x3 conv, "
                       "Sigmoid",
-    ("cae", "paper"): "decoder: 5 stride-2 4x4 deconvs (BN, ReLU), a 3x3 deconv, ReLU, Tanh (autoencoders.py)",
-    ("vae", "suite"): "7 unpadded stride-2 4x4 convs to 512x2x2 (512 px), fc to the code",
-    ("vae", "paper"): "6 unpadded stride-2 4x4 convs to 512x6x6 (h_dim 18432), fc to the code (vaetorch.py)",
-    ("dcgan", "suite"): "BN + leaky ReLU D with a 512-feature layer and minibatch discrimination; BN + ReLU G",
-    ("dcgan", "paper"): "spectral norm on every conv, no BN, ReLU D ending in one unit; G ending in Sigmoid "
-                        "(gans.py)",
+    ("cae", "paper"): "decoder: 5 stride-2 4x4 deconvs (BN, ReLU), a 3x3 deconv without bias, ReLU, Tanh "
+                      "(autoencoders.py:48-51, 77-86)",
+    ("vae", "suite"): "7 unpadded stride-2 4x4 convs to 512x2x2 (512 px), fc to a code of 1024; scored at the "
+                      "posterior mean",
+    ("vae", "paper"): "the same network (vaetorch.py:56-107); z drawn when scoring too (vaetorch.py:134-141)",
+    ("dcgan", "suite"): "BN + leaky ReLU 0.2 D with a 512-feature layer and minibatch discrimination against a kept "
+                        "reference batch; BN + ReLU G ending in Sigmoid",
+    ("dcgan", "paper"): "spectral norm on every conv, no BN, leaky ReLU 0.01 in G and D, G ending in Tanh; D to 512 "
+                        "features, minibatch discrimination over rows mixing 4 samples (out 64, kernel 128), a "
+                        "linear unit (gans.py:88-180)",
     ("bigan", "suite"): "DCGAN-style G, E and D; D joins 512 image and 512 code features (MLP)",
-    ("bigan", "paper"): "their SAGAN: spectral norm, self-attention in E, G and D, 1x1-conv joint head, "
-                        "G ending in Tanh (sagan.py)",
-    ("alphagan", "suite"): "DCGAN-style G, D, a deterministic E, an MLP code discriminator (750 units)",
-    ("alphagan", "paper"): "self-attention and spectral norm, E with mean and 'log-variance' heads (Tanh), code "
-                           "discriminator 100-50-25-12-1 (alphagan.py)",
+    ("bigan", "paper"): "their SAGAN: spectral norm, self-attention in E, G and D, 1x1-conv joint head, G ending in "
+                        "Tanh (sagan.py:58-317); G and E step on D's loss plus theirs (sagan.py:404-406, 449, "
+                        "478-480)",
+    ("alphagan", "suite"): "DCGAN-style G, D (minibatch discrimination against a kept reference batch), a "
+                           "deterministic E, an MLP code discriminator (750 units)",
+    ("alphagan", "paper"): "self-attention and spectral norm, E with mean and 'log-variance' heads (Tanh), D with "
+                           "minibatch discrimination over the batch (out 64, kernel 256), code discriminator "
+                           "100-50-25-1 (alphagan.py:58-332)",
 }
 # which models a setting concerns (the others ignore it); settings not named concern every model
+_MASKED_MODELS = ("cae", "vae", "bigan", "alphagan")  # the models that reconstruct (DCGAN's scores use no mask)
 RECIPE_SETTING_MODELS = {"lr": ("cae", "vae"), "vae_latent": ("vae",), "vae_loss": ("vae",), "kld_weight": ("vae",),
-                         "smooth_l1": ("vae",), "gan_lr": GAN_MODELS, "d_lr": GAN_MODELS, "gan_latent": GAN_MODELS,
+                         "kld_in_sums": ("vae",), "smooth_l1": ("vae",), "loss_reduction": ("cae", "vae"),
+                         "gan_lr": GAN_MODELS, "d_lr": GAN_MODELS, "gan_latent": GAN_MODELS,
                          "code_lr": ("alphagan",), "recon_weight": ("alphagan",), "label_noise": ("dcgan",),
-                         "masked_loss": ("cae", "vae", "alphagan")}
-# preprocessing and evaluation facts that are not settings: their pipeline against ours
+                         "masked_loss": ("cae", "vae", "alphagan"), "masked_scores": _MASKED_MODELS,
+                         "mask_from": _MASKED_MODELS}
+# preprocessing, training and evaluation facts that are not settings: their pipeline against ours
 PIPELINE_DIFFERENCES = pd.DataFrame([
-    {"step": "hand detection", "paper": "SSD (MobileNet) hand detector, one box per hand "
-     "(src/features/hand_detection/detect_and_save_hands.py), masks drawn in Photoshop (XR_HAND_PHOTOSHOP)",
-     "suite": "classical mask (polarity, Otsu, largest component); hand crops from its components (hand_crop)",
+    {"step": "hand detection", "paper": "data_source XR_HAND_PHOTOSHOP (run_params.py:21): hands cleaned by hand; "
+     "XR_HAND_CROPPED: an SSD (MobileNet) hand detector's boxes (src/features/hand_detection/"
+     "detect_and_save_hands.py:156-194), each hand saved and scored as an image of its own; XR_HAND: the raw views",
+     "suite": "a classical mask (polarity, Otsu, largest components); hand crops from its components (hand_crop), "
+              "a view scored as its worst hand; our 'full' stands in for their manual cleaning",
      "why": "no detector weights or hand-drawn masks to ship"},
     {"step": "histogram equalisation", "paper": "cv2.equalizeHist over the whole image, before the resize "
-     "(src/data/transforms.py HistEqualisation)", "suite": "inside the hand mask (or the plate), after the crop",
+     "(train.py:66, transforms.py:76)", "suite": "inside the hand mask (or the plate), after the crop",
      "why": "the background's share does not shift the hand's intensities"},
+    {"step": "augmentation", "paper": "imgaug on the uint8 view before the resize (train.py:70-71): rotation with "
+     "fit_output (the view shrinks to fit), x and y zoomed independently, brightness before min-max",
+     "suite": "on the device after the resize, alike on view and mask: rotation within the square, one zoom for x "
+              "and y; brightness before min-max (paper recipe)",
+     "why": "one grid_sample on the GPU for view and mask; the paper recipe keeps their probabilities and ranges"},
+    {"step": "short batches", "paper": "DCGAN's loaders drop a last short batch, at test too (train.py:104-108): "
+     "some test views are never scored", "suite": "every view scored; the paper recipe's DCGAN completes a batch "
+     "to a multiple of 4 by repeating its first views (its minibatch discrimination mixes 4 samples a row)",
+     "why": "no test view is left out"},
+    {"step": "BiGAN instance noise", "paper": "noise of std 0.01 (epoch + 1 - E) / (epoch + 1) added to D's inputs "
+     "(sagan.py:412-422), negative before the last epoch", "suite": "none, in both recipes",
+     "why": "PyTorch refuses a negative standard deviation; what their PyTorch drew from it is not known"},
     {"step": "split", "paper": "images: negatives split 70/30 by patient, every positive image to val/test "
-     "(src/data/__init__.py TrainValTestSplitter), so positive patients' normal views can train",
+     "(src/data/__init__.py:43-66), so positive patients' normal views can train",
      "suite": "patients (the paper's text): a patient is in one subset only",
      "why": "no patient both trains and tests"},
-    {"step": "metric level", "paper": "per image (their evaluate(): one score per image)",
+    {"step": "metric level", "paper": "per image (their evaluate(), e.g. autoencoders.py:141-181; src/utils.py:68-92)",
      "suite": "per image and per study (mean of its views), both with a 95% bootstrap interval",
      "why": "MURA labels studies; image level is kept to compare with theirs"},
-    {"step": "uncertainty", "paper": "+- the SD over 4 seeds (run_params.py random_seed)",
-     "suite": "95% bootstrap interval of one run; with `seeds`, also mean +- SD over seeds (own split each)",
+    {"step": "uncertainty", "paper": "+- the SD over 4 seeds (run_params.py:28), each its own split (train.py:95)",
+     "suite": "95% bootstrap interval of one run, resampling patients (a patient's views and studies together) at "
+              "both levels; with `seeds`, also mean +- SD over seeds (own split each)",
      "why": "the interval covers the test sample; the SD only the training's randomness"},
-    {"step": "model selection", "paper": "the last epoch, evaluated on test (train.py)",
+    {"step": "model selection", "paper": "the last epoch, evaluated on test (train.py:143-190)",
      "suite": "best.pt by validation ROC-AUC; the heatmap gallery's run chosen on validation",
      "why": "nothing chosen on the test set"},
 ])
 RECIPE_SETTINGS = ("architecture", "epochs", "batch_size", "lr", "gan_lr", "d_lr", "code_lr", "gan_latent",
-                   "vae_latent", "vae_loss", "kld_weight", "recon_weight", "label_noise", "masked_loss",
-                   "masked_scores", "smooth_l1", "hflip", "vflip", "rotation_degrees", "scale_range",
-                   "intensity_range", "augment_p", "hand_crop", "minmax")
+                   "vae_latent", "vae_loss", "kld_weight", "loss_reduction", "kld_in_sums", "recon_weight",
+                   "label_noise", "input_range", "mask_from", "masked_loss", "masked_scores", "smooth_l1", "hflip",
+                   "vflip", "rotation_degrees", "scale_range", "intensity_range", "augment_p", "hand_crop", "minmax")
 
 
 def recipe_settings(recipe: str, model: str) -> dict:
@@ -4268,9 +4380,15 @@ def recipe_settings(recipe: str, model: str) -> dict:
     return {**base, **chosen["common"], **chosen[model]}
 
 
+def paper_source(model: str, setting: str) -> str:
+    """Where the paper recipe's value of a setting for a model comes from in their code (PAPER_SOURCES)."""
+    return PAPER_SOURCES.get((model, setting), PAPER_SOURCES.get(setting, ""))
+
+
 def recipe_deviations() -> pd.DataFrame:
-    """Every setting where the paper's recipe and the suite's differ, per model, with the suite's reason; then the
-    pipeline's differences that are not settings (PIPELINE_DIFFERENCES). Generated from ANOMALY_RECIPES."""
+    """Every setting where the paper's recipe and the suite's differ, per model, with where theirs comes from and
+    the suite's reason; then the pipeline's differences that are not settings (PIPELINE_DIFFERENCES). Generated
+    from ANOMALY_RECIPES."""
     rows = []
     for model in ANOMALY_MODELS:
         paper, suite = recipe_settings("paper", model), recipe_settings("suite", model)
@@ -4279,12 +4397,11 @@ def recipe_deviations() -> pd.DataFrame:
                 shown = {r: ARCHITECTURES[model, v[key]] if key == "architecture" else v[key]
                          for r, v in (("paper", paper), ("suite", suite))}
                 rows.append({"model": ANOMALY_MODEL_NAMES[model], "setting": key, **shown,
+                             "source": "" if key == "architecture" else paper_source(model, key),
                              "why": RECIPE_REASONS.get((model, key), RECIPE_REASONS.get(key, ""))})
     settings = pd.DataFrame(rows)
-    pipeline = PIPELINE_DIFFERENCES.rename(columns={"step": "setting"}).assign(model="all")
-    return pd.concat([settings, pipeline], ignore_index=True)[["model", "setting", "paper", "suite", "why"]]
-
-
+    pipeline = PIPELINE_DIFFERENCES.rename(columns={"step": "setting"}).assign(model="all", source="")
+    return pd.concat([settings, pipeline], ignore_index=True)[["model", "setting", "paper", "suite", "source", "why"]]
 
 
 @dataclass
@@ -4305,9 +4422,15 @@ class AnomalyConfig(RunConfig):
     kld_weight: float | None = None  # VAE: loss = reconstruction + kld_weight * KLD / pixels
     vae_latent: int | None = None  # the VAE's latent size
     vae_loss: str | None = None  # VAE reconstruction loss: "mse" (the paper's L_M) or "bce" (their code)
-    masked_loss: bool | None = None  # reconstruction losses inside the hand mask (else over the whole view)
-    masked_scores: bool | None = None  # reconstruction scores inside the hand mask
-    smooth_l1: bool | None = None  # the "l1" scores as smooth L1 (their VAE's loss_L_one)
+    loss_reduction: str | None = None  # autoencoders: "image" (each image's masked mean, averaged; the KLD per
+    # pixel) or "batch" (theirs: sums over the batch over the mask's sum; the VAE's KLD summed over batch and code)
+    kld_in_sums: str | None = None  # VAE scores l1+kld, mse+kld: "per_pixel" (kld_weight x KLD / pixels) or "raw"
+    input_range: tuple[float, float] | None = None  # the views' range as the model sees them: (0, 1) or (-1, 1)
+    mask_from: str | None = None  # "hand" (the preprocessing's hand mask) or "input" (theirs: every pixel whose
+    # value in input_range is not 0)
+    masked_loss: bool | None = None  # reconstruction losses inside the mask (else over the whole view)
+    masked_scores: bool | None = None  # reconstruction scores inside the mask
+    smooth_l1: bool | None = None  # the "l1" scores as smooth L1 (their VAE's loss_L1)
     gan_latent: int | None = None  # the GANs' latent code size
     gan_lr: float | None = None  # the GANs' generating side's Adam learning rate (betas 0.5, 0.999, as DCGAN)
     d_lr: float | None = None  # ... and the discriminator's
@@ -4336,7 +4459,7 @@ class AnomalyConfig(RunConfig):
                 setattr(self, key, value)
         _validate_anomaly_config(self)
         self.splits, self.scale_range = tuple(self.splits), tuple(self.scale_range)
-        self.intensity_range = tuple(self.intensity_range)
+        self.intensity_range, self.input_range = tuple(self.intensity_range), tuple(self.input_range)
         preprocess_variants(self.image_size, [self.variant])  # validates the name
         if self.model not in ANOMALY_MODELS:
             raise ValueError(f"AnomalyConfig.model must be one of {ANOMALY_MODELS}, got {self.model!r}")
@@ -4377,8 +4500,8 @@ def _validate_anomaly_config(cfg) -> None:
     _validate_common(cfg, owner, {
         "image_size": (16, 4096), "batch_size": (2, 1_000_000),  # batch norm needs two values a channel
         "epochs": (1, 1_000_000), "gan_latent": (1, 1_000_000), "top_k": (1, 2**40), "split_seed": (0, 2**32 - 1),
-    }, {"lr": (0.0, 1.0, True), "gan_lr": (0.0, 1.0, True), "kld_weight": (0.0, 1e6, False),
-        "recon_weight": (0.0, 1e6, False), "rotation_degrees": (0.0, 180.0, False)})
+    }, {"lr": (0.0, 1.0, True), "gan_lr": (0.0, 1.0, True), "d_lr": (0.0, 1.0, True), "code_lr": (0.0, 1.0, True),
+        "kld_weight": (0.0, 1e6, False), "recon_weight": (0.0, 1e6, False), "rotation_degrees": (0.0, 180.0, False)})
     if not _anomaly_size_allowed(cfg.model, cfg.image_size):
         _bad_setting(owner, "image_size", cfg.image_size, {
             "cae": "a multiple of 32 for the CAE", "vae": "64, 128, 256 or 512 for the VAE (a size its stride-2 "
@@ -4387,6 +4510,12 @@ def _validate_anomaly_config(cfg) -> None:
     cfg.splits = _names_setting(owner, "splits", cfg.splits, SPLITS)
     cfg.scale_range = _range_pair_setting(owner, "scale_range", cfg.scale_range, 0.01, 100.0)
     cfg.intensity_range = _range_pair_setting(owner, "intensity_range", cfg.intensity_range, 0.0, 100.0)
+    cfg.input_range = _range_pair_setting(owner, "input_range", cfg.input_range, -1.0, 1.0)
+    if cfg.input_range[0] >= cfg.input_range[1]:
+        _bad_setting(owner, "input_range", cfg.input_range, "(low, high) with low < high, e.g. (0, 1) or (-1, 1)")
+    for name, allowed in (("vae_loss", ("mse", "bce")), ("loss_reduction", ("image", "batch")),
+                          ("kld_in_sums", ("per_pixel", "raw")), ("mask_from", ("hand", "input"))):
+        setattr(cfg, name, _choice_setting(owner, name, getattr(cfg, name), allowed))
     if isinstance(cfg.select_score, str) and cfg.select_score.strip().lower() in ("", "none", "null"):
         cfg.select_score = None
 
@@ -4514,31 +4643,48 @@ def _anomaly_loader(cache: AnomalyCache, images: pd.DataFrame, batch_size: int, 
                       generator=torch.Generator())  # its own: starting workers leaves the VAE's noise alone
 
 
-def anomaly_inputs(views, masks, device, cfg: AnomalyConfig):
-    """uint8 views and masks (B, 1, S, S) -> float views in [0, 1] (per-image min-max scaled when cfg.minmax, as
-    their MinMaxNormalization) and float masks, on `device`."""
+def anomaly_inputs(views, masks, device, cfg: AnomalyConfig, generator=None):
+    """uint8 views and masks (B, 1, S, S) -> float views and masks on `device`, as the model sees them: with a
+    `generator` (training) augmented first (augment_views_and_masks), then per-image min-max scaled when cfg.minmax
+    (their MinMaxNormalization, after their augmentation: train.py:70-74), then mapped onto cfg.input_range; the
+    masks as cfg.mask_from says (theirs: every pixel whose value is not 0, transforms.py:108)."""
     x = views.to(device, non_blocking=True).float() / 255
+    m = masks.to(device, non_blocking=True).float()
+    if generator is not None:
+        x, m = augment_views_and_masks(x, m, generator, cfg)
     if cfg.minmax:
         low = x.amin((1, 2, 3), keepdim=True)
         x = (x - low) / (x.amax((1, 2, 3), keepdim=True) - low).clamp_min(1e-6)
-    return x, masks.to(device, non_blocking=True).float()
+    low, high = cfg.input_range
+    x = low + (high - low) * x
+    return x, (x != 0).float() if cfg.mask_from == "input" else m
+
+
+def to_unit_range(x, cfg: AnomalyConfig):
+    """Views in cfg.input_range (model inputs, reconstructions, generated views) back in [0, 1], for display."""
+    low, high = cfg.input_range
+    return ((x - low) / (high - low)).clamp(0, 1)
 
 
 def evaluate_anomaly(model, cache: AnomalyCache, images: pd.DataFrame, cfg: AnomalyConfig, device,
                      progress: bool = False) -> pd.DataFrame:
-    """Every score for every view of `images` (no augmentation), with the view's study, label and subset; for hand
-    crops (images with 'cache_row'), a view's score is the maximum over its crops."""
+    """Every score for every view of `images` (no augmentation), with the view's study, patient, label and subset;
+    for hand crops (images with 'cache_row'), a view's score is the maximum over its crops. A model that draws
+    noise when scoring (the paper recipe's VAE) draws it from cfg.seed, so a view scores the same each time."""
     model.eval()
     dtype = amp_dtype(cfg.amp, device)
     loader = _anomaly_loader(cache, images, cfg.batch_size, 0, False)
+    pixels = cache.cfg.size**2
+    kld_scale = 1.0 if cfg.kld_in_sums == "raw" else cfg.kld_weight / pixels
     columns, index = {}, []
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.random.fork_rng([device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
         for views, masks, idx in tqdm(loader, desc="scoring", leave=False, disable=not progress):
             x, m = anomaly_inputs(views, masks, device, cfg)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out = model(x)
             m = m if cfg.masked_scores else torch.ones_like(m)
-            for k, v in reconstruction_scores(x, out, m, cfg.top_k, cfg.kld_weight, cfg.smooth_l1).items():
+            for k, v in reconstruction_scores(x, out, m, cfg.top_k, kld_scale, cfg.smooth_l1).items():
                 columns.setdefault(k, []).append(v.float().cpu())
             index.append(idx)
     order = torch.cat(index).numpy()
@@ -4648,19 +4794,36 @@ def anomaly_optimizers(model, cfg: AnomalyConfig, device) -> dict:
     return {"model": build_optimizer(model.parameters(), cfg.lr, device)}
 
 
-def autoencoder_step(model, x, mask, optimizer, scaler, dtype, kld_weight: float = 1.0,
-                     vae_loss: str = "mse") -> dict[str, torch.Tensor]:
-    """One training step of an autoencoder: the masked loss L_M (plus kld_weight x KLD / pixels for the VAE; with
-    vae_loss "bce", their VAE's binary cross-entropy in place of the MSE: pass an all-ones mask for theirs)."""
+def autoencoder_loss(x, out: dict, mask, kld_weight: float = 1.0, vae_loss: str = "mse",
+                     reduction: str = "image") -> torch.Tensor:
+    """An autoencoder's training loss: the masked reconstruction error (MSE, the paper's L_M; or with vae_loss
+    "bce" their VAE's binary cross-entropy), plus for a VAE kld_weight x its KLD. `reduction` "image": each image's
+    error a mean over its mask, averaged over the images, and the KLD per pixel; "batch" (theirs): the error summed
+    over the batch over the mask's pixels summed over the batch (autoencoders.py:35-37; with an all-ones mask the
+    mean over every pixel, vaetorch.py:163), and the KLD summed over the batch and the code (vaetorch.py:165)."""
+    recon, x = out["recon"].float(), x.float()
+    if out["mu"] is not None and vae_loss == "bce":
+        err = F.binary_cross_entropy(recon.clamp(1e-6, 1 - 1e-6), x, reduction="none")
+    else:
+        err = (recon - x) ** 2
+    err, mask = (err * mask).flatten(1), mask.flatten(1)
+    if reduction == "batch":
+        loss = err.sum() / mask.sum().clamp_min(1)
+    else:
+        loss = (err.sum(1) / mask.sum(1).clamp_min(1)).mean()
+    if out["mu"] is not None:
+        kld = kl_divergence(out["mu"], out["logvar"])
+        loss = loss + kld_weight * (kld.sum() if reduction == "batch" else kld.mean() / x[0].numel())
+    return loss
+
+
+def autoencoder_step(model, x, mask, optimizer, scaler, dtype, kld_weight: float = 1.0, vae_loss: str = "mse",
+                     reduction: str = "image") -> dict[str, torch.Tensor]:
+    """One training step of an autoencoder on its loss (autoencoder_loss; pass an all-ones mask for an unmasked
+    loss)."""
     with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         result = model(x)
-    if result["mu"] is not None and vae_loss == "bce":  # vaetorch.py loss(): BCE + KLD, both summed (per pixel here)
-        bce = F.binary_cross_entropy(result["recon"].float().clamp(1e-6, 1 - 1e-6), x.float(), reduction="none")
-        loss = ((bce * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)).mean()
-    else:
-        loss = masked_mse(x, result["recon"], mask).mean()
-    if result["mu"] is not None:
-        loss = loss + kld_weight * kl_divergence(result["mu"], result["logvar"]).mean() / x[0].numel()
+    loss = autoencoder_loss(x, result, mask, kld_weight, vae_loss, reduction)
     amp_step(loss, optimizer, scaler)
     return {"loss": loss.detach()}
 
@@ -4728,14 +4891,14 @@ def train_anomaly_one_epoch(model, loader, optimizers: dict, scaler, device, cfg
     for step, (views, masks, _) in enumerate(loader):
         if step >= steps:
             break
-        x, m = augment_views_and_masks(*anomaly_inputs(views, masks, device, cfg), generator, cfg)
+        x, m = anomaly_inputs(views, masks, device, cfg, generator)
         if isinstance(_unwrap(model), PaperGAN):
             losses = paper_gan_step(model, x, optimizers, scaler, dtype, generator, cfg)
         elif cfg.is_gan:
             losses = gan_step(model, x, m, optimizers, scaler, dtype, generator, cfg.recon_weight, cfg.masked_loss)
         else:
             losses = autoencoder_step(model, x, m if cfg.masked_loss else torch.ones_like(m), optimizers["model"],
-                                      scaler, dtype, cfg.kld_weight, cfg.vae_loss)
+                                      scaler, dtype, cfg.kld_weight, cfg.vae_loss, cfg.loss_reduction)
         for name, value in losses.items():
             loss_sums[name] = loss_sums.get(name, 0) + value * len(x)
         n_seen += len(x)
@@ -5091,7 +5254,7 @@ def plot_gan_samples(results: pd.DataFrame, n: int = 6, device: str = "auto", se
         net, cfg = load_anomaly_model(Path(run.run_dir) / "checkpoints" / "best.pt", device)
         z = torch.randn(n, cfg.gan_latent, generator=torch.Generator().manual_seed(seed))
         with torch.inference_mode():
-            drawn = net.generator(z.to(next(net.parameters()).device))[:, 0].float().cpu().numpy()
+            drawn = to_unit_range(net.generator(z.to(next(net.parameters()).device)), cfg)[:, 0].float().cpu().numpy()
         for ax, image in zip(row, drawn):
             ax.imshow(image, cmap="gray", vmin=0, vmax=1)
             ax.axis("off")
@@ -5114,7 +5277,8 @@ def plot_figure12(results: pd.DataFrame, n: int = 4, device: str = "auto", seed:
         if run.model in [ANOMALY_MODEL_NAMES[m] for m in GAN_MODELS]:
             z = torch.randn(n, cfg.gan_latent, generator=torch.Generator().manual_seed(seed))
             with torch.inference_mode():
-                panels.append((f"{label}: samples G(z)", net.generator(z.to(dev))[:, 0].float().cpu().numpy(), "gray"))
+                drawn = to_unit_range(net.generator(z.to(dev)), cfg)[:, 0].float().cpu().numpy()
+                panels.append((f"{label}: samples G(z)", drawn, "gray"))
         if run.model == ANOMALY_MODEL_NAMES["dcgan"]:
             continue
         data = prepare_anomaly_data(cfg, progress=False)
@@ -5128,8 +5292,8 @@ def plot_figure12(results: pd.DataFrame, n: int = 4, device: str = "auto", seed:
             recon = net.eval()(x)["recon"].float()
         error = ((x - recon) ** 2 * m)[:, 0].cpu().numpy()
         kinds = ["normal" if k == 0 else "abnormal" for k in picks["label"]]
-        panels += [(f"{label}: inputs ({', '.join(kinds)})", x[:, 0].cpu().numpy(), "gray"),
-                   (f"{label}: reconstructions", recon[:, 0].cpu().numpy(), "gray"),
+        panels += [(f"{label}: inputs ({', '.join(kinds)})", to_unit_range(x, cfg)[:, 0].cpu().numpy(), "gray"),
+                   (f"{label}: reconstructions", to_unit_range(recon, cfg)[:, 0].cpu().numpy(), "gray"),
                    (f"{label}: squared error in the mask", error, "inferno")]
     if not panels:
         return None
