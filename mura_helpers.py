@@ -46,6 +46,7 @@ import errno
 import functools
 import hashlib
 import inspect
+import io
 import json
 import math
 import os
@@ -5008,13 +5009,129 @@ def transform_boxes(findings: pd.DataFrame, cache: AnomalyCache) -> pd.DataFrame
 
 
 REFERENCE_MODEL = "no model"  # the grid's rows of model-free scores (reference_anomaly_scores)
-PUBLISHED_ANOMALY_AUROC = pd.DataFrame([
-    {"model": "CAE", "score": "MSE", "variant": "full+HE", "roc_auc": 0.570},
-    {"model": "VAE", "score": "KLD", "variant": "full+HE", "roc_auc": 0.533},
-    {"model": "DCGAN", "score": "Disc. (D)", "variant": "full", "roc_auc": 0.530},
-    {"model": "BiGAN", "score": "Disc. (D)", "variant": "full", "roc_auc": 0.549},
-    {"model": "alpha-GAN", "score": "Disc. (D)", "variant": "full", "roc_auc": 0.607},
-]).assign(source="Davletshina et al. 2020, MURA hands, test split (cited)")
+# Their published ROC-AUCs (Davletshina et al. 2020, Figure 11) as data: notebooks/summary.csv of
+# github.com/Valentyn1997/xray, added in commit 5eb48b8 (23 Nov 2019) and unchanged at c801459: per run (one CSV
+# line: model, data source, pipeline) each score's mean and SD over their seeds (run_params.py:28: four, each its own
+# split), per image on their test split of MURA's training hands; rounded to 4 decimals. `line` is the CSV line.
+# Their models: cae, vae, dcgan, bigan (their class SAGAN), alphagan, and bae (a bottleneck autoencoder the suite has
+# not); their scores: mse, mse_top_k and l1_top_k (k = 200, src/__init__.py:16), l1 (smooth L1), kld, mse_kld and
+# l1_kld (the sums), proba (the discriminator), coproba (the code discriminator) and proba_coproba (their mean).
+_THEIR_SUMMARY_CSV = """line,their_model,data_source,hist_equalisation,normalisation,their_score,roc_auc,roc_auc_sd
+2,cae,XR_HAND_CROPPED,0,0 1,mse,0.4657,0.0224
+2,cae,XR_HAND_CROPPED,0,0 1,mse_top_k,0.4859,0.0153
+3,cae,XR_HAND_CROPPED,1,0 1,mse,0.5100,0.0212
+3,cae,XR_HAND_CROPPED,1,0 1,mse_top_k,0.4731,0.0181
+4,cae,XR_HAND,1,0 1,mse,0.5039,0.0335
+4,cae,XR_HAND,1,0 1,mse_top_k,0.4483,0.0251
+5,cae,XR_HAND_PHOTOSHOP,1,0 1,mse,0.5700,0.0185
+5,cae,XR_HAND_PHOTOSHOP,1,0 1,mse_top_k,0.5534,0.0228
+6,cae,XR_HAND,0,0 1,mse,0.4598,0.0332
+6,cae,XR_HAND,0,0 1,mse_top_k,0.4655,0.0132
+7,cae,XR_HAND_PHOTOSHOP,0,0 1,mse,0.5006,0.0133
+7,cae,XR_HAND_PHOTOSHOP,0,0 1,mse_top_k,0.5057,0.0392
+8,bae,XR_HAND_PHOTOSHOP,0,,mse,0.5063,0.0084
+8,bae,XR_HAND_PHOTOSHOP,0,,mse_top_k,0.4544,0.0126
+9,bae,XR_HAND,0,,mse,0.4619,0.0193
+9,bae,XR_HAND,0,,mse_top_k,0.4410,0.0109
+10,bae,XR_HAND_PHOTOSHOP,1,,mse,0.5599,0.0256
+10,bae,XR_HAND_PHOTOSHOP,1,,mse_top_k,0.5162,0.0193
+11,bae,XR_HAND,1,,mse,0.4729,0.0179
+11,bae,XR_HAND,1,,mse_top_k,0.4551,0.0166
+12,bae,XR_HAND_CROPPED,1,,mse,0.4802,0.0142
+12,bae,XR_HAND_CROPPED,1,,mse_top_k,0.4513,0.0094
+13,bae,XR_HAND_CROPPED,0,,mse,0.4607,0.0201
+13,bae,XR_HAND_CROPPED,0,,mse_top_k,0.4455,0.0127
+14,vae,XR_HAND,0,0 1,mse,0.4322,0.0331
+14,vae,XR_HAND,0,0 1,mse_top_k,0.4383,0.0171
+14,vae,XR_HAND,0,0 1,mse_kld,0.4322,0.0331
+14,vae,XR_HAND,0,0 1,kld,0.4882,0.0311
+14,vae,XR_HAND,0,0 1,l1_top_k,0.4383,0.0171
+14,vae,XR_HAND,0,0 1,l1,0.4322,0.0331
+14,vae,XR_HAND,0,0 1,l1_kld,0.4322,0.0332
+15,vae,XR_HAND_PHOTOSHOP,0,0 1,mse,0.4351,0.0140
+15,vae,XR_HAND_PHOTOSHOP,0,0 1,mse_top_k,0.4281,0.0129
+15,vae,XR_HAND_PHOTOSHOP,0,0 1,mse_kld,0.4358,0.0132
+15,vae,XR_HAND_PHOTOSHOP,0,0 1,kld,0.5202,0.0259
+15,vae,XR_HAND_PHOTOSHOP,0,0 1,l1_top_k,0.4281,0.0129
+15,vae,XR_HAND_PHOTOSHOP,0,0 1,l1,0.4351,0.0140
+15,vae,XR_HAND_PHOTOSHOP,0,0 1,l1_kld,0.4383,0.0111
+16,vae,XR_HAND_CROPPED,0,0 1,mse,0.4381,0.0335
+16,vae,XR_HAND_CROPPED,0,0 1,mse_top_k,0.4397,0.0248
+16,vae,XR_HAND_CROPPED,0,0 1,mse_kld,0.4382,0.0335
+16,vae,XR_HAND_CROPPED,0,0 1,kld,0.4699,0.0463
+16,vae,XR_HAND_CROPPED,0,0 1,l1_top_k,0.4397,0.0248
+16,vae,XR_HAND_CROPPED,0,0 1,l1,0.4381,0.0335
+16,vae,XR_HAND_CROPPED,0,0 1,l1_kld,0.4382,0.0335
+17,vae,XR_HAND_CROPPED,1,0 1,mse,0.4378,0.0163
+17,vae,XR_HAND_CROPPED,1,0 1,mse_top_k,0.4707,0.0127
+17,vae,XR_HAND_CROPPED,1,0 1,mse_kld,0.4376,0.0161
+17,vae,XR_HAND_CROPPED,1,0 1,kld,0.4961,0.0448
+17,vae,XR_HAND_CROPPED,1,0 1,l1_top_k,0.4707,0.0127
+17,vae,XR_HAND_CROPPED,1,0 1,l1,0.4378,0.0163
+17,vae,XR_HAND_CROPPED,1,0 1,l1_kld,0.4375,0.0159
+18,vae,XR_HAND,1,0 1,mse,0.4460,0.0158
+18,vae,XR_HAND,1,0 1,mse_top_k,0.4721,0.0102
+18,vae,XR_HAND,1,0 1,mse_kld,0.4459,0.0158
+18,vae,XR_HAND,1,0 1,kld,0.4913,0.0133
+18,vae,XR_HAND,1,0 1,l1_top_k,0.4721,0.0102
+18,vae,XR_HAND,1,0 1,l1,0.4460,0.0158
+18,vae,XR_HAND,1,0 1,l1_kld,0.4459,0.0157
+19,vae,XR_HAND_PHOTOSHOP,1,0 1,mse,0.4828,0.0091
+19,vae,XR_HAND_PHOTOSHOP,1,0 1,mse_top_k,0.4806,0.0097
+19,vae,XR_HAND_PHOTOSHOP,1,0 1,mse_kld,0.4856,0.0105
+19,vae,XR_HAND_PHOTOSHOP,1,0 1,kld,0.5326,0.0137
+19,vae,XR_HAND_PHOTOSHOP,1,0 1,l1_top_k,0.4806,0.0097
+19,vae,XR_HAND_PHOTOSHOP,1,0 1,l1,0.4828,0.0091
+19,vae,XR_HAND_PHOTOSHOP,1,0 1,l1_kld,0.4878,0.0109
+20,dcgan,XR_HAND_CROPPED,0,-1 1,proba,0.4932,0.0150
+21,dcgan,XR_HAND,0,-1 1,proba,0.4966,0.0175
+22,dcgan,XR_HAND_PHOTOSHOP,0,-1 1,proba,0.5301,0.0271
+23,dcgan,XR_HAND_PHOTOSHOP,1,-1 1,proba,0.5272,0.0220
+24,dcgan,XR_HAND,1,-1 1,proba,0.4908,0.0408
+25,dcgan,XR_HAND_CROPPED,1,-1 1,proba,0.4928,0.0247
+26,bigan,XR_HAND,0,-1 1,mse,0.4713,0.0207
+26,bigan,XR_HAND,0,-1 1,mse_top_k,0.4709,0.0113
+26,bigan,XR_HAND,0,-1 1,proba,0.5079,0.0068
+27,bigan,XR_HAND_PHOTOSHOP,0,-1 1,mse,0.4905,0.0418
+27,bigan,XR_HAND_PHOTOSHOP,0,-1 1,mse_top_k,0.4751,0.0331
+27,bigan,XR_HAND_PHOTOSHOP,0,-1 1,proba,0.5489,0.0055
+28,bigan,XR_HAND_CROPPED,0,-1 1,mse,0.4379,0.0393
+28,bigan,XR_HAND_CROPPED,0,-1 1,mse_top_k,0.4593,0.0296
+28,bigan,XR_HAND_CROPPED,0,-1 1,proba,0.5338,0.0161
+29,bigan,XR_HAND_PHOTOSHOP,1,0 1,mse,0.5059,
+29,bigan,XR_HAND_PHOTOSHOP,1,0 1,mse_top_k,0.5072,
+29,bigan,XR_HAND_PHOTOSHOP,1,0 1,proba,0.5213,
+30,alphagan,XR_HAND_CROPPED,0,-1 1,mse,0.4663,0.0220
+30,alphagan,XR_HAND_CROPPED,0,-1 1,mse_top_k,0.4455,0.0178
+30,alphagan,XR_HAND_CROPPED,0,-1 1,proba,0.5342,0.0220
+30,alphagan,XR_HAND_CROPPED,0,-1 1,proba_coproba,0.5342,0.0220
+30,alphagan,XR_HAND_CROPPED,0,-1 1,coproba,0.4996,0.0008
+31,alphagan,XR_HAND,0,-1 1,mse,0.4757,0.0294
+31,alphagan,XR_HAND,0,-1 1,mse_top_k,0.4646,0.0306
+31,alphagan,XR_HAND,0,-1 1,proba,0.5033,0.0222
+31,alphagan,XR_HAND,0,-1 1,proba_coproba,0.5033,0.0222
+31,alphagan,XR_HAND,0,-1 1,coproba,0.5000,0.0000
+32,alphagan,XR_HAND_PHOTOSHOP,0,-1 1,mse,0.4415,0.0131
+32,alphagan,XR_HAND_PHOTOSHOP,0,-1 1,mse_top_k,0.4216,0.0165
+32,alphagan,XR_HAND_PHOTOSHOP,0,-1 1,proba,0.6072,0.0165
+32,alphagan,XR_HAND_PHOTOSHOP,0,-1 1,proba_coproba,0.6072,0.0165
+32,alphagan,XR_HAND_PHOTOSHOP,0,-1 1,coproba,0.5000,0.0000
+"""
+PUBLISHED_SOURCE = "Davletshina et al. 2020: Valentyn1997/xray notebooks/summary.csv @ 5eb48b8 (= c801459)"
+THEIR_MODELS = {"cae": "CAE", "vae": "VAE", "dcgan": "DCGAN", "bigan": "BiGAN", "alphagan": "alpha-GAN",
+                "bae": "their bottleneck AE"}
+THEIR_SCORES = {"mse": "mse", "mse_top_k": "mse_top200", "l1": "l1", "l1_top_k": "l1_top200", "kld": "kld",
+                "mse_kld": "mse+kld", "l1_kld": "l1+kld", "proba": "disc", "coproba": "code_disc",
+                "proba_coproba": "c+d"}
+# which of their data sources each of our preprocessing bases sits beside (our "full" is an automatic mask standing
+# in for their hands cleaned by hand)
+THEIR_DATA_SOURCES = {"raw": ("XR_HAND", "theirs: raw views"), "crop": ("XR_HAND_CROPPED", "theirs: SSD hand crops"),
+                      "full": ("XR_HAND_PHOTOSHOP", "theirs: manual masks")}
+PUBLISHED_ANOMALY_AUROC = pd.read_csv(io.StringIO(_THEIR_SUMMARY_CSV), dtype={"normalisation": str}).assign(
+    hist_equalisation=lambda t: t["hist_equalisation"].astype(bool),
+    model=lambda t: t["their_model"].map(THEIR_MODELS), score=lambda t: t["their_score"].map(THEIR_SCORES),
+    variant=lambda t: t["data_source"].map({v[0]: k for k, v in THEIR_DATA_SOURCES.items()})
+    + np.where(t["hist_equalisation"], "+HE", ""), source=PUBLISHED_SOURCE)
 
 
 def anomaly_grid_names(models, variants) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -5134,27 +5251,30 @@ def seed_summary(results: pd.DataFrame, level: str = "image") -> pd.DataFrame:
     return first.join(spread).reset_index()
 
 
-# which of our scores is theirs, per model, in PUBLISHED_ANOMALY_AUROC
-PUBLISHED_SCORE = {"CAE": "mse", "VAE": "kld", "DCGAN": "disc", "BiGAN": "disc", "alpha-GAN": "disc"}
-
-
 def published_comparison(results: pd.DataFrame) -> pd.DataFrame:
-    """Their published ROC-AUCs (real MURA, per image, mean over 4 seeds) beside ours at their level (image) on the
-    same model, score and variant, per recipe: our first seed's ROC-AUC with its 95% interval and, with several
-    seeds, mean +- SD. Ours are measured on this run's data (the phantom unless data_dir is MURA)."""
+    """Each of our grid's scores at their level (image) beside their published row for the same model, score and
+    variant (PUBLISHED_ANOMALY_AUROC; raw beside their XR_HAND, crop beside XR_HAND_CROPPED, full beside
+    XR_HAND_PHOTOSHOP, "theirs: manual masks"), with their mean +- SD over seeds and their pipeline; ours: the first
+    seed's ROC-AUC with its 95% interval (patients resampled) and, with several seeds, mean +- SD. Theirs are on real
+    MURA; ours on this run's data (the phantom unless data_dir is MURA)."""
     ours = seed_summary(results, "image")
-    rows = []
-    for pub in PUBLISHED_ANOMALY_AUROC.itertuples():
-        score = PUBLISHED_SCORE[pub.model]
-        for run in ours[(ours["model"] == pub.model) & (ours["variant"] == pub.variant) &
-                        (ours["score"] == score)].itertuples():
-            rows.append({"model": pub.model, "score": score, "variant": pub.variant, "level": "image",
-                         "published": pub.roc_auc, "recipe": run.recipe,
-                         "ours": f"{run.roc_auc:.3f} [{run.roc_auc_ci_low:.2f}, {run.roc_auc_ci_high:.2f}]",
-                         "ours_mean_sd": f"{run.seeds_mean:.3f} +- {run.seeds_sd:.3f} ({run.n_seeds} seeds)"
-                         if run.n_seeds > 1 else ""})
-    return pd.DataFrame(rows, columns=["model", "score", "variant", "level", "published", "recipe", "ours",
-                                       "ours_mean_sd"])
+    ours = ours[ours["model"] != REFERENCE_MODEL].assign(
+        variant_base=lambda t: t["variant"].str.replace(r"\+(HE|CLAHE)$", "", regex=True))
+    table = ours.merge(PUBLISHED_ANOMALY_AUROC, on=["model", "score", "variant"], suffixes=("", "_published"))
+    return pd.DataFrame({
+        "model": table["model"], "score": table["score"], "variant": table["variant"], "level": "image",
+        "recipe": table["recipe"],
+        "ours": [f"{a:.3f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in table[["roc_auc", "roc_auc_ci_low",
+                                                                         "roc_auc_ci_high"]].to_numpy()],
+        "ours_mean_sd": [f"{m:.3f} +- {sd:.3f} ({int(n)} seeds)" if n > 1 else "" for m, sd, n in
+                         table[["seeds_mean", "seeds_sd", "n_seeds"]].to_numpy()],
+        "theirs": [f"{THEIR_DATA_SOURCES[b][1]} ({THEIR_DATA_SOURCES[b][0]})" for b in table["variant_base"]],
+        "published": table["roc_auc_published"], "published_sd": table["roc_auc_sd"],
+        "published_text": [f"{m:.4f} +- {sd:.4f}" if sd == sd else f"{m:.4f} (one run)" for m, sd in
+                           table[["roc_auc_published", "roc_auc_sd"]].to_numpy()],
+        "their_pipeline": [f"HE {he}, normalisation ({n.replace(' ', ', ')})" for he, n in
+                           table[["hist_equalisation", "normalisation"]].to_numpy()],
+        "their_line": table["line"]})
 
 
 def anomaly_findings_table(results: pd.DataFrame, findings: pd.DataFrame, variant: str | None = None) -> pd.DataFrame:

@@ -973,6 +973,37 @@ def test_deviations_are_generated_from_the_presets(monkeypatch):
     assert ("VAE", "kld_weight") in set(zip(mh.recipe_deviations()["model"], mh.recipe_deviations()["setting"]))
 
 
+def test_published_numbers_are_their_summary_csv():
+    pub = mh.PUBLISHED_ANOMALY_AUROC
+    assert len(pub) == 99 and pub["line"].between(2, 32).all() and pub["line"].nunique() == 31
+    assert not pub.duplicated(["their_model", "data_source", "hist_equalisation", "their_score"]).any()
+
+    def row(model, variant, score):
+        found = pub[(pub["model"] == model) & (pub["variant"] == variant) & (pub["score"] == score)]
+        assert len(found) == 1
+        return found.iloc[0]
+    cae = row("CAE", "full+HE", "mse")  # their best autoencoder: XR_HAND_PHOTOSHOP with HE, summary.csv:5
+    assert (cae.roc_auc, cae.roc_auc_sd, cae.line, cae.data_source) == (0.57, 0.0185, 5, "XR_HAND_PHOTOSHOP")
+    alpha = row("alpha-GAN", "full", "disc")
+    assert (alpha.roc_auc, alpha.normalisation, alpha.hist_equalisation) == (0.6072, "-1 1", False)
+    assert row("VAE", "full+HE", "kld").roc_auc == 0.5326 and row("BiGAN", "full", "disc").roc_auc == 0.5489
+    assert row("DCGAN", "crop", "disc").data_source == "XR_HAND_CROPPED" and row("VAE", "raw", "l1+kld").line == 14
+    assert math.isnan(row("BiGAN", "full+HE", "mse").roc_auc_sd)  # one run only: no SD
+    assert set(pub["model"]) == {*mh.ANOMALY_MODEL_NAMES.values(), "their bottleneck AE"}
+    assert set(pub.loc[pub["model"] != "their bottleneck AE", "score"]) <= {
+        s for m in mh.ANOMALY_MODELS for s in mh.anomaly_score_names(m)}
+    results = pd.DataFrame([{"recipe": r, "model": "CAE", "variant": v, "score": "mse", "level": "image", "seed": 0,
+                             "roc_auc": 0.6, "roc_auc_ci_low": 0.5, "roc_auc_ci_high": 0.7}
+                            for r in ("suite", "paper") for v in ("raw", "crop+HE", "full+HE", "full+CLAHE")])
+    table = mh.published_comparison(results)
+    assert len(table) == 6 and set(table["variant"]) == {"raw", "crop+HE", "full+HE"}  # no CLAHE row of theirs
+    full = table[(table["variant"] == "full+HE") & (table["recipe"] == "paper")].iloc[0]
+    assert full.theirs == "theirs: manual masks (XR_HAND_PHOTOSHOP)" and full.published_text == "0.5700 +- 0.0185"
+    assert full.ours == "0.600 [0.50, 0.70]" and full.their_line == 5
+    assert table.loc[table["variant"] == "raw", "theirs"].iloc[0] == "theirs: raw views (XR_HAND)"
+    assert table.loc[table["variant"] == "crop+HE", "theirs"].iloc[0] == "theirs: SSD hand crops (XR_HAND_CROPPED)"
+
+
 def test_hand_crops_one_per_hand_and_the_view_scores_its_worst(tmp_path):
     images = np.zeros((2, 32, 32), np.uint8)
     masks = np.zeros_like(images)
@@ -1041,4 +1072,7 @@ def test_grid_at_both_levels_with_seeds_each_on_its_own_split(normal_heavy_phant
     assert row.n_seeds == 2 and row.seeds_mean == pytest.approx(image["roc_auc"].mean())
     assert row.seeds_sd == pytest.approx(image["roc_auc"].std())
     assert mh.anomaly_results_table(results, level="image").loc[("CAE", "mse"), "raw"] == image["roc_auc"].iloc[0]
-    assert mh.published_comparison(results).empty  # no published number for CAE on raw
+    comparison = mh.published_comparison(results)  # their CAE on raw views without HE: summary.csv:6
+    assert list(comparison["score"]) == ["mse", "mse_top200"] and (comparison["their_line"] == 6).all()
+    assert comparison["ours_mean_sd"].str.endswith("(2 seeds)").all()
+    assert (results.loc[results["model"] == "CAE", "resampled"] == "patient").all()
