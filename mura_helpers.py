@@ -27,8 +27,8 @@ Where to change what:
                    parameters cell under the same name (config_from picks it up); a field that may change when a
                    run resumes is made with _free(...), every other one must match (must_match_on_resume)
   a preset         TRAIN_PRESETS (supervised); ANOMALY_RECIPES and RECIPE_REASONS (unsupervised)
-  the loss         weighted_bce_with_logits / study_weighted_bce (supervised); masked_mse, autoencoder_step,
-                   gan_step, paper_gan_step (unsupervised)
+  the loss         weighted_bce_with_logits / study_weighted_bce (supervised); masked_mse, autoencoder_loss,
+                   gan_step, paper_gan_step (unsupervised); the views' range and mask: anomaly_inputs
   the augmentation gpu_augment (both paths), prepare_batch (supervised), augment_views_and_masks (unsupervised)
   the model        build_model (ARCHS); build_anomaly_model and ARCHITECTURES
   a metric         study_metrics and bootstrap_metrics (CI_METRICS); anomaly_metrics, reconstruction_scores
@@ -4216,7 +4216,7 @@ _FLIP_SOURCES = {k: "run_params.py:5-8 DEFAULT_AUGMENTATION" for k in _PAPER_FLI
 PAPER_SOURCES = {
     "architecture": "ARCHITECTURES", "hand_crop": "XR_HAND_CROPPED: detect_and_save_hands.py:156-194",
     "minmax": "train.py:74, transforms.py:92", "mask_from": "transforms.py:108 (mask = image != 0, after min-max)",
-    "loss_reduction": "autoencoders.py:35-37 (sums over the batch), vaetorch.py:163-165",
+    "loss_reduction": "autoencoders.py:35-37 (MaskedMSELoss: sums over the batch)",
     "masked_loss": "run_params.py:39 masked_loss_on_train", "masked_scores": "run_params.py:38, 93, 104",
     "smooth_l1": "autoencoders.py:164-167 (MSE)", **{("cae", k): "run_params.py:10-17 ADVANCED_AUGMENTATION"
                                                    for k in _PAPER_ADVANCED},

@@ -944,6 +944,23 @@ def test_their_gans_score_abnormal_views_higher(kind):
     assert noise > normal  # higher = more abnormal: D(x) for their DCGAN (gans.py:359), 1 - D for the others
 
 
+@pytest.mark.slow
+def test_their_gans_run_through_the_grid(normal_heavy_phantom, tmp_path):
+    base = mh.AnomalyConfig(model="dcgan", recipe="paper", data_dir=str(normal_heavy_phantom), image_size=16,
+                            output_dir=str(tmp_path / "grid"), cache_dir=str(tmp_path / "cache"), epochs=1,
+                            batch_size=6, num_workers=0, max_steps_per_epoch=2, gan_latent=8)
+    results = mh.run_anomaly_grid(base, ["dcgan", "bigan"], ["full+HE"], progress=False)
+    image = results[results["level"] == "image"]
+    n = image.loc[image["model"] == "no model", "n"].iloc[0]
+    assert (image.loc[image["model"] != "no model", "n"] == n).all()  # every test view scored (6: not 4k)
+    assert {("DCGAN", "disc"), ("BiGAN", "disc"), ("BiGAN", "mse")} <= set(zip(image["model"], image["score"]))
+    net, cfg = mh.load_anomaly_model(Path(image.loc[image["model"] == "BiGAN", "run_dir"].iloc[0]) / "checkpoints"
+                                     / "best.pt")
+    assert isinstance(net, mh.PaperGAN) and cfg.input_range == (-1.0, 1.0) and cfg.hand_crop
+    assert mh.plot_gan_samples(results, device="cpu") is not None
+    assert set(mh.published_comparison(results)["theirs"]) == {"theirs: manual masks (XR_HAND_PHOTOSHOP)"}
+
+
 def test_deviations_are_generated_from_the_presets(monkeypatch):
     table = mh.recipe_deviations()
     rows = {(r.model, r.setting): r for r in table.itertuples()}
