@@ -48,6 +48,7 @@ import hashlib
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import random
@@ -560,6 +561,18 @@ def _cache_path(cache_dir: str | os.PathLike, prefix: str, paths: Sequence[str],
     return target
 
 
+def _worker_context():
+    """How worker processes start (_run_tasks' pools, DataLoader workers): forked by a clean server process
+    ("forkserver", Python 3.14's default on Linux), not by fork from this process, which may deadlock when this
+    process runs threads, as a Jupyter kernel does (Python 3.12+ warns); "spawn" where there is no forkserver
+    (Windows). The server imports this module once, so its workers start with it loaded."""
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload([Path(__file__).stem])
+    return context
+
+
 def _run_tasks(func, tasks: list, desc: str, progress: bool = True, workers: int | None = None,
                sizes: Sequence[int] | None = None) -> list:
     """Run func over tasks in a process pool (inline for one worker or one task), with a progress bar of items."""
@@ -568,7 +581,7 @@ def _run_tasks(func, tasks: list, desc: str, progress: bool = True, workers: int
     results = []
     with tqdm(total=sum(sizes), desc=desc, disable=not progress) as bar:
         if workers > 1 and len(tasks) > 1:
-            with ProcessPoolExecutor(workers) as pool:
+            with ProcessPoolExecutor(workers, mp_context=_worker_context()) as pool:
                 for result, n in zip(pool.map(func, tasks), sizes):
                     results.append(result)
                     bar.update(n)
@@ -1640,6 +1653,7 @@ def make_view_loader(cache: ImageCache, images: pd.DataFrame, batch_size: int, s
     sampler.batches = epoch_batches(len(images), batch_size, shuffle, seed, 0)
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+                      multiprocessing_context=_worker_context() if num_workers > 0 else None,
                       generator=torch.Generator())  # its own: starting workers leaves the global generator alone
 
 
@@ -4524,6 +4538,7 @@ def _anomaly_loader(cache: AnomalyCache, images: pd.DataFrame, batch_size: int, 
     rows = images["cache_row"].to_numpy() if "cache_row" in images else cache.rows(images["image_path"])
     return DataLoader(AnomalyViewBatches(cache, rows), sampler=sampler, batch_size=None,
                       num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
+                      multiprocessing_context=_worker_context() if num_workers > 0 else None,
                       generator=torch.Generator())  # its own: starting workers leaves the VAE's noise alone
 
 
