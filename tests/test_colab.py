@@ -5,7 +5,9 @@ and worker processes that are not forked from the (threaded) kernel."""
 import os
 import sys
 import threading
+import types
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,76 @@ import pytest
 from conftest import write_png
 
 import mura_helpers as mh
+
+# ---------------------------------------------------------------- data on Drive: a local copy, once
+
+
+def zip_folder(folder: Path, archive: Path) -> Path:
+    """Zip `folder` (as MURA is shipped: its folder inside) with each file's modification time."""
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in sorted(folder.rglob("*")):
+            z.write(p, Path(folder.name) / p.relative_to(folder))
+    return archive
+
+
+def test_a_mura_zip_is_extracted_to_local_disk_once(tiny_phantom, tmp_path, monkeypatch):
+    (tmp_path / "drive").mkdir()
+    archive = zip_folder(tiny_phantom, tmp_path / "drive" / "MURA-v1.1.zip")
+    root = mh.prepare_local_copy(archive, tmp_path / "local" / "MURA-v1.1", progress=False)
+    assert root == tmp_path / "local" / "MURA-v1.1" / "MURA-v1.1"
+    studies = mh.load_all_studies(root)
+    assert len(studies) == len(mh.load_all_studies(tiny_phantom))
+    first = next(root.rglob("*.png"))
+    original = tiny_phantom / first.relative_to(root)
+    assert abs(first.stat().st_mtime - original.stat().st_mtime) <= 2  # the zip's times (2 s resolution)
+    first.unlink()  # a second call copies nothing
+    assert mh.prepare_local_copy(archive, tmp_path / "local" / "MURA-v1.1", progress=False) == root
+    assert not first.exists()
+    interrupted = tmp_path / "local" / ".MURA-v1.1.tmp99999999"  # left by a copy whose process is gone
+    (interrupted / "MURA-v1.1").mkdir(parents=True)
+    os.utime(archive, (1, 1))  # a changed zip is extracted again
+    assert mh.prepare_local_copy(archive, tmp_path / "local" / "MURA-v1.1", progress=False) == root
+    assert first.exists() and not list((tmp_path / "local").glob(".*tmp*"))
+    monkeypatch.setattr(mh, "LOCAL_DATA_DIR", tmp_path / "data")
+    assert mh.resolve_data_dir(str(archive)) == tmp_path / "data" / "MURA-v1.1" / "MURA-v1.1"  # data_dir: the zip
+
+
+def test_a_folder_on_drive_is_copied_to_local_disk_in_colab(phantom_copy, tmp_path, monkeypatch):
+    drive = tmp_path / "content" / "drive"
+    above = Path(phantom_copy).parent  # a folder above MURA: only MURA is copied
+    (above / "unrelated.bin").write_bytes(b"x" * 1000)
+    monkeypatch.setattr(mh, "DRIVE_DIR", drive)
+    monkeypatch.setattr(mh, "LOCAL_DATA_DIR", tmp_path / "local")
+    drive.mkdir(parents=True)
+    on_drive = drive / "MyDrive"
+    os.rename(above, on_drive)
+    assert mh.resolve_data_dir(on_drive) == on_drive / mh.MURA_DIRNAME  # outside Colab: read in place
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    root = mh.resolve_data_dir(on_drive)
+    assert root == tmp_path / "local" / mh.MURA_DIRNAME and not (root.parent / "unrelated.bin").exists()
+    copied = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.name != mh.LOCAL_COPY_MARK)
+    assert copied == sorted(p.relative_to(on_drive / mh.MURA_DIRNAME) for p in (on_drive / mh.MURA_DIRNAME).rglob("*")
+                            if p.is_file())
+    view = next(root.rglob("*.png"))
+    assert view.stat().st_mtime_ns == (on_drive / mh.MURA_DIRNAME / view.relative_to(root)).stat().st_mtime_ns
+    monkeypatch.setattr(mh, "DRIVE_DIR", tmp_path / "unmounted")
+    with pytest.raises(mh.MuraDataError, match="Drive is not mounted: tick USE_DRIVE in the setup cell"):
+        mh.prepare_local_copy(tmp_path / "unmounted" / "MyDrive" / "MURA-v1.1.zip")
+
+
+def test_a_local_copy_refuses_what_it_cannot_do(tiny_phantom, tmp_path, monkeypatch):
+    not_zip = tmp_path / "MURA-v1.1.zip"
+    not_zip.write_text("not a zip")
+    with pytest.raises(mh.MuraDataError, match="not a zip archive"):
+        mh.prepare_local_copy(not_zip, tmp_path / "local")
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(mh.MuraDataError, match="exists and is not a copy made by prepare_local_copy"):
+        mh.prepare_local_copy(tiny_phantom, tmp_path / "mine")
+    monkeypatch.setattr(mh.shutil, "disk_usage", lambda _: types.SimpleNamespace(free=1000))
+    with pytest.raises(mh.MuraDataError, match=r"GB to copy but 0\.0 GB free"):
+        mh.prepare_local_copy(tiny_phantom, tmp_path / "local")
+    assert not (tmp_path / "local").exists()
+
 
 # ---------------------------------------------------------------- caches: a stamp that reads no file
 
