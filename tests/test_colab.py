@@ -3,6 +3,8 @@ the remote, a folder standing in for Drive), local copies of data kept on Drive,
 and worker processes that are not forked from the (threaded) kernel."""
 
 import os
+import re
+import subprocess
 import sys
 import threading
 import types
@@ -10,11 +12,200 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pytest
-from conftest import write_png
+from conftest import REPO, write_png
 
 import mura_helpers as mh
+
+NOTEBOOK = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))[0]  # the six setup cells are the same
+
+# ---------------------------------------------------------------- the setup cell, as Colab runs it
+
+
+def setup_cell() -> str:
+    """The notebooks' setup cell (their first code cell)."""
+    return next(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code")
+
+
+def git(*args, cwd: Path) -> str:
+    """Run git in `cwd` (with an identity for commits) and return what it printed."""
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.org", *args], cwd=cwd,
+                          check=True, capture_output=True, text=True).stdout
+
+
+def make_upstream(tmp_path: Path) -> Path:
+    """A git repository standing in for the suite's on GitHub: mura_helpers.py, requirements.txt, notebooks/."""
+    upstream = tmp_path / "upstream" / "mura-suite"
+    (upstream / "notebooks").mkdir(parents=True)
+    (upstream / "mura_helpers.py").write_text("VERSION = 1\n")
+    (upstream / "requirements.txt").write_text("papermill\n")
+    (upstream / "notebooks" / "01_eda.ipynb").write_text("{}\n")
+    git("init", "-q", cwd=upstream)
+    git("add", ".", cwd=upstream)
+    git("commit", "-q", "-m", "first", cwd=upstream)
+    return upstream
+
+
+def commit_version(repo: Path, version: int) -> None:
+    """Commit a new mura_helpers.py (VERSION = version) to `repo`."""
+    (repo / "mura_helpers.py").write_text(f"VERSION = {version}\n")
+    git("commit", "-q", "-am", f"version {version}", cwd=repo)
+
+
+class Colab:
+    """Runs the setup cell as Colab would: the form's fields set (Colab writes them into the cell's source),
+    /content at tmp_path/content, google.colab importable with drive.mount mounting tmp_path/my_drive as MyDrive,
+    and pip's install recorded rather than run. `colab=False`: the same cell on a machine that is not Colab."""
+
+    def __init__(self, tmp_path: Path, monkeypatch, colab: bool = True):
+        self.content, self.my_drive = tmp_path / "content", tmp_path / "my_drive"
+        self.content.mkdir(parents=True)
+        self.my_drive.mkdir()
+        self.mounts, self.pip = [], []
+        monkeypatch.chdir(self.content)  # Colab starts here
+        monkeypatch.setattr(sys, "path", list(sys.path))  # the cell puts the repository first
+        real_run = subprocess.run
+
+        def run(cmd, *args, **kwargs):
+            if cmd[1:4] == ["-m", "pip", "install"]:
+                self.pip.append(cmd)
+                return subprocess.CompletedProcess(cmd, 0)
+            return real_run(cmd, *args, **kwargs)
+
+        monkeypatch.setattr(subprocess, "run", run)
+        if colab:
+            drive = types.ModuleType("google.colab.drive")
+            drive.mount = self.mount
+            colab_module = types.ModuleType("google.colab")
+            colab_module.drive = drive
+            monkeypatch.setitem(sys.modules, "google.colab", colab_module)
+            monkeypatch.setitem(sys.modules, "google.colab.drive", drive)
+        else:
+            monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+
+    def mount(self, mountpoint: str) -> None:
+        """google.colab.drive.mount: the user's Drive appears as <mountpoint>/MyDrive."""
+        self.mounts.append(mountpoint)
+        Path(mountpoint).mkdir(exist_ok=True)
+        if not (Path(mountpoint) / "MyDrive").exists():
+            (Path(mountpoint) / "MyDrive").symlink_to(self.my_drive)
+
+    def run(self, url: str = "", use_drive: bool = False) -> dict:
+        """Run the setup cell with these form values; return its variables."""
+        source = setup_cell()
+        for pattern, value in ((r"^REPO_URL = .*$", f"REPO_URL = {url!r}"),
+                               (r"^USE_DRIVE = .*$", f"USE_DRIVE = {use_drive!r}"),
+                               (r'Path\("/content"\)', f"Path({str(self.content)!r})")):
+            source, found = re.subn(pattern, lambda _, value=value: value, source, flags=re.MULTILINE)
+            assert found == 1, pattern
+        namespace = {}
+        exec(compile(source, "setup cell", "exec"), namespace)
+        return namespace
+
+
+@pytest.fixture
+def upstream(tmp_path) -> Path:
+    return make_upstream(tmp_path)
+
+
+def test_outside_colab_the_setup_cell_uses_the_checkout_and_nothing_else(upstream, tmp_path, monkeypatch):
+    colab = Colab(tmp_path, monkeypatch, colab=False)
+    monkeypatch.chdir(upstream / "notebooks")
+    cell = colab.run(url=upstream.as_uri(), use_drive=True)
+    assert cell["REPO"] == upstream and sys.path[0] == str(upstream)
+    assert colab.mounts == [] and colab.pip == [] and list(colab.content.iterdir()) == []  # no mount, clone, pip
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="open this notebook from the repository's notebooks/ folder"):
+        colab.run(url=upstream.as_uri(), use_drive=True)
+
+
+def test_in_colab_without_a_url_the_error_says_the_one_thing_to_do(tmp_path, monkeypatch):
+    colab = Colab(tmp_path, monkeypatch)
+    with pytest.raises(RuntimeError, match=r"^Paste the repository's git URL into REPO_URL in this cell's form "
+                                           r"and run the cell again\.$"):
+        colab.run()
+    assert colab.mounts == []  # Drive is mounted only when asked
+    with pytest.raises(RuntimeError, match=r"form \(no copy of it on Drive, up to 5 folders below MyDrive\)"):
+        colab.run(use_drive=True)
+    assert colab.mounts == [str(colab.content / "drive")]
+
+
+def test_in_colab_the_url_is_cloned_and_a_stale_clone_is_updated(upstream, tmp_path, monkeypatch, capsys):
+    colab = Colab(tmp_path, monkeypatch)
+    cell = colab.run(url=upstream.as_uri())
+    clone = colab.content / "mura-suite"
+    assert cell["REPO"] == clone and (clone / "mura_helpers.py").read_text() == "VERSION = 1\n"
+    assert sys.path[0] == str(clone)
+    assert colab.pip == [[sys.executable, "-m", "pip", "install", "-q", "-r", str(clone / "requirements.txt")]]
+    commit_version(upstream, 2)  # a later session of the same runtime, after a push
+    assert colab.run(url=upstream.as_uri())["REPO"] == clone
+    assert (clone / "mura_helpers.py").read_text() == "VERSION = 2\n"
+    commit_version(upstream, 3)
+    (clone / "mura_helpers.py").write_text("VERSION = 'edited here'\n")  # an edit the update would overwrite
+    capsys.readouterr()
+    assert colab.run(url=upstream.as_uri())["REPO"] == clone
+    assert f"could not update {clone}, so it is used as it is" in capsys.readouterr().out
+    assert (clone / "mura_helpers.py").read_text() == "VERSION = 'edited here'\n"  # kept
+    with pytest.raises(RuntimeError, match="Correct REPO_URL in this cell's form"):
+        colab.run(url=(tmp_path / "no-such-repository").as_uri())
+
+
+def test_in_colab_a_copy_deep_on_drive_is_found_and_its_data_stays_local(upstream, tmp_path, monkeypatch):
+    colab = Colab(tmp_path, monkeypatch)
+    deep = colab.my_drive / "Colab Notebooks" / "courses" / "2026" / "mura-suite"  # 4 folders below MyDrive
+    deep.parent.mkdir(parents=True)
+    (upstream / "data" / "phantom").mkdir(parents=True)
+    os.rename(upstream, deep)
+    for decoy in ("MURA-v1.1/train/XR_HAND", "notes/.trash/mura-suite"):  # shallower, but not searched
+        (colab.my_drive / decoy).mkdir(parents=True)
+        (colab.my_drive / decoy / "mura_helpers.py").write_text("a decoy\n")
+    cell = colab.run(url="", use_drive=True)
+    drive = colab.content / "drive" / "MyDrive"
+    assert colab.mounts == [str(colab.content / "drive")]
+    repo = cell["REPO"]
+    assert repo.parent == colab.content and sys.path[0] == str(repo)  # on this disk ...
+    assert (repo / "mura_helpers.py").resolve() == (deep / "mura_helpers.py").resolve()  # ... with Drive's code
+    assert (drive / deep.relative_to(colab.my_drive) / "mura_helpers.py").is_file()
+    assert (repo / "outputs").resolve() == (deep / "outputs").resolve()  # outputs go to Drive
+    assert not (repo / "data").exists()  # the phantom and caches are made here, not on Drive
+    assert cell["REPO"] == colab.run(url="", use_drive=True)["REPO"]  # run again: the same
+    too_deep = colab.my_drive / "a" / "b" / "c" / "d" / "e"
+    too_deep.mkdir(parents=True)
+    os.rename(deep, too_deep / "mura-suite")  # 6 folders below MyDrive
+    with pytest.raises(RuntimeError, match="no copy of it on Drive, up to 5 folders below MyDrive"):
+        Colab(tmp_path / "later", monkeypatch).run(url="", use_drive=True)
+
+
+def test_the_setup_cells_carry_the_url_that_pyproject_names(tmp_path):
+    tomllib = pytest.importorskip("tomllib")
+    url = tomllib.loads((REPO / "pyproject.toml").read_text())["project"].get("urls", {}).get("Repository", "")
+    for path in sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        setup = next(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        assert re.search(r'^REPO_URL = (".*")  # @param \{type:"string"\}$', setup, re.MULTILINE).group(1) \
+            == f'"{url}"', path.name  # make colab-url writes it
+
+
+def test_make_colab_url_writes_the_url_into_every_setup_cell(tmp_path):
+    pytest.importorskip("tomllib")
+    (tmp_path / "notebooks").mkdir()
+    for path in sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        (tmp_path / "notebooks" / path.name).write_bytes(path.read_bytes())
+    url = "https://github.com/someone/mura-suite.git"
+    pyproject = (REPO / "pyproject.toml").read_text()
+    pyproject = pyproject.replace("[project.urls]\n", f'[project.urls]\nRepository = "{url}"\n')
+    (tmp_path / "pyproject.toml").write_text(pyproject)
+    subprocess.run([sys.executable, str(REPO / "tools" / "stamp_colab_url.py"), "--root", str(tmp_path)], check=True,
+                   capture_output=True)
+    for path in sorted((tmp_path / "notebooks").glob("*.ipynb")):
+        before = nbformat.read(REPO / "notebooks" / path.name, as_version=4)
+        after = nbformat.read(path, as_version=4)
+        setup = next(c for c in after.cells if c.cell_type == "code")
+        assert f'REPO_URL = "{url}"  # @param {{type:"string"}}\n' in setup.source
+        assert [c.source for c in after.cells] == [c.source.replace('REPO_URL = ""', f'REPO_URL = "{url}"')
+                                                    for c in before.cells]  # nothing else changed
+
 
 # ---------------------------------------------------------------- data on Drive: a local copy, once
 
