@@ -510,7 +510,7 @@ LOCAL_DATA_DIR = Path(__file__).absolute().parent / "data"  # local copies go he
 LOCAL_COPY_MARK = ".mura_local_copy.json"  # in a local copy: what it was copied from, written when complete
 
 
-def in_colab() -> bool:
+def _in_colab() -> bool:
     """True inside Google Colab."""
     return "google.colab" in sys.modules
 
@@ -590,7 +590,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, phantom_root: str | os.
         return find_mura_root(download_kaggle_dataset(str(data_dir)[len(KAGGLE_PREFIX):]))
     if data_dir is not None and str(data_dir).strip() and (
             str(data_dir).lower().endswith(".zip")
-            or in_colab() and Path(data_dir).expanduser().absolute().is_relative_to(DRIVE_DIR)):
+            or _in_colab() and Path(data_dir).expanduser().absolute().is_relative_to(DRIVE_DIR)):
         return prepare_local_copy(data_dir)
     if data_dir is not None:
         return find_mura_root(data_dir)
