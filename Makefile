@@ -4,12 +4,14 @@
 #   make test   virtual environment + requirements, ruff, and the whole test suite (what CI runs)
 # and: make test-fast (ruff and the tests not marked slow: no notebook runs, torchrun or training runs),
 #      make lab (JupyterLab on notebooks/ with this environment's kernel),
-#      make bench (training throughput, benchmarks/train_throughput.py; meant for a GPU)
+#      make bench (training throughput, benchmarks/train_throughput.py; meant for a GPU),
+#      make test-colab (the fast tier and the six notebook runs in a copy of Colab's runtime: before each release),
+#      make colab-url (writes pyproject.toml's repository URL into the notebooks' setup cells)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast lint lab phantom bench clean
+.PHONY: demo test test-fast test-colab colab-url lint lab phantom bench clean
 
 # DEMO=quick (default): sizes a CPU finishes in minutes (from scratch, 128 px, 2 epochs), into outputs/;
 # DEMO=full: every notebook's own defaults (ImageNet weights, 224 px, 5 epochs; 512-px autoencoders, 20 epochs),
@@ -50,6 +52,26 @@ LAB_ARGS ?=
 lab: $(VENV)/.installed
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3" >/dev/null
 	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
+
+# Colab's runtime as published (colab-pins.txt: Colab's versions, its source and date), on Python 3.13 where this
+# machine has one (Colab's), then requirements.txt as the notebooks' setup cell installs it in Colab (it adds
+# papermill). Not run by CI (.ci/run): its install downloads about 3 GB (torch for CUDA); run it before each release.
+COLAB_VENV ?= .venv-colab
+COLAB_PYTHON ?= $(firstword $(foreach p,python3.13 $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13),\
+                  $(if $(shell $(p) -c "" 2>/dev/null && echo ok),$(p))) $(PYTHON))
+
+test-colab: $(COLAB_VENV)/.installed
+	$(COLAB_VENV)/bin/python -m pytest -m "not slow or notebook"
+
+$(COLAB_VENV)/.installed: colab-pins.txt requirements.txt
+	$(COLAB_PYTHON) -m venv $(COLAB_VENV)
+	$(COLAB_VENV)/bin/python -m pip install --quiet -r colab-pins.txt
+	$(COLAB_VENV)/bin/python -m pip install --quiet -r requirements.txt
+	$(COLAB_VENV)/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null  # papermill's kernel
+	touch $@
+
+colab-url: $(VENV)/.installed
+	$(BIN)/python tools/stamp_colab_url.py
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/train_throughput.py

@@ -3,7 +3,8 @@
 Reads top to bottom as the pipeline does; each section opens with a `# ----- name` line (search for it):
 
   data                      MURA's layout and CSVs, checks with named errors, where data comes from (a folder,
-                            "kaggle:OWNER/DATASET", the phantom): find_mura_root, load_studies, resolve_data_dir
+                            "kaggle:OWNER/DATASET", the phantom; a zip, or in Colab Drive, through a local copy):
+                            find_mura_root, load_studies, prepare_local_copy, resolve_data_dir
   images & cache            decode and resize once into a uint8 cache on disk: build_image_cache, epoch_batches
   augmentation              on the device, per sample: gpu_augment and prepare_batch (supervised views),
                             augment_views_and_masks (the unsupervised path's views and masks alike)
@@ -49,6 +50,7 @@ import inspect
 import io
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import random
@@ -60,6 +62,7 @@ import sys
 import threading
 import time
 import warnings
+import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -503,12 +506,93 @@ def download_kaggle_dataset(handle: str) -> Path:
                             f"{KAGGLE_HELP}") from e
 
 
+DRIVE_DIR = Path("/content/drive")  # where Colab mounts Google Drive (the setup cell's USE_DRIVE)
+LOCAL_DATA_DIR = Path(__file__).absolute().parent / "data"  # local copies go here (in Colab: on the VM's disk)
+LOCAL_COPY_MARK = ".mura_local_copy.json"  # in a local copy: what it was copied from, written when complete
+
+
+def _in_colab() -> bool:
+    """True inside Google Colab."""
+    return "google.colab" in sys.modules
+
+
+def prepare_local_copy(source: str | os.PathLike, dest: str | os.PathLike | None = None,
+                       progress: bool = True) -> Path:
+    """Copy a MURA folder, or extract a MURA zip, to local disk once and return the MURA root in the copy.
+
+    What Colab users do with data on Drive: reading 40,000 small files through Drive's mount is slow, and is done
+    again by every pass over them, so the data is copied to the VM's own disk once per runtime (a progress bar of
+    bytes) and read there. Of a folder, only the MURA-v1.1 found in it is copied. `dest`: LOCAL_DATA_DIR/<that
+    folder's or the zip's name>. A copy is reused while its source is the same (a zip's also by size and
+    modification time); extracted files keep the zip's times, so the caches' stamps stay the same across runtimes.
+    resolve_data_dir calls this for a zip, and in Colab for a folder on Drive.
+    """
+    source = Path(source).expanduser().absolute()
+    if not source.exists():
+        mount = " Drive is not mounted: tick USE_DRIVE in the setup cell." if (
+            source.is_relative_to(DRIVE_DIR) and not (DRIVE_DIR / "MyDrive").is_dir()) else ""
+        raise MuraDataError(f"{source}: no such file or folder.{mount} {GET_MURA_HELP}")
+    is_zip = source.is_file()
+    if is_zip and not zipfile.is_zipfile(source):
+        raise MuraDataError(f"{source}: not a zip archive; give MURA's zip, its folder, or a folder above it")
+    source = source if is_zip else find_mura_root(source)  # a folder above MURA: only MURA is copied
+    st = source.stat()
+    origin = {"source": str(source), **({"size": st.st_size, "mtime_ns": st.st_mtime_ns} if is_zip else {})}
+    dest = Path(dest) if dest is not None else LOCAL_DATA_DIR / (source.stem if is_zip else source.name)
+    mark = dest / LOCAL_COPY_MARK
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(mark.read_text()) == origin:
+            return find_mura_root(dest)
+    if dest.exists() and not mark.is_file():
+        raise MuraDataError(f"{dest}: exists and is not a copy made by prepare_local_copy; give another dest or "
+                            f"remove it")
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    for stale in dest.parent.glob(f".{dest.name}.tmp*"):  # left by an interrupted copy (or our own last try)
+        pid = re.fullmatch(rf"\.{re.escape(dest.name)}\.tmp(\d+)", stale.name)
+        if pid and (stale == tmp or not _pid_alive(int(pid.group(1)))):
+            shutil.rmtree(stale, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        archive = stack.enter_context(zipfile.ZipFile(source)) if is_zip else None
+        items = ([(m, m.file_size) for m in archive.infolist() if not m.is_dir()] if is_zip else
+                 [(p, p.stat().st_size) for p in sorted(source.rglob("*")) if p.is_file()])
+        need, free = sum(n for _, n in items), shutil.disk_usage(_existing_parent(dest)).free
+        if need > free:
+            raise MuraDataError(f"{source}: {need / 1e9:.1f} GB to copy but {free / 1e9:.1f} GB free under "
+                                f"{_existing_parent(dest)}; free some space or give another dest")
+        bar = stack.enter_context(tqdm(total=need, unit="B", unit_scale=True, desc=f"local copy of {source.name}",
+                                       disable=not progress))
+        for item, size in items:
+            if is_zip:
+                when = time.mktime((*item.date_time, 0, 0, -1))  # the zip's local time, as unzip sets it
+                os.utime(archive.extract(item, tmp), (when, when))
+            else:
+                target = tmp / item.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(item, target)  # keeps the modification time
+            bar.update(size)
+    _write_json_atomic(origin, tmp / LOCAL_COPY_MARK)
+    if dest.exists():  # an older copy of ours (its mark said so)
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return find_mura_root(dest)
+
+
+def _existing_parent(path: Path) -> Path:
+    """The path itself or its nearest parent that exists (where a disk's free space can be read)."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None, phantom_root: str | os.PathLike = "data/phantom",
                      **phantom_kwargs) -> Path:
-    """Return the MURA root to use: `data_dir` when given (a folder, or 'kaggle:OWNER/DATASET'; an empty one is an
-    error), else the embedded phantom (made if needed)."""
+    """Return the MURA root to use: `data_dir` when given (a folder, a MURA zip, or 'kaggle:OWNER/DATASET'; an
+    empty one is an error), else the embedded phantom (made if needed). A zip, and in Colab a folder on Drive, is
+    read from a local copy (prepare_local_copy)."""
     if data_dir is not None and str(data_dir).startswith(KAGGLE_PREFIX):
         return find_mura_root(download_kaggle_dataset(str(data_dir)[len(KAGGLE_PREFIX):]))
+    if data_dir is not None and str(data_dir).strip() and (
+            str(data_dir).lower().endswith(".zip")
+            or _in_colab() and Path(data_dir).expanduser().absolute().is_relative_to(DRIVE_DIR)):
+        return prepare_local_copy(data_dir)
     if data_dir is not None:
         return find_mura_root(data_dir)
     return ensure_phantom(phantom_root, **phantom_kwargs)
@@ -527,15 +611,50 @@ CACHE_VERSION = 1
 RESIZE_MODES = ("squash", "pad")
 
 
-def _files_stamp(paths: Sequence[str], *settings) -> str:
-    """A key for a cache: the settings and every file's path, size, modification time and content (sha256 of its
-    bytes: a file changed with the same size and time gets a new key; ~0.3 s for the default phantom's 876 views)."""
+def _files_stamp(paths: Sequence[str], *settings, content: bool = False) -> str:
+    """A key for a cache: the settings and every file's path, size and modification time (one stat a file: ~0.2 s
+    for 40,000 files on a local disk), or with content=True its path and the sha256 of its bytes (every file read:
+    ~6 s for 40,000 MURA-sized files already in memory, far longer through Drive)."""
     stamp = hashlib.sha1(json.dumps([CACHE_VERSION, *settings]).encode())
     for p in paths:
-        st = Path(p).stat()
-        content = hashlib.sha256(Path(p).read_bytes()).hexdigest()
-        stamp.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{content}\n".encode())
+        if content:
+            key = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+        else:
+            st = os.stat(p)
+            key = f"{st.st_size}|{st.st_mtime_ns}"
+        stamp.update(f"{p}|{key}\n".encode())
     return stamp.hexdigest()[:16]
+
+
+def _cache_path(cache_dir: str | os.PathLike, prefix: str, paths: Sequence[str], *settings, suffix: str = "") -> Path:
+    """Where the cache of these files and settings lives. Found on every call by the files' names, sizes and
+    modification times (no file is read); when those are new, by their content (read once, as a build would), so
+    files copied or extracted again with new times find the cache their bytes already have. A small
+    <prefix>_<stamp>.key file holds the cache's name for the next call. A file changed in place keeping its size
+    and time (rare: tools that change content also change the time) keeps its old cache: delete the cache then."""
+    folder = Path(cache_dir)
+    key = folder / f"{prefix}_{_files_stamp(paths, *settings)}.key"
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        name = key.read_text()
+        if name and (folder / name).exists():
+            return folder / name
+    target = folder / f"{prefix}_{_files_stamp(paths, *settings, content=True)}{suffix}"
+    with contextlib.suppress(OSError):  # a read-only cache folder: found by content each time
+        folder.mkdir(parents=True, exist_ok=True)
+        key.write_text(target.name)
+    return target
+
+
+def _worker_context():
+    """How worker processes start (_run_tasks' pools, DataLoader workers): forked by a clean server process
+    ("forkserver", Python 3.14's default on Linux), not by fork from this process, which may deadlock when this
+    process runs threads, as a Jupyter kernel does (Python 3.12+ warns); "spawn" where there is no forkserver
+    (Windows). The server imports this module once, so its workers start with it loaded."""
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload([Path(__file__).stem])
+    return context
 
 
 def _run_tasks(func, tasks: list, desc: str, progress: bool = True, workers: int | None = None,
@@ -546,7 +665,7 @@ def _run_tasks(func, tasks: list, desc: str, progress: bool = True, workers: int
     results = []
     with tqdm(total=sum(sizes), desc=desc, disable=not progress) as bar:
         if workers > 1 and len(tasks) > 1:
-            with ProcessPoolExecutor(workers) as pool:
+            with ProcessPoolExecutor(workers, mp_context=_worker_context()) as pool:
                 for result, n in zip(pool.map(func, tasks), sizes):
                     results.append(result)
                     bar.update(n)
@@ -629,7 +748,7 @@ def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: st
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     paths = [str(p) for p in image_paths]
     _remove_dead_cache_builds(cache_dir)
-    npy = Path(cache_dir) / f"views_{size}px_{resize}_{_files_stamp(paths, size, resize)}.npy"
+    npy = _cache_path(cache_dir, f"views_{size}px_{resize}", paths, size, resize, suffix=".npy")
     cache = ImageCache(npy, paths, size, resize)
     if npy.is_file():
         return cache
@@ -1621,6 +1740,7 @@ def make_view_loader(cache: ImageCache, images: pd.DataFrame, batch_size: int, s
     sampler.batches = epoch_batches(len(images), batch_size, shuffle, seed, 0)
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+                      multiprocessing_context=_worker_context() if num_workers > 0 else None,
                       generator=torch.Generator())  # its own: starting workers leaves the global generator alone
 
 
@@ -3410,8 +3530,8 @@ def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache
     """Run the offline preprocessing once per (views, settings) and keep it on disk; reuse it afterwards."""
     paths = [str(p) for p in image_paths]
     _remove_dead_cache_builds(cache_dir)
-    stamp = _files_stamp(paths, {**asdict(cfg), "pipeline": ANOMALY_PIPELINE_VERSION})
-    folder = Path(cache_dir) / f"anomaly_{cfg.name.replace('+', '_')}_{cfg.size}px_{stamp}"
+    folder = _cache_path(cache_dir, f"anomaly_{cfg.name.replace('+', '_')}_{cfg.size}px", paths,
+                         {**asdict(cfg), "pipeline": ANOMALY_PIPELINE_VERSION})
     if (folder / "affines.npy").is_file():
         return AnomalyCache(folder, paths, cfg)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
@@ -4641,6 +4761,7 @@ def _anomaly_loader(cache: AnomalyCache, images: pd.DataFrame, batch_size: int, 
     rows = images["cache_row"].to_numpy() if "cache_row" in images else cache.rows(images["image_path"])
     return DataLoader(AnomalyViewBatches(cache, rows), sampler=sampler, batch_size=None,
                       num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
+                      multiprocessing_context=_worker_context() if num_workers > 0 else None,
                       generator=torch.Generator())  # its own: starting workers leaves the VAE's noise alone
 
 
