@@ -35,8 +35,9 @@ Where to change what:
   a figure         its plot_* function (plots, or anomaly detection: plots); save_figure names the file
   the phantom      make_phantom_mura and the _render_view family (bump PHANTOM_VERSION when the pixels change)
   preprocessing    find_carrier (the plate), _collimated_field (the field in it), _hand_mask (mask),
-                   preprocess_view (bump ANOMALY_PIPELINE_VERSION when its output changes; re-set
-                   MASK_DOUBT_LIMITS when the masks change)
+                   preprocess_view; a threshold of theirs is a field of CropRules or MaskRules (the cache's key
+                   holds them); bump ANOMALY_PIPELINE_VERSION when the code's output changes; re-set
+                   MASK_DOUBT_LIMITS when the masks change
 """
 
 from __future__ import annotations
@@ -2823,14 +2824,137 @@ def plot_heatmaps(heatmaps: Sequence[dict], boxes: pd.DataFrame | None = None, c
 
 # ---------------------------------------------------------------- anomaly detection (Davletshina 2020): preprocessing
 
+MAD_TO_SD = 1.4826  # a normal distribution's standard deviation per median absolute deviation
+
+
+@dataclass(frozen=True)
+class CropRules:
+    """The carrier crop's thresholds (find_carrier and what it calls, _collimated_field): one field per threshold,
+    with what it measures and why its value. Grey levels are 0-255; "block px" are find_carrier's block means."""
+
+    # the search (find_carrier)
+    block: int = 4  # the plate is searched on means of block x block pixels: it is large, and a block's mean has a
+    #                 quarter of a pixel's noise (a dark plate only a few levels above a black surround)
+    block_min_side: int = 256  # a view with a shorter side is searched pixel by pixel (a block would blur its rim)
+    least_pixels: int = 64  # fewer searched pixels, or one level only: no plate can be told from its surround
+    otsu_depth: int = 3  # Otsu again on each side of the last threshold, this deep: a dark plate a few levels off a
+    #                      black surround lies a few splits down, below the hand and soft tissue that take the first
+    classes: int = 3  # a multi-level Otsu's classes: a plate between a darker and a brighter surround
+    commonest_bin: int = 16  # the direct-exposure background: the commonest bin of this many levels
+    smooth_sigma: float = 1.0  # Gaussian smoothing (block px) before gradients and steps: a block mean's noise
+    detail_gradient: float = 4.0  # an edge of the hand: a gradient this many times the view's median one ...
+    least_gradient: float = 0.25  # ... that median taken as at least this (levels/block px): a flat view has none
+    detail_border: int = 3  # gradients this close (block px) to the view's border are the view's edge, not detail
+    large_component: float = 0.05  # components of this share of the largest one's size or more join it in a
+    #                                candidate: a hand lying across the plate can cut its background apart
+    # plate-like (_plate_rect): shares are of the searched pixels
+    min_share: float = 0.25  # a plate covers at least a quarter of the view (the hand lies on it)
+    max_share: float = 0.97  # ... and leaves some of it out: the whole view is no plate
+    least_plate_pixels: int = 16  # a smaller component is no plate, whatever its rectangle
+    min_area_fill: float = 0.45  # the component fills this much of its rectangle: a hand may cover half a plate
+    min_hull_fill: float = 0.9  # the component's convex hull fills this much of its rectangle: a plate is one
+    min_hull_fill_background: float = 0.85  # ... for the background's class, which may miss a plate's corner (a
+    #                                          collimated wedge); a hand's class may not
+    rim_gap: float = 2.0  # what lies "outside" the rectangle starts this many px beyond it (1 on each side): its rim
+    outside_share: float = 0.01  # outside pixels (of the searched ones) under this share: nothing to tell
+    outside_class: float = 0.2  # a plate stands out: at most this share of what lies outside it is of its class
+    frame_depth: float = 3.0  # ... or it is framed: a band this deep (px) beyond its rim ...
+    frame_seen: float = 0.6  # ... that lies mostly (this share) in the view, with at most outside_class of its class
+    # the candidate holds the hand (_holds_the_detail)
+    detail_margin: float = 8.0  # the candidate's own edges, this far (block px) on either side of its sides, left out
+    detail_outside: float = 2.0  # edges outside at most this many times those inside: the hand lies on the plate
+    detail_slack: float = 0.002  # ... plus this share of the view (a few edges of text or a tag outside)
+    # the sides are steps (_sides_are_steps)
+    step: float = 3.0  # across a plate's side the level changes by this many levels more than just inside it
+    step_offset: float = 2.0  # sampled this far (block px) outside and inside the side, and as far again inside
+    step_seen: float = 0.5  # a side with less than this share of its length inside the view is not judged
+    # the exposed field inside the plate (_collimated_field, _border_band)
+    field_size: int = 256  # the plate is made upright at this many px to look for unexposed borders
+    field_least_side: int = 32  # a plate under this many px (upright) is kept whole: too small to hold borders
+    field_depth: float = 0.2  # borders are cut at most this deep (share of the plate's side)
+    field_middle: float = 0.2  # the field's level and noise are those of its middle: this share in from each side
+    field_corners: float = 0.1  # a side's lines leave out this share at each end (the corners: two borders meet)
+    band_noise: float = 3.0  # a band's pixels lie within this many of the field's noise of its level
+    band_within: float = 0.7  # a border band: at least this share of its pixels at its level ...
+    band_after: int = 6  # ... and at most band_after_share of the pixels of the next this many lines
+    band_after_share: float = 0.25  # (a border ends abruptly; the field's own background does not)
+
+
+@dataclass(frozen=True)
+class MaskRules:
+    """The hand mask's thresholds (_hand_mask and what it calls): one field per threshold, with what it measures and
+    why its value. Grey levels are 0-255; pixels are the working resolution's (at most work_size square)."""
+
+    work_size: int = 128  # the mask is found at most this many px square, then upsampled: fast, and a view
+    #                       averaged down this far is smoother than its grey levels
+    least_pixels: int = 64  # fewer content pixels, or one level only: no mask
+    rim_share: float = 0.05  # the content's rim: this share of the side deep ...
+    least_rim: int = 3  # ... and at least this many px
+    # the background (_background_level)
+    local_window: int = 5  # the local standard deviation's window (px)
+    noise_percentile: float = 25.0  # the noise: this percentile of the local standard deviation (the flattest
+    #                                 quarter: the background, whatever share of the view the hand covers)
+    least_noise: float = 0.5  # ... at least this (levels): a view with no noise still has rounding
+    flat_noise: float = 2.0  # a flat pixel: local standard deviation within this many times the noise
+    least_flat: int = 32  # fewer flat pixels: the background level is the content's median
+    commonest_width: float = 4.0  # the commonest level: the peak of the histogram smoothed over this many levels
+    # the heel effect: a plane through the background, subtracted
+    plane_noise: float = 8.0  # the plane's pixels: flat, within this many times the noise of the background level
+    plane_rounds: int = 2  # fitted this many times, each on the pixels the last fit left within ...
+    plane_mad: float = 2.5  # ... this many robust standard deviations (1.4826 MADs) of its residuals ...
+    plane_slack: float = 1.0  # ... plus this many levels (a noiseless view's residuals are all 0)
+    heel_spread: float = 4.0  # a real gradient: the plane's slopes (levels across the view) above this many times
+    heel_slack: float = 2.0  # the residuals' spread plus this many levels; less is noise, left alone
+    # polarity and thresholds
+    extreme_percentile: float = 0.5  # the view's extremes: this percentile from either end (not a few specks)
+    otsu_bins: int = 64  # the four-class Otsu's histogram bins (for speed)
+    off_background_noise: float = 3.0  # thresholds just off the background (a faint soft tissue): this many times
+    #                                    the noise from it, and twice as far
+    contrast_floor: float = 0.05  # no threshold within this share of the view's contrast of the background: a plate
+    #                               a level or two off its surround, in a view averaged down smoother than its levels
+    floor_noise: float = 2.0  # ... nor within this many times the noise (the background's own noise)
+    # markers and plate edges: the brightest and flat, touching the rim
+    edge_noise: float = 3.0  # the brightest: within this many times the noise of the view's extreme ...
+    edge_flat_noise: float = 1.5  # ... and flat: local standard deviation within this many times the noise ...
+    edge_flat_slack: float = 0.5  # ... plus this many levels
+    edge_grow: int = 2  # such patches are grown by this many px (their blurred edge)
+    # hand-like components (_hand_components): shares of the content
+    least_area: float = 0.01  # a hand covers at least this share ...
+    most_area: float = 0.75  # ... and at most this (more: the field or the plate)
+    most_rim: float = 0.3  # a hand covers at most this share of the content's rim (more: a plate's frame)
+    texture_noise: float = 2.5  # a hand is textured: its standard deviation at least this many times the noise ...
+    texture_contrast: float = 0.06  # ... and this share of the view's contrast (a uniform marker or plate edge is not)
+    least_thickness: float = 2.0  # a hand is thick: somewhere at least this many px from its edge ...
+    thickness_share: float = 0.02  # ... and this share of the side (a thin line of text or a plate edge is not)
+    plate_area: float = 0.2  # a component of at least this share ...
+    plate_fill: float = 0.8  # ... filling this much of its rectangle ...
+    plate_cover: float = 0.6  # ... which covers this share of the content is the plate: that level shows no hand
+    frame_full: float = 0.6  # a line covered over this share of its length near a side is a frame, not a hand (a
+    #                          forearm or a wrist crosses a side over a third of it at most)
+    # the mask's edge
+    margin_growth: int = 2  # the mask grows this many px into the faint margin above the floor (in a low-contrast
+    #                         view the margin lies in the noise, and the levels that would take it in leak)
+    hole_share: float = 0.005  # holes under this share of the content are filled (joint spaces, dark trabeculae);
+    #                            larger ones are kept (a loop of flexed fingers)
+    doubt_band: int = 2  # the doubts' bands just outside and inside the mask's edge (px)
+
+    @property
+    def faint_contrast(self) -> float:
+        """A threshold just above the contrast floor (1.2 times it) between the background and each extreme."""
+        return 1.2 * self.contrast_floor
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Their Figure 1 pipeline; every step can be switched off: 'raw', 'crop' or 'full', each with or without HE."""
+    """Their Figure 1 pipeline; every step can be switched off: 'raw', 'crop' or 'full', each with or without HE.
+    The crop's and the mask's thresholds are named rules (CropRules, MaskRules), part of the cache's key."""
 
     crop: bool = True  # carrier crop: Otsu + the detector plate's minimum-area rotated rectangle (else whole image)
     segment: bool = True  # foreground segmentation: a hand mask, and the background set to 0
     equalize: str | None = "he"  # histogram equalisation: "he", "clahe" or None
     size: int = 512  # aspect-preserving resize and padding to a square (512: autoencoders; 128: the GAN family)
+    crop_rules: CropRules = CropRules()  # the plate and field search's thresholds
+    mask_rules: MaskRules = MaskRules()  # the hand mask's thresholds
 
     def __post_init__(self):
         for name in ("crop", "segment"):
@@ -2838,6 +2962,9 @@ class PreprocessConfig:
         object.__setattr__(self, "size", _number_setting("PreprocessConfig", "size", self.size, int, 4, 8192))
         if self.equalize not in ("he", "clahe", None):
             raise ConfigError(f"PreprocessConfig.equalize must be one of ('he', 'clahe', None), got {self.equalize!r}")
+        for name, kind in (("crop_rules", CropRules), ("mask_rules", MaskRules)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"PreprocessConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
 
     @property
     def name(self) -> str:
@@ -2885,74 +3012,80 @@ def rect_mask(shape: tuple[int, int], rect) -> np.ndarray:
     return (np.abs(u) <= w / 2) & (np.abs(v) <= h / 2)
 
 
-def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray, min_share: float,
-                max_share: float, min_fill: float = 0.9):
+def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray, min_hull_fill: float,
+                rules: CropRules):
     """(share, center, (w, h), angle) of a component's minimum-area rectangle when it is plate-like, else None:
-    it covers at least min_share of the searched pixels and leaves at least 1 - max_share of them out (a tilted
-    plate may reach past the view's edges; the whole view is no plate), the convex hull fills min_fill of it, and
-    what lies outside it is mostly not of the component's class (`region`): a plate stands out from its surround,
-    while the background beside a straight finger, a rectangle too, does not."""
+    it covers at least rules.min_share of the searched pixels and leaves at least 1 - rules.max_share of them out
+    (a tilted plate may reach past the view's edges; the whole view is no plate), the convex hull fills
+    `min_hull_fill` of it, and what lies outside it is mostly not of the component's class (`region`): a plate
+    stands out from its surround, while the background beside a straight finger, a rectangle too, does not."""
     area = int(component.sum())
-    if area < max(16, 0.45 * min_share * searched.sum()):  # too small to be a plate, whatever its rectangle
-        return None
+    if area < max(rules.least_plate_pixels, rules.min_area_fill * rules.min_share * searched.sum()):
+        return None  # too small to be a plate, whatever its rectangle
     ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))  # its outline has the same hull
-    if len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # a line: no area, not a plate
+    if len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # a line (a hull needs 3 points): no area, not a plate
         return None
-    if (np.ptp(xs) + 1) * (np.ptp(ys) + 1) < min_share * searched.sum():
+    if (np.ptp(xs) + 1) * (np.ptp(ys) + 1) < rules.min_share * searched.sum():
         return None
     points = np.column_stack([xs, ys]).astype(float)
     center, (w, h), angle = min_area_rect(points)
     share = w * h / searched.sum()  # above 1 for a tilted plate reaching past the view's edges
-    if not (share >= min_share and area / (w * h) > 0.45 and ConvexHull(points).volume / max(w * h, 1e-9) > min_fill):
+    if not (share >= rules.min_share and area / (w * h) > rules.min_area_fill
+            and ConvexHull(points).volume / max(w * h, 1e-9) > min_hull_fill):  # (1e-9: no division by zero)
         return None
-    if (searched & ~rect_mask(searched.shape, (center, (w, h), angle))).sum() < (1 - max_share) * searched.sum():
+    if (searched & ~rect_mask(searched.shape, (center, (w, h), angle))).sum() < (1 - rules.max_share) * searched.sum():
         return None  # the whole view, not a plate in it
-    outside = searched & ~rect_mask(searched.shape, (center, (w + 2, h + 2), angle))
-    if outside.sum() > 0.01 * searched.sum() and region[outside].mean() > 0.2:
+    rim = (w + rules.rim_gap, h + rules.rim_gap)
+    outside = searched & ~rect_mask(searched.shape, (center, rim, angle))
+    if outside.sum() > rules.outside_share * searched.sum() and region[outside].mean() > rules.outside_class:
         # ... or framed: a band just around it lies mostly in the view and is not of its class (a field inside a
         # plate's lighter frame, with the surround beyond it as dark as the field)
-        ring = rect_mask(searched.shape, (center, (w + 8, h + 8), angle)) & ~rect_mask(searched.shape,
-                                                                                        (center, (w + 2, h + 2), angle))
-        band = ring & searched
-        if band.sum() < 0.6 * (2 * (w + h) * 3) or region[band].mean() > 0.2:
+        beyond = (rim[0] + 2 * rules.frame_depth, rim[1] + 2 * rules.frame_depth)
+        band = rect_mask(searched.shape, (center, beyond, angle)) & ~rect_mask(searched.shape, (center, rim, angle))
+        band &= searched
+        if (band.sum() < rules.frame_seen * (2 * (w + h) * rules.frame_depth)
+                or region[band].mean() > rules.outside_class):
             return None
     return share, center, (w, h), angle
 
 
-def _holds_the_detail(found, detail: np.ndarray, margin: float = 8.0) -> bool:
+def _holds_the_detail(found, detail: np.ndarray, rules: CropRules) -> bool:
     """Whether a plate candidate (share, center, (w, h), angle) holds most of the view's edges (the hand's): a dark
     rectangle beside a light surround that holds the hand is not the plate. (`detail`: strong edges, away from
-    the searched area's border; `margin`: the candidate's own edges, left out.)"""
+    the searched area's border; rules.detail_margin: the candidate's own edges, left out.)"""
     _, center, (w, h), angle = found
+    margin = rules.detail_margin
     inner = detail & rect_mask(detail.shape, (center, (w - margin, h - margin), angle))
     outer = detail & ~rect_mask(detail.shape, (center, (w + margin, h + margin), angle))
-    return outer.sum() <= 2 * inner.sum() + 0.002 * detail.size
+    return outer.sum() <= rules.detail_outside * inner.sum() + rules.detail_slack * detail.size
 
 
-def _sides_are_steps(found, smooth: np.ndarray, step: float = 3.0, offset: float = 2.0) -> bool:
+def _sides_are_steps(found, smooth: np.ndarray, rules: CropRules) -> bool:
     """Whether each side of a plate candidate (share, center, (w, h), angle) that lies mostly inside the view is a
-    step: across it (from `offset` pixels outside to `offset` inside) the smoothed view changes by `step` grey
-    levels more than over as far again inside, in the median along the side. A plate's rim is such a step; the line
-    where a smooth gradient (a heel effect) crosses a threshold is none, nor is a rectangle around a hand, which
-    runs through background."""
+    step: across it (from rules.step_offset pixels outside to as far inside) the smoothed view changes by
+    rules.step grey levels more than over as far again inside, in the median along the side. A plate's rim is such
+    a step; the line where a smooth gradient (a heel effect) crosses a threshold is none, nor is a rectangle around
+    a hand, which runs through background."""
     _, center, (w, h), angle = found
+    offset = rules.step_offset
     u, v = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1], [-1, -1]], float).T * [[w / 2], [h / 2]]
     turn = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     corners = np.column_stack([u, v]) @ turn.T + center
     for a, b in zip(corners, corners[1:]):
         points = np.linspace(a, b, max(int(np.hypot(*(b - a))), 2))
-        inward = (center - (a + b) / 2) / max(float(np.hypot(*(center - (a + b) / 2))), 1e-9)
-        xs, ys = np.round(points[None] + np.array([-1, 1, 3])[:, None, None] * offset * inward).astype(int).T
+        inward = (center - (a + b) / 2) / max(float(np.hypot(*(center - (a + b) / 2))), 1e-9)  # (no division by 0)
+        depths = np.array([-1, 1, 3])  # in offsets: outside, inside, and as far again inside (3 = 1 + 2)
+        xs, ys = np.round(points[None] + depths[:, None, None] * offset * inward).astype(int).T
         valid = ((xs >= 0) & (ys >= 0) & (xs < smooth.shape[1]) & (ys < smooth.shape[0])).all(1)
-        if valid.mean() < 0.5:
+        if valid.mean() < rules.step_seen:
             continue
         outside, inside, deeper = smooth[ys[valid].T, xs[valid].T]
-        if abs(np.median((inside - outside) - (deeper - inside))) < step:
+        if abs(np.median((inside - outside) - (deeper - inside))) < rules.step:
             return False
     return True
 
 
-def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0.97):
+def find_carrier(gray: np.ndarray, rules: CropRules = CropRules()):
     """The detector plate as a rotated rectangle (center, (w, h), angle), or None when no plate stands out.
 
     Searched on block means at a quarter resolution, binarised at Otsu's threshold, at Otsu's threshold of each
@@ -2964,28 +3097,29 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
     does neither), whose sides inside the view are steps (_sides_are_steps) and which holds the hand's edges. The
     largest wins.
     """
-    step = 4 if min(gray.shape) >= 256 else 1  # the plate is large: a quarter resolution will do, each pixel the
-    # mean of its block (the noise a quarter as strong: a dark plate only a few levels above a black surround)
+    step = rules.block if min(gray.shape) >= rules.block_min_side else 1  # each pixel its block's mean
     h, w = gray.shape[0] // step * step, gray.shape[1] // step * step
-    small = (gray[:h, :w].reshape(h // step, step, w // step, step).mean((1, 3)) + 0.5).astype(np.uint8)
+    small = (gray[:h, :w].reshape(h // step, step, w // step, step).mean((1, 3)) + 0.5).astype(np.uint8)  # rounded
     searched, values = np.ones(small.shape, bool), small.ravel()  # the whole view
-    if values.size < 64 or values.min() == values.max():
+    if values.size < rules.least_pixels or values.min() == values.max():
         return None
     otsu = threshold_otsu(values)
     thresholds = {otsu}
-    for side in (np.less_equal, np.greater):  # Otsu again on each side, thrice
+    for side in (np.less_equal, np.greater):  # Otsu again on each side, rules.otsu_depth deep
         part = values
-        for _ in range(3):
+        for _ in range(rules.otsu_depth):
             part = part[side(part, threshold_otsu(part))]
             if np.ptp(part) == 0:
                 break
             thresholds.add(threshold_otsu(part))
-    if len(np.unique(values)) > 3:
-        thresholds |= set(threshold_multiotsu(values, classes=3).tolist())
-    commonest = 16 * np.argmax(np.bincount(values // 16)) + 8  # the direct-exposure background, mostly
-    smooth = ndimage.gaussian_filter(small.astype(np.float32), 1.0)
+    if len(np.unique(values)) > rules.classes:
+        thresholds |= set(threshold_multiotsu(values, classes=rules.classes).tolist())
+    bin_ = rules.commonest_bin  # the direct-exposure background, mostly: the middle of the commonest bin
+    commonest = bin_ * np.argmax(np.bincount(values // bin_)) + bin_ // 2
+    smooth = ndimage.gaussian_filter(small.astype(np.float32), rules.smooth_sigma)
     grad = np.hypot(*np.gradient(smooth))
-    detail = ndimage.binary_erosion(searched, iterations=3) & (grad > 4 * max(float(np.median(grad)), 0.25))
+    detail = ndimage.binary_erosion(searched, iterations=rules.detail_border) & (
+        grad > rules.detail_gradient * max(float(np.median(grad)), rules.least_gradient))
     best, tried = None, set()
     for threshold in sorted(thresholds):
         above = small > threshold
@@ -2995,75 +3129,85 @@ def find_carrier(gray: np.ndarray, min_share: float = 0.25, max_share: float = 0
                 continue
             sizes = np.bincount(labels.ravel())[1:]
             largest = labels == np.argmax(sizes) + 1
-            large = np.flatnonzero(sizes >= 0.05 * sizes.max()) + 1
+            large = np.flatnonzero(sizes >= rules.large_component * sizes.max()) + 1
             for component in (largest, np.isin(labels, large)) if len(large) > 1 else (largest,):
                 key = (background, hash(component.tobytes()))  # close thresholds often give the same component
                 if key in tried:
                     continue
                 tried.add(key)
                 # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
-                found = _plate_rect(component, region, searched, min_share, max_share, 0.85 if background else 0.9)
-                if found is not None and _holds_the_detail(found, detail) and _sides_are_steps(found, smooth) and (
-                        best is None or found[0] > best[0]):
+                fill = rules.min_hull_fill_background if background else rules.min_hull_fill
+                found = _plate_rect(component, region, searched, fill, rules)
+                if found is not None and _holds_the_detail(found, detail, rules) and (
+                        _sides_are_steps(found, smooth, rules)) and (best is None or found[0] > best[0]):
                     best = found
-    return None if best is None else (best[1] * step + (step - 1) / 2, (best[2][0] * step, best[2][1] * step), best[3])
+    if best is None:
+        return None
+    _, center, (w, h), angle = best
+    return center * step + (step - 1) / 2, (w * step, h * step), angle  # in the view's pixels
 
 
-def _border_band(lines: np.ndarray, tol: float, depth: int, background: float | None) -> int:
-    """How many of the first `lines` (rows: a side's lines, from the edge in) form a band of one level, not the
-    field's `background` (None: any level), that ends abruptly: 70% of their pixels within `tol` of its level,
-    under 25% of the next six lines'. 0 when none (background up to a hand that fills the lines is no band).
-    NaN pixels (beyond the view) count for nothing."""
-    lines = lines[:depth + 6]
+def _border_band(lines: np.ndarray, tol: float, depth: int, background: float | None, rules: CropRules) -> int:
+    """How many of the first `lines` (rows: a side's lines, from the edge in), at most `depth`, form a band of one
+    level, not the field's `background` (None: any level), that ends abruptly: rules.band_within of their pixels
+    within `tol` of its level, at most rules.band_after_share of the next rules.band_after lines'. 0 when none
+    (background up to a hand that fills the lines is no band). NaN pixels (beyond the view) count for nothing."""
+    after = rules.band_after
+    lines = lines[:depth + after]
     seen = ~np.isnan(lines)
     rows = np.repeat(np.arange(len(lines)), seen.sum(1))  # each line's histogram of (rounded) grey levels
-    cumulative = np.cumsum(np.bincount(rows * 256 + np.clip(np.round(lines[seen]), 0, 255).astype(np.int64),
-                                       minlength=len(lines) * 256).reshape(len(lines), 256), 1)
+    bins = 256  # a bin per 8-bit grey level
+    levels = np.clip(np.round(lines[seen]), 0, bins - 1).astype(np.int64)
+    cumulative = np.cumsum(np.bincount(rows * bins + levels, minlength=len(lines) * bins).reshape(len(lines), bins), 1)
     totals = cumulative[:, -1]
     medians = np.array([np.searchsorted(c, t / 2) if t else np.nan for c, t in zip(cumulative, totals)])
     counts = np.cumsum(totals)
     best, best_score = 0, 0.0
-    for cut in range(2, min(depth, len(lines) - 6) + 1):
+    for cut in range(2, min(depth, len(lines) - after) + 1):
         if np.isnan(medians[:cut]).all():
             continue
         level = np.nanmedian(medians[:cut])
         if background is not None and abs(level - background) <= tol:
             continue
-        low, high = int(np.clip(math.ceil(level - tol), 0, 255)), int(np.clip(math.floor(level + tol), 0, 255))
-        near = cumulative[:cut + 6, high] - (cumulative[:cut + 6, low - 1] if low > 0 else 0)
+        low, high = (int(np.clip(edge, 0, bins - 1)) for edge in (math.ceil(level - tol), math.floor(level + tol)))
+        near = cumulative[:cut + after, high] - (cumulative[:cut + after, low - 1] if low > 0 else 0)
         inside = float(near[:cut].sum() / max(counts[cut - 1], 1))
-        after = float(near[cut:].sum() / max(counts[cut + 5] - counts[cut - 1], 1))
-        if inside >= 0.7 and after <= 0.25 and inside - after > best_score:
-            best, best_score = cut, inside - after
+        next_ = float(near[cut:].sum() / max(counts[cut + after - 1] - counts[cut - 1], 1))
+        if inside >= rules.band_within and next_ <= rules.band_after_share and inside - next_ > best_score:
+            best, best_score = cut, inside - next_
     return best
 
 
-def _collimated_field(gray: np.ndarray, plate, size: int = 256, depth: float = 0.2):
+def _collimated_field(gray: np.ndarray, plate, rules: CropRules = CropRules(), level_rules: MaskRules = MaskRules()):
     """The exposed field inside a plate (a rectangle like it): along each side, bands of one level each (the
     surround that the plate's rectangle took in, collimation's unexposed border; see _border_band), at most
-    `depth` of the plate deep, are cut off. Looked for in the plate made upright at `size` px."""
+    rules.field_depth of the plate deep, are cut off. Looked for in the plate made upright at rules.field_size px;
+    the field's level and noise are measured as the mask measures the background (`level_rules`)."""
+    size = rules.field_size
     affine = _square_affine((gray.shape[1], gray.shape[0]), plate, size)
     upright = _warp(gray, affine, size).astype(np.float32)
     scale = size / max(plate[1])
     x0, y0 = (int(math.ceil(size / 2 - side * scale / 2)) for side in plate[1])
     inner = upright[y0:size - y0, x0:size - x0]
     h, w = inner.shape
-    if min(h, w) < 32:
+    if min(h, w) < rules.field_least_side:
         return plate
-    in_view = _warp(np.full(gray.shape, 255, np.uint8), affine, size, order=0)[y0:size - y0, x0:size - x0] > 0
+    in_view = _warp(np.full(gray.shape, 255, np.uint8), affine, size, order=0)[y0:size - y0, x0:size - x0] > 0  # 8 bit
     seen = np.where(in_view, inner, np.nan)
-    middle = inner[h // 5:h - h // 5, w // 5:w - w // 5]  # the field's, whatever its borders
-    _, noise, _, background = _background_level(middle, np.ones(middle.shape, bool))
-    tol = 3 * noise
+    my, mx = int(rules.field_middle * h), int(rules.field_middle * w)
+    middle = inner[my:h - my, mx:w - mx]  # the field's, whatever its borders
+    _, noise, _, background = _background_level(middle, np.ones(middle.shape, bool), level_rules)
+    tol = rules.band_noise * noise
+    ch, cw = int(rules.field_corners * h), int(rules.field_corners * w)
     margins = []
-    for lines in (seen[:, w // 10:w - w // 10], seen[::-1, w // 10:w - w // 10],  # top, bottom,
-                  seen[h // 10:h - h // 10].T, seen[h // 10:h - h // 10, ::-1].T):  # left, right (corners out)
-        deepest, cut = int(depth * len(lines)), 0
+    for lines in (seen[:, cw:w - cw], seen[::-1, cw:w - cw],  # top, bottom,
+                  seen[ch:h - ch].T, seen[ch:h - ch, ::-1].T):  # left, right (corners out)
+        deepest, cut = int(rules.field_depth * len(lines)), 0
         while True:  # the surround, then a border
-            band = _border_band(lines[cut:], tol, deepest - cut, background)
+            band = _border_band(lines[cut:], tol, deepest - cut, background, rules)
             if not band:  # a surround as dark as the field counts when a border follows it
-                band = _border_band(lines[cut:], tol, deepest - cut, None)
-                border = _border_band(lines[cut + band:], tol, deepest - cut - band, background) if band else 0
+                band = _border_band(lines[cut:], tol, deepest - cut, None, rules)
+                border = _border_band(lines[cut + band:], tol, deepest - cut - band, background, rules) if band else 0
                 band = band + border if border else 0
             if not band:
                 break
@@ -3077,11 +3221,11 @@ def _collimated_field(gray: np.ndarray, plate, size: int = 256, depth: float = 0
     return center, ((w - left - right) / scale, (h - top - bottom) / scale), plate[2]
 
 
-def find_field(gray: np.ndarray):
+def find_field(gray: np.ndarray, rules: CropRules = CropRules(), level_rules: MaskRules = MaskRules()):
     """The carrier crop's rectangle: the plate (find_carrier), narrowed to the exposed field inside it when
     collimation left unexposed borders (see _collimated_field); None when no plate stands out."""
-    plate = find_carrier(gray)
-    return None if plate is None else _collimated_field(gray, plate)
+    plate = find_carrier(gray, rules)
+    return None if plate is None else _collimated_field(gray, plate, rules, level_rules)
 
 
 def _square_affine(size_wh, carrier, out_size: int) -> np.ndarray:
@@ -3107,25 +3251,27 @@ def _warp(image: np.ndarray, affine: np.ndarray, out_size: int, order: int = 1) 
     return np.asarray(warped)
 
 
-def _class_thresholds(values: np.ndarray) -> list[float]:
+def _class_thresholds(values: np.ndarray, rules: MaskRules) -> list[float]:
     """Candidate thresholds between a view's intensity classes: Otsu's, and those of a three- and a four-class
-    Otsu (the four-class one on a 64-bin histogram, for speed), ascending."""
+    Otsu (the four-class one on a rules.otsu_bins histogram, for speed), ascending."""
     if np.ptp(values) == 0:
         return []
     thresholds = {float(threshold_otsu(values))}
-    if len(np.unique(values)) > 3:
-        thresholds |= set(threshold_multiotsu(values, classes=3).tolist())
-        counts, edges = np.histogram(values, bins=64)
-        if (counts > 0).sum() > 4:
-            thresholds |= set(threshold_multiotsu(hist=(counts, (edges[:-1] + edges[1:]) / 2), classes=4).tolist())
+    if len(np.unique(values)) > 3:  # (a three-class Otsu needs more than 3 levels)
+        thresholds |= set(threshold_multiotsu(values, classes=3).tolist())  # (3 classes: the split of its name)
+        counts, edges = np.histogram(values, bins=rules.otsu_bins)
+        if (counts > 0).sum() > 4:  # (a four-class Otsu: more than 4 filled bins)
+            centers = (edges[:-1] + edges[1:]) / 2
+            thresholds |= set(threshold_multiotsu(hist=(counts, centers), classes=4).tolist())  # (4: its name)
     return sorted(thresholds)
 
 
 def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content: np.ndarray, flat: float,
-                     spread: float) -> np.ndarray:
+                     spread: float, rules: MaskRules = MaskRules()) -> np.ndarray:
     """The hand-like components of a foreground: large, thick, textured, not the plate or field (covering much of
     the content's rim or most of the content), not a marker or plate edge (thin, or uniform like the background).
-    None at all when one is a large filled rectangle: the plate, at a level that shows no hand apart from it."""
+    None at all when one is a large filled rectangle: the plate, at a level that shows no hand apart from it.
+    (`flat`: the background's noise; `spread`: the view's contrast; 0 for either drops the texture test's part.)"""
     labels, n = ndimage.label(fg)
     if n == 0:
         return fg
@@ -3133,22 +3279,24 @@ def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content
     area = ndimage.sum_labels(fg, labels, index)
     on_rim = ndimage.sum_labels(ring, labels, index)
     total = content.sum()
-    keep = (area >= 0.01 * total) & (area <= 0.75 * total) & (on_rim <= 0.3 * ring.sum())
+    keep = (area >= rules.least_area * total) & (area <= rules.most_area * total) & (
+        on_rim <= rules.most_rim * ring.sum())
     if keep.any():
-        keep &= ndimage.standard_deviation(work, labels, index) >= max(2.5 * flat, 0.06 * spread)
+        keep &= ndimage.standard_deviation(work, labels, index) >= max(rules.texture_noise * flat,
+                                                                       rules.texture_contrast * spread)
     if keep.any():
         thickness = ndimage.maximum(ndimage.distance_transform_edt(fg), labels, index)
-        keep &= thickness >= max(2.0, 0.02 * fg.shape[0])
-    for k in np.flatnonzero(keep & (area >= 0.2 * total)):  # a filled rectangle over most of it: the plate
+        keep &= thickness >= max(rules.least_thickness, rules.thickness_share * fg.shape[0])
+    for k in np.flatnonzero(keep & (area >= rules.plate_area * total)):  # a filled rectangle over most: the plate
         component = labels == index[k]
         ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))
         _, (w, h), _ = min_area_rect(np.column_stack([xs, ys]).astype(float))
-        if area[k] >= 0.8 * w * h and w * h >= 0.6 * total:
+        if area[k] >= rules.plate_fill * w * h and w * h >= rules.plate_cover * total:
             return np.zeros_like(fg)  # this level shows the plate, and the hand within it only at another
     return np.isin(labels, index[keep])
 
 
-def _commonest_level(values: np.ndarray, width: float = 4.0) -> float:
+def _commonest_level(values: np.ndarray, width: float) -> float:
     """The most common grey level of `values`: the peak of their histogram smoothed over about `width` levels
     (no bin edges to split a level's pixels between two bins)."""
     values = np.asarray(values, np.float32)
@@ -3157,7 +3305,7 @@ def _commonest_level(values: np.ndarray, width: float = 4.0) -> float:
     return low + float(np.argmax(ndimage.gaussian_filter1d(counts, width / 2, mode="constant")))
 
 
-def _without_frame(mask: np.ndarray, inside: np.ndarray, depth: int, full: float = 0.6) -> np.ndarray:
+def _without_frame(mask: np.ndarray, inside: np.ndarray, depth: int, full: float) -> np.ndarray:
     """The mask without a plate's frame: a run of at most `depth` lines, starting within `depth` of a side of the
     (upright, cropped) content, each covered for more than `full` of its length, is a frame or a plate edge, not
     a hand (a forearm or a wrist crosses a side over a third of it at most)."""
@@ -3181,9 +3329,9 @@ def _without_frame(mask: np.ndarray, inside: np.ndarray, depth: int, full: float
     return cleaned
 
 
-def hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> tuple[np.ndarray, bool]:
+def hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRules()) -> tuple[np.ndarray, bool]:
     """Foreground (hand) mask inside `content` pixels, and whether the view was inverted (see _hand_mask)."""
-    mask, inverted, _ = _hand_mask(image, content, work_size)
+    mask, inverted, _ = _hand_mask(image, content, rules)
     return mask, inverted
 
 
@@ -3194,120 +3342,125 @@ MASK_DOUBTS = {"missed": "foreground left outside the mask (share of its area)",
                "rim": "the mask covers much of the content's rim (share)"}
 
 
-def _background_level(small: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, float]:
-    """(local std over 5x5, the background's noise, its flat pixels, its level) of a view at working size: the
-    noise is the flattest quarter's; the level the commonest flat one (not the rim's: a plate's frame along the rim
-    is not it)."""
-    mean = ndimage.uniform_filter(small, 5)
-    local = np.sqrt(np.maximum(ndimage.uniform_filter(small * small, 5) - mean * mean, 0))
-    noise = max(float(np.percentile(local[inside], 25)), 0.5)
-    flat = inside & (local <= 2 * noise)
-    level = _commonest_level(small[flat]) if flat.sum() >= 32 else float(np.median(small[inside]))
+def _background_level(small: np.ndarray, inside: np.ndarray,
+                      rules: MaskRules) -> tuple[np.ndarray, float, np.ndarray, float]:
+    """(local standard deviation, the background's noise, its flat pixels, its level) of a view at working size:
+    the noise is the flattest quarter's; the level the commonest flat one (not the rim's: a plate's frame along the
+    rim is not it)."""
+    mean = ndimage.uniform_filter(small, rules.local_window)
+    local = np.sqrt(np.maximum(ndimage.uniform_filter(small * small, rules.local_window) - mean * mean, 0))
+    noise = max(float(np.percentile(local[inside], rules.noise_percentile)), rules.least_noise)
+    flat = inside & (local <= rules.flat_noise * noise)
+    level = (_commonest_level(small[flat], rules.commonest_width) if flat.sum() >= rules.least_flat
+             else float(np.median(small[inside])))
     return local, noise, flat, level
 
 
-def _hand_mask(image: np.ndarray, content: np.ndarray, work_size: int = 128) -> tuple[np.ndarray, bool, dict]:
+def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRules()) -> tuple[np.ndarray, bool, dict]:
     """Foreground (hand) mask inside `content` pixels, whether the view was inverted (hand darker than its
     background), and the signals of a doubtful mask (MASK_DOUBTS).
 
     Classical, as a stand-in for the paper's SSD hand detector and Photoshop masks, at a working resolution of at
-    most `work_size` (the mask is upsampled): the background is the commonest flat level; the hand lies on the
+    most rules.work_size (the mask is upsampled): the background is the commonest flat level; the hand lies on the
     side of it where the view's extremes lie farthest (bone: brighter, or darker when inverted). Thresholds
     between intensity classes (Otsu, 3- and 4-class Otsu) and just off the background are tried from the
-    background's side outwards, none closer to it than its noise or 5% of the view's contrast; the first that
+    background's side outwards, none closer to it than its noise or a share of the view's contrast; the first that
     leaves hand-like components (see _hand_components; every one kept: two hands) wins, else the other polarity is
     tried. Uniform bright patches touching the rim (markers, plate edges) and a plate's frame are cut out first;
-    the mask then grows up to two pixels into the soft tissue's faint margin above that floor.
+    the mask then grows a few pixels into the soft tissue's faint margin above that floor (see MaskRules).
     """
     size = image.shape[0]
-    n = min(size, work_size)
+    n = min(size, rules.work_size)
     if n < size:
         small = np.asarray(Image.fromarray(image).resize((n, n), Image.Resampling.BOX), np.float32)
-        inside = np.asarray(Image.fromarray(content.astype(np.uint8) * 255).resize((n, n), Image.Resampling.BOX)) > 250
+        content_8bit = content.astype(np.uint8) * 255  # (255: 8-bit white)
+        whole_block = np.asarray(Image.fromarray(content_8bit).resize((n, n), Image.Resampling.BOX))
+        inside = whole_block > 250  # (250 of 255: a block wholly inside the content)
     else:
         small, inside = image.astype(np.float32), content.astype(bool)
     whole, inside = inside, ndimage.binary_erosion(inside, border_value=0)  # edge pixels blend with the zero fill
     values = small[inside]
-    if values.size < 64 or np.ptp(values) == 0:
+    if values.size < rules.least_pixels or np.ptp(values) == 0:
         return np.zeros_like(content, bool), False, dict.fromkeys(MASK_DOUBTS, 0.0)
-    rim = max(3, n // 20)
+    rim = max(rules.least_rim, int(rules.rim_share * n))
     ring = inside & ~ndimage.binary_erosion(inside, iterations=rim, border_value=0)
-    local, noise, flat, background = _background_level(small, inside)
-    near = flat & (np.abs(small - background) <= 8 * noise)
-    if near.sum() >= 32:  # flatten the background: a plane through the pixels near its level (robustly, twice)
+    local, noise, flat, background = _background_level(small, inside, rules)
+    near = flat & (np.abs(small - background) <= rules.plane_noise * noise)
+    if near.sum() >= rules.least_flat:  # flatten the background: a plane through the pixels near its level, robustly
         ys, xs = np.nonzero(near)
-        design = np.column_stack([np.ones(len(xs)), xs / n - 0.5, ys / n - 0.5])
+        design = np.column_stack([np.ones(len(xs)), xs / n - 0.5, ys / n - 0.5])  # (0.5: about the view's centre)
         fit = np.ones(len(xs), bool)
-        for _ in range(2):
+        for _ in range(rules.plane_rounds):
             coef = np.linalg.lstsq(design[fit], small[ys, xs][fit], rcond=None)[0]
             residual = small[ys, xs] - design @ coef
             deviation = np.abs(residual - np.median(residual))
-            fit = deviation <= 2.5 * 1.4826 * np.median(deviation) + 1
-        spread = 1.4826 * np.median(np.abs(residual[fit] - np.median(residual[fit])))
-        if abs(coef[1]) + abs(coef[2]) > 4 * spread + 2:  # a real gradient (a heel effect), not noise
-            yy, xx = np.mgrid[:n, :n] / n - 0.5
+            fit = deviation <= rules.plane_mad * MAD_TO_SD * np.median(deviation) + rules.plane_slack
+        spread = MAD_TO_SD * np.median(np.abs(residual[fit] - np.median(residual[fit])))
+        if abs(coef[1]) + abs(coef[2]) > rules.heel_spread * spread + rules.heel_slack:  # a real gradient (a heel
+            yy, xx = np.mgrid[:n, :n] / n - 0.5  # effect), not noise; (0.5: about the view's centre, as the fit)
             small = np.where(inside, small - coef[1] * xx - coef[2] * yy, small).astype(np.float32)
             values = small[inside]
-            local, noise, flat, background = _background_level(small, inside)
-    lo, hi = np.percentile(values, [0.5, 99.5])
+            local, noise, flat, background = _background_level(small, inside, rules)
+    lo, hi = np.percentile(values, [rules.extreme_percentile, 100 - rules.extreme_percentile])  # (100: per cent)
     prior = bool(background - lo > hi - background)
 
-    thresholds = _class_thresholds(values)  # besides the classes: just off the background (a faint soft tissue)
-    thresholds += [background + k * noise * (-1 if side else 1) for side in (prior, not prior) for k in (3, 6)]
-    thresholds += [background + 0.06 * (extreme - background) for extreme in (lo, hi)]  # just above that floor
+    thresholds = _class_thresholds(values, rules)  # besides the classes: just off the background (faint soft tissue)
+    thresholds += [background + k * rules.off_background_noise * noise * (-1 if side else 1)
+                   for side in (prior, not prior) for k in (1, 2)]
+    thresholds += [background + rules.faint_contrast * (extreme - background) for extreme in (lo, hi)]
     found, inverted = np.zeros((n, n), bool), prior
     for inverted, texture in ((prior, 1.0), (not prior, 1.0), (prior, 0.0)):  # last: a hand without texture
-        work = 255 - small if inverted else small
-        levels = sorted(255 - t for t in thresholds) if inverted else sorted(thresholds)
-        extreme = 255 - lo if inverted else hi
+        work = 255 - small if inverted else small  # (255: the 8-bit negative)
+        levels = sorted(255 - t for t in thresholds) if inverted else sorted(thresholds)  # (the 8-bit negative)
+        extreme = 255 - lo if inverted else hi  # (the 8-bit negative)
         # the brightest and flat: markers, plate edges
-        edge = (work > extreme - 3 * noise) & (local <= 1.5 * noise + 0.5) & inside
+        edge = (work > extreme - rules.edge_noise * noise) & (
+            local <= rules.edge_flat_noise * noise + rules.edge_flat_slack) & inside
         labels, count = ndimage.label(edge)
         if count:
             touching = np.unique(labels[ring & edge])
-            edge = ndimage.binary_dilation(np.isin(labels, touching[touching > 0]), iterations=2)
-        base = 255 - background if inverted else background
-        # below: the background's own noise, or under 5% of the view's contrast above it (a plate a level or two off
-        # its surround, in a view averaged down smoother than its grey levels; the soft tissue's margin is more)
-        least = base + max(2 * noise, 0.05 * (extreme - base))
+            edge = ndimage.binary_dilation(np.isin(labels, touching[touching > 0]), iterations=rules.edge_grow)
+        base = 255 - background if inverted else background  # (the 8-bit negative)
+        # below: the background's own noise, or a share of the view's contrast above it (the floor)
+        least = base + max(rules.floor_noise * noise, rules.contrast_floor * (extreme - base))
         for level in (v for v in levels if v > least):
-            fg = _without_frame(ndimage.binary_opening((work > level) & inside & ~edge), inside, rim)
-            found = _hand_components(fg, work, ring, inside, texture * noise, texture * (hi - lo))
+            fg = _without_frame(ndimage.binary_opening((work > level) & inside & ~edge), inside, rim,
+                                rules.frame_full)
+            found = _hand_components(fg, work, ring, inside, texture * noise, texture * (hi - lo), rules)
             if found.any():
                 break
         if found.any():
             break
     if not found.any():
         return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
-    # the soft tissue's faint margin, below the level found: two pixels at most into what lies above the floor
-    # (in a low-contrast view the margin is within the noise, and the levels that would take it in leak)
+    # the soft tissue's faint margin, below the level found: a few pixels at most into what lies above the floor
     faint = (work > least) & inside & ~edge
-    for _ in range(2):
+    for _ in range(rules.margin_growth):
         found |= ndimage.binary_dilation(found) & faint
     found = ndimage.binary_closing(found, iterations=1, border_value=0)
     filled = ndimage.binary_fill_holes(found)
     holes, count = ndimage.label(filled & ~found)
     if count:  # fill small holes (joint spaces, dark trabeculae); keep large ones (a loop of flexed fingers)
-        big = np.flatnonzero(np.bincount(holes.ravel())[1:] > 0.005 * inside.sum()) + 1
+        big = np.flatnonzero(np.bincount(holes.ravel())[1:] > rules.hole_share * inside.sum()) + 1
         filled &= ~np.isin(holes, big)
     filled |= ndimage.binary_dilation(filled) & whole & ~inside  # back onto the content's edge pixels
     above = work > level
-    band_out = ndimage.binary_dilation(filled, iterations=2) & ~filled & inside
-    band_in = filled & ~ndimage.binary_erosion(filled, iterations=2) & inside
+    band_out = ndimage.binary_dilation(filled, iterations=rules.doubt_band) & ~filled & inside
+    band_in = filled & ~ndimage.binary_erosion(filled, iterations=rules.doubt_band) & inside
     doubts = {"missed": float((fg & ~filled).sum() / max(filled.sum(), 1)),
               "cut": float(above[band_out].mean()) if band_out.any() else 0.0,
               "background_inside": float((~above[band_in]).mean()) if band_in.any() else 0.0,
               "rim": float((filled & ring).sum() / max(ring.sum(), 1))}
     if n < size:
-        filled = np.asarray(Image.fromarray(filled.astype(np.uint8) * 255).resize((size, size),
-                                                                                   Image.Resampling.BILINEAR)) >= 128
+        filled_8bit = Image.fromarray(filled.astype(np.uint8) * 255)  # (255: 8-bit white)
+        filled = np.asarray(filled_8bit.resize((size, size), Image.Resampling.BILINEAR)) >= 128  # (128: halfway)
     return filled & content, inverted, doubts
 
 
 def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
     """Run the pipeline on one view: {'image' uint8 (S, S), 'mask' uint8 0/1, 'affine' 2x3 input->output, ...}."""
     gray = np.asarray(load_image(path))
-    carrier = find_field(gray) if cfg.crop else None
+    carrier = find_field(gray, cfg.crop_rules, cfg.mask_rules) if cfg.crop else None
     affine = _square_affine((gray.shape[1], gray.shape[0]), carrier, cfg.size)
     image = _warp(gray, affine, cfg.size)
     content = _warp(np.full(gray.shape, 255, np.uint8), affine, cfg.size, order=0) > 0
@@ -3317,7 +3470,7 @@ def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
         content &= (np.abs(centers)[:, None] <= half[1]) & (np.abs(centers)[None, :] <= half[0])
     inverted, doubts = False, dict.fromkeys(MASK_DOUBTS, 0.0)
     if cfg.segment:
-        mask, inverted, doubts = _hand_mask(image, content)
+        mask, inverted, doubts = _hand_mask(image, content, cfg.mask_rules)
         if inverted:
             image = np.where(content, 255 - image, 0).astype(np.uint8)
     else:

@@ -1,7 +1,14 @@
 """The unsupervised path: preprocessing (crop, mask, HE), the split, the autoencoders, masked losses and scores."""
 
+import ast
+import inspect
+import io
 import json
 import math
+import re
+import textwrap
+import tokenize
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +296,46 @@ def test_anomaly_cache_is_rebuilt_when_the_pipeline_changes(tiny_phantom, tmp_pa
     assert mh.build_anomaly_cache(paths, cfg, tmp_path, workers=1, progress=False).folder == first.folder
     monkeypatch.setattr(mh, "ANOMALY_PIPELINE_VERSION", mh.ANOMALY_PIPELINE_VERSION + 1)
     assert mh.build_anomaly_cache(paths, cfg, tmp_path, workers=1, progress=False).folder != first.folder
+    for rules in ({"crop_rules": replace(mh.CropRules(), step=4.0)},  # a changed rule: a new cache, no version bump
+                  {"mask_rules": replace(mh.MaskRules(), hole_share=0.01)}):
+        changed = mh.PreprocessConfig(size=32, **rules)
+        assert mh.build_anomaly_cache(paths, changed, tmp_path, workers=1, progress=False).folder != first.folder
+    with pytest.raises(mh.ConfigError, match="mask_rules must be a MaskRules"):
+        mh.PreprocessConfig(mask_rules={"hole_share": 0.01})
+
+
+# the crop's and the mask's functions: every threshold in them is a named rule (CropRules, MaskRules)
+RULED_FUNCTIONS = ("_plate_rect", "_holds_the_detail", "_sides_are_steps", "find_carrier", "_border_band",
+                   "_collimated_field", "find_field", "_class_thresholds", "_hand_components", "_commonest_level",
+                   "_without_frame", "_background_level", "_hand_mask")
+
+
+def _commented_lines(source: str) -> set[int]:
+    return {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+            if tok.type == tokenize.COMMENT}
+
+
+def test_every_number_in_the_crop_and_mask_functions_is_a_named_rule():
+    bare = []
+    for name in RULED_FUNCTIONS:
+        source = textwrap.dedent(inspect.getsource(getattr(mh, name)))
+        commented = _commented_lines(source)
+        for node in ast.walk(ast.parse(source)):
+            if (isinstance(node, ast.Constant) and type(node.value) in (int, float) and node.value not in (0, 1, 2)
+                    and node.lineno not in commented):  # a literal explains itself in a comment on its line
+                bare.append(f"{name}: {node.value!r} in {source.splitlines()[node.lineno - 1].strip()!r}")
+    assert not bare, "\n".join(bare)
+
+
+@pytest.mark.parametrize("rules", [mh.CropRules, mh.MaskRules])
+def test_every_rule_is_commented_and_used(rules):
+    source = textwrap.dedent(inspect.getsource(rules))
+    commented = _commented_lines(source)
+    module = inspect.getsource(mh).replace(source, "")
+    for f in fields(rules):
+        line = next(i for i, text in enumerate(source.splitlines(), 1) if re.match(rf"\s*{f.name}:", text))
+        assert line in commented, f"{rules.__name__}.{f.name} says nowhere what it measures and why its value"
+        assert re.search(rf"\brules\.{f.name}\b", module), f"{rules.__name__}.{f.name} is never used"
 
 
 def test_suspect_masks_are_listed(tmp_path):
