@@ -3622,7 +3622,8 @@ def mask_iou(mask: np.ndarray, affine: np.ndarray, truth: np.ndarray) -> float:
 
 
 def _mask_iou_rows(task: tuple) -> list[dict]:
-    """mask_iou of a chunk of cached views against their true masks (runs in a worker process)."""
+    """mask_iou of a chunk of cached views against their true masks, and how much of their lead tags the masks
+    hold (runs in a worker process)."""
     cache, views = task
     rows = []
     for v in views:
@@ -3631,9 +3632,15 @@ def _mask_iou_rows(task: tuple) -> list[dict]:
         truth = phantom_hand_mask(v["mask_file"])
         warped, cut_off = _truth_in_square(truth, affine, mask.shape[0])
         union = (mask | warped).sum() + cut_off
+        tags = np.zeros(truth.shape, bool)
+        for corners in v["tags"]:  # (corners around pixel centres; rect_mask counts from pixel corners)
+            center, sides, angle = min_area_rect(np.asarray(corners, float))
+            tags |= rect_mask(truth.shape, (center - 0.5, sides, angle))
+        tags_in_square = _truth_in_square(tags, affine, mask.shape[0])[0] if v["tags"] else tags[:0]
         rows.append({"image_path": v["image_path"], "iou": float((mask & warped).sum() / union) if union else 1.0,
                      "truth_share": float(warped.mean()), "mask_share": float(mask.mean()),
-                     "cut_off_share": float(cut_off / mask.size)})
+                     "cut_off_share": float(cut_off / mask.size),
+                     "tag_in_mask": float(mask[tags_in_square].mean()) if tags_in_square.any() else np.nan})
     return rows
 
 
@@ -3641,21 +3648,25 @@ def mask_iou_table(data_dir: str | os.PathLike, cache: AnomalyCache | Preprocess
                    cache_dir: str | os.PathLike = "data/cache", workers: int | None = None,
                    progress: bool = True) -> pd.DataFrame:
     """Per-view IoU of the hand masks with a phantom's true masks (v3+), one row per view: iou, truth_share and
-    mask_share (of the square), cut_off_share (true hand the crop left out), and the truth's view_type, n_hands,
-    polarity, low_contrast, marker. Computed in the preprocessed square (mask_iou). `cache`: a built AnomalyCache
-    (its views that the phantom knows), or a PreprocessConfig, built for all the phantom's views."""
+    mask_share (of the square), cut_off_share (true hand the crop left out), tag_in_mask (the share of its lead
+    tags' pixels, in the square, that the mask holds; NaN without a tag in view: v4+), and the truth's view_type,
+    n_hands, polarity, low_contrast, narrow, dim, marker, n_tags and its kind_* columns (PHANTOM_VIEW_KINDS).
+    Computed in the preprocessed square (mask_iou). `cache`: a built AnomalyCache (its views that the phantom
+    knows), or a PreprocessConfig, built for all the phantom's views."""
     truth = load_phantom_truth(data_dir)
     if isinstance(cache, PreprocessConfig):
         cache = build_anomaly_cache(truth["image_file"], cache, cache_dir, workers=workers, progress=progress)
     if not cache.cfg.segment:
         raise ValueError(f"variant {cache.cfg.name} has no hand mask (its mask is the whole view): use a full variant")
     truth = truth[truth["image_file"].isin(cache.row_of)].reset_index(drop=True)
-    views = truth[["image_path", "image_file", "mask_file"]].to_dict("records")
+    views = truth[["image_path", "image_file", "mask_file", "tags"]].to_dict("records")
     tasks = [(cache, views[i:i + 32]) for i in range(0, len(views), 32)]
     rows = [r for chunk in _run_tasks(_mask_iou_rows, tasks, "mask IoU", progress, workers,
                                       [len(t[1]) for t in tasks]) for r in chunk]
-    table = pd.DataFrame(rows, columns=["image_path", "iou", "truth_share", "mask_share", "cut_off_share"])
-    keep = ["image_path", "image_file", "mask_file", "view_type", "n_hands", "polarity", "low_contrast", "marker"]
+    table = pd.DataFrame(rows, columns=["image_path", "iou", "truth_share", "mask_share", "cut_off_share",
+                                        "tag_in_mask"])
+    keep = ["image_path", "image_file", "mask_file", "view_type", "n_hands", "polarity", "low_contrast", "narrow",
+            "dim", "marker", "n_tags", *(f"kind_{k}" for k in PHANTOM_VIEW_KINDS)]
     return truth[keep].merge(table, on="image_path").assign(size=cache.cfg.size, variant=cache.cfg.name)
 
 
@@ -5303,8 +5314,10 @@ PHANTOM_FINDINGS_CSV = "phantom_findings.csv"
 PHANTOM_TRUTH_CSV = "phantom_truth.csv"  # one row per view: pose, hands, polarity, plate, field, hand-mask file
 PHANTOM_TRUTH_DIR = "phantom_truth"  # the true hand masks, one PNG per view (outside the study folders)
 PHANTOM_MANIFEST = "phantom_manifest.json"
-# version 3: real XR_HAND views' intensities, textured bones, lateral/flexed/two-hand poses, polarities, truth
-PHANTOM_VERSION = 3
+# version 3: real XR_HAND views' intensities, textured bones, lateral/flexed/two-hand poses, polarities, truth;
+# 4: lead tags as real ones (a holder, a bold letter, initials, a ring; not hand in the truth), narrow and dim
+# views, film grain
+PHANTOM_VERSION = 4
 PHANTOM_POSES = ("pa", "oblique", "lateral", "flexed")
 PHANTOM_POLARITIES = ("normal", "light_grey", "inverted")  # light_grey: a light background, not inverted
 _PHANTOM_SETTINGS = ("n_patients", "seed", "valid_fraction", "positive_rate", "body_parts", "image_size")
@@ -5570,28 +5583,84 @@ def _draw_ring(metal_layer, bones: list[_Bone], finger: str):
     _draw_rect(metal_layer, at, max(2.0, 0.35 * bone.radius), 3.3 * bone.radius, math.atan2(axis[1], axis[0]), 0.8)
 
 
-def _draw_marker(image: Image.Image, rng, letter: str, lead: int, avoid: np.ndarray) -> str:
-    """Burn a large lead tag (the side's letter, initials or a circle) beside the hand, sometimes a marker strip
-    along an edge, and a few lines of annotation text blobs into the displayed image; return the tag's kind."""
+def _tag_patch(rng, letter: str, width: float, height: float, angle: float, supersample: int = 4):
+    """A lead tag as two coverage maps (0..1: the holder, the lead in it), turned by `angle` radians: a solid
+    holder `width` x `height` px holding a bold letter (the side), two or three initials under it and often a ring."""
+    w, h = int(round(width * supersample)), int(round(height * supersample))
+    holder, lead = Image.new("L", (w, h), 255), Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(lead)
+    y = 0.06 * h
+    for text, size in ((letter, 0.75 * w), ("".join(rng.choice(list("ABCDEHKLMNPRST"), int(rng.integers(2, 4)))),
+                                            0.3 * w)):
+        font = ImageFont.load_default(size=max(int(size), 6))
+        stroke = max(1, int(size / 12))  # bold
+        x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font, stroke_width=stroke)
+        draw.text(((w - (x1 - x0)) / 2 - x0, y - y0), text, fill=255, font=font, stroke_width=stroke, stroke_fill=255)
+        y += (y1 - y0) + 0.04 * h
+    ring = 0.55 * w
+    if h - y > ring + 0.04 * h and rng.random() < 0.6:  # a ring under them, where the holder is tall enough
+        draw.ellipse([(w - ring) / 2, y, (w + ring) / 2, y + ring], outline=255, width=max(1, int(0.08 * w)))
+    maps = []
+    for layer in (holder, lead):
+        turned = layer.rotate(math.degrees(-angle), Image.Resampling.BILINEAR, expand=True, fillcolor=0)
+        small = turned.resize((max(1, round(turned.width / supersample)), max(1, round(turned.height / supersample))),
+                              Image.Resampling.BOX)
+        maps.append(np.asarray(small, np.float32) / 255)
+    return maps
+
+
+def _place_tags(rng, tissue: np.ndarray, field: np.ndarray, n_tags: int, short: int, finger: float) -> list:
+    """Where lead tags lie: [(center, (w, h), angle)], each wholly inside the field and off the hand, about a third
+    of them within a finger's width of it, some tilted, none over another. Fewer when the field has no room."""
+    gap = ndimage.distance_transform_edt(~tissue)  # pixels from the hand
+    room = ndimage.distance_transform_edt(np.pad(field, 1))[1:-1, 1:-1]  # pixels from the field's edge or the view's
+    taken, placed = np.zeros(field.shape, bool), []
+    w_img = field.shape[1]
+    for _ in range(n_tags):
+        w = short * rng.uniform(0.06, 0.15)
+        size = (w, w * rng.uniform(1.5, 3.0))
+        angle = math.radians(rng.uniform(-35, 35)) if rng.random() < 0.3 else 0.0
+        near = rng.random() < 1 / 3
+        half_short, half_diag = min(size) / 2, math.hypot(*size) / 2
+        zone = (gap > half_short + 1) & (gap <= half_diag + finger) if near else gap > half_diag + finger
+        candidates = np.flatnonzero(zone & (room > half_short) & ~taken)
+        for k in rng.choice(candidates, min(len(candidates), 40), replace=False) if len(candidates) else ():
+            center = np.array([k % w_img, k // w_img], float) + 0.5
+            sl, yy, xx = _region(field.shape, center - half_diag - 1, center + half_diag + 1)
+            box, corners = _rotated_box(center, size, angle, xx + 0.5, yy + 0.5)
+            inside_view = all(0 <= x <= field.shape[1] and 0 <= y <= field.shape[0] for x, y in corners)
+            if not (inside_view and box.any() and field[sl][box].all()) or taken[sl][box].any():
+                continue
+            nearest = gap[sl][box].min()
+            if (1 <= nearest <= finger) if near else nearest > finger:
+                placed.append((center, size, angle))
+                taken[sl] |= ndimage.binary_dilation(box, iterations=2)
+                break
+    return placed
+
+
+def _draw_tag(image: np.ndarray, rng, letter: str, tag, holder_level: float, lead_level: float) -> np.ndarray:
+    """Draw a lead tag (center, (w, h), angle) into `image` (0..1, before blur and noise, as an X-ray shows it);
+    return its pixels (the holder's rectangle)."""
+    center, (w, h), angle = tag
+    holder, lead = _tag_patch(rng, letter, w, h, angle)
+    y0, x0 = int(round(center[1] - holder.shape[0] / 2)), int(round(center[0] - holder.shape[1] / 2))
+    ys, xs = slice(max(y0, 0), min(y0 + holder.shape[0], image.shape[0])), slice(
+        max(x0, 0), min(x0 + holder.shape[1], image.shape[1]))
+    cut = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
+    patch = image[ys, xs]
+    patch += (holder_level - patch) * holder[cut]
+    patch += (lead_level - patch) * lead[cut]
+    yy, xx = np.mgrid[0:image.shape[0], 0:image.shape[1]].astype(np.float32) + 0.5
+    return _rotated_box(center, (w, h), angle, xx, yy)[0]
+
+
+def _draw_annotations(image: Image.Image, rng, lead: int) -> str:
+    """Burn, into the displayed image, sometimes a marker strip along an edge, and a few lines of annotation text
+    blobs; return "+strip" when a strip was drawn, else ""."""
     w, h = image.size
     draw = ImageDraw.Draw(image)
-    kind = str(rng.choice(["letter", "initials", "circle"], p=[0.55, 0.25, 0.2]))
-    size = int(min(h, w) * (rng.uniform(0.1, 0.16) if kind == "letter" else rng.uniform(0.06, 0.1)))
-    text = letter if kind == "letter" else "".join(rng.choice(list("ABCDEHKLMNPRST"), int(rng.integers(2, 4))))
-    font = ImageFont.load_default(size=max(size, 6))
-    extent = (size * (0.7 * len(text) if kind != "circle" else 1.0), size * 1.1)
-    candidates = [(rng.uniform(0.03, 0.97) * w - extent[0] / 2, rng.choice([rng.uniform(0.02, 0.2),
-                  rng.uniform(0.7, 0.9)]) * h) for _ in range(6)]
-    x, y = min(candidates, key=lambda c: avoid[max(int(c[1]), 0):max(int(c[1] + extent[1]), 0),
-                                                    max(int(c[0]), 0):max(int(c[0] + extent[0]), 0)].sum())
-    if kind == "circle":
-        stroke = max(1, size // 7)
-        draw.ellipse([x, y, x + size, y + size], outline=lead, width=stroke)
-        if rng.random() < 0.5:
-            draw.text((x + size * 0.3, y + size * 0.1), letter, fill=lead, font=ImageFont.load_default(
-                size=max(int(size * 0.6), 6)))
-    else:
-        draw.text((x, y), text, fill=lead, font=font)
+    kind = ""
     if rng.random() < 0.08:  # a marker strip along an edge, with its lettering
         depth = int(min(h, w) * rng.uniform(0.03, 0.06))
         edge = int(rng.integers(4))
@@ -5600,7 +5669,7 @@ def _draw_marker(image: Image.Image, rng, letter: str, lead: int, avoid: np.ndar
         if edge < 2:
             draw.text((strip[0] + depth, strip[1] + depth * 0.15), "A  B  C  D", fill=255 - lead,
                       font=ImageFont.load_default(size=max(int(depth * 0.7), 6)))
-        kind += "+strip"
+        kind = "+strip"
     for line in range(int(rng.integers(0, 4))):  # annotation text as blocks of "words"
         tx, ty = int(rng.uniform(0.02, 0.5) * w), int(rng.uniform(0.02, 0.95) * h)
         for _ in range(int(rng.integers(2, 6))):
@@ -5633,21 +5702,54 @@ def _hand_to_px(mirror: float, squeeze: float, theta: float, scale: float, cente
     return to_px
 
 
+def _narrow_view_center(rng, anatomy: dict, pose: dict, theta: float, scale: float, shape: tuple[int, int],
+                        tries: int = 10) -> np.ndarray:
+    """Where a narrow view's hand lies: a point along a finger (its metacarpal to its middle phalanx) at the view's
+    centre, drawn again (up to `tries` times, checked at a coarser resolution) until the hand covers 30-75% of the
+    view (else the nearest to half of it): a close-up of a finger or of the hand's edge shows some background."""
+    h, w = shape
+    mirror = -1.0 if anatomy["left"] else 1.0
+    coarse = max(1.0, min(h, w) / 32)  # the check's pixels: 32 across the view's short side
+    best, best_miss = None, np.inf
+    for _ in range(tries):
+        target = np.array(_MC_BASE[str(rng.choice(FINGERS))]) + [rng.uniform(-0.04, 0.04), rng.uniform(0.05, 0.35)]
+        center = np.array([w / 2, h / 2]) - _hand_to_px(mirror, pose["squeeze"], theta, scale, np.zeros(2))(target)
+        to_coarse = _hand_to_px(mirror, pose["squeeze"], theta, scale / coarse, center / coarse)
+        layer = np.zeros((int(h / coarse) + 1, int(w / coarse) + 1), np.float32)
+        for p0, p1, radius in _skeleton(anatomy, pose, to_coarse, scale / coarse)[2]:
+            _draw_soft(layer, p0, p1, radius)
+        share = float((layer > 0.1).mean())
+        miss = max(0.3 - share, share - 0.75, 0.0) or -abs(share - 0.5)
+        if miss < best_miss:
+            best, best_miss = center, miss
+        if miss <= 0:
+            break
+    return best
+
+
 def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | None, ring: str | None,
                  long_side: int, n_hands: int = 1, polarity: str = "normal", low_contrast: bool = False,
-                 ) -> tuple[np.ndarray, list[int] | None, dict]:
+                 narrow: bool = False, dim: bool = False) -> tuple[np.ndarray, list[int] | None, dict]:
     """Render one radiograph view; return the 8-bit image, the planted finding's box (or None) and the view's
-    truth (hand mask, plate and field corners, polarity, hands, pose, contrast, lead tag)."""
+    truth (hand mask, plate and field corners, lead tags' corners, polarity, hands, pose, contrast, lead tag).
+    `narrow`: a close-up of a finger or of the hand's edge, three to four and a half times as tall as wide;
+    `dim`: a faint hand, with a bright lead tag the brightest thing in the field."""
     rng = np.random.default_rng(list(seed))
     finding_rng = np.random.default_rng([*seed, 1])  # a finding leaves the rest of the view as it was
     short = int(round(long_side * rng.uniform(0.58, 0.95)))
+    if narrow:
+        short = int(round(long_side / rng.uniform(3.0, 4.5)))
     landscape = n_hands > 1 or rng.random() < 0.15
     h, w = (short, long_side) if landscape else (long_side, short)
     soft_layer, bone_layer, metal_layer = (np.zeros((h, w), np.float32) for _ in range(3))
     box, bone_unit, squeeze = None, 1.0, 1.0
     for hand in range(n_hands):  # two hands: PA, side by side, the second one mirrored
         pose = _phantom_pose(rng, view)
-        if n_hands == 1:
+        if narrow:  # along the view, zoomed in on a finger or the hand's edge
+            theta = math.radians(rng.normal(0, 6) + (rng.choice([-90, 90]) if landscape else 0))
+            scale = long_side * rng.uniform(0.85, 1.8)
+            center = _narrow_view_center(rng, anatomy, pose, theta, scale, (h, w))
+        elif n_hands == 1:
             theta = math.radians(rng.normal(0, 14) + (rng.choice([-90, 90]) if landscape else 0))
             scale = min(h, w) * (rng.uniform(0.8, 1.0) if landscape else rng.uniform(0.85, 1.1))
             center = np.array([w / 2 + rng.normal(0, 0.05) * w, h / 2 + rng.normal(0, 0.04) * h])
@@ -5694,6 +5796,7 @@ def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | 
         background = rng.uniform(0.01, 0.1)
     span = (rng.uniform(0.48, 0.7) if polarity == "normal" else (0.97 - background) * rng.uniform(0.8, 1.0))
     span *= rng.uniform(0.35, 0.55) if low_contrast else 1.0
+    span *= rng.uniform(0.15, 0.3) if dim else 1.0  # a faint hand
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
     heel = 1 + rng.uniform(-0.25, 0.25) * (yy / h - 0.5) + rng.uniform(-0.15, 0.15) * (xx / w - 0.5)
     image = background * heel + span * signal
@@ -5717,8 +5820,24 @@ def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | 
         field, field_corners = _rotated_box(fc, fsize, tilt + math.radians(rng.normal(0, 1.5)), xx, yy)
         field &= plate
         image = np.where(field, image, background + (0.97 - background) * rng.uniform(0.12, 0.4))
+    tags, tag_pixels = [], np.zeros((h, w), bool)
+    if dim or rng.random() < 0.85:  # lead tags: one, sometimes two, in the field and off the hand
+        finger = 2 * 1.7 * _RADIUS["middle"] * bone_unit / 0.045  # a finger's width (its soft tissue), px
+        tags = _place_tags(rng, tissue, field, 2 if rng.random() < 0.12 else 1, min(h, w), finger)
+        for tag in tags:
+            lead = rng.uniform(0.75, 0.95) if dim else rng.uniform(0.85, 1.0)
+            darker = background > 0.15 and rng.random() < 0.4  # a holder darker than the field, where there is room
+            holder = background * rng.uniform(0.3, 0.7) if darker else (
+                background + (lead - background) * rng.uniform(0.25, 0.6))  # lighter, the lead lighter still
+            tag_pixels |= _draw_tag(image, rng, "L" if anatomy["left"] else "R", tag, holder, lead)
     image = ndimage.gaussian_filter(image.astype(np.float32), rng.uniform(0.5, 1.2), truncate=2.5)
     image += noise * rng.uniform(0.006, 0.025)  # the texture's noise: a cheap, fresh-looking grain
+    # film grain (quantum mottle): noise correlated over 1-3 px (of 512), which averaging down does not take away:
+    # what makes a right mask's edge read as "cut" (checked against a wider soft-tissue margin, and tags beside the
+    # hand: neither does; see benchmarks/mask_quality.py and the session's note)
+    grain = ndimage.gaussian_filter(rng.standard_normal((h, w), dtype=np.float32),
+                                    rng.uniform(1.0, 3.0) * long_side / 512, truncate=2.5)
+    image += grain * (rng.uniform(0.005, 0.03) / max(float(grain.std()), 1e-6))
     if polarity == "inverted":
         image = 1 - image
     shown = background if polarity != "inverted" else 1 - background
@@ -5730,16 +5849,19 @@ def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | 
     image = np.where(plate, image, surround + noise[::-1] * 0.004)
     pil = Image.fromarray(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
     lead = int(rng.uniform(5, 40)) if polarity == "inverted" else int(rng.uniform(215, 250))
-    marker = _draw_marker(pil, rng, "L" if anatomy["left"] else "R", lead, tissue) if rng.random() < 0.85 else ""
+    marker = {0: "", 1: "tag"}.get(len(tags), f"{len(tags)} tags") + _draw_annotations(pil, rng, lead)
+    tag_corners = [_rotated_box(c, s, a, np.zeros(1), np.zeros(1))[1] for c, s, a in tags]
     truth = {"pose": view, "n_hands": n_hands, "polarity": polarity, "low_contrast": low_contrast,
-             "marker": marker, "plate": plate_corners, "field": field_corners, "mask": tissue & field}
+             "narrow": narrow, "dim": dim, "marker": marker, "plate": plate_corners, "field": field_corners,
+             "tags": tag_corners, "mask": tissue & field & ~tag_pixels}
     return np.asarray(pil), box, truth
 
 
 def _phantom_image_task(task: dict) -> dict:
     """Render and save one phantom view and its true hand mask (runs in a worker process)."""
     pixels, box, truth = _render_view(task["seed"], task["view"], task["anatomy"], task["finding"], task["ring"],
-                                      task["long_side"], task["n_hands"], task["polarity"], task["low_contrast"])
+                                      task["long_side"], task["n_hands"], task["polarity"], task["low_contrast"],
+                                      task["narrow"], task["dim"])
     image = Image.fromarray(pixels, mode="L")
     if task["rgb"]:
         image = image.convert("RGB")
@@ -5804,6 +5926,10 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
                     "ring": ring if (ring and rng.random() < 0.9) else None, "rgb": bool(rng.random() < 0.45),
                     "seed": (seed, i, s, v), "long_side": long_side,
                 })
+    for t in tasks:  # harder kinds of real view, each view drawn from a generator of its own (the plan above as before)
+        kinds = np.random.default_rng([*t["seed"], 24])
+        t["narrow"] = t["n_hands"] == 1 and bool(kinds.random() < 0.06)  # a close-up, 3-4.5 times as tall as wide
+        t["dim"] = bool(kinds.random() < 0.07)  # a faint hand, a bright lead tag
     return studies, tasks
 
 
@@ -5863,7 +5989,8 @@ def make_phantom_mura(
         {"split": t["key"][0], "body_part": t["key"][1], "patient": t["key"][2], "study": t["key"][3],
          "image_path": f"{MURA_DIRNAME}/{'/'.join(t['key'])}/{t['image']}", "view_type": r["pose"],
          "n_hands": r["n_hands"], "polarity": r["polarity"], "low_contrast": r["low_contrast"],
-         "marker": r["marker"], "plate": json.dumps(r["plate"]), "field": json.dumps(r["field"]),
+         "narrow": r["narrow"], "dim": r["dim"], "marker": r["marker"], "plate": json.dumps(r["plate"]),
+         "field": json.dumps(r["field"]), "tags": json.dumps(r["tags"]),
          "mask_path": _truth_mask_name(t["key"], t["image"]), "width": r["width"], "height": r["height"]}
         for t, r in zip(tasks, results)])
     truth.to_csv(mura / PHANTOM_TRUTH_CSV, index=False)
@@ -5959,9 +6086,12 @@ def load_phantom_truth(data_dir: str | os.PathLike) -> pd.DataFrame:
 
     Columns: split, body_part, patient, study, image_path (official relative form), image_file (absolute),
     view_type (pa, oblique, lateral, flexed), n_hands, polarity (normal, light_grey: a light background not
-    inverted, inverted), low_contrast, marker (lead tag kind, "+strip" with a marker strip, "" for none),
-    plate and field (4 [x, y] corners in the view's pixels, [] when the plate fills the view / no collimation),
-    mask_path (relative), mask_file (absolute: read it with phantom_hand_mask), width, height.
+    inverted, inverted), low_contrast, narrow (a close-up 3-4.5 times as tall as wide), dim (a faint hand, a
+    bright lead tag), marker ("tag", "2 tags", "+strip" with a marker strip, "" for none), plate and field (4
+    [x, y] corners in the view's pixels, [] when the plate fills the view / no collimation), tags (a list of the
+    lead tags' 4 corners: not hand), n_tags, mask_path (relative), mask_file (absolute: read it with
+    phantom_hand_mask), width, height, and a column per kind of view (PHANTOM_VIEW_KINDS; see phantom_view_kinds).
+    Version 3 phantoms have no tags in their truth (their glyphs count as hand), narrow or dim views.
     """
     root = find_mura_root(data_dir)
     path = root / PHANTOM_TRUTH_CSV
@@ -5970,9 +6100,32 @@ def load_phantom_truth(data_dir: str | os.PathLike) -> pd.DataFrame:
     truth = pd.read_csv(path, keep_default_na=False)
     truth["image_file"] = [str(root.joinpath(*_relative_key(p))) for p in truth["image_path"]]
     truth["mask_file"] = [str(root / p) for p in truth["mask_path"]]
-    for column in ("plate", "field"):
+    for column, default in (("tags", "[]"), ("narrow", False), ("dim", False)):  # (absent in version 3)
+        if column not in truth:
+            truth[column] = default
+    for column in ("plate", "field", "tags"):
         truth[column] = [json.loads(v) for v in truth[column]]
-    return truth
+    for column in ("low_contrast", "narrow", "dim"):
+        truth[column] = truth[column].astype(str).str.lower() == "true"
+    truth["n_tags"] = truth["tags"].map(len)
+    return truth.join(phantom_view_kinds(truth))
+
+
+# the kinds of view a mask check is split by (a view may be of several kinds; "plain" is of none)
+PHANTOM_VIEW_KINDS = ("tags", "narrow", "light_grey", "inverted", "low_contrast", "dim", "two_hands", "plain")
+
+
+def phantom_view_kinds(truth: pd.DataFrame) -> pd.DataFrame:
+    """One boolean column per kind of view (PHANTOM_VIEW_KINDS, prefixed "kind_") for a truth table's rows: lead
+    tags in the field, narrow (3+ times as tall as wide), a light-grey or an inverted background, a low-contrast
+    plate, a dim hand, two hands; plain: none of these."""
+    kinds = pd.DataFrame({
+        "kind_tags": truth["n_tags"] > 0, "kind_narrow": truth["narrow"].astype(bool),
+        "kind_light_grey": truth["polarity"] == "light_grey", "kind_inverted": truth["polarity"] == "inverted",
+        "kind_low_contrast": truth["low_contrast"].astype(bool), "kind_dim": truth["dim"].astype(bool),
+        "kind_two_hands": truth["n_hands"] == 2}, index=truth.index)
+    kinds["kind_plain"] = ~kinds.any(axis=1)
+    return kinds
 
 
 def phantom_hand_mask(view) -> np.ndarray:
