@@ -2878,6 +2878,9 @@ class CropRules:
     band_within: float = 0.7  # a border band: at least this share of its pixels at its level ...
     band_after: int = 6  # ... and at most band_after_share of the pixels of the next this many lines
     band_after_share: float = 0.25  # (a border ends abruptly; the field's own background does not)
+    # the square (preprocess_view)
+    resample_max: int = 4  # a square this many times smaller than the view (or more) is warped at up to this many
+    #                        times its size and averaged down: the 128-px square of a 512-px view as smooth as 512's
 
 
 @dataclass(frozen=True)
@@ -2890,6 +2893,8 @@ class MaskRules:
     least_pixels: int = 64  # fewer content pixels, or one level only: no mask
     rim_share: float = 0.05  # the content's rim: this share of the side deep ...
     least_rim: int = 3  # ... and at least this many px
+    narrow_aspect: float = 2.5  # content this many times as long as wide is a close-up (real: 3-4 times): its hand
+    #                             crosses the short sides and runs along the long ones, so no rim or frame rule
     # the background (_background_level)
     local_window: int = 5  # the local standard deviation's window (px)
     noise_percentile: float = 25.0  # the noise: this percentile of the local standard deviation (the flattest
@@ -2898,6 +2903,9 @@ class MaskRules:
     flat_noise: float = 2.0  # a flat pixel: local standard deviation within this many times the noise
     least_flat: int = 32  # fewer flat pixels: the background level is the content's median
     commonest_width: float = 4.0  # the commonest level: the peak of the histogram smoothed over this many levels
+    both_sides_share: float = 0.15  # over this share of the content on each side of that level: it is no background
+    #                                 (the soft tissue filling a close-up); the hand lies on one side of its background
+    both_sides_noise: float = 3.0  # (a side: beyond this many times the noise from the level)
     # the heel effect: a plane through the background, subtracted
     plane_noise: float = 8.0  # the plane's pixels: flat, within this many times the noise of the background level
     plane_rounds: int = 2  # fitted this many times, each on the pixels the last fit left within ...
@@ -2932,11 +2940,33 @@ class MaskRules:
     frame_full: float = 0.6  # a line covered over this share of its length near a side is a frame, not a hand (a
     #                          forearm or a wrist crosses a side over a third of it at most)
     # the mask's edge
-    margin_growth: int = 2  # the mask grows this many px into the faint margin above the floor (in a low-contrast
+    margin_growth: int = 3  # the mask grows this many px into the faint margin above the floor (in a low-contrast
     #                         view the margin lies in the noise, and the levels that would take it in leak)
     hole_share: float = 0.005  # holes under this share of the content are filled (joint spaces, dark trabeculae);
     #                            larger ones are kept (a loop of flexed fingers)
     doubt_band: int = 2  # the doubts' bands just outside and inside the mask's edge (px)
+    # lead tags (_find_tags): a solid rectangular holder, lighter or darker than the field, 6-15% of the view's
+    # short side wide and 1.5-3 times as tall (real views and phantom v4), off the hand
+    tag_levels: tuple = (0.2, 0.4, 0.6)  # looked for at these shares of the way from the background to each
+    #                                      extreme: a holder's rim is a step, whichever level cuts it
+    tag_least_noise: float = 4.0  # no level within this many times the noise of the background (grain)
+    tag_min_side: float = 0.03  # a tag's short side: at least this share of the content's short side ...
+    tag_least_side: float = 3.0  # ... and this many px (smaller ones cannot be told from grain and text) ...
+    tag_max_side: float = 0.25  # ... at most this share (a tag on a plate cropped to its field can be 20% of
+    #                              it; a finger or forearm in a close-up is wider, and longer)
+    tag_max_aspect: float = 4.0  # its long side at most this many times its short one (real: 1.5-3)
+    tag_fill: float = 0.6  # it fills this much of its minimum-area rectangle (its letter, ring or initials may
+    #                        break through a darker holder's rim) ...
+    tag_hull_fill: float = 0.8  # ... and its convex hull this much (a small one's corners are blurred): a rectangle;
+    #                             a hand, a bone, grain do not
+    tag_ring_gap: int = 1  # its surround: a band beyond this many px outside it (its blurred edge) ...
+    tag_ring: int = 2  # ... this many px wide ...
+    tag_ring_background: float = 0.5  # ... lies at the background's level over this share at least: a tag lies on
+    #                                   the background (a hand beside it along one side at most); a bone lies in
+    #                                   soft tissue
+    tag_ring_noise: float = 3.0  # the background's level: within this many times the noise of it ...
+    tag_ring_contrast: float = 0.25  # ... or this share of the tag's own contrast, whichever is more
+    tag_grow: int = 1  # a tag found is grown by this many px (its blurred edge) and left out of the mask
 
     @property
     def faint_contrast(self) -> float:
@@ -3305,15 +3335,19 @@ def _commonest_level(values: np.ndarray, width: float) -> float:
     return low + float(np.argmax(ndimage.gaussian_filter1d(counts, width / 2, mode="constant")))
 
 
-def _without_frame(mask: np.ndarray, inside: np.ndarray, depth: int, full: float) -> np.ndarray:
+def _without_frame(mask: np.ndarray, inside: np.ndarray, depth: int, full: float,
+                   axes: Sequence[int] = (0, 1)) -> np.ndarray:
     """The mask without a plate's frame: a run of at most `depth` lines, starting within `depth` of a side of the
     (upright, cropped) content, each covered for more than `full` of its length, is a frame or a plate edge, not
-    a hand (a forearm or a wrist crosses a side over a third of it at most)."""
+    a hand (a forearm or a wrist crosses a side over a third of it at most). `axes`: the sides looked at (0: top
+    and bottom, 1: left and right; a narrow view's hand crosses its short sides whole)."""
     rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
     if not len(rows):
         return mask
     cleaned = mask.copy()
     for axis, lines in ((0, rows), (1, cols)):
+        if axis not in axes:
+            continue
         covered = cleaned.sum(1 - axis) / np.maximum(inside.sum(1 - axis), 1)
         for side in (lines, lines[::-1]):
             start = next((k for k in range(min(depth, len(side))) if covered[side[k]] > full), None)
@@ -3356,6 +3390,73 @@ def _background_level(small: np.ndarray, inside: np.ndarray,
     return local, noise, flat, level
 
 
+def _hand_background(small: np.ndarray, inside: np.ndarray, rules: MaskRules,
+                     flattened: bool = False) -> tuple[np.ndarray, float, np.ndarray, float]:
+    """_background_level for the hand mask. Once the view is `flattened` (no heel effect left to split the
+    background): when much of the content lies on both sides of that level (soft tissue filling a close-up,
+    background on one side and bone on the other), the background is the commonest flat level on the side that
+    is flatter (bone is textured), its noise that of the pixels near it (the flattest quarter of such a view is
+    partly hand)."""
+    local, noise, flat, level = _background_level(small, inside, rules)
+    off = rules.both_sides_noise * noise
+    below, above = inside & (small < level - off), inside & (small > level + off)
+    if flattened and min(below.sum(), above.sum()) > rules.both_sides_share * inside.sum():
+        side = below if (flat & below).sum() / below.sum() > (flat & above).sum() / above.sum() else above
+        if (flat & side).sum() >= rules.least_flat:
+            level = _commonest_level(small[flat & side], rules.commonest_width)
+            near = flat & side & (np.abs(small - level) <= off)
+            noise = max(float(np.median(local[near])), rules.least_noise) if near.any() else noise
+            flat = inside & (local <= rules.flat_noise * noise)
+    return local, noise, flat, level
+
+
+def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: float, lo: float, hi: float,
+               rules: MaskRules) -> np.ndarray:
+    """Lead tags at working size (bool, grown by their blurred edge): components, at levels between the background
+    and each extreme (`lo`, `hi`), that are tag-sized rectangles lying on the background (MaskRules' tag_* rules: a
+    tag is small, flat and rectangular with sharp edges; a hand large, graded and of no rectangle's shape)."""
+    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    short = min(np.ptp(rows), np.ptp(cols)) + 1
+    least, most = max(rules.tag_least_side, rules.tag_min_side * short), rules.tag_max_side * short
+    ring_px = rules.tag_ring_gap + rules.tag_ring
+    tags = np.zeros(inside.shape, bool)
+    for extreme in (lo, hi):
+        contrast = extreme - background
+        if abs(contrast) <= rules.tag_least_noise * noise:
+            continue
+        for share in rules.tag_levels:
+            level = background + share * contrast
+            if abs(level - background) <= rules.tag_least_noise * noise:
+                continue
+            region = ((small - level) * np.sign(contrast) > 0) & inside & ~tags
+            region = ndimage.binary_opening(ndimage.binary_fill_holes(region))  # (the letter in a darker holder)
+            labels, count = ndimage.label(region)
+            areas = np.bincount(labels.ravel())
+            for k, box in enumerate(ndimage.find_objects(labels), 1):
+                if box is None or not least * least <= areas[k] <= most * most * rules.tag_max_aspect:
+                    continue
+                y0, x0 = max(box[0].start - ring_px, 0), max(box[1].start - ring_px, 0)
+                near = (slice(y0, box[0].stop + ring_px), slice(x0, box[1].stop + ring_px))
+                part = ndimage.binary_fill_holes(labels[near] == k)
+                ys, xs = np.nonzero(part & ~ndimage.binary_erosion(part))
+                if len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # a line (a hull needs 3 points): no tag
+                    continue
+                points = np.column_stack([xs, ys]).astype(float)
+                _, sides, _ = min_area_rect(points)
+                width, length = sorted(s + 1 for s in sides)  # (+1: outline centres to pixel edges)
+                if not (least <= width <= most and length <= rules.tag_max_aspect * width
+                        and part.sum() >= rules.tag_fill * width * length
+                        and ConvexHull(points).volume >= rules.tag_hull_fill * np.prod(sides)):
+                    continue
+                ring = ndimage.binary_dilation(part, iterations=ring_px) & inside[near] & ~ndimage.binary_dilation(
+                    part, iterations=rules.tag_ring_gap)
+                tolerance = max(rules.tag_ring_noise * noise, rules.tag_ring_contrast * abs(level - background))
+                if ring.any() and (np.abs(small[near][ring] - background) <= tolerance).mean() >= (
+                        rules.tag_ring_background):
+                    tags[near] |= part
+    return ndimage.binary_dilation(tags, iterations=rules.tag_grow) & inside if tags.any() else tags
+
+
 def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRules()) -> tuple[np.ndarray, bool, dict]:
     """Foreground (hand) mask inside `content` pixels, whether the view was inverted (hand darker than its
     background), and the signals of a doubtful mask (MASK_DOUBTS).
@@ -3384,7 +3485,11 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
         return np.zeros_like(content, bool), False, dict.fromkeys(MASK_DOUBTS, 0.0)
     rim = max(rules.least_rim, int(rules.rim_share * n))
     ring = inside & ~ndimage.binary_erosion(inside, iterations=rim, border_value=0)
-    local, noise, flat, background = _background_level(small, inside, rules)
+    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    narrow = max(len(rows), len(cols)) >= rules.narrow_aspect * min(len(rows), len(cols))
+    if narrow:  # a close-up's hand crosses its short sides whole and runs along its long ones: no rim, no frame
+        ring = np.zeros_like(inside)
+    local, noise, flat, background = _hand_background(small, inside, rules)
     near = flat & (np.abs(small - background) <= rules.plane_noise * noise)
     if near.sum() >= rules.least_flat:  # flatten the background: a plane through the pixels near its level, robustly
         ys, xs = np.nonzero(near)
@@ -3400,8 +3505,13 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
             yy, xx = np.mgrid[:n, :n] / n - 0.5  # effect), not noise; (0.5: about the view's centre, as the fit)
             small = np.where(inside, small - coef[1] * xx - coef[2] * yy, small).astype(np.float32)
             values = small[inside]
-            local, noise, flat, background = _background_level(small, inside, rules)
-    lo, hi = np.percentile(values, [rules.extreme_percentile, 100 - rules.extreme_percentile])  # (100: per cent)
+    local, noise, flat, background = _hand_background(small, inside, rules, flattened=True)
+    percentiles = [rules.extreme_percentile, 100 - rules.extreme_percentile]  # (100: per cent)
+    lo, hi = np.percentile(values, percentiles)
+    tags = _find_tags(small, inside, background, noise, lo, hi, rules)  # not hand, whatever their level
+    if tags.any():
+        values = small[inside & ~tags]
+        lo, hi = np.percentile(values, percentiles)
     prior = bool(background - lo > hi - background)
 
     thresholds = _class_thresholds(values, rules)  # besides the classes: just off the background (faint soft tissue)
@@ -3420,12 +3530,13 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
         if count:
             touching = np.unique(labels[ring & edge])
             edge = ndimage.binary_dilation(np.isin(labels, touching[touching > 0]), iterations=rules.edge_grow)
+        edge |= tags
         base = 255 - background if inverted else background  # (the 8-bit negative)
         # below: the background's own noise, or a share of the view's contrast above it (the floor)
         least = base + max(rules.floor_noise * noise, rules.contrast_floor * (extreme - base))
         for level in (v for v in levels if v > least):
             fg = _without_frame(ndimage.binary_opening((work > level) & inside & ~edge), inside, rim,
-                                rules.frame_full)
+                                rules.frame_full, () if narrow else (0, 1))
             found = _hand_components(fg, work, ring, inside, texture * noise, texture * (hi - lo), rules)
             if found.any():
                 break
@@ -3444,6 +3555,7 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
         big = np.flatnonzero(np.bincount(holes.ravel())[1:] > rules.hole_share * inside.sum()) + 1
         filled &= ~np.isin(holes, big)
     filled |= ndimage.binary_dilation(filled) & whole & ~inside  # back onto the content's edge pixels
+    filled &= ~tags  # (a tag's hole in a closed mask stays open)
     above = work > level
     band_out = ndimage.binary_dilation(filled, iterations=rules.doubt_band) & ~filled & inside
     band_in = filled & ~ndimage.binary_erosion(filled, iterations=rules.doubt_band) & inside
@@ -3462,7 +3574,12 @@ def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
     gray = np.asarray(load_image(path))
     carrier = find_field(gray, cfg.crop_rules, cfg.mask_rules) if cfg.crop else None
     affine = _square_affine((gray.shape[1], gray.shape[0]), carrier, cfg.size)
-    image = _warp(gray, affine, cfg.size)
+    fold = int(np.clip(max(gray.shape) // cfg.size, 1, cfg.crop_rules.resample_max))
+    if fold > 1:  # a square smaller than the view: warped larger and averaged down (film grain not aliased)
+        fine = _warp(gray, affine * fold, cfg.size * fold)
+        image = np.asarray(Image.fromarray(fine).resize((cfg.size, cfg.size), Image.Resampling.BOX))
+    else:
+        image = _warp(gray, affine, cfg.size)
     content = _warp(np.full(gray.shape, 255, np.uint8), affine, cfg.size, order=0) > 0
     if carrier is not None:  # the plate only: what lies beside a tilted or narrow plate is not part of the view
         half = np.asarray(carrier[1]) * cfg.size / max(carrier[1]) / 2  # the plate's half sides in the square
@@ -3543,8 +3660,10 @@ class AnomalyCache:
 # 3: a plate of the background's class may miss a corner; 4: polarity from the content, every hand, markers and
 # plates kept out, the mask found at <= 128 px, framed fields, fields that hold the hand; 5: the background is the
 # commonest flat level; 6: the plate found on block means and deeper Otsu splits, its sides steps, the field by
-# the bands along its sides; the mask's levels at least 5% of the contrast off the background, its faint margin)
-ANOMALY_PIPELINE_VERSION = 6
+# the bands along its sides; the mask's levels at least 5% of the contrast off the background, its faint margin;
+# 7: lead tags left out, narrow close-ups, the background of a view that is mostly hand, 128 px squares averaged
+# down; a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
+ANOMALY_PIPELINE_VERSION = 7
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
@@ -5796,7 +5915,7 @@ def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | 
         background = rng.uniform(0.01, 0.1)
     span = (rng.uniform(0.48, 0.7) if polarity == "normal" else (0.97 - background) * rng.uniform(0.8, 1.0))
     span *= rng.uniform(0.35, 0.55) if low_contrast else 1.0
-    span *= rng.uniform(0.15, 0.3) if dim else 1.0  # a faint hand
+    span *= rng.uniform(0.25, 0.45) if dim else 1.0  # a faint hand
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
     heel = 1 + rng.uniform(-0.25, 0.25) * (yy / h - 0.5) + rng.uniform(-0.15, 0.15) * (xx / w - 0.5)
     image = background * heel + span * signal

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 import mura_helpers as mh
@@ -289,6 +289,75 @@ def test_a_marker_strip_along_an_edge_stays_out_of_the_mask(tmp_path):
     assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.85
 
 
+def _lead_tag(image, center, size, holder, lead, angle=0.0):
+    """Draw a lead tag into `image` (float): a solid holder `size` (w, h) at `holder`, with a bold letter at `lead`;
+    return its pixels."""
+    w, h = size
+    patch = Image.new("L", (w * 4, h * 4), 0)
+    draw = ImageDraw.Draw(patch)
+    font = ImageFont.load_default(size=int(w * 3))
+    draw.text((w * 0.6, h * 0.2), "R", fill=255, font=font, stroke_width=int(w * 0.25), stroke_fill=255)
+    letter = np.asarray(patch.resize((w, h), Image.Resampling.BOX), float) / 255
+    yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
+    box = mh.rect_mask(image.shape, (np.asarray(center, float), (w, h), angle))
+    y0, x0 = int(center[1] - h / 2 + 0.5), int(center[0] - w / 2 + 0.5)
+    image[box] = holder
+    image[y0:y0 + h, x0:x0 + w] += (lead - image[y0:y0 + h, x0:x0 + w]) * letter * box[y0:y0 + h, x0:x0 + w]
+    return box
+
+
+@pytest.mark.parametrize("background, soft, bone, holder, gap", [(20, 90, 200, 140, 6), (20, 90, 200, 140, 30),
+                                                                  (150, 180, 230, 90, 8)])
+def test_a_lead_tag_beside_the_hand_stays_out_of_the_mask(background, soft, bone, holder, gap, tmp_path):
+    # a solid holder (lighter, or darker than a light-grey field) with a bold lead letter, off the little finger
+    image, truth = _radiograph(background=background, soft=soft, bone=bone)
+    image = image.astype(float)
+    x_little = np.flatnonzero(truth[100:160].any(0))[-1]  # the little finger's side, beside the fingers
+    tag = _lead_tag(image, (x_little + gap + 18, 130), (34, 70), holder, 250)
+    out = mh.preprocess_view(_save(tmp_path, np.clip(image, 0, 255).astype(np.uint8)), mh.PreprocessConfig(size=128))
+    in_square = _warped(tag, out)
+    assert (out["mask"].astype(bool) & in_square).sum() <= 0.02 * in_square.sum()
+    assert mh.mask_iou(out["mask"], out["affine"], truth & ~tag) >= 0.85
+
+
+def test_a_dim_hand_wins_over_a_bright_tag(tmp_path):
+    # a faint hand (soft tissue 10, bone 25 levels over the background), a lead tag the brightest thing in the view
+    image, truth = _radiograph(background=20, soft=30, bone=45, noise=2)
+    image = image.astype(float)
+    tag = _lead_tag(image, (40, 60), (40, 80), 110, 250)
+    out = mh.preprocess_view(_save(tmp_path, np.clip(image, 0, 255).astype(np.uint8)), mh.PreprocessConfig(size=128))
+    assert not out["inverted"] and (out["mask"].astype(bool) & _warped(tag, out)).sum() == 0
+    assert mh.mask_iou(out["mask"], out["affine"], truth & ~tag) >= 0.85
+
+
+def test_a_narrow_close_up_keeps_its_hand(tmp_path):
+    # a finger along a view four times as tall as wide, from its bottom side to a tip near the top, background
+    # beside it: the finger covers more than a third of the view and much of its rim
+    shape = (400, 100)
+    finger = _capsule(shape, (50, 50), (55, 440), 28)
+    bone = _capsule(shape, (50, 62), (55, 440), 12)
+    rng = np.random.default_rng(3)
+    image = np.where(finger, 90.0, 20.0)
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)
+    image[bone] = 190 + 12 * (texture / texture.std())[bone]  # trabecular texture, as _radiograph's
+    image = ndimage.gaussian_filter(image, 1.0) + rng.normal(0, 3, shape)
+    out = mh.preprocess_view(_save(tmp_path, np.clip(image, 0, 255).astype(np.uint8)), mh.PreprocessConfig(size=128))
+    assert mh.mask_iou(out["mask"], out["affine"], finger) >= 0.85
+
+
+def test_tags_are_found_off_the_hand_and_bones_are_not_tags():
+    rng = np.random.default_rng(0)
+    small = np.full((128, 128), 20.0)
+    small[30:100, 50:90] = 60  # soft tissue ...
+    small[40:90, 62:72] = 150  # ... around a straight bone: a rectangle, but not on the background
+    small[10:30, 10:22] = 140  # a tag on the background
+    small[15:22, 13:19] = 240  # its letter
+    small = ndimage.gaussian_filter(small, 0.7) + rng.normal(0, 1.5, small.shape)
+    inside = np.ones(small.shape, bool)
+    tags = mh._find_tags(small, inside, 20.0, 1.5, float(small.min()), 240.0, mh.MaskRules())
+    assert tags[10:30, 10:22].mean() > 0.9 and not tags[30:100, 50:90].any()
+
+
 def test_anomaly_cache_is_rebuilt_when_the_pipeline_changes(tiny_phantom, tmp_path, monkeypatch):
     paths = list(mh.studies_to_images(mh.load_studies(tiny_phantom, "train", "XR_HAND"))["image_path"][:3])
     cfg = mh.PreprocessConfig(size=32)
@@ -335,7 +404,7 @@ def test_every_rule_is_commented_and_used(rules):
     for f in fields(rules):
         line = next(i for i, text in enumerate(source.splitlines(), 1) if re.match(rf"\s*{f.name}:", text))
         assert line in commented, f"{rules.__name__}.{f.name} says nowhere what it measures and why its value"
-        assert re.search(rf"\brules\.{f.name}\b", module), f"{rules.__name__}.{f.name} is never used"
+        assert re.search(rf"rules\.{f.name}\b", module), f"{rules.__name__}.{f.name} is never used"
 
 
 def test_suspect_masks_are_listed(tmp_path):
