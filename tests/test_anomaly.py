@@ -407,6 +407,33 @@ def test_every_rule_is_commented_and_used(rules):
         assert re.search(rf"rules\.{f.name}\b", module), f"{rules.__name__}.{f.name} is never used"
 
 
+@pytest.mark.parametrize("grain", [6, 8])
+def test_film_grain_raises_no_doubt_about_a_right_mask(grain, tmp_path):
+    image, truth = _radiograph(background=20, soft=70, bone=190, noise=2, seed=1)
+    blurred = ndimage.gaussian_filter(np.random.default_rng(5).normal(0, 1, image.shape), 2.0)  # grain over 2 px
+    image = np.clip(image + grain * blurred / blurred.std(), 0, 255).astype(np.uint8)
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.85
+    assert all(out["doubts"][name] <= limit for name, limit in mh.MASK_DOUBT_LIMITS.items()), out["doubts"]
+
+
+def test_mask_doubts_flag_a_cut_and_a_hand_left_out_not_grain():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :128]
+    hand, other = (np.abs(xx - 40) < 15) & (yy > 20), (np.abs(xx - 95) < 12) & (yy > 40)
+    grain = ndimage.gaussian_filter(rng.normal(0, 1, hand.shape), 1.0)
+    work = 20 + 50.0 * (hand | other) + 4 * grain / grain.std()
+    above, inside = work > 35, np.ones(hand.shape, bool)  # the floor at 35: grain crosses it here and there
+    ring = inside & ~ndimage.binary_erosion(inside, iterations=6, border_value=0)
+    rules, limits = mh.MaskRules(), mh.MASK_DOUBT_LIMITS
+    right = mh._mask_doubts(hand | other, above, above, inside, ring, rules)
+    assert all(right[name] <= limit for name, limit in limits.items()), right
+    cut = mh._mask_doubts((hand | other) & (yy > 70), above, above, inside, ring, rules)  # cut through both
+    assert cut["cut"] > limits["cut"]
+    left_out = mh._mask_doubts(hand, above, above, inside, ring, rules)  # the second hand missed
+    assert left_out["missed"] > limits["missed"] and left_out["cut"] <= limits["cut"]
+
+
 def test_suspect_masks_are_listed(tmp_path):
     masks = np.zeros((3, 10, 10), np.uint8)
     masks[0, :9], masks[1, :3] = 1, 1  # the whole field taken for the hand; a plausible hand; nothing
