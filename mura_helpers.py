@@ -3193,22 +3193,26 @@ def _border_band(lines: np.ndarray, tol: float, depth: int, background: float | 
     levels = np.clip(np.round(lines[seen]), 0, bins - 1).astype(np.int64)
     cumulative = np.cumsum(np.bincount(rows * bins + levels, minlength=len(lines) * bins).reshape(len(lines), bins), 1)
     totals = cumulative[:, -1]
-    medians = np.array([np.searchsorted(c, t / 2) if t else np.nan for c, t in zip(cumulative, totals)])
+    medians = np.where(totals > 0, (cumulative < totals[:, None] / 2).sum(1), np.nan)  # each line's median level
     counts = np.cumsum(totals)
-    best, best_score = 0, 0.0
-    for cut in range(2, min(depth, len(lines) - after) + 1):
-        if np.isnan(medians[:cut]).all():
-            continue
-        level = np.nanmedian(medians[:cut])
-        if background is not None and abs(level - background) <= tol:
-            continue
-        low, high = (int(np.clip(edge, 0, bins - 1)) for edge in (math.ceil(level - tol), math.floor(level + tol)))
-        near = cumulative[:cut + after, high] - (cumulative[:cut + after, low - 1] if low > 0 else 0)
-        inside = float(near[:cut].sum() / max(counts[cut - 1], 1))
-        next_ = float(near[cut:].sum() / max(counts[cut + after - 1] - counts[cut - 1], 1))
-        if inside >= rules.band_within and next_ <= rules.band_after_share and inside - next_ > best_score:
-            best, best_score = cut, inside - next_
-    return best
+    cuts = np.arange(2, min(depth, len(lines) - after) + 1)  # every depth of band at once
+    if not len(cuts):
+        return 0
+    prefix = np.where(np.arange(len(lines))[None, :] < cuts[:, None], medians[None, :], np.nan)
+    seen_any = ~np.isnan(prefix).all(1)
+    levels = np.full(len(cuts), np.nan)
+    levels[seen_any] = np.nanmedian(prefix[seen_any], axis=1)  # the band's level: its lines' median
+    valid = seen_any & ((np.abs(levels - background) > tol) if background is not None else True)
+    levels = np.where(valid, levels, 0.0)
+    low = np.clip(np.ceil(levels - tol), 0, bins - 1).astype(np.int64)
+    high = np.clip(np.floor(levels + tol), 0, bins - 1).astype(np.int64)
+    near = cumulative[:, high] - np.where(low > 0, cumulative[:, np.maximum(low - 1, 0)], 0)  # (lines, cuts)
+    within = np.cumsum(near, 0)  # pixels near each band's level, over its first lines
+    inside = within[cuts - 1, np.arange(len(cuts))] / np.maximum(counts[cuts - 1], 1)
+    next_ = (within[cuts + after - 1, np.arange(len(cuts))] - within[cuts - 1, np.arange(len(cuts))]) / np.maximum(
+        counts[cuts + after - 1] - counts[cuts - 1], 1)
+    score = np.where(valid & (inside >= rules.band_within) & (next_ <= rules.band_after_share), inside - next_, 0.0)
+    return int(cuts[np.argmax(score)]) if score.max() > 0 else 0
 
 
 def _collimated_field(gray: np.ndarray, plate, rules: CropRules = CropRules(), level_rules: MaskRules = MaskRules()):
@@ -3415,6 +3419,13 @@ def _hand_background(small: np.ndarray, inside: np.ndarray, rules: MaskRules,
     return local, noise, flat, level
 
 
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """ndimage.binary_fill_holes, by labelling what lies outside the mask once (several times faster)."""
+    labels, _ = ndimage.label(~mask)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return mask | ~np.isin(labels, edge[edge > 0]) & (labels > 0)
+
+
 def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: float, lo: float, hi: float,
                rules: MaskRules) -> np.ndarray:
     """Lead tags at working size (bool, grown by their blurred edge): components, at levels between the background
@@ -3434,11 +3445,14 @@ def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: 
             if abs(level - background) <= rules.tag_least_noise * noise:
                 continue
             region = ((small - level) * np.sign(contrast) > 0) & inside & ~tags
-            region = ndimage.binary_opening(ndimage.binary_fill_holes(region))  # (the letter in a darker holder)
+            region = ndimage.binary_opening(_fill_holes(region))  # (the letter in a darker holder)
             labels, count = ndimage.label(region)
             areas = np.bincount(labels.ravel())
             for k, box in enumerate(ndimage.find_objects(labels), 1):
                 if box is None or not least * least <= areas[k] <= most * most * rules.tag_max_aspect:
+                    continue
+                extent = sorted(s.stop - s.start for s in box)  # (a tilted rectangle's box: its sides summed at most)
+                if extent[0] < least or extent[1] > most * (1 + rules.tag_max_aspect):
                     continue
                 y0, x0 = max(box[0].start - ring_px, 0), max(box[1].start - ring_px, 0)
                 near = (slice(y0, box[0].stop + ring_px), slice(x0, box[1].stop + ring_px))
@@ -3572,7 +3586,7 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     for _ in range(rules.margin_growth):
         found |= ndimage.binary_dilation(found) & faint
     found = ndimage.binary_closing(found, iterations=1, border_value=0)
-    filled = ndimage.binary_fill_holes(found)
+    filled = _fill_holes(found)
     holes, count = ndimage.label(filled & ~found)
     if count:  # fill small holes (joint spaces, dark trabeculae); keep large ones (a loop of flexed fingers)
         big = np.flatnonzero(np.bincount(holes.ravel())[1:] > rules.hole_share * inside.sum()) + 1
