@@ -3828,6 +3828,18 @@ def mask_iou_summary(table: pd.DataFrame, good: float = 0.85, bad: float = 0.5) 
             f"n_iou_lt_{bad}": int(np.sum(iou < bad))}
 
 
+def mask_iou_by_kind(table: pd.DataFrame, good: float = 0.85, bad: float = 0.5, tag_kept: float = 0.02) -> pd.DataFrame:
+    """mask_iou_summary over all views and over each kind of view (PHANTOM_VIEW_KINDS; a view may be of several),
+    one row each, with the share of its views with a lead tag whose mask holds more than `tag_kept` of the tag."""
+    rows = []
+    for kind in ("all", *PHANTOM_VIEW_KINDS):
+        part = table if kind == "all" else table[table[f"kind_{kind}"]]
+        tagged = part[part["n_tags"] > 0]
+        rows.append({"kind": kind, **(mask_iou_summary(part, good, bad) if len(part) else {"views": 0}),
+                     "share_tag_in_mask": float((tagged["tag_in_mask"] > tag_kept).mean()) if len(tagged) else np.nan})
+    return pd.DataFrame(rows).set_index("kind")
+
+
 def anomaly_split(studies: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """Davletshina et al.'s split by patient: positive patients halved into val and test, each joined by as many
     normal-only patients; all other (normal-only) patients train. Adds a column 'subset' (train/val/test)."""
@@ -5350,8 +5362,10 @@ def plot_mask_iou(table: pd.DataFrame, worst: int = 6, good: float = 0.85):
         overlay = np.stack([np.maximum(view * 0.6, out["mask"]), np.maximum(view * 0.6, truth * 0.8), view * 0.6], -1)
         axis = fig.add_subplot(grid[1, k])
         axis.imshow(overlay)
-        axis.set_title(f"IoU {row.iou:.2f}: {row.view_type}, {row.polarity}\n{row.n_hands} hand(s)"
-                       f"{', low contrast' if row.low_contrast else ''}", fontsize=8)
+        kinds = [k for k in ("narrow", "dim", "low_contrast") if getattr(row, k, False)]
+        axis.set_title(f"IoU {row.iou:.2f}: {row.view_type}, {row.polarity}\n{row.n_hands} hand(s), "
+                       f"{getattr(row, 'n_tags', 0)} tag(s){''.join(', ' + k.replace('_', ' ') for k in kinds)}",
+                       fontsize=8)
         axis.axis("off")
     fig.tight_layout()
     return fig

@@ -46,12 +46,9 @@ def load_pipeline(path: str | None):
 
 
 def kind_table(table: pd.DataFrame) -> list[dict]:
-    """mask_iou_summary over all views and over each kind of view."""
-    rows = [{"kind": "all", **mh.mask_iou_summary(table, GOOD, BAD)}]
-    for kind in mh.PHANTOM_VIEW_KINDS:
-        part = table[table[f"kind_{kind}"]]
-        rows.append({"kind": kind, **(mh.mask_iou_summary(part, GOOD, BAD) if len(part) else {"views": 0})})
-    return rows
+    """mask_iou_by_kind: all views and each kind of view, one row each."""
+    rows = mh.mask_iou_by_kind(table, GOOD, BAD, TAG_KEPT).reset_index().to_dict("records")
+    return [{k: v for k, v in row.items() if v == v} for row in rows]  # (NaN: no such views, no tags)
 
 
 def tag_table(table: pd.DataFrame) -> dict:
@@ -100,13 +97,15 @@ def measure(data_dir: str, size: int, variant: str, pipeline, cache_dir: str, wo
 def print_summary(summary: dict) -> None:
     """The tables, in markdown."""
     print(f"\n### {summary['variant']} at {summary['size']} px\n")
-    print(f"| kind | views | IoU >= {GOOD} | median | 5th pct | IoU < {BAD} |\n| --- | --- | --- | --- | --- | --- |")
+    print(f"| kind | views | IoU >= {GOOD} | median | 5th pct | IoU < {BAD} | tag in mask |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for row in summary["kinds"]:
+        tags = f"{row['share_tag_in_mask']:.1%}" if "share_tag_in_mask" in row else "-"
         if row["views"]:
             print(f"| {row['kind']} | {row['views']} | {row[f'share_iou_ge_{GOOD}']:.1%} | {row['median_iou']:.3f} "
-                  f"| {row['p5_iou']:.3f} | {row[f'n_iou_lt_{BAD}']} |")
+                  f"| {row['p5_iou']:.3f} | {int(row[f'n_iou_lt_{BAD}'])} | {tags} |")
         else:
-            print(f"| {row['kind']} | 0 | - | - | - | - |")
+            print(f"| {row['kind']} | 0 | - | - | - | - | - |")
     t = summary["tags"]
     print(f"\nlead tags: {t['views_with_tags']} views with one; a tag in the mask (> {TAG_KEPT:.0%} of its pixels) "
           f"in {t['tag_in_mask']} ({t['share_tag_in_mask']:.1%}), any of its pixels in {t['any_tag_pixel_in_mask']}; "
