@@ -89,8 +89,13 @@ def measure(data_dir: str, size: int, variant: str, pipeline, cache_dir: str, wo
     built = time.perf_counter() - start
     table = mh.mask_iou_table(data_dir, cache, workers=workers, progress=False)
     suspects = pipeline.suspect_masks(cache)
+    doubts = cache.doubts.set_axis(cache.image_paths).add_prefix("doubt_")  # each view's signals
+    table = table.join(doubts, on="image_file")
+    good = table[table["iou"] >= GOOD]
     summary = {"size": size, "variant": variant, "cache_seconds": round(built, 1), "kinds": kind_table(table),
-               "tags": tag_table(table), "suspects": suspect_table(table, suspects, pipeline.MASK_DOUBTS)}
+               "tags": tag_table(table), "suspects": suspect_table(table, suspects, pipeline.MASK_DOUBTS),
+               "doubts_p99_of_good": {k: float(good[f"doubt_{k}"].quantile(0.99)) for k in pipeline.MASK_DOUBTS},
+               "limits": dict(pipeline.MASK_DOUBT_LIMITS)}
     return table.assign(suspect=table["image_file"].isin(suspects["image_path"])), summary
 
 
@@ -116,6 +121,8 @@ def print_summary(summary: dict) -> None:
           f"({s['share_good_flagged']:.1%})")
     print("  by reason (good / failed views flagged): " + ", ".join(
         f"{k} {v['good_flagged']}/{v['bad_flagged']}" for k, v in s["by_reason"].items()))
+    print("  99th percentile of each signal over the good views (MASK_DOUBT_LIMITS: these at 512 px, rounded up): "
+          + ", ".join(f"{k} {v:.3f} (limit {summary['limits'][k]})" for k, v in summary["doubts_p99_of_good"].items()))
 
 
 def main(argv=None) -> dict:
