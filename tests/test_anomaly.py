@@ -1,15 +1,21 @@
 """The unsupervised path: preprocessing (crop, mask, HE), the split, the autoencoders, masked losses and scores."""
 
+import ast
+import inspect
+import io
 import json
 import math
 import re
+import textwrap
+import tokenize
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 import mura_helpers as mh
@@ -289,6 +295,75 @@ def test_a_marker_strip_along_an_edge_stays_out_of_the_mask(tmp_path):
     assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.85
 
 
+def _lead_tag(image, center, size, holder, lead, angle=0.0):
+    """Draw a lead tag into `image` (float): a solid holder `size` (w, h) at `holder`, with a bold letter at `lead`;
+    return its pixels."""
+    w, h = size
+    patch = Image.new("L", (w * 4, h * 4), 0)
+    draw = ImageDraw.Draw(patch)
+    font = ImageFont.load_default(size=int(w * 3))
+    draw.text((w * 0.6, h * 0.2), "R", fill=255, font=font, stroke_width=int(w * 0.25), stroke_fill=255)
+    letter = np.asarray(patch.resize((w, h), Image.Resampling.BOX), float) / 255
+    yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
+    box = mh.rect_mask(image.shape, (np.asarray(center, float), (w, h), angle))
+    y0, x0 = int(center[1] - h / 2 + 0.5), int(center[0] - w / 2 + 0.5)
+    image[box] = holder
+    image[y0:y0 + h, x0:x0 + w] += (lead - image[y0:y0 + h, x0:x0 + w]) * letter * box[y0:y0 + h, x0:x0 + w]
+    return box
+
+
+@pytest.mark.parametrize("background, soft, bone, holder, gap", [(20, 90, 200, 140, 6), (20, 90, 200, 140, 30),
+                                                                  (150, 180, 230, 90, 8)])
+def test_a_lead_tag_beside_the_hand_stays_out_of_the_mask(background, soft, bone, holder, gap, tmp_path):
+    # a solid holder (lighter, or darker than a light-grey field) with a bold lead letter, off the little finger
+    image, truth = _radiograph(background=background, soft=soft, bone=bone)
+    image = image.astype(float)
+    x_little = np.flatnonzero(truth[100:160].any(0))[-1]  # the little finger's side, beside the fingers
+    tag = _lead_tag(image, (x_little + gap + 18, 130), (34, 70), holder, 250)
+    out = mh.preprocess_view(_save(tmp_path, np.clip(image, 0, 255).astype(np.uint8)), mh.PreprocessConfig(size=128))
+    in_square = _warped(tag, out)
+    assert (out["mask"].astype(bool) & in_square).sum() <= 0.02 * in_square.sum()
+    assert mh.mask_iou(out["mask"], out["affine"], truth & ~tag) >= 0.85
+
+
+def test_a_dim_hand_wins_over_a_bright_tag(tmp_path):
+    # a faint hand (soft tissue 10, bone 25 levels over the background), a lead tag the brightest thing in the view
+    image, truth = _radiograph(background=20, soft=30, bone=45, noise=2)
+    image = image.astype(float)
+    tag = _lead_tag(image, (40, 60), (40, 80), 110, 250)
+    out = mh.preprocess_view(_save(tmp_path, np.clip(image, 0, 255).astype(np.uint8)), mh.PreprocessConfig(size=128))
+    assert not out["inverted"] and (out["mask"].astype(bool) & _warped(tag, out)).sum() == 0
+    assert mh.mask_iou(out["mask"], out["affine"], truth & ~tag) >= 0.85
+
+
+def test_a_narrow_close_up_keeps_its_hand(tmp_path):
+    # a finger along a view four times as tall as wide, from its bottom side to a tip near the top, background
+    # beside it: the finger covers more than a third of the view and much of its rim
+    shape = (400, 100)
+    finger = _capsule(shape, (50, 50), (55, 440), 28)
+    bone = _capsule(shape, (50, 62), (55, 440), 12)
+    rng = np.random.default_rng(3)
+    image = np.where(finger, 90.0, 20.0)
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)
+    image[bone] = 190 + 12 * (texture / texture.std())[bone]  # trabecular texture, as _radiograph's
+    image = ndimage.gaussian_filter(image, 1.0) + rng.normal(0, 3, shape)
+    out = mh.preprocess_view(_save(tmp_path, np.clip(image, 0, 255).astype(np.uint8)), mh.PreprocessConfig(size=128))
+    assert mh.mask_iou(out["mask"], out["affine"], finger) >= 0.85
+
+
+def test_tags_are_found_off_the_hand_and_bones_are_not_tags():
+    rng = np.random.default_rng(0)
+    small = np.full((128, 128), 20.0)
+    small[30:100, 50:90] = 60  # soft tissue ...
+    small[40:90, 62:72] = 150  # ... around a straight bone: a rectangle, but not on the background
+    small[10:30, 10:22] = 140  # a tag on the background
+    small[15:22, 13:19] = 240  # its letter
+    small = ndimage.gaussian_filter(small, 0.7) + rng.normal(0, 1.5, small.shape)
+    inside = np.ones(small.shape, bool)
+    tags = mh._find_tags(small, inside, 20.0, 1.5, float(small.min()), 240.0, mh.MaskRules())
+    assert tags[10:30, 10:22].mean() > 0.9 and not tags[30:100, 50:90].any()
+
+
 def test_anomaly_cache_is_rebuilt_when_the_pipeline_changes(tiny_phantom, tmp_path, monkeypatch):
     paths = list(mh.studies_to_images(mh.load_studies(tiny_phantom, "train", "XR_HAND"))["image_path"][:3])
     cfg = mh.PreprocessConfig(size=32)
@@ -296,6 +371,73 @@ def test_anomaly_cache_is_rebuilt_when_the_pipeline_changes(tiny_phantom, tmp_pa
     assert mh.build_anomaly_cache(paths, cfg, tmp_path, workers=1, progress=False).folder == first.folder
     monkeypatch.setattr(mh, "ANOMALY_PIPELINE_VERSION", mh.ANOMALY_PIPELINE_VERSION + 1)
     assert mh.build_anomaly_cache(paths, cfg, tmp_path, workers=1, progress=False).folder != first.folder
+    for rules in ({"crop_rules": replace(mh.CropRules(), step=4.0)},  # a changed rule: a new cache, no version bump
+                  {"mask_rules": replace(mh.MaskRules(), hole_share=0.01)}):
+        changed = mh.PreprocessConfig(size=32, **rules)
+        assert mh.build_anomaly_cache(paths, changed, tmp_path, workers=1, progress=False).folder != first.folder
+    with pytest.raises(mh.ConfigError, match="mask_rules must be a MaskRules"):
+        mh.PreprocessConfig(mask_rules={"hole_share": 0.01})
+
+
+# the crop's and the mask's functions: every threshold in them is a named rule (CropRules, MaskRules)
+RULED_FUNCTIONS = ("_plate_rect", "_holds_the_detail", "_sides_are_steps", "find_carrier", "_border_band",
+                   "_collimated_field", "find_field", "_class_thresholds", "_hand_components", "_commonest_level",
+                   "_without_frame", "_background_level", "_hand_mask")
+
+
+def _commented_lines(source: str) -> set[int]:
+    return {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+            if tok.type == tokenize.COMMENT}
+
+
+def test_every_number_in_the_crop_and_mask_functions_is_a_named_rule():
+    bare = []
+    for name in RULED_FUNCTIONS:
+        source = textwrap.dedent(inspect.getsource(getattr(mh, name)))
+        commented = _commented_lines(source)
+        for node in ast.walk(ast.parse(source)):
+            if (isinstance(node, ast.Constant) and type(node.value) in (int, float) and node.value not in (0, 1, 2)
+                    and node.lineno not in commented):  # a literal explains itself in a comment on its line
+                bare.append(f"{name}: {node.value!r} in {source.splitlines()[node.lineno - 1].strip()!r}")
+    assert not bare, "\n".join(bare)
+
+
+@pytest.mark.parametrize("rules", [mh.CropRules, mh.MaskRules])
+def test_every_rule_is_commented_and_used(rules):
+    source = textwrap.dedent(inspect.getsource(rules))
+    commented = _commented_lines(source)
+    module = inspect.getsource(mh).replace(source, "")
+    for f in fields(rules):
+        line = next(i for i, text in enumerate(source.splitlines(), 1) if re.match(rf"\s*{f.name}:", text))
+        assert line in commented, f"{rules.__name__}.{f.name} says nowhere what it measures and why its value"
+        assert re.search(rf"rules\.{f.name}\b", module), f"{rules.__name__}.{f.name} is never used"
+
+
+@pytest.mark.parametrize("grain", [6, 8])
+def test_film_grain_raises_no_doubt_about_a_right_mask(grain, tmp_path):
+    image, truth = _radiograph(background=20, soft=70, bone=190, noise=2, seed=1)
+    blurred = ndimage.gaussian_filter(np.random.default_rng(5).normal(0, 1, image.shape), 2.0)  # grain over 2 px
+    image = np.clip(image + grain * blurred / blurred.std(), 0, 255).astype(np.uint8)
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.85
+    assert all(out["doubts"][name] <= limit for name, limit in mh.MASK_DOUBT_LIMITS.items()), out["doubts"]
+
+
+def test_mask_doubts_flag_a_cut_and_a_hand_left_out_not_grain():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :128]
+    hand, other = (np.abs(xx - 40) < 15) & (yy > 20), (np.abs(xx - 95) < 12) & (yy > 40)
+    grain = ndimage.gaussian_filter(rng.normal(0, 1, hand.shape), 1.0)
+    work = 20 + 50.0 * (hand | other) + 4 * grain / grain.std()
+    above, inside = work > 35, np.ones(hand.shape, bool)  # the floor at 35: grain crosses it here and there
+    ring = inside & ~ndimage.binary_erosion(inside, iterations=6, border_value=0)
+    rules, limits = mh.MaskRules(), mh.MASK_DOUBT_LIMITS
+    right = mh._mask_doubts(hand | other, above, above, inside, ring, rules)
+    assert all(right[name] <= limit for name, limit in limits.items()), right
+    cut = mh._mask_doubts((hand | other) & (yy > 70), above, above, inside, ring, rules)  # cut through both
+    assert cut["cut"] > limits["cut"]
+    left_out = mh._mask_doubts(hand, above, above, inside, ring, rules)  # the second hand missed
+    assert left_out["missed"] > limits["missed"] and left_out["cut"] <= limits["cut"]
 
 
 def test_suspect_masks_are_listed(tmp_path):

@@ -6,6 +6,8 @@ import json
 import pytest
 from conftest import REPO
 
+import mura_helpers as mh
+
 
 def test_train_throughput_benchmark_smoke(tiny_phantom, tmp_path):
     spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "train_throughput.py")
@@ -32,6 +34,26 @@ def test_preprocess_speed_benchmark_smoke(tiny_phantom, tmp_path):
     assert report["views"] == 4 and report["variant"] == "full+HE" and report["size"] == 64
     assert 0 < report["median_wall_ms"] <= report["p90_wall_ms"] and report["median_cpu_ms"] > 0
     assert json.loads((tmp_path / "prep.json").read_text())["median_wall_ms"] == report["median_wall_ms"]
+
+
+def test_mask_quality_benchmark_smoke(tiny_phantom, tmp_path):
+    spec = importlib.util.spec_from_file_location("mask_bench", REPO / "benchmarks" / "mask_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--data-dir", str(tiny_phantom), "--sizes", "48", "--cache-dir", str(tmp_path / "cache"), "--workers", "1",
+            "--json", str(tmp_path / "masks.json"), "--csv", str(tmp_path / "masks.csv")]
+    report = bench.main(args)
+    (size,) = report["sizes"]
+    kinds = {row["kind"]: row for row in size["kinds"]}
+    assert set(kinds) == {"all", *mh.PHANTOM_VIEW_KINDS} and kinds["all"]["views"] == len(mh.load_phantom_truth(
+        tiny_phantom))
+    assert 0 <= kinds["all"]["share_iou_ge_0.85"] <= 1 and size["tags"]["views_with_tags"] == kinds["tags"]["views"]
+    suspects = size["suspects"]
+    assert suspects["bad_flagged"] <= suspects["bad_views"] and set(suspects["by_reason"]) == {*mh.MASK_DOUBTS, "share"}
+    assert json.loads((tmp_path / "masks.json").read_text())["sizes"][0]["kinds"] == json.loads(json.dumps(
+        size["kinds"]))
+    other = bench.main(args[:-4] + ["--pipeline", str(REPO / "mura_helpers.py"), "--json", ""])  # the same code,
+    assert other["sizes"][0]["kinds"] == size["kinds"]  # imported as another module: the same tables
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -179,10 +180,16 @@ def test_truth_table_and_masks(tiny_phantom):
         mask = mh.phantom_hand_mask(row)
         with Image.open(row.image_file) as im:
             assert mask.shape == (im.height, im.width) == (row.height, row.width)
-        assert 0.02 < mask.mean() < 0.8
+        assert 0.02 < mask.mean() < (0.85 if row.narrow else 0.8)  # a close-up: the hand fills more of it
         for corners in (row.plate, row.field):
             assert len(corners) in (0, 4)
             assert not (mask & ~_rect(corners, mask.shape, 1.5)).any()  # no hand outside the plate or field
+        assert row.n_tags == len(row.tags) and all(len(corners) == 4 for corners in row.tags)
+        for corners in row.tags:  # a lead tag is not hand
+            assert not (mask & _rect(corners, mask.shape, -1)).any()
+    kinds = truth[[f"kind_{k}" for k in mh.PHANTOM_VIEW_KINDS]]
+    assert kinds["kind_tags"].any() and (kinds["kind_plain"] == ~kinds.drop(columns="kind_plain").any(axis=1)).all()
+    assert (kinds["kind_two_hands"] == (truth["n_hands"] == 2)).all()
     row = truth.iloc[0]
     assert (mh.phantom_hand_mask(row) == mh.phantom_hand_mask(row["mask_file"])).all()
     assert (mh.phantom_hand_mask(row.to_dict()) == mh.phantom_hand_mask(row)).all()
@@ -191,7 +198,7 @@ def test_truth_table_and_masks(tiny_phantom):
 def test_truth_mask_covers_the_hand(phantom_512):
     truth = mh.load_phantom_truth(phantom_512)
     checked = 0
-    for row in truth[~truth["low_contrast"]].itertuples():
+    for row in truth[~truth["low_contrast"] & ~truth["dim"]].itertuples():  # (a dim hand is faint by design)
         gray = np.asarray(mh.load_image(row.image_file), dtype=float)
         mask = mh.phantom_hand_mask(row)
         field = _rect(row.field or row.plate, mask.shape, -3)
@@ -201,7 +208,9 @@ def test_truth_mask_covers_the_hand(phantom_512):
             assert np.percentile(hand, 5) < background - 20
             continue
         assert np.percentile(hand, 95) > background + 20  # bones brighter, whatever the background
-        bright = field & (gray > background + 40) & (gray < 200)  # bone-bright, but no lead tag or text
+        bright = field & (gray > background + 40) & (gray < 200)  # bone-bright, but no lead letter or text ...
+        for corners in row.tags:  # ... nor a tag's holder (not hand)
+            bright &= ~_rect(corners, mask.shape, 3)
         if bright.sum() >= 50:  # (a light-grey background leaves little room below the tags)
             near = ndimage.binary_dilation(mask, iterations=2)
             assert near[bright].mean() > 0.97, row.image_path
@@ -230,6 +239,8 @@ def test_plan_draws_real_poses_and_polarities():
     shares = views["polarity"].value_counts(normalize=True)
     assert 0.08 < shares["light_grey"] < 0.12 and 0.06 < shares["inverted"] < 0.1
     assert 0.08 < views["low_contrast"].mean() < 0.12
+    assert 0.04 < views["narrow"].mean() < 0.08 and set(views.loc[views["narrow"], "n_hands"]) == {1}
+    assert 0.05 < views["dim"].mean() < 0.09  # at least 5% of the views: a dim hand, a bright tag
 
 
 def test_findings_lie_on_the_true_hand(phantom_512):
@@ -241,3 +252,84 @@ def test_findings_lie_on_the_true_hand(phantom_512):
         assert mask[(f.y0 + f.y1) // 2, (f.x0 + f.x1) // 2]
         assert mask[f.y0:f.y1 + 1, f.x0:f.x1 + 1].mean() > 0.5
         assert min(f.x1 - f.x0, f.y1 - f.y0) * 224 / max(f.width, f.height) >= 4  # learnable: visible at 224 px
+
+
+# ---------------------------------------------------------------- what real views have: lead tags, narrow and dim views
+
+
+@pytest.fixture(scope="module")
+def rendered_views():
+    """About 190 views of a 60-patient plan at 256 px: each (task, image, truth)."""
+    studies, tasks = mh._plan_phantom(60, 4, 0.15, 0.26, ("XR_HAND",), 256)
+    views = []
+    for t in tasks:
+        image, _, truth = mh._render_view(t["seed"], t["view"], t["anatomy"], None, None, 256, t["n_hands"],
+                                          t["polarity"], t["low_contrast"], t["narrow"], t["dim"])
+        views.append((t, image.astype(float), truth))
+    return views
+
+
+def _tag_rects(truth, shape, grow=0.0):
+    return [_rect(corners, shape, grow) for corners in truth["tags"]]
+
+
+def test_lead_tags_are_drawn_as_real_ones(rendered_views):
+    sides, near, tilted, counts = [], [], [], []
+    for task, image, truth in rendered_views:
+        counts.append(len(truth["tags"]))
+        hand = truth["mask"]
+        field = _rect(truth["field"] or truth["plate"], hand.shape, 1.5)
+        gap = ndimage.distance_transform_edt(~hand)
+        finger = 2 * 1.7 * mh._RADIUS["middle"] * min(hand.shape) / 0.9 * 0.9  # about a finger's width, px
+        for corners, inner in zip(truth["tags"], _tag_rects(truth, hand.shape, -1.5)):
+            center, (w, h), angle = mh.min_area_rect(np.asarray(corners, float))
+            sides.append((min(w, h) / min(hand.shape), max(w, h) / min(w, h)))
+            tilted.append(abs(math.degrees(angle)) % 90 > 1)
+            assert field[_rect(corners, hand.shape, 0)].all()  # wholly inside the field
+            assert not hand[inner].any()  # not hand in the truth
+            surround = _rect(corners, hand.shape, 4) & ~_rect(corners, hand.shape, 1.5) & ~hand & field
+            holder = image[inner]
+            if surround.sum() > 20:  # a solid holder, lighter or darker than the field, with lead in it
+                assert abs(np.median(holder) - np.median(image[surround])) > 5
+                lead = holder.max() - np.median(holder) if task["polarity"] != "inverted" else (
+                    np.median(holder) - holder.min())
+                assert lead > 25  # a bold lead letter stands out of its holder
+            near.append(gap[inner].min() <= finger)
+    sides = np.array(sides)
+    assert np.mean(np.array(counts) > 0) > 0.7 and (np.array(counts) == 2).any()  # sometimes two
+    assert sides[:, 0].min() >= 0.05 and sides[:, 0].max() <= 0.16  # 6-15% of the short side wide ...
+    assert sides[:, 1].min() >= 1.4 and sides[:, 1].max() <= 3.1  # ... 1.5-3 times as tall
+    assert 0.2 < np.mean(near) < 0.5 and 0.15 < np.mean(tilted) < 0.45  # a third near the hand; some tilted
+
+
+def test_narrow_and_dim_views(rendered_views):
+    narrow = [(t, image, truth) for t, image, truth in rendered_views if t["narrow"]]
+    dim = [(t, image, truth) for t, image, truth in rendered_views if t["dim"]]
+    assert narrow and dim
+    for _, image, truth in narrow:  # a close-up: 3-4.5 times as tall as wide, hand and some background
+        assert 2.9 <= max(image.shape) / min(image.shape) <= 4.6 and truth["narrow"]
+        assert 0.25 < truth["mask"].mean() < 0.85
+    for task, image, truth in dim:  # a faint hand; a bright lead tag the brightest thing in the field
+        assert truth["dim"] and task["polarity"] in mh.PHANTOM_POLARITIES
+        if truth["tags"] and task["polarity"] != "inverted":
+            tag = np.logical_or.reduce(_tag_rects(truth, image.shape))
+            assert image[tag].max() > np.percentile(image[truth["mask"]], 95) + 30  # (95: a ring or text is metal)
+
+
+def test_film_grain_is_correlated_over_pixels():
+    # per-pixel noise lives at the finest scale; film grain also between 1 and 4 px, where averaging down keeps it
+    studies, tasks = mh._plan_phantom(20, 6, 0.15, 0.26, ("XR_HAND",), 512)
+    ratios = []
+    for t in [t for t in tasks if not t["dim"] and t["polarity"] == "normal"][:8]:
+        image, _, truth = mh._render_view(t["seed"], t["view"], t["anatomy"], None, None, 512, t["n_hands"],
+                                          t["polarity"], t["low_contrast"])
+        image = image.astype(float)
+        background = _rect(truth["field"] or truth["plate"], image.shape, -12)
+        background &= ~ndimage.binary_dilation(truth["mask"], iterations=16)
+        for corners in truth["tags"]:
+            background &= ~_rect(corners, image.shape, 10)
+        background &= np.abs(image - np.median(image[background])) < 30  # no annotation text
+        background = ndimage.binary_erosion(background, iterations=8)
+        fine, coarse = ndimage.gaussian_filter(image, 1), ndimage.gaussian_filter(image, 4)
+        ratios.append((fine - coarse)[background].std() / (image - fine)[background].std())
+    assert np.median(ratios) > 0.5  # phantom v4: 0.86; white noise alone (v3, v4 without grain): 0.30
