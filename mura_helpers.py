@@ -556,6 +556,25 @@ def _run_tasks(func, tasks: list, desc: str, progress: bool = True, workers: int
     return results
 
 
+def _symlink_loop(path: str | os.PathLike) -> bool:
+    """Whether `path`, or a folder on the way to it, is a symbolic link that leads back to itself."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
+def _make_folder(path: str | os.PathLike) -> Path:
+    """mkdir -p, with a symlink loop named as one (mkdir itself says only "File exists")."""
+    path = Path(path)
+    if _symlink_loop(path):
+        raise ConfigError(f"{path}: a symlink loop (a link that leads back to itself): remove the link or choose "
+                          f"another folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def resize_view(image: Image.Image, size: int, mode: str = "squash") -> Image.Image:
     """Resize a grey view to size x size: stretched ('squash', as the report and paper) or letterboxed ('pad')."""
     if mode == "squash":
@@ -632,7 +651,7 @@ def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: st
     cache = ImageCache(npy, paths, size, resize)
     if npy.is_file():
         return cache
-    npy.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(npy.parent)
     tmp = npy.with_suffix(f".tmp{os.getpid()}.npy")
     np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size)).flush()
     tasks = [(str(tmp), i, paths[i:i + 64], size, resize) for i in range(0, len(paths), 64)]
@@ -933,7 +952,8 @@ def _choice_setting(owner: str, name: str, value, allowed: Sequence):
 
 
 def _path_setting(owner: str, name: str, value, optional: bool = False) -> str | None:
-    """A folder setting as a string; an empty string is refused (it would silently mean the current folder)."""
+    """A folder setting as a string; an empty string is refused (it would silently mean the current folder), and so
+    is a symlink loop (mkdir would only say "File exists")."""
     if optional and value is None:
         return None
     if isinstance(value, os.PathLike):
@@ -941,6 +961,8 @@ def _path_setting(owner: str, name: str, value, optional: bool = False) -> str |
     if not isinstance(value, str) or not value.strip():
         _bad_setting(owner, name, value, "a folder path" + (" or None (the embedded phantom)" if optional else "")
                      + "; an empty string would mean the current folder")
+    if _symlink_loop(value):
+        _bad_setting(owner, name, value, "a folder, not a symlink loop (a link that leads back to itself)")
     return value
 
 
@@ -1486,8 +1508,7 @@ def _lock_heartbeat(path: Path, stop: threading.Event) -> None:
 def run_lock(run_dir: str | os.PathLike):
     """Hold run_dir/run.lock (pid, host, start time, command; created atomically) while a run writes there; a
     second run raises RunLockedError naming the holder; a dead run's lock is taken over with a warning."""
-    path = Path(run_dir) / RUN_LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _make_folder(run_dir) / RUN_LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
     for attempt in range(2):

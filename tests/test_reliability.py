@@ -432,3 +432,19 @@ def test_a_full_disk_says_so_and_leftover_temporaries_are_cleaned(tiny_run, tmp_
     with pytest.warns(UserWarning, match="2 temporary file"):
         assert len(mh.train(cfg, progress=False)) == 3  # and resumed
     assert not any(p.exists() for p in leftovers)
+def test_a_symlink_loop_is_named_as_one(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    for folder in (loop, a, loop / "run"):
+        for config in (mh.TrainConfig, mh.AnomalyConfig):
+            for name in ("output_dir", "cache_dir"):
+                with pytest.raises(mh.ConfigError, match=f"{config.__name__}.{name} .*symlink loop"):
+                    config(**{name: str(folder)})
+        with pytest.raises(mh.ConfigError, match="symlink loop") as err:
+            mh.build_image_cache([], 32, folder, progress=False)
+        assert str(folder) in str(err.value)
+        with pytest.raises(mh.ConfigError, match="symlink loop"), mh.run_lock(folder):
+            pass
