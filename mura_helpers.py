@@ -56,6 +56,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -1543,14 +1544,18 @@ def run_lock(run_dir: str | os.PathLike):
                 path.unlink()
 
 
-RUN_FILES = ("checkpoints", "history.csv", "config.json", "test_scores.csv")  # what a run writes in its folder
+# every name a run writes in its folder (besides its lock): whatever a fresh run finds there is moved aside first
+RUN_FILES = ("checkpoints", "history.csv", "config.json", "test_scores.csv", "val_scores.csv")
 
 
 def _set_aside_previous_run(out: Path) -> Path | None:
-    """Before a fresh run in `out`: move an earlier run's files to a sibling <name>.previous-<UTC time>/ (nothing is
-    deleted), with a warning naming both folders; None when there was no earlier run."""
-    checkpoints = out / "checkpoints"
-    if not (out / "history.csv").is_file() and not (checkpoints.is_dir() and any(checkpoints.glob("*.pt"))):
+    """Before a fresh run in `out`: move whatever is at the names a run writes (RUN_FILES: an earlier run's files, or
+    the user's own under those names) to a sibling <name>.previous-<UTC time>/, so that nothing is deleted or
+    overwritten, with a warning naming them and both folders; None when there was nothing (an empty folder is
+    left)."""
+    found = [name for name in RUN_FILES if (out / name).is_symlink() or (out / name).is_file()
+             or ((out / name).is_dir() and any((out / name).iterdir()))]
+    if not found:
         return None
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     aside = out.parent / f"{out.name}.previous-{stamp}"
@@ -1559,11 +1564,11 @@ def _set_aside_previous_run(out: Path) -> Path | None:
         n += 1
         aside = out.parent / f"{out.name}.previous-{stamp}-{n}"
     aside.mkdir(parents=True)
-    for name in RUN_FILES:
-        if (out / name).exists():
-            shutil.move(out / name, aside / name)
-    warnings.warn(f"{out}: starting a new run here; the earlier run's checkpoints and history were moved to "
-                  f"{aside} (nothing was deleted)", stacklevel=3)
+    for name in found:
+        shutil.move(out / name, aside / name)
+    warnings.warn(f"{out}: starting a new run here; what was at the names a run writes ({', '.join(found)}: an "
+                  f"earlier run's files, or your own) was moved to {aside} (nothing was deleted or overwritten)",
+                  stacklevel=3)
     return aside
 
 
@@ -1809,8 +1814,7 @@ def _start_run(cfg: RunConfig, ctx: Distributed, device, prepare, progress: bool
     if ctx.local_rank == 0 and ctx.world_size > 1:  # ... while the others wait, then read them
         dist.barrier()
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
+        _write_json_atomic(_config_dict(cfg), out / "config.json")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick the fastest kernels
     seed_everything(cfg.seed)
     return state, data
@@ -1961,19 +1965,22 @@ def launch_training(cfg: TrainConfig | AnomalyConfig, devices: int | str = "auto
     if n <= 1 or (anomaly and cfg.is_gan):  # the GANs stay on one device (train_anomaly says why)
         return train_anomaly(cfg, progress) if anomaly else train(cfg, progress)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = out / "launch_config.json"
-    config.write_text(json.dumps(_config_dict(cfg), indent=2))
+    fd, config = tempfile.mkstemp(prefix="mura_launch_", suffix=".json")  # the workers' settings: outside the run
+    with os.fdopen(fd, "w") as f:  # folder, where the run alone writes (and moves aside what it did not write)
+        json.dump(_config_dict(cfg), f, indent=2)
     module_dir = str(Path(__file__).resolve().parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [module_dir, os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "mura_helpers", "train-anomaly" if anomaly else "train", "--config", str(config), "--no-progress"]
+               "-m", "mura_helpers", "train-anomaly" if anomaly else "train", "--config", config, "--no-progress"]
     lines = []
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            lines.append(line)
-            if progress and (line.startswith(("epoch ", "resuming ")) or (anomaly and " epoch " in line)):
-                print(line, end="", flush=True)
+    try:
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            for line in proc.stdout:
+                lines.append(line)
+                if progress and (line.startswith(("epoch ", "resuming ")) or (anomaly and " epoch " in line)):
+                    print(line, end="", flush=True)
+    finally:
+        os.unlink(config)
     if proc.returncode != 0:
         raise RuntimeError(f"distributed training on {n} processes failed (exit {proc.returncode}); the workers' "
                            f"last output:\n{''.join(lines[-40:])}")

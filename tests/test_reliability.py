@@ -432,6 +432,56 @@ def test_a_full_disk_says_so_and_leftover_temporaries_are_cleaned(tiny_run, tmp_
     with pytest.warns(UserWarning, match="2 temporary file"):
         assert len(mh.train(cfg, progress=False)) == 3  # and resumed
     assert not any(p.exists() for p in leftovers)
+
+
+# ---------------------------------------------------------------- 14. a fresh run overwrites nothing it did not write
+
+
+def test_a_fresh_run_moves_aside_files_it_did_not_write(tiny_phantom, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    mine = {"config.json": '{"my": "own settings"}', "test_scores.csv": "my,scores\n", "val_scores.csv": "x\n"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    (out / "notes.txt").write_text("not a name a run writes")
+    with pytest.warns(UserWarning, match="moved to") as caught:
+        mh.train(_train_config(tiny_phantom, out, tmp_path / "cache"), progress=False)
+    [aside] = list(tmp_path.glob("run.previous-*"))
+    message = str(next(w.message for w in caught if "moved to" in str(w.message)))
+    assert str(aside) in message and "config.json" in message
+    assert {name: (aside / name).read_text() for name in mine} == mine  # byte for byte, nothing overwritten
+    assert (out / "notes.txt").read_text() == "not a name a run writes"
+    assert json.loads((out / "config.json").read_text())["arch"] == "densenet169"  # the run's own
+
+
+def test_a_distributed_launch_writes_no_file_into_the_run_folder_before_the_run(tiny_phantom, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "launch_config.json").write_text("mine")
+    seen = {}
+
+    class FakeRun:
+        returncode = 0
+
+        def __init__(self, command, **kw):
+            config = Path(command[command.index("--config") + 1])
+            seen.update(config=config, fields=json.loads(config.read_text()))
+            self.stdout = []
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(mh.subprocess, "Popen", FakeRun)
+    monkeypatch.setattr(mh.pd, "read_csv", lambda path: path)
+    mh.launch_training(_train_config(tiny_phantom, out, tmp_path / "cache"), devices=2, progress=False)
+    assert (out / "launch_config.json").read_text() == "mine"  # untouched
+    assert seen["fields"]["output_dir"] == str(out) and out not in seen["config"].parents
+    assert not seen["config"].exists()  # the launch's own temporary file is gone
+
+
 def test_a_symlink_loop_is_named_as_one(tmp_path):
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
