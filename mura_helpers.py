@@ -46,6 +46,7 @@ import errno
 import functools
 import hashlib
 import inspect
+import io
 import json
 import math
 import os
@@ -557,6 +558,45 @@ def _run_tasks(func, tasks: list, desc: str, progress: bool = True, workers: int
     return results
 
 
+NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a full quota, a file-size limit
+
+
+def _megabytes(n: float, up: bool = True) -> str:
+    """A byte count in MB with one decimal, rounded up (space needed) or down (space free)."""
+    return f"{(math.ceil if up else math.floor)(n / 1e5) / 10:,.1f} MB"
+
+
+def _free_bytes(where: Path) -> int:
+    """The free space of the disk that holds `where` (or would: its nearest existing folder)."""
+    folder = Path(where)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def _no_room(where: Path, need: int, then: str, cause: OSError | None = None) -> OSError:
+    """The one error a write that finds no room raises (OSError ENOSPC): what it needs where, what is free there."""
+    what = ("file too large for this process's file-size limit (ulimit -f)" if cause is not None
+            and cause.errno == errno.EFBIG else "disk full")
+    free = _megabytes(_free_bytes(where), up=False)
+    return OSError(errno.ENOSPC, f"{what}: need {_megabytes(need)} at {where} ({free} free there): {then}")
+
+
+@contextlib.contextmanager
+def _room_for(where: Path, need: int, then: str):
+    """Check that `need` bytes fit on the disk at `where` before writing them there, and turn a write that finds no
+    room anyway (another writer filled the disk, a quota, a file-size limit) into the same OSError; the caller
+    removes what it wrote."""
+    if _free_bytes(where) < need:
+        raise _no_room(where, need, then)
+    try:
+        yield
+    except OSError as e:
+        if e.errno in NO_ROOM_ERRNOS:
+            raise _no_room(where, need, then, e) from e
+        raise
+
+
 def _symlink_loop(path: str | os.PathLike) -> bool:
     """Whether `path`, or a folder on the way to it, is a symbolic link that leads back to itself."""
     try:
@@ -574,6 +614,25 @@ def _make_folder(path: str | os.PathLike) -> Path:
                           f"another folder")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _write_file_atomic(data: bytes | memoryview, path: Path, then: str = "free some space and run again") -> None:
+    """Write `data` to `path` through a temporary file, flushed to disk, and a rename: a crash never leaves a
+    half-written file, and a full disk is said (the space needed and the path), leaving `path` as it was and no
+    temporary file."""
+    path = Path(path)
+    _make_folder(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with _room_for(path, len(data), f"the partial file was removed and {path} keeps its previous content; {then}"):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def resize_view(image: Image.Image, size: int, mode: str = "squash") -> Image.Image:
@@ -1311,27 +1370,16 @@ def _state_digest(obj) -> str:
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file, flushed to disk, then rename: a crash never leaves a half-written
-    checkpoint, and a failed write (a full disk) leaves no temporary file behind. A dict gets its sha256 digest
+    """torch.save into memory, then written atomically (_write_file_atomic): a crash never leaves a half-written
+    checkpoint, and a full disk says so with the space needed and the path, leaving the previous file and no
+    temporary one (torch's own file writer would turn it into a RuntimeError). A dict gets its sha256 digest
     (DIGEST_KEY), which every load checks."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(obj, dict):
         obj = {**{k: v for k, v in obj.items() if k != DIGEST_KEY}, DIGEST_KEY: _state_digest(
             {k: v for k, v in obj.items() if k != DIGEST_KEY})}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"disk full while writing {path} (the partial file was removed; {path} "
-                                   f"keeps its previous content): free some space and run again to resume") from e
-        raise
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _write_file_atomic(buffer.getbuffer(), Path(path), "free some space and run again to resume")
 
 
 class CheckpointError(ValueError):
@@ -1617,19 +1665,13 @@ def _check_same_data(state: dict | None, data: dict, where: Path) -> None:
 
 
 def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Write a CSV through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    """Write a CSV atomically (_write_file_atomic)."""
+    _write_file_atomic(df.to_csv(index=False).encode(), path)
 
 
 def _write_json_atomic(obj, path: Path) -> None:
-    """Write JSON through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    """Write JSON atomically (_write_file_atomic)."""
+    _write_file_atomic(json.dumps(obj, indent=2).encode(), path)
 
 
 # ---------------------------------------------------------------- training: one epoch, evaluation, the run, ensembles

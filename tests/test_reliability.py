@@ -414,16 +414,14 @@ def test_a_full_disk_says_so_and_leftover_temporaries_are_cleaned(tiny_run, tmp_
     cfg = _copy_of_run(tiny_run, tmp_path, epochs=3, max_steps_per_epoch=1)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     good = last.read_bytes()
-    real_save = torch.save
 
-    def full_disk(obj, f):
-        f.write(b"partial")
+    def full_disk(fd):  # where a file system with delayed allocation (ext4) reports a full disk
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mh.torch, "save", full_disk)
+    monkeypatch.setattr(mh.os, "fsync", full_disk)
     with pytest.raises(OSError, match="disk full") as err:
         mh.save_atomic({"epoch": 2}, last)
-    monkeypatch.setattr(mh.torch, "save", real_save)
+    monkeypatch.undo()
     assert str(last) in str(err.value) and err.value.errno == errno.ENOSPC
     assert last.read_bytes() == good and not list(last.parent.glob(".*tmp*"))
     leftovers = [last.parent / ".last.pt.tmp99999", tmp_path / "run" / ".history.csv.tmp99999"]  # a killed write
@@ -480,6 +478,20 @@ def test_a_distributed_launch_writes_no_file_into_the_run_folder_before_the_run(
     assert (out / "launch_config.json").read_text() == "mine"  # untouched
     assert seen["fields"]["output_dir"] == str(out) and out not in seen["config"].parents
     assert not seen["config"].exists()  # the launch's own temporary file is gone
+
+
+def test_a_checkpoint_write_on_a_full_disk_names_the_space_needed(tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    last = tmp_path / "checkpoints" / "last.pt"
+    mh.save_atomic({"epoch": 1}, last)
+    good = last.read_bytes()
+    tmp = last.with_name(f".last.pt.tmp{os.getpid()}")
+    tmp.symlink_to("/dev/full")  # the kernel's own ENOSPC, at the write
+    with pytest.raises(OSError, match=r"disk full: need \d+(\.\d)? MB at ") as err:
+        mh.save_atomic({"epoch": 2, "weights": torch.zeros(300_000)}, last)
+    assert str(last) in str(err.value) and err.value.errno == errno.ENOSPC
+    assert last.read_bytes() == good and not tmp.exists() and not tmp.is_symlink()
 
 
 def test_a_symlink_loop_is_named_as_one(tmp_path):
