@@ -635,6 +635,54 @@ def _write_file_atomic(data: bytes | memoryview, path: Path, then: str = "free s
         raise
 
 
+CACHE_NO_ROOM = "free some space, or set cache_dir to a disk with room (the partial cache was removed)"
+
+
+def _new_arrays(arrays: Sequence[tuple[Path, tuple[int, ...], type]], where: Path) -> None:
+    """Create .npy files of these (path, shape, dtype) for memory-mapped writing, their disk space reserved first: a
+    memory-mapped write that finds the disk full kills the process (SIGBUS, no traceback), so a full disk is said
+    here, before any work, naming `where` and the space needed."""
+    need = sum(128 + math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in arrays)  # 128: the header
+    with _room_for(where, need, CACHE_NO_ROOM):
+        for path, shape, dtype in arrays:
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            size = array.offset + array.nbytes
+            del array
+            if size and hasattr(os, "posix_fallocate"):  # the blocks themselves, not a sparse file
+                with open(path, "r+b") as f:
+                    try:
+                        os.posix_fallocate(f.fileno(), 0, size)
+                    except OSError as e:  # a file system without it keeps the free-space check
+                        if e.errno in NO_ROOM_ERRNOS:
+                            raise
+
+
+def _array_file_problem(path: Path, shape: tuple[int, ...], dtype) -> str | None:
+    """What is wrong with a cache's .npy file (missing, truncated, grown, not an array of this shape and type)."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            found_shape, fortran, found_dtype = readers[version](f)
+            offset = f.tell()
+    except FileNotFoundError:
+        return "missing"
+    except Exception as e:  # numpy raises ValueError, KeyError (a version it does not write), EOFError, ...
+        return f"not a NumPy array file ({type(e).__name__}: {e})"
+    if tuple(found_shape) != tuple(shape) or found_dtype != np.dtype(dtype) or fortran:
+        return f"a {found_dtype} array of shape {tuple(found_shape)}, not {np.dtype(dtype)} {tuple(shape)}"
+    expected, actual = offset + math.prod(shape) * np.dtype(dtype).itemsize, path.stat().st_size
+    return None if actual == expected else f"{actual} bytes where {expected} were written (truncated or appended to)"
+
+
+def _damaged_cache(arrays: Sequence[tuple[Path, tuple[int, ...], type]]) -> bool:
+    """Whether a cache's arrays are damaged, each one found so named in a warning ("cache damaged, rebuilding")."""
+    damaged = [(path, problem) for path, shape, dtype in arrays if (problem := _array_file_problem(path, shape, dtype))]
+    for path, problem in damaged:
+        warnings.warn(f"{path}: cache damaged ({problem}), rebuilding", stacklevel=3)
+    return bool(damaged)
+
+
 def resize_view(image: Image.Image, size: int, mode: str = "squash") -> Image.Image:
     """Resize a grey view to size x size: stretched ('squash', as the report and paper) or letterboxed ('pad')."""
     if mode == "squash":
@@ -702,22 +750,24 @@ def _remove_dead_cache_builds(cache_dir: str | os.PathLike, min_age_s: float = 6
 
 def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: str | os.PathLike = "data/cache",
                       resize: str = "squash", workers: int | None = None, progress: bool = True) -> ImageCache:
-    """Return the cache of these views at this size, building it once (keyed by paths, file stamps, size, mode)."""
+    """Return the cache of these views at this size, building it once (keyed by paths, file stamps, size, mode); its
+    disk space is reserved first (a full disk is said before any work), and a damaged file is rebuilt."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     paths = [str(p) for p in image_paths]
     _remove_dead_cache_builds(cache_dir)
     npy = Path(cache_dir) / f"views_{size}px_{resize}_{_files_stamp(paths, size, resize)}.npy"
     cache = ImageCache(npy, paths, size, resize)
-    if npy.is_file():
+    shape = (len(paths), size, size)
+    if npy.is_file() and not _damaged_cache([(npy, shape, np.uint8)]):
         return cache
     _make_folder(npy.parent)
     tmp = npy.with_suffix(f".tmp{os.getpid()}.npy")
-    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size)).flush()
     tasks = [(str(tmp), i, paths[i:i + 64], size, resize) for i in range(0, len(paths), 64)]
     try:
+        _new_arrays([(tmp, shape, np.uint8)], npy)
         _run_tasks(_cache_chunk, tasks, f"caching views at {size}px", progress, workers, [len(t[2]) for t in tasks])
-    except BaseException:  # an undecodable image (named in the error) or an interrupt: leave no partial file
+    except BaseException:  # a full disk, an undecodable image (named in the error), an interrupt: no partial file
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, npy)  # complete caches only ever appear under their final name
@@ -3466,24 +3516,25 @@ ANOMALY_PIPELINE_VERSION = 6
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
                         workers: int | None = None, progress: bool = True) -> AnomalyCache:
-    """Run the offline preprocessing once per (views, settings) and keep it on disk; reuse it afterwards."""
+    """Run the offline preprocessing once per (views, settings) and keep it on disk (its space reserved first: a
+    full disk is said before any work); reuse it afterwards, unless damaged (then said and rebuilt)."""
     paths = [str(p) for p in image_paths]
     _remove_dead_cache_builds(cache_dir)
     stamp = _files_stamp(paths, {**asdict(cfg), "pipeline": ANOMALY_PIPELINE_VERSION})
     folder = Path(cache_dir) / f"anomaly_{cfg.name.replace('+', '_')}_{cfg.size}px_{stamp}"
-    if (folder / "affines.npy").is_file():
-        return AnomalyCache(folder, paths, cfg)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
     n, s = len(paths), cfg.size
-    for name, shape, dtype in (("images", (n, s, s), np.uint8), ("masks", (n, s, s), np.uint8),
-                               ("affines", (n, 2, 3), np.float32), ("doubts", (n, len(MASK_DOUBTS)), np.float32)):
-        np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+    arrays = {"images": ((n, s, s), np.uint8), "masks": ((n, s, s), np.uint8), "affines": ((n, 2, 3), np.float32),
+              "doubts": ((n, len(MASK_DOUBTS)), np.float32)}
+    if (folder / "affines.npy").is_file() and not _damaged_cache([(folder / f"{name}.npy", *spec)
+                                                                  for name, spec in arrays.items()]):
+        return AnomalyCache(folder, paths, cfg)
+    tmp = _make_folder(folder.with_name(f".{folder.name}.tmp{os.getpid()}"))
     tasks = [(tmp, i, paths[i:i + 32], cfg) for i in range(0, n, 32)]
     try:
+        _new_arrays([(tmp / f"{name}.npy", *spec) for name, spec in arrays.items()], folder)
         _run_tasks(_anomaly_cache_chunk, tasks, f"preprocessing ({cfg.name}, {s}px)", progress, workers,
                    [len(t[2]) for t in tasks])
-    except BaseException:  # an undecodable image (named in the error) or an interrupt: leave no partial folder
+    except BaseException:  # a full disk, an undecodable image (named in the error), an interrupt: no partial folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if folder.exists():
@@ -4515,16 +4566,16 @@ def build_hand_crops(cache: AnomalyCache, hands: AnomalyCache, progress: bool = 
             paths.append(path)
     stamp = hashlib.sha1(json.dumps([hands.folder.name, [list(map(int, j[2])) for j in jobs]]).encode()).hexdigest()
     folder = cache.folder.with_name(f"{cache.folder.name}_hands_{stamp[:10]}")
-    if not (folder / "affines.npy").is_file():
-        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        s = cache.cfg.size
-        for name, shape, dtype in (("images", (len(jobs), s, s), np.uint8), ("masks", (len(jobs), s, s), np.uint8),
-                                   ("affines", (len(jobs), 2, 3), np.float32)):
-            np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+    s = cache.cfg.size
+    arrays = {"images": ((len(jobs), s, s), np.uint8), "masks": ((len(jobs), s, s), np.uint8),
+              "affines": ((len(jobs), 2, 3), np.float32)}
+    if not (folder / "affines.npy").is_file() or _damaged_cache([(folder / f"{name}.npy", *spec)
+                                                                 for name, spec in arrays.items()]):
+        tmp = _make_folder(folder.with_name(f".{folder.name}.tmp{os.getpid()}"))
         tasks = [(tmp, cache.folder / "images.npy", cache.folder / "masks.npy", jobs[i:i + 64])
                  for i in range(0, len(jobs), 64)]
         try:
+            _new_arrays([(tmp / f"{name}.npy", *spec) for name, spec in arrays.items()], folder)
             _run_tasks(_hand_crop_chunk, tasks, f"hand crops ({cache.cfg.name})", progress, None,
                        [len(t[3]) for t in tasks])
         except BaseException:

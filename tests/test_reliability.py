@@ -2,6 +2,7 @@
 
 import errno
 import json
+import math
 import os
 import shutil
 import struct
@@ -480,6 +481,13 @@ def test_a_distributed_launch_writes_no_file_into_the_run_folder_before_the_run(
     assert not seen["config"].exists()  # the launch's own temporary file is gone
 
 
+# ---------------------------------------------------------------- 15. a full disk: the path and the space needed
+
+
+def _no_temporaries(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if ".tmp" in p.name]
+
+
 def test_a_checkpoint_write_on_a_full_disk_names_the_space_needed(tmp_path):
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full here")
@@ -492,6 +500,98 @@ def test_a_checkpoint_write_on_a_full_disk_names_the_space_needed(tmp_path):
         mh.save_atomic({"epoch": 2, "weights": torch.zeros(300_000)}, last)
     assert str(last) in str(err.value) and err.value.errno == errno.ENOSPC
     assert last.read_bytes() == good and not tmp.exists() and not tmp.is_symlink()
+
+
+FSIZE_SCRIPT = """
+import resource, signal, sys
+sys.path.insert(0, {repo!r})
+import torch
+import mura_helpers as mh
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the kernel then answers EFBIG, as a full disk answers ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+try:
+    {call}
+except OSError as e:
+    print("OSError", e.errno, e)
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+def _under_a_file_size_limit(call: str, limit: int) -> str:
+    script = FSIZE_SCRIPT.format(repo=str(REPO), limit=limit, call=call)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]  # not killed (SIGBUS, SIGXFSZ)
+    return done.stdout.strip()
+
+
+def test_a_write_cut_short_by_the_kernel_says_so_with_the_path_and_size(tmp_path):
+    last = tmp_path / "last.pt"
+    mh.save_atomic({"epoch": 1}, last)
+    good = last.read_bytes()
+    said = _under_a_file_size_limit(f"mh.save_atomic({{'epoch': 2, 'w': torch.zeros(200_000)}}, {str(last)!r})",
+                                    limit=64_000)  # torch's own writer used to end in a RuntimeError here
+    assert said.startswith("OSError") and "need 0.9 MB at" in said and str(last) in said, said
+    assert last.read_bytes() == good and _no_temporaries(tmp_path)
+    views = [str(write_png(tmp_path / "views" / f"v{i}.png", size=(64, 48))) for i in range(3)]
+    said = _under_a_file_size_limit(f"mh.build_image_cache({views!r}, 128, {str(tmp_path / 'cache')!r}, "
+                                     f"progress=False, workers=1)", limit=16_000)
+    assert said.startswith("OSError") and "need 0.1 MB at" in said and str(tmp_path / "cache") in said, said
+    assert _no_temporaries(tmp_path / "cache")
+
+
+def _tiny_images(phantom: Path, n: int = 6) -> list[str]:
+    return list(mh.studies_to_images(mh.load_studies(phantom, "train"))["image_path"][:n])
+
+
+def test_a_cache_build_reserves_its_space_before_writing(tiny_phantom, tmp_path, monkeypatch):
+    paths = _tiny_images(tiny_phantom)
+    builds = {"views": lambda: mh.build_image_cache(paths, 64, tmp_path / "cache", progress=False, workers=1),
+              "anomaly": lambda: mh.build_anomaly_cache(paths, mh.PreprocessConfig(size=64), tmp_path / "cache",
+                                                        progress=False, workers=1)}
+    need = {"views": 6 * 64 * 64, "anomaly": 6 * (2 * 64 * 64 + 6 * 4 + len(mh.MASK_DOUBTS) * 4)}
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(mh.shutil, "disk_usage", lambda p: usage._replace(free=10_000))  # 0.01 MB free
+    for name, build in builds.items():
+        with pytest.raises(OSError, match="disk full: need") as err:
+            build()
+        message = str(err.value)
+        assert f"need {math.ceil(need[name] / 1e5) / 10:g} MB" in message and str(tmp_path / "cache") in message
+        assert "0.0 MB free" in message and err.value.errno == errno.ENOSPC
+        assert _no_temporaries(tmp_path / "cache")
+    monkeypatch.undo()
+    calls = []
+
+    def full_at_the_third(fd, offset, length):
+        calls.append(length)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mh.os, "posix_fallocate", full_at_the_third, raising=False)
+    with pytest.raises(OSError, match="disk full: need"):
+        builds["anomaly"]()  # the third of its arrays finds the disk full: the others go too
+    assert len(calls) == 3 and _no_temporaries(tmp_path / "cache") and not list((tmp_path / "cache").glob("anomaly_*"))
+
+
+def test_a_damaged_cache_is_said_and_rebuilt(tiny_phantom, tmp_path):
+    paths = _tiny_images(tiny_phantom)
+    cache = mh.build_image_cache(paths, 48, tmp_path / "cache", progress=False, workers=1)
+    expected = np.array(cache.array)
+    data = cache.path.read_bytes()
+    for damage in (data[:len(data) // 2], b"\x80\x04garbage" * 10, data + b"\x00" * 100, b""):
+        cache.path.write_bytes(damage)
+        with pytest.warns(UserWarning, match="cache damaged.*rebuilding") as caught:
+            again = mh.build_image_cache(paths, 48, tmp_path / "cache", progress=False, workers=1)
+        assert str(cache.path) in str(caught[0].message)
+        assert np.array_equal(again.array, expected)
+    pre = mh.PreprocessConfig(size=32)
+    anomaly = mh.build_anomaly_cache(paths, pre, tmp_path / "cache", progress=False, workers=1)
+    masks = np.array(anomaly.masks)
+    with open(anomaly.folder / "masks.npy", "r+b") as f:
+        f.truncate(1000)
+    with pytest.warns(UserWarning, match="masks.npy: cache damaged.*rebuilding"):
+        again = mh.build_anomaly_cache(paths, pre, tmp_path / "cache", progress=False, workers=1)
+    assert np.array_equal(again.masks, masks)
 
 
 def test_a_symlink_loop_is_named_as_one(tmp_path):
