@@ -97,6 +97,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 STUDY_DIR_RE = re.compile(r"^study(\d+)_(positive|negative)$")
 PATIENT_DIR_RE = re.compile(r"^patient\d+$")
 LABEL_OF_SUFFIX = {"positive": 1, "negative": 0}
+MIN_VIEW_SIDE = 32  # px: a view's shorter side; a smaller "view" holds no radiograph (MURA's are hundreds of px)
+MAX_VIEW_ASPECT = 10  # a view's longer side over its shorter: MURA's hand views stay under 3:1; at 1x5000 or
+# 100x20000 the preprocessing's square holds a line of pixels
+VIEW_PERCENTILES = (0.5, 99.5)  # a view's robust grey range: 16-bit views are windowed on it (a hot pixel stays out)
+MIN_VIEW_CONTRAST = 16  # grey levels an 8-bit view's robust range must span; below: blank or washed out (the
+# phantom's views span 40 or more, a 16-bit view squeezed by one hot pixel 5)
 GET_MURA_HELP = (
     "Get MURA v1.1 from https://stanfordmlgroup.github.io/competitions/mura/ (free registration), "
     "or the hand subset used by the reference report from Kaggle "
@@ -231,22 +237,84 @@ def _natural_image_order(path: Path) -> tuple:
     return (int(m.group(1)) if m else math.inf, path.name)
 
 
+def _shape_problem(width: int, height: int) -> str | None:
+    """What is wrong with a view's shape (a line of pixels, a sliver, a dot), or None."""
+    if min(width, height) >= MIN_VIEW_SIDE and max(width, height) <= MAX_VIEW_ASPECT * min(width, height):
+        return None
+    return (f"degenerate shape {width} x {height} px (width x height): a view needs sides of {MIN_VIEW_SIDE} px or "
+            f"more, at most {MAX_VIEW_ASPECT}:1")
+
+
+def _robust_range(values: np.ndarray) -> tuple[float, float]:
+    """The VIEW_PERCENTILES of an array of grey values (8- and 16-bit ones from their histogram: fast on big views)."""
+    if values.dtype.kind in "ui" and values.size and values.min() >= 0 and values.max() < 2**16:
+        cdf = np.cumsum(np.bincount(values.ravel())) / values.size
+        return tuple(float(np.searchsorted(cdf, q / 100)) for q in VIEW_PERCENTILES)
+    return tuple(float(v) for v in np.percentile(values, VIEW_PERCENTILES))
+
+
+def _contrast_problem(gray: np.ndarray) -> str | None:
+    """What is wrong with an 8-bit view that shows nothing (blank, constant, washed out), or None."""
+    if gray.min() == gray.max():
+        return f"no contrast: every pixel is {gray.flat[0]} (a blank view)"
+    lo, hi = _robust_range(gray)
+    if hi - lo >= MIN_VIEW_CONTRAST:
+        return None
+    return (f"no contrast: {VIEW_PERCENTILES[1] - VIEW_PERCENTILES[0]:g}% of its pixels lie within {hi - lo:.0f} grey "
+            f"level(s) (a blank or washed-out view; {MIN_VIEW_CONTRAST} or more expected)")
+
+
+def _to_grey(im: Image.Image) -> Image.Image:
+    """An opened image as 8-bit grey (mode L): luma for colour, and 16/32-bit windowed on VIEW_PERCENTILES."""
+    if im.mode == "L":
+        return im.copy()
+    if im.mode == "LA":
+        return im.getchannel("L")
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im)
+        lo, hi = _robust_range(a)
+        if hi <= lo:  # most pixels share one value: min..max, which _contrast_problem then reports
+            lo, hi = float(a.min()), float(a.max())
+        scaled = np.clip((a - lo) * (255.0 / (hi - lo)), 0, 255) if hi > lo else np.zeros(a.shape)
+        return Image.fromarray(np.round(scaled).astype(np.uint8))
+    if im.mode in ("RGBA", "PA"):
+        return im.convert("RGB").convert("L")
+    return im.convert("L")
+
+
+def _decode_view(path: Path) -> tuple[Image.Image | None, str | None]:
+    """(the view decoded in full, as 8-bit grey, None), or (None, what is wrong with the file or its shape)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None, check_image_file(path)
+    im = None
+    try:
+        im = Image.open(path)
+        im.load()
+    except Exception as e:  # PIL raises several types for corrupt data
+        if im is not None:
+            im.close()
+        return None, f"unreadable or truncated image ({type(e).__name__}: {e})"
+    with im:
+        problem = _shape_problem(*im.size)
+        return (None, problem) if problem else (_to_grey(im), None)
+
+
 def check_image_file(path: str | os.PathLike, full_decode: bool = False) -> str | None:
-    """Return None for a readable image, else a short description of what is wrong with it."""
+    """Return None for a readable image of a view's shape, else a short description of what is wrong with it."""
     path = Path(path)
     if not path.is_file():
         return "missing file"
     if path.stat().st_size == 0:
         return "empty file (0 bytes)"
+    if full_decode:
+        return _decode_view(path)[1]
     try:
         with Image.open(path) as im:
-            if full_decode:
-                im.load()
-            else:
-                im.verify()  # checks the structure and PNG chunk CRCs without a full decode
+            size = im.size
+            im.verify()  # checks the structure and PNG chunk CRCs without a full decode
     except Exception as e:  # PIL raises several types for corrupt data
         return f"unreadable or truncated image ({type(e).__name__}: {e})"
-    return None
+    return _shape_problem(*size)
 
 
 def _decodes(path: Path) -> str | None:
@@ -260,8 +328,9 @@ def _decodes(path: Path) -> str | None:
 
 @functools.cache
 def _decode_check(path: str, size: int, mtime_ns: int) -> str | None:
-    """The memoised full-decode check of one file version."""
-    return check_image_file(path, full_decode=True)
+    """The memoised full-decode check of one file version: readable, of a view's shape, with contrast."""
+    image, problem = _decode_view(Path(path))
+    return problem or _contrast_problem(np.asarray(image))
 
 
 def load_studies(
@@ -275,9 +344,9 @@ def load_studies(
 
     Columns: split, body_part, patient, study, study_path (the official relative path, with a trailing
     slash), study_dir (absolute), label (0/1), n_views, image_paths (list of absolute paths).
-    Problems (bad folder names, stray/empty/truncated files, CSV vs folder disagreements) raise one
-    MuraDataError listing each file, or with on_bad="skip" the affected images/studies are dropped, counted,
-    warned about and listed by `data_problems(df)`.
+    Problems (bad folder names, stray/empty/truncated files, views of a degenerate shape or without contrast, CSV
+    vs folder disagreements) raise one MuraDataError listing each file, or with on_bad="skip" the affected
+    images/studies are dropped, counted, warned about and listed by `data_problems(df)`.
     """
     if split not in SPLITS:
         raise MuraDataError(f"split must be one of {SPLITS}, got {split!r}")
@@ -434,29 +503,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Return the image at `path` as an 8-bit single-channel (mode L) PIL image, whatever its PNG mode.
 
     RGB/RGBA/P/CMYK are converted with the ITU-R 601 luma weights, LA keeps its luminance, and 16-bit or
-    32-bit images (I;16, I, F) are scaled linearly from their own min..max to 0..255 rather than clipped.
+    32-bit images (I;16, I, F) are windowed linearly from their 0.5th to their 99.5th percentile (VIEW_PERCENTILES)
+    onto 0..255, so that a few hot or dead pixels do not squeeze the view into a few grey levels. A view of a
+    degenerate shape (a side under MIN_VIEW_SIDE, over MAX_VIEW_ASPECT:1) is an error naming the file.
     """
-    path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
-        raise MuraDataError(f"{path}: {check_image_file(path)}")
-    try:  # decoded once: the check is the load itself
-        im = Image.open(path)
-        im.load()
-    except Exception as e:  # PIL raises several types for corrupt data
-        raise MuraDataError(f"{path}: unreadable or truncated image ({type(e).__name__}: {e})") from None
-    with im:
-        if im.mode == "L":
-            return im.copy()
-        if im.mode == "LA":
-            return im.getchannel("L")
-        if im.mode.startswith("I") or im.mode == "F":
-            a = np.asarray(im, dtype=np.float64)
-            lo, hi = float(a.min()), float(a.max())
-            scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-            return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
-        if im.mode in ("RGBA", "PA"):
-            return im.convert("RGB").convert("L")
-        return im.convert("L")
+    image, problem = _decode_view(Path(path))  # decoded once: the check is the load itself
+    if problem:
+        raise MuraDataError(f"{path}: {problem}")
+    return image
 
 
 KAGGLE_PREFIX = "kaggle:"  # data_dir="kaggle:OWNER/DATASET" downloads through kagglehub

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, write_png
+from PIL import Image
 
 import mura_helpers as mh
 
@@ -164,8 +165,6 @@ def test_an_image_with_a_corrupt_data_stream_is_caught_before_work(phantom_copy,
     studies = mh.load_studies(phantom_copy, "train")
     bad = Path(studies[studies["n_views"] >= 2]["image_paths"].iloc[0][0])
     _corrupt_idat(bad)
-    from PIL import Image
-
     with Image.open(bad) as im:
         im.verify()  # the checksums are valid: only a full decode sees the damage
     with pytest.raises(mh.MuraDataError, match="broken data stream") as err:
@@ -592,6 +591,74 @@ def test_a_damaged_cache_is_said_and_rebuilt(tiny_phantom, tmp_path):
     with pytest.warns(UserWarning, match="masks.npy: cache damaged.*rebuilding"):
         again = mh.build_anomaly_cache(paths, pre, tmp_path / "cache", progress=False, workers=1)
     assert np.array_equal(again.masks, masks)
+
+
+# ---------------------------------------------------------------- 16. degenerate views: named at load, never silent
+
+
+def _view_of_a_study_with_two(phantom: Path) -> Path:
+    """The first train view of the first study with two or more (so that losing it leaves its study views)."""
+    studies = mh.load_studies(phantom, "train")
+    return Path(studies[studies["n_views"] >= 2]["image_paths"].iloc[0][0])
+
+
+def _replace_view(phantom: Path, array: np.ndarray) -> Path:
+    """Overwrite that view with `array` (any grey array PIL saves as PNG) and return its path."""
+    path = _view_of_a_study_with_two(phantom)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.mark.parametrize("shape", [(1, 5000), (5000, 1), (20000, 100), (1, 1)])
+def test_a_degenerate_view_shape_is_named_before_preprocessing(phantom_copy, tmp_path, shape):
+    ramp = np.linspace(0, 255, shape[0] * shape[1]).reshape(shape).astype(np.uint8)
+    bad = _replace_view(phantom_copy, ramp)
+    for load in (lambda: mh.load_studies(phantom_copy, "train"),
+                 lambda: mh.preprocess_view(bad, mh.PreprocessConfig(size=32)),
+                 lambda: mh.build_image_cache([str(bad)], 32, tmp_path / "cache", progress=False, workers=1),
+                 lambda: mh.train_anomaly(_anomaly_config(phantom_copy, tmp_path / "ano", tmp_path / "cache"),
+                                          progress=False)):
+        with pytest.raises(mh.MuraDataError, match=f"{shape[1]} x {shape[0]} px") as err:
+            load()
+        assert str(bad) in str(err.value)
+    assert not list((tmp_path / "cache").glob("anomaly_*"))  # nothing was preprocessed
+
+
+def _as_16bit(gray: np.ndarray) -> np.ndarray:
+    return (gray.astype(np.uint16) * 16 + 1000).astype(np.uint16)  # a 12-bit detector's range
+
+
+def test_a_16bit_view_is_windowed_on_robust_percentiles(phantom_copy):
+    first = _view_of_a_study_with_two(phantom_copy)
+    original = np.asarray(mh.load_image(first))
+    hot = _as_16bit(original)
+    hot[0, 0] = 65535  # one hot pixel
+    _replace_view(phantom_copy, hot)
+    windowed = np.asarray(mh.load_image(first))
+    assert np.percentile(windowed, 99) >= np.percentile(original, 99) - 8  # not squeezed into a few grey levels
+    assert np.corrcoef(windowed.ravel(), original.ravel())[0, 1] > 0.99
+    full = mh.PreprocessConfig(size=64, equalize=None)
+    Image.fromarray(original).save(first.with_name("eight_bit.png"))
+    share = mh.preprocess_view(first.with_name("eight_bit.png"), full)["mask"].mean()
+    first.with_name("eight_bit.png").unlink()
+    assert mh.preprocess_view(first, full)["mask"].mean() == pytest.approx(share, rel=0.1)
+    assert len(mh.load_studies(phantom_copy, "train")) > 0  # and loads without a problem
+
+
+@pytest.mark.parametrize("case", ["constant 8-bit", "black", "16-bit flat with a speck"])
+def test_a_view_without_contrast_is_reported_at_load(phantom_copy, case):
+    if case == "16-bit flat with a speck":
+        flat = np.full((200, 160), 3000, np.uint16)
+        flat[:2, :2] = 60000  # 4 of 32000 pixels: the robust window collapses
+    else:
+        flat = np.full((200, 160), 0 if case == "black" else 117, np.uint8)
+    bad = _replace_view(phantom_copy, flat)
+    with pytest.raises(mh.MuraDataError, match="no contrast") as err:
+        mh.load_studies(phantom_copy, "train")
+    assert str(bad) in str(err.value)
+    with pytest.warns(UserWarning, match="skipped 1 problem"):
+        studies = mh.load_studies(phantom_copy, "train", on_bad="skip")
+    assert list(mh.data_problems(studies)["path"]) == [str(bad)]
 
 
 def test_a_symlink_loop_is_named_as_one(tmp_path):
