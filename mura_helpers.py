@@ -3497,8 +3497,11 @@ def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
     else:
         mask = content
     region = mask if mask.any() else content
-    if cfg.equalize == "he":  # skimage's equalize_hist, as a look-up table over the 256 grey levels
-        cdf, centers = exposure.cumulative_distribution(image[region], 256)
+    levels = image[region]
+    if levels.size == 0 or levels.min() == levels.max():  # one grey: nothing to equalise (both would make it white)
+        pass
+    elif cfg.equalize == "he":  # skimage's equalize_hist, as a look-up table over the 256 grey levels
+        cdf, centers = exposure.cumulative_distribution(levels, 256)
         image = (np.interp(np.arange(256), centers, cdf) * 255).astype(np.uint8)[image]
     elif cfg.equalize == "clahe":
         image = (exposure.equalize_adapthist(image, clip_limit=0.01) * 255).astype(np.uint8)

@@ -661,6 +661,17 @@ def test_a_view_without_contrast_is_reported_at_load(phantom_copy, case):
     assert list(mh.data_problems(studies)["path"]) == [str(bad)]
 
 
+@pytest.mark.parametrize("value", [0, 128, 255])
+def test_equalising_a_constant_view_keeps_its_grey(tmp_path, value):
+    path = tmp_path / "flat.png"
+    Image.fromarray(np.full((120, 90), value, np.uint8)).save(path)
+    for name, cfg in mh.preprocess_variants(64, ["raw+HE", "crop+HE", "raw+CLAHE"]).items():
+        out = mh.preprocess_view(path, cfg)
+        content = mh.preprocess_view(path, mh.PreprocessConfig(crop=cfg.crop, segment=False, equalize=None, size=64))
+        inside = content["mask"].astype(bool)
+        assert set(np.unique(out["image"][inside])) == {value}, name  # not white
+
+
 def test_a_symlink_loop_is_named_as_one(tmp_path):
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
