@@ -2650,7 +2650,8 @@ def cam_localisation(models, studies: pd.DataFrame, boxes: pd.DataFrame, image_s
 # ---------------------------------------------------------------- prediction on a new study
 
 def study_image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """The image files of one study: a folder's PNG/JPEG files (natural order) or a given list; all checked first."""
+    """The image files of one study: a folder's PNG/JPEG files (natural order) or a given list (a file given twice
+    counted once, said); all checked first (a view without contrast is warned about)."""
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         folder = Path(source)
         files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
@@ -2666,9 +2667,20 @@ def study_image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -
         files = [Path(p) for p in source]
     if not files:
         raise MuraDataError("no views given: a study needs at least one image (a folder of them or a list of files)")
+    same_file: dict[str, list[Path]] = {}
+    for p in files:
+        same_file.setdefault(os.path.realpath(p), []).append(p)
+    repeated = [f"{given[0]} given {len(given)} times" for given in same_file.values() if len(given) > 1]
+    if repeated:
+        warnings.warn("; ".join(repeated) + ": counted once in the study", stacklevel=2)
+    files = [given[0] for given in same_file.values()]
     bad = [f"  {p}: {issue}" for p in files if (issue := check_image_file(p, full_decode=True))]
     if bad:
-        raise MuraDataError(f"{len(bad)} unreadable image(s):\n" + "\n".join(bad))
+        raise MuraDataError(f"{len(bad)} unusable image(s):\n" + "\n".join(bad))
+    blank = [f"  {p}: {issue}" for p in files if (issue := _contrast_problem(np.asarray(load_image(p))))]
+    if blank:
+        warnings.warn(f"{len(blank)} of {len(files)} view(s) show nothing to judge, yet count in the study's "
+                      f"probability:\n" + "\n".join(blank), stacklevel=2)
     return files
 
 

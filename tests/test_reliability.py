@@ -672,6 +672,24 @@ def test_equalising_a_constant_view_keeps_its_grey(tmp_path, value):
         assert set(np.unique(out["image"][inside])) == {value}, name  # not white
 
 
+def test_predict_warns_on_blank_views_and_counts_a_file_once(tiny_run, tiny_phantom, tmp_path):
+    best = tiny_run / "checkpoints" / "best.pt"
+    views = _tiny_images(tiny_phantom, 2)
+    with pytest.warns(UserWarning, match="given 2 times.*counted once") as caught:
+        twice = mh.predict_new_study(best, [views[0], views[1], views[0]], "cpu")
+    assert views[0] in str(caught[0].message)
+    once = mh.predict_new_study(best, views, "cpu")
+    assert len(twice["views"]) == 2 and twice["study_prob"] == pytest.approx(once["study_prob"])
+    blank = write_png(tmp_path / "study" / "image1.png", size=(96, 128), value=0)
+    with pytest.warns(UserWarning, match="no contrast") as caught:
+        mh.predict_new_study(best, [views[0], blank], "cpu")
+    assert str(blank) in str(caught[0].message)
+    tiny = write_png(tmp_path / "study" / "image2.png", size=(1, 1))
+    with pytest.raises(mh.MuraDataError, match="1 x 1 px") as err:
+        mh.predict_new_study(best, [views[0], tiny], "cpu")
+    assert str(tiny) in str(err.value)
+
+
 def test_a_symlink_loop_is_named_as_one(tmp_path):
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
