@@ -94,8 +94,10 @@ BODY_PARTS = (
 SPLITS = ("train", "valid")
 MURA_DIRNAME = "MURA-v1.1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-STUDY_DIR_RE = re.compile(r"^study(\d+)_(positive|negative)$")
-PATIENT_DIR_RE = re.compile(r"^patient\d+$")
+# folder names, matched whole (fullmatch: "$" would let a trailing newline through, and a copy of a patient named
+# "patient00003\n" would become a second patient) and in ASCII digits
+STUDY_DIR_RE = re.compile(r"study([0-9]+)_(positive|negative)")
+PATIENT_DIR_RE = re.compile(r"patient[0-9]+")
 LABEL_OF_SUFFIX = {"positive": 1, "negative": 0}
 MIN_VIEW_SIDE = 32  # px: a view's shorter side; a smaller "view" holds no radiograph (MURA's are hundreds of px)
 MAX_VIEW_ASPECT = 10  # a view's longer side over its shorter: MURA's hand views stay under 3:1; at 1x5000 or
@@ -366,14 +368,14 @@ def load_studies(
             if not patient_dir.is_dir():
                 problems.append(DataProblem(str(patient_dir), "stray file", "a file where patient folders belong"))
                 continue
-            if not PATIENT_DIR_RE.match(patient_dir.name):
+            if not PATIENT_DIR_RE.fullmatch(patient_dir.name):
                 problems.append(DataProblem(str(patient_dir), "bad folder name", "expected patientNNNNN"))
                 continue
             for study_dir in sorted(patient_dir.iterdir()):
                 if not study_dir.is_dir():
                     problems.append(DataProblem(str(study_dir), "stray file", "a file where study folders belong"))
                     continue
-                m = STUDY_DIR_RE.match(study_dir.name)
+                m = STUDY_DIR_RE.fullmatch(study_dir.name)
                 if not m:
                     problems.append(DataProblem(
                         str(study_dir), "bad folder name", "expected studyN_positive or studyN_negative"))
@@ -408,7 +410,7 @@ def load_studies(
                 continue
             listed.add(key)
             where = str(root.joinpath(*key))
-            m = STUDY_DIR_RE.match(key[3])
+            m = STUDY_DIR_RE.fullmatch(key[3])
             if m and LABEL_OF_SUFFIX[m.group(2)] != row.csv_label:
                 problems.append(DataProblem(
                     where, "label mismatch", f"CSV label {row.csv_label} but folder suffix '{m.group(2)}'"))

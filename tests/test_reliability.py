@@ -690,6 +690,21 @@ def test_predict_warns_on_blank_views_and_counts_a_file_once(tiny_run, tiny_phan
     assert str(tiny) in str(err.value)
 
 
+# ---------------------------------------------------------------- 17. names matched whole; splits and grids checked
+
+
+def test_folder_names_are_matched_whole(phantom_copy):
+    for csv in phantom_copy.glob("*.csv"):
+        csv.unlink()  # a layout without the official CSVs (as the Kaggle hand subset): the folders are the truth
+    patient = next((phantom_copy / "train" / "XR_HAND").iterdir())
+    copy = Path(shutil.copytree(patient, patient.with_name(patient.name + "\n")))
+    study = next(p for p in patient.iterdir() if p.is_dir())
+    study_copy = Path(shutil.copytree(study, study.with_name(study.name + "\n")))
+    with pytest.raises(mh.MuraDataError, match="bad folder name") as err:
+        mh.load_studies(phantom_copy, "train")
+    assert str(copy) in str(err.value) and str(study_copy) in str(err.value)
+
+
 def test_a_symlink_loop_is_named_as_one(tmp_path):
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
