@@ -1893,8 +1893,11 @@ def evaluate_views(model, loader, device, weights, amp: str = "auto", channels_l
 
 def tuning_split(studies: pd.DataFrame, fraction: float = 0.1, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split MURA's training studies into (train, tune) by patient: `fraction` of the patients with an abnormal
-    study and of the normal-only patients (at least one of each, never all), drawn with `seed`."""
-    if fraction <= 0:
+    study and of the normal-only patients (at least one of each, never all), drawn with `seed`; `fraction` in
+    [0, 0.95] (0: no tuning split), as TrainConfig.tune_fraction."""
+    fraction = _number_setting("tuning_split", "fraction", fraction, float, 0.0, 0.95)
+    seed = _number_setting("tuning_split", "seed", seed, int, 0, 2**32 - 1)
+    if fraction == 0:
         return studies, studies.iloc[:0]
     if "split" in studies and set(studies["split"]) - {"train"}:
         raise ValueError(f"the tuning split is drawn from MURA's train split only, got {sorted(set(studies['split']))}"

@@ -705,6 +705,13 @@ def test_folder_names_are_matched_whole(phantom_copy):
     assert str(copy) in str(err.value) and str(study_copy) in str(err.value)
 
 
+@pytest.mark.parametrize("fraction", [1.5, float("nan"), -0.1, "a tenth"])
+def test_tuning_split_checks_its_fraction(tiny_phantom, fraction):
+    studies = mh.load_studies(tiny_phantom, "train")
+    with pytest.raises(mh.ConfigError, match="tuning_split.fraction"):
+        mh.tuning_split(studies, fraction)
+
+
 def test_a_symlink_loop_is_named_as_one(tmp_path):
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
