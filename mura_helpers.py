@@ -1133,13 +1133,16 @@ def _path_setting(owner: str, name: str, value, optional: bool = False) -> str |
 
 
 def _names_setting(owner: str, name: str, value, allowed: Sequence[str]) -> tuple[str, ...]:
-    """A list of names; one name given as a string ('train', or 'train,valid') is read as a list of them."""
+    """A list of distinct names; one name given as a string ('train', or 'train,valid') is read as a list of them."""
     names = [n for n in re.split(r"[,\s]+", value) if n] if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
         _bad_setting(owner, name, value, f"a non-empty list of names from {list(allowed)}")
     unknown = [n for n in names if n not in allowed]
     if unknown:
         _bad_setting(owner, name, value, f"names from {list(allowed)} (unknown: {unknown})")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        _bad_setting(owner, name, value, f"names each given once (given more than once: {repeated})")
     return tuple(names)
 
 
@@ -5033,6 +5036,30 @@ def anomaly_grid_names(models, variants) -> tuple[tuple[str, ...], tuple[str, ..
             _names_setting("run_anomaly_grid", "variants", variants, every_variant))
 
 
+def anomaly_grid_recipes(recipes) -> tuple[str, ...]:
+    """The grid's recipes, checked: names of ANOMALY_RECIPES, each given once; one given as a string is a list."""
+    return _names_setting("run_anomaly_grid", "recipes", recipes, tuple(ANOMALY_RECIPES))
+
+
+def anomaly_grid_seeds(seeds) -> tuple[int, ...] | None:
+    """The grid's seeds, checked: whole numbers, each given once (0, 0.0 and "0" are one seed: it would be trained
+    and scored several times, and seed_summary would count it as several); one seed, or a string ("0,1"), is a list;
+    None (or an empty list): base's seed."""
+    if isinstance(seeds, str):
+        seeds = [s for s in re.split(r"[,\s]+", seeds) if s]
+    elif isinstance(seeds, (int, float, np.integer, np.floating)) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if seeds is None or (isinstance(seeds, (list, tuple, np.ndarray)) and len(seeds) == 0):
+        return None
+    if not isinstance(seeds, (list, tuple, np.ndarray)):
+        _bad_setting("run_anomaly_grid", "seeds", seeds, "a list of whole numbers, or None")
+    numbers = tuple(_number_setting("run_anomaly_grid", "seeds", s, int, 0, 2**32 - 1) for s in seeds)
+    repeated = sorted({s for s in numbers if numbers.count(s) > 1})
+    if repeated:
+        _bad_setting("run_anomaly_grid", "seeds", seeds, f"each seed given once (given more than once: {repeated})")
+    return numbers
+
+
 def _grid_config(base: AnomalyConfig, **changes) -> AnomalyConfig:
     """A run of the grid: base's settings with `changes`; the recipe's settings that base did not give explicitly
     are taken afresh from the (possibly other) model's and recipe's preset."""
@@ -5066,8 +5093,9 @@ def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Seque
     [base.recipe]; runs of other recipes than "suite" go to <model>_<variant>_<recipe>. `devices`: the
     autoencoders train on this many processes (launch_training: "auto" = every visible GPU), the GANs on one."""
     models, variants = anomaly_grid_names(models, variants)
-    recipes = list(recipes or [base.recipe])
-    several = seeds is not None and len(seeds) > 0
+    recipes = anomaly_grid_recipes([base.recipe] if recipes is None else recipes)
+    seeds = anomaly_grid_seeds(seeds)
+    several = seeds is not None
     seeds = list(seeds) if several else [base.seed]
     rows = []
     for variant in variants:
@@ -5137,6 +5165,12 @@ def seed_summary(results: pd.DataFrame, level: str = "image") -> pd.DataFrame:
     split: their '±'), beside the first seed's ROC-AUC and 95% bootstrap interval (ours)."""
     data = results[results["level"] == level]
     keys = ["recipe", "model", "variant", "score"]
+    repeated = data[data.duplicated([*keys, "seed"])]
+    if len(repeated):
+        run = repeated.iloc[0]
+        raise ValueError(f"seed_summary: seed {run['seed']} of {run['recipe']} {run['model']} on {run['variant']} "
+                         f"(score {run['score']}) is in the results more than once ({len(repeated)} repeated row(s)): "
+                         f"one run would count as several seeds; drop the repeats (results.drop_duplicates)")
     spread = data.groupby(keys, sort=False)["roc_auc"].agg(seeds_mean="mean", seeds_sd="std", n_seeds="count")
     first = data[data["seed"] == data["seed"].iloc[0]].set_index(keys)[["roc_auc", "roc_auc_ci_low",
                                                                          "roc_auc_ci_high"]]

@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import REPO, write_png
@@ -710,6 +711,31 @@ def test_tuning_split_checks_its_fraction(tiny_phantom, fraction):
     studies = mh.load_studies(tiny_phantom, "train")
     with pytest.raises(mh.ConfigError, match="tuning_split.fraction"):
         mh.tuning_split(studies, fraction)
+
+
+def test_grid_seeds_and_recipes_are_lists_of_distinct_names(tmp_path):
+    assert mh.anomaly_grid_seeds("0,1") == (0, 1) and mh.anomaly_grid_seeds(3) == (3,)
+    assert mh.anomaly_grid_seeds(["2", 5.0]) == (2, 5) and mh.anomaly_grid_seeds(None) is None
+    assert mh.anomaly_grid_recipes("paper") == ("paper",)
+    base = _anomaly_config(tmp_path, tmp_path / "grid", tmp_path / "cache")
+    for bad, match in (({"seeds": [0, 0.0, "0"]}, "seeds.*given more than once"),
+                       ({"seeds": [0, 0]}, "seeds.*given more than once"), ({"seeds": "0,x"}, "seeds"),
+                       ({"recipes": ["paper", "paper"]}, "recipes.*given more than once"),
+                       ({"recipes": "pap"}, "recipes.*unknown")):
+        with pytest.raises(mh.ConfigError, match=match):
+            mh.run_anomaly_grid(base, "cae", "full", progress=False, **bad)
+    assert not (tmp_path / "grid").exists()  # refused before any run
+    with pytest.raises(mh.ConfigError, match="models.*given more than once"):
+        mh.anomaly_grid_names(["cae", "cae"], "full")
+
+
+def test_seed_summary_refuses_to_count_one_run_twice():
+    row = {"recipe": "suite", "model": "CAE", "variant": "full", "score": "mse", "level": "image", "seed": 0,
+           "roc_auc": 0.6, "roc_auc_ci_low": 0.5, "roc_auc_ci_high": 0.7}
+    results = pd.DataFrame([row, {**row, "seed": 1, "roc_auc": 0.7}])
+    assert mh.seed_summary(results)["n_seeds"].tolist() == [2]
+    with pytest.raises(ValueError, match="seed 0.*more than once"):
+        mh.seed_summary(pd.concat([results, results.iloc[:1]]))
 
 
 def test_a_symlink_loop_is_named_as_one(tmp_path):
