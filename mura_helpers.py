@@ -1645,13 +1645,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _lock_holder(path: Path) -> dict | None:
+    """The run a lock file names, as it wrote itself ({"pid": a process id, "host": ..., ...}); None for a file that
+    cannot be read or holds something else (a process killed while writing it, an edit, a file no run wrote)."""
+    try:
+        holder = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    pid = holder.get("pid") if isinstance(holder, dict) else None
+    if type(pid) is not int or not 0 < pid < 2**31 or not isinstance(holder.get("host"), str):
+        return None
+    return holder
+
+
 def _lock_is_stale(path: Path, holder: dict | None) -> bool:
     """A lock whose process is gone: dead on this machine, or (another machine's) not touched for a long time."""
     age = time.time() - path.stat().st_mtime
-    if holder is None:  # unreadable: a process killed between creating and writing it
+    if holder is None:  # unreadable or not a lock record: a process killed between creating and writing it
         return age > 10
-    if holder.get("host") == socket.gethostname():
-        return holder.get("pid") != os.getpid() and not _pid_alive(int(holder.get("pid", -1)))
+    if holder["host"] == socket.gethostname():
+        return holder["pid"] != os.getpid() and not _pid_alive(holder["pid"])
     return age > LOCK_STALE_AFTER_S
 
 
@@ -1673,15 +1686,21 @@ def run_lock(run_dir: str | os.PathLike):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
-                holder = None
+            holder = _lock_holder(path)
             if attempt == 0 and _lock_is_stale(path, holder):
-                warnings.warn(f"{path}: taking over the lock of a run that is no longer running ({holder})",
-                              stacklevel=3)
+                warnings.warn(f"{path}: taking over the lock of a run that is no longer running ("
+                              + (f"{holder})" if holder else "a lock that is unreadable or not a lock record, "
+                                 "untouched for over 10 s)"), stacklevel=3)
                 path.unlink(missing_ok=True)
                 continue
+            if holder is None:
+                held = b""
+                with contextlib.suppress(OSError):
+                    held = path.read_bytes()[:80]
+                raise RunLockedError(
+                    f"{path}: not a lock record this suite can read (it holds {held!r}), written under 10 s ago: a "
+                    f"run may be starting in {path.parent}. Wait and try again; if no run is writing there, delete "
+                    f"{path}.") from None
             raise RunLockedError(
                 f"{path.parent}: another run is writing here (lock {path}: pid {(holder or {}).get('pid')} on "
                 f"{(holder or {}).get('host')}, started {(holder or {}).get('started')}, command "
@@ -1696,9 +1715,8 @@ def run_lock(run_dir: str | os.PathLike):
         yield path
     finally:
         stop.set()
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(path.read_text()).get("pid") == me["pid"]:
-                path.unlink()
+        if (_lock_holder(path) or {}).get("pid") == me["pid"]:
+            path.unlink(missing_ok=True)
 
 
 # every name a run writes in its folder (besides its lock): whatever a fresh run finds there is moved aside first

@@ -738,6 +738,24 @@ def test_seed_summary_refuses_to_count_one_run_twice():
         mh.seed_summary(pd.concat([results, results.iloc[:1]]))
 
 
+# ---------------------------------------------------------------- 18. locks, configs, links, checkpoints: wrong shapes
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"pid": "abc"}', '{"pid": null}', '{"pid": 1099511627776}',
+                                     '{"pid": 0}', '{"pid": -1}', '{"pid": true}', '"a string"'])
+def test_a_lock_of_the_wrong_shape_is_named(tmp_path, content):
+    lock = tmp_path / "run" / mh.RUN_LOCK
+    lock.parent.mkdir()
+    lock.write_text(content)
+    with pytest.raises(mh.RunLockedError, match="not a lock") as err, mh.run_lock(lock.parent):
+        pass
+    assert str(lock) in str(err.value) and lock.read_text() == content  # fresh: it may be a run starting now
+    os.utime(lock, (0, 0))  # old: a dead run's, or a file no run wrote
+    with pytest.warns(UserWarning, match="taking over") as caught, mh.run_lock(lock.parent):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert str(lock) in str(caught[0].message)
+
+
 def test_a_symlink_loop_is_named_as_one(tmp_path):
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
