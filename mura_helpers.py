@@ -6106,7 +6106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_class, runner, _ = runners[args.command]
     path = Path(args.config)
     try:
-        fields = json.loads(path.read_text())
+        fields = json.loads(path.read_bytes())  # UTF-8, -16 or -32, with or without a byte-order mark
+    except UnicodeDecodeError as e:
+        parser.error(f"{path}: not UTF-8 text (nor UTF-16 or UTF-32): {e.reason} at byte {e.start}; save it as UTF-8")
     except (OSError, json.JSONDecodeError) as e:
         parser.error(f"{path}: cannot read a JSON config ({e})")
     known = config_class.__dataclass_fields__

@@ -756,6 +756,20 @@ def test_a_lock_of_the_wrong_shape_is_named(tmp_path, content):
     assert str(lock) in str(caught[0].message)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig", "utf-32"])
+def test_the_command_line_reads_a_config_in_any_unicode_encoding(tmp_path, capsys, encoding):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"epochs": 1, "bogus": 2}), encoding=encoding)
+    with pytest.raises(SystemExit) as ended:
+        mh.main(["train", "--config", str(config)])
+    assert ended.value.code == 2 and "unknown fields ['bogus']" in capsys.readouterr().err  # read, then checked
+    config.write_bytes('{"data_dir": "données"}'.encode("cp1252"))
+    with pytest.raises(SystemExit) as ended:
+        mh.main(["train", "--config", str(config)])
+    error = capsys.readouterr().err
+    assert ended.value.code == 2 and str(config) in error and "not UTF-8" in error and "Traceback" not in error
+
+
 def test_a_symlink_loop_is_named_as_one(tmp_path):
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
