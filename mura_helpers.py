@@ -1505,6 +1505,34 @@ def _checkpoint_kind(state: dict) -> str | None:
     return state.get("kind") or ("anomaly" if "variant" in config else "supervised" if "arch" in config else None)
 
 
+CHECKPOINT_FIELDS = {  # what each field of a checkpoint holds, checked on every load (a crafted one fails here)
+    "model": ("a dict of tensors", lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor)
+                                                                         for t in v.values())),
+    "config": ("a dict of settings", lambda v: isinstance(v, dict)),
+    "epoch": ("a whole number >= 0", lambda v: type(v) is int and v >= 0),
+    "history": ("a list of per-epoch rows (dicts)", lambda v: isinstance(v, list) and all(isinstance(r, dict)
+                                                                                          for r in v)),
+    "best": ("a number or None", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
+    "optimizer": ("an optimiser's state (a dict)", lambda v: isinstance(v, dict)),
+    "scheduler": ("a scheduler's state (a dict) or None", lambda v: v is None or isinstance(v, dict)),
+    "scaler": ("a gradient scaler's state (a dict)", lambda v: isinstance(v, dict)),
+    "rng": ("random states ({'torch': a tensor, 'cuda': a list})",
+            lambda v: isinstance(v, dict) and isinstance(v.get("torch"), torch.Tensor)
+            and isinstance(v.get("cuda"), list)),
+    "data": ("a record of the data (root, n_studies, fingerprint) or None",
+             lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("fingerprint"), str))),
+}
+
+
+def _field_problem(state: dict) -> str | None:
+    """The first field of a checkpoint that does not hold what it should (CHECKPOINT_FIELDS), said; else None."""
+    for name, (what, holds) in CHECKPOINT_FIELDS.items():
+        if name in state and not holds(state[name]):
+            return (f"field '{name}' holds {repr(state[name])[:60]} ({type(state[name]).__name__}), not {what}: the "
+                    f"file was edited or damaged")
+    return None
+
+
 def _read_checkpoint(path: Path, kind: str | None) -> tuple[dict | None, str | None]:
     """(state, None) for a verified checkpoint of this kind, else (None, what is wrong with the file)."""
     if not path.is_file():
@@ -1531,6 +1559,9 @@ def _read_checkpoint(path: Path, kind: str | None) -> tuple[dict | None, str | N
     elif saved != _state_digest(state):
         return None, ("corrupt: its content does not match the sha256 digest stored when it was written (changed "
                       "on disk: a bad copy, a sync conflict, a disk error, an edit)")
+    problem = _field_problem(state)
+    if problem:
+        return None, problem
     found = _checkpoint_kind(state)
     if kind is not None and found != kind:
         return None, f"{CHECKPOINT_KINDS.get(found, 'a checkpoint of an unknown kind')}, not {kind}"

@@ -786,3 +786,16 @@ def test_a_symlink_loop_is_named_as_one(tmp_path):
         assert str(folder) in str(err.value)
         with pytest.raises(mh.ConfigError, match="symlink loop"), mh.run_lock(folder):
             pass
+
+
+@pytest.mark.parametrize("field, value", [("epoch", "1"), ("epoch", -3), ("epoch", True), ("history", "rows"),
+                                          ("best", "0.5"), ("rng", None), ("optimizer", [1]), ("config", "x")])
+def test_a_resumable_field_of_the_wrong_type_names_the_file_and_field(tiny_run, tmp_path, field, value):
+    cfg = _copy_of_run(tiny_run, tmp_path, epochs=3, max_steps_per_epoch=1)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state[field] = value
+    mh.save_atomic(state, last)  # crafted: the digest is valid
+    with pytest.raises(mh.CheckpointError, match=f"'{field}'") as err:
+        mh.train(cfg, progress=False)
+    assert str(err.value).startswith(str(last))
