@@ -1,4 +1,4 @@
-"""Reliability (issue 13): nothing lost, nothing silently wrong, every bad setting named before work starts."""
+"""Reliability (issues 13 and 25): nothing lost, nothing silently wrong, every bad setting named before work starts."""
 
 import errno
 import json
