@@ -580,7 +580,7 @@ def config_data_root(cfg, data_dir: str | os.PathLike | None = None) -> Path:
 
 # ---------------------------------------------------------------- images & cache: decode and resize once, uint8 on disk
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # in every cache's key (both paths): bump when decoding changes (2: 16-bit views windowed)
 RESIZE_MODES = ("squash", "pad")
 
 
