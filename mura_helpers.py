@@ -60,6 +60,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -97,9 +98,17 @@ BODY_PARTS = (
 SPLITS = ("train", "valid")
 MURA_DIRNAME = "MURA-v1.1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-STUDY_DIR_RE = re.compile(r"^study(\d+)_(positive|negative)$")
-PATIENT_DIR_RE = re.compile(r"^patient\d+$")
+# folder names, matched whole (fullmatch: "$" would let a trailing newline through, and a copy of a patient named
+# "patient00003\n" would become a second patient) and in ASCII digits
+STUDY_DIR_RE = re.compile(r"study([0-9]+)_(positive|negative)")
+PATIENT_DIR_RE = re.compile(r"patient[0-9]+")
 LABEL_OF_SUFFIX = {"positive": 1, "negative": 0}
+MIN_VIEW_SIDE = 32  # px: a view's shorter side; a smaller "view" holds no radiograph (MURA's are hundreds of px)
+MAX_VIEW_ASPECT = 10  # a view's longer side over its shorter: MURA's hand views stay under 3:1; at 1x5000 or
+# 100x20000 the preprocessing's square holds a line of pixels
+VIEW_PERCENTILES = (0.5, 99.5)  # a view's robust grey range: 16-bit views are windowed on it (a hot pixel stays out)
+MIN_VIEW_CONTRAST = 16  # grey levels an 8-bit view's robust range must span; below: blank or washed out (the
+# phantom's views span 40 or more, a 16-bit view squeezed by one hot pixel 5)
 GET_MURA_HELP = (
     "Get MURA v1.1 from https://stanfordmlgroup.github.io/competitions/mura/ (free registration), "
     "or the hand subset used by the reference report from Kaggle "
@@ -234,22 +243,84 @@ def _natural_image_order(path: Path) -> tuple:
     return (int(m.group(1)) if m else math.inf, path.name)
 
 
+def _shape_problem(width: int, height: int) -> str | None:
+    """What is wrong with a view's shape (a line of pixels, a sliver, a dot), or None."""
+    if min(width, height) >= MIN_VIEW_SIDE and max(width, height) <= MAX_VIEW_ASPECT * min(width, height):
+        return None
+    return (f"degenerate shape {width} x {height} px (width x height): a view needs sides of {MIN_VIEW_SIDE} px or "
+            f"more, at most {MAX_VIEW_ASPECT}:1")
+
+
+def _robust_range(values: np.ndarray) -> tuple[float, float]:
+    """The VIEW_PERCENTILES of an array of grey values (8- and 16-bit ones from their histogram: fast on big views)."""
+    if values.dtype.kind in "ui" and values.size and values.min() >= 0 and values.max() < 2**16:
+        cdf = np.cumsum(np.bincount(values.ravel())) / values.size
+        return tuple(float(np.searchsorted(cdf, q / 100)) for q in VIEW_PERCENTILES)
+    return tuple(float(v) for v in np.percentile(values, VIEW_PERCENTILES))
+
+
+def _contrast_problem(gray: np.ndarray) -> str | None:
+    """What is wrong with an 8-bit view that shows nothing (blank, constant, washed out), or None."""
+    if gray.min() == gray.max():
+        return f"no contrast: every pixel is {gray.flat[0]} (a blank view)"
+    lo, hi = _robust_range(gray)
+    if hi - lo >= MIN_VIEW_CONTRAST:
+        return None
+    return (f"no contrast: {VIEW_PERCENTILES[1] - VIEW_PERCENTILES[0]:g}% of its pixels lie within {hi - lo:.0f} grey "
+            f"level(s) (a blank or washed-out view; {MIN_VIEW_CONTRAST} or more expected)")
+
+
+def _to_grey(im: Image.Image) -> Image.Image:
+    """An opened image as 8-bit grey (mode L): luma for colour, and 16/32-bit windowed on VIEW_PERCENTILES."""
+    if im.mode == "L":
+        return im.copy()
+    if im.mode == "LA":
+        return im.getchannel("L")
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im)
+        lo, hi = _robust_range(a)
+        if hi <= lo:  # most pixels share one value: min..max, which _contrast_problem then reports
+            lo, hi = float(a.min()), float(a.max())
+        scaled = np.clip((a - lo) * (255.0 / (hi - lo)), 0, 255) if hi > lo else np.zeros(a.shape)
+        return Image.fromarray(np.round(scaled).astype(np.uint8))
+    if im.mode in ("RGBA", "PA"):
+        return im.convert("RGB").convert("L")
+    return im.convert("L")
+
+
+def _decode_view(path: Path) -> tuple[Image.Image | None, str | None]:
+    """(the view decoded in full, as 8-bit grey, None), or (None, what is wrong with the file or its shape)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None, check_image_file(path)
+    im = None
+    try:
+        im = Image.open(path)
+        im.load()
+    except Exception as e:  # PIL raises several types for corrupt data
+        if im is not None:
+            im.close()
+        return None, f"unreadable or truncated image ({type(e).__name__}: {e})"
+    with im:
+        problem = _shape_problem(*im.size)
+        return (None, problem) if problem else (_to_grey(im), None)
+
+
 def check_image_file(path: str | os.PathLike, full_decode: bool = False) -> str | None:
-    """Return None for a readable image, else a short description of what is wrong with it."""
+    """Return None for a readable image of a view's shape, else a short description of what is wrong with it."""
     path = Path(path)
     if not path.is_file():
         return "missing file"
     if path.stat().st_size == 0:
         return "empty file (0 bytes)"
+    if full_decode:
+        return _decode_view(path)[1]
     try:
         with Image.open(path) as im:
-            if full_decode:
-                im.load()
-            else:
-                im.verify()  # checks the structure and PNG chunk CRCs without a full decode
+            size = im.size
+            im.verify()  # checks the structure and PNG chunk CRCs without a full decode
     except Exception as e:  # PIL raises several types for corrupt data
         return f"unreadable or truncated image ({type(e).__name__}: {e})"
-    return None
+    return _shape_problem(*size)
 
 
 def _decodes(path: Path) -> str | None:
@@ -263,8 +334,9 @@ def _decodes(path: Path) -> str | None:
 
 @functools.cache
 def _decode_check(path: str, size: int, mtime_ns: int) -> str | None:
-    """The memoised full-decode check of one file version."""
-    return check_image_file(path, full_decode=True)
+    """The memoised full-decode check of one file version: readable, of a view's shape, with contrast."""
+    image, problem = _decode_view(Path(path))
+    return problem or _contrast_problem(np.asarray(image))
 
 
 def load_studies(
@@ -278,9 +350,9 @@ def load_studies(
 
     Columns: split, body_part, patient, study, study_path (the official relative path, with a trailing
     slash), study_dir (absolute), label (0/1), n_views, image_paths (list of absolute paths).
-    Problems (bad folder names, stray/empty/truncated files, CSV vs folder disagreements) raise one
-    MuraDataError listing each file, or with on_bad="skip" the affected images/studies are dropped, counted,
-    warned about and listed by `data_problems(df)`.
+    Problems (bad folder names, stray/empty/truncated files, views of a degenerate shape or without contrast, CSV
+    vs folder disagreements) raise one MuraDataError listing each file, or with on_bad="skip" the affected
+    images/studies are dropped, counted, warned about and listed by `data_problems(df)`.
     """
     if split not in SPLITS:
         raise MuraDataError(f"split must be one of {SPLITS}, got {split!r}")
@@ -300,14 +372,14 @@ def load_studies(
             if not patient_dir.is_dir():
                 problems.append(DataProblem(str(patient_dir), "stray file", "a file where patient folders belong"))
                 continue
-            if not PATIENT_DIR_RE.match(patient_dir.name):
+            if not PATIENT_DIR_RE.fullmatch(patient_dir.name):
                 problems.append(DataProblem(str(patient_dir), "bad folder name", "expected patientNNNNN"))
                 continue
             for study_dir in sorted(patient_dir.iterdir()):
                 if not study_dir.is_dir():
                     problems.append(DataProblem(str(study_dir), "stray file", "a file where study folders belong"))
                     continue
-                m = STUDY_DIR_RE.match(study_dir.name)
+                m = STUDY_DIR_RE.fullmatch(study_dir.name)
                 if not m:
                     problems.append(DataProblem(
                         str(study_dir), "bad folder name", "expected studyN_positive or studyN_negative"))
@@ -342,7 +414,7 @@ def load_studies(
                 continue
             listed.add(key)
             where = str(root.joinpath(*key))
-            m = STUDY_DIR_RE.match(key[3])
+            m = STUDY_DIR_RE.fullmatch(key[3])
             if m and LABEL_OF_SUFFIX[m.group(2)] != row.csv_label:
                 problems.append(DataProblem(
                     where, "label mismatch", f"CSV label {row.csv_label} but folder suffix '{m.group(2)}'"))
@@ -437,29 +509,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Return the image at `path` as an 8-bit single-channel (mode L) PIL image, whatever its PNG mode.
 
     RGB/RGBA/P/CMYK are converted with the ITU-R 601 luma weights, LA keeps its luminance, and 16-bit or
-    32-bit images (I;16, I, F) are scaled linearly from their own min..max to 0..255 rather than clipped.
+    32-bit images (I;16, I, F) are windowed linearly from their 0.5th to their 99.5th percentile (VIEW_PERCENTILES)
+    onto 0..255, so that a few hot or dead pixels do not squeeze the view into a few grey levels. A view of a
+    degenerate shape (a side under MIN_VIEW_SIDE, over MAX_VIEW_ASPECT:1) is an error naming the file.
     """
-    path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
-        raise MuraDataError(f"{path}: {check_image_file(path)}")
-    try:  # decoded once: the check is the load itself
-        im = Image.open(path)
-        im.load()
-    except Exception as e:  # PIL raises several types for corrupt data
-        raise MuraDataError(f"{path}: unreadable or truncated image ({type(e).__name__}: {e})") from None
-    with im:
-        if im.mode == "L":
-            return im.copy()
-        if im.mode == "LA":
-            return im.getchannel("L")
-        if im.mode.startswith("I") or im.mode == "F":
-            a = np.asarray(im, dtype=np.float64)
-            lo, hi = float(a.min()), float(a.max())
-            scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-            return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
-        if im.mode in ("RGBA", "PA"):
-            return im.convert("RGB").convert("L")
-        return im.convert("L")
+    image, problem = _decode_view(Path(path))  # decoded once: the check is the load itself
+    if problem:
+        raise MuraDataError(f"{path}: {problem}")
+    return image
 
 
 KAGGLE_PREFIX = "kaggle:"  # data_dir="kaggle:OWNER/DATASET" downloads through kagglehub
@@ -608,7 +665,7 @@ def config_data_root(cfg, data_dir: str | os.PathLike | None = None) -> Path:
 
 # ---------------------------------------------------------------- images & cache: decode and resize once, uint8 on disk
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # in every cache's key (both paths): bump when decoding changes (2: 16-bit views windowed)
 RESIZE_MODES = ("squash", "pad")
 
 
@@ -675,6 +732,131 @@ def _run_tasks(func, tasks: list, desc: str, progress: bool = True, workers: int
                 results.append(func(task))
                 bar.update(n)
     return results
+
+
+NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a full quota, a file-size limit
+
+
+def _megabytes(n: float, up: bool = True) -> str:
+    """A byte count in MB with one decimal, rounded up (space needed) or down (space free)."""
+    return f"{(math.ceil if up else math.floor)(n / 1e5) / 10:,.1f} MB"
+
+
+def _free_bytes(where: Path) -> int:
+    """The free space of the disk that holds `where` (or would: its nearest existing folder)."""
+    folder = Path(where)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def _no_room(where: Path, need: int, then: str, cause: OSError | None = None) -> OSError:
+    """The one error a write that finds no room raises (OSError ENOSPC): what it needs where, what is free there."""
+    what = ("file too large for this process's file-size limit (ulimit -f)" if cause is not None
+            and cause.errno == errno.EFBIG else "disk full")
+    free = _megabytes(_free_bytes(where), up=False)
+    return OSError(errno.ENOSPC, f"{what}: need {_megabytes(need)} at {where} ({free} free there): {then}")
+
+
+@contextlib.contextmanager
+def _room_for(where: Path, need: int, then: str):
+    """Check that `need` bytes fit on the disk at `where` before writing them there, and turn a write that finds no
+    room anyway (another writer filled the disk, a quota, a file-size limit) into the same OSError; the caller
+    removes what it wrote."""
+    if _free_bytes(where) < need:
+        raise _no_room(where, need, then)
+    try:
+        yield
+    except OSError as e:
+        if e.errno in NO_ROOM_ERRNOS:
+            raise _no_room(where, need, then, e) from e
+        raise
+
+
+def _symlink_loop(path: str | os.PathLike) -> bool:
+    """Whether `path`, or a folder on the way to it, is a symbolic link that leads back to itself."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
+def _make_folder(path: str | os.PathLike) -> Path:
+    """mkdir -p, with a symlink loop named as one (mkdir itself says only "File exists")."""
+    path = Path(path)
+    if _symlink_loop(path):
+        raise ConfigError(f"{path}: a symlink loop (a link that leads back to itself): remove the link or choose "
+                          f"another folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_file_atomic(data: bytes | memoryview, path: Path, then: str = "free some space and run again") -> None:
+    """Write `data` to `path` through a temporary file, flushed to disk, and a rename: a crash never leaves a
+    half-written file, and a full disk is said (the space needed and the path), leaving `path` as it was and no
+    temporary file."""
+    path = Path(path)
+    _make_folder(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with _room_for(path, len(data), f"the partial file was removed and {path} keeps its previous content; {then}"):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+CACHE_NO_ROOM = "free some space, or set cache_dir to a disk with room (the partial cache was removed)"
+
+
+def _new_arrays(arrays: Sequence[tuple[Path, tuple[int, ...], type]], where: Path) -> None:
+    """Create .npy files of these (path, shape, dtype) for memory-mapped writing, their disk space reserved first: a
+    memory-mapped write that finds the disk full kills the process (SIGBUS, no traceback), so a full disk is said
+    here, before any work, naming `where` and the space needed."""
+    need = sum(128 + math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in arrays)  # 128: the header
+    with _room_for(where, need, CACHE_NO_ROOM):
+        for path, shape, dtype in arrays:
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            size = array.offset + array.nbytes
+            del array
+            if size and hasattr(os, "posix_fallocate"):  # the blocks themselves, not a sparse file
+                with open(path, "r+b") as f:
+                    try:
+                        os.posix_fallocate(f.fileno(), 0, size)
+                    except OSError as e:  # a file system without it keeps the free-space check
+                        if e.errno in NO_ROOM_ERRNOS:
+                            raise
+
+
+def _array_file_problem(path: Path, shape: tuple[int, ...], dtype) -> str | None:
+    """What is wrong with a cache's .npy file (missing, truncated, grown, not an array of this shape and type)."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            found_shape, fortran, found_dtype = readers[version](f)
+            offset = f.tell()
+    except FileNotFoundError:
+        return "missing"
+    except Exception as e:  # numpy raises ValueError, KeyError (a version it does not write), EOFError, ...
+        return f"not a NumPy array file ({type(e).__name__}: {e})"
+    if tuple(found_shape) != tuple(shape) or found_dtype != np.dtype(dtype) or fortran:
+        return f"a {found_dtype} array of shape {tuple(found_shape)}, not {np.dtype(dtype)} {tuple(shape)}"
+    expected, actual = offset + math.prod(shape) * np.dtype(dtype).itemsize, path.stat().st_size
+    return None if actual == expected else f"{actual} bytes where {expected} were written (truncated or appended to)"
+
+
+def _damaged_cache(arrays: Sequence[tuple[Path, tuple[int, ...], type]]) -> bool:
+    """Whether a cache's arrays are damaged, each one found so named in a warning ("cache damaged, rebuilding")."""
+    damaged = [(path, problem) for path, shape, dtype in arrays if (problem := _array_file_problem(path, shape, dtype))]
+    for path, problem in damaged:
+        warnings.warn(f"{path}: cache damaged ({problem}), rebuilding", stacklevel=3)
+    return bool(damaged)
 
 
 def resize_view(image: Image.Image, size: int, mode: str = "squash") -> Image.Image:
@@ -744,22 +926,24 @@ def _remove_dead_cache_builds(cache_dir: str | os.PathLike, min_age_s: float = 6
 
 def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: str | os.PathLike = "data/cache",
                       resize: str = "squash", workers: int | None = None, progress: bool = True) -> ImageCache:
-    """Return the cache of these views at this size, building it once (keyed by paths, file stamps, size, mode)."""
+    """Return the cache of these views at this size, building it once (keyed by paths, file stamps, size, mode); its
+    disk space is reserved first (a full disk is said before any work), and a damaged file is rebuilt."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     paths = [str(p) for p in image_paths]
     _remove_dead_cache_builds(cache_dir)
     npy = _cache_path(cache_dir, f"views_{size}px_{resize}", paths, size, resize, suffix=".npy")
     cache = ImageCache(npy, paths, size, resize)
-    if npy.is_file():
+    shape = (len(paths), size, size)
+    if npy.is_file() and not _damaged_cache([(npy, shape, np.uint8)]):
         return cache
-    npy.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(npy.parent)
     tmp = npy.with_suffix(f".tmp{os.getpid()}.npy")
-    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size)).flush()
     tasks = [(str(tmp), i, paths[i:i + 64], size, resize) for i in range(0, len(paths), 64)]
     try:
+        _new_arrays([(tmp, shape, np.uint8)], npy)
         _run_tasks(_cache_chunk, tasks, f"caching views at {size}px", progress, workers, [len(t[2]) for t in tasks])
-    except BaseException:  # an undecodable image (named in the error) or an interrupt: leave no partial file
+    except BaseException:  # a full disk, an undecodable image (named in the error), an interrupt: no partial file
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, npy)  # complete caches only ever appear under their final name
@@ -1054,7 +1238,8 @@ def _choice_setting(owner: str, name: str, value, allowed: Sequence):
 
 
 def _path_setting(owner: str, name: str, value, optional: bool = False) -> str | None:
-    """A folder setting as a string; an empty string is refused (it would silently mean the current folder)."""
+    """A folder setting as a string; an empty string is refused (it would silently mean the current folder), and so
+    is a symlink loop (mkdir would only say "File exists")."""
     if optional and value is None:
         return None
     if isinstance(value, os.PathLike):
@@ -1062,17 +1247,22 @@ def _path_setting(owner: str, name: str, value, optional: bool = False) -> str |
     if not isinstance(value, str) or not value.strip():
         _bad_setting(owner, name, value, "a folder path" + (" or None (the embedded phantom)" if optional else "")
                      + "; an empty string would mean the current folder")
+    if _symlink_loop(value):
+        _bad_setting(owner, name, value, "a folder, not a symlink loop (a link that leads back to itself)")
     return value
 
 
 def _names_setting(owner: str, name: str, value, allowed: Sequence[str]) -> tuple[str, ...]:
-    """A list of names; one name given as a string ('train', or 'train,valid') is read as a list of them."""
+    """A list of distinct names; one name given as a string ('train', or 'train,valid') is read as a list of them."""
     names = [n for n in re.split(r"[,\s]+", value) if n] if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
         _bad_setting(owner, name, value, f"a non-empty list of names from {list(allowed)}")
     unknown = [n for n in names if n not in allowed]
     if unknown:
         _bad_setting(owner, name, value, f"names from {list(allowed)} (unknown: {unknown})")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        _bad_setting(owner, name, value, f"names each given once (given more than once: {repeated})")
     return tuple(names)
 
 
@@ -1412,27 +1602,16 @@ def _state_digest(obj) -> str:
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file, flushed to disk, then rename: a crash never leaves a half-written
-    checkpoint, and a failed write (a full disk) leaves no temporary file behind. A dict gets its sha256 digest
+    """torch.save into memory, then written atomically (_write_file_atomic): a crash never leaves a half-written
+    checkpoint, and a full disk says so with the space needed and the path, leaving the previous file and no
+    temporary one (torch's own file writer would turn it into a RuntimeError). A dict gets its sha256 digest
     (DIGEST_KEY), which every load checks."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(obj, dict):
         obj = {**{k: v for k, v in obj.items() if k != DIGEST_KEY}, DIGEST_KEY: _state_digest(
             {k: v for k, v in obj.items() if k != DIGEST_KEY})}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"disk full while writing {path} (the partial file was removed; {path} "
-                                   f"keeps its previous content): free some space and run again to resume") from e
-        raise
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _write_file_atomic(buffer.getbuffer(), Path(path), "free some space and run again to resume")
 
 
 class CheckpointError(ValueError):
@@ -1447,6 +1626,34 @@ def _checkpoint_kind(state: dict) -> str | None:
     """'supervised' or 'anomaly' (stored, or told by the config of a checkpoint saved before it was stored)."""
     config = state.get("config") if isinstance(state.get("config"), dict) else {}
     return state.get("kind") or ("anomaly" if "variant" in config else "supervised" if "arch" in config else None)
+
+
+CHECKPOINT_FIELDS = {  # what each field of a checkpoint holds, checked on every load (a crafted one fails here)
+    "model": ("a dict of tensors", lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor)
+                                                                         for t in v.values())),
+    "config": ("a dict of settings", lambda v: isinstance(v, dict)),
+    "epoch": ("a whole number >= 0", lambda v: type(v) is int and v >= 0),
+    "history": ("a list of per-epoch rows (dicts)", lambda v: isinstance(v, list) and all(isinstance(r, dict)
+                                                                                          for r in v)),
+    "best": ("a number or None", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
+    "optimizer": ("an optimiser's state (a dict)", lambda v: isinstance(v, dict)),
+    "scheduler": ("a scheduler's state (a dict) or None", lambda v: v is None or isinstance(v, dict)),
+    "scaler": ("a gradient scaler's state (a dict)", lambda v: isinstance(v, dict)),
+    "rng": ("random states ({'torch': a tensor, 'cuda': a list})",
+            lambda v: isinstance(v, dict) and isinstance(v.get("torch"), torch.Tensor)
+            and isinstance(v.get("cuda"), list)),
+    "data": ("a record of the data (root, n_studies, fingerprint) or None",
+             lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("fingerprint"), str))),
+}
+
+
+def _field_problem(state: dict) -> str | None:
+    """The first field of a checkpoint that does not hold what it should (CHECKPOINT_FIELDS), said; else None."""
+    for name, (what, holds) in CHECKPOINT_FIELDS.items():
+        if name in state and not holds(state[name]):
+            return (f"field '{name}' holds {repr(state[name])[:60]} ({type(state[name]).__name__}), not {what}: the "
+                    f"file was edited or damaged")
+    return None
 
 
 def _read_checkpoint(path: Path, kind: str | None) -> tuple[dict | None, str | None]:
@@ -1475,6 +1682,9 @@ def _read_checkpoint(path: Path, kind: str | None) -> tuple[dict | None, str | N
     elif saved != _state_digest(state):
         return None, ("corrupt: its content does not match the sha256 digest stored when it was written (changed "
                       "on disk: a bad copy, a sync conflict, a disk error, an edit)")
+    problem = _field_problem(state)
+    if problem:
+        return None, problem
     found = _checkpoint_kind(state)
     if kind is not None and found != kind:
         return None, f"{CHECKPOINT_KINDS.get(found, 'a checkpoint of an unknown kind')}, not {kind}"
@@ -1589,13 +1799,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _lock_holder(path: Path) -> dict | None:
+    """The run a lock file names, as it wrote itself ({"pid": a process id, "host": ..., ...}); None for a file that
+    cannot be read or holds something else (a process killed while writing it, an edit, a file no run wrote)."""
+    try:
+        holder = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    pid = holder.get("pid") if isinstance(holder, dict) else None
+    if type(pid) is not int or not 0 < pid < 2**31 or not isinstance(holder.get("host"), str):
+        return None
+    return holder
+
+
 def _lock_is_stale(path: Path, holder: dict | None) -> bool:
     """A lock whose process is gone: dead on this machine, or (another machine's) not touched for a long time."""
     age = time.time() - path.stat().st_mtime
-    if holder is None:  # unreadable: a process killed between creating and writing it
+    if holder is None:  # unreadable or not a lock record: a process killed between creating and writing it
         return age > 10
-    if holder.get("host") == socket.gethostname():
-        return holder.get("pid") != os.getpid() and not _pid_alive(int(holder.get("pid", -1)))
+    if holder["host"] == socket.gethostname():
+        return holder["pid"] != os.getpid() and not _pid_alive(holder["pid"])
     return age > LOCK_STALE_AFTER_S
 
 
@@ -1610,23 +1833,28 @@ def _lock_heartbeat(path: Path, stop: threading.Event) -> None:
 def run_lock(run_dir: str | os.PathLike):
     """Hold run_dir/run.lock (pid, host, start time, command; created atomically) while a run writes there; a
     second run raises RunLockedError naming the holder; a dead run's lock is taken over with a warning."""
-    path = Path(run_dir) / RUN_LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _make_folder(run_dir) / RUN_LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
     for attempt in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
-                holder = None
+            holder = _lock_holder(path)
             if attempt == 0 and _lock_is_stale(path, holder):
-                warnings.warn(f"{path}: taking over the lock of a run that is no longer running ({holder})",
-                              stacklevel=3)
+                warnings.warn(f"{path}: taking over the lock of a run that is no longer running ("
+                              + (f"{holder})" if holder else "a lock that is unreadable or not a lock record, "
+                                 "untouched for over 10 s)"), stacklevel=3)
                 path.unlink(missing_ok=True)
                 continue
+            if holder is None:
+                held = b""
+                with contextlib.suppress(OSError):
+                    held = path.read_bytes()[:80]
+                raise RunLockedError(
+                    f"{path}: not a lock record this suite can read (it holds {held!r}), written under 10 s ago: a "
+                    f"run may be starting in {path.parent}. Wait and try again; if no run is writing there, delete "
+                    f"{path}.") from None
             raise RunLockedError(
                 f"{path.parent}: another run is writing here (lock {path}: pid {(holder or {}).get('pid')} on "
                 f"{(holder or {}).get('host')}, started {(holder or {}).get('started')}, command "
@@ -1641,19 +1869,22 @@ def run_lock(run_dir: str | os.PathLike):
         yield path
     finally:
         stop.set()
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads(path.read_text()).get("pid") == me["pid"]:
-                path.unlink()
+        if (_lock_holder(path) or {}).get("pid") == me["pid"]:
+            path.unlink(missing_ok=True)
 
 
-RUN_FILES = ("checkpoints", "history.csv", "config.json", "test_scores.csv")  # what a run writes in its folder
+# every name a run writes in its folder (besides its lock): whatever a fresh run finds there is moved aside first
+RUN_FILES = ("checkpoints", "history.csv", "config.json", "test_scores.csv", "val_scores.csv")
 
 
 def _set_aside_previous_run(out: Path) -> Path | None:
-    """Before a fresh run in `out`: move an earlier run's files to a sibling <name>.previous-<UTC time>/ (nothing is
-    deleted), with a warning naming both folders; None when there was no earlier run."""
-    checkpoints = out / "checkpoints"
-    if not (out / "history.csv").is_file() and not (checkpoints.is_dir() and any(checkpoints.glob("*.pt"))):
+    """Before a fresh run in `out`: move whatever is at the names a run writes (RUN_FILES: an earlier run's files, or
+    the user's own under those names) to a sibling <name>.previous-<UTC time>/, so that nothing is deleted or
+    overwritten, with a warning naming them and both folders; None when there was nothing (an empty folder is
+    left)."""
+    found = [name for name in RUN_FILES if (out / name).is_symlink() or (out / name).is_file()
+             or ((out / name).is_dir() and any((out / name).iterdir()))]
+    if not found:
         return None
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     aside = out.parent / f"{out.name}.previous-{stamp}"
@@ -1662,11 +1893,11 @@ def _set_aside_previous_run(out: Path) -> Path | None:
         n += 1
         aside = out.parent / f"{out.name}.previous-{stamp}-{n}"
     aside.mkdir(parents=True)
-    for name in RUN_FILES:
-        if (out / name).exists():
-            shutil.move(out / name, aside / name)
-    warnings.warn(f"{out}: starting a new run here; the earlier run's checkpoints and history were moved to "
-                  f"{aside} (nothing was deleted)", stacklevel=3)
+    for name in found:
+        shutil.move(out / name, aside / name)
+    warnings.warn(f"{out}: starting a new run here; what was at the names a run writes ({', '.join(found)}: an "
+                  f"earlier run's files, or your own) was moved to {aside} (nothing was deleted or overwritten)",
+                  stacklevel=3)
     return aside
 
 
@@ -1715,19 +1946,13 @@ def _check_same_data(state: dict | None, data: dict, where: Path) -> None:
 
 
 def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Write a CSV through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    """Write a CSV atomically (_write_file_atomic)."""
+    _write_file_atomic(df.to_csv(index=False).encode(), path)
 
 
 def _write_json_atomic(obj, path: Path) -> None:
-    """Write JSON through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    """Write JSON atomically (_write_file_atomic)."""
+    _write_file_atomic(json.dumps(obj, indent=2).encode(), path)
 
 
 # ---------------------------------------------------------------- training: one epoch, evaluation, the run, ensembles
@@ -1844,8 +2069,11 @@ def evaluate_views(model, loader, device, weights, amp: str = "auto", channels_l
 
 def tuning_split(studies: pd.DataFrame, fraction: float = 0.1, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split MURA's training studies into (train, tune) by patient: `fraction` of the patients with an abnormal
-    study and of the normal-only patients (at least one of each, never all), drawn with `seed`."""
-    if fraction <= 0:
+    study and of the normal-only patients (at least one of each, never all), drawn with `seed`; `fraction` in
+    [0, 0.95] (0: no tuning split), as TrainConfig.tune_fraction."""
+    fraction = _number_setting("tuning_split", "fraction", fraction, float, 0.0, 0.95)
+    seed = _number_setting("tuning_split", "seed", seed, int, 0, 2**32 - 1)
+    if fraction == 0:
         return studies, studies.iloc[:0]
     if "split" in studies and set(studies["split"]) - {"train"}:
         raise ValueError(f"the tuning split is drawn from MURA's train split only, got {sorted(set(studies['split']))}"
@@ -1913,8 +2141,7 @@ def _start_run(cfg: RunConfig, ctx: Distributed, device, prepare, progress: bool
     if ctx.local_rank == 0 and ctx.world_size > 1:  # ... while the others wait, then read them
         dist.barrier()
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_config_dict(cfg), indent=2))
+        _write_json_atomic(_config_dict(cfg), out / "config.json")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick the fastest kernels
     seed_everything(cfg.seed)
     return state, data
@@ -2065,19 +2292,22 @@ def launch_training(cfg: TrainConfig | AnomalyConfig, devices: int | str = "auto
     if n <= 1 or (anomaly and cfg.is_gan):  # the GANs stay on one device (train_anomaly says why)
         return train_anomaly(cfg, progress) if anomaly else train(cfg, progress)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = out / "launch_config.json"
-    config.write_text(json.dumps(_config_dict(cfg), indent=2))
+    fd, config = tempfile.mkstemp(prefix="mura_launch_", suffix=".json")  # the workers' settings: outside the run
+    with os.fdopen(fd, "w") as f:  # folder, where the run alone writes (and moves aside what it did not write)
+        json.dump(_config_dict(cfg), f, indent=2)
     module_dir = str(Path(__file__).resolve().parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [module_dir, os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "mura_helpers", "train-anomaly" if anomaly else "train", "--config", str(config), "--no-progress"]
+               "-m", "mura_helpers", "train-anomaly" if anomaly else "train", "--config", config, "--no-progress"]
     lines = []
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            lines.append(line)
-            if progress and (line.startswith(("epoch ", "resuming ")) or (anomaly and " epoch " in line)):
-                print(line, end="", flush=True)
+    try:
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            for line in proc.stdout:
+                lines.append(line)
+                if progress and (line.startswith(("epoch ", "resuming ")) or (anomaly and " epoch " in line)):
+                    print(line, end="", flush=True)
+    finally:
+        os.unlink(config)
     if proc.returncode != 0:
         raise RuntimeError(f"distributed training on {n} processes failed (exit {proc.returncode}); the workers' "
                            f"last output:\n{''.join(lines[-40:])}")
@@ -2608,7 +2838,8 @@ def cam_localisation(models, studies: pd.DataFrame, boxes: pd.DataFrame, image_s
 # ---------------------------------------------------------------- prediction on a new study
 
 def study_image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """The image files of one study: a folder's PNG/JPEG files (natural order) or a given list; all checked first."""
+    """The image files of one study: a folder's PNG/JPEG files (natural order) or a given list (a file given twice
+    counted once, said); all checked first (a view without contrast is warned about)."""
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         folder = Path(source)
         files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
@@ -2624,9 +2855,20 @@ def study_image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -
         files = [Path(p) for p in source]
     if not files:
         raise MuraDataError("no views given: a study needs at least one image (a folder of them or a list of files)")
+    same_file: dict[str, list[Path]] = {}
+    for p in files:
+        same_file.setdefault(os.path.realpath(p), []).append(p)
+    repeated = [f"{given[0]} given {len(given)} times" for given in same_file.values() if len(given) > 1]
+    if repeated:
+        warnings.warn("; ".join(repeated) + ": counted once in the study", stacklevel=2)
+    files = [given[0] for given in same_file.values()]
     bad = [f"  {p}: {issue}" for p in files if (issue := check_image_file(p, full_decode=True))]
     if bad:
-        raise MuraDataError(f"{len(bad)} unreadable image(s):\n" + "\n".join(bad))
+        raise MuraDataError(f"{len(bad)} unusable image(s):\n" + "\n".join(bad))
+    blank = [f"  {p}: {issue}" for p in files if (issue := _contrast_problem(np.asarray(load_image(p))))]
+    if blank:
+        warnings.warn(f"{len(blank)} of {len(files)} view(s) show nothing to judge, yet count in the study's "
+                      f"probability:\n" + "\n".join(blank), stacklevel=2)
     return files
 
 
@@ -3755,8 +3997,11 @@ def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
     else:
         mask = content
     region = mask if mask.any() else content
-    if cfg.equalize == "he":  # skimage's equalize_hist, as a look-up table over the 256 grey levels
-        cdf, centers = exposure.cumulative_distribution(image[region], 256)
+    levels = image[region]
+    if levels.size == 0 or levels.min() == levels.max():  # one grey: nothing to equalise (both would make it white)
+        pass
+    elif cfg.equalize == "he":  # skimage's equalize_hist, as a look-up table over the 256 grey levels
+        cdf, centers = exposure.cumulative_distribution(levels, 256)
         image = (np.interp(np.arange(256), centers, cdf) * 255).astype(np.uint8)[image]
     elif cfg.equalize == "clahe":
         image = (exposure.equalize_adapthist(image, clip_limit=0.01) * 255).astype(np.uint8)
@@ -3830,24 +4075,25 @@ ANOMALY_PIPELINE_VERSION = 7
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
                         workers: int | None = None, progress: bool = True) -> AnomalyCache:
-    """Run the offline preprocessing once per (views, settings) and keep it on disk; reuse it afterwards."""
+    """Run the offline preprocessing once per (views, settings) and keep it on disk (its space reserved first: a
+    full disk is said before any work); reuse it afterwards, unless damaged (then said and rebuilt)."""
     paths = [str(p) for p in image_paths]
     _remove_dead_cache_builds(cache_dir)
     folder = _cache_path(cache_dir, f"anomaly_{cfg.name.replace('+', '_')}_{cfg.size}px", paths,
                          {**asdict(cfg), "pipeline": ANOMALY_PIPELINE_VERSION})
-    if (folder / "affines.npy").is_file():
-        return AnomalyCache(folder, paths, cfg)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
     n, s = len(paths), cfg.size
-    for name, shape, dtype in (("images", (n, s, s), np.uint8), ("masks", (n, s, s), np.uint8),
-                               ("affines", (n, 2, 3), np.float32), ("doubts", (n, len(MASK_DOUBTS)), np.float32)):
-        np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+    arrays = {"images": ((n, s, s), np.uint8), "masks": ((n, s, s), np.uint8), "affines": ((n, 2, 3), np.float32),
+              "doubts": ((n, len(MASK_DOUBTS)), np.float32)}
+    if (folder / "affines.npy").is_file() and not _damaged_cache([(folder / f"{name}.npy", *spec)
+                                                                  for name, spec in arrays.items()]):
+        return AnomalyCache(folder, paths, cfg)
+    tmp = _make_folder(folder.with_name(f".{folder.name}.tmp{os.getpid()}"))
     tasks = [(tmp, i, paths[i:i + 32], cfg) for i in range(0, n, 32)]
     try:
+        _new_arrays([(tmp / f"{name}.npy", *spec) for name, spec in arrays.items()], folder)
         _run_tasks(_anomaly_cache_chunk, tasks, f"preprocessing ({cfg.name}, {s}px)", progress, workers,
                    [len(t[2]) for t in tasks])
-    except BaseException:  # an undecodable image (named in the error) or an interrupt: leave no partial folder
+    except BaseException:  # a full disk, an undecodable image (named in the error), an interrupt: no partial folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if folder.exists():
@@ -5031,16 +5277,16 @@ def build_hand_crops(cache: AnomalyCache, hands: AnomalyCache, progress: bool = 
             paths.append(path)
     stamp = hashlib.sha1(json.dumps([hands.folder.name, [list(map(int, j[2])) for j in jobs]]).encode()).hexdigest()
     folder = cache.folder.with_name(f"{cache.folder.name}_hands_{stamp[:10]}")
-    if not (folder / "affines.npy").is_file():
-        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        s = cache.cfg.size
-        for name, shape, dtype in (("images", (len(jobs), s, s), np.uint8), ("masks", (len(jobs), s, s), np.uint8),
-                                   ("affines", (len(jobs), 2, 3), np.float32)):
-            np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+    s = cache.cfg.size
+    arrays = {"images": ((len(jobs), s, s), np.uint8), "masks": ((len(jobs), s, s), np.uint8),
+              "affines": ((len(jobs), 2, 3), np.float32)}
+    if not (folder / "affines.npy").is_file() or _damaged_cache([(folder / f"{name}.npy", *spec)
+                                                                 for name, spec in arrays.items()]):
+        tmp = _make_folder(folder.with_name(f".{folder.name}.tmp{os.getpid()}"))
         tasks = [(tmp, cache.folder / "images.npy", cache.folder / "masks.npy", jobs[i:i + 64])
                  for i in range(0, len(jobs), 64)]
         try:
+            _new_arrays([(tmp / f"{name}.npy", *spec) for name, spec in arrays.items()], folder)
             _run_tasks(_hand_crop_chunk, tasks, f"hand crops ({cache.cfg.name})", progress, None,
                        [len(t[3]) for t in tasks])
         except BaseException:
@@ -5588,6 +5834,30 @@ def anomaly_grid_names(models, variants) -> tuple[tuple[str, ...], tuple[str, ..
             _names_setting("run_anomaly_grid", "variants", variants, every_variant))
 
 
+def anomaly_grid_recipes(recipes) -> tuple[str, ...]:
+    """The grid's recipes, checked: names of ANOMALY_RECIPES, each given once; one given as a string is a list."""
+    return _names_setting("run_anomaly_grid", "recipes", recipes, tuple(ANOMALY_RECIPES))
+
+
+def anomaly_grid_seeds(seeds) -> tuple[int, ...] | None:
+    """The grid's seeds, checked: whole numbers, each given once (0, 0.0 and "0" are one seed: it would be trained
+    and scored several times, and seed_summary would count it as several); one seed, or a string ("0,1"), is a list;
+    None (or an empty list): base's seed."""
+    if isinstance(seeds, str):
+        seeds = [s for s in re.split(r"[,\s]+", seeds) if s]
+    elif isinstance(seeds, (int, float, np.integer, np.floating)) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if seeds is None or (isinstance(seeds, (list, tuple, np.ndarray)) and len(seeds) == 0):
+        return None
+    if not isinstance(seeds, (list, tuple, np.ndarray)):
+        _bad_setting("run_anomaly_grid", "seeds", seeds, "a list of whole numbers, or None")
+    numbers = tuple(_number_setting("run_anomaly_grid", "seeds", s, int, 0, 2**32 - 1) for s in seeds)
+    repeated = sorted({s for s in numbers if numbers.count(s) > 1})
+    if repeated:
+        _bad_setting("run_anomaly_grid", "seeds", seeds, f"each seed given once (given more than once: {repeated})")
+    return numbers
+
+
 def _grid_config(base: AnomalyConfig, **changes) -> AnomalyConfig:
     """A run of the grid: base's settings with `changes`; the recipe's settings that base did not give explicitly
     are taken afresh from the (possibly other) model's and recipe's preset."""
@@ -5621,8 +5891,9 @@ def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Seque
     [base.recipe]; runs of other recipes than "suite" go to <model>_<variant>_<recipe>. `devices`: the
     autoencoders train on this many processes (launch_training: "auto" = every visible GPU), the GANs on one."""
     models, variants = anomaly_grid_names(models, variants)
-    recipes = list(recipes or [base.recipe])
-    several = seeds is not None and len(seeds) > 0
+    recipes = anomaly_grid_recipes([base.recipe] if recipes is None else recipes)
+    seeds = anomaly_grid_seeds(seeds)
+    several = seeds is not None
     seeds = list(seeds) if several else [base.seed]
     rows = []
     for variant in variants:
@@ -5692,6 +5963,12 @@ def seed_summary(results: pd.DataFrame, level: str = "image") -> pd.DataFrame:
     split: their '±'), beside the first seed's ROC-AUC and 95% bootstrap interval (ours)."""
     data = results[results["level"] == level]
     keys = ["recipe", "model", "variant", "score"]
+    repeated = data[data.duplicated([*keys, "seed"])]
+    if len(repeated):
+        run = repeated.iloc[0]
+        raise ValueError(f"seed_summary: seed {run['seed']} of {run['recipe']} {run['model']} on {run['variant']} "
+                         f"(score {run['score']}) is in the results more than once ({len(repeated)} repeated row(s)): "
+                         f"one run would count as several seeds; drop the repeats (results.drop_duplicates)")
     spread = data.groupby(keys, sort=False)["roc_auc"].agg(seeds_mean="mean", seeds_sd="std", n_seeds="count")
     first = data[data["seed"] == data["seed"].iloc[0]].set_index(keys)[["roc_auc", "roc_auc_ci_low",
                                                                          "roc_auc_ci_high"]]
@@ -6757,7 +7034,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_class, runner, _ = runners[args.command]
     path = Path(args.config)
     try:
-        fields = json.loads(path.read_text())
+        fields = json.loads(path.read_bytes())  # UTF-8, -16 or -32, with or without a byte-order mark
+    except UnicodeDecodeError as e:
+        parser.error(f"{path}: not UTF-8 text (nor UTF-16 or UTF-32): {e.reason} at byte {e.start}; save it as UTF-8")
     except (OSError, json.JSONDecodeError) as e:
         parser.error(f"{path}: cannot read a JSON config ({e})")
     known = config_class.__dataclass_fields__

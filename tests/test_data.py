@@ -228,7 +228,7 @@ def test_errors_are_raised_before_any_work_on_the_other_split(phantom_copy):
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "1"])
 def test_load_image_reads_8bit_modes_as_grey(tmp_path, mode):
-    grey = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (20, 1))
+    grey = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (40, 1))  # 32 x 40 px: the smallest sides a view may have
     source = Image.fromarray(grey, "L")
     image = {"P": lambda: source.convert("RGB").quantize(256), "1": lambda: source.point(lambda v: 255 * (v > 127))
              .convert("1")}.get(mode, lambda: source.convert(mode))()
@@ -243,7 +243,7 @@ def test_load_image_reads_8bit_modes_as_grey(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", ["I;16", "I"])
 def test_load_image_scales_16bit_to_8bit_without_clipping(tmp_path, mode):
-    values = np.linspace(1000, 4000, 64 * 16).reshape(16, 64)  # a 12-bit detector range inside 16 bits
+    values = np.linspace(1000, 4000, 64 * 32).reshape(32, 64)  # a 12-bit detector range inside 16 bits
     array = values.astype(np.uint16) if mode == "I;16" else values.astype(np.int32)
     path = tmp_path / ("view16.png" if mode == "I;16" else "view32.tif")  # PNG holds no 32-bit grey
     Image.fromarray(array).save(path)

@@ -1,7 +1,8 @@
-"""Reliability (issue 13): nothing lost, nothing silently wrong, every bad setting named before work starts."""
+"""Reliability (issues 13 and 25): nothing lost, nothing silently wrong, every bad setting named before work starts."""
 
 import errno
 import json
+import math
 import os
 import shutil
 import struct
@@ -12,9 +13,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import REPO, write_png
+from PIL import Image
 
 import mura_helpers as mh
 
@@ -163,8 +166,6 @@ def test_an_image_with_a_corrupt_data_stream_is_caught_before_work(phantom_copy,
     studies = mh.load_studies(phantom_copy, "train")
     bad = Path(studies[studies["n_views"] >= 2]["image_paths"].iloc[0][0])
     _corrupt_idat(bad)
-    from PIL import Image
-
     with Image.open(bad) as im:
         im.verify()  # the checksums are valid: only a full decode sees the damage
     with pytest.raises(mh.MuraDataError, match="broken data stream") as err:
@@ -415,16 +416,14 @@ def test_a_full_disk_says_so_and_leftover_temporaries_are_cleaned(tiny_run, tmp_
     cfg = _copy_of_run(tiny_run, tmp_path, epochs=3, max_steps_per_epoch=1)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     good = last.read_bytes()
-    real_save = torch.save
 
-    def full_disk(obj, f):
-        f.write(b"partial")
+    def full_disk(fd):  # where a file system with delayed allocation (ext4) reports a full disk
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mh.torch, "save", full_disk)
+    monkeypatch.setattr(mh.os, "fsync", full_disk)
     with pytest.raises(OSError, match="disk full") as err:
         mh.save_atomic({"epoch": 2}, last)
-    monkeypatch.setattr(mh.torch, "save", real_save)
+    monkeypatch.undo()
     assert str(last) in str(err.value) and err.value.errno == errno.ENOSPC
     assert last.read_bytes() == good and not list(last.parent.glob(".*tmp*"))
     leftovers = [last.parent / ".last.pt.tmp99999", tmp_path / "run" / ".history.csv.tmp99999"]  # a killed write
@@ -433,3 +432,371 @@ def test_a_full_disk_says_so_and_leftover_temporaries_are_cleaned(tiny_run, tmp_
     with pytest.warns(UserWarning, match="2 temporary file"):
         assert len(mh.train(cfg, progress=False)) == 3  # and resumed
     assert not any(p.exists() for p in leftovers)
+
+
+# ---------------------------------------------------------------- 14. a fresh run overwrites nothing it did not write
+
+
+def test_a_fresh_run_moves_aside_files_it_did_not_write(tiny_phantom, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    mine = {"config.json": '{"my": "own settings"}', "test_scores.csv": "my,scores\n", "val_scores.csv": "x\n"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    (out / "notes.txt").write_text("not a name a run writes")
+    with pytest.warns(UserWarning, match="moved to") as caught:
+        mh.train(_train_config(tiny_phantom, out, tmp_path / "cache"), progress=False)
+    [aside] = list(tmp_path.glob("run.previous-*"))
+    message = str(next(w.message for w in caught if "moved to" in str(w.message)))
+    assert str(aside) in message and "config.json" in message
+    assert {name: (aside / name).read_text() for name in mine} == mine  # byte for byte, nothing overwritten
+    assert (out / "notes.txt").read_text() == "not a name a run writes"
+    assert json.loads((out / "config.json").read_text())["arch"] == "densenet169"  # the run's own
+
+
+def test_a_distributed_launch_writes_no_file_into_the_run_folder_before_the_run(tiny_phantom, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "launch_config.json").write_text("mine")
+    seen = {}
+
+    class FakeRun:
+        returncode = 0
+
+        def __init__(self, command, **kw):
+            config = Path(command[command.index("--config") + 1])
+            seen.update(config=config, fields=json.loads(config.read_text()))
+            self.stdout = []
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(mh.subprocess, "Popen", FakeRun)
+    monkeypatch.setattr(mh.pd, "read_csv", lambda path: path)
+    mh.launch_training(_train_config(tiny_phantom, out, tmp_path / "cache"), devices=2, progress=False)
+    assert (out / "launch_config.json").read_text() == "mine"  # untouched
+    assert seen["fields"]["output_dir"] == str(out) and out not in seen["config"].parents
+    assert not seen["config"].exists()  # the launch's own temporary file is gone
+
+
+# ---------------------------------------------------------------- 15. a full disk: the path and the space needed
+
+
+def _no_temporaries(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_checkpoint_write_on_a_full_disk_names_the_space_needed(tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    last = tmp_path / "checkpoints" / "last.pt"
+    mh.save_atomic({"epoch": 1}, last)
+    good = last.read_bytes()
+    tmp = last.with_name(f".last.pt.tmp{os.getpid()}")
+    tmp.symlink_to("/dev/full")  # the kernel's own ENOSPC, at the write
+    with pytest.raises(OSError, match=r"disk full: need \d+(\.\d)? MB at ") as err:
+        mh.save_atomic({"epoch": 2, "weights": torch.zeros(300_000)}, last)
+    assert str(last) in str(err.value) and err.value.errno == errno.ENOSPC
+    assert last.read_bytes() == good and not tmp.exists() and not tmp.is_symlink()
+
+
+FSIZE_SCRIPT = """
+import resource, signal, sys
+sys.path.insert(0, {repo!r})
+import torch
+import mura_helpers as mh
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the kernel then answers EFBIG, as a full disk answers ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+try:
+    {call}
+except OSError as e:
+    print("OSError", e.errno, e)
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+def _under_a_file_size_limit(call: str, limit: int) -> str:
+    script = FSIZE_SCRIPT.format(repo=str(REPO), limit=limit, call=call)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]  # not killed (SIGBUS, SIGXFSZ)
+    return done.stdout.strip()
+
+
+def test_a_write_cut_short_by_the_kernel_says_so_with_the_path_and_size(tmp_path):
+    last = tmp_path / "last.pt"
+    mh.save_atomic({"epoch": 1}, last)
+    good = last.read_bytes()
+    said = _under_a_file_size_limit(f"mh.save_atomic({{'epoch': 2, 'w': torch.zeros(200_000)}}, {str(last)!r})",
+                                    limit=64_000)  # torch's own writer used to end in a RuntimeError here
+    assert said.startswith("OSError") and "need 0.9 MB at" in said and str(last) in said, said
+    assert last.read_bytes() == good and _no_temporaries(tmp_path)
+    views = [str(write_png(tmp_path / "views" / f"v{i}.png", size=(64, 48))) for i in range(3)]
+    said = _under_a_file_size_limit(f"mh.build_image_cache({views!r}, 128, {str(tmp_path / 'cache')!r}, "
+                                     f"progress=False, workers=1)", limit=16_000)
+    assert said.startswith("OSError") and "need 0.1 MB at" in said and str(tmp_path / "cache") in said, said
+    assert _no_temporaries(tmp_path / "cache")
+
+
+def _tiny_images(phantom: Path, n: int = 6) -> list[str]:
+    return list(mh.studies_to_images(mh.load_studies(phantom, "train"))["image_path"][:n])
+
+
+def test_a_cache_build_reserves_its_space_before_writing(tiny_phantom, tmp_path, monkeypatch):
+    paths = _tiny_images(tiny_phantom)
+    builds = {"views": lambda: mh.build_image_cache(paths, 64, tmp_path / "cache", progress=False, workers=1),
+              "anomaly": lambda: mh.build_anomaly_cache(paths, mh.PreprocessConfig(size=64), tmp_path / "cache",
+                                                        progress=False, workers=1)}
+    need = {"views": 6 * 64 * 64, "anomaly": 6 * (2 * 64 * 64 + 6 * 4 + len(mh.MASK_DOUBTS) * 4)}
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(mh.shutil, "disk_usage", lambda p: usage._replace(free=10_000))  # 0.01 MB free
+    for name, build in builds.items():
+        with pytest.raises(OSError, match="disk full: need") as err:
+            build()
+        message = str(err.value)
+        assert f"need {math.ceil(need[name] / 1e5) / 10:g} MB" in message and str(tmp_path / "cache") in message
+        assert "0.0 MB free" in message and err.value.errno == errno.ENOSPC
+        assert _no_temporaries(tmp_path / "cache")
+    monkeypatch.undo()
+    calls = []
+
+    def full_at_the_third(fd, offset, length):
+        calls.append(length)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mh.os, "posix_fallocate", full_at_the_third, raising=False)
+    with pytest.raises(OSError, match="disk full: need"):
+        builds["anomaly"]()  # the third of its arrays finds the disk full: the others go too
+    assert len(calls) == 3 and _no_temporaries(tmp_path / "cache") and not list((tmp_path / "cache").glob("anomaly_*"))
+
+
+def test_a_damaged_cache_is_said_and_rebuilt(tiny_phantom, tmp_path):
+    paths = _tiny_images(tiny_phantom)
+    cache = mh.build_image_cache(paths, 48, tmp_path / "cache", progress=False, workers=1)
+    expected = np.array(cache.array)
+    data = cache.path.read_bytes()
+    for damage in (data[:len(data) // 2], b"\x80\x04garbage" * 10, data + b"\x00" * 100, b""):
+        cache.path.write_bytes(damage)
+        with pytest.warns(UserWarning, match="cache damaged.*rebuilding") as caught:
+            again = mh.build_image_cache(paths, 48, tmp_path / "cache", progress=False, workers=1)
+        assert str(cache.path) in str(caught[0].message)
+        assert np.array_equal(again.array, expected)
+    pre = mh.PreprocessConfig(size=32)
+    anomaly = mh.build_anomaly_cache(paths, pre, tmp_path / "cache", progress=False, workers=1)
+    masks = np.array(anomaly.masks)
+    with open(anomaly.folder / "masks.npy", "r+b") as f:
+        f.truncate(1000)
+    with pytest.warns(UserWarning, match="masks.npy: cache damaged.*rebuilding"):
+        again = mh.build_anomaly_cache(paths, pre, tmp_path / "cache", progress=False, workers=1)
+    assert np.array_equal(again.masks, masks)
+
+
+# ---------------------------------------------------------------- 16. degenerate views: named at load, never silent
+
+
+def _view_of_a_study_with_two(phantom: Path) -> Path:
+    """The first train view of the first study with two or more (so that losing it leaves its study views)."""
+    studies = mh.load_studies(phantom, "train")
+    return Path(studies[studies["n_views"] >= 2]["image_paths"].iloc[0][0])
+
+
+def _replace_view(phantom: Path, array: np.ndarray) -> Path:
+    """Overwrite that view with `array` (any grey array PIL saves as PNG) and return its path."""
+    path = _view_of_a_study_with_two(phantom)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.mark.parametrize("shape", [(1, 5000), (5000, 1), (20000, 100), (1, 1)])
+def test_a_degenerate_view_shape_is_named_before_preprocessing(phantom_copy, tmp_path, shape):
+    ramp = np.linspace(0, 255, shape[0] * shape[1]).reshape(shape).astype(np.uint8)
+    bad = _replace_view(phantom_copy, ramp)
+    for load in (lambda: mh.load_studies(phantom_copy, "train"),
+                 lambda: mh.preprocess_view(bad, mh.PreprocessConfig(size=32)),
+                 lambda: mh.build_image_cache([str(bad)], 32, tmp_path / "cache", progress=False, workers=1),
+                 lambda: mh.train_anomaly(_anomaly_config(phantom_copy, tmp_path / "ano", tmp_path / "cache"),
+                                          progress=False)):
+        with pytest.raises(mh.MuraDataError, match=f"{shape[1]} x {shape[0]} px") as err:
+            load()
+        assert str(bad) in str(err.value)
+    assert not list((tmp_path / "cache").glob("anomaly_*"))  # nothing was preprocessed
+
+
+def _as_16bit(gray: np.ndarray) -> np.ndarray:
+    return (gray.astype(np.uint16) * 16 + 1000).astype(np.uint16)  # a 12-bit detector's range
+
+
+def test_a_16bit_view_is_windowed_on_robust_percentiles(phantom_copy):
+    first = _view_of_a_study_with_two(phantom_copy)
+    original = np.asarray(mh.load_image(first))
+    hot = _as_16bit(original)
+    hot[0, 0] = 65535  # one hot pixel
+    _replace_view(phantom_copy, hot)
+    windowed = np.asarray(mh.load_image(first))
+    assert np.percentile(windowed, 99) >= np.percentile(original, 99) - 8  # not squeezed into a few grey levels
+    assert np.corrcoef(windowed.ravel(), original.ravel())[0, 1] > 0.99
+    full = mh.PreprocessConfig(size=64, equalize=None)
+    Image.fromarray(original).save(first.with_name("eight_bit.png"))
+    share = mh.preprocess_view(first.with_name("eight_bit.png"), full)["mask"].mean()
+    first.with_name("eight_bit.png").unlink()
+    assert mh.preprocess_view(first, full)["mask"].mean() == pytest.approx(share, rel=0.1)
+    assert len(mh.load_studies(phantom_copy, "train")) > 0  # and loads without a problem
+
+
+@pytest.mark.parametrize("case", ["constant 8-bit", "black", "16-bit flat with a speck"])
+def test_a_view_without_contrast_is_reported_at_load(phantom_copy, case):
+    if case == "16-bit flat with a speck":
+        flat = np.full((200, 160), 3000, np.uint16)
+        flat[:2, :2] = 60000  # 4 of 32000 pixels: the robust window collapses
+    else:
+        flat = np.full((200, 160), 0 if case == "black" else 117, np.uint8)
+    bad = _replace_view(phantom_copy, flat)
+    with pytest.raises(mh.MuraDataError, match="no contrast") as err:
+        mh.load_studies(phantom_copy, "train")
+    assert str(bad) in str(err.value)
+    with pytest.warns(UserWarning, match="skipped 1 problem"):
+        studies = mh.load_studies(phantom_copy, "train", on_bad="skip")
+    assert list(mh.data_problems(studies)["path"]) == [str(bad)]
+
+
+@pytest.mark.parametrize("value", [0, 128, 255])
+def test_equalising_a_constant_view_keeps_its_grey(tmp_path, value):
+    path = tmp_path / "flat.png"
+    Image.fromarray(np.full((120, 90), value, np.uint8)).save(path)
+    for name, cfg in mh.preprocess_variants(64, ["raw+HE", "crop+HE", "raw+CLAHE"]).items():
+        out = mh.preprocess_view(path, cfg)
+        content = mh.preprocess_view(path, mh.PreprocessConfig(crop=cfg.crop, segment=False, equalize=None, size=64))
+        inside = content["mask"].astype(bool)
+        assert set(np.unique(out["image"][inside])) == {value}, name  # not white
+
+
+def test_predict_warns_on_blank_views_and_counts_a_file_once(tiny_run, tiny_phantom, tmp_path):
+    best = tiny_run / "checkpoints" / "best.pt"
+    views = _tiny_images(tiny_phantom, 2)
+    with pytest.warns(UserWarning, match="given 2 times.*counted once") as caught:
+        twice = mh.predict_new_study(best, [views[0], views[1], views[0]], "cpu")
+    assert views[0] in str(caught[0].message)
+    once = mh.predict_new_study(best, views, "cpu")
+    assert len(twice["views"]) == 2 and twice["study_prob"] == pytest.approx(once["study_prob"])
+    blank = write_png(tmp_path / "study" / "image1.png", size=(96, 128), value=0)
+    with pytest.warns(UserWarning, match="no contrast") as caught:
+        mh.predict_new_study(best, [views[0], blank], "cpu")
+    assert str(blank) in str(caught[0].message)
+    tiny = write_png(tmp_path / "study" / "image2.png", size=(1, 1))
+    with pytest.raises(mh.MuraDataError, match="1 x 1 px") as err:
+        mh.predict_new_study(best, [views[0], tiny], "cpu")
+    assert str(tiny) in str(err.value)
+
+
+# ---------------------------------------------------------------- 17. names matched whole; splits and grids checked
+
+
+def test_folder_names_are_matched_whole(phantom_copy):
+    for csv in phantom_copy.glob("*.csv"):
+        csv.unlink()  # a layout without the official CSVs (as the Kaggle hand subset): the folders are the truth
+    patient = next((phantom_copy / "train" / "XR_HAND").iterdir())
+    copy = Path(shutil.copytree(patient, patient.with_name(patient.name + "\n")))
+    study = next(p for p in patient.iterdir() if p.is_dir())
+    study_copy = Path(shutil.copytree(study, study.with_name(study.name + "\n")))
+    with pytest.raises(mh.MuraDataError, match="bad folder name") as err:
+        mh.load_studies(phantom_copy, "train")
+    assert str(copy) in str(err.value) and str(study_copy) in str(err.value)
+
+
+@pytest.mark.parametrize("fraction", [1.5, float("nan"), -0.1, "a tenth"])
+def test_tuning_split_checks_its_fraction(tiny_phantom, fraction):
+    studies = mh.load_studies(tiny_phantom, "train")
+    with pytest.raises(mh.ConfigError, match="tuning_split.fraction"):
+        mh.tuning_split(studies, fraction)
+
+
+def test_grid_seeds_and_recipes_are_lists_of_distinct_names(tmp_path):
+    assert mh.anomaly_grid_seeds("0,1") == (0, 1) and mh.anomaly_grid_seeds(3) == (3,)
+    assert mh.anomaly_grid_seeds(["2", 5.0]) == (2, 5) and mh.anomaly_grid_seeds(None) is None
+    assert mh.anomaly_grid_recipes("paper") == ("paper",)
+    base = _anomaly_config(tmp_path, tmp_path / "grid", tmp_path / "cache")
+    for bad, match in (({"seeds": [0, 0.0, "0"]}, "seeds.*given more than once"),
+                       ({"seeds": [0, 0]}, "seeds.*given more than once"), ({"seeds": "0,x"}, "seeds"),
+                       ({"recipes": ["paper", "paper"]}, "recipes.*given more than once"),
+                       ({"recipes": "pap"}, "recipes.*unknown")):
+        with pytest.raises(mh.ConfigError, match=match):
+            mh.run_anomaly_grid(base, "cae", "full", progress=False, **bad)
+    assert not (tmp_path / "grid").exists()  # refused before any run
+    with pytest.raises(mh.ConfigError, match="models.*given more than once"):
+        mh.anomaly_grid_names(["cae", "cae"], "full")
+
+
+def test_seed_summary_refuses_to_count_one_run_twice():
+    row = {"recipe": "suite", "model": "CAE", "variant": "full", "score": "mse", "level": "image", "seed": 0,
+           "roc_auc": 0.6, "roc_auc_ci_low": 0.5, "roc_auc_ci_high": 0.7}
+    results = pd.DataFrame([row, {**row, "seed": 1, "roc_auc": 0.7}])
+    assert mh.seed_summary(results)["n_seeds"].tolist() == [2]
+    with pytest.raises(ValueError, match="seed 0.*more than once"):
+        mh.seed_summary(pd.concat([results, results.iloc[:1]]))
+
+
+# ---------------------------------------------------------------- 18. locks, configs, links, checkpoints: wrong shapes
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"pid": "abc"}', '{"pid": null}', '{"pid": 1099511627776}',
+                                     '{"pid": 0}', '{"pid": -1}', '{"pid": true}', '"a string"'])
+def test_a_lock_of_the_wrong_shape_is_named(tmp_path, content):
+    lock = tmp_path / "run" / mh.RUN_LOCK
+    lock.parent.mkdir()
+    lock.write_text(content)
+    with pytest.raises(mh.RunLockedError, match="not a lock") as err, mh.run_lock(lock.parent):
+        pass
+    assert str(lock) in str(err.value) and lock.read_text() == content  # fresh: it may be a run starting now
+    os.utime(lock, (0, 0))  # old: a dead run's, or a file no run wrote
+    with pytest.warns(UserWarning, match="taking over") as caught, mh.run_lock(lock.parent):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert str(lock) in str(caught[0].message)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig", "utf-32"])
+def test_the_command_line_reads_a_config_in_any_unicode_encoding(tmp_path, capsys, encoding):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"epochs": 1, "bogus": 2}), encoding=encoding)
+    with pytest.raises(SystemExit) as ended:
+        mh.main(["train", "--config", str(config)])
+    assert ended.value.code == 2 and "unknown fields ['bogus']" in capsys.readouterr().err  # read, then checked
+    config.write_bytes('{"data_dir": "données"}'.encode("cp1252"))
+    with pytest.raises(SystemExit) as ended:
+        mh.main(["train", "--config", str(config)])
+    error = capsys.readouterr().err
+    assert ended.value.code == 2 and str(config) in error and "not UTF-8" in error and "Traceback" not in error
+
+
+def test_a_symlink_loop_is_named_as_one(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    for folder in (loop, a, loop / "run"):
+        for config in (mh.TrainConfig, mh.AnomalyConfig):
+            for name in ("output_dir", "cache_dir"):
+                with pytest.raises(mh.ConfigError, match=f"{config.__name__}.{name} .*symlink loop"):
+                    config(**{name: str(folder)})
+        with pytest.raises(mh.ConfigError, match="symlink loop") as err:
+            mh.build_image_cache([], 32, folder, progress=False)
+        assert str(folder) in str(err.value)
+        with pytest.raises(mh.ConfigError, match="symlink loop"), mh.run_lock(folder):
+            pass
+
+
+@pytest.mark.parametrize("field, value", [("epoch", "1"), ("epoch", -3), ("epoch", True), ("history", "rows"),
+                                          ("best", "0.5"), ("rng", None), ("optimizer", [1]), ("config", "x")])
+def test_a_resumable_field_of_the_wrong_type_names_the_file_and_field(tiny_run, tmp_path, field, value):
+    cfg = _copy_of_run(tiny_run, tmp_path, epochs=3, max_steps_per_epoch=1)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state[field] = value
+    mh.save_atomic(state, last)  # crafted: the digest is valid
+    with pytest.raises(mh.CheckpointError, match=f"'{field}'") as err:
+        mh.train(cfg, progress=False)
+    assert str(err.value).startswith(str(last))
