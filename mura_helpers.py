@@ -5912,8 +5912,8 @@ def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Seque
                     images, device = data["images"], resolve_device(cfg.device)
                     scores = evaluate_anomaly(net, data["cache"], images[images["subset"] == "test"], cfg, device)
                     val = evaluate_anomaly(net, data["cache"], images[images["subset"] == "val"], cfg, device)
-                    scores.to_csv(Path(cfg.output_dir) / "test_scores.csv", index=False)
-                    val.to_csv(Path(cfg.output_dir) / "val_scores.csv", index=False)
+                    _write_csv_atomic(scores, Path(cfg.output_dir) / "test_scores.csv")
+                    _write_csv_atomic(val, Path(cfg.output_dir) / "val_scores.csv")
                     rows.append(_level_metrics(scores, val, cfg.seed).assign(
                         model=ANOMALY_MODEL_NAMES[model], recipe=recipe, variant=variant, seed=seed,
                         image_size=cfg.image_size, run_dir=cfg.output_dir,
@@ -5928,7 +5928,7 @@ def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Seque
             reference_dir = Path(base.output_dir) / (f"{REFERENCE_MODEL.replace(' ', '_')}_{variant}"
                                                      + (f"_seed{seed}" if several else ""))
             reference_dir.mkdir(parents=True, exist_ok=True)
-            scores.to_csv(reference_dir / "test_scores.csv", index=False)
+            _write_csv_atomic(scores, reference_dir / "test_scores.csv")
             rows.append(_level_metrics(scores, val, cfg.seed).assign(
                 model=REFERENCE_MODEL, recipe="-", variant=variant, seed=seed, image_size=cfg.image_size,
                 run_dir=str(reference_dir), n_empty_masks=len(scores.attrs.get("empty_masks", []))))
@@ -6606,8 +6606,8 @@ def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | 
     rng = np.random.default_rng(list(seed))
     finding_rng = np.random.default_rng([*seed, 1])  # a finding leaves the rest of the view as it was
     short = int(round(long_side * rng.uniform(0.58, 0.95)))
-    if narrow:
-        short = int(round(long_side / rng.uniform(3.0, 4.5)))
+    if narrow:  # (at small sizes no narrower than a view may be: MIN_VIEW_SIDE)
+        short = max(int(round(long_side / rng.uniform(3.0, 4.5))), MIN_VIEW_SIDE)
     landscape = n_hands > 1 or rng.random() < 0.15
     h, w = (short, long_side) if landscape else (long_side, short)
     soft_layer, bone_layer, metal_layer = (np.zeros((h, w), np.float32) for _ in range(3))
