@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -265,8 +266,10 @@ def test_an_autoencoder_trains_on_two_processes_with_one_set_of_files(anomaly_ru
     # the validation views were sharded over the ranks and gathered: the same AUROC as one process scoring them all
     data = mh.prepare_anomaly_data(cfg, progress=False)
     val = data["images"][data["images"]["subset"] == "val"]
-    scores = mh.evaluate_anomaly(model, data["cache"], val, cfg, torch.device("cpu"))
-    assert len(scores) == val["image_path"].nunique()
+    with warnings.catch_warnings():  # a 32-px view whose hand mask is empty is left out, and counted
+        warnings.simplefilter("ignore")
+        scores = mh.evaluate_anomaly(model, data["cache"], val, cfg, torch.device("cpu"))
+    assert len(scores) + len(scores.attrs["empty_masks"]) == val["image_path"].nunique()
     assert two["val_auroc_mse"].iloc[-1] == pytest.approx(mh.anomaly_metrics(scores, n_boot=0)["roc_auc"]["mse"])
 
 
