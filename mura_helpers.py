@@ -6109,10 +6109,10 @@ def plot_gan_samples(results: pd.DataFrame, n: int = 6, device: str = "auto", se
     return fig
 
 
-def plot_figure12(results: pd.DataFrame, n: int = 4, device: str = "auto", seed: int = 0):
-    """Their Figure 12 for this grid: per run with a reconstruction (the autoencoders, BiGAN and alpha-GAN) typical
-    test inputs (normal and abnormal alternating), their reconstructions and masked error maps; per GAN, views its
-    generator draws from random codes. The grid's first seed and variant."""
+def plot_reconstructions(results: pd.DataFrame, n: int = 4, device: str = "auto", seed: int = 0):
+    """Inputs, reconstructions and error maps (their Figure 12) for this grid: per run with a reconstruction (the
+    autoencoders, BiGAN and alpha-GAN) typical test inputs (normal and abnormal alternating), their reconstructions
+    and masked error maps; per GAN, views its generator draws from random codes. The grid's first seed and variant."""
     runs = results[(results["model"] != REFERENCE_MODEL) & (results["seed"] == results["seed"].iloc[0])
                    & (results["variant"] == results["variant"].iloc[0])].drop_duplicates("run_dir")
     panels = []  # (title, images, cmap)

@@ -12,9 +12,21 @@ import pytest
 from conftest import REPO
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-EDA_FIGURES = ["eda_random_xrays_train", "eda_random_xrays_abnormal", "eda_patients_per_split",
-               "eda_studies_per_patient", "eda_views_per_study", "eda_label_balance", "eda_image_sizes_modes",
-               "eda_intensity_histograms", "eda_phantom_findings"]
+# Every figure each notebook saves (outputs/figures/NAME.png), kept stable once published: a name says what the figure
+# shows, with the reference report's figure number where it reproduces one (figNN); predict_<study> per study.
+FIGURES = {
+    "01_eda.ipynb": ["eda_fig15_random_views_train", "eda_fig16_random_views_abnormal", "eda_fig17_patients_per_split",
+                     "eda_fig18_studies_per_patient", "eda_fig19_views_per_study", "eda_label_balance",
+                     "eda_image_sizes_modes", "eda_intensity_histograms", "eda_phantom_findings"],
+    "02_pipeline_check.ipynb": ["pipeline_raw_cached_augmented"],
+    "03_training.ipynb": ["training_fig32_curves"],
+    "04_results.ipynb": ["results_fig32_curves", "results_roc", "results_confusion", "results_headline",
+                         "results_confident_cases", "results_activation_maps"],
+    "05_predict.ipynb": ["predict_{name}"],
+    "06_anomaly_detection.ipynb": ["anomaly_fig01_preprocessing_steps", "anomaly_suspect_masks", "anomaly_mask_iou",
+                                   "anomaly_fig11_auroc_study", "anomaly_fig11_auroc_image", "anomaly_gan_samples",
+                                   "anomaly_fig12_reconstructions", "anomaly_error_heatmaps"],
+}
 
 
 def run_notebook(name, workdir, **parameters):
@@ -36,6 +48,22 @@ def test_notebook_is_committed_clean_with_a_parameters_cell(path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code)
 
+
+
+def saved_figure_names(path):
+    """The names a notebook's cells pass to mh.save_figure, in order (an f-string as written: predict_{name})."""
+    names = []
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type == "code":
+            for node in ast.walk(ast.parse(cell.source)):
+                if isinstance(node, ast.Call) and ast.unparse(node.func) == "mh.save_figure":
+                    name = node.args[1]
+                    names.append(name.value if isinstance(name, ast.Constant) else ast.unparse(name)[2:-1])
+    return names
+
+
+def test_the_notebooks_save_their_figures_under_stable_names():
+    assert {path.name: saved_figure_names(path) for path in NOTEBOOKS} == FIGURES
 
 def setup_and_later_cells(path):
     """The notebook's first code cell (the setup cell) and the sources of the code cells after it."""
@@ -141,7 +169,7 @@ def test_the_config_is_built_from_the_parameters_by_field_name(name, config_clas
 def test_eda_notebook_runs_headless_and_writes_its_figures(tiny_phantom, tmp_path):
     nb = run_notebook("01_eda.ipynb", tmp_path, data_dir=str(tiny_phantom), output_dir=str(tmp_path),
                       n_grid_images=4)
-    for name in EDA_FIGURES:
+    for name in FIGURES["01_eda.ipynb"]:
         figure = tmp_path / "figures" / f"{name}.png"
         assert figure.is_file() and figure.stat().st_size > 5_000, name
     summary = json.loads((tmp_path / "eda_summary.json").read_text())
@@ -157,7 +185,7 @@ def test_pipeline_check_notebook_runs_headless(tiny_phantom, tmp_path):
     run_notebook("02_pipeline_check.ipynb", tmp_path, data_dir=str(tiny_phantom), output_dir=str(tmp_path),
                  cache_dir=str(tmp_path / "cache"), image_size=48, batch_size=8, n_views_shown=2,
                  throughput_batches=3)
-    assert (tmp_path / "figures" / "pipeline_views.png").stat().st_size > 5_000
+    assert (tmp_path / "figures" / "pipeline_raw_cached_augmented.png").stat().st_size > 5_000
     check = json.loads((tmp_path / "pipeline_check.json").read_text())
     assert check["batch_shape"] == [8, 3, 48, 48]
     assert sum(check["class_weights"]) == pytest.approx(1.0) and check["loader_views_per_second"] > 0
@@ -170,7 +198,7 @@ def test_training_notebook_runs_headless_and_resumes(tiny_phantom, tmp_path):
     run_notebook("03_training.ipynb", tmp_path, **params)
     run = tmp_path / "runs" / "densenet169"
     assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
-    assert (tmp_path / "figures" / "training_curves.png").stat().st_size > 5_000
+    assert (tmp_path / "figures" / "training_fig32_curves.png").stat().st_size > 5_000
     nb = run_notebook("03_training.ipynb", tmp_path, **{**params, "epochs": 2})  # a later session resumes
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "resuming" in text
@@ -183,8 +211,7 @@ def test_training_notebook_runs_headless_and_resumes(tiny_phantom, tmp_path):
 def test_results_notebook_runs_headless_with_an_ensemble(tiny_run, tmp_path):
     run_notebook("04_results.ipynb", tmp_path, run_dir=str(tiny_run), output_dir=str(tmp_path), ensemble_k=2,
                  n_boot=200, n_heatmaps=2, device="cpu")
-    for name in ("results_training_curves", "results_roc", "results_confusion", "results_confident_cases",
-                 "results_heatmaps"):
+    for name in FIGURES["04_results.ipynb"]:
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 5_000, name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(metrics["checkpoints"]) == 2
@@ -201,7 +228,6 @@ def test_results_notebook_runs_headless_with_an_ensemble(tiny_run, tmp_path):
     assert headline["auroc"]["test_baseline"] == 0.5 and any(k.startswith("auroc, no model") for k in headline)
     comparison = pd.read_csv(tmp_path / "results_comparison.csv")
     assert comparison["baseline"].notna().all() and (comparison["value"] == 0.611).any()
-    assert (tmp_path / "figures" / "results_headline.png").stat().st_size > 5_000
 
 
 @pytest.mark.notebook
@@ -219,7 +245,8 @@ def test_anomaly_notebook_runs_headless(normal_heavy_phantom, tmp_path):
     run_notebook("06_anomaly_detection.ipynb", tmp_path, data_dir=str(normal_heavy_phantom), output_dir=str(tmp_path),
                  cache_dir=str(tmp_path / "cache"), image_size=64, gan_image_size=32, epochs=1, batch_size=8,
                  num_workers=0, models=["cae", "vae", "dcgan", "alphagan"], variants=["full+HE"], n_heatmaps=2)
-    for name in ("anomaly_preprocessing", "anomaly_results_table", "anomaly_gan_samples", "anomaly_heatmaps"):
+    for name in ("anomaly_fig01_preprocessing_steps", "anomaly_fig11_auroc_study", "anomaly_fig11_auroc_image",
+                 "anomaly_gan_samples", "anomaly_fig12_reconstructions", "anomaly_error_heatmaps"):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 5_000, name
     results = json.loads((tmp_path / "anomaly_metrics.json").read_text())
     grid = {(r["model"], r["score"]) for r in results["grid"]}
