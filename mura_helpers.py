@@ -6663,9 +6663,12 @@ def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | 
         background = rng.choice([rng.uniform(0.5, 0.56), rng.uniform(0.0, 0.05)], p=[0.6, 0.4])
     else:
         background = rng.uniform(0.01, 0.1)
-    span = (rng.uniform(0.48, 0.7) if polarity == "normal" else (0.97 - background) * rng.uniform(0.8, 1.0))
-    span *= rng.uniform(0.35, 0.55) if low_contrast else 1.0
-    span *= rng.uniform(0.25, 0.45) if dim else 1.0  # a faint hand
+    if dim:  # a faint hand (real: "low-contrast, dim views"): a share of a normal view's contrast, whatever its
+        # polarity or plate; not stacked on theirs (stacked, half the hand lay within the grain: invisible)
+        span = rng.uniform(0.48, 0.7) * rng.uniform(0.25, 0.45)
+    else:
+        span = (rng.uniform(0.48, 0.7) if polarity == "normal" else (0.97 - background) * rng.uniform(0.8, 1.0))
+        span *= rng.uniform(0.35, 0.55) if low_contrast else 1.0
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
     heel = 1 + rng.uniform(-0.25, 0.25) * (yy / h - 0.5) + rng.uniform(-0.15, 0.15) * (xx / w - 0.5)
     image = background * heel + span * signal
