@@ -3973,25 +3973,41 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     return filled & content, inverted, doubts
 
 
+def _square_view(gray: np.ndarray, carrier, size: int, rules: CropRules) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A view (or its plate) made a size x size square: (image, content pixels, input->output affine)."""
+    affine = _square_affine((gray.shape[1], gray.shape[0]), carrier, size)
+    fold = int(np.clip(max(gray.shape) // size, 1, rules.resample_max))
+    if fold > 1:  # a square smaller than the view: warped larger and averaged down (film grain not aliased)
+        fine = _warp(gray, affine * fold, size * fold)
+        image = np.asarray(Image.fromarray(fine).resize((size, size), Image.Resampling.BOX))
+    else:
+        image = _warp(gray, affine, size)
+    content = _warp(np.full(gray.shape, 255, np.uint8), affine, size, order=0) > 0
+    if carrier is not None:  # the plate only: what lies beside a tilted or narrow plate is not part of the view
+        half = np.asarray(carrier[1]) * size / max(carrier[1]) / 2  # the plate's half sides in the square
+        centers = np.arange(size) + 0.5 - size / 2
+        content &= (np.abs(centers)[:, None] <= half[1]) & (np.abs(centers)[None, :] <= half[0])
+    return image, content, affine
+
+
 def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
-    """Run the pipeline on one view: {'image' uint8 (S, S), 'mask' uint8 0/1, 'affine' 2x3 input->output, ...}."""
+    """Run the pipeline on one view: {'image' uint8 (S, S), 'mask' uint8 0/1, 'affine' 2x3 input->output, ...}.
+    A square smaller than the mask's working size (MaskRules.work_size, or the view's own size if smaller) has
+    its mask found on a square of that size and averaged down: a 32-px square's mask is a 128-px one's."""
     gray = np.asarray(load_image(path))
     carrier = find_field(gray, cfg.crop_rules, cfg.mask_rules) if cfg.crop else None
-    affine = _square_affine((gray.shape[1], gray.shape[0]), carrier, cfg.size)
-    fold = int(np.clip(max(gray.shape) // cfg.size, 1, cfg.crop_rules.resample_max))
-    if fold > 1:  # a square smaller than the view: warped larger and averaged down (film grain not aliased)
-        fine = _warp(gray, affine * fold, cfg.size * fold)
-        image = np.asarray(Image.fromarray(fine).resize((cfg.size, cfg.size), Image.Resampling.BOX))
-    else:
-        image = _warp(gray, affine, cfg.size)
-    content = _warp(np.full(gray.shape, 255, np.uint8), affine, cfg.size, order=0) > 0
-    if carrier is not None:  # the plate only: what lies beside a tilted or narrow plate is not part of the view
-        half = np.asarray(carrier[1]) * cfg.size / max(carrier[1]) / 2  # the plate's half sides in the square
-        centers = np.arange(cfg.size) + 0.5 - cfg.size / 2
-        content &= (np.abs(centers)[:, None] <= half[1]) & (np.abs(centers)[None, :] <= half[0])
+    image, content, affine = _square_view(gray, carrier, cfg.size, cfg.crop_rules)
     inverted, doubts = False, dict.fromkeys(MASK_DOUBTS, 0.0)
     if cfg.segment:
-        mask, inverted, doubts = _hand_mask(image, content, cfg.mask_rules)
+        work = max(cfg.size, min(cfg.mask_rules.work_size, max(gray.shape)))
+        if work > cfg.size:
+            big, big_content, _ = _square_view(gray, carrier, work, cfg.crop_rules)
+            big_mask, inverted, doubts = _hand_mask(big, big_content, cfg.mask_rules)
+            mask_8bit = Image.fromarray(big_mask.astype(np.uint8) * 255)  # (255: 8-bit white)
+            shares = np.asarray(mask_8bit.resize((cfg.size, cfg.size), Image.Resampling.BOX))
+            mask = (shares >= 128) & content  # (128: halfway)
+        else:
+            mask, inverted, doubts = _hand_mask(image, content, cfg.mask_rules)
         if inverted:
             image = np.where(content, 255 - image, 0).astype(np.uint8)
     else:
@@ -4070,7 +4086,7 @@ class AnomalyCache:
 # the bands along its sides; the mask's levels at least 5% of the contrast off the background, its faint margin;
 # 7: lead tags left out, narrow close-ups, the background of a view that is mostly hand, 128 px squares averaged
 # down; a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
-ANOMALY_PIPELINE_VERSION = 7
+ANOMALY_PIPELINE_VERSION = 8
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
