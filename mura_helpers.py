@@ -3901,7 +3901,9 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
         ring = np.zeros_like(inside)
     local, noise, flat, background = _hand_background(small, inside, rules)
     near = flat & (np.abs(small - background) <= rules.plane_noise * noise)
-    if near.sum() >= rules.least_flat:  # flatten the background: a plane through the pixels near its level, robustly
+    if near.sum() >= rules.least_flat and not narrow:  # flatten the background: a plane through the pixels near
+        # its level, robustly (not a close-up's: its background is a sliver along a side, and a plane through it
+        # and the soft tissue near its level tilts across the view, the hand's margin sunk below the floor)
         ys, xs = np.nonzero(near)
         design = np.column_stack([np.ones(len(xs)), xs / n - 0.5, ys / n - 0.5])  # (0.5: about the view's centre)
         fit = np.ones(len(xs), bool)
