@@ -3342,6 +3342,9 @@ class MaskRules:
     #                                   soft tissue
     tag_ring_noise: float = 3.0  # the background's level: within this many times the noise of it ...
     tag_ring_contrast: float = 0.25  # ... or this share of the tag's own contrast, whichever is more
+    tag_piece_share: float = 0.25  # a piece of the mask apart from its largest, at most this share of its size and
+    #                                tag-shaped, is a tag (a tag is 6-15% of the short side wide: a few per cent of
+    #                                a hand's area; a second hand is about as large as the first)
     tag_grow: int = 1  # a tag found is grown by this many px (its blurred edge) and left out of the mask
 
     @property
@@ -3799,6 +3802,21 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | ~np.isin(labels, edge[edge > 0]) & (labels > 0)
 
 
+def _tag_shaped(part: np.ndarray, least: float, most: float, rules: MaskRules) -> bool:
+    """Whether a component has a lead tag's shape: a rectangle (it and its convex hull fill its minimum-area
+    rectangle) whose short side lies between `least` and `most` px and whose long side is at most
+    rules.tag_max_aspect times it."""
+    ys, xs = np.nonzero(part & ~ndimage.binary_erosion(part))
+    if len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # a line (a hull needs 3 points): no tag
+        return False
+    points = np.column_stack([xs, ys]).astype(float)
+    _, sides, _ = min_area_rect(points)
+    width, length = sorted(s + 1 for s in sides)  # (+1: outline centres to pixel edges)
+    return bool(least <= width <= most and length <= rules.tag_max_aspect * width
+                and part.sum() >= rules.tag_fill * width * length
+                and ConvexHull(points).volume >= rules.tag_hull_fill * np.prod(sides))
+
+
 def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: float, lo: float, hi: float,
                rules: MaskRules) -> np.ndarray:
     """Lead tags at working size (bool, grown by their blurred edge): components, at levels between the background
@@ -3830,15 +3848,7 @@ def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: 
                 y0, x0 = max(box[0].start - ring_px, 0), max(box[1].start - ring_px, 0)
                 near = (slice(y0, box[0].stop + ring_px), slice(x0, box[1].stop + ring_px))
                 part = ndimage.binary_fill_holes(labels[near] == k)
-                ys, xs = np.nonzero(part & ~ndimage.binary_erosion(part))
-                if len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # a line (a hull needs 3 points): no tag
-                    continue
-                points = np.column_stack([xs, ys]).astype(float)
-                _, sides, _ = min_area_rect(points)
-                width, length = sorted(s + 1 for s in sides)  # (+1: outline centres to pixel edges)
-                if not (least <= width <= most and length <= rules.tag_max_aspect * width
-                        and part.sum() >= rules.tag_fill * width * length
-                        and ConvexHull(points).volume >= rules.tag_hull_fill * np.prod(sides)):
+                if not _tag_shaped(part, least, most, rules):
                     continue
                 ring = ndimage.binary_dilation(part, iterations=ring_px) & inside[near] & ~ndimage.binary_dilation(
                     part, iterations=rules.tag_ring_gap)
@@ -3847,6 +3857,25 @@ def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: 
                         rules.tag_ring_background):
                     tags[near] |= part
     return ndimage.binary_dilation(tags, iterations=rules.tag_grow) & inside if tags.any() else tags
+
+
+def _without_tag_shapes(found: np.ndarray, inside: np.ndarray, rules: MaskRules) -> np.ndarray:
+    """A hand mask without its tag-shaped pieces: a part apart from the largest, at most rules.tag_piece_share of
+    its size, with a tag's shape (_tag_shaped) is a lead tag that _find_tags missed (text or a letter across its
+    holder broke its rim), not a hand (a second hand, a finger apart: larger, or of no rectangle's shape)."""
+    labels, count = ndimage.label(found)
+    if count < 2:
+        return found
+    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    short = min(np.ptp(rows), np.ptp(cols)) + 1
+    least, most = max(rules.tag_least_side, rules.tag_min_side * short), rules.tag_max_side * short
+    areas = np.bincount(labels.ravel())
+    areas[0] = 0
+    kept = found.copy()
+    for k, box in enumerate(ndimage.find_objects(labels), 1):
+        if areas[k] <= rules.tag_piece_share * areas.max() and _tag_shaped(labels[box] == k, least, most, rules):
+            kept[box] &= labels[box] != k
+    return kept
 
 
 def _mask_doubts(mask: np.ndarray, fg: np.ndarray, above: np.ndarray, inside: np.ndarray, ring: np.ndarray,
@@ -3956,6 +3985,7 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
             break
     if not found.any():
         return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
+    found = _without_tag_shapes(found, inside, rules)
     # the soft tissue's faint margin, below the level found: a few pixels at most into what lies above the floor
     faint = (work > least) & inside & ~edge
     for _ in range(rules.margin_growth):

@@ -382,12 +382,28 @@ def test_anomaly_cache_is_rebuilt_when_the_pipeline_changes(tiny_phantom, tmp_pa
 # the crop's and the mask's functions: every threshold in them is a named rule (CropRules, MaskRules)
 RULED_FUNCTIONS = ("_plate_rect", "_holds_the_detail", "_sides_are_steps", "find_carrier", "_border_band",
                    "_collimated_field", "find_field", "_class_thresholds", "_hand_components", "_commonest_level",
-                   "_without_frame", "_background_level", "_hand_mask")
+                   "_without_frame", "_background_level", "_hand_mask", "_find_tags", "_tag_shaped",
+                   "_without_tag_shapes")
 
 
 def _commented_lines(source: str) -> set[int]:
     return {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
             if tok.type == tokenize.COMMENT}
+
+
+def test_a_tag_shaped_piece_apart_from_the_hand_leaves_the_mask():
+    found = np.zeros((128, 128), bool)
+    found[30:110, 20:60] = True  # a hand (a forearm and palm) ...
+    found[20:30, 25:30] = found[20:30, 35:40] = True  # ... with fingers
+    found[40:60, 90:100] = True  # a tag: 10 x 20 px, apart from it (a letter or text broke its rim: not found)
+    found[75:85, 80:84] = True
+    found[75:79, 84:95] = True  # an L-shaped piece: no rectangle
+    kept = mh._without_tag_shapes(found, np.ones_like(found), mh.MaskRules())
+    assert not kept[40:60, 90:100].any()
+    assert kept[30:110, 20:60].all() and kept[75:85, 80:84].all()
+    second = found.copy()
+    second[30:110, 80:120] = True  # a second hand, as large: kept
+    assert (mh._without_tag_shapes(second, np.ones_like(found), mh.MaskRules()) == second).all()
 
 
 def test_every_number_in_the_crop_and_mask_functions_is_a_named_rule():
