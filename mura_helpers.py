@@ -3286,6 +3286,13 @@ class MaskRules:
     plane_slack: float = 1.0  # ... plus this many levels (a noiseless view's residuals are all 0)
     heel_spread: float = 4.0  # a real gradient: the plane's slopes (levels across the view) above this many times
     heel_slack: float = 2.0  # the residuals' spread plus this many levels; less is noise, left alone
+    faint_noise: float = 20.0  # a view whose extremes (tags aside) lie within this many times the noise of the
+    #                            background is faint: a dim or low-contrast hand, its soft tissue in the grain (the
+    #                            noise, the flattest quarter's, is below the grain's own; on phantom v4 smoothing
+    #                            helps views under about 20, and costs a crisp hand's edge above) ...
+    faint_smooth: float = 0.7  # ... and is smoothed over this many px (Gaussian sigma) before the levels are
+    #                            searched: the grain falls by about half, the soft tissue's step stays (1 px blurs
+    #                            a crisp view's edge: more views lost than won)
     # polarity and thresholds
     extreme_percentile: float = 0.5  # the view's extremes: this percentile from either end (not a few specks)
     otsu_bins: int = 64  # the four-class Otsu's histogram bins (for speed)
@@ -3907,7 +3914,9 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     background's side outwards, none closer to it than its noise or a share of the view's contrast; the first that
     leaves hand-like components (see _hand_components; every one kept: two hands) wins, else the other polarity is
     tried. Uniform bright patches touching the rim (markers, plate edges) and a plate's frame are cut out first;
-    the mask then grows a few pixels into the soft tissue's faint margin above that floor (see MaskRules).
+    a faint view (its extremes a few times the noise off the background) is smoothed first; tag-shaped pieces
+    apart from the hand are dropped; the mask then grows a few pixels into the soft tissue's faint margin above
+    that floor (see MaskRules).
     """
     size = image.shape[0]
     n = min(size, rules.work_size)
@@ -3951,6 +3960,14 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     lo, hi = np.percentile(values, percentiles)
     tags = _find_tags(small, inside, background, noise, lo, hi, rules)  # not hand, whatever their level
     if tags.any():
+        values = small[inside & ~tags]
+        lo, hi = np.percentile(values, percentiles)
+    if max(background - lo, hi - background) < rules.faint_noise * noise:  # a faint hand in the grain: smoothed,
+        # over the content's own pixels only (not the zero fill beyond it)
+        weight = ndimage.gaussian_filter(inside.astype(np.float32), rules.faint_smooth)
+        smooth = ndimage.gaussian_filter(np.where(inside, small, 0), rules.faint_smooth)
+        small = np.where(inside, smooth / np.maximum(weight, np.finfo(np.float32).tiny), small).astype(np.float32)
+        local, noise, flat, background = _hand_background(small, inside, rules, flattened=True)
         values = small[inside & ~tags]
         lo, hi = np.percentile(values, percentiles)
     prior = bool(background - lo > hi - background)
