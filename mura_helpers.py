@@ -6189,7 +6189,10 @@ PHANTOM_MANIFEST = "phantom_manifest.json"
 PHANTOM_VERSION = 4
 PHANTOM_POSES = ("pa", "oblique", "lateral", "flexed")
 PHANTOM_POLARITIES = ("normal", "light_grey", "inverted")  # light_grey: a light background, not inverted
-_PHANTOM_SETTINGS = ("n_patients", "seed", "valid_fraction", "positive_rate", "body_parts", "image_size")
+PHANTOM_FINDING_MIX = {"fracture": 0.45, "hardware": 0.3, "lesion": 0.25}  # each kind's share of abnormal studies
+PHANTOM_FINDINGS = tuple(PHANTOM_FINDING_MIX)
+_PHANTOM_SETTINGS = ("n_patients", "seed", "valid_fraction", "positive_rate", "body_parts", "image_size",
+                     "finding_kinds", "finding_scale", "finding_contrast")
 PHANTOM_MADE_BY = "mura_helpers.make_phantom_mura"  # the manifest's mark: only a folder so marked is ever deleted
 _PHANTOM_FILES = (PHANTOM_MANIFEST, PHANTOM_FINDINGS_CSV, *(f"{s}_{kind}.csv" for s in SPLITS
                                                           for kind in ("labeled_studies", "image_paths")))
@@ -6405,18 +6408,18 @@ def _plant_finding(finding: dict, bones: list[_Bone], bone_layer, metal_layer, s
     axis = _unit(bone.p1 - bone.p0)
     normal = np.array([-axis[1], axis[0]])
     at = bone.p0 + (bone.p1 - bone.p0) * finding["t"]
-    r = bone.radius
+    r, scale = bone.radius, finding.get("scale", 1.0)
     if finding["kind"] == "fracture":
         tilt = math.radians(finding["tilt"])
         line_normal = axis * math.cos(tilt) + normal * math.sin(tilt)
-        shift = normal * finding["displacement"] * r + axis * 0.3 * r
-        spec = {"point": at, "normal": line_normal, "gap": max(4.0, 0.7 * r), "shift": shift}
+        shift = (normal * finding["displacement"] * r + axis * 0.3 * r) * scale
+        spec = {"point": at, "normal": line_normal, "gap": max(4.0, 0.7 * r) * scale, "shift": shift}
         _draw_tube(bone_layer, bone, -1.0)  # replace the intact bone by the broken one
         _draw_tube(bone_layer, bone, 1.0, spec)
         _draw_soft(soft_layer, at - axis * 3.0 * r, at + axis * 3.0 * r, 3.6 * r)  # fusiform soft-tissue swelling
-        return [at - 3.2 * r, at + 3.2 * r]  # the fragments and the swelling's bulge
+        return [at - 3.2 * r * max(scale, 1.0), at + 3.2 * r * max(scale, 1.0)]  # the fragments and the swelling
     if finding["kind"] == "lesion":
-        size = finding["size"] * r  # expansile: wider than the bone, thinning and ballooning its cortex
+        size = finding["size"] * r * scale  # expansile: wider than the bone, thinning and ballooning its cortex
         reg = _region(bone_layer.shape, at - 1.3 * size, at + 1.3 * size)
         if reg is not None:
             sl, yy, xx = reg
@@ -6428,19 +6431,20 @@ def _plant_finding(finding: dict, bones: list[_Bone], bone_layer, metal_layer, s
     corners = []
     if finding["hardware"] == "plate":
         length = np.linalg.norm(bone.p1 - bone.p0) * 0.7
-        plate_at = at + normal * r * 0.95
-        corners += _draw_rect(metal_layer, plate_at, length, max(5.0, 1.0 * r), angle, 1.0)
+        plate_at = at + normal * r * 0.95 * scale
+        corners += _draw_rect(metal_layer, plate_at, length, max(5.0, 1.0 * r) * scale, angle, 1.0)
         for s in np.linspace(-0.38, 0.38, finding["screws"]):
             screw_at = at + axis * s * length + normal * r * 0.25
-            corners += _draw_rect(metal_layer, screw_at, max(3.0, 0.45 * r), 3.2 * r, angle, 1.0)
+            corners += _draw_rect(metal_layer, screw_at, max(3.0, 0.45 * r) * scale, 3.2 * r, angle, 1.0)
             for k in np.linspace(-1.1, 1.1, 6):  # threads
-                _draw_rect(metal_layer, screw_at + normal * k * r, max(3.0, 0.5 * r), max(1.0, 0.1 * r), angle, 1.0)
+                _draw_rect(metal_layer, screw_at + normal * k * r, max(3.0, 0.5 * r) * scale, max(1.0, 0.1 * r),
+                           angle, 1.0)
     else:
         for k in range(finding["screws"] if finding["screws"] <= 2 else 2):
             wire_angle = angle + math.radians(rng.uniform(-12, 12))
             wire_at = at + normal * (k - 0.5) * 0.6 * r
             length = np.linalg.norm(bone.p1 - bone.p0) * rng.uniform(0.9, 1.3)
-            corners += _draw_rect(metal_layer, wire_at, length, max(3.0, 0.3 * r), wire_angle, 1.0)
+            corners += _draw_rect(metal_layer, wire_at, length, max(3.0, 0.3 * r) * scale, wire_angle, 1.0)
     return [np.min(corners, axis=0), np.max(corners, axis=0)]
 
 
@@ -6731,6 +6735,15 @@ def _phantom_image_task(task: dict) -> dict:
     pixels, box, truth = _render_view(task["seed"], task["view"], task["anatomy"], task["finding"], task["ring"],
                                       task["long_side"], task["n_hands"], task["polarity"], task["low_contrast"],
                                       task["narrow"], task["dim"])
+    contrast = task["finding"]["contrast"] if task["finding"] else 1.0
+    if contrast != 1.0:  # the finding's difference from the same view without it, scaled, inside its box
+        without = _render_view(task["seed"], task["view"], task["anatomy"], None, task["ring"], task["long_side"],
+                               task["n_hands"], task["polarity"], task["low_contrast"], task["narrow"],
+                               task["dim"])[0].astype(np.float32)
+        x0, y0, x1, y1 = box or (0, 0, pixels.shape[1], pixels.shape[0])
+        inside = (slice(y0, y1 + 1), slice(x0, x1 + 1))
+        pixels = pixels.copy()
+        pixels[inside] = np.clip(without[inside] + contrast * (pixels[inside] - without[inside]) + 0.5, 0, 255)
     image = Image.fromarray(pixels, mode="L")
     if task["rgb"]:
         image = image.convert("RGB")
@@ -6743,17 +6756,36 @@ def _phantom_image_task(task: dict) -> dict:
     return {"box": box, "width": image.width, "height": image.height, **truth}
 
 
+def _abnormal_studies(n_studies: Sequence[int], split_of: Sequence[str], positive_rate: float,
+                      rng: np.random.Generator) -> set[tuple[int, int]]:
+    """Which (patient, study) slots are abnormal: in each split exactly round(positive_rate x its studies), drawn
+    at random, and at least one of each class in a split of 2+ studies (so every split's AUROC is defined)."""
+    abnormal = set()
+    for split in SPLITS:
+        slots = [(i, s) for i, n in enumerate(n_studies) if split_of[i] == split for s in range(1, n + 1)]
+        k = int(round(positive_rate * len(slots)))
+        if len(slots) >= 2 and 0 < positive_rate < 1:
+            k = min(max(k, 1), len(slots) - 1)
+        abnormal |= {slots[j] for j in rng.permutation(len(slots))[:k]}
+    return abnormal
+
+
 def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_rate: float,
-                  body_parts: Sequence[str], long_side: int) -> tuple[list[dict], list[dict]]:
+                  body_parts: Sequence[str], long_side: int, finding_kinds: Sequence[str] = PHANTOM_FINDINGS,
+                  finding_scale: float = 1.0, finding_contrast: float = 1.0) -> tuple[list[dict], list[dict]]:
     """Decide every patient, study, label, view and planted finding; return (studies, image tasks)."""
     rng = np.random.default_rng(seed)
     n_valid = max(1, int(round(n_patients * valid_fraction))) if n_patients > 1 else 0
     studies, tasks = [], []
     finger_bones = [f"{f}_{p}" for f in FINGERS[1:] for p in ("proximal", "middle")] + ["thumb_proximal"]
     large_bones = ["index_metacarpal", "middle_metacarpal", "ring_metacarpal", "little_metacarpal", "radius"]
-    split_labels = {split: set() for split in SPLITS}
+    split_of = ["valid" if i >= n_patients - n_valid else "train" for i in range(n_patients)]
+    plan_rng = np.random.default_rng([seed, 1])  # studies and labels first: each split's abnormal share is exact
+    n_studies_of = plan_rng.choice([1, 2, 3], size=n_patients, p=[0.75, 0.18, 0.07]).tolist()
+    abnormal = _abnormal_studies(n_studies_of, split_of, positive_rate, plan_rng)
+    mix = np.array([PHANTOM_FINDING_MIX[k] for k in finding_kinds])
     for i in range(n_patients):
-        split = "valid" if i >= n_patients - n_valid else "train"
+        split = split_of[i]
         patient = f"patient{i + 1:05d}" if split == "train" else f"patient{11185 + i:05d}"
         body_part = body_parts[(i if split == "train" else i - (n_patients - n_valid)) % len(body_parts)]
         anatomy = {
@@ -6761,23 +6793,21 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
             "lengths": {f: rng.uniform(0.94, 1.06) for f in FINGERS},
         }
         ring = str(rng.choice(["ring", "middle", "little"])) if rng.random() < 0.2 else None
-        n_studies = int(rng.choice([1, 2, 3], p=[0.75, 0.18, 0.07]))
-        for s in range(1, n_studies + 1):
-            label = int(rng.random() < positive_rate)
-            last_of_split = s == n_studies and i in (n_patients - n_valid - 1, n_patients - 1)
-            if last_of_split and len(split_labels[split]) == 1 and 0 < positive_rate < 1:
-                label = 1 - next(iter(split_labels[split]))  # a split of 2+ studies always holds both classes
-            split_labels[split].add(label)
+        for s in range(1, n_studies_of[i] + 1):
+            label = int((i, s) in abnormal)
             n_views = int(rng.choice([1, 2, 3, 4, 5], p=[0.03, 0.22, 0.68, 0.05, 0.02]))
             finding = None
             if label:
-                kind = str(rng.choice(["fracture", "hardware", "lesion"], p=[0.45, 0.3, 0.25]))
+                kind = str(rng.choice(list(finding_kinds), p=mix / mix.sum()))
                 bone = str(rng.choice(finger_bones + large_bones,  # half of the findings on the larger bones
                                       p=[0.5 / len(finger_bones)] * len(finger_bones) + [0.1] * len(large_bones)))
                 finding = {
-                    "kind": kind, "bone": bone, "t": rng.uniform(0.3, 0.7), "tilt": rng.uniform(-35, 35),
+                    "kind": kind, "bone": bone,
+                    "t": rng.uniform(0.7, 0.9) if bone == "radius" else rng.uniform(0.3, 0.7),  # the distal radius
+                    "tilt": rng.uniform(-35, 35),
                     "displacement": rng.uniform(1.2, 2.0) * rng.choice([-1, 1]), "size": rng.uniform(1.6, 2.2),
                     "hardware": str(rng.choice(["plate", "wires"], p=[0.6, 0.4])), "screws": int(rng.integers(2, 5)),
+                    "scale": finding_scale, "contrast": finding_contrast,
                 }
                 shows = rng.random(n_views) < 0.8
                 shows[rng.integers(n_views)] = True  # at least one view shows it
@@ -6812,26 +6842,40 @@ def make_phantom_mura(
     image_size: int = 512,
     workers: int | None = None,
     progress: bool = True,
+    finding_kinds: Sequence[str] = PHANTOM_FINDINGS,
+    finding_scale: float = 1.0,
+    finding_contrast: float = 1.0,
 ) -> Path:
     """Write a synthetic hand-radiograph dataset in MURA-v1.1's exact layout under `root`; return its path.
 
-    Same arguments, same bytes. Besides the four official CSVs it writes `phantom_findings.csv`: one row
-    per view that shows a planted abnormality (fracture, hardware or lesion) with its box in pixels, and the
-    per-view truth (`phantom_truth.csv` and one hand-mask PNG per view under `phantom_truth/`; see
-    load_phantom_truth).
+    Same arguments, same bytes. Each split holds exactly round(positive_rate x its studies) abnormal studies (at
+    least one of each class in a split of 2+ studies). An abnormal study shows one planted finding, of a kind drawn
+    from `finding_kinds` (fracture, hardware, lesion; PHANTOM_FINDING_MIX's shares), in most of its views;
+    `finding_scale` multiplies its size (the fracture's gap and displacement, the lesion's diameter, the metal's
+    width) and `finding_contrast` (0-1] its difference from the same view without it. Besides the four official
+    CSVs it writes `phantom_findings.csv`: one row per view that shows a planted abnormality with its box in
+    pixels, and the per-view truth (`phantom_truth.csv` and one hand-mask PNG per view under `phantom_truth/`;
+    see load_phantom_truth).
     """
 
     unknown = [p for p in body_parts if p not in BODY_PARTS]
     if unknown:
         raise MuraDataError(f"unknown body part(s) {unknown}: choose from {list(BODY_PARTS)}")
+    if not finding_kinds or set(finding_kinds) - set(PHANTOM_FINDINGS):
+        raise ValueError(f"finding_kinds must be some of {PHANTOM_FINDINGS}, got {finding_kinds!r}")
+    if not finding_scale > 0 or not 0 < finding_contrast <= 1:
+        raise ValueError(f"finding_scale must be > 0 and finding_contrast in (0, 1], got {finding_scale!r} and "
+                         f"{finding_contrast!r}")
     mura = Path(root) / MURA_DIRNAME
     if mura.exists():
         _remove_own_phantom(mura)  # only a phantom this code made; anything else is refused, never overwritten
     settings = {"made_by": PHANTOM_MADE_BY, "version": PHANTOM_VERSION, "n_patients": n_patients, "seed": seed,
                 "valid_fraction": valid_fraction, "positive_rate": positive_rate, "body_parts": list(body_parts),
-                "image_size": image_size}
+                "image_size": image_size, "finding_kinds": list(finding_kinds), "finding_scale": finding_scale,
+                "finding_contrast": finding_contrast}
     _write_json_atomic({**settings, "complete": False}, mura / PHANTOM_MANIFEST)  # marks the folder as ours
-    studies, tasks = _plan_phantom(n_patients, seed, valid_fraction, positive_rate, body_parts, image_size)
+    studies, tasks = _plan_phantom(n_patients, seed, valid_fraction, positive_rate, body_parts, image_size,
+                                   finding_kinds, finding_scale, finding_contrast)
     for t in tasks:
         t["path"] = str(mura.joinpath(*t["key"], t["image"]))
         t["mask_path"] = str(mura / _truth_mask_name(t["key"], t["image"]))
@@ -6875,7 +6919,8 @@ def ensure_phantom(root: str | os.PathLike = "data/phantom", **kwargs) -> Path:
     mura = Path(root) / MURA_DIRNAME
     params = inspect.signature(make_phantom_mura).parameters
     settings = {k: kwargs.get(k, params[k].default) for k in _PHANTOM_SETTINGS}
-    settings = {"version": PHANTOM_VERSION, **settings, "body_parts": list(settings["body_parts"])}
+    settings = {"version": PHANTOM_VERSION, **settings, "body_parts": list(settings["body_parts"]),
+                "finding_kinds": list(settings["finding_kinds"])}
     made = _phantom_manifest(mura)
     if made is not None and made.get("complete", True) and {k: made.get(k) for k in settings} == settings:
         return mura
