@@ -21,6 +21,8 @@ Reads top to bottom as the pipeline does; each section opens with a `# ----- nam
                             GANs -> their networks ("paper" recipe) -> recipes and AnomalyConfig -> training,
                             scores, heatmaps, the grid -> plots
   phantom                   a synthetic MURA in MURA's exact layout, with per-view truth (a data source: last)
+  learning controls         checks that can fail: supervised_control (learns; permuted labels do not),
+                            unsupervised_control (a CAE scores hardware above normal views)
   command line              python -m mura_helpers train | train-anomaly --config run.json (torchrun-ready)
 
 Where to change what:
@@ -7056,6 +7058,153 @@ def phantom_boxes(data_dir: str | os.PathLike) -> pd.DataFrame | None:
     """The phantom's ground truth when the dataset is a phantom; None for real MURA (which has no boxes)."""
     root = find_mura_root(data_dir)
     return load_phantom_findings(root) if (root / PHANTOM_FINDINGS_CSV).is_file() else None
+
+
+# ---------------------------------------------------------------- learning controls: checks that can fail
+
+def permuted_labels_copy(data_dir: str | os.PathLike, dest: str | os.PathLike, seed: int = 0,
+                         split: str = "train") -> Path:
+    """A copy of a MURA folder (images hard-linked where the file system allows) whose `split` studies carry
+    labels permuted by patient: each patient takes the study labels of another patient with as many studies
+    (seeded), so the split's abnormal share and every patient's study count stay. A negative control: a model
+    trained on it has nothing to learn that holds on the other split."""
+    root = find_mura_root(data_dir)
+    mura = Path(dest) / MURA_DIRNAME
+    if mura.exists():
+        raise MuraDataError(f"{mura}: already exists; choose an empty dest for the permuted copy")
+    rng = np.random.default_rng(seed)
+    new_suffix = {}
+    for part in BODY_PARTS:
+        studies = load_studies(root, split, part, verify_images=False) if (root / split / part).is_dir() else None
+        if studies is None or studies.empty:
+            continue
+        by_patient = studies.groupby("patient", sort=True)
+        patients = pd.DataFrame({"labels": by_patient["label"].apply(list), "study_paths": by_patient["study_path"]
+                                 .apply(list)})
+        for _, group in patients.groupby(patients["labels"].str.len(), sort=True):
+            donors = group["labels"].to_numpy()[rng.permutation(len(group))]
+            for paths, labels in zip(group["study_paths"], donors):
+                new_suffix.update({_relative_key(path)[:4]: "positive" if label else "negative"
+                                   for path, label in zip(paths, labels)})
+
+    def renamed(relative: str) -> str:  # a CSV's path with the study folder's suffix changed
+        key = _relative_key(relative)
+        if key[:4] not in new_suffix:
+            return relative
+        name = STUDY_DIR_RE.sub(lambda m: f"study{m.group(1)}_{new_suffix[key[:4]]}", key[3])
+        return "/".join((MURA_DIRNAME, *key[:3], name, *key[4:])) + ("/" if relative.endswith("/") else "")
+
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.parts[len(root.parts)] in SPLITS):
+        target = mura / renamed("/".join((MURA_DIRNAME, *path.relative_to(root).parts))).split("/", 1)[1]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+    for s in SPLITS:
+        for kind in ("labeled_studies", "image_paths"):
+            csv = root / f"{s}_{kind}.csv"
+            if not csv.is_file():
+                continue
+            lines = []
+            for line in csv.read_text().splitlines():
+                path, *rest = line.split(",")
+                new = renamed(path) if path.strip() else path
+                if rest and new != path:  # a labelled study: its label follows its folder's suffix
+                    rest = [str(LABEL_OF_SUFFIX[STUDY_DIR_RE.match(_relative_key(new)[3]).group(2)])]
+                lines.append(",".join([new, *rest]))
+            (mura / csv.name).write_text("".join(line + "\n" for line in lines))
+    return mura
+
+
+def learning_verdict(headline: pd.DataFrame) -> tuple[bool, str]:
+    """Whether the model of a headline_table learned: its test AUROC's 95% interval above chance (0.5) and above
+    every model-free floor's test AUROC (phantom; max(AUROC, 1 - AUROC)); with the one line that says so or not."""
+    auroc = headline.loc["auroc"]
+    floors = {name.split(": ", 1)[1]: max(row["test"], 1 - row["test"]) for name, row in headline.iterrows()
+              if name.startswith("auroc, no model: ")}  # a floor below 0.5 runs the other way: as good turned
+    floor_name, floor = max(floors.items(), key=lambda kv: kv[1]) if floors else (None, 0.5)
+    bar = max(0.5, floor)
+    shown = f"test AUROC {auroc['test']:.3f} [{auroc['test_ci_low']:.3f}, {auroc['test_ci_high']:.3f}]"
+    against = "chance (0.5)" + (f" and the model-free floor ({floor_name}: {floor:.3f})" if floor_name else "")
+    if auroc["test_ci_low"] > bar:
+        return True, f"LEARNED: {shown}; its 95% interval lies above {against}."
+    return False, (f"NOT SHOWN TO LEARN: {shown}; its 95% interval does not clear {against}, so these "
+                   f"numbers are no better than a model-blind rule")
+
+
+# The supervised control: a phantom whose only finding is enlarged hardware, half of each split abnormal (the
+# test: 30% of the patients, 20 abnormal studies of 39), a from-scratch DenseNet-121 at 32 px, a quarter of the
+# training patients for selection; settings measured on a 2-core CPU (tests/test_learning.py says why each)
+SUPERVISED_CONTROL = {
+    "phantom": {"n_patients": 100, "seed": 0, "image_size": 128, "valid_fraction": 0.3, "positive_rate": 0.5,
+                "finding_kinds": ("hardware",), "finding_scale": 3.0},
+    "train": {"arch": "densenet121", "image_size": 32, "epochs": 5, "lr": 1e-3, "batch_size": 16,
+              "tune_fraction": 0.25, "pretrained": False},
+    "min_auroc": 0.90, "max_permuted_auroc": 0.65,
+}
+
+
+def supervised_control(workdir: str | os.PathLike, permuted: bool = False, seed: int = 0, progress: bool = False,
+                       **overrides) -> dict:
+    """Run the supervised learning control in `workdir` through the suite's own path: the control phantom
+    (SUPERVISED_CONTROL) -> train -> predict_studies on MURA's validation split (the test) -> study_metrics; with
+    `permuted`, the same run on a copy whose training labels are permuted by patient (permuted_labels_copy, seeded
+    by `seed`). `overrides`: TrainConfig fields. Returns the test AUROC, its 95% interval (by patient), the test's
+    study counts, the run's history and its folder."""
+    workdir = Path(workdir)
+    root = ensure_phantom(workdir / "phantom", progress=progress, **SUPERVISED_CONTROL["phantom"])
+    name = f"{'permuted' if permuted else 'labels'}_seed{seed}"
+    if permuted:
+        shutil.rmtree(workdir / name, ignore_errors=True)
+        root = permuted_labels_copy(root, workdir / name, seed)
+    cfg = TrainConfig(**{"data_dir": str(root), "output_dir": str(workdir / "runs" / name),
+                         "cache_dir": str(workdir / "cache"), "num_workers": 0, "keep_top_k": 0, "seed": seed,
+                         **SUPERVISED_CONTROL["train"], **overrides})
+    history = train(cfg, progress=progress)
+    test = run_studies(cfg)["test"]
+    model, _ = load_checkpoint(Path(cfg.output_dir) / "checkpoints" / "best.pt")
+    preds = predict_studies(model, test, cfg.image_size, cfg.resize, cfg.cache_dir, device=cfg.device)
+    preds = preds.merge(test[["study_path", "patient"]], on="study_path")
+    low, high = auroc_interval(preds["label"], preds["prob"], patients=preds["patient"])
+    return {"test_auroc": study_metrics(preds["label"], preds["prob"])["auroc"], "ci_low": low, "ci_high": high,
+            "test_studies": len(preds), "test_abnormal": int(preds["label"].sum()), "permuted": permuted,
+            "seed": seed, "history": history, "run_dir": cfg.output_dir}
+
+
+# The unsupervised control: a phantom whose only finding is enlarged hardware, a quarter of the studies abnormal
+# (the paper's split needs more normal-only patients than others), the suite's CAE at 64 px; its views that show
+# the hardware against the normal studies' views of its test subset (tests/test_learning.py says why each)
+UNSUPERVISED_CONTROL = {
+    "phantom": {"n_patients": 90, "seed": 0, "image_size": 128, "valid_fraction": 0.05, "positive_rate": 0.25,
+                "finding_kinds": ("hardware",), "finding_scale": 2.0},
+    "train": {"model": "cae", "recipe": "suite", "variant": "full+HE", "image_size": 64, "epochs": 8,
+              "batch_size": 16},
+    "score": "mse_top200", "min_auroc": 0.90,
+}
+
+
+def unsupervised_control(workdir: str | os.PathLike, seed: int = 0, progress: bool = False, **overrides) -> dict:
+    """Run the unsupervised learning control in `workdir`: the suite's CAE trained (train_anomaly) on the normal
+    views of the control phantom (UNSUPERVISED_CONTROL), then every score of its best.pt on the test subset, as
+    image-level AUROCs of the views that show the hardware against the normal studies' views. `overrides`:
+    AnomalyConfig fields. Returns {score: AUROC}, the view counts, the run's history and its folder."""
+    workdir = Path(workdir)
+    root = ensure_phantom(workdir / "phantom", progress=progress, **UNSUPERVISED_CONTROL["phantom"])
+    cfg = AnomalyConfig(**{"data_dir": str(root), "output_dir": str(workdir / "runs" / f"cae_seed{seed}"),
+                           "cache_dir": str(workdir / "cache"), "num_workers": 0, "seed": seed,
+                           **UNSUPERVISED_CONTROL["train"], **overrides})
+    history = train_anomaly(cfg, progress=progress)
+    data = prepare_anomaly_data(cfg, progress=False)
+    model, _ = load_anomaly_model(Path(cfg.output_dir) / "checkpoints" / "best.pt")
+    test = data["images"][data["images"]["subset"] == "test"]
+    scores = evaluate_anomaly(model, data["cache"], test, cfg, resolve_device(cfg.device))
+    shows = scores["image_path"].isin(set(load_phantom_findings(root)["image_file"]))
+    views = scores[shows | (scores["label"] == 0)]
+    names = [c for c in views.columns if c not in SCORE_ID_COLUMNS]
+    return {"image_auroc": {n: float(roc_auc_score(shows[views.index], views[n])) for n in names},
+            "hardware_views": int(shows.sum()), "normal_views": int((scores["label"] == 0).sum()),
+            "history": history, "run_dir": cfg.output_dir}
 
 
 # ---------------------------------------------------------------- command line: python -m mura_helpers
