@@ -10,13 +10,13 @@ import mura_helpers as mh
 
 # ---------------------------------------------------------------- the anomaly scores' direction
 
-# The autoencoders learn what a normal view looks like from varied views within a few steps; a GAN's discriminator
-# needs about 100 steps on one normal view before it tells an implant from it (measured at 16 px: after 36 steps
-# the suite's three discriminators called the implanted view the more normal one in 8 of 8 views, after 96 steps
-# the less normal one in 8 of 8, both recipes)
-DIRECTION_SETUPS = {"autoencoder": {"size": 32, "views": 48, "epochs": 6},  # 36 steps of batch 8
-                    "gan": {"size": 16, "views": 8, "epochs": 96}}  # 96 steps on copies of one normal view
-GAN_DISCRIMINATOR_SCORES = ("disc", "code_disc", "c+d")
+# The autoencoders learn what a normal view looks like from varied views within a few steps (36 steps of batch 8
+# at 32 px). The GANs are left out: a discriminator needs about 100 steps before it tells an implant from a normal
+# view (measured at 16 px: after 36 steps the suite's three called the implanted view the more normal one in 8 of 8
+# views, after 96 the less normal one in 8 of 8), and one step of their networks (11-28 million parameters even
+# at 16 px) takes 0.7-1.3 s on a 2-core CPU: 7-13 minutes a GAN, far over CI's budget. test_anomaly.py checks
+# that each discriminator learns to call noise abnormal
+DIRECTION_SETUP = {"size": 32, "views": 48, "epochs": 6}
 # (recipe, model, score) -> why it fails: the paper recipe keeps the authors' per-image min-max scaling (their
 # MinMaxNormalization, minmax=True): a bright implant becomes the view's maximum and darkens the rest of it, so
 # the reconstruction errors fall. Measured after the paper networks of issue 23 (8 views, same steps): with
@@ -54,15 +54,12 @@ def _with_implant(views: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return planted
 
 
-def _implant_cache(folder, setup: dict) -> tuple[mh.AnomalyCache, pd.DataFrame]:
+def _implant_cache(folder) -> tuple[mh.AnomalyCache, pd.DataFrame]:
     """An anomaly cache of normal training views, 8 normal test views and the same 8 with an implant."""
     rng = np.random.default_rng(0)
-    train_views, train_masks = _synthetic_hands(setup["views"], setup["size"], rng)
-    if setup["views"] < 48:  # the GANs: copies of one normal view, trained on and tested on
-        train_views, train_masks = np.repeat(train_views[:1], 48, 0), np.repeat(train_masks[:1], 48, 0)
-        test_views, test_masks = train_views[:8], train_masks[:8]
-    else:
-        test_views, test_masks = _synthetic_hands(8, setup["size"], rng)
+    size = DIRECTION_SETUP["size"]
+    train_views, train_masks = _synthetic_hands(DIRECTION_SETUP["views"], size, rng)
+    test_views, test_masks = _synthetic_hands(8, size, rng)
     views = np.concatenate([train_views, test_views, _with_implant(test_views, test_masks)])
     masks = np.concatenate([train_masks, test_masks, test_masks])
     np.save(folder / "images.npy", views)
@@ -72,25 +69,21 @@ def _implant_cache(folder, setup: dict) -> tuple[mh.AnomalyCache, pd.DataFrame]:
     n_train = len(train_views)
     images = pd.DataFrame({"image_path": paths, "study_path": paths, "patient": paths,
                            "label": [0] * (n_train + 8) + [1] * 8, "subset": ["train"] * n_train + ["test"] * 16})
-    return mh.AnomalyCache(folder, paths, mh.PreprocessConfig(size=setup["size"])), images
+    return mh.AnomalyCache(folder, paths, mh.PreprocessConfig(size=size)), images
 
 
 @pytest.fixture(scope="module")
 def direction_scores(tmp_path_factory):
     """Per (recipe, model): every score of the plain and the implanted test views, after a few training steps of
-    the training loop itself (train_anomaly_one_epoch: the recipe's loss and augmentation but for the GANs' flips
-    and rotations, which one view would not survive) and the scoring itself (evaluate_anomaly)."""
+    the training loop itself (train_anomaly_one_epoch: the recipe's loss and augmentation) and the scoring itself
+    (evaluate_anomaly)."""
     trained = {}
 
     def scores(recipe: str, model: str) -> pd.DataFrame:
         if (recipe, model) not in trained:
-            kind = "gan" if model in mh.GAN_MODELS else "autoencoder"
-            setup = DIRECTION_SETUPS[kind]
-            cache, images = _implant_cache(tmp_path_factory.mktemp(f"{recipe}_{model}"), setup)
-            still = {"hflip": False, "vflip": False, "rotation_degrees": 0.0, "scale_range": (1.0, 1.0)}
-            cfg = mh.AnomalyConfig(model=model, recipe=recipe, image_size=setup["size"], batch_size=8,
-                                   epochs=setup["epochs"], num_workers=0, device="cpu", amp="off",
-                                   **({"gan_latent": 16, **still} if kind == "gan" else {}))
+            cache, images = _implant_cache(tmp_path_factory.mktemp(f"{recipe}_{model}"))
+            cfg = mh.AnomalyConfig(model=model, recipe=recipe, image_size=DIRECTION_SETUP["size"], batch_size=8,
+                                   epochs=DIRECTION_SETUP["epochs"], num_workers=0, device="cpu", amp="off")
             torch.manual_seed(0)
             device = torch.device("cpu")
             net = mh.anomaly_model_for(cfg)
@@ -108,20 +101,18 @@ def direction_scores(tmp_path_factory):
 
 
 def _direction_case(recipe: str, model: str, score: str):
-    """One parametrized case: the GANs' (slow: about 100 steps each), and those known to fail (xfail, strict)."""
-    marks = [pytest.mark.slow] if model in mh.GAN_MODELS else []
+    """One parametrized case; those known to fail are strict xfails."""
+    marks = []
     if (recipe, model, score) in DIRECTION_XFAIL:
         marks.append(pytest.mark.xfail(strict=True, reason=DIRECTION_XFAIL[recipe, model, score]))
     return pytest.param(recipe, model, score, marks=marks, id=f"{recipe}-{model}-{score}")
 
 
-# every score of every model of every recipe, but the GANs' reconstruction scores: after a few steps their
-# G(E(x)) is no reconstruction yet (measured: alpha-GAN's over-brightens the bone, so an implant there lowered
-# the masked MSE in 8 of 8 views after 96 steps; after 198 it raised the MSE and lowered the L1); they are
-# computed by reconstruction_scores, the code the autoencoders' cases check
+# every score of the autoencoders of every recipe (the GANs' reconstruction scores are computed by the same
+# reconstruction_scores)
 DIRECTION_CASES = [_direction_case(recipe, model, score) for recipe in mh.ANOMALY_RECIPES
-                   for model in mh.ANOMALY_MODELS for score in mh.anomaly_score_names(model)
-                   if model not in mh.GAN_MODELS or score in GAN_DISCRIMINATOR_SCORES]
+                   for model in mh.ANOMALY_MODELS if model not in mh.GAN_MODELS
+                   for score in mh.anomaly_score_names(model)]
 
 
 @pytest.mark.parametrize("recipe, model, score", DIRECTION_CASES)
@@ -148,6 +139,7 @@ def test_permuted_labels_copy_keeps_each_patients_studies_and_the_abnormal_share
     assert again["label"].tolist() == after["label"].tolist()  # seeded
 
 
+@pytest.mark.slow  # about a minute: two training runs
 def test_supervised_control_learns_and_permuted_labels_do_not(tmp_path):
     """The suite's own path (make_phantom_mura -> train -> predict_studies -> study_metrics on MURA's validation
     split as the test) must learn a visible finding, and must not from the same views with the training labels
@@ -165,20 +157,6 @@ def test_supervised_control_learns_and_permuted_labels_do_not(tmp_path):
     assert learnt["test_abnormal"] >= 20 and learnt["test_studies"] - learnt["test_abnormal"] >= 15
     assert learnt["test_auroc"] >= mh.SUPERVISED_CONTROL["min_auroc"], learnt
     assert permuted["test_auroc"] <= mh.SUPERVISED_CONTROL["max_permuted_auroc"], permuted
-
-
-# ---------------------------------------------------------------- the unsupervised control
-
-
-def test_unsupervised_control_scores_hardware_above_normal_views(tmp_path):
-    """The suite's CAE (recipe "suite"), trained by train_anomaly on the normal views of a control phantom (mh.
-    UNSUPERVISED_CONTROL: hardware only, at finding_scale 2), must score the test views that show the hardware
-    above the normal studies' views (image level), through the preprocessing (full+HE at 64 px), the paper's
-    split by patient, best.pt and evaluate_anomaly."""
-    result = mh.unsupervised_control(tmp_path)
-    assert result["hardware_views"] >= 20 and result["normal_views"] >= 20
-    score = mh.UNSUPERVISED_CONTROL["score"]
-    assert result["image_auroc"][score] >= mh.UNSUPERVISED_CONTROL["min_auroc"], result["image_auroc"]
 
 
 def test_learning_verdict_needs_the_interval_above_chance_and_the_floor():
