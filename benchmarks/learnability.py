@@ -2,11 +2,15 @@
 
 Trains `mura_helpers.train` (pretrained=False, the default tuning split selects best.pt) on a phantom folder, then
 scores best.pt once on MURA's validation split (the test) with study-level AUROC and a 95% interval resampled by
-patient, beside the per-epoch tuning and test AUROC. Run it with the same settings on two phantom versions to
-compare them (make the older version's folder with that version's mura_helpers). Writes <out>/learnability.json.
+patient, overall and per finding kind (fracture, hardware, lesion: that kind's abnormal studies against every
+normal one), beside the per-epoch tuning and test AUROC. Without --data-dir it makes this version's phantom with
+the given finding settings (--kinds, --scale, --contrast) and split (--valid-fraction, --positive-rate). Run it
+with the same settings on two phantom versions to compare them (make the older version's folder with that
+version's mura_helpers). Writes <out>/learnability.json.
 
-  python benchmarks/learnability.py --out outputs/learnability_v3 --patients 300 --size 160 --epochs 16
-  python benchmarks/learnability.py --data-dir /path/to/phantom_v2 --out outputs/learnability_v2 ...
+  python benchmarks/learnability.py --out outputs/learnability_v4 --patients 300 --size 128 --epochs 10
+  python benchmarks/learnability.py --out outputs/learn_s1 --scale 1.0 --valid-fraction 0.3 ...
+  python benchmarks/learnability.py --data-dir /path/to/phantom_v3 --out outputs/learnability_v3 ...
 """
 
 import argparse
@@ -28,22 +32,34 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", required=True, help="folder for the run, its cache and learnability.json")
     ap.add_argument("--data-dir", help="an existing phantom (or MURA) folder; default: make this version's phantom")
     ap.add_argument("--patients", type=int, default=300, help="patients of the phantom made without --data-dir")
+    ap.add_argument("--phantom-size", type=int, default=512, help="the made phantom's long side in pixels")
+    ap.add_argument("--phantom-seed", type=int, default=0)
+    ap.add_argument("--valid-fraction", type=float, default=0.15, help="the made phantom's share of test patients")
+    ap.add_argument("--positive-rate", type=float, default=0.26, help="the made phantom's share of abnormal studies")
+    ap.add_argument("--kinds", default=",".join(mh.PHANTOM_FINDINGS), help="the made phantom's finding kinds")
+    ap.add_argument("--scale", type=float, default=None, help="finding_scale (default: the phantom's)")
+    ap.add_argument("--contrast", type=float, default=1.0, help="finding_contrast")
     ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--arch", default="densenet169", choices=mh.ARCHS)
+    ap.add_argument("--seed", type=int, default=0, help="the training seed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    findings = {"finding_kinds": tuple(args.kinds.split(",")), "finding_contrast": args.contrast,
+                **({} if args.scale is None else {"finding_scale": args.scale})}
     root = (mh.find_mura_root(args.data_dir) if args.data_dir else
-            mh.ensure_phantom(out / "phantom", n_patients=args.patients, seed=0, progress=False))
+            mh.ensure_phantom(out / "phantom", n_patients=args.patients, seed=args.phantom_seed,
+                              image_size=args.phantom_size, valid_fraction=args.valid_fraction,
+                              positive_rate=args.positive_rate, progress=False, **findings))
     cfg = mh.TrainConfig(data_dir=str(root), output_dir=str(out / "run"), cache_dir=str(out / "cache"),
                          image_size=args.size, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
-                         arch=args.arch, pretrained=False, num_workers=0, keep_top_k=0, seed=0)
+                         arch=args.arch, pretrained=False, num_workers=0, keep_top_k=0, seed=args.seed)
     history = mh.train(cfg, progress=False)
     trained_s = time.perf_counter() - started
     sets = mh.run_studies(cfg)
@@ -53,8 +69,24 @@ def main(argv=None) -> dict:
     auroc = mh.study_metrics(preds["label"], preds["prob"])["auroc"]  # NaN (with a warning) for one class
     lo, hi = mh.auroc_interval(preds["label"], preds["prob"], patients=preds["patient"])
     best_epoch = int(history.loc[history[cfg.select_metric].idxmin(), "epoch"])
+    boxes = mh.phantom_boxes(root)
+    by_kind = {}
+    if boxes is not None:  # each kind's abnormal studies against every normal one, with its interval by patient
+        kind_of = mh.findings_by_study(boxes)
+        kinds = [kind_of.get(mh._relative_key(p)) if label else None for p, label in zip(preds["study_path"],
+                                                                                          preds["label"])]
+        for kind in sorted({k for k in kinds if k}):
+            both = preds[[label == 0 or k == kind for label, k in zip(preds["label"], kinds)]]
+            lo_k, hi_k = mh.auroc_interval(both["label"], both["prob"], patients=both["patient"])
+            by_kind[kind] = {"auroc": round(float(mh.study_metrics(both["label"], both["prob"])["auroc"]), 3),
+                             "ci95_by_patient": [round(lo_k, 3), round(hi_k, 3)],
+                             "abnormal_studies": int(both["label"].sum())}
+    manifest = mh._phantom_manifest(root) or {}
     result = {
-        "phantom_version": (mh._phantom_manifest(root) or {}).get("version"),  # None: not a phantom
+        "phantom_version": manifest.get("version"),  # None: not a phantom
+        "phantom": {k: manifest.get(k) for k in ("n_patients", "seed", "image_size", "valid_fraction",
+                                                 "positive_rate", "finding_kinds", "finding_scale",
+                                                 "finding_contrast")},
         "data_dir": str(root), "arch": args.arch, "pretrained": False,
         "image_size": args.size, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "tune_fraction": cfg.tune_fraction, "select_metric": cfg.select_metric, "best_epoch": best_epoch,
@@ -62,10 +94,12 @@ def main(argv=None) -> dict:
         "test_studies": len(preds), "test_abnormal": int(preds["label"].sum()),
         "test_patients": int(preds["patient"].nunique()),
         "test_auroc_best": round(float(auroc), 3), "test_auroc_ci95_by_patient": [round(lo, 3), round(hi, 3)],
+        "test_auroc_by_kind": by_kind, "seed": args.seed,
         "tune_auroc_by_epoch": [round(float(v), 3) for v in history["tune_auroc"]],
         "test_auroc_by_epoch": [round(float(v), 3) for v in history["valid_auroc"]],
         "train_auroc_by_epoch": [round(float(v), 3) for v in history["train_auroc"]],
         "train_s": round(trained_s, 1), "total_s": round(time.perf_counter() - started, 1),
+        "cpu_s": round(time.process_time() - cpu_started, 1),
         "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
     }
     (out / "learnability.json").write_text(json.dumps(result, indent=2))

@@ -21,7 +21,7 @@ FIGURES = {
     "02_pipeline_check.ipynb": ["pipeline_raw_cached_augmented"],
     "03_training.ipynb": ["training_fig32_curves"],
     "04_results.ipynb": ["results_fig32_curves", "results_roc", "results_confusion", "results_headline",
-                         "results_confident_cases", "results_activation_maps"],
+                         "results_control_curves", "results_confident_cases", "results_activation_maps"],
     "05_predict.ipynb": ["predict_{name}"],
     "06_anomaly_detection.ipynb": ["anomaly_fig01_preprocessing_steps", "anomaly_suspect_masks", "anomaly_mask_iou",
                                    "anomaly_fig11_auroc_study", "anomaly_fig11_auroc_image", "anomaly_gan_samples",
@@ -210,8 +210,11 @@ def test_training_notebook_runs_headless_and_resumes(tiny_phantom, tmp_path):
 @pytest.mark.notebook
 def test_results_notebook_runs_headless_with_an_ensemble(tiny_run, tmp_path):
     run_notebook("04_results.ipynb", tmp_path, run_dir=str(tiny_run), output_dir=str(tmp_path), ensemble_k=2,
-                 n_boot=200, n_heatmaps=2, device="cpu")
+                 n_boot=200, n_heatmaps=2, device="cpu", show_control=False)  # (the control: test_learning.py)
     for name in FIGURES["04_results.ipynb"]:
+        if name == "results_control_curves":  # only when the control runs
+            assert not (tmp_path / "figures" / f"{name}.png").exists()
+            continue
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 5_000, name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(metrics["checkpoints"]) == 2
@@ -226,6 +229,7 @@ def test_results_notebook_runs_headless_with_an_ensemble(tiny_run, tmp_path):
     headline = metrics["headline"]  # tuning and test side by side, each beside its baseline; the floor (phantom)
     assert {"tune", "tune_baseline", "test", "test_baseline"} <= set(headline["accuracy"])
     assert headline["auroc"]["test_baseline"] == 0.5 and any(k.startswith("auroc, no model") for k in headline)
+    assert metrics["learning_verdict"].startswith("LEARNED" if metrics["learned"] else "NOT SHOWN TO LEARN")
     comparison = pd.read_csv(tmp_path / "results_comparison.csv")
     assert comparison["baseline"].notna().all() and (comparison["value"] == 0.611).any()
 
