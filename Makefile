@@ -71,7 +71,7 @@ $(COLAB_VENV)/.installed: colab-pins.txt requirements.txt
 	touch $@
 
 colab-url: $(VENV)/.installed
-	$(BIN)/python tools/stamp_colab_url.py
+	$(BIN)/python -m mura_helpers colab-url
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/train_throughput.py

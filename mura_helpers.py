@@ -21,7 +21,8 @@ Reads top to bottom as the pipeline does; each section opens with a `# ----- nam
                             GANs -> their networks ("paper" recipe) -> recipes and AnomalyConfig -> training,
                             scores, heatmaps, the grid -> plots
   phantom                   a synthetic MURA in MURA's exact layout, with per-view truth (a data source: last)
-  command line              python -m mura_helpers train | train-anomaly --config run.json (torchrun-ready)
+  command line              python -m mura_helpers train | train-anomaly --config run.json (torchrun-ready);
+                            colab-url (maintainers: the repository URL into the notebooks' setup cells)
 
 Where to change what:
   a setting        a field of RunConfig (both paths), TrainConfig or AnomalyConfig, and the notebook's
@@ -7015,14 +7016,50 @@ def phantom_boxes(data_dir: str | os.PathLike) -> pd.DataFrame | None:
 
 # ---------------------------------------------------------------- command line: python -m mura_helpers
 
+_REPO_URL_LINE = re.compile(r"^REPO_URL = .*$", re.MULTILINE)  # the setup cell's form field
+
+
+def _repository_url(root: Path) -> str:
+    """The git URL in pyproject.toml's [project.urls] Repository ("" while it is not set); needs Python 3.11+."""
+    import tomllib
+
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    return project.get("urls", {}).get("Repository", "")
+
+
+def _stamp_colab_url(root: Path) -> list[Path]:
+    """Set REPO_URL in each notebook's setup cell (its first code cell) to _repository_url(root), so a notebook
+    opened from GitHub in Colab clones this repository; return the notebooks that changed."""
+    import nbformat
+
+    line = f'REPO_URL = {json.dumps(_repository_url(root))}  # @param {{type:"string"}}'
+    changed = []
+    for path in sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        setup = next(c for c in nb.cells if c.cell_type == "code")
+        source, found = _REPO_URL_LINE.subn(lambda _: line, setup.source)
+        if found != 1:
+            raise SystemExit(f"{path}: its setup cell has {found} REPO_URL lines, not one")
+        if source != setup.source:
+            setup.source = source
+            nbformat.write(nb, path)
+            changed.append(path)
+    return changed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m mura_helpers train --config run.json`: train the run a JSON TrainConfig describes (a run's own
     config.json resumes it); `train-anomaly` the same for an AnomalyConfig (an autoencoder or a GAN); under
-    `torchrun --nproc_per_node=N` it trains on N processes (the GANs: one)."""
+    `torchrun --nproc_per_node=N` it trains on N processes (the GANs: one). `colab-url` (maintainers, `make
+    colab-url`) writes pyproject.toml's [project.urls] Repository into the notebooks' setup cells."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mura_helpers", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    stamper = commands.add_parser("colab-url", help="write pyproject.toml's repository URL into the notebooks' "
+                                                    "setup cells (their REPO_URL field, which Colab shows)")
+    stamper.add_argument("--root", type=Path, default=Path(__file__).resolve().parent,
+                         help="the repository (default: this module's folder)")
     runners = {"train": (TrainConfig, train, "train (or resume) the supervised DenseNet of a TrainConfig"),
                "train-anomaly": (AnomalyConfig, train_anomaly, "train (or resume) the unsupervised model of an "
                                                                "AnomalyConfig")}
@@ -7031,6 +7068,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer.add_argument("--config", required=True, help=f"a JSON object of {config_class.__name__} fields")
         trainer.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
     args = parser.parse_args(argv)
+    if args.command == "colab-url":
+        changed = _stamp_colab_url(args.root)
+        print(f"REPO_URL = {_repository_url(args.root)!r} in the setup cells; changed: "
+              f"{', '.join(p.name for p in changed) or 'none'}")
+        return 0
     config_class, runner, _ = runners[args.command]
     path = Path(args.config)
     try:
