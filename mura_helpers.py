@@ -7,11 +7,11 @@ Reads top to bottom as the pipeline does; each section opens with a `# ----- nam
                             find_mura_root, load_studies, prepare_local_copy, resolve_data_dir
   images & cache            decode and resize once into a uint8 cache on disk: build_image_cache, epoch_batches
   augmentation              on the device, per sample: gpu_augment and prepare_batch (supervised views),
-                            augment_views_and_masks (the unsupervised path's views and masks alike)
+                            _augment_views_and_masks (the unsupervised path's views and masks alike)
   model & loss              build_model (torchvision DenseNet), the paper's weighted BCE, per study type
-  training: settings        RunConfig (what both paths share) -> TrainConfig; TRAIN_PRESETS; config_from (notebooks)
-  training: devices         resolve_device, amp_dtype, setup_distributed (torchrun: NCCL or gloo)
-  training: checkpoints     save_atomic/load_state (digests), resume, run folders, run_lock
+  training: settings        RunConfig (what both paths share) -> TrainConfig; _TRAIN_PRESETS; config_from (notebooks)
+  training: devices         resolve_device, amp_dtype, _setup_distributed (torchrun: NCCL or gloo)
+  training: checkpoints     save_atomic/_load_state (digests), resume, run folders, run_lock
   training: one epoch ...   train_one_epoch, evaluate_views, tuning_split, train, launch_training, ensembles
   evaluation & metrics      study_metrics, bootstrap intervals by patient, baselines, comparison tables
   heatmaps                  class activation maps and their localisation on the phantom's truth
@@ -28,10 +28,10 @@ Where to change what:
   a setting        a field of RunConfig (both paths), TrainConfig or AnomalyConfig, and the notebook's
                    parameters cell under the same name (config_from picks it up); a field that may change when a
                    run resumes is made with _free(...), every other one must match (must_match_on_resume)
-  a preset         TRAIN_PRESETS (supervised); ANOMALY_RECIPES and RECIPE_REASONS (unsupervised)
+  a preset         _TRAIN_PRESETS (supervised); ANOMALY_RECIPES and RECIPE_REASONS (unsupervised)
   the loss         weighted_bce_with_logits / study_weighted_bce (supervised); masked_mse, autoencoder_loss,
                    gan_step, paper_gan_step (unsupervised); the views' range and mask: anomaly_inputs
-  the augmentation gpu_augment (both paths), prepare_batch (supervised), augment_views_and_masks (unsupervised)
+  the augmentation gpu_augment (both paths), prepare_batch (supervised), _augment_views_and_masks (unsupervised)
   the model        build_model (ARCHS); build_anomaly_model and ARCHITECTURES
   a metric         study_metrics and bootstrap_metrics (CI_METRICS); anomaly_metrics, reconstruction_scores
   a figure         its plot_* function (plots, or anomaly detection: plots); save_figure names the file
@@ -91,6 +91,76 @@ from sklearn.metrics import average_precision_score, cohen_kappa_score, confusio
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+__all__ = [  # the public API, in the module's section order (tests/test_notebooks.py keeps it complete)
+    # data: MURA layout, CSVs, validation; data sources
+    "BODY_PARTS", "SPLITS", "MURA_DIRNAME", "STUDY_DIR_RE", "PATIENT_DIR_RE", "MIN_VIEW_SIDE", "MuraDataError",
+    "find_mura_root", "load_studies", "data_problems", "load_all_studies", "studies_to_images", "load_image",
+    "DRIVE_DIR", "LOCAL_DATA_DIR", "LOCAL_COPY_MARK", "prepare_local_copy", "resolve_data_dir", "config_data_root",
+    # images & cache: decode and resize once, uint8 on disk
+    "resize_view", "build_image_cache", "epoch_batches",
+    # augmentation: on the device, per sample, both paths
+    "IMAGENET_MEAN", "IMAGENET_STD", "gpu_augment", "prepare_batch",
+    # model & loss
+    "build_model", "class_weights", "class_weights_by_type", "view_loss_weights", "weighted_bce_with_logits",
+    "study_weighted_bce",
+    # training: settings (validated configs, presets)
+    "SELECT_METRICS", "ARCHS", "ConfigError", "RunConfig", "config_from", "must_match_on_resume", "TrainConfig",
+    "train_preset",
+    # training: devices & processes (AMP, distributed)
+    "resolve_device", "amp_dtype",
+    # training: checkpoints & run folders (atomic, locked)
+    "DIGEST_KEY", "save_atomic", "CheckpointError", "RUN_LOCK", "RunLockedError", "run_lock",
+    # training: one epoch, evaluation, the run, ensembles
+    "make_view_loader", "loader_throughput", "amp_step", "build_optimizer", "compile_model", "train_one_epoch",
+    "evaluate_views", "tuning_split", "train", "launch_training", "top_k_checkpoints", "ensemble_checkpoints",
+    "load_checkpoint",
+    # evaluation & metrics
+    "study_metrics", "predict_studies", "youden_threshold", "CI_METRICS", "auroc_interval", "bootstrap_metrics",
+    "trivial_baselines", "evaluation_report", "run_studies", "model_free_floor", "comparison_table",
+    "headline_table", "metrics_by_finding", "metrics_by_body_part", "load_ensemble", "ensemble_predict",
+    "confident_cases",
+    # heatmaps: class activation maps (the MURA paper)
+    "class_activation_maps", "normalise_maps", "view_heatmaps", "heatmap_localisation", "cam_localisation",
+    # prediction on a new study
+    "predict_new_study",
+    # plots: data, pipeline, training, results, heatmaps
+    "save_figure", "dataset_overview", "patients_in_both_splits", "plot_xray_grid", "plot_patients_per_split",
+    "plot_studies_per_patient", "plot_views_per_study", "plot_label_balance", "image_properties",
+    "plot_image_properties", "plot_intensity_histograms", "epoch_table", "plot_training_curves",
+    "plot_pipeline_views", "plot_roc", "plot_confusion", "plot_headline", "plot_cases", "plot_heatmaps",
+    # anomaly detection (Davletshina 2020): preprocessing
+    "MAD_TO_SD", "CropRules", "MaskRules", "PreprocessConfig", "preprocess_variants", "min_area_rect", "rect_mask",
+    "find_carrier", "find_field", "hand_mask", "MASK_DOUBTS", "preprocess_view", "AnomalyCache",
+    "ANOMALY_PIPELINE_VERSION", "build_anomaly_cache", "MASK_DOUBT_LIMITS", "suspect_masks", "mask_iou",
+    "mask_iou_table", "mask_iou_summary", "mask_iou_by_kind", "anomaly_split",
+    # anomaly detection: models and masked losses
+    "ConvAutoencoder", "VariationalAutoencoder", "masked_mse", "masked_l1", "kl_divergence",
+    "reconstruction_scores",
+    # anomaly detection: GANs (DCGAN, BiGAN, alpha-GAN)
+    "GAN_MODELS", "ANOMALY_MODELS", "ANOMALY_MODEL_NAMES", "AdversarialAnomalyModel", "gan_step",
+    # anomaly detection: their networks (recipe "paper")
+    "SelfAttention", "PaperGAN", "paper_gan_step", "build_anomaly_model", "anomaly_score_names",
+    # anomaly detection: recipes (suite, paper), config
+    "ANOMALY_RECIPES", "PAPER_SOURCES", "RECIPE_REASONS", "ARCHITECTURES", "PIPELINE_DIFFERENCES",
+    "RECIPE_SETTINGS", "recipe_settings", "paper_source", "recipe_deviations", "AnomalyConfig",
+    # anomaly detection: training, scores, heatmaps, grid
+    "hand_boxes", "build_hand_crops", "prepare_anomaly_data", "anomaly_inputs", "to_unit_range",
+    "evaluate_anomaly", "study_scores", "anomaly_metrics", "reference_anomaly_scores", "anomaly_model_for",
+    "anomaly_optimizers", "autoencoder_loss", "train_anomaly", "load_anomaly_model", "anomaly_heatmaps",
+    "transform_boxes", "PUBLISHED_ANOMALY_AUROC", "anomaly_grid_names", "anomaly_grid_recipes",
+    "anomaly_grid_seeds", "run_anomaly_grid", "anomaly_results_table", "seed_summary", "published_comparison",
+    "anomaly_findings_table", "best_run", "best_run_heatmaps",
+    # anomaly detection: plots
+    "plot_mask_iou", "plot_anomaly_table", "plot_gan_samples", "plot_reconstructions", "plot_preprocessing",
+    # phantom: a synthetic MURA, with its truth
+    "PHANTOM_FINDINGS_CSV", "PHANTOM_TRUTH_CSV", "PHANTOM_TRUTH_DIR", "PHANTOM_MANIFEST", "PHANTOM_VERSION",
+    "PHANTOM_POSES", "PHANTOM_POLARITIES", "PHANTOM_MADE_BY", "FINGERS", "make_phantom_mura", "ensure_phantom",
+    "load_phantom_findings", "load_phantom_truth", "PHANTOM_VIEW_KINDS", "phantom_view_kinds", "phantom_hand_mask",
+    "phantom_boxes",
+    # command line: python -m mura_helpers
+    "main",
+]
+
 # ---------------------------------------------------------------- data: MURA layout, CSVs, validation; data sources
 
 BODY_PARTS = (
@@ -98,19 +168,19 @@ BODY_PARTS = (
 )
 SPLITS = ("train", "valid")
 MURA_DIRNAME = "MURA-v1.1"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # folder names, matched whole (fullmatch: "$" would let a trailing newline through, and a copy of a patient named
 # "patient00003\n" would become a second patient) and in ASCII digits
 STUDY_DIR_RE = re.compile(r"study([0-9]+)_(positive|negative)")
 PATIENT_DIR_RE = re.compile(r"patient[0-9]+")
-LABEL_OF_SUFFIX = {"positive": 1, "negative": 0}
+_LABEL_OF_SUFFIX = {"positive": 1, "negative": 0}
 MIN_VIEW_SIDE = 32  # px: a view's shorter side; a smaller "view" holds no radiograph (MURA's are hundreds of px)
-MAX_VIEW_ASPECT = 10  # a view's longer side over its shorter: MURA's hand views stay under 3:1; at 1x5000 or
+_MAX_VIEW_ASPECT = 10  # a view's longer side over its shorter: MURA's hand views stay under 3:1; at 1x5000 or
 # 100x20000 the preprocessing's square holds a line of pixels
-VIEW_PERCENTILES = (0.5, 99.5)  # a view's robust grey range: 16-bit views are windowed on it (a hot pixel stays out)
-MIN_VIEW_CONTRAST = 16  # grey levels an 8-bit view's robust range must span; below: blank or washed out (the
+_VIEW_PERCENTILES = (0.5, 99.5)  # a view's robust grey range: 16-bit views are windowed on it (a hot pixel stays out)
+_MIN_VIEW_CONTRAST = 16  # grey levels an 8-bit view's robust range must span; below: blank or washed out (the
 # phantom's views span 40 or more, a 16-bit view squeezed by one hot pixel 5)
-GET_MURA_HELP = (
+_GET_MURA_HELP = (
     "Get MURA v1.1 from https://stanfordmlgroup.github.io/competitions/mura/ (free registration), "
     "or the hand subset used by the reference report from Kaggle "
     "(kagglehub.dataset_download('bogomililiev2308/mura-hand-xray')), and point data_dir at the "
@@ -124,7 +194,7 @@ class MuraDataError(ValueError):
 
 
 @dataclass(frozen=True)
-class DataProblem:
+class _DataProblem:
     """One problem found while reading the dataset: the file, what is wrong, and what was done."""
     path: str
     problem: str
@@ -162,9 +232,9 @@ def find_mura_root(path: str | os.PathLike, max_depth: int = 6) -> Path:
                             f"above it, or None for the phantom")
     path = Path(path).expanduser()
     if not path.exists():
-        raise MuraDataError(f"{path}: no such folder. {GET_MURA_HELP}")
+        raise MuraDataError(f"{path}: no such folder. {_GET_MURA_HELP}")
     if not path.is_dir():
-        raise MuraDataError(f"{path}: is a file, not a dataset folder. {GET_MURA_HELP}")
+        raise MuraDataError(f"{path}: is a file, not a dataset folder. {_GET_MURA_HELP}")
     unreadable: list[str] = []
     if _looks_like_mura_root(path, unreadable):
         return path
@@ -180,7 +250,7 @@ def find_mura_root(path: str | os.PathLike, max_depth: int = 6) -> Path:
     skipped = f" Skipped {len(unreadable)} unreadable folder(s): {', '.join(unreadable[:5])}." if unreadable else ""
     raise MuraDataError(
         f"{path}: no MURA dataset found here or up to {max_depth} folders below (looked for a folder holding "
-        f"train/ or valid/ with XR_* body-part folders, or train_labeled_studies.csv).{skipped} {GET_MURA_HELP}"
+        f"train/ or valid/ with XR_* body-part folders, or train_labeled_studies.csv).{skipped} {_GET_MURA_HELP}"
     )
 
 
@@ -246,18 +316,18 @@ def _natural_image_order(path: Path) -> tuple:
 
 def _shape_problem(width: int, height: int) -> str | None:
     """What is wrong with a view's shape (a line of pixels, a sliver, a dot), or None."""
-    if min(width, height) >= MIN_VIEW_SIDE and max(width, height) <= MAX_VIEW_ASPECT * min(width, height):
+    if min(width, height) >= MIN_VIEW_SIDE and max(width, height) <= _MAX_VIEW_ASPECT * min(width, height):
         return None
     return (f"degenerate shape {width} x {height} px (width x height): a view needs sides of {MIN_VIEW_SIDE} px or "
-            f"more, at most {MAX_VIEW_ASPECT}:1")
+            f"more, at most {_MAX_VIEW_ASPECT}:1")
 
 
 def _robust_range(values: np.ndarray) -> tuple[float, float]:
-    """The VIEW_PERCENTILES of an array of grey values (8- and 16-bit ones from their histogram: fast on big views)."""
+    """The _VIEW_PERCENTILES of an array of grey values (8- and 16-bit ones from their histogram: fast on big views)."""
     if values.dtype.kind in "ui" and values.size and values.min() >= 0 and values.max() < 2**16:
         cdf = np.cumsum(np.bincount(values.ravel())) / values.size
-        return tuple(float(np.searchsorted(cdf, q / 100)) for q in VIEW_PERCENTILES)
-    return tuple(float(v) for v in np.percentile(values, VIEW_PERCENTILES))
+        return tuple(float(np.searchsorted(cdf, q / 100)) for q in _VIEW_PERCENTILES)
+    return tuple(float(v) for v in np.percentile(values, _VIEW_PERCENTILES))
 
 
 def _contrast_problem(gray: np.ndarray) -> str | None:
@@ -265,14 +335,15 @@ def _contrast_problem(gray: np.ndarray) -> str | None:
     if gray.min() == gray.max():
         return f"no contrast: every pixel is {gray.flat[0]} (a blank view)"
     lo, hi = _robust_range(gray)
-    if hi - lo >= MIN_VIEW_CONTRAST:
+    if hi - lo >= _MIN_VIEW_CONTRAST:
         return None
-    return (f"no contrast: {VIEW_PERCENTILES[1] - VIEW_PERCENTILES[0]:g}% of its pixels lie within {hi - lo:.0f} grey "
-            f"level(s) (a blank or washed-out view; {MIN_VIEW_CONTRAST} or more expected)")
+    share = _VIEW_PERCENTILES[1] - _VIEW_PERCENTILES[0]
+    return (f"no contrast: {share:g}% of its pixels lie within {hi - lo:.0f} grey "
+            f"level(s) (a blank or washed-out view; {_MIN_VIEW_CONTRAST} or more expected)")
 
 
 def _to_grey(im: Image.Image) -> Image.Image:
-    """An opened image as 8-bit grey (mode L): luma for colour, and 16/32-bit windowed on VIEW_PERCENTILES."""
+    """An opened image as 8-bit grey (mode L): luma for colour, and 16/32-bit windowed on _VIEW_PERCENTILES."""
     if im.mode == "L":
         return im.copy()
     if im.mode == "LA":
@@ -292,7 +363,7 @@ def _to_grey(im: Image.Image) -> Image.Image:
 def _decode_view(path: Path) -> tuple[Image.Image | None, str | None]:
     """(the view decoded in full, as 8-bit grey, None), or (None, what is wrong with the file or its shape)."""
     if not path.is_file() or path.stat().st_size == 0:
-        return None, check_image_file(path)
+        return None, _check_image_file(path)
     im = None
     try:
         im = Image.open(path)
@@ -306,7 +377,7 @@ def _decode_view(path: Path) -> tuple[Image.Image | None, str | None]:
         return (None, problem) if problem else (_to_grey(im), None)
 
 
-def check_image_file(path: str | os.PathLike, full_decode: bool = False) -> str | None:
+def _check_image_file(path: str | os.PathLike, full_decode: bool = False) -> str | None:
     """Return None for a readable image of a view's shape, else a short description of what is wrong with it."""
     path = Path(path)
     if not path.is_file():
@@ -325,11 +396,11 @@ def check_image_file(path: str | os.PathLike, full_decode: bool = False) -> str 
 
 
 def _decodes(path: Path) -> str | None:
-    """check_image_file with a full decode, done once per file version (path, size, mtime) in a process."""
+    """_check_image_file with a full decode, done once per file version (path, size, mtime) in a process."""
     try:
         st = path.stat()
     except OSError:
-        return check_image_file(path)
+        return _check_image_file(path)
     return _decode_check(str(path), st.st_size, st.st_mtime_ns)
 
 
@@ -361,7 +432,7 @@ def load_studies(
         raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
     root = find_mura_root(data_dir)
     parts = _body_parts(root, body_part)
-    problems: list[DataProblem] = []
+    problems: list[_DataProblem] = []
 
     # 1. walk the folders: the ground truth of what exists on disk
     found: dict[tuple[str, ...], dict] = {}
@@ -371,33 +442,33 @@ def load_studies(
             continue
         for patient_dir in sorted(part_dir.iterdir()):
             if not patient_dir.is_dir():
-                problems.append(DataProblem(str(patient_dir), "stray file", "a file where patient folders belong"))
+                problems.append(_DataProblem(str(patient_dir), "stray file", "a file where patient folders belong"))
                 continue
             if not PATIENT_DIR_RE.fullmatch(patient_dir.name):
-                problems.append(DataProblem(str(patient_dir), "bad folder name", "expected patientNNNNN"))
+                problems.append(_DataProblem(str(patient_dir), "bad folder name", "expected patientNNNNN"))
                 continue
             for study_dir in sorted(patient_dir.iterdir()):
                 if not study_dir.is_dir():
-                    problems.append(DataProblem(str(study_dir), "stray file", "a file where study folders belong"))
+                    problems.append(_DataProblem(str(study_dir), "stray file", "a file where study folders belong"))
                     continue
                 m = STUDY_DIR_RE.fullmatch(study_dir.name)
                 if not m:
-                    problems.append(DataProblem(
+                    problems.append(_DataProblem(
                         str(study_dir), "bad folder name", "expected studyN_positive or studyN_negative"))
                     continue
                 images = []
                 for f in sorted(study_dir.iterdir(), key=_natural_image_order):
-                    if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
+                    if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES and not f.name.startswith("."):
                         images.append(f)
                     else:
                         hidden = f.name.startswith(".")
-                        problems.append(DataProblem(str(f), "stray file", "a hidden file (macOS's ._*, .DS_Store)"
+                        problems.append(_DataProblem(str(f), "stray file", "a hidden file (macOS's ._*, .DS_Store)"
                                                     if hidden else "not a .png/.jpg image"))
                 found[(split, part, patient_dir.name, study_dir.name)] = {
-                    "study_dir": study_dir, "label": LABEL_OF_SUFFIX[m.group(2)], "images": images,
+                    "study_dir": study_dir, "label": _LABEL_OF_SUFFIX[m.group(2)], "images": images,
                 }
     if not found and not any((root / split / p).is_dir() for p in parts):
-        raise MuraDataError(f"{root / split}: no {', '.join(parts)} folder for split {split!r}. {GET_MURA_HELP}")
+        raise MuraDataError(f"{root / split}: no {', '.join(parts)} folder for split {split!r}. {_GET_MURA_HELP}")
 
     # 2. reconcile with the official CSVs, when present
     csvs = _read_official_csvs(root, split)
@@ -416,23 +487,23 @@ def load_studies(
             listed.add(key)
             where = str(root.joinpath(*key))
             m = STUDY_DIR_RE.fullmatch(key[3])
-            if m and LABEL_OF_SUFFIX[m.group(2)] != row.csv_label:
-                problems.append(DataProblem(
+            if m and _LABEL_OF_SUFFIX[m.group(2)] != row.csv_label:
+                problems.append(_DataProblem(
                     where, "label mismatch", f"CSV label {row.csv_label} but folder suffix '{m.group(2)}'"))
                 found.pop(key, None)
                 continue
             if key not in found:
-                problems.append(DataProblem(where, "missing study", "listed in the CSV but not on disk"))
+                problems.append(_DataProblem(where, "missing study", "listed in the CSV but not on disk"))
                 continue
             on_disk = {img.name for img in found[key]["images"]}
             in_csv = {k[4] for k in csv_images_by_study.get(key, [])}
             for name in sorted(in_csv - on_disk):
-                problems.append(DataProblem(str(root.joinpath(*key, name)), "missing file", "listed in the CSV"))
+                problems.append(_DataProblem(str(root.joinpath(*key, name)), "missing file", "listed in the CSV"))
             for name in sorted(on_disk - in_csv):
-                problems.append(DataProblem(str(root.joinpath(*key, name)), "unlisted image", "on disk, in no CSV"))
+                problems.append(_DataProblem(str(root.joinpath(*key, name)), "unlisted image", "on disk, in no CSV"))
             found[key]["images"] = [img for img in found[key]["images"] if img.name in in_csv]
         for key in sorted(set(found) - listed):
-            problems.append(DataProblem(str(found[key]["study_dir"]), "unlisted study", "on disk, in no CSV"))
+            problems.append(_DataProblem(str(found[key]["study_dir"]), "unlisted study", "on disk, in no CSV"))
             found.pop(key)
 
     # 3. check every image file (decoded in full: a corrupt data stream can carry valid checksums), drop the unusable
@@ -441,12 +512,12 @@ def load_studies(
         for img in info["images"]:
             issue = _decodes(img) if verify_images else None
             if issue:
-                problems.append(DataProblem(str(img), "bad image", issue))
+                problems.append(_DataProblem(str(img), "bad image", issue))
             else:
                 good.append(img)
         info["images"] = good
         if not good:
-            problems.append(DataProblem(str(info["study_dir"]), "empty study", "no readable image in the folder"))
+            problems.append(_DataProblem(str(info["study_dir"]), "empty study", "no readable image in the folder"))
 
     _report_problems(problems, on_bad, f"{root} ({split}, {', '.join(parts)})")
     rows = [
@@ -471,7 +542,7 @@ def data_problems(studies: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([p.__dict__ for p in studies.attrs.get("problems", ())], columns=["path", "problem", "detail"])
 
 
-def _report_problems(problems: list[DataProblem], on_bad: str, where: str, shown: int = 20) -> None:
+def _report_problems(problems: list[_DataProblem], on_bad: str, where: str, shown: int = 20) -> None:
     """Raise one MuraDataError naming every bad file, or warn with counts when skipping."""
     if not problems:
         return
@@ -510,9 +581,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Return the image at `path` as an 8-bit single-channel (mode L) PIL image, whatever its PNG mode.
 
     RGB/RGBA/P/CMYK are converted with the ITU-R 601 luma weights, LA keeps its luminance, and 16-bit or
-    32-bit images (I;16, I, F) are windowed linearly from their 0.5th to their 99.5th percentile (VIEW_PERCENTILES)
+    32-bit images (I;16, I, F) are windowed linearly from their 0.5th to their 99.5th percentile (_VIEW_PERCENTILES)
     onto 0..255, so that a few hot or dead pixels do not squeeze the view into a few grey levels. A view of a
-    degenerate shape (a side under MIN_VIEW_SIDE, over MAX_VIEW_ASPECT:1) is an error naming the file.
+    degenerate shape (a side under MIN_VIEW_SIDE, over _MAX_VIEW_ASPECT:1) is an error naming the file.
     """
     image, problem = _decode_view(Path(path))  # decoded once: the check is the load itself
     if problem:
@@ -520,8 +591,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     return image
 
 
-KAGGLE_PREFIX = "kaggle:"  # data_dir="kaggle:OWNER/DATASET" downloads through kagglehub
-KAGGLE_HELP = (
+_KAGGLE_PREFIX = "kaggle:"  # data_dir="kaggle:OWNER/DATASET" downloads through kagglehub
+_KAGGLE_HELP = (
     "On Kaggle: attach the dataset to the notebook (Add Input), and kagglehub reads it from /kaggle/input without a "
     "download. In Colab: add the secrets KAGGLE_USERNAME and KAGGLE_KEY (the key icon in the left bar; the values are "
     "in the kaggle.json of kaggle.com > Settings > API > Create New Token) and give this notebook access to them. "
@@ -546,23 +617,23 @@ def _kaggle_credentials_from_colab() -> None:
             os.environ[name] = value
 
 
-def download_kaggle_dataset(handle: str) -> Path:
+def _download_kaggle_dataset(handle: str) -> Path:
     """Download a Kaggle dataset ('OWNER/DATASET') through kagglehub (cached; read in place when attached on Kaggle)
     and return its local folder."""
     if not re.fullmatch(r"[\w.-]+/[\w.-]+(/versions/\d+)?", handle):
-        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: not a Kaggle dataset handle; write it as "
-                            f"'{KAGGLE_PREFIX}OWNER/DATASET', e.g. '{KAGGLE_PREFIX}bogomililiev2308/mura-hand-xray'")
+        raise MuraDataError(f"{_KAGGLE_PREFIX}{handle}: not a Kaggle dataset handle; write it as "
+                            f"'{_KAGGLE_PREFIX}OWNER/DATASET', e.g. '{_KAGGLE_PREFIX}bogomililiev2308/mura-hand-xray'")
     try:
         import kagglehub
     except ImportError as e:
-        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: needs the kagglehub package (preinstalled in Colab and on "
+        raise MuraDataError(f"{_KAGGLE_PREFIX}{handle}: needs the kagglehub package (preinstalled in Colab and on "
                             f"Kaggle; elsewhere: pip install kagglehub)") from e
     _kaggle_credentials_from_colab()
     try:
         return Path(kagglehub.dataset_download(handle))
     except Exception as e:  # no credentials, no network, no such dataset, terms not accepted
-        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: the download failed ({type(e).__name__}: {e}). "
-                            f"{KAGGLE_HELP}") from e
+        raise MuraDataError(f"{_KAGGLE_PREFIX}{handle}: the download failed ({type(e).__name__}: {e}). "
+                            f"{_KAGGLE_HELP}") from e
 
 
 DRIVE_DIR = Path("/content/drive")  # where Colab mounts Google Drive (the setup cell's USE_DRIVE)
@@ -590,7 +661,7 @@ def prepare_local_copy(source: str | os.PathLike, dest: str | os.PathLike | None
     if not source.exists():
         mount = " Drive is not mounted: tick USE_DRIVE in the setup cell." if (
             source.is_relative_to(DRIVE_DIR) and not (DRIVE_DIR / "MyDrive").is_dir()) else ""
-        raise MuraDataError(f"{source}: no such file or folder.{mount} {GET_MURA_HELP}")
+        raise MuraDataError(f"{source}: no such file or folder.{mount} {_GET_MURA_HELP}")
     is_zip = source.is_file()
     if is_zip and not zipfile.is_zipfile(source):
         raise MuraDataError(f"{source}: not a zip archive; give MURA's zip, its folder, or a folder above it")
@@ -646,8 +717,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, phantom_root: str | os.
     """Return the MURA root to use: `data_dir` when given (a folder, a MURA zip, or 'kaggle:OWNER/DATASET'; an
     empty one is an error), else the embedded phantom (made if needed). A zip, and in Colab a folder on Drive, is
     read from a local copy (prepare_local_copy)."""
-    if data_dir is not None and str(data_dir).startswith(KAGGLE_PREFIX):
-        return find_mura_root(download_kaggle_dataset(str(data_dir)[len(KAGGLE_PREFIX):]))
+    if data_dir is not None and str(data_dir).startswith(_KAGGLE_PREFIX):
+        return find_mura_root(_download_kaggle_dataset(str(data_dir)[len(_KAGGLE_PREFIX):]))
     if data_dir is not None and str(data_dir).strip() and (
             str(data_dir).lower().endswith(".zip")
             or _in_colab() and Path(data_dir).expanduser().absolute().is_relative_to(DRIVE_DIR)):
@@ -666,15 +737,15 @@ def config_data_root(cfg, data_dir: str | os.PathLike | None = None) -> Path:
 
 # ---------------------------------------------------------------- images & cache: decode and resize once, uint8 on disk
 
-CACHE_VERSION = 2  # in every cache's key (both paths): bump when decoding changes (2: 16-bit views windowed)
-RESIZE_MODES = ("squash", "pad")
+_CACHE_VERSION = 2  # in every cache's key (both paths): bump when decoding changes (2: 16-bit views windowed)
+_RESIZE_MODES = ("squash", "pad")
 
 
 def _files_stamp(paths: Sequence[str], *settings, content: bool = False) -> str:
     """A key for a cache: the settings and every file's path, size and modification time (one stat a file: ~0.2 s
     for 40,000 files on a local disk), or with content=True its path and the sha256 of its bytes (every file read:
     ~6 s for 40,000 MURA-sized files already in memory, far longer through Drive)."""
-    stamp = hashlib.sha1(json.dumps([CACHE_VERSION, *settings]).encode())
+    stamp = hashlib.sha1(json.dumps([_CACHE_VERSION, *settings]).encode())
     for p in paths:
         if content:
             key = hashlib.sha256(Path(p).read_bytes()).hexdigest()
@@ -735,7 +806,7 @@ def _run_tasks(func, tasks: list, desc: str, progress: bool = True, workers: int
     return results
 
 
-NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a full quota, a file-size limit
+_NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a full quota, a file-size limit
 
 
 def _megabytes(n: float, up: bool = True) -> str:
@@ -769,7 +840,7 @@ def _room_for(where: Path, need: int, then: str):
     try:
         yield
     except OSError as e:
-        if e.errno in NO_ROOM_ERRNOS:
+        if e.errno in _NO_ROOM_ERRNOS:
             raise _no_room(where, need, then, e) from e
         raise
 
@@ -812,7 +883,7 @@ def _write_file_atomic(data: bytes | memoryview, path: Path, then: str = "free s
         raise
 
 
-CACHE_NO_ROOM = "free some space, or set cache_dir to a disk with room (the partial cache was removed)"
+_CACHE_NO_ROOM = "free some space, or set cache_dir to a disk with room (the partial cache was removed)"
 
 
 def _new_arrays(arrays: Sequence[tuple[Path, tuple[int, ...], type]], where: Path) -> None:
@@ -820,7 +891,7 @@ def _new_arrays(arrays: Sequence[tuple[Path, tuple[int, ...], type]], where: Pat
     memory-mapped write that finds the disk full kills the process (SIGBUS, no traceback), so a full disk is said
     here, before any work, naming `where` and the space needed."""
     need = sum(128 + math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in arrays)  # 128: the header
-    with _room_for(where, need, CACHE_NO_ROOM):
+    with _room_for(where, need, _CACHE_NO_ROOM):
         for path, shape, dtype in arrays:
             array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
             size = array.offset + array.nbytes
@@ -830,7 +901,7 @@ def _new_arrays(arrays: Sequence[tuple[Path, tuple[int, ...], type]], where: Pat
                     try:
                         os.posix_fallocate(f.fileno(), 0, size)
                     except OSError as e:  # a file system without it keeps the free-space check
-                        if e.errno in NO_ROOM_ERRNOS:
+                        if e.errno in _NO_ROOM_ERRNOS:
                             raise
 
 
@@ -865,7 +936,7 @@ def resize_view(image: Image.Image, size: int, mode: str = "squash") -> Image.Im
     if mode == "squash":
         return image.resize((size, size), Image.Resampling.BILINEAR)
     if mode != "pad":
-        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+        raise ValueError(f"resize mode must be one of {_RESIZE_MODES}, got {mode!r}")
     scale = size / max(image.size)
     w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
     canvas = Image.new("L", (size, size), 0)
@@ -874,7 +945,7 @@ def resize_view(image: Image.Image, size: int, mode: str = "squash") -> Image.Im
 
 
 @dataclass
-class ImageCache:
+class _ImageCache:
     """Views decoded and resized once into a memory-mapped uint8 array (N, size, size) on disk."""
     path: Path
     image_paths: list[str]
@@ -926,15 +997,15 @@ def _remove_dead_cache_builds(cache_dir: str | os.PathLike, min_age_s: float = 6
 
 
 def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: str | os.PathLike = "data/cache",
-                      resize: str = "squash", workers: int | None = None, progress: bool = True) -> ImageCache:
+                      resize: str = "squash", workers: int | None = None, progress: bool = True) -> _ImageCache:
     """Return the cache of these views at this size, building it once (keyed by paths, file stamps, size, mode); its
     disk space is reserved first (a full disk is said before any work), and a damaged file is rebuilt."""
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if resize not in _RESIZE_MODES:
+        raise ValueError(f"resize must be one of {_RESIZE_MODES}, got {resize!r}")
     paths = [str(p) for p in image_paths]
     _remove_dead_cache_builds(cache_dir)
     npy = _cache_path(cache_dir, f"views_{size}px_{resize}", paths, size, resize, suffix=".npy")
-    cache = ImageCache(npy, paths, size, resize)
+    cache = _ImageCache(npy, paths, size, resize)
     shape = (len(paths), size, size)
     if npy.is_file() and not _damaged_cache([(npy, shape, np.uint8)]):
         return cache
@@ -951,13 +1022,13 @@ def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: st
     return cache
 
 
-class CachedViewBatches:
+class _CachedViewBatches:
     """A dataset whose items are whole batches: view indices -> (uint8 views, labels, indices, study of each view).
 
     The study ids are renumbered 0..k-1 within the batch, so the device never has to find them (no sync).
     """
 
-    def __init__(self, cache: ImageCache, rows: np.ndarray, labels: np.ndarray, studies: np.ndarray):
+    def __init__(self, cache: _ImageCache, rows: np.ndarray, labels: np.ndarray, studies: np.ndarray):
         self.cache, self.rows = cache, np.asarray(rows)
         self.labels, self.studies = np.asarray(labels, dtype=np.float32), np.asarray(studies)
 
@@ -976,7 +1047,7 @@ class CachedViewBatches:
                 torch.from_numpy(study_in_batch))
 
 
-class EpochBatches:
+class _EpochBatches:
     """Batch sampler whose batches are set per epoch (seeded shuffles), so persistent workers can be reused."""
     def __init__(self):
         self.batches: list[list[int]] = []
@@ -1065,7 +1136,7 @@ def prepare_batch(views_uint8, device, train: bool, generator=None, rotation_deg
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def augment_views_and_masks(x, m, generator, cfg: AnomalyConfig):
+def _augment_views_and_masks(x, m, generator, cfg: AnomalyConfig):
     """The online augmentation, per sample: flips, rotation and scale applied alike to view and mask; intensity;
     rotation, scale and intensity each with probability cfg.augment_p."""
     both = gpu_augment(torch.cat([x, m], 1), generator, cfg.rotation_degrees, cfg.hflip, cfg.scale_range, cfg.vflip,
@@ -1146,7 +1217,7 @@ def weighted_bce_with_logits(logits, targets, w0, w1):
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), weight=weight)
 
 
-def study_log_probs(logits, study: torch.Tensor, n_studies: int):
+def _study_log_probs(logits, study: torch.Tensor, n_studies: int):
     """Per study (ids 0..n-1), log of the mean view probability and of its complement, stably from view logits."""
     logits = logits.float()
     counts = torch.zeros(n_studies, device=logits.device).index_add_(0, study, torch.ones_like(logits))
@@ -1162,7 +1233,7 @@ def study_log_probs(logits, study: torch.Tensor, n_studies: int):
 def study_weighted_bce(logits, targets, study: torch.Tensor, n_studies: int, w0, w1):
     """The report's variant: weighted BCE on each study's mean view probability (one term per study); w0 and w1
     are numbers, or each view's weights (a study takes its views')."""
-    log_p, log_q = study_log_probs(logits, study, n_studies)
+    log_p, log_q = _study_log_probs(logits, study, n_studies)
     def per_study(values):  # a study's label (or weight: one study type a study) from its views'
         return torch.zeros(n_studies, device=logits.device).scatter_reduce(0, study, values.float(), "amax")
     y = per_study(targets)
@@ -1175,10 +1246,10 @@ def study_weighted_bce(logits, targets, study: torch.Tensor, n_studies: int, w0,
 
 SELECT_METRICS = {f"{split}_{metric}": direction for split in ("tune", "valid")
                   for metric, direction in (("loss", "min"), ("auroc", "max"), ("kappa", "max"), ("accuracy", "max"))}
-COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201")  # build_model replaces a DenseNet's classifier
-AMP_MODES = ("auto", "fp16", "bf16", "off")
-ON_BAD = ("raise", "skip")
+_AMP_MODES = ("auto", "fp16", "bf16", "off")
+_ON_BAD = ("raise", "skip")
 _TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -1311,8 +1382,8 @@ def _validate_common(cfg, owner: str, integers: dict[str, tuple[int, int]], floa
                                               optional=True)
     for name in ("hflip", "resume"):
         setattr(cfg, name, _bool_setting(owner, name, getattr(cfg, name)))
-    cfg.amp = _choice_setting(owner, "amp", cfg.amp, AMP_MODES)
-    cfg.on_bad = _choice_setting(owner, "on_bad", cfg.on_bad, ON_BAD)
+    cfg.amp = _choice_setting(owner, "amp", cfg.amp, _AMP_MODES)
+    cfg.on_bad = _choice_setting(owner, "on_bad", cfg.on_bad, _ON_BAD)
     cfg.device = _device_setting(owner, cfg.device)
 
 
@@ -1338,12 +1409,12 @@ def _validate_train_config(cfg) -> None:
         cfg.compile = _bool_setting(owner, "compile", cfg.compile)
 
 
-FREE_ON_RESUME = {"resume": "free"}  # a config field's metadata: it may change when a run resumes
+_FREE_ON_RESUME = {"resume": "free"}  # a config field's metadata: it may change when a run resumes
 
 
 def _free(default):
     """A config field that may change when a run resumes: where and how the run runs, not what it learns."""
-    return field(default=default, metadata=FREE_ON_RESUME)
+    return field(default=default, metadata=_FREE_ON_RESUME)
 
 
 @dataclass
@@ -1428,14 +1499,14 @@ class TrainConfig(RunConfig):
 
     def __post_init__(self):
         _validate_train_config(self)
-        checks = {"resize": (self.resize, RESIZE_MODES), "loss_level": (self.loss_level, ("image", "study")),
+        checks = {"resize": (self.resize, _RESIZE_MODES), "loss_level": (self.loss_level, ("image", "study")),
                   "select_metric": (self.select_metric, tuple(SELECT_METRICS)),
                   "amp": (self.amp, ("auto", "fp16", "bf16", "off"))}
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"TrainConfig.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.compile not in _COMPILE_MODES:
+            raise ValueError(f"TrainConfig.compile must be one of {_COMPILE_MODES}, got {self.compile!r}")
         if not 0 <= self.tune_fraction < 1:
             raise ValueError(f"TrainConfig.tune_fraction must be in [0, 1), got {self.tune_fraction!r}")
         if self.tune_fraction == 0:  # no tuning split: selection reads MURA's validation split (the old behaviour)
@@ -1452,7 +1523,7 @@ class TrainConfig(RunConfig):
 
 
 # Presets: named sets of TrainConfig fields (train_preset), each field's source said where it is set.
-TRAIN_PRESETS = {
+_TRAIN_PRESETS = {
     # the reference report's run (its section on training; pyaf/DenseNet-MURA-PyTorch); the report chose its epoch
     # by accuracy on MURA's validation split, the set it reported on: here the tuning split chooses (tune_fraction
     # is not set, so TrainConfig's 0.1 holds); train_preset("report", tune_fraction=0) repeats its choice on the test
@@ -1470,22 +1541,22 @@ TRAIN_PRESETS = {
 
 
 def train_preset(name: str, **overrides) -> TrainConfig:
-    """A TrainConfig with a named preset's settings (TRAIN_PRESETS), any field overridden by keyword."""
-    if name not in TRAIN_PRESETS:
-        raise ValueError(f"unknown preset {name!r}: choose from {sorted(TRAIN_PRESETS)}")
-    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})
+    """A TrainConfig with a named preset's settings (_TRAIN_PRESETS), any field overridden by keyword."""
+    if name not in _TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose from {sorted(_TRAIN_PRESETS)}")
+    return TrainConfig(**{**_TRAIN_PRESETS[name], **overrides})
 
 
 def _config_dict(cfg: TrainConfig) -> dict:
     """The config as plain types (loadable with weights_only=True)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
-LEGACY_CONFIG = {"tune_fraction": 0.0}  # what a run saved before a field existed did (no tuning split)
+_LEGACY_CONFIG = {"tune_fraction": 0.0}  # what a run saved before a field existed did (no tuning split)
 
 
 def _stored_config(config_class, state: dict, path: str | os.PathLike):
     """The config a checkpoint was saved with, validated like a new one (an edited image_size is refused)."""
     try:
-        legacy = LEGACY_CONFIG if config_class is TrainConfig else {}  # what a run saved before a field existed did
+        legacy = _LEGACY_CONFIG if config_class is TrainConfig else {}  # what a run saved before a field existed did
         return config_class(**{**legacy, **state["config"]})
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: its stored settings are not valid ({e})") from None
@@ -1509,14 +1580,14 @@ def amp_dtype(amp: str, device):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
 
 
-def seed_everything(seed: int) -> None:
+def _seed_everything(seed: int) -> None:
     """Seed Python's and torch's generators (CPU and CUDA); the suite's NumPy code takes explicit seeds."""
     random.seed(seed)
     torch.manual_seed(seed)
 
 
 @dataclass(frozen=True)
-class Distributed:
+class _Distributed:
     """Where this process stands in a torch.distributed run (one process: rank 0 of 1)."""
     rank: int = 0
     world_size: int = 1
@@ -1528,13 +1599,13 @@ class Distributed:
         return self.rank == 0
 
 
-def setup_distributed(device: str = "auto") -> tuple[Distributed, torch.device]:
+def _setup_distributed(device: str = "auto") -> tuple[_Distributed, torch.device]:
     """Join the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPU) and return
     this process's place and device; without torchrun, one process on resolve_device(device)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Distributed(), resolve_device(device)
-    ctx = Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+        return _Distributed(), resolve_device(device)
+    ctx = _Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = torch.cuda.is_available() and str(device).split(":")[0] in ("auto", "cuda")
     if use_cuda:
         torch.cuda.set_device(ctx.local_rank)
@@ -1543,7 +1614,7 @@ def setup_distributed(device: str = "auto") -> tuple[Distributed, torch.device]:
     return ctx, torch.device("cuda", ctx.local_rank) if use_cuda else torch.device("cpu")
 
 
-def _gather_result(result: dict, ctx: Distributed) -> dict:
+def _gather_result(result: dict, ctx: _Distributed) -> dict:
     """One epoch's results of every process joined on rank 0 (the loss averaged over all items); None elsewhere."""
     if ctx.world_size == 1:
         return result
@@ -1556,7 +1627,7 @@ def _gather_result(result: dict, ctx: Distributed) -> dict:
             "probs": np.concatenate([p["probs"] for p in parts]), "index": np.concatenate([p["index"] for p in parts])}
 
 
-def _from_main(obj, ctx: Distributed):
+def _from_main(obj, ctx: _Distributed):
     """Rank 0's `obj` on every process (one process: `obj`)."""
     if ctx.world_size == 1:
         return obj
@@ -1619,7 +1690,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (empty, truncated, corrupt, not a checkpoint, of the other kind), named."""
 
 
-CHECKPOINT_KINDS = {"supervised": "a supervised (DenseNet) checkpoint: load it with load_checkpoint",
+_CHECKPOINT_KINDS = {"supervised": "a supervised (DenseNet) checkpoint: load it with load_checkpoint",
                     "anomaly": "an anomaly-detection checkpoint: load it with load_anomaly_model"}
 
 
@@ -1629,7 +1700,7 @@ def _checkpoint_kind(state: dict) -> str | None:
     return state.get("kind") or ("anomaly" if "variant" in config else "supervised" if "arch" in config else None)
 
 
-CHECKPOINT_FIELDS = {  # what each field of a checkpoint holds, checked on every load (a crafted one fails here)
+_CHECKPOINT_FIELDS = {  # what each field of a checkpoint holds, checked on every load (a crafted one fails here)
     "model": ("a dict of tensors", lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor)
                                                                          for t in v.values())),
     "config": ("a dict of settings", lambda v: isinstance(v, dict)),
@@ -1649,8 +1720,8 @@ CHECKPOINT_FIELDS = {  # what each field of a checkpoint holds, checked on every
 
 
 def _field_problem(state: dict) -> str | None:
-    """The first field of a checkpoint that does not hold what it should (CHECKPOINT_FIELDS), said; else None."""
-    for name, (what, holds) in CHECKPOINT_FIELDS.items():
+    """The first field of a checkpoint that does not hold what it should (_CHECKPOINT_FIELDS), said; else None."""
+    for name, (what, holds) in _CHECKPOINT_FIELDS.items():
         if name in state and not holds(state[name]):
             return (f"field '{name}' holds {repr(state[name])[:60]} ({type(state[name]).__name__}), not {what}: the "
                     f"file was edited or damaged")
@@ -1688,11 +1759,11 @@ def _read_checkpoint(path: Path, kind: str | None) -> tuple[dict | None, str | N
         return None, problem
     found = _checkpoint_kind(state)
     if kind is not None and found != kind:
-        return None, f"{CHECKPOINT_KINDS.get(found, 'a checkpoint of an unknown kind')}, not {kind}"
+        return None, f"{_CHECKPOINT_KINDS.get(found, 'a checkpoint of an unknown kind')}, not {kind}"
     return state, None
 
 
-def load_state(path: str | os.PathLike, kind: str | None = None) -> dict:
+def _load_state(path: str | os.PathLike, kind: str | None = None) -> dict:
     """A checkpoint's state, loaded with weights_only=True and checked against its sha256 digest and its kind
     ('supervised' or 'anomaly'); else one CheckpointError naming the file, what is wrong, and a good checkpoint
     beside it when there is one."""
@@ -1742,8 +1813,8 @@ def _resumable_state(cfg) -> dict | None:
     last_path = Path(cfg.output_dir) / "checkpoints" / "last.pt"
     if not cfg.resume or not last_path.is_file():
         return None
-    state = load_state(last_path, "anomaly" if isinstance(cfg, AnomalyConfig) else "supervised")
-    saved = {**LEGACY_CONFIG, **state["config"]}  # a run saved before a field existed did what LEGACY_CONFIG says
+    state = _load_state(last_path, "anomaly" if isinstance(cfg, AnomalyConfig) else "supervised")
+    saved = {**_LEGACY_CONFIG, **state["config"]}  # a run saved before a field existed did what _LEGACY_CONFIG says
     changed = {k: (saved[k], v) for k, v in _config_dict(cfg).items()  # a field newer than the run
                if k in must_match and k in saved and saved[k] != v}  # had none to differ
     if changed:
@@ -1781,8 +1852,8 @@ def _save_epoch(state: dict, improved: bool, out: Path) -> None:
 
 
 RUN_LOCK = "run.lock"
-LOCK_HEARTBEAT_S = 60  # a running run touches its lock this often ...
-LOCK_STALE_AFTER_S = 900  # ... so a lock from another machine untouched this long is a dead run's
+_LOCK_HEARTBEAT_S = 60  # a running run touches its lock this often ...
+_LOCK_STALE_AFTER_S = 900  # ... so a lock from another machine untouched this long is a dead run's
 
 
 class RunLockedError(RuntimeError):
@@ -1820,12 +1891,12 @@ def _lock_is_stale(path: Path, holder: dict | None) -> bool:
         return age > 10
     if holder["host"] == socket.gethostname():
         return holder["pid"] != os.getpid() and not _pid_alive(holder["pid"])
-    return age > LOCK_STALE_AFTER_S
+    return age > _LOCK_STALE_AFTER_S
 
 
 def _lock_heartbeat(path: Path, stop: threading.Event) -> None:
-    """Touch the lock every LOCK_HEARTBEAT_S seconds until `stop` is set (others see the run is alive)."""
-    while not stop.wait(LOCK_HEARTBEAT_S):
+    """Touch the lock every _LOCK_HEARTBEAT_S seconds until `stop` is set (others see the run is alive)."""
+    while not stop.wait(_LOCK_HEARTBEAT_S):
         with contextlib.suppress(OSError):
             os.utime(path)
 
@@ -1875,15 +1946,15 @@ def run_lock(run_dir: str | os.PathLike):
 
 
 # every name a run writes in its folder (besides its lock): whatever a fresh run finds there is moved aside first
-RUN_FILES = ("checkpoints", "history.csv", "config.json", "test_scores.csv", "val_scores.csv")
+_RUN_FILES = ("checkpoints", "history.csv", "config.json", "test_scores.csv", "val_scores.csv")
 
 
 def _set_aside_previous_run(out: Path) -> Path | None:
-    """Before a fresh run in `out`: move whatever is at the names a run writes (RUN_FILES: an earlier run's files, or
+    """Before a fresh run in `out`: move whatever is at the names a run writes (_RUN_FILES: an earlier run's files, or
     the user's own under those names) to a sibling <name>.previous-<UTC time>/, so that nothing is deleted or
     overwritten, with a warning naming them and both folders; None when there was nothing (an empty folder is
     left)."""
-    found = [name for name in RUN_FILES if (out / name).is_symlink() or (out / name).is_file()
+    found = [name for name in _RUN_FILES if (out / name).is_symlink() or (out / name).is_file()
              or ((out / name).is_dir() and any((out / name).iterdir()))]
     if not found:
         return None
@@ -1916,7 +1987,7 @@ def _remove_temporaries(folders: Sequence[Path]) -> list[Path]:
     return removed
 
 
-def data_fingerprint(studies: pd.DataFrame) -> str:
+def _data_fingerprint(studies: pd.DataFrame) -> str:
     """sha256 of a study table: each study's split, path below the MURA root, label, view count and file names."""
     digest = hashlib.sha256()
     for row in studies.sort_values(["split", "study_path"]).itertuples():
@@ -1927,7 +1998,7 @@ def data_fingerprint(studies: pd.DataFrame) -> str:
 
 def _data_record(root: Path, studies: pd.DataFrame) -> dict:
     """What a checkpoint keeps of the data it was trained on: the folder, the study count and the fingerprint."""
-    return {"root": str(root), "n_studies": len(studies), "fingerprint": data_fingerprint(studies)}
+    return {"root": str(root), "n_studies": len(studies), "fingerprint": _data_fingerprint(studies)}
 
 
 def _check_same_data(state: dict | None, data: dict, where: Path) -> None:
@@ -1958,12 +2029,12 @@ def _write_json_atomic(obj, path: Path) -> None:
 
 # ---------------------------------------------------------------- training: one epoch, evaluation, the run, ensembles
 
-def make_view_loader(cache: ImageCache, images: pd.DataFrame, batch_size: int, shuffle: bool = False, seed: int = 0,
+def make_view_loader(cache: _ImageCache, images: pd.DataFrame, batch_size: int, shuffle: bool = False, seed: int = 0,
                      num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A DataLoader of whole batches of cached views; set `loader.sampler.batches` to re-shuffle per epoch."""
-    dataset = CachedViewBatches(cache, cache.rows(images["image_path"]), images["label"].to_numpy(),
+    dataset = _CachedViewBatches(cache, cache.rows(images["image_path"]), images["label"].to_numpy(),
                                 pd.factorize(images["study_path"])[0])
-    sampler = EpochBatches()
+    sampler = _EpochBatches()
     sampler.batches = epoch_batches(len(images), batch_size, shuffle, seed, 0)
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
@@ -2126,7 +2197,7 @@ def _epoch_metrics(prefix: str, images: pd.DataFrame, result: dict) -> dict:
 
 
 
-def _start_run(cfg: RunConfig, ctx: Distributed, device, prepare, progress: bool) -> tuple[dict | None, dict]:
+def _start_run(cfg: RunConfig, ctx: _Distributed, device, prepare, progress: bool) -> tuple[dict | None, dict]:
     """The start-up both trainers share: leftover temporaries removed; the checkpoint to resume (or an earlier run
     moved aside); the data prepared by `prepare(cfg, progress, state)` on the first process of each machine while
     the others wait, then read; config.json written; cuDNN's autotuner and the seeds set. Returns (state, data)."""
@@ -2144,7 +2215,7 @@ def _start_run(cfg: RunConfig, ctx: Distributed, device, prepare, progress: bool
     if ctx.is_main:
         _write_json_atomic(_config_dict(cfg), out / "config.json")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick the fastest kernels
-    seed_everything(cfg.seed)
+    _seed_everything(cfg.seed)
     return state, data
 
 
@@ -2154,7 +2225,7 @@ def _grad_scaler(cfg: RunConfig, device) -> torch.amp.GradScaler:
 
 
 def _resume_into(state: dict | None, model, optimizer, scheduler, scaler, cfg: RunConfig,
-                 ctx: Distributed) -> tuple[list[dict], float | None, int]:
+                 ctx: _Distributed) -> tuple[list[dict], float | None, int]:
     """Restore a checkpoint's state (when resuming) and say so: (history, best score, first epoch to run)."""
     if state is None:
         return [], None, 0
@@ -2165,7 +2236,7 @@ def _resume_into(state: dict | None, model, optimizer, scheduler, scaler, cfg: R
     return history, best, start_epoch
 
 
-def _for_processes(model, cfg: RunConfig, ctx: Distributed, device):
+def _for_processes(model, cfg: RunConfig, ctx: _Distributed, device):
     """The model wrapped for several processes (DistributedDataParallel; SyncBatchNorm when asked, on GPUs)."""
     if ctx.world_size == 1:
         return model
@@ -2198,12 +2269,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
     DistributedDataParallel: each process takes its share of every global batch of batch_size x processes views,
     validation is sharded and gathered, rank 0 alone computes the metrics, holds the lock and writes the files.
     """
-    ctx, device = setup_distributed(cfg.device)
+    ctx, device = _setup_distributed(cfg.device)
     with run_lock(cfg.output_dir) if ctx.is_main else contextlib.nullcontext():
         return _train_locked(cfg, progress, ctx, device)
 
 
-def _train_locked(cfg: TrainConfig, progress: bool, ctx: Distributed, device) -> pd.DataFrame:
+def _train_locked(cfg: TrainConfig, progress: bool, ctx: _Distributed, device) -> pd.DataFrame:
     """train() while rank 0 holds the run folder's lock."""
     out = Path(cfg.output_dir)
     state, run = _start_run(cfg, ctx, device, _prepare_run, progress)
@@ -2365,7 +2436,7 @@ def ensemble_checkpoints(run_dirs: Sequence[str | os.PathLike], k: int = 1) -> t
 
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
     """Load a checkpoint (weights_only, its digest checked) and return (model in eval mode, its TrainConfig)."""
-    state = load_state(path, "supervised")
+    state = _load_state(path, "supervised")
     cfg = _stored_config(TrainConfig, state, path)
     model = build_model(pretrained=False, arch=cfg.arch)
     model.load_state_dict(state["model"])
@@ -2536,7 +2607,7 @@ def run_studies(cfg: TrainConfig, data_dir: str | os.PathLike | None = None) -> 
             "test": load_studies(root, "valid", cfg.body_part, on_bad=cfg.on_bad)}
 
 
-SCORE_ID_COLUMNS = ("image_path", "study_path", "patient", "label", "subset")  # a score table's non-scores
+_SCORE_ID_COLUMNS = ("image_path", "study_path", "patient", "label", "subset")  # a score table's non-scores
 
 
 def model_free_floor(sets: dict[str, pd.DataFrame], train_studies: pd.DataFrame,
@@ -2554,7 +2625,7 @@ def model_free_floor(sets: dict[str, pd.DataFrame], train_studies: pd.DataFrame,
         scores = study_scores(reference_anomaly_scores(cache, images, template))
         if "patient" not in scores:  # (study_scores keeps the views' patient column)
             scores = scores.merge(sets[name][["study_path", "patient"]], on="study_path")
-        for score in [c for c in scores.columns if c not in SCORE_ID_COLUMNS]:
+        for score in [c for c in scores.columns if c not in _SCORE_ID_COLUMNS]:
             low, high = auroc_interval(scores["label"], scores[score], n_boot, seed,
                                        patients=scores["patient"] if level == "patient" else None)
             rows.append({"set": name, "score": score, "auroc": roc_auc_score(scores["label"], scores[score]),
@@ -2565,7 +2636,7 @@ def model_free_floor(sets: dict[str, pd.DataFrame], train_studies: pd.DataFrame,
 _MURA_PAPER_CAVEAT = ("MURA's hidden test set, labelled by the majority vote of radiologists; the paper's model is "
                       "'an ensemble of the 5 models with the lowest validation losses', which does not say whether "
                       "these are 5 checkpoints of one run or 5 runs; chosen on MURA's validation split")
-REFERENCE_RESULTS = pd.DataFrame([
+_REFERENCE_RESULTS = pd.DataFrame([
     {"source": "Reference report (2023), DenseNet-169, MURA hand, validation", "metric": "accuracy",
      "set": "MURA hand validation split, 167 studies (101 normal)", "value": 0.611, "baseline": 101 / 167,
      "baseline_rule": "every study normal (101/167)",
@@ -2581,7 +2652,7 @@ REFERENCE_RESULTS = pd.DataFrame([
      "baseline_rule": "chance",
      "note": "the best of the paper's three radiologists against the gold standard (the majority vote of three "
              "others), as the MURA leaderboard cites it (stanfordmlgroup.github.io competitions/mura/index.html); "
-             "the paper's model: 0.705 overall (PAPER_KAPPA_BY_TYPE)"},
+             "the paper's model: 0.705 overall (_PAPER_KAPPA_BY_TYPE)"},
     {"source": "Rajpurkar et al. 2017 (MURA paper), DenseNet-169, all body parts, hidden test set",
      "metric": "auroc", "set": "MURA hidden test set, all body parts", "value": 0.929, "baseline": 0.5,
      "baseline_rule": "chance",
@@ -2591,7 +2662,7 @@ REFERENCE_RESULTS = pd.DataFrame([
      "note": "ROC-AUC from the discriminator; chosen by ROC-AUC on their validation split of MURA's training hands, "
              "reported on their test split of it"},
 ])
-HEADLINE_METRICS = ("accuracy", "kappa", "auroc")
+_HEADLINE_METRICS = ("accuracy", "kappa", "auroc")
 
 
 def _at_half(report: pd.DataFrame) -> pd.DataFrame:
@@ -2619,14 +2690,14 @@ def comparison_table(report: pd.DataFrame, label: str = "this model", tune_repor
         rows += [{"source": label, "set": name, "metric": m, "value": ours.loc[m, "estimate"],
                   "ci_low": ours.loc[m, "ci_low"], "ci_high": ours.loc[m, "ci_high"],
                   "baseline": ours.loc[m, "baseline"], "baseline_rule": ours.loc[m, "baseline_rule"],
-                  "note": f"95% CI resampled by {ours['resampled'].iloc[0]}; {note}"} for m in HEADLINE_METRICS]
+                  "note": f"95% CI resampled by {ours['resampled'].iloc[0]}; {note}"} for m in _HEADLINE_METRICS]
     for row in ([] if floor is None else floor.reset_index().to_dict("records")):
         rows.append({"source": f"no model: {row['score']} (model-free floor)", "set": names[row["set"]],
                      "metric": "auroc",
                      "value": row["auroc"], "ci_low": row["ci_low"], "ci_high": row["ci_high"], "baseline": 0.5,
                      "baseline_rule": "chance", "note": "template error or hand size, no training "
                      "(reference_anomaly_scores, study mean of its views); a model should beat it"})
-    return pd.concat([pd.DataFrame(rows), REFERENCE_RESULTS], ignore_index=True)[
+    return pd.concat([pd.DataFrame(rows), _REFERENCE_RESULTS], ignore_index=True)[
         ["source", "set", "metric", "value", "ci_low", "ci_high", "baseline", "baseline_rule", "note"]]
 
 
@@ -2655,7 +2726,7 @@ def headline_table(report: pd.DataFrame, tune_report: pd.DataFrame | None = None
     return table.rename_axis("metric")
 
 
-def findings_by_study(findings: pd.DataFrame) -> pd.Series:
+def _findings_by_study(findings: pd.DataFrame) -> pd.Series:
     """Phantom only: the planted finding type of each abnormal study, indexed by (split, body part, patient, study)."""
     keys = [_relative_key(p)[:-1] for p in findings["image_path"]]
     return pd.Series(list(findings["finding"]), index=pd.MultiIndex.from_tuples(keys)).groupby(level=[0, 1, 2, 3]) \
@@ -2666,7 +2737,7 @@ def metrics_by_finding(studies: pd.DataFrame, findings: pd.DataFrame, scores: Se
                        threshold: float | None = None) -> pd.DataFrame:
     """Phantom only: per planted finding type (and all), its abnormal studies' count and each score's AUROC against
     all normal studies; with `threshold`, also the share of them scored above it (the sensitivity)."""
-    kinds = findings_by_study(findings)
+    kinds = _findings_by_study(findings)
     finding = [kinds.get(_relative_key(p), "(none listed)") if label else None
                for p, label in zip(studies["study_path"], studies["label"])]
     studies = studies.assign(finding=finding)
@@ -2687,7 +2758,7 @@ def metrics_by_finding(studies: pd.DataFrame, findings: pd.DataFrame, scores: Se
 
 # The MURA paper's Table 2, model column: Cohen's kappa (95% CI) per study type against the radiologists' majority
 # vote on its hidden test set (Rajpurkar et al. 2017); cited, not recomputed.
-PAPER_KAPPA_BY_TYPE = {"XR_ELBOW": 0.710, "XR_FINGER": 0.389, "XR_FOREARM": 0.737, "XR_HAND": 0.851,
+_PAPER_KAPPA_BY_TYPE = {"XR_ELBOW": 0.710, "XR_FINGER": 0.389, "XR_FOREARM": 0.737, "XR_HAND": 0.851,
                        "XR_HUMERUS": 0.600, "XR_SHOULDER": 0.729, "XR_WRIST": 0.931, "overall": 0.705}
 
 
@@ -2704,7 +2775,7 @@ def metrics_by_body_part(preds: pd.DataFrame, threshold: float = 0.5, n_boot: in
                      "kappa": table.loc["kappa", "estimate"], "kappa_ci_low": table.loc["kappa", "ci_low"],
                      "kappa_ci_high": table.loc["kappa", "ci_high"], "accuracy": table.loc["accuracy", "estimate"],
                      "auroc": table.loc["auroc", "estimate"],
-                     "paper_model_kappa": PAPER_KAPPA_BY_TYPE.get(part, np.nan)})
+                     "paper_model_kappa": _PAPER_KAPPA_BY_TYPE.get(part, np.nan)})
     return pd.DataFrame(rows).set_index("study_type")
 
 
@@ -2838,12 +2909,12 @@ def cam_localisation(models, studies: pd.DataFrame, boxes: pd.DataFrame, image_s
 
 # ---------------------------------------------------------------- prediction on a new study
 
-def study_image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+def _study_image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """The image files of one study: a folder's PNG/JPEG files (natural order) or a given list (a file given twice
     counted once, said); all checked first (a view without contrast is warned about)."""
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         folder = Path(source)
-        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES
                         and not p.name.startswith(".")), key=_natural_image_order)
         others = [p.name for p in folder.iterdir() if p.is_file() and p not in files]
         if others:
@@ -2863,7 +2934,7 @@ def study_image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -
     if repeated:
         warnings.warn("; ".join(repeated) + ": counted once in the study", stacklevel=2)
     files = [given[0] for given in same_file.values()]
-    bad = [f"  {p}: {issue}" for p in files if (issue := check_image_file(p, full_decode=True))]
+    bad = [f"  {p}: {issue}" for p in files if (issue := _check_image_file(p, full_decode=True))]
     if bad:
         raise MuraDataError(f"{len(bad)} unusable image(s):\n" + "\n".join(bad))
     blank = [f"  {p}: {issue}" for p in files if (issue := _contrast_problem(np.asarray(load_image(p))))]
@@ -2878,7 +2949,7 @@ def predict_new_study(checkpoints, source, device: str = "auto") -> dict:
 
     Returns {"study_prob", "abnormal", "views" (DataFrame: image_path, prob), "heatmaps" (per view)}.
     """
-    files = study_image_files(source)
+    files = _study_image_files(source)
     models, cfg = load_ensemble(checkpoints, device)
     heatmaps = view_heatmaps(models, [str(f) for f in files], cfg.image_size, cfg.resize, device)
     views = pd.DataFrame({"image_path": [h["image_path"] for h in heatmaps], "prob": [h["prob"] for h in heatmaps]})
@@ -3077,7 +3148,7 @@ def plot_training_curves(history: pd.DataFrame, select_metric: str = "valid_loss
     return fig
 
 
-def plot_pipeline_views(images: pd.DataFrame, cache: ImageCache, n: int = 4, seed: int = 0,
+def plot_pipeline_views(images: pd.DataFrame, cache: _ImageCache, n: int = 4, seed: int = 0,
                         rotation_degrees: float = 10.0, hflip: bool = True):
     """For n random views: the raw file, the cached resized view, and two random training augmentations."""
     sample = images.sample(min(n, len(images)), random_state=seed)
@@ -4257,7 +4328,7 @@ def _deconv_block(cin: int, cout: int, kernel: int = 4, stride: int = 2, padding
 class ConvAutoencoder(torch.nn.Module):
     """The CAE of Davletshina et al.'s Figure 5: 3x3 and stride-2 4x4 conv/BN/ReLU blocks from 1x512x512 down to
     512x16x16 (any input size divisible by 32 gives size/32), mirrored by a transposed-convolution decoder; with
-    architecture "paper", their code's shorter decoder (PaperCAEDecoder)."""
+    architecture "paper", their code's shorter decoder (_PaperCAEDecoder)."""
 
     def __init__(self, widths: Sequence[int] = (16, 32, 64, 128, 256, 512), architecture: str = "suite"):
         super().__init__()
@@ -4273,7 +4344,7 @@ class ConvAutoencoder(torch.nn.Module):
             if i < len(widths) - 2:
                 layers.append(_conv_block(cout, cout, 3, 1, 1))
         layers += [torch.nn.Conv2d(widths[0], 1, 3, 1, 1), torch.nn.Sigmoid()]
-        self.decoder = PaperCAEDecoder(widths) if architecture == "paper" else torch.nn.Sequential(*layers)
+        self.decoder = _PaperCAEDecoder(widths) if architecture == "paper" else torch.nn.Sequential(*layers)
 
     def forward(self, x):
         """Reconstruct x (B, 1, H, W) in [0, 1]."""
@@ -4384,7 +4455,7 @@ def _gan_depth(image_size: int) -> int:
     return depth
 
 
-class ImageCritic(torch.nn.Module):
+class _ImageCritic(torch.nn.Module):
     """The DCGAN discriminator's convolutions of Davletshina et al.'s Figure 9: stride-2 4x4 layers whose width
     doubles as the map halves (4 channels at 256x256 ... 256 at 4x4 for a 512 input), then a 4x4 convolution to
     512x1x1: the image's 512 features."""
@@ -4402,7 +4473,7 @@ class ImageCritic(torch.nn.Module):
         return self.features(x)
 
 
-class MinibatchDiscrimination(torch.nn.Module):
+class _MinibatchDiscrimination(torch.nn.Module):
     """Salimans et al. (2016): how close each sample's features are to the rest of its batch, as extra features
     (512 -> 528 in DCGAN's discriminator). In eval mode the sample is compared with a reference batch kept from
     training, so that an anomaly score does not depend on which views were scored together."""
@@ -4432,7 +4503,7 @@ class MinibatchDiscrimination(torch.nn.Module):
         return torch.cat([h, closeness.to(h.dtype)], 1)
 
 
-class Generator(torch.nn.Module):
+class _Generator(torch.nn.Module):
     """The DCGAN generator of Davletshina et al.'s Figure 9: a latent code to 1024x4x4, then stride-2 4x4
     transposed convolutions halving the width as the map doubles, to a 1-channel image in [0, 1]."""
 
@@ -4463,17 +4534,17 @@ class AdversarialAnomalyModel(torch.nn.Module):
         if kind not in GAN_MODELS:
             raise ValueError(f"kind must be one of {GAN_MODELS}, got {kind!r}")
         self.kind, self.latent = kind, latent
-        self.generator = Generator(image_size, latent)
-        self.critic = ImageCritic(image_size)
+        self.generator = _Generator(image_size, latent)
+        self.critic = _ImageCritic(image_size)
         if kind == "bigan":
             self.code_features = torch.nn.Sequential(torch.nn.Linear(latent, 512), torch.nn.LeakyReLU(0.2, True))
             self.head = torch.nn.Sequential(torch.nn.Linear(1024, 512), torch.nn.LeakyReLU(0.2, True),
                                             torch.nn.Linear(512, 1))
         else:
-            self.minibatch = MinibatchDiscrimination(512)
+            self.minibatch = _MinibatchDiscrimination(512)
             self.head = torch.nn.Linear(512 + self.minibatch.out_features, 1)
         if kind != "dcgan":
-            self.encoder = torch.nn.Sequential(ImageCritic(image_size), torch.nn.Linear(512, latent))
+            self.encoder = torch.nn.Sequential(_ImageCritic(image_size), torch.nn.Linear(512, latent))
         if kind == "alphagan":
             self.code_critic = torch.nn.Sequential(torch.nn.Linear(latent, 750), torch.nn.LeakyReLU(0.2, True),
                                                    torch.nn.Linear(750, 750), torch.nn.LeakyReLU(0.2, True),
@@ -4563,7 +4634,7 @@ def gan_step(model: AdversarialAnomalyModel, x, mask, optimizers: dict, scaler, 
 # model code equals that of 5eb48b8, which added the published notebooks/summary.csv): the networks and training
 # steps their code runs, where those differ from the suite's; file:line at c801459. Our own networks above follow
 # the paper's figures; these follow the code.
-DCGAN_MIXED_SAMPLES = 4  # gans.py:177: D's 512 features viewed as rows of 512 x 4, so minibatch discrimination mixes
+_DCGAN_MIXED_SAMPLES = 4  # gans.py:177: D's 512 features viewed as rows of 512 x 4, so minibatch discrimination mixes
 # four samples into each row
 
 
@@ -4572,7 +4643,7 @@ def _spectral(layer: torch.nn.Module) -> torch.nn.Module:
     return torch.nn.utils.parametrizations.spectral_norm(layer)
 
 
-class PaperCAEDecoder(torch.nn.Sequential):
+class _PaperCAEDecoder(torch.nn.Sequential):
     """Their CAE decoder (autoencoders.py:48-51, 77-86; batch_normalisation True, run_params.py:37): five stride-2
     4x4 transposed convolutions with BN and ReLU, 512 -> 16 channels, then a 3x3 one to one channel without bias or
     BN, ReLU, then Tanh (so outputs lie in [0, 1))."""
@@ -4603,7 +4674,7 @@ class SelfAttention(torch.nn.Module):
         return x + self.gamma * out.view(b, c, h, w)
 
 
-class PaperMinibatchDiscrimination(torch.nn.Module):
+class _PaperMinibatchDiscrimination(torch.nn.Module):
     """Minibatch discrimination as their code uses it (torchgan's MinibatchDiscrimination1d; gans.py:172,
     alphagan.py:262): a projection T (in x out x kernel, drawn from N(0, 1)), and per sample and output feature the
     sum over the other rows of the batch of exp(-L1 distance), appended to the features. Always over the batch it is
@@ -4636,7 +4707,7 @@ def _attention_stack(image_size: int, conv_dim: int = 64) -> tuple[torch.nn.Sequ
     return torch.nn.Sequential(*layers), cin
 
 
-class AttentionGenerator(torch.nn.Module):
+class _AttentionGenerator(torch.nn.Module):
     """Their BiGAN/alpha-GAN generator (sagan.py:58-140 = alphagan.py:58-140): a spectral-norm 4x4 transposed
     convolution from the code to 8*size channels (1024 at 128 px), halving stride-2 blocks with BN and ReLU,
     self-attention after the last two, and a last transposed convolution to one channel with Tanh."""
@@ -4693,10 +4764,10 @@ class PaperGAN(torch.nn.Module):
                 layers += [_spectral(torch.nn.Conv2d(cin, cout, 4, 2, 1)), torch.nn.LeakyReLU()]
             self.critic = torch.nn.Sequential(*layers, _spectral(torch.nn.Conv2d(widths[-1], 512, 4, 1, 0)),
                                               torch.nn.LeakyReLU(), torch.nn.Flatten())
-            self.minibatch = PaperMinibatchDiscrimination(512 * DCGAN_MIXED_SAMPLES, 16 * DCGAN_MIXED_SAMPLES, 128)
+            self.minibatch = _PaperMinibatchDiscrimination(512 * _DCGAN_MIXED_SAMPLES, 16 * _DCGAN_MIXED_SAMPLES, 128)
             self.head = torch.nn.Linear(512 + 16, 1)
             return
-        self.generator = AttentionGenerator(image_size, latent)
+        self.generator = _AttentionGenerator(image_size, latent)
         stack, channels = _attention_stack(image_size)
         encoder_stack, _ = _attention_stack(image_size)
         if kind == "bigan":  # sagan.py Encoder, Discriminator (its infer_z and infer_joint heads)
@@ -4718,7 +4789,7 @@ class PaperGAN(torch.nn.Module):
         self.encoder_spread = torch.nn.Sequential(torch.nn.Conv2d(channels, latent, 4), torch.nn.Tanh(),
                                                   torch.nn.Flatten())
         self.critic = stack
-        self.minibatch = PaperMinibatchDiscrimination(channels * 4 * 4, 4 * 4 * 4, 256)  # alphagan.py:261-264
+        self.minibatch = _PaperMinibatchDiscrimination(channels * 4 * 4, 4 * 4 * 4, 256)  # alphagan.py:261-264
         self.head = torch.nn.Sequential(_spectral(torch.nn.Conv2d(channels + 4, 1, 4)), torch.nn.Flatten())
         widths = [latent, latent // 2, latent // 4]  # alphagan.py:306-318: z -> z/2 -> z/4 -> 1
         layers = []
@@ -4745,8 +4816,8 @@ class PaperGAN(torch.nn.Module):
         if self.kind == "alphagan":  # alphagan.py:288-290: per sample, the closeness reshaped to 4 channels of 4x4
             return self.head(self.minibatch(h.flatten(1)).view(len(h), -1, 4, 4))[:, 0]
         n = len(h)
-        full = h[torch.arange(n + (-n % DCGAN_MIXED_SAMPLES), device=h.device) % n]
-        mixed = self.minibatch(full.reshape(-1, h.shape[1] * DCGAN_MIXED_SAMPLES)).reshape(len(full), -1)
+        full = h[torch.arange(n + (-n % _DCGAN_MIXED_SAMPLES), device=h.device) % n]
+        mixed = self.minibatch(full.reshape(-1, h.shape[1] * _DCGAN_MIXED_SAMPLES)).reshape(len(full), -1)
         return self.head(mixed[:n])[:, 0]
 
     def forward(self, x):
@@ -5012,7 +5083,7 @@ ARCHITECTURES = {
 }
 # which models a setting concerns (the others ignore it); settings not named concern every model
 _MASKED_MODELS = ("cae", "vae", "bigan", "alphagan")  # the models that reconstruct (DCGAN's scores use no mask)
-RECIPE_SETTING_MODELS = {"lr": ("cae", "vae"), "vae_latent": ("vae",), "vae_loss": ("vae",), "kld_weight": ("vae",),
+_RECIPE_SETTING_MODELS = {"lr": ("cae", "vae"), "vae_latent": ("vae",), "vae_loss": ("vae",), "kld_weight": ("vae",),
                          "kld_in_sums": ("vae",), "smooth_l1": ("vae",), "loss_reduction": ("cae", "vae"),
                          "gan_lr": GAN_MODELS, "d_lr": GAN_MODELS, "gan_latent": GAN_MODELS,
                          "code_lr": ("alphagan",), "recon_weight": ("alphagan",), "label_noise": ("dcgan",),
@@ -5087,7 +5158,7 @@ def recipe_deviations() -> pd.DataFrame:
     for model in ANOMALY_MODELS:
         paper, suite = recipe_settings("paper", model), recipe_settings("suite", model)
         for key in RECIPE_SETTINGS:
-            if model in RECIPE_SETTING_MODELS.get(key, ANOMALY_MODELS) and paper[key] != suite[key]:
+            if model in _RECIPE_SETTING_MODELS.get(key, ANOMALY_MODELS) and paper[key] != suite[key]:
                 shown = {r: ARCHITECTURES[model, v[key]] if key == "architecture" else v[key]
                          for r, v in (("paper", paper), ("suite", suite))}
                 rows.append({"model": ANOMALY_MODEL_NAMES[model], "setting": key, **shown,
@@ -5216,7 +5287,7 @@ def _validate_anomaly_config(cfg) -> None:
 
 # ---------------------------------------------------------------- anomaly detection: training, scores, heatmaps, grid
 
-class AnomalyViewBatches:
+class _AnomalyViewBatches:
     """Dataset whose items are whole batches of preprocessed views: indices -> (uint8 views, uint8 masks, indices)."""
 
     def __init__(self, cache: AnomalyCache, rows: np.ndarray):
@@ -5329,10 +5400,10 @@ def prepare_anomaly_data(cfg: AnomalyConfig, progress: bool = True, state: dict 
 
 def _anomaly_loader(cache: AnomalyCache, images: pd.DataFrame, batch_size: int, num_workers: int, pin: bool):
     """A DataLoader of whole batches of preprocessed views (re-shuffle via loader.sampler.batches)."""
-    sampler = EpochBatches()
+    sampler = _EpochBatches()
     sampler.batches = epoch_batches(len(images), batch_size, False, 0, 0)
     rows = images["cache_row"].to_numpy() if "cache_row" in images else cache.rows(images["image_path"])
-    return DataLoader(AnomalyViewBatches(cache, rows), sampler=sampler, batch_size=None,
+    return DataLoader(_AnomalyViewBatches(cache, rows), sampler=sampler, batch_size=None,
                       num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
                       multiprocessing_context=_worker_context() if num_workers > 0 else None,
                       generator=torch.Generator())  # its own: starting workers leaves the VAE's noise alone
@@ -5340,13 +5411,13 @@ def _anomaly_loader(cache: AnomalyCache, images: pd.DataFrame, batch_size: int, 
 
 def anomaly_inputs(views, masks, device, cfg: AnomalyConfig, generator=None):
     """uint8 views and masks (B, 1, S, S) -> float views and masks on `device`, as the model sees them: with a
-    `generator` (training) augmented first (augment_views_and_masks), then per-image min-max scaled when cfg.minmax
+    `generator` (training) augmented first (_augment_views_and_masks), then per-image min-max scaled when cfg.minmax
     (their MinMaxNormalization, after their augmentation: train.py:70-74), then mapped onto cfg.input_range; the
     masks as cfg.mask_from says (theirs: every pixel whose value is not 0, transforms.py:108)."""
     x = views.to(device, non_blocking=True).float() / 255
     m = masks.to(device, non_blocking=True).float()
     if generator is not None:
-        x, m = augment_views_and_masks(x, m, generator, cfg)
+        x, m = _augment_views_and_masks(x, m, generator, cfg)
     if cfg.minmax:
         low = x.amin((1, 2, 3), keepdim=True)
         x = (x - low) / (x.amax((1, 2, 3), keepdim=True) - low).clamp_min(1e-6)
@@ -5384,10 +5455,10 @@ def evaluate_anomaly(model, cache: AnomalyCache, images: pd.DataFrame, cfg: Anom
             index.append(idx)
     order = torch.cat(index).numpy()
     scores = pd.DataFrame({k: torch.cat(v).numpy() for k, v in columns.items()})
-    keep = [c for c in SCORE_ID_COLUMNS if c in images.columns]
+    keep = [c for c in _SCORE_ID_COLUMNS if c in images.columns]
     scores = pd.concat([images.iloc[order][keep].reset_index(drop=True), scores], axis=1)
     if "cache_row" in images:  # hand crops: a view is as abnormal as its most abnormal hand (every crop holds a
-        names = [c for c in scores.columns if c not in SCORE_ID_COLUMNS]  # hand: views without one were left out)
+        names = [c for c in scores.columns if c not in _SCORE_ID_COLUMNS]  # hand: views without one were left out)
         scores = scores.groupby("image_path", sort=False).agg(
             {**{c: "first" for c in keep if c != "image_path"}, **dict.fromkeys(names, "max")}).reset_index()
         scores.attrs["empty_masks"] = []
@@ -5410,7 +5481,7 @@ def _without_empty_masks(scores: pd.DataFrame, cache: AnomalyCache) -> pd.DataFr
 
 def study_scores(scores: pd.DataFrame) -> pd.DataFrame:
     """View scores to study scores (the mean of its views), one row per study with its label (and patient)."""
-    names = [c for c in scores.columns if c not in SCORE_ID_COLUMNS]
+    names = [c for c in scores.columns if c not in _SCORE_ID_COLUMNS]
     ids = {c: "first" for c in ("label", "patient") if c in scores}
     return scores.groupby("study_path").agg({**ids, **dict.fromkeys(names, "mean")}).reset_index()
 
@@ -5430,7 +5501,7 @@ def anomaly_metrics(scores: pd.DataFrame, level: str = "study", n_boot: int = 20
                          "or resample='rows'")
     data = study_scores(scores) if level == "study" else scores
     patients = data["patient"].to_numpy() if resample == "patient" and "patient" in data else None
-    names = [c for c in data.columns if c not in SCORE_ID_COLUMNS]
+    names = [c for c in data.columns if c not in _SCORE_ID_COLUMNS]
     rows = []
     for name in names:
         one_class = data["label"].nunique() < 2
@@ -5465,7 +5536,7 @@ def reference_anomaly_scores(cache: AnomalyCache, images: pd.DataFrame, train_im
             columns.setdefault(k, []).append(v.numpy())
         order.append(idx.numpy())
     scores = pd.DataFrame({k: np.concatenate(v) for k, v in columns.items()}, index=np.concatenate(order)).sort_index()
-    keep = [c for c in SCORE_ID_COLUMNS if c in images.columns]
+    keep = [c for c in _SCORE_ID_COLUMNS if c in images.columns]
     return _without_empty_masks(pd.concat([images[keep].reset_index(drop=True), scores.reset_index(drop=True)], axis=1),
                                 cache)
 
@@ -5512,7 +5583,7 @@ def autoencoder_loss(x, out: dict, mask, kld_weight: float = 1.0, vae_loss: str 
     return loss
 
 
-def autoencoder_step(model, x, mask, optimizer, scaler, dtype, kld_weight: float = 1.0, vae_loss: str = "mse",
+def _autoencoder_step(model, x, mask, optimizer, scaler, dtype, kld_weight: float = 1.0, vae_loss: str = "mse",
                      reduction: str = "image") -> dict[str, torch.Tensor]:
     """One training step of an autoencoder on its loss (autoencoder_loss; pass an all-ones mask for an unmasked
     loss)."""
@@ -5536,12 +5607,12 @@ def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.model in GAN_MODELS:
         raise ConfigError(f"AnomalyConfig.model = {cfg.model!r}: the GANs train on one device (DDP would change "
                           f"their dynamics); run it without torchrun, or train an autoencoder ('cae', 'vae')")
-    ctx, device = setup_distributed(cfg.device)
+    ctx, device = _setup_distributed(cfg.device)
     with run_lock(cfg.output_dir) if ctx.is_main else contextlib.nullcontext():
         return _train_anomaly_locked(cfg, progress, ctx, device)
 
 
-def _view_shard(images: pd.DataFrame, ctx: Distributed) -> pd.DataFrame:
+def _view_shard(images: pd.DataFrame, ctx: _Distributed) -> pd.DataFrame:
     """This process's share of the rows of `images`, split by view (a view's hand crops stay together)."""
     if ctx.world_size == 1:
         return images
@@ -5549,7 +5620,7 @@ def _view_shard(images: pd.DataFrame, ctx: Distributed) -> pd.DataFrame:
     return images[images["image_path"].isin(set(views[ctx.rank::ctx.world_size]))]
 
 
-def _gather_scores(scores: pd.DataFrame, ctx: Distributed) -> pd.DataFrame | None:
+def _gather_scores(scores: pd.DataFrame, ctx: _Distributed) -> pd.DataFrame | None:
     """Every process's score table joined on rank 0 (their empty-mask lists too); None elsewhere."""
     if ctx.world_size == 1:
         return scores
@@ -5562,7 +5633,7 @@ def _gather_scores(scores: pd.DataFrame, ctx: Distributed) -> pd.DataFrame | Non
     return joined
 
 
-def _summed_losses(loss_sums: dict, n_seen: int, ctx: Distributed, device) -> tuple[dict[str, float], int]:
+def _summed_losses(loss_sums: dict, n_seen: int, ctx: _Distributed, device) -> tuple[dict[str, float], int]:
     """Each loss averaged over every view of the epoch across processes, and the number of those views."""
     names = sorted(loss_sums)
     totals = torch.stack([torch.as_tensor(loss_sums[k], dtype=torch.float64, device=device) for k in names]
@@ -5573,7 +5644,7 @@ def _summed_losses(loss_sums: dict, n_seen: int, ctx: Distributed, device) -> tu
     return {f"train_{k}": float(totals[i]) / max(n, 1) for i, k in enumerate(names)}, n
 
 
-def train_anomaly_one_epoch(model, loader, optimizers: dict, scaler, device, cfg: AnomalyConfig, epoch: int,
+def _train_anomaly_one_epoch(model, loader, optimizers: dict, scaler, device, cfg: AnomalyConfig, epoch: int,
                             progress: bool = True, rank: int = 0) -> dict:
     """One pass over the normal training views (this process's share of them), augmented: {'losses': each loss
     summed over the views, 'n': views seen}."""
@@ -5592,7 +5663,7 @@ def train_anomaly_one_epoch(model, loader, optimizers: dict, scaler, device, cfg
         elif cfg.is_gan:
             losses = gan_step(model, x, m, optimizers, scaler, dtype, generator, cfg.recon_weight, cfg.masked_loss)
         else:
-            losses = autoencoder_step(model, x, m if cfg.masked_loss else torch.ones_like(m), optimizers["model"],
+            losses = _autoencoder_step(model, x, m if cfg.masked_loss else torch.ones_like(m), optimizers["model"],
                                       scaler, dtype, cfg.kld_weight, cfg.vae_loss, cfg.loss_reduction)
         for name, value in losses.items():
             loss_sums[name] = loss_sums.get(name, 0) + value * len(x)
@@ -5602,7 +5673,7 @@ def train_anomaly_one_epoch(model, loader, optimizers: dict, scaler, device, cfg
     return {"losses": loss_sums, "n": n_seen}
 
 
-def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: Distributed, device) -> pd.DataFrame:
+def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: _Distributed, device) -> pd.DataFrame:
     """train_anomaly() while rank 0 holds the run folder's lock."""
     out = Path(cfg.output_dir)
     state, data = _start_run(cfg, ctx, device, prepare_anomaly_data, progress)
@@ -5621,7 +5692,7 @@ def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: Distributed, 
         loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch, None,
                                                ctx.rank, ctx.world_size)
         started = time.perf_counter()
-        trained = train_anomaly_one_epoch(model, loader, optimizers, scaler, device, cfg, epoch,
+        trained = _train_anomaly_one_epoch(model, loader, optimizers, scaler, device, cfg, epoch,
                                           progress and ctx.is_main, ctx.rank)
         losses, n_all = _summed_losses(trained["losses"], trained["n"], ctx, device)
         train_time = time.perf_counter() - started  # rank 0's; its images/s counts every process's views
@@ -5655,7 +5726,7 @@ def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: Distributed, 
 
 def load_anomaly_model(path: str | os.PathLike, device: str = "cpu"):
     """Load an unsupervised checkpoint (weights_only, its digest checked): (model in eval mode, its AnomalyConfig)."""
-    state = load_state(path, "anomaly")
+    state = _load_state(path, "anomaly")
     cfg = _stored_config(AnomalyConfig, state, path)
     model = anomaly_model_for(cfg)
     model.load_state_dict(state["model"])
@@ -5702,7 +5773,7 @@ def transform_boxes(findings: pd.DataFrame, cache: AnomalyCache) -> pd.DataFrame
     return pd.DataFrame(rows, columns=["Index", *findings.columns]).drop(columns=["Index"])
 
 
-REFERENCE_MODEL = "no model"  # the grid's rows of model-free scores (reference_anomaly_scores)
+_REFERENCE_MODEL = "no model"  # the grid's rows of model-free scores (reference_anomaly_scores)
 # Their published ROC-AUCs (Davletshina et al. 2020, Figure 11) as data: notebooks/summary.csv of
 # github.com/Valentyn1997/xray, added in commit 5eb48b8 (23 Nov 2019) and unchanged at c801459: per run (one CSV
 # line: model, data source, pipeline) each score's mean and SD over their seeds (run_params.py:28: four, each its own
@@ -5811,21 +5882,21 @@ _THEIR_SUMMARY_CSV = """line,their_model,data_source,hist_equalisation,normalisa
 32,alphagan,XR_HAND_PHOTOSHOP,0,-1 1,proba_coproba,0.6072,0.0165
 32,alphagan,XR_HAND_PHOTOSHOP,0,-1 1,coproba,0.5000,0.0000
 """
-PUBLISHED_SOURCE = "Davletshina et al. 2020: Valentyn1997/xray notebooks/summary.csv @ 5eb48b8 (= c801459)"
-THEIR_MODELS = {"cae": "CAE", "vae": "VAE", "dcgan": "DCGAN", "bigan": "BiGAN", "alphagan": "alpha-GAN",
+_PUBLISHED_SOURCE = "Davletshina et al. 2020: Valentyn1997/xray notebooks/summary.csv @ 5eb48b8 (= c801459)"
+_THEIR_MODELS = {"cae": "CAE", "vae": "VAE", "dcgan": "DCGAN", "bigan": "BiGAN", "alphagan": "alpha-GAN",
                 "bae": "their bottleneck AE"}
-THEIR_SCORES = {"mse": "mse", "mse_top_k": "mse_top200", "l1": "l1", "l1_top_k": "l1_top200", "kld": "kld",
+_THEIR_SCORES = {"mse": "mse", "mse_top_k": "mse_top200", "l1": "l1", "l1_top_k": "l1_top200", "kld": "kld",
                 "mse_kld": "mse+kld", "l1_kld": "l1+kld", "proba": "disc", "coproba": "code_disc",
                 "proba_coproba": "c+d"}
 # which of their data sources each of our preprocessing bases sits beside (our "full" is an automatic mask standing
 # in for their hands cleaned by hand)
-THEIR_DATA_SOURCES = {"raw": ("XR_HAND", "theirs: raw views"), "crop": ("XR_HAND_CROPPED", "theirs: SSD hand crops"),
+_THEIR_DATA_SOURCES = {"raw": ("XR_HAND", "theirs: raw views"), "crop": ("XR_HAND_CROPPED", "theirs: SSD hand crops"),
                       "full": ("XR_HAND_PHOTOSHOP", "theirs: manual masks")}
 PUBLISHED_ANOMALY_AUROC = pd.read_csv(io.StringIO(_THEIR_SUMMARY_CSV), dtype={"normalisation": str}).assign(
     hist_equalisation=lambda t: t["hist_equalisation"].astype(bool),
-    model=lambda t: t["their_model"].map(THEIR_MODELS), score=lambda t: t["their_score"].map(THEIR_SCORES),
-    variant=lambda t: t["data_source"].map({v[0]: k for k, v in THEIR_DATA_SOURCES.items()})
-    + np.where(t["hist_equalisation"], "+HE", ""), source=PUBLISHED_SOURCE)
+    model=lambda t: t["their_model"].map(_THEIR_MODELS), score=lambda t: t["their_score"].map(_THEIR_SCORES),
+    variant=lambda t: t["data_source"].map({v[0]: k for k, v in _THEIR_DATA_SOURCES.items()})
+    + np.where(t["hist_equalisation"], "+HE", ""), source=_PUBLISHED_SOURCE)
 
 
 def anomaly_grid_names(models, variants) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -5926,12 +5997,12 @@ def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Seque
             normal_train = images[(images["subset"] == "train") & (images["label"] == 0)]
             scores, val = (reference_anomaly_scores(data["cache"], images[images["subset"] == subset], normal_train,
                                                     cfg.top_k) for subset in ("test", "val"))
-            reference_dir = Path(base.output_dir) / (f"{REFERENCE_MODEL.replace(' ', '_')}_{variant}"
+            reference_dir = Path(base.output_dir) / (f"{_REFERENCE_MODEL.replace(' ', '_')}_{variant}"
                                                      + (f"_seed{seed}" if several else ""))
             reference_dir.mkdir(parents=True, exist_ok=True)
             _write_csv_atomic(scores, reference_dir / "test_scores.csv")
             rows.append(_level_metrics(scores, val, cfg.seed).assign(
-                model=REFERENCE_MODEL, recipe="-", variant=variant, seed=seed, image_size=cfg.image_size,
+                model=_REFERENCE_MODEL, recipe="-", variant=variant, seed=seed, image_size=cfg.image_size,
                 run_dir=str(reference_dir), n_empty_masks=len(scores.attrs.get("empty_masks", []))))
     return pd.concat(rows, ignore_index=True)
 
@@ -5939,7 +6010,7 @@ def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Seque
 def _one_run_per_cell(results: pd.DataFrame, level: str) -> pd.DataFrame:
     """The rows of one level and of the grid's first seed; models labelled with their recipe when several."""
     results = results[(results["level"] == level) & (results["seed"] == results["seed"].iloc[0])]
-    if results.loc[results["model"] != REFERENCE_MODEL, "recipe"].nunique() > 1:
+    if results.loc[results["model"] != _REFERENCE_MODEL, "recipe"].nunique() > 1:
         results = results.assign(model=[m if r == "-" else f"{m} ({r})" for m, r in results[["model", "recipe"]]
                                         .to_numpy()])
     return results
@@ -5983,7 +6054,7 @@ def published_comparison(results: pd.DataFrame) -> pd.DataFrame:
     seed's ROC-AUC with its 95% interval (patients resampled) and, with several seeds, mean +- SD. Theirs are on real
     MURA; ours on this run's data (the phantom unless data_dir is MURA)."""
     ours = seed_summary(results, "image")
-    ours = ours[ours["model"] != REFERENCE_MODEL].assign(
+    ours = ours[ours["model"] != _REFERENCE_MODEL].assign(
         variant_base=lambda t: t["variant"].str.replace(r"\+(HE|CLAHE)$", "", regex=True))
     table = ours.merge(PUBLISHED_ANOMALY_AUROC, on=["model", "score", "variant"], suffixes=("", "_published"))
     return pd.DataFrame({
@@ -5993,7 +6064,7 @@ def published_comparison(results: pd.DataFrame) -> pd.DataFrame:
                                                                          "roc_auc_ci_high"]].to_numpy()],
         "ours_mean_sd": [f"{m:.3f} +- {sd:.3f} ({int(n)} seeds)" if n > 1 else "" for m, sd, n in
                          table[["seeds_mean", "seeds_sd", "n_seeds"]].to_numpy()],
-        "theirs": [f"{THEIR_DATA_SOURCES[b][1]} ({THEIR_DATA_SOURCES[b][0]})" for b in table["variant_base"]],
+        "theirs": [f"{_THEIR_DATA_SOURCES[b][1]} ({_THEIR_DATA_SOURCES[b][0]})" for b in table["variant_base"]],
         "published": table["roc_auc_published"], "published_sd": table["roc_auc_sd"],
         "published_text": [f"{m:.4f} +- {sd:.4f}" if sd == sd else f"{m:.4f} (one run)" for m, sd in
                            table[["roc_auc_published", "roc_auc_sd"]].to_numpy()],
@@ -6010,7 +6081,7 @@ def anomaly_findings_table(results: pd.DataFrame, findings: pd.DataFrame, varian
     tables = []
     for run in results[results["variant"] == variant].drop_duplicates("run_dir").itertuples():
         studies = study_scores(pd.read_csv(Path(run.run_dir) / "test_scores.csv"))
-        names = [c for c in studies.columns if c not in SCORE_ID_COLUMNS]
+        names = [c for c in studies.columns if c not in _SCORE_ID_COLUMNS]
         table = metrics_by_finding(studies, findings, names)
         aurocs = table[[f"auroc_{n}" for n in names]].T.set_axis(names)
         tables.append(aurocs.assign(model=run.model).rename_axis("score").reset_index())
@@ -6114,7 +6185,7 @@ def plot_reconstructions(results: pd.DataFrame, n: int = 4, device: str = "auto"
     """Inputs, reconstructions and error maps (their Figure 12) for this grid: per run with a reconstruction (the
     autoencoders, BiGAN and alpha-GAN) typical test inputs (normal and abnormal alternating), their reconstructions
     and masked error maps; per GAN, views its generator draws from random codes. The grid's first seed and variant."""
-    runs = results[(results["model"] != REFERENCE_MODEL) & (results["seed"] == results["seed"].iloc[0])
+    runs = results[(results["model"] != _REFERENCE_MODEL) & (results["seed"] == results["seed"].iloc[0])
                    & (results["variant"] == results["variant"].iloc[0])].drop_duplicates("run_dir")
     panels = []  # (title, images, cmap)
     for run in runs.itertuples():
