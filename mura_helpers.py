@@ -434,7 +434,30 @@ def load_studies(
     parts = _body_parts(root, body_part)
     problems: list[_DataProblem] = []
 
-    # 1. walk the folders: the ground truth of what exists on disk
+    found = _walk_studies(root, split, parts, problems)  # 1. the folders: what exists on disk
+    _reconcile_with_csvs(root, split, parts, found, problems)  # 2. the official CSVs, when present
+    _check_study_images(found, verify_images, problems)  # 3. every image file
+    _report_problems(problems, on_bad, f"{root} ({split}, {', '.join(parts)})")
+    rows = [
+        {
+            "split": key[0], "body_part": key[1], "patient": key[2], "study": key[3],
+            "study_path": "/".join((root.name, *key)) + "/", "study_dir": str(info["study_dir"]),
+            "label": info["label"], "n_views": len(info["images"]),
+            "image_paths": [str(p) for p in info["images"]],
+        }
+        for key, info in sorted(found.items())
+        if info["images"]
+    ]
+    columns = ["split", "body_part", "patient", "study", "study_path", "study_dir", "label", "n_views", "image_paths"]
+    df = pd.DataFrame(rows, columns=columns)
+    df.attrs["root"] = str(root)
+    df.attrs["problems"] = tuple(problems)
+    return df
+
+
+def _walk_studies(root: Path, split: str, parts: Sequence[str], problems: list[_DataProblem]) -> dict:
+    """The study folders of `split` on disk (the ground truth of what exists), keyed (split, part, patient, study),
+    each {study_dir, label, images}; bad folder names and stray files are added to `problems`."""
     found: dict[tuple[str, ...], dict] = {}
     for part in parts:
         part_dir = root / split / part
@@ -469,44 +492,53 @@ def load_studies(
                 }
     if not found and not any((root / split / p).is_dir() for p in parts):
         raise MuraDataError(f"{root / split}: no {', '.join(parts)} folder for split {split!r}. {_GET_MURA_HELP}")
+    return found
 
-    # 2. reconcile with the official CSVs, when present
+
+def _reconcile_with_csvs(root: Path, split: str, parts: Sequence[str], found: dict,
+                         problems: list[_DataProblem]) -> None:
+    """Check the walked studies against the official CSVs, when present: a study or file on one side only, or a
+    label that disagrees with its folder's name, is a problem; `found` keeps only what both agree on."""
     csvs = _read_official_csvs(root, split)
-    if csvs is not None:
-        csv_studies, csv_images = csvs
-        csv_images_by_study: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
-        for p in csv_images:
-            key = _relative_key(p)
-            if len(key) >= 5 and key[1] in parts:
-                csv_images_by_study.setdefault(key[:4], []).append(key)
-        listed = set()
-        for row in csv_studies.itertuples(index=False):
-            key = _relative_key(row.csv_study_path)
-            if len(key) != 4 or key[1] not in parts:
-                continue
-            listed.add(key)
-            where = str(root.joinpath(*key))
-            m = STUDY_DIR_RE.fullmatch(key[3])
-            if m and _LABEL_OF_SUFFIX[m.group(2)] != row.csv_label:
-                problems.append(_DataProblem(
-                    where, "label mismatch", f"CSV label {row.csv_label} but folder suffix '{m.group(2)}'"))
-                found.pop(key, None)
-                continue
-            if key not in found:
-                problems.append(_DataProblem(where, "missing study", "listed in the CSV but not on disk"))
-                continue
-            on_disk = {img.name for img in found[key]["images"]}
-            in_csv = {k[4] for k in csv_images_by_study.get(key, [])}
-            for name in sorted(in_csv - on_disk):
-                problems.append(_DataProblem(str(root.joinpath(*key, name)), "missing file", "listed in the CSV"))
-            for name in sorted(on_disk - in_csv):
-                problems.append(_DataProblem(str(root.joinpath(*key, name)), "unlisted image", "on disk, in no CSV"))
-            found[key]["images"] = [img for img in found[key]["images"] if img.name in in_csv]
-        for key in sorted(set(found) - listed):
-            problems.append(_DataProblem(str(found[key]["study_dir"]), "unlisted study", "on disk, in no CSV"))
-            found.pop(key)
+    if csvs is None:
+        return
+    csv_studies, csv_images = csvs
+    csv_images_by_study: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+    for p in csv_images:
+        key = _relative_key(p)
+        if len(key) >= 5 and key[1] in parts:
+            csv_images_by_study.setdefault(key[:4], []).append(key)
+    listed = set()
+    for row in csv_studies.itertuples(index=False):
+        key = _relative_key(row.csv_study_path)
+        if len(key) != 4 or key[1] not in parts:
+            continue
+        listed.add(key)
+        where = str(root.joinpath(*key))
+        m = STUDY_DIR_RE.fullmatch(key[3])
+        if m and _LABEL_OF_SUFFIX[m.group(2)] != row.csv_label:
+            problems.append(_DataProblem(
+                where, "label mismatch", f"CSV label {row.csv_label} but folder suffix '{m.group(2)}'"))
+            found.pop(key, None)
+            continue
+        if key not in found:
+            problems.append(_DataProblem(where, "missing study", "listed in the CSV but not on disk"))
+            continue
+        on_disk = {img.name for img in found[key]["images"]}
+        in_csv = {k[4] for k in csv_images_by_study.get(key, [])}
+        for name in sorted(in_csv - on_disk):
+            problems.append(_DataProblem(str(root.joinpath(*key, name)), "missing file", "listed in the CSV"))
+        for name in sorted(on_disk - in_csv):
+            problems.append(_DataProblem(str(root.joinpath(*key, name)), "unlisted image", "on disk, in no CSV"))
+        found[key]["images"] = [img for img in found[key]["images"] if img.name in in_csv]
+    for key in sorted(set(found) - listed):
+        problems.append(_DataProblem(str(found[key]["study_dir"]), "unlisted study", "on disk, in no CSV"))
+        found.pop(key)
 
-    # 3. check every image file (decoded in full: a corrupt data stream can carry valid checksums), drop the unusable
+
+def _check_study_images(found: dict, verify_images: bool, problems: list[_DataProblem]) -> None:
+    """Decode every image file in full (a corrupt data stream can carry valid checksums) and drop the unusable ones
+    from `found`, adding each, and each study left empty, to `problems`."""
     for info in found.values():
         good = []
         for img in info["images"]:
@@ -518,23 +550,6 @@ def load_studies(
         info["images"] = good
         if not good:
             problems.append(_DataProblem(str(info["study_dir"]), "empty study", "no readable image in the folder"))
-
-    _report_problems(problems, on_bad, f"{root} ({split}, {', '.join(parts)})")
-    rows = [
-        {
-            "split": key[0], "body_part": key[1], "patient": key[2], "study": key[3],
-            "study_path": "/".join((root.name, *key)) + "/", "study_dir": str(info["study_dir"]),
-            "label": info["label"], "n_views": len(info["images"]),
-            "image_paths": [str(p) for p in info["images"]],
-        }
-        for key, info in sorted(found.items())
-        if info["images"]
-    ]
-    columns = ["split", "body_part", "patient", "study", "study_path", "study_dir", "label", "n_views", "image_paths"]
-    df = pd.DataFrame(rows, columns=columns)
-    df.attrs["root"] = str(root)
-    df.attrs["problems"] = tuple(problems)
-    return df
 
 
 def data_problems(studies: pd.DataFrame) -> pd.DataFrame:
@@ -646,17 +661,8 @@ def _in_colab() -> bool:
     return "google.colab" in sys.modules
 
 
-def prepare_local_copy(source: str | os.PathLike, dest: str | os.PathLike | None = None,
-                       progress: bool = True) -> Path:
-    """Copy a MURA folder, or extract a MURA zip, to local disk once and return the MURA root in the copy.
-
-    What Colab users do with data on Drive: reading 40,000 small files through Drive's mount is slow, and is done
-    again by every pass over them, so the data is copied to the VM's own disk once per runtime (a progress bar of
-    bytes) and read there. Of a folder, only the MURA-v1.1 found in it is copied. `dest`: LOCAL_DATA_DIR/<that
-    folder's or the zip's name>. A copy is reused while its source is the same (a zip's also by size and
-    modification time); extracted files keep the zip's times, so the caches' stamps stay the same across runtimes.
-    resolve_data_dir calls this for a zip, and in Colab for a folder on Drive.
-    """
+def _copy_source(source: str | os.PathLike) -> tuple[Path, bool]:
+    """What prepare_local_copy copies, checked: MURA's zip, or the MURA-v1.1 in a folder; and whether it is a zip."""
     source = Path(source).expanduser().absolute()
     if not source.exists():
         mount = " Drive is not mounted: tick USE_DRIVE in the setup cell." if (
@@ -665,22 +671,12 @@ def prepare_local_copy(source: str | os.PathLike, dest: str | os.PathLike | None
     is_zip = source.is_file()
     if is_zip and not zipfile.is_zipfile(source):
         raise MuraDataError(f"{source}: not a zip archive; give MURA's zip, its folder, or a folder above it")
-    source = source if is_zip else find_mura_root(source)  # a folder above MURA: only MURA is copied
-    st = source.stat()
-    origin = {"source": str(source), **({"size": st.st_size, "mtime_ns": st.st_mtime_ns} if is_zip else {})}
-    dest = Path(dest) if dest is not None else LOCAL_DATA_DIR / (source.stem if is_zip else source.name)
-    mark = dest / LOCAL_COPY_MARK
-    with contextlib.suppress(OSError, ValueError):
-        if json.loads(mark.read_text()) == origin:
-            return find_mura_root(dest)
-    if dest.exists() and not mark.is_file():
-        raise MuraDataError(f"{dest}: exists and is not a copy made by prepare_local_copy; give another dest or "
-                            f"remove it")
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    for stale in dest.parent.glob(f".{dest.name}.tmp*"):  # left by an interrupted copy (or our own last try)
-        pid = re.fullmatch(rf"\.{re.escape(dest.name)}\.tmp(\d+)", stale.name)
-        if pid and (stale == tmp or not _pid_alive(int(pid.group(1)))):
-            shutil.rmtree(stale, ignore_errors=True)
+    return (source if is_zip else find_mura_root(source)), is_zip  # a folder above MURA: only MURA is copied
+
+
+def _copy_files(source: Path, is_zip: bool, tmp: Path, dest: Path, progress: bool) -> None:
+    """Extract the zip, or copy the folder, into `tmp` with a progress bar of bytes, keeping the files' times;
+    refused before any copying when the disk under `dest` lacks the room."""
     with contextlib.ExitStack() as stack:
         archive = stack.enter_context(zipfile.ZipFile(source)) if is_zip else None
         items = ([(m, m.file_size) for m in archive.infolist() if not m.is_dir()] if is_zip else
@@ -700,6 +696,36 @@ def prepare_local_copy(source: str | os.PathLike, dest: str | os.PathLike | None
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(item, target)  # keeps the modification time
             bar.update(size)
+
+
+def prepare_local_copy(source: str | os.PathLike, dest: str | os.PathLike | None = None,
+                       progress: bool = True) -> Path:
+    """Copy a MURA folder, or extract a MURA zip, to local disk once and return the MURA root in the copy.
+
+    What Colab users do with data on Drive: reading 40,000 small files through Drive's mount is slow, and is done
+    again by every pass over them, so the data is copied to the VM's own disk once per runtime (a progress bar of
+    bytes) and read there. Of a folder, only the MURA-v1.1 found in it is copied. `dest`: LOCAL_DATA_DIR/<that
+    folder's or the zip's name>. A copy is reused while its source is the same (a zip's also by size and
+    modification time); extracted files keep the zip's times, so the caches' stamps stay the same across runtimes.
+    resolve_data_dir calls this for a zip, and in Colab for a folder on Drive.
+    """
+    source, is_zip = _copy_source(source)
+    st = source.stat()
+    origin = {"source": str(source), **({"size": st.st_size, "mtime_ns": st.st_mtime_ns} if is_zip else {})}
+    dest = Path(dest) if dest is not None else LOCAL_DATA_DIR / (source.stem if is_zip else source.name)
+    mark = dest / LOCAL_COPY_MARK
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(mark.read_text()) == origin:
+            return find_mura_root(dest)
+    if dest.exists() and not mark.is_file():
+        raise MuraDataError(f"{dest}: exists and is not a copy made by prepare_local_copy; give another dest or "
+                            f"remove it")
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    for stale in dest.parent.glob(f".{dest.name}.tmp*"):  # left by an interrupted copy (or our own last try)
+        pid = re.fullmatch(rf"\.{re.escape(dest.name)}\.tmp(\d+)", stale.name)
+        if pid and (stale == tmp or not _pid_alive(int(pid.group(1)))):
+            shutil.rmtree(stale, ignore_errors=True)
+    _copy_files(source, is_zip, tmp, dest, progress)
     _write_json_atomic(origin, tmp / LOCAL_COPY_MARK)
     if dest.exists():  # an older copy of ours (its mark said so)
         shutil.rmtree(dest)
@@ -2281,57 +2307,16 @@ def _train_locked(cfg: TrainConfig, progress: bool, ctx: _Distributed, device) -
     model = build_model(cfg.pretrained and state is None, cfg.arch).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    weight_table = class_weights_by_type(run["train"])  # the paper's w_T per study type (one row for XR_HAND)
     optimizer = build_optimizer(model.parameters(), cfg.lr, device, cfg.betas, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
                                                            patience=cfg.plateau_patience)
     scaler = _grad_scaler(cfg, device)
     history, best, start_epoch = _resume_into(state, model, optimizer, scheduler, scaler, cfg, ctx)
     model = compile_model(_for_processes(model, cfg, ctx, device), cfg.compile)
-    eval_model = model if ctx.world_size == 1 else _unwrap(model)  # no collectives in evaluation
-
-    train_images, tune_images, valid_images = run["train"], run["tune"], run["valid"]
-    train_weights = view_loss_weights(train_images, weight_table).to(device)
-    valid_weights = view_loss_weights(valid_images, weight_table).to(device)  # training's weights: comparable
-    tune_weights = None if tune_images is None else view_loss_weights(tune_images, weight_table).to(device)
-    groups = list(train_images.groupby("study_path", sort=False).indices.values())
-    pin = device.type == "cuda"
-    train_loader = make_view_loader(run["cache"], train_images, cfg.batch_size, True, cfg.seed, cfg.num_workers, pin)
-    valid_loader = make_view_loader(run["cache"], valid_images, cfg.valid_batch_size, False, cfg.seed,
-                                    cfg.num_workers, pin)
-    tune_loader = None if tune_images is None else make_view_loader(run["cache"], tune_images, cfg.valid_batch_size,
-                                                                    False, cfg.seed, cfg.num_workers, pin)
-    for loader, images in ((valid_loader, valid_images), (tune_loader, tune_images)):  # each process its share
-        if loader is not None:
-            loader.sampler.batches = [b for b in epoch_batches(len(images), cfg.valid_batch_size, False, cfg.seed, 0,
-                                                               None, ctx.rank, ctx.world_size) if b]
+    loaders, weights = _training_loaders(cfg, run, ctx, device)
     direction = SELECT_METRICS[cfg.select_metric]
     for epoch in range(start_epoch, cfg.epochs):
-        train_loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch,
-                                                     groups if cfg.loss_level == "study" else None,
-                                                     ctx.rank, ctx.world_size)
-        started = time.perf_counter()
-        trained = train_one_epoch(model, train_loader, optimizer, scaler, device, train_weights, cfg, epoch,
-                                  progress and ctx.is_main, ctx.rank)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_time = time.perf_counter() - started  # rank 0's; its images/s counts every process's views
-        tuned = None if tune_loader is None else evaluate_views(eval_model, tune_loader, device, tune_weights,
-                                                                cfg.amp, cfg.channels_last, desc="tune",
-                                                                progress=progress and ctx.is_main)
-        validated = evaluate_views(eval_model, valid_loader, device, valid_weights, cfg.amp, cfg.channels_last,
-                                   progress=progress and ctx.is_main)
-        trained, validated = _gather_result(trained, ctx), _gather_result(validated, ctx)
-        tuned = None if tuned is None else _gather_result(tuned, ctx)
-        row = None
-        if ctx.is_main:  # the metrics, once, on every view's prediction
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                   **_epoch_metrics("train", train_images, trained),
-                   **(_epoch_metrics("tune", tune_images, tuned) if tuned else {}),
-                   **_epoch_metrics("valid", valid_images, validated),
-                   "epoch_time_s": time.perf_counter() - started,
-                   "train_images_per_s": len(trained["probs"]) / train_time, "processes": ctx.world_size}
-        row = _from_main(row, ctx)
+        row = _train_epoch(model, loaders, weights, optimizer, scaler, cfg, run, epoch, ctx, device, progress)
         scheduler.step(row[f"{cfg.tuning_set}_loss"])  # the plateau schedule reads the tuning set, never the test
         history.append(row)
         score = row[cfg.select_metric]
@@ -2344,13 +2329,72 @@ def _train_locked(cfg: TrainConfig, progress: bool, ctx: _Distributed, device) -
             _save_epoch(_checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best, run["data"]),
                         improved, out)
         if progress and ctx.is_main:
-            shown = [f"{k.replace('_', ' ')} {row[k]:.4f}" for k in ("train_loss", "tune_loss", "tune_auroc",
-                                                                          "valid_loss", "valid_auroc") if k in row]
-            print(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(shown) +
-                  f"  {row['train_images_per_s']:.0f} img/s" + ("  (best)" if improved else ""), flush=True)
+            _print_epoch(row, cfg, epoch, improved)
     if ctx.world_size > 1:
         dist.barrier()  # every process returns after rank 0 has written the last epoch
     return pd.DataFrame(history)
+
+
+def _training_loaders(cfg: TrainConfig, run: dict, ctx: _Distributed, device) -> tuple[dict, dict]:
+    """The loaders of the train, tune (None without a tuning split) and valid views, each process its share of the
+    evaluated ones, and each set's view loss weights (training's, so that the losses compare)."""
+    weight_table = class_weights_by_type(run["train"])  # the paper's w_T per study type (one row for XR_HAND)
+    weights = {name: None if run[name] is None else view_loss_weights(run[name], weight_table).to(device)
+               for name in ("train", "valid", "tune")}
+    pin = device.type == "cuda"
+    loaders = {"train": make_view_loader(run["cache"], run["train"], cfg.batch_size, True, cfg.seed, cfg.num_workers,
+                                         pin)}
+    for name in ("valid", "tune"):
+        images = run[name]
+        loaders[name] = None if images is None else make_view_loader(run["cache"], images, cfg.valid_batch_size,
+                                                                     False, cfg.seed, cfg.num_workers, pin)
+        if images is not None:  # each process its share
+            loaders[name].sampler.batches = [b for b in epoch_batches(len(images), cfg.valid_batch_size, False,
+                                                                      cfg.seed, 0, None, ctx.rank, ctx.world_size)
+                                             if b]
+    return loaders, weights
+
+
+def _train_epoch(model, loaders: dict, weights: dict, optimizer, scaler, cfg: TrainConfig, run: dict, epoch: int,
+                 ctx: _Distributed, device, progress: bool) -> dict:
+    """One epoch: train on this process's share of the batches, evaluate the tune and valid views, gather every
+    process's predictions; return the history row (rank 0 computes it, every process receives it)."""
+    train_images = run["train"]
+    groups = list(train_images.groupby("study_path", sort=False).indices.values())
+    loaders["train"].sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch,
+                                                     groups if cfg.loss_level == "study" else None,
+                                                     ctx.rank, ctx.world_size)
+    eval_model = model if ctx.world_size == 1 else _unwrap(model)  # no collectives in evaluation
+    started = time.perf_counter()
+    trained = train_one_epoch(model, loaders["train"], optimizer, scaler, device, weights["train"], cfg, epoch,
+                              progress and ctx.is_main, ctx.rank)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_time = time.perf_counter() - started  # rank 0's; its images/s counts every process's views
+    tuned = None if loaders["tune"] is None else evaluate_views(eval_model, loaders["tune"], device, weights["tune"],
+                                                                cfg.amp, cfg.channels_last, desc="tune",
+                                                                progress=progress and ctx.is_main)
+    validated = evaluate_views(eval_model, loaders["valid"], device, weights["valid"], cfg.amp, cfg.channels_last,
+                               progress=progress and ctx.is_main)
+    trained, validated = _gather_result(trained, ctx), _gather_result(validated, ctx)
+    tuned = None if tuned is None else _gather_result(tuned, ctx)
+    row = None
+    if ctx.is_main:  # the metrics, once, on every view's prediction
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+               **_epoch_metrics("train", train_images, trained),
+               **(_epoch_metrics("tune", run["tune"], tuned) if tuned else {}),
+               **_epoch_metrics("valid", run["valid"], validated),
+               "epoch_time_s": time.perf_counter() - started,
+               "train_images_per_s": len(trained["probs"]) / train_time, "processes": ctx.world_size}
+    return _from_main(row, ctx)
+
+
+def _print_epoch(row: dict, cfg: TrainConfig, epoch: int, improved: bool) -> None:
+    """The epoch's line: its losses and AUROCs, images/s, and whether it is the best so far."""
+    shown = [f"{k.replace('_', ' ')} {row[k]:.4f}" for k in ("train_loss", "tune_loss", "tune_auroc", "valid_loss",
+                                                              "valid_auroc") if k in row]
+    print(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(shown) +
+          f"  {row['train_images_per_s']:.0f} img/s" + ("  (best)" if improved else ""), flush=True)
 
 
 def launch_training(cfg: TrainConfig | AnomalyConfig, devices: int | str = "auto",
@@ -3575,12 +3619,41 @@ def find_carrier(gray: np.ndarray, rules: CropRules = CropRules()):
     does neither), whose sides inside the view are steps (_sides_are_steps) and which holds the hand's edges. The
     largest wins.
     """
-    step = rules.block if min(gray.shape) >= rules.block_min_side else 1  # each pixel its block's mean
-    h, w = gray.shape[0] // step * step, gray.shape[1] // step * step
-    small = (gray[:h, :w].reshape(h // step, step, w // step, step).mean((1, 3)) + 0.5).astype(np.uint8)  # rounded
+    small, step = _block_means(gray, rules)
     searched, values = np.ones(small.shape, bool), small.ravel()  # the whole view
     if values.size < rules.least_pixels or values.min() == values.max():
         return None
+    bin_ = rules.commonest_bin  # the direct-exposure background, mostly: the middle of the commonest bin
+    commonest = bin_ * np.argmax(np.bincount(values // bin_)) + bin_ // 2
+    smooth = ndimage.gaussian_filter(small.astype(np.float32), rules.smooth_sigma)
+    grad = np.hypot(*np.gradient(smooth))
+    detail = ndimage.binary_erosion(searched, iterations=rules.detail_border) & (
+        grad > rules.detail_gradient * max(float(np.median(grad)), rules.least_gradient))
+    best = None
+    for component, region, background in _plate_candidates(small, _plate_thresholds(values, rules), commonest, rules):
+        # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
+        fill = rules.min_hull_fill_background if background else rules.min_hull_fill
+        found = _plate_rect(component, region, searched, fill, rules)
+        if found is not None and _holds_the_detail(found, detail, rules) and (
+                _sides_are_steps(found, smooth, rules)) and (best is None or found[0] > best[0]):
+            best = found
+    if best is None:
+        return None
+    _, center, (w, h), angle = best
+    return center * step + (step - 1) / 2, (w * step, h * step), angle  # in the view's pixels
+
+
+def _block_means(gray: np.ndarray, rules: CropRules) -> tuple[np.ndarray, int]:
+    """The view as rounded means of rules.block-square blocks (a small view: its own pixels), and the block's side."""
+    step = rules.block if min(gray.shape) >= rules.block_min_side else 1  # each pixel its block's mean
+    h, w = gray.shape[0] // step * step, gray.shape[1] // step * step
+    small = (gray[:h, :w].reshape(h // step, step, w // step, step).mean((1, 3)) + 0.5).astype(np.uint8)  # rounded
+    return small, step
+
+
+def _plate_thresholds(values: np.ndarray, rules: CropRules) -> set:
+    """The levels a plate may stand out at: Otsu's threshold, Otsu's again on each side of it rules.otsu_depth
+    deep, and a multi-level Otsu's."""
     otsu = threshold_otsu(values)
     thresholds = {otsu}
     for side in (np.less_equal, np.greater):  # Otsu again on each side, rules.otsu_depth deep
@@ -3592,13 +3665,14 @@ def find_carrier(gray: np.ndarray, rules: CropRules = CropRules()):
             thresholds.add(threshold_otsu(part))
     if len(np.unique(values)) > rules.classes:
         thresholds |= set(threshold_multiotsu(values, classes=rules.classes).tolist())
-    bin_ = rules.commonest_bin  # the direct-exposure background, mostly: the middle of the commonest bin
-    commonest = bin_ * np.argmax(np.bincount(values // bin_)) + bin_ // 2
-    smooth = ndimage.gaussian_filter(small.astype(np.float32), rules.smooth_sigma)
-    grad = np.hypot(*np.gradient(smooth))
-    detail = ndimage.binary_erosion(searched, iterations=rules.detail_border) & (
-        grad > rules.detail_gradient * max(float(np.median(grad)), rules.least_gradient))
-    best, tried = None, set()
+    return thresholds
+
+
+def _plate_candidates(small: np.ndarray, thresholds: set, commonest: float, rules: CropRules):
+    """Each candidate plate once, as (component, its class's region, whether that class is the background's): for
+    each threshold and polarity, the largest component and the union of the large ones (a hand lying across the
+    plate can cut its background apart)."""
+    tried = set()
     for threshold in sorted(thresholds):
         above = small > threshold
         for region, background in ((above, commonest > threshold), (~above, commonest <= threshold)):
@@ -3610,19 +3684,9 @@ def find_carrier(gray: np.ndarray, rules: CropRules = CropRules()):
             large = np.flatnonzero(sizes >= rules.large_component * sizes.max()) + 1
             for component in (largest, np.isin(labels, large)) if len(large) > 1 else (largest,):
                 key = (background, hash(component.tobytes()))  # close thresholds often give the same component
-                if key in tried:
-                    continue
-                tried.add(key)
-                # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
-                fill = rules.min_hull_fill_background if background else rules.min_hull_fill
-                found = _plate_rect(component, region, searched, fill, rules)
-                if found is not None and _holds_the_detail(found, detail, rules) and (
-                        _sides_are_steps(found, smooth, rules)) and (best is None or found[0] > best[0]):
-                    best = found
-    if best is None:
-        return None
-    _, center, (w, h), angle = best
-    return center * step + (step - 1) / 2, (w * step, h * step), angle  # in the view's pixels
+                if key not in tried:
+                    tried.add(key)
+                    yield component, region, background
 
 
 def _border_band(lines: np.ndarray, tol: float, depth: int, background: float | None, rules: CropRules) -> int:
@@ -4749,40 +4813,53 @@ class PaperGAN(torch.nn.Module):
         if kind not in GAN_MODELS:
             raise ValueError(f"kind must be one of {GAN_MODELS}, got {kind!r}")
         self.kind, self.latent = kind, latent
-        depth = _gan_depth(image_size)
-        if kind == "dcgan":  # gans.py Generator/Discriminator defaults (512 px), generalised to other sizes
-            widths = [1024 // 2**i for i in range(depth)]
-            layers = [torch.nn.Unflatten(1, (latent, 1, 1)), _spectral(torch.nn.ConvTranspose2d(latent, widths[0], 4)),
-                      torch.nn.LeakyReLU()]  # (torch's default slope 0.01: their nn.LeakyReLU())
-            for cin, cout in zip(widths[:-1], widths[1:]):
-                layers += [_spectral(torch.nn.ConvTranspose2d(cin, cout, 4, 2, 1)), torch.nn.LeakyReLU()]
-            self.generator = torch.nn.Sequential(*layers, _spectral(torch.nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1)),
-                                                 torch.nn.Tanh())
-            widths = [256 // 2 ** (depth - 1 - i) for i in range(depth)]
-            layers = []
-            for cin, cout in zip([1, *widths[:-1]], widths):
-                layers += [_spectral(torch.nn.Conv2d(cin, cout, 4, 2, 1)), torch.nn.LeakyReLU()]
-            self.critic = torch.nn.Sequential(*layers, _spectral(torch.nn.Conv2d(widths[-1], 512, 4, 1, 0)),
-                                              torch.nn.LeakyReLU(), torch.nn.Flatten())
-            self.minibatch = _PaperMinibatchDiscrimination(512 * _DCGAN_MIXED_SAMPLES, 16 * _DCGAN_MIXED_SAMPLES, 128)
-            self.head = torch.nn.Linear(512 + 16, 1)
-            return
-        self.generator = _AttentionGenerator(image_size, latent)
+        if kind == "dcgan":
+            self._build_dcgan(_gan_depth(image_size), latent)
+        else:
+            self.generator = _AttentionGenerator(image_size, latent)
+            if kind == "bigan":
+                self._build_bigan(image_size, latent)
+            else:
+                self._build_alphagan(image_size, latent)
+
+    def _build_dcgan(self, depth: int, latent: int) -> None:
+        """gans.py Generator/Discriminator defaults (512 px), generalised to other sizes."""
+        widths = [1024 // 2**i for i in range(depth)]
+        layers = [torch.nn.Unflatten(1, (latent, 1, 1)), _spectral(torch.nn.ConvTranspose2d(latent, widths[0], 4)),
+                  torch.nn.LeakyReLU()]  # (torch's default slope 0.01: their nn.LeakyReLU())
+        for cin, cout in zip(widths[:-1], widths[1:]):
+            layers += [_spectral(torch.nn.ConvTranspose2d(cin, cout, 4, 2, 1)), torch.nn.LeakyReLU()]
+        self.generator = torch.nn.Sequential(*layers, _spectral(torch.nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1)),
+                                             torch.nn.Tanh())
+        widths = [256 // 2 ** (depth - 1 - i) for i in range(depth)]
+        layers = []
+        for cin, cout in zip([1, *widths[:-1]], widths):
+            layers += [_spectral(torch.nn.Conv2d(cin, cout, 4, 2, 1)), torch.nn.LeakyReLU()]
+        self.critic = torch.nn.Sequential(*layers, _spectral(torch.nn.Conv2d(widths[-1], 512, 4, 1, 0)),
+                                          torch.nn.LeakyReLU(), torch.nn.Flatten())
+        self.minibatch = _PaperMinibatchDiscrimination(512 * _DCGAN_MIXED_SAMPLES, 16 * _DCGAN_MIXED_SAMPLES, 128)
+        self.head = torch.nn.Linear(512 + 16, 1)
+
+    def _build_bigan(self, image_size: int, latent: int) -> None:
+        """sagan.py Encoder, Discriminator (its infer_z and infer_joint heads); the generator is built already."""
         stack, channels = _attention_stack(image_size)
         encoder_stack, _ = _attention_stack(image_size)
-        if kind == "bigan":  # sagan.py Encoder, Discriminator (its infer_z and infer_joint heads)
-            self.encoder = torch.nn.Sequential(encoder_stack, torch.nn.Conv2d(channels, latent, 4), torch.nn.Flatten())
-            self.critic = torch.nn.Sequential(stack, _spectral(torch.nn.Conv2d(channels, channels, 4)),
-                                              torch.nn.LeakyReLU(0.1))
-            self.code_features = torch.nn.Sequential(
-                _spectral(torch.nn.Conv2d(latent, 512, 1)), torch.nn.LeakyReLU(0.1),
-                _spectral(torch.nn.Conv2d(512, 512, 1)), torch.nn.LeakyReLU(0.1))
-            self.head = torch.nn.Sequential(
-                _spectral(torch.nn.Conv2d(channels + 512, 1024, 1)), torch.nn.LeakyReLU(0.1),
-                _spectral(torch.nn.Conv2d(1024, 1024, 1)), torch.nn.LeakyReLU(0.1), torch.nn.Conv2d(1024, 1, 1),
-                torch.nn.Flatten())
-            return
-        # alphagan.py Encoder (mean and log_var heads, each Conv 4x4 + Tanh), Discriminator, Codescriminator
+        self.encoder = torch.nn.Sequential(encoder_stack, torch.nn.Conv2d(channels, latent, 4), torch.nn.Flatten())
+        self.critic = torch.nn.Sequential(stack, _spectral(torch.nn.Conv2d(channels, channels, 4)),
+                                          torch.nn.LeakyReLU(0.1))
+        self.code_features = torch.nn.Sequential(
+            _spectral(torch.nn.Conv2d(latent, 512, 1)), torch.nn.LeakyReLU(0.1),
+            _spectral(torch.nn.Conv2d(512, 512, 1)), torch.nn.LeakyReLU(0.1))
+        self.head = torch.nn.Sequential(
+            _spectral(torch.nn.Conv2d(channels + 512, 1024, 1)), torch.nn.LeakyReLU(0.1),
+            _spectral(torch.nn.Conv2d(1024, 1024, 1)), torch.nn.LeakyReLU(0.1), torch.nn.Conv2d(1024, 1, 1),
+            torch.nn.Flatten())
+
+    def _build_alphagan(self, image_size: int, latent: int) -> None:
+        """alphagan.py Encoder (mean and log_var heads, each Conv 4x4 + Tanh), Discriminator, Codescriminator; the
+        generator is built already."""
+        stack, channels = _attention_stack(image_size)
+        encoder_stack, _ = _attention_stack(image_size)
         self.encoder = encoder_stack
         self.encoder_mean = torch.nn.Sequential(torch.nn.Conv2d(channels, latent, 4), torch.nn.Tanh(),
                                                 torch.nn.Flatten())
@@ -4870,45 +4947,64 @@ def paper_gan_step(model: PaperGAN, x, optimizers: dict, scaler, dtype, generato
     groups = model.parameter_groups()
     with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
         if model.kind == "dcgan":
-            d = cfg.label_noise
-            real_t = torch.rand(len(x), device=x.device, generator=generator) * d
-            fake_t = 1 - torch.rand(len(x), device=x.device, generator=generator) * d
-            fake = model.generator(z)
-            losses = {"discriminator": _bce(model.discriminate(x), real_t) + _bce(model.discriminate(fake.detach()),
-                                                                                     fake_t)}
+            losses, fake = _paper_dcgan_discriminator_loss(model, x, z, generator, cfg)
         elif model.kind == "bigan":
-            code = model.encode(x)
-            real, fake = model.discriminate(x, code), model.discriminate(model.generator(z), z)
-            d_loss = _bce(real, 1) + _bce(fake, 0)
-            losses = {"discriminator": d_loss, "generator": _bce(fake, 1) + _bce(real, 0) + d_loss}
+            losses = _paper_bigan_losses(model, x, z)
         else:
-            code = model.encode(x, sample=True)
-            recon, fake = model.generator(code), model.generator(z)
-            d_real, d_recon, d_fake = (model.discriminate(v) for v in (x, recon, fake))
-            c_code, c_prior = model.code_critic(code)[:, 0], model.code_critic(z)[:, 0]
-            l1 = cfg.recon_weight * (x.float() - recon.float()).abs().mean()  # alphagan.py:463: 0.01 * nn.L1Loss()
-            losses = {"encoder": l1 + _bce(c_code, 1) - _bce(c_code, 0),
-                      "generator": l1 + _bce(d_recon, 1) - _bce(d_recon, 0) + _bce(d_fake, 1) - _bce(d_fake, 0),
-                      "discriminator": _bce(d_real, 1) + _bce(d_recon, 0) + _bce(d_fake, 0),
-                      "code_discriminator": _bce(c_code, 0) + _bce(c_prior, 1)}
+            losses = _paper_alphagan_losses(model, x, z, cfg)
     for name, loss in losses.items():  # each optimiser's gradient of its own loss, from the same forward pass
-        grads = torch.autograd.grad(scaler.scale(loss), groups[name], retain_graph=True, allow_unused=True)
-        for p, g in zip(groups[name], grads):
-            p.grad = g
+        _set_gradients(scaler.scale(loss), groups[name], retain_graph=True, allow_unused=True)
     for name in losses:
         scaler.step(optimizers[name])
     if model.kind == "dcgan":  # then G, against the updated D, towards the 'real' label 0
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
             losses["generator"] = _bce(model.discriminate(fake), 0)
-        grads = torch.autograd.grad(scaler.scale(losses["generator"]), groups["generator"])
-        for p, g in zip(groups["generator"], grads):
-            p.grad = g
+        _set_gradients(scaler.scale(losses["generator"]), groups["generator"])
         scaler.step(optimizers["generator"])
     scaler.update()
     for group in groups.values():
         for p in group:
             p.grad = None
     return {f"{name}_loss": loss.detach() for name, loss in losses.items()}
+
+
+def _set_gradients(loss, params, retain_graph: bool = False, allow_unused: bool = False) -> None:
+    """Set each parameter's .grad to the gradient of `loss` alone (None, when allowed, where it does not reach)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=allow_unused)
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
+def _paper_dcgan_discriminator_loss(model: PaperGAN, x, z, generator, cfg) -> tuple[dict, torch.Tensor]:
+    """Their DCGAN's D loss with inverted soft labels (real -> U(0, d), fake -> U(1 - d, 1)), and the fakes G
+    then steps on."""
+    d = cfg.label_noise
+    real_t = torch.rand(len(x), device=x.device, generator=generator) * d
+    fake_t = 1 - torch.rand(len(x), device=x.device, generator=generator) * d
+    fake = model.generator(z)
+    loss = _bce(model.discriminate(x), real_t) + _bce(model.discriminate(fake.detach()), fake_t)
+    return {"discriminator": loss}, fake
+
+
+def _paper_bigan_losses(model: PaperGAN, x, z) -> dict:
+    """Their BiGAN's losses: D on (x, E(x)) real and (G(z), z) fake; G and E on their own loss plus D's."""
+    code = model.encode(x)
+    real, fake = model.discriminate(x, code), model.discriminate(model.generator(z), z)
+    d_loss = _bce(real, 1) + _bce(fake, 0)
+    return {"discriminator": d_loss, "generator": _bce(fake, 1) + _bce(real, 0) + d_loss}
+
+
+def _paper_alphagan_losses(model: PaperGAN, x, z, cfg) -> dict:
+    """Their alpha-GAN's four losses (E, G, D, C) from one forward pass."""
+    code = model.encode(x, sample=True)
+    recon, fake = model.generator(code), model.generator(z)
+    d_real, d_recon, d_fake = (model.discriminate(v) for v in (x, recon, fake))
+    c_code, c_prior = model.code_critic(code)[:, 0], model.code_critic(z)[:, 0]
+    l1 = cfg.recon_weight * (x.float() - recon.float()).abs().mean()  # alphagan.py:463: 0.01 * nn.L1Loss()
+    return {"encoder": l1 + _bce(c_code, 1) - _bce(c_code, 0),
+            "generator": l1 + _bce(d_recon, 1) - _bce(d_recon, 0) + _bce(d_fake, 1) - _bce(d_fake, 0),
+            "discriminator": _bce(d_real, 1) + _bce(d_recon, 0) + _bce(d_fake, 0),
+            "code_discriminator": _bce(c_code, 0) + _bce(c_prior, 1)}
 
 
 def build_anomaly_model(model: str, image_size: int, latent: int = 128, architecture: str = "suite",
@@ -5971,40 +6067,49 @@ def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Seque
     for variant in variants:
         for seed in seeds:
             split_seed = seed if several else base.split_seed
+            seed_tag = f"_seed{seed}" if several else ""
             for recipe in recipes:
                 for model in models:
-                    name = f"{model}_{variant}" + ("" if recipe == "suite" else f"_{recipe}") + \
-                        (f"_seed{seed}" if several else "")
+                    name = f"{model}_{variant}" + ("" if recipe == "suite" else f"_{recipe}") + seed_tag
                     cfg = _grid_config(base, model=model, variant=variant, recipe=recipe, seed=seed,
                                        split_seed=split_seed, output_dir=str(Path(base.output_dir) / name),
                                        image_size=(image_sizes or {}).get(model, base.image_size))
-                    launch_training(cfg, devices, progress)
-                    net, _ = load_anomaly_model(Path(cfg.output_dir) / "checkpoints" / "best.pt", cfg.device)
-                    data = prepare_anomaly_data(cfg, progress=False)
-                    images, device = data["images"], resolve_device(cfg.device)
-                    scores = evaluate_anomaly(net, data["cache"], images[images["subset"] == "test"], cfg, device)
-                    val = evaluate_anomaly(net, data["cache"], images[images["subset"] == "val"], cfg, device)
-                    _write_csv_atomic(scores, Path(cfg.output_dir) / "test_scores.csv")
-                    _write_csv_atomic(val, Path(cfg.output_dir) / "val_scores.csv")
-                    rows.append(_level_metrics(scores, val, cfg.seed).assign(
-                        model=ANOMALY_MODEL_NAMES[model], recipe=recipe, variant=variant, seed=seed,
-                        image_size=cfg.image_size, run_dir=cfg.output_dir,
-                        n_empty_masks=len(scores.attrs.get("empty_masks", []))))
-            # the floor: model-free scores on the suite's preprocessed views (whole views, no min-max)
+                    rows.append(_grid_run(cfg, devices, progress))
             cfg = _grid_config(base, variant=variant, seed=seed, split_seed=split_seed, recipe="suite")
-            data = prepare_anomaly_data(cfg, progress=False)
-            images = data["images"]
-            normal_train = images[(images["subset"] == "train") & (images["label"] == 0)]
-            scores, val = (reference_anomaly_scores(data["cache"], images[images["subset"] == subset], normal_train,
-                                                    cfg.top_k) for subset in ("test", "val"))
-            reference_dir = Path(base.output_dir) / (f"{_REFERENCE_MODEL.replace(' ', '_')}_{variant}"
-                                                     + (f"_seed{seed}" if several else ""))
-            reference_dir.mkdir(parents=True, exist_ok=True)
-            _write_csv_atomic(scores, reference_dir / "test_scores.csv")
-            rows.append(_level_metrics(scores, val, cfg.seed).assign(
-                model=_REFERENCE_MODEL, recipe="-", variant=variant, seed=seed, image_size=cfg.image_size,
-                run_dir=str(reference_dir), n_empty_masks=len(scores.attrs.get("empty_masks", []))))
+            reference_dir = Path(base.output_dir) / f"{_REFERENCE_MODEL.replace(' ', '_')}_{variant}{seed_tag}"
+            rows.append(_grid_floor(cfg, reference_dir))
     return pd.concat(rows, ignore_index=True)
+
+
+def _grid_run(cfg: AnomalyConfig, devices: int | str, progress: bool) -> pd.DataFrame:
+    """One run of the grid: trained (or resumed), its best checkpoint scored on the test and validation views
+    (both written as CSVs in its folder), and its metrics at both levels, labelled with the run."""
+    launch_training(cfg, devices, progress)
+    net, _ = load_anomaly_model(Path(cfg.output_dir) / "checkpoints" / "best.pt", cfg.device)
+    data = prepare_anomaly_data(cfg, progress=False)
+    images, device = data["images"], resolve_device(cfg.device)
+    scores = evaluate_anomaly(net, data["cache"], images[images["subset"] == "test"], cfg, device)
+    val = evaluate_anomaly(net, data["cache"], images[images["subset"] == "val"], cfg, device)
+    _write_csv_atomic(scores, Path(cfg.output_dir) / "test_scores.csv")
+    _write_csv_atomic(val, Path(cfg.output_dir) / "val_scores.csv")
+    return _level_metrics(scores, val, cfg.seed).assign(
+        model=ANOMALY_MODEL_NAMES[cfg.model], recipe=cfg.recipe, variant=cfg.variant, seed=cfg.seed,
+        image_size=cfg.image_size, run_dir=cfg.output_dir, n_empty_masks=len(scores.attrs.get("empty_masks", [])))
+
+
+def _grid_floor(cfg: AnomalyConfig, reference_dir: Path) -> pd.DataFrame:
+    """The floor of one variant and seed: the model-free scores on the suite's preprocessed views (whole views, no
+    min-max) against the normal training views, their test scores written in `reference_dir`, and their metrics."""
+    data = prepare_anomaly_data(cfg, progress=False)
+    images = data["images"]
+    normal_train = images[(images["subset"] == "train") & (images["label"] == 0)]
+    scores, val = (reference_anomaly_scores(data["cache"], images[images["subset"] == subset], normal_train,
+                                            cfg.top_k) for subset in ("test", "val"))
+    reference_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv_atomic(scores, reference_dir / "test_scores.csv")
+    return _level_metrics(scores, val, cfg.seed).assign(
+        model=_REFERENCE_MODEL, recipe="-", variant=cfg.variant, seed=cfg.seed, image_size=cfg.image_size,
+        run_dir=str(reference_dir), n_empty_masks=len(scores.attrs.get("empty_masks", [])))
 
 
 def _one_run_per_cell(results: pd.DataFrame, level: str) -> pd.DataFrame:
