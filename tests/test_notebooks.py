@@ -92,6 +92,17 @@ def test_all_lists_every_public_name_in_section_order():
     assert mh.__all__ == module_public_names()
 
 
+def test_the_notebooks_use_only_the_public_api():
+    import mura_helpers as mh
+
+    used = {path.name: {ast.unparse(node) for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"
+                        for node in ast.walk(ast.parse(c.source))
+                        if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "mh"}
+            for path in NOTEBOOKS}
+    assert {name: sorted(n for n in names if n[3:] not in mh.__all__) for name, names in used.items()} == \
+        {name: [] for name in used}  # not mh.pd, mh._private: a notebook imports its own libraries
+
+
 def test_every_public_name_is_used_by_a_notebook_a_test_a_benchmark_or_the_docs():
     texts = [c.source for path in NOTEBOOKS for c in nbformat.read(path, as_version=4).cells]
     for pattern in ("tests/*.py", "benchmarks/*", "docs/*.md", "README.md"):
