@@ -19,9 +19,9 @@ GALLERY_BUDGET = 1_500_000  # bytes: what the committed gallery may weigh in all
 # (figure name as the notebook saves it, notebook, caption): the figures shown, in the notebooks' order
 GALLERY = [
     ("eda_fig15_random_views_train", "01_eda", "Random training views (the report's Figure 15)."),
-    ("eda_fig16_random_views_abnormal", "01_eda", "Random abnormal views with their planted findings (Figure 16)."),
-    ("eda_phantom_findings", "01_eda", "The kinds of finding planted in the phantom's abnormal studies."),
-    ("pipeline_raw_cached_augmented", "02_pipeline_check", "A view raw, as cached, and as augmented for training."),
+    ("eda_fig16_random_views_abnormal", "01_eda", "Random views of abnormal studies (Figure 16)."),
+    ("eda_phantom_findings", "01_eda", "Views with planted abnormalities; red boxes: the ground truth."),
+    ("pipeline_raw_cached_augmented", "02_pipeline_check", "Views raw, as cached, and twice as augmented."),
     ("training_fig32_curves", "03_training", "Loss, accuracy and kappa per epoch (the report's Figure 32)."),
     ("results_roc", "04_results", "ROC of the study-level predictions on the held-out test."),
     ("results_headline", "04_results", "Tuning and test metrics with 95% intervals, beside baselines and the "
