@@ -5,6 +5,7 @@ Every figure is of the phantom, the suite's synthetic data, and is labelled so. 
 with a palette, so the committed PNGs stay small (GALLERY_BUDGET in all)."""
 
 import argparse
+import math
 import sys
 from datetime import date
 from pathlib import Path
@@ -12,8 +13,9 @@ from pathlib import Path
 from PIL import Image
 
 DOCS = Path(__file__).resolve().parent
-GALLERY_WIDTH = 960  # px: a figure is shrunk to at most this wide (GitHub shows about 880 px of it)
-GALLERY_COLORS = 256  # a palette of this many colours: a figure's flat areas and greys compress well
+GALLERY_WIDTH = 960  # px: a figure is shrunk to at most this wide (GitHub shows about 880 px of it) ...
+GALLERY_PIXELS = 1_000_000  # ... and at most this many pixels (a tall grid of views keeps its aspect, narrower)
+GALLERY_COLORS = 256  # a palette of this many colours (fast octree: a plot's colour maps keep their hues)
 GALLERY_BUDGET = 1_500_000  # bytes: what the committed gallery may weigh in all
 
 # (figure name as the notebook saves it, notebook, caption): the figures shown, in the notebooks' order
@@ -33,19 +35,22 @@ GALLERY = [
     ("anomaly_mask_iou", "06_anomaly_detection", "The hand masks against the phantom's true masks (IoU)."),
     ("anomaly_fig11_auroc_study", "06_anomaly_detection", "Every model's and score's study-level ROC-AUC with its "
                                                           "interval, beside the floor (Figure 11's layout)."),
-    ("anomaly_fig12_reconstructions", "06_anomaly_detection", "Inputs, reconstructions and error maps (Figure 12)."),
-    ("anomaly_error_heatmaps", "06_anomaly_detection", "Reconstruction-error heatmaps against the planted findings."),
+    ("anomaly_fig12_reconstructions", "06_anomaly_detection", "Each model's inputs, reconstructions and error maps, "
+                                                              "and each GAN's samples (Figure 12)."),
+    ("anomaly_error_heatmaps", "06_anomaly_detection", "Reconstruction error of the run chosen on validation, on "
+                                                       "abnormal test views; white boxes: the planted findings."),
 ]
 
 
 def shrink(source: Path, target: Path) -> int:
-    """Save `source` at most GALLERY_WIDTH wide with a GALLERY_COLORS palette as `target`; return its size."""
+    """Save `source` at most GALLERY_WIDTH wide and GALLERY_PIXELS large with a GALLERY_COLORS palette as `target`;
+    return its size."""
     with Image.open(source) as image:
         image = image.convert("RGB")
-        if image.width > GALLERY_WIDTH:
-            image = image.resize((GALLERY_WIDTH, round(image.height * GALLERY_WIDTH / image.width)),
-                                 Image.Resampling.LANCZOS)
-        image.quantize(GALLERY_COLORS).save(target, optimize=True)
+        scale = min(GALLERY_WIDTH / image.width, math.sqrt(GALLERY_PIXELS / (image.width * image.height)))
+        if scale < 1:
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+        image.quantize(GALLERY_COLORS, method=Image.Quantize.FASTOCTREE).save(target, optimize=True)
     return target.stat().st_size
 
 
