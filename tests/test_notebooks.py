@@ -165,6 +165,15 @@ def test_the_committed_gallery_is_labelled_and_small():
     assert len(pngs) == len(shown) and sum(p.stat().st_size for p in pngs) <= gallery.GALLERY_BUDGET
 
 
+def test_the_readme_names_every_figure_each_notebook_saves():
+    rows = {line.split("|")[1].strip(" `"): line for line in (REPO / "README.md").read_text().splitlines()
+            if line.startswith("| `0")}
+    assert set(rows) == {name.removesuffix(".ipynb") for name in FIGURES}
+    missing = {name: [f for f in figures if f"`{f.replace('{name}', '<study>')}`" not in rows[name[:-6]]]
+               for name, figures in FIGURES.items()}
+    assert missing == {name: [] for name in FIGURES}
+
+
 def setup_and_later_cells(path):
     """The notebook's first code cell (the setup cell) and the sources of the code cells after it."""
     code = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
