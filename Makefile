@@ -6,12 +6,13 @@
 #      make lab (JupyterLab on notebooks/ with this environment's kernel),
 #      make bench (training throughput, benchmarks/train_throughput.py; meant for a GPU),
 #      make test-colab (the fast tier and the six notebook runs in a copy of Colab's runtime: before each release),
-#      make colab-url (writes pyproject.toml's repository URL into the notebooks' setup cells)
+#      make colab-url (writes pyproject.toml's repository URL into the notebooks' setup cells),
+#      make gallery (docs/gallery.md: the demo's figures, downscaled, labelled as phantom data)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast test-colab colab-url lint lab phantom bench clean
+.PHONY: demo test test-fast test-colab colab-url gallery lint lab phantom bench clean
 
 # DEMO=quick (default): sizes a CPU finishes in minutes (from scratch, 128 px, 2 epochs), into outputs/;
 # DEMO=full: every notebook's own defaults (ImageNet weights, 224 px, 5 epochs; 512-px autoencoders, 20 epochs),
@@ -22,8 +23,10 @@ ifeq ($(DEMO),quick)
 OUT := outputs
 ARGS_03 := -p pretrained False -p image_size 128 -p epochs 2 -p batch_size 16
 ARGS_06 := -p image_size 128 -p gan_image_size 64 -p epochs 2 -p batch_size 16
+DEMO_SETTINGS := the demo's CPU settings (DEMO=quick: models from scratch at 128 px, GANs at 64 px, 2 epochs)
 else
 OUT := outputs/full
+DEMO_SETTINGS := the notebooks' own defaults (DEMO=full)
 endif
 ARGS := -p output_dir $(CURDIR)/$(OUT)
 
@@ -70,8 +73,14 @@ $(COLAB_VENV)/.installed: colab-pins.txt requirements.txt
 	$(COLAB_VENV)/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null  # papermill's kernel
 	touch $@
 
+# The figures of the last `make demo` run (the same DEMO) when they are there, else a demo run first; then
+# docs/gallery/ and docs/gallery.md (docs/make_gallery.py picks the figures). From scratch: make demo gallery.
+gallery: $(VENV)/.installed
+	@test -d $(OUT)/figures || $(MAKE) demo DEMO=$(DEMO)
+	$(BIN)/python docs/make_gallery.py $(OUT)/figures --settings "$(DEMO_SETTINGS)"
+
 colab-url: $(VENV)/.installed
-	$(BIN)/python tools/stamp_colab_url.py
+	$(BIN)/python -m mura_helpers colab-url
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/train_throughput.py

@@ -7,11 +7,11 @@ Reads top to bottom as the pipeline does; each section opens with a `# ----- nam
                             find_mura_root, load_studies, prepare_local_copy, resolve_data_dir
   images & cache            decode and resize once into a uint8 cache on disk: build_image_cache, epoch_batches
   augmentation              on the device, per sample: gpu_augment and prepare_batch (supervised views),
-                            augment_views_and_masks (the unsupervised path's views and masks alike)
+                            _augment_views_and_masks (the unsupervised path's views and masks alike)
   model & loss              build_model (torchvision DenseNet), the paper's weighted BCE, per study type
-  training: settings        RunConfig (what both paths share) -> TrainConfig; TRAIN_PRESETS; config_from (notebooks)
-  training: devices         resolve_device, amp_dtype, setup_distributed (torchrun: NCCL or gloo)
-  training: checkpoints     save_atomic/load_state (digests), resume, run folders, run_lock
+  training: settings        RunConfig (what both paths share) -> TrainConfig; _TRAIN_PRESETS; config_from (notebooks)
+  training: devices         resolve_device, amp_dtype, _setup_distributed (torchrun: NCCL or gloo)
+  training: checkpoints     save_atomic/_load_state (digests), resume, run folders, run_lock
   training: one epoch ...   train_one_epoch, evaluate_views, tuning_split, train, launch_training, ensembles
   evaluation & metrics      study_metrics, bootstrap intervals by patient, baselines, comparison tables
   heatmaps                  class activation maps and their localisation on the phantom's truth
@@ -23,16 +23,17 @@ Reads top to bottom as the pipeline does; each section opens with a `# ----- nam
   phantom                   a synthetic MURA in MURA's exact layout, with per-view truth (a data source: last)
   learning controls         checks that can fail: supervised_control (learns; permuted labels do not),
                             unsupervised_control (a CAE against hardware views: not yet passing)
-  command line              python -m mura_helpers train | train-anomaly --config run.json (torchrun-ready)
+  command line              python -m mura_helpers train | train-anomaly --config run.json (torchrun-ready);
+                            colab-url (maintainers: the repository URL into the notebooks' setup cells)
 
 Where to change what:
   a setting        a field of RunConfig (both paths), TrainConfig or AnomalyConfig, and the notebook's
                    parameters cell under the same name (config_from picks it up); a field that may change when a
                    run resumes is made with _free(...), every other one must match (must_match_on_resume)
-  a preset         TRAIN_PRESETS (supervised); ANOMALY_RECIPES and RECIPE_REASONS (unsupervised)
+  a preset         _TRAIN_PRESETS (supervised); ANOMALY_RECIPES and RECIPE_REASONS (unsupervised)
   the loss         weighted_bce_with_logits / study_weighted_bce (supervised); masked_mse, autoencoder_loss,
                    gan_step, paper_gan_step (unsupervised); the views' range and mask: anomaly_inputs
-  the augmentation gpu_augment (both paths), prepare_batch (supervised), augment_views_and_masks (unsupervised)
+  the augmentation gpu_augment (both paths), prepare_batch (supervised), _augment_views_and_masks (unsupervised)
   the model        build_model (ARCHS); build_anomaly_model and ARCHITECTURES
   a metric         study_metrics and bootstrap_metrics (CI_METRICS); anomaly_metrics, reconstruction_scores
   a figure         its plot_* function (plots, or anomaly detection: plots); save_figure names the file
@@ -92,6 +93,80 @@ from sklearn.metrics import average_precision_score, cohen_kappa_score, confusio
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+__all__ = [  # the public API, in the module's section order (tests/test_notebooks.py keeps it complete)
+    # data: MURA layout, CSVs, validation; data sources
+    "BODY_PARTS", "SPLITS", "MURA_DIRNAME", "STUDY_DIR_RE", "PATIENT_DIR_RE", "MIN_VIEW_SIDE", "MuraDataError",
+    "find_mura_root", "load_studies", "data_problems", "load_all_studies", "studies_to_images", "load_image",
+    "DRIVE_DIR", "LOCAL_DATA_DIR", "LOCAL_COPY_MARK", "prepare_local_copy", "resolve_data_dir", "config_data_root",
+    # images & cache: decode and resize once, uint8 on disk
+    "resize_view", "build_image_cache", "epoch_batches",
+    # augmentation: on the device, per sample, both paths
+    "IMAGENET_MEAN", "IMAGENET_STD", "gpu_augment", "prepare_batch",
+    # model & loss
+    "build_model", "class_weights", "class_weights_by_type", "view_loss_weights", "weighted_bce_with_logits",
+    "study_weighted_bce",
+    # training: settings (validated configs, presets)
+    "SELECT_METRICS", "ARCHS", "ConfigError", "RunConfig", "config_from", "must_match_on_resume", "TrainConfig",
+    "train_preset",
+    # training: devices & processes (AMP, distributed)
+    "resolve_device", "amp_dtype",
+    # training: checkpoints & run folders (atomic, locked)
+    "DIGEST_KEY", "save_atomic", "CheckpointError", "RUN_LOCK", "RunLockedError", "run_lock",
+    # training: one epoch, evaluation, the run, ensembles
+    "make_view_loader", "loader_throughput", "amp_step", "build_optimizer", "compile_model", "train_one_epoch",
+    "evaluate_views", "tuning_split", "train", "launch_training", "top_k_checkpoints", "ensemble_checkpoints",
+    "load_checkpoint",
+    # evaluation & metrics
+    "study_metrics", "predict_studies", "youden_threshold", "CI_METRICS", "auroc_interval", "bootstrap_metrics",
+    "trivial_baselines", "evaluation_report", "run_studies", "model_free_floor", "comparison_table",
+    "headline_table", "metrics_by_finding", "metrics_by_body_part", "load_ensemble", "ensemble_predict",
+    "confident_cases",
+    # heatmaps: class activation maps (the MURA paper)
+    "class_activation_maps", "normalise_maps", "view_heatmaps", "heatmap_localisation", "cam_localisation",
+    # prediction on a new study
+    "predict_new_study",
+    # plots: data, pipeline, training, results, heatmaps
+    "save_figure", "dataset_overview", "patients_in_both_splits", "plot_xray_grid", "plot_patients_per_split",
+    "plot_studies_per_patient", "plot_views_per_study", "plot_label_balance", "image_properties",
+    "plot_image_properties", "plot_intensity_histograms", "epoch_table", "plot_training_curves",
+    "plot_pipeline_views", "plot_roc", "plot_confusion", "plot_headline", "plot_cases", "plot_heatmaps",
+    # anomaly detection (Davletshina 2020): preprocessing
+    "MAD_TO_SD", "CropRules", "MaskRules", "PreprocessConfig", "preprocess_variants", "min_area_rect", "rect_mask",
+    "find_carrier", "find_field", "hand_mask", "MASK_DOUBTS", "preprocess_view", "AnomalyCache",
+    "ANOMALY_PIPELINE_VERSION", "build_anomaly_cache", "MASK_DOUBT_LIMITS", "suspect_masks", "mask_iou",
+    "mask_iou_table", "mask_iou_summary", "mask_iou_by_kind", "anomaly_split",
+    # anomaly detection: models and masked losses
+    "ConvAutoencoder", "VariationalAutoencoder", "masked_mse", "masked_l1", "kl_divergence",
+    "reconstruction_scores",
+    # anomaly detection: GANs (DCGAN, BiGAN, alpha-GAN)
+    "GAN_MODELS", "ANOMALY_MODELS", "ANOMALY_MODEL_NAMES", "AdversarialAnomalyModel", "gan_step",
+    # anomaly detection: their networks (recipe "paper")
+    "SelfAttention", "PaperGAN", "paper_gan_step", "build_anomaly_model", "anomaly_score_names",
+    # anomaly detection: recipes (suite, paper), config
+    "ANOMALY_RECIPES", "PAPER_SOURCES", "RECIPE_REASONS", "ARCHITECTURES", "PIPELINE_DIFFERENCES",
+    "RECIPE_SETTINGS", "recipe_settings", "paper_source", "recipe_deviations", "AnomalyConfig",
+    # anomaly detection: training, scores, heatmaps, grid
+    "hand_boxes", "build_hand_crops", "prepare_anomaly_data", "anomaly_inputs", "to_unit_range",
+    "evaluate_anomaly", "study_scores", "anomaly_metrics", "reference_anomaly_scores", "anomaly_model_for",
+    "anomaly_optimizers", "autoencoder_loss", "train_anomaly", "load_anomaly_model", "anomaly_heatmaps",
+    "transform_boxes", "PUBLISHED_ANOMALY_AUROC", "anomaly_grid_names", "anomaly_grid_recipes",
+    "anomaly_grid_seeds", "run_anomaly_grid", "anomaly_results_table", "seed_summary", "published_comparison",
+    "anomaly_findings_table", "best_run", "best_run_heatmaps",
+    # anomaly detection: plots
+    "plot_mask_iou", "plot_anomaly_table", "plot_gan_samples", "plot_reconstructions", "plot_preprocessing",
+    # phantom: a synthetic MURA, with its truth
+    "PHANTOM_FINDINGS_CSV", "PHANTOM_TRUTH_CSV", "PHANTOM_TRUTH_DIR", "PHANTOM_MANIFEST", "PHANTOM_VERSION",
+    "PHANTOM_POSES", "PHANTOM_POLARITIES", "PHANTOM_FINDING_MIX", "PHANTOM_FINDINGS", "PHANTOM_MADE_BY", "FINGERS",
+    "make_phantom_mura", "ensure_phantom",
+    "load_phantom_findings", "load_phantom_truth", "PHANTOM_VIEW_KINDS", "phantom_view_kinds", "phantom_hand_mask",
+    "phantom_boxes",
+    # learning controls
+    "permuted_labels_copy", "learning_verdict", "SUPERVISED_CONTROL", "supervised_control", "UNSUPERVISED_CONTROL",
+    "unsupervised_control",
+    # command line: python -m mura_helpers
+    "main",
+]
+
 # ---------------------------------------------------------------- data: MURA layout, CSVs, validation; data sources
 
 BODY_PARTS = (
@@ -99,19 +174,19 @@ BODY_PARTS = (
 )
 SPLITS = ("train", "valid")
 MURA_DIRNAME = "MURA-v1.1"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # folder names, matched whole (fullmatch: "$" would let a trailing newline through, and a copy of a patient named
 # "patient00003\n" would become a second patient) and in ASCII digits
 STUDY_DIR_RE = re.compile(r"study([0-9]+)_(positive|negative)")
 PATIENT_DIR_RE = re.compile(r"patient[0-9]+")
-LABEL_OF_SUFFIX = {"positive": 1, "negative": 0}
+_LABEL_OF_SUFFIX = {"positive": 1, "negative": 0}
 MIN_VIEW_SIDE = 32  # px: a view's shorter side; a smaller "view" holds no radiograph (MURA's are hundreds of px)
-MAX_VIEW_ASPECT = 10  # a view's longer side over its shorter: MURA's hand views stay under 3:1; at 1x5000 or
+_MAX_VIEW_ASPECT = 10  # a view's longer side over its shorter: MURA's hand views stay under 3:1; at 1x5000 or
 # 100x20000 the preprocessing's square holds a line of pixels
-VIEW_PERCENTILES = (0.5, 99.5)  # a view's robust grey range: 16-bit views are windowed on it (a hot pixel stays out)
-MIN_VIEW_CONTRAST = 16  # grey levels an 8-bit view's robust range must span; below: blank or washed out (the
+_VIEW_PERCENTILES = (0.5, 99.5)  # a view's robust grey range: 16-bit views are windowed on it (a hot pixel stays out)
+_MIN_VIEW_CONTRAST = 16  # grey levels an 8-bit view's robust range must span; below: blank or washed out (the
 # phantom's views span 40 or more, a 16-bit view squeezed by one hot pixel 5)
-GET_MURA_HELP = (
+_GET_MURA_HELP = (
     "Get MURA v1.1 from https://stanfordmlgroup.github.io/competitions/mura/ (free registration), "
     "or the hand subset used by the reference report from Kaggle "
     "(kagglehub.dataset_download('bogomililiev2308/mura-hand-xray')), and point data_dir at the "
@@ -125,7 +200,7 @@ class MuraDataError(ValueError):
 
 
 @dataclass(frozen=True)
-class DataProblem:
+class _DataProblem:
     """One problem found while reading the dataset: the file, what is wrong, and what was done."""
     path: str
     problem: str
@@ -163,9 +238,9 @@ def find_mura_root(path: str | os.PathLike, max_depth: int = 6) -> Path:
                             f"above it, or None for the phantom")
     path = Path(path).expanduser()
     if not path.exists():
-        raise MuraDataError(f"{path}: no such folder. {GET_MURA_HELP}")
+        raise MuraDataError(f"{path}: no such folder. {_GET_MURA_HELP}")
     if not path.is_dir():
-        raise MuraDataError(f"{path}: is a file, not a dataset folder. {GET_MURA_HELP}")
+        raise MuraDataError(f"{path}: is a file, not a dataset folder. {_GET_MURA_HELP}")
     unreadable: list[str] = []
     if _looks_like_mura_root(path, unreadable):
         return path
@@ -181,7 +256,7 @@ def find_mura_root(path: str | os.PathLike, max_depth: int = 6) -> Path:
     skipped = f" Skipped {len(unreadable)} unreadable folder(s): {', '.join(unreadable[:5])}." if unreadable else ""
     raise MuraDataError(
         f"{path}: no MURA dataset found here or up to {max_depth} folders below (looked for a folder holding "
-        f"train/ or valid/ with XR_* body-part folders, or train_labeled_studies.csv).{skipped} {GET_MURA_HELP}"
+        f"train/ or valid/ with XR_* body-part folders, or train_labeled_studies.csv).{skipped} {_GET_MURA_HELP}"
     )
 
 
@@ -247,18 +322,18 @@ def _natural_image_order(path: Path) -> tuple:
 
 def _shape_problem(width: int, height: int) -> str | None:
     """What is wrong with a view's shape (a line of pixels, a sliver, a dot), or None."""
-    if min(width, height) >= MIN_VIEW_SIDE and max(width, height) <= MAX_VIEW_ASPECT * min(width, height):
+    if min(width, height) >= MIN_VIEW_SIDE and max(width, height) <= _MAX_VIEW_ASPECT * min(width, height):
         return None
     return (f"degenerate shape {width} x {height} px (width x height): a view needs sides of {MIN_VIEW_SIDE} px or "
-            f"more, at most {MAX_VIEW_ASPECT}:1")
+            f"more, at most {_MAX_VIEW_ASPECT}:1")
 
 
 def _robust_range(values: np.ndarray) -> tuple[float, float]:
-    """The VIEW_PERCENTILES of an array of grey values (8- and 16-bit ones from their histogram: fast on big views)."""
+    """The _VIEW_PERCENTILES of an array of grey values (8- and 16-bit ones from their histogram: fast on big views)."""
     if values.dtype.kind in "ui" and values.size and values.min() >= 0 and values.max() < 2**16:
         cdf = np.cumsum(np.bincount(values.ravel())) / values.size
-        return tuple(float(np.searchsorted(cdf, q / 100)) for q in VIEW_PERCENTILES)
-    return tuple(float(v) for v in np.percentile(values, VIEW_PERCENTILES))
+        return tuple(float(np.searchsorted(cdf, q / 100)) for q in _VIEW_PERCENTILES)
+    return tuple(float(v) for v in np.percentile(values, _VIEW_PERCENTILES))
 
 
 def _contrast_problem(gray: np.ndarray) -> str | None:
@@ -266,14 +341,15 @@ def _contrast_problem(gray: np.ndarray) -> str | None:
     if gray.min() == gray.max():
         return f"no contrast: every pixel is {gray.flat[0]} (a blank view)"
     lo, hi = _robust_range(gray)
-    if hi - lo >= MIN_VIEW_CONTRAST:
+    if hi - lo >= _MIN_VIEW_CONTRAST:
         return None
-    return (f"no contrast: {VIEW_PERCENTILES[1] - VIEW_PERCENTILES[0]:g}% of its pixels lie within {hi - lo:.0f} grey "
-            f"level(s) (a blank or washed-out view; {MIN_VIEW_CONTRAST} or more expected)")
+    share = _VIEW_PERCENTILES[1] - _VIEW_PERCENTILES[0]
+    return (f"no contrast: {share:g}% of its pixels lie within {hi - lo:.0f} grey "
+            f"level(s) (a blank or washed-out view; {_MIN_VIEW_CONTRAST} or more expected)")
 
 
 def _to_grey(im: Image.Image) -> Image.Image:
-    """An opened image as 8-bit grey (mode L): luma for colour, and 16/32-bit windowed on VIEW_PERCENTILES."""
+    """An opened image as 8-bit grey (mode L): luma for colour, and 16/32-bit windowed on _VIEW_PERCENTILES."""
     if im.mode == "L":
         return im.copy()
     if im.mode == "LA":
@@ -293,7 +369,7 @@ def _to_grey(im: Image.Image) -> Image.Image:
 def _decode_view(path: Path) -> tuple[Image.Image | None, str | None]:
     """(the view decoded in full, as 8-bit grey, None), or (None, what is wrong with the file or its shape)."""
     if not path.is_file() or path.stat().st_size == 0:
-        return None, check_image_file(path)
+        return None, _check_image_file(path)
     im = None
     try:
         im = Image.open(path)
@@ -307,7 +383,7 @@ def _decode_view(path: Path) -> tuple[Image.Image | None, str | None]:
         return (None, problem) if problem else (_to_grey(im), None)
 
 
-def check_image_file(path: str | os.PathLike, full_decode: bool = False) -> str | None:
+def _check_image_file(path: str | os.PathLike, full_decode: bool = False) -> str | None:
     """Return None for a readable image of a view's shape, else a short description of what is wrong with it."""
     path = Path(path)
     if not path.is_file():
@@ -326,11 +402,11 @@ def check_image_file(path: str | os.PathLike, full_decode: bool = False) -> str 
 
 
 def _decodes(path: Path) -> str | None:
-    """check_image_file with a full decode, done once per file version (path, size, mtime) in a process."""
+    """_check_image_file with a full decode, done once per file version (path, size, mtime) in a process."""
     try:
         st = path.stat()
     except OSError:
-        return check_image_file(path)
+        return _check_image_file(path)
     return _decode_check(str(path), st.st_size, st.st_mtime_ns)
 
 
@@ -362,93 +438,11 @@ def load_studies(
         raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
     root = find_mura_root(data_dir)
     parts = _body_parts(root, body_part)
-    problems: list[DataProblem] = []
+    problems: list[_DataProblem] = []
 
-    # 1. walk the folders: the ground truth of what exists on disk
-    found: dict[tuple[str, ...], dict] = {}
-    for part in parts:
-        part_dir = root / split / part
-        if not part_dir.is_dir():
-            continue
-        for patient_dir in sorted(part_dir.iterdir()):
-            if not patient_dir.is_dir():
-                problems.append(DataProblem(str(patient_dir), "stray file", "a file where patient folders belong"))
-                continue
-            if not PATIENT_DIR_RE.fullmatch(patient_dir.name):
-                problems.append(DataProblem(str(patient_dir), "bad folder name", "expected patientNNNNN"))
-                continue
-            for study_dir in sorted(patient_dir.iterdir()):
-                if not study_dir.is_dir():
-                    problems.append(DataProblem(str(study_dir), "stray file", "a file where study folders belong"))
-                    continue
-                m = STUDY_DIR_RE.fullmatch(study_dir.name)
-                if not m:
-                    problems.append(DataProblem(
-                        str(study_dir), "bad folder name", "expected studyN_positive or studyN_negative"))
-                    continue
-                images = []
-                for f in sorted(study_dir.iterdir(), key=_natural_image_order):
-                    if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
-                        images.append(f)
-                    else:
-                        hidden = f.name.startswith(".")
-                        problems.append(DataProblem(str(f), "stray file", "a hidden file (macOS's ._*, .DS_Store)"
-                                                    if hidden else "not a .png/.jpg image"))
-                found[(split, part, patient_dir.name, study_dir.name)] = {
-                    "study_dir": study_dir, "label": LABEL_OF_SUFFIX[m.group(2)], "images": images,
-                }
-    if not found and not any((root / split / p).is_dir() for p in parts):
-        raise MuraDataError(f"{root / split}: no {', '.join(parts)} folder for split {split!r}. {GET_MURA_HELP}")
-
-    # 2. reconcile with the official CSVs, when present
-    csvs = _read_official_csvs(root, split)
-    if csvs is not None:
-        csv_studies, csv_images = csvs
-        csv_images_by_study: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
-        for p in csv_images:
-            key = _relative_key(p)
-            if len(key) >= 5 and key[1] in parts:
-                csv_images_by_study.setdefault(key[:4], []).append(key)
-        listed = set()
-        for row in csv_studies.itertuples(index=False):
-            key = _relative_key(row.csv_study_path)
-            if len(key) != 4 or key[1] not in parts:
-                continue
-            listed.add(key)
-            where = str(root.joinpath(*key))
-            m = STUDY_DIR_RE.fullmatch(key[3])
-            if m and LABEL_OF_SUFFIX[m.group(2)] != row.csv_label:
-                problems.append(DataProblem(
-                    where, "label mismatch", f"CSV label {row.csv_label} but folder suffix '{m.group(2)}'"))
-                found.pop(key, None)
-                continue
-            if key not in found:
-                problems.append(DataProblem(where, "missing study", "listed in the CSV but not on disk"))
-                continue
-            on_disk = {img.name for img in found[key]["images"]}
-            in_csv = {k[4] for k in csv_images_by_study.get(key, [])}
-            for name in sorted(in_csv - on_disk):
-                problems.append(DataProblem(str(root.joinpath(*key, name)), "missing file", "listed in the CSV"))
-            for name in sorted(on_disk - in_csv):
-                problems.append(DataProblem(str(root.joinpath(*key, name)), "unlisted image", "on disk, in no CSV"))
-            found[key]["images"] = [img for img in found[key]["images"] if img.name in in_csv]
-        for key in sorted(set(found) - listed):
-            problems.append(DataProblem(str(found[key]["study_dir"]), "unlisted study", "on disk, in no CSV"))
-            found.pop(key)
-
-    # 3. check every image file (decoded in full: a corrupt data stream can carry valid checksums), drop the unusable
-    for info in found.values():
-        good = []
-        for img in info["images"]:
-            issue = _decodes(img) if verify_images else None
-            if issue:
-                problems.append(DataProblem(str(img), "bad image", issue))
-            else:
-                good.append(img)
-        info["images"] = good
-        if not good:
-            problems.append(DataProblem(str(info["study_dir"]), "empty study", "no readable image in the folder"))
-
+    found = _walk_studies(root, split, parts, problems)  # 1. the folders: what exists on disk
+    _reconcile_with_csvs(root, split, parts, found, problems)  # 2. the official CSVs, when present
+    _check_study_images(found, verify_images, problems)  # 3. every image file
     _report_problems(problems, on_bad, f"{root} ({split}, {', '.join(parts)})")
     rows = [
         {
@@ -467,12 +461,109 @@ def load_studies(
     return df
 
 
+def _walk_studies(root: Path, split: str, parts: Sequence[str], problems: list[_DataProblem]) -> dict:
+    """The study folders of `split` on disk (the ground truth of what exists), keyed (split, part, patient, study),
+    each {study_dir, label, images}; bad folder names and stray files are added to `problems`."""
+    found: dict[tuple[str, ...], dict] = {}
+    for part in parts:
+        part_dir = root / split / part
+        if not part_dir.is_dir():
+            continue
+        for patient_dir in sorted(part_dir.iterdir()):
+            if not patient_dir.is_dir():
+                problems.append(_DataProblem(str(patient_dir), "stray file", "a file where patient folders belong"))
+                continue
+            if not PATIENT_DIR_RE.fullmatch(patient_dir.name):
+                problems.append(_DataProblem(str(patient_dir), "bad folder name", "expected patientNNNNN"))
+                continue
+            for study_dir in sorted(patient_dir.iterdir()):
+                if not study_dir.is_dir():
+                    problems.append(_DataProblem(str(study_dir), "stray file", "a file where study folders belong"))
+                    continue
+                m = STUDY_DIR_RE.fullmatch(study_dir.name)
+                if not m:
+                    problems.append(_DataProblem(
+                        str(study_dir), "bad folder name", "expected studyN_positive or studyN_negative"))
+                    continue
+                images = []
+                for f in sorted(study_dir.iterdir(), key=_natural_image_order):
+                    if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES and not f.name.startswith("."):
+                        images.append(f)
+                    else:
+                        hidden = f.name.startswith(".")
+                        problems.append(_DataProblem(str(f), "stray file", "a hidden file (macOS's ._*, .DS_Store)"
+                                                    if hidden else "not a .png/.jpg image"))
+                found[(split, part, patient_dir.name, study_dir.name)] = {
+                    "study_dir": study_dir, "label": _LABEL_OF_SUFFIX[m.group(2)], "images": images,
+                }
+    if not found and not any((root / split / p).is_dir() for p in parts):
+        raise MuraDataError(f"{root / split}: no {', '.join(parts)} folder for split {split!r}. {_GET_MURA_HELP}")
+    return found
+
+
+def _reconcile_with_csvs(root: Path, split: str, parts: Sequence[str], found: dict,
+                         problems: list[_DataProblem]) -> None:
+    """Check the walked studies against the official CSVs, when present: a study or file on one side only, or a
+    label that disagrees with its folder's name, is a problem; `found` keeps only what both agree on."""
+    csvs = _read_official_csvs(root, split)
+    if csvs is None:
+        return
+    csv_studies, csv_images = csvs
+    csv_images_by_study: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+    for p in csv_images:
+        key = _relative_key(p)
+        if len(key) >= 5 and key[1] in parts:
+            csv_images_by_study.setdefault(key[:4], []).append(key)
+    listed = set()
+    for row in csv_studies.itertuples(index=False):
+        key = _relative_key(row.csv_study_path)
+        if len(key) != 4 or key[1] not in parts:
+            continue
+        listed.add(key)
+        where = str(root.joinpath(*key))
+        m = STUDY_DIR_RE.fullmatch(key[3])
+        if m and _LABEL_OF_SUFFIX[m.group(2)] != row.csv_label:
+            problems.append(_DataProblem(
+                where, "label mismatch", f"CSV label {row.csv_label} but folder suffix '{m.group(2)}'"))
+            found.pop(key, None)
+            continue
+        if key not in found:
+            problems.append(_DataProblem(where, "missing study", "listed in the CSV but not on disk"))
+            continue
+        on_disk = {img.name for img in found[key]["images"]}
+        in_csv = {k[4] for k in csv_images_by_study.get(key, [])}
+        for name in sorted(in_csv - on_disk):
+            problems.append(_DataProblem(str(root.joinpath(*key, name)), "missing file", "listed in the CSV"))
+        for name in sorted(on_disk - in_csv):
+            problems.append(_DataProblem(str(root.joinpath(*key, name)), "unlisted image", "on disk, in no CSV"))
+        found[key]["images"] = [img for img in found[key]["images"] if img.name in in_csv]
+    for key in sorted(set(found) - listed):
+        problems.append(_DataProblem(str(found[key]["study_dir"]), "unlisted study", "on disk, in no CSV"))
+        found.pop(key)
+
+
+def _check_study_images(found: dict, verify_images: bool, problems: list[_DataProblem]) -> None:
+    """Decode every image file in full (a corrupt data stream can carry valid checksums) and drop the unusable ones
+    from `found`, adding each, and each study left empty, to `problems`."""
+    for info in found.values():
+        good = []
+        for img in info["images"]:
+            issue = _decodes(img) if verify_images else None
+            if issue:
+                problems.append(_DataProblem(str(img), "bad image", issue))
+            else:
+                good.append(img)
+        info["images"] = good
+        if not good:
+            problems.append(_DataProblem(str(info["study_dir"]), "empty study", "no readable image in the folder"))
+
+
 def data_problems(studies: pd.DataFrame) -> pd.DataFrame:
     """Return the problems found (and skipped) while loading `studies`, one row per file."""
     return pd.DataFrame([p.__dict__ for p in studies.attrs.get("problems", ())], columns=["path", "problem", "detail"])
 
 
-def _report_problems(problems: list[DataProblem], on_bad: str, where: str, shown: int = 20) -> None:
+def _report_problems(problems: list[_DataProblem], on_bad: str, where: str, shown: int = 20) -> None:
     """Raise one MuraDataError naming every bad file, or warn with counts when skipping."""
     if not problems:
         return
@@ -511,9 +602,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Return the image at `path` as an 8-bit single-channel (mode L) PIL image, whatever its PNG mode.
 
     RGB/RGBA/P/CMYK are converted with the ITU-R 601 luma weights, LA keeps its luminance, and 16-bit or
-    32-bit images (I;16, I, F) are windowed linearly from their 0.5th to their 99.5th percentile (VIEW_PERCENTILES)
+    32-bit images (I;16, I, F) are windowed linearly from their 0.5th to their 99.5th percentile (_VIEW_PERCENTILES)
     onto 0..255, so that a few hot or dead pixels do not squeeze the view into a few grey levels. A view of a
-    degenerate shape (a side under MIN_VIEW_SIDE, over MAX_VIEW_ASPECT:1) is an error naming the file.
+    degenerate shape (a side under MIN_VIEW_SIDE, over _MAX_VIEW_ASPECT:1) is an error naming the file.
     """
     image, problem = _decode_view(Path(path))  # decoded once: the check is the load itself
     if problem:
@@ -521,8 +612,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     return image
 
 
-KAGGLE_PREFIX = "kaggle:"  # data_dir="kaggle:OWNER/DATASET" downloads through kagglehub
-KAGGLE_HELP = (
+_KAGGLE_PREFIX = "kaggle:"  # data_dir="kaggle:OWNER/DATASET" downloads through kagglehub
+_KAGGLE_HELP = (
     "On Kaggle: attach the dataset to the notebook (Add Input), and kagglehub reads it from /kaggle/input without a "
     "download. In Colab: add the secrets KAGGLE_USERNAME and KAGGLE_KEY (the key icon in the left bar; the values are "
     "in the kaggle.json of kaggle.com > Settings > API > Create New Token) and give this notebook access to them. "
@@ -547,23 +638,23 @@ def _kaggle_credentials_from_colab() -> None:
             os.environ[name] = value
 
 
-def download_kaggle_dataset(handle: str) -> Path:
+def _download_kaggle_dataset(handle: str) -> Path:
     """Download a Kaggle dataset ('OWNER/DATASET') through kagglehub (cached; read in place when attached on Kaggle)
     and return its local folder."""
     if not re.fullmatch(r"[\w.-]+/[\w.-]+(/versions/\d+)?", handle):
-        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: not a Kaggle dataset handle; write it as "
-                            f"'{KAGGLE_PREFIX}OWNER/DATASET', e.g. '{KAGGLE_PREFIX}bogomililiev2308/mura-hand-xray'")
+        raise MuraDataError(f"{_KAGGLE_PREFIX}{handle}: not a Kaggle dataset handle; write it as "
+                            f"'{_KAGGLE_PREFIX}OWNER/DATASET', e.g. '{_KAGGLE_PREFIX}bogomililiev2308/mura-hand-xray'")
     try:
         import kagglehub
     except ImportError as e:
-        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: needs the kagglehub package (preinstalled in Colab and on "
+        raise MuraDataError(f"{_KAGGLE_PREFIX}{handle}: needs the kagglehub package (preinstalled in Colab and on "
                             f"Kaggle; elsewhere: pip install kagglehub)") from e
     _kaggle_credentials_from_colab()
     try:
         return Path(kagglehub.dataset_download(handle))
     except Exception as e:  # no credentials, no network, no such dataset, terms not accepted
-        raise MuraDataError(f"{KAGGLE_PREFIX}{handle}: the download failed ({type(e).__name__}: {e}). "
-                            f"{KAGGLE_HELP}") from e
+        raise MuraDataError(f"{_KAGGLE_PREFIX}{handle}: the download failed ({type(e).__name__}: {e}). "
+                            f"{_KAGGLE_HELP}") from e
 
 
 DRIVE_DIR = Path("/content/drive")  # where Colab mounts Google Drive (the setup cell's USE_DRIVE)
@@ -576,41 +667,22 @@ def _in_colab() -> bool:
     return "google.colab" in sys.modules
 
 
-def prepare_local_copy(source: str | os.PathLike, dest: str | os.PathLike | None = None,
-                       progress: bool = True) -> Path:
-    """Copy a MURA folder, or extract a MURA zip, to local disk once and return the MURA root in the copy.
-
-    What Colab users do with data on Drive: reading 40,000 small files through Drive's mount is slow, and is done
-    again by every pass over them, so the data is copied to the VM's own disk once per runtime (a progress bar of
-    bytes) and read there. Of a folder, only the MURA-v1.1 found in it is copied. `dest`: LOCAL_DATA_DIR/<that
-    folder's or the zip's name>. A copy is reused while its source is the same (a zip's also by size and
-    modification time); extracted files keep the zip's times, so the caches' stamps stay the same across runtimes.
-    resolve_data_dir calls this for a zip, and in Colab for a folder on Drive.
-    """
+def _copy_source(source: str | os.PathLike) -> tuple[Path, bool]:
+    """What prepare_local_copy copies, checked: MURA's zip, or the MURA-v1.1 in a folder; and whether it is a zip."""
     source = Path(source).expanduser().absolute()
     if not source.exists():
         mount = " Drive is not mounted: tick USE_DRIVE in the setup cell." if (
             source.is_relative_to(DRIVE_DIR) and not (DRIVE_DIR / "MyDrive").is_dir()) else ""
-        raise MuraDataError(f"{source}: no such file or folder.{mount} {GET_MURA_HELP}")
+        raise MuraDataError(f"{source}: no such file or folder.{mount} {_GET_MURA_HELP}")
     is_zip = source.is_file()
     if is_zip and not zipfile.is_zipfile(source):
         raise MuraDataError(f"{source}: not a zip archive; give MURA's zip, its folder, or a folder above it")
-    source = source if is_zip else find_mura_root(source)  # a folder above MURA: only MURA is copied
-    st = source.stat()
-    origin = {"source": str(source), **({"size": st.st_size, "mtime_ns": st.st_mtime_ns} if is_zip else {})}
-    dest = Path(dest) if dest is not None else LOCAL_DATA_DIR / (source.stem if is_zip else source.name)
-    mark = dest / LOCAL_COPY_MARK
-    with contextlib.suppress(OSError, ValueError):
-        if json.loads(mark.read_text()) == origin:
-            return find_mura_root(dest)
-    if dest.exists() and not mark.is_file():
-        raise MuraDataError(f"{dest}: exists and is not a copy made by prepare_local_copy; give another dest or "
-                            f"remove it")
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    for stale in dest.parent.glob(f".{dest.name}.tmp*"):  # left by an interrupted copy (or our own last try)
-        pid = re.fullmatch(rf"\.{re.escape(dest.name)}\.tmp(\d+)", stale.name)
-        if pid and (stale == tmp or not _pid_alive(int(pid.group(1)))):
-            shutil.rmtree(stale, ignore_errors=True)
+    return (source if is_zip else find_mura_root(source)), is_zip  # a folder above MURA: only MURA is copied
+
+
+def _copy_files(source: Path, is_zip: bool, tmp: Path, dest: Path, progress: bool) -> None:
+    """Extract the zip, or copy the folder, into `tmp` with a progress bar of bytes, keeping the files' times;
+    refused before any copying when the disk under `dest` lacks the room."""
     with contextlib.ExitStack() as stack:
         archive = stack.enter_context(zipfile.ZipFile(source)) if is_zip else None
         items = ([(m, m.file_size) for m in archive.infolist() if not m.is_dir()] if is_zip else
@@ -630,6 +702,36 @@ def prepare_local_copy(source: str | os.PathLike, dest: str | os.PathLike | None
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(item, target)  # keeps the modification time
             bar.update(size)
+
+
+def prepare_local_copy(source: str | os.PathLike, dest: str | os.PathLike | None = None,
+                       progress: bool = True) -> Path:
+    """Copy a MURA folder, or extract a MURA zip, to local disk once and return the MURA root in the copy.
+
+    What Colab users do with data on Drive: reading 40,000 small files through Drive's mount is slow, and is done
+    again by every pass over them, so the data is copied to the VM's own disk once per runtime (a progress bar of
+    bytes) and read there. Of a folder, only the MURA-v1.1 found in it is copied. `dest`: LOCAL_DATA_DIR/<that
+    folder's or the zip's name>. A copy is reused while its source is the same (a zip's also by size and
+    modification time); extracted files keep the zip's times, so the caches' stamps stay the same across runtimes.
+    resolve_data_dir calls this for a zip, and in Colab for a folder on Drive.
+    """
+    source, is_zip = _copy_source(source)
+    st = source.stat()
+    origin = {"source": str(source), **({"size": st.st_size, "mtime_ns": st.st_mtime_ns} if is_zip else {})}
+    dest = Path(dest) if dest is not None else LOCAL_DATA_DIR / (source.stem if is_zip else source.name)
+    mark = dest / LOCAL_COPY_MARK
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(mark.read_text()) == origin:
+            return find_mura_root(dest)
+    if dest.exists() and not mark.is_file():
+        raise MuraDataError(f"{dest}: exists and is not a copy made by prepare_local_copy; give another dest or "
+                            f"remove it")
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    for stale in dest.parent.glob(f".{dest.name}.tmp*"):  # left by an interrupted copy (or our own last try)
+        pid = re.fullmatch(rf"\.{re.escape(dest.name)}\.tmp(\d+)", stale.name)
+        if pid and (stale == tmp or not _pid_alive(int(pid.group(1)))):
+            shutil.rmtree(stale, ignore_errors=True)
+    _copy_files(source, is_zip, tmp, dest, progress)
     _write_json_atomic(origin, tmp / LOCAL_COPY_MARK)
     if dest.exists():  # an older copy of ours (its mark said so)
         shutil.rmtree(dest)
@@ -647,8 +749,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, phantom_root: str | os.
     """Return the MURA root to use: `data_dir` when given (a folder, a MURA zip, or 'kaggle:OWNER/DATASET'; an
     empty one is an error), else the embedded phantom (made if needed). A zip, and in Colab a folder on Drive, is
     read from a local copy (prepare_local_copy)."""
-    if data_dir is not None and str(data_dir).startswith(KAGGLE_PREFIX):
-        return find_mura_root(download_kaggle_dataset(str(data_dir)[len(KAGGLE_PREFIX):]))
+    if data_dir is not None and str(data_dir).startswith(_KAGGLE_PREFIX):
+        return find_mura_root(_download_kaggle_dataset(str(data_dir)[len(_KAGGLE_PREFIX):]))
     if data_dir is not None and str(data_dir).strip() and (
             str(data_dir).lower().endswith(".zip")
             or _in_colab() and Path(data_dir).expanduser().absolute().is_relative_to(DRIVE_DIR)):
@@ -667,15 +769,15 @@ def config_data_root(cfg, data_dir: str | os.PathLike | None = None) -> Path:
 
 # ---------------------------------------------------------------- images & cache: decode and resize once, uint8 on disk
 
-CACHE_VERSION = 2  # in every cache's key (both paths): bump when decoding changes (2: 16-bit views windowed)
-RESIZE_MODES = ("squash", "pad")
+_CACHE_VERSION = 2  # in every cache's key (both paths): bump when decoding changes (2: 16-bit views windowed)
+_RESIZE_MODES = ("squash", "pad")
 
 
 def _files_stamp(paths: Sequence[str], *settings, content: bool = False) -> str:
     """A key for a cache: the settings and every file's path, size and modification time (one stat a file: ~0.2 s
     for 40,000 files on a local disk), or with content=True its path and the sha256 of its bytes (every file read:
     ~6 s for 40,000 MURA-sized files already in memory, far longer through Drive)."""
-    stamp = hashlib.sha1(json.dumps([CACHE_VERSION, *settings]).encode())
+    stamp = hashlib.sha1(json.dumps([_CACHE_VERSION, *settings]).encode())
     for p in paths:
         if content:
             key = hashlib.sha256(Path(p).read_bytes()).hexdigest()
@@ -736,7 +838,7 @@ def _run_tasks(func, tasks: list, desc: str, progress: bool = True, workers: int
     return results
 
 
-NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a full quota, a file-size limit
+_NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a full quota, a file-size limit
 
 
 def _megabytes(n: float, up: bool = True) -> str:
@@ -770,7 +872,7 @@ def _room_for(where: Path, need: int, then: str):
     try:
         yield
     except OSError as e:
-        if e.errno in NO_ROOM_ERRNOS:
+        if e.errno in _NO_ROOM_ERRNOS:
             raise _no_room(where, need, then, e) from e
         raise
 
@@ -813,7 +915,7 @@ def _write_file_atomic(data: bytes | memoryview, path: Path, then: str = "free s
         raise
 
 
-CACHE_NO_ROOM = "free some space, or set cache_dir to a disk with room (the partial cache was removed)"
+_CACHE_NO_ROOM = "free some space, or set cache_dir to a disk with room (the partial cache was removed)"
 
 
 def _new_arrays(arrays: Sequence[tuple[Path, tuple[int, ...], type]], where: Path) -> None:
@@ -821,7 +923,7 @@ def _new_arrays(arrays: Sequence[tuple[Path, tuple[int, ...], type]], where: Pat
     memory-mapped write that finds the disk full kills the process (SIGBUS, no traceback), so a full disk is said
     here, before any work, naming `where` and the space needed."""
     need = sum(128 + math.prod(shape) * np.dtype(dtype).itemsize for _, shape, dtype in arrays)  # 128: the header
-    with _room_for(where, need, CACHE_NO_ROOM):
+    with _room_for(where, need, _CACHE_NO_ROOM):
         for path, shape, dtype in arrays:
             array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
             size = array.offset + array.nbytes
@@ -831,7 +933,7 @@ def _new_arrays(arrays: Sequence[tuple[Path, tuple[int, ...], type]], where: Pat
                     try:
                         os.posix_fallocate(f.fileno(), 0, size)
                     except OSError as e:  # a file system without it keeps the free-space check
-                        if e.errno in NO_ROOM_ERRNOS:
+                        if e.errno in _NO_ROOM_ERRNOS:
                             raise
 
 
@@ -866,7 +968,7 @@ def resize_view(image: Image.Image, size: int, mode: str = "squash") -> Image.Im
     if mode == "squash":
         return image.resize((size, size), Image.Resampling.BILINEAR)
     if mode != "pad":
-        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+        raise ValueError(f"resize mode must be one of {_RESIZE_MODES}, got {mode!r}")
     scale = size / max(image.size)
     w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
     canvas = Image.new("L", (size, size), 0)
@@ -875,7 +977,7 @@ def resize_view(image: Image.Image, size: int, mode: str = "squash") -> Image.Im
 
 
 @dataclass
-class ImageCache:
+class _ImageCache:
     """Views decoded and resized once into a memory-mapped uint8 array (N, size, size) on disk."""
     path: Path
     image_paths: list[str]
@@ -927,15 +1029,15 @@ def _remove_dead_cache_builds(cache_dir: str | os.PathLike, min_age_s: float = 6
 
 
 def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: str | os.PathLike = "data/cache",
-                      resize: str = "squash", workers: int | None = None, progress: bool = True) -> ImageCache:
+                      resize: str = "squash", workers: int | None = None, progress: bool = True) -> _ImageCache:
     """Return the cache of these views at this size, building it once (keyed by paths, file stamps, size, mode); its
     disk space is reserved first (a full disk is said before any work), and a damaged file is rebuilt."""
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if resize not in _RESIZE_MODES:
+        raise ValueError(f"resize must be one of {_RESIZE_MODES}, got {resize!r}")
     paths = [str(p) for p in image_paths]
     _remove_dead_cache_builds(cache_dir)
     npy = _cache_path(cache_dir, f"views_{size}px_{resize}", paths, size, resize, suffix=".npy")
-    cache = ImageCache(npy, paths, size, resize)
+    cache = _ImageCache(npy, paths, size, resize)
     shape = (len(paths), size, size)
     if npy.is_file() and not _damaged_cache([(npy, shape, np.uint8)]):
         return cache
@@ -952,13 +1054,13 @@ def build_image_cache(image_paths: Sequence[str], size: int = 224, cache_dir: st
     return cache
 
 
-class CachedViewBatches:
+class _CachedViewBatches:
     """A dataset whose items are whole batches: view indices -> (uint8 views, labels, indices, study of each view).
 
     The study ids are renumbered 0..k-1 within the batch, so the device never has to find them (no sync).
     """
 
-    def __init__(self, cache: ImageCache, rows: np.ndarray, labels: np.ndarray, studies: np.ndarray):
+    def __init__(self, cache: _ImageCache, rows: np.ndarray, labels: np.ndarray, studies: np.ndarray):
         self.cache, self.rows = cache, np.asarray(rows)
         self.labels, self.studies = np.asarray(labels, dtype=np.float32), np.asarray(studies)
 
@@ -977,7 +1079,7 @@ class CachedViewBatches:
                 torch.from_numpy(study_in_batch))
 
 
-class EpochBatches:
+class _EpochBatches:
     """Batch sampler whose batches are set per epoch (seeded shuffles), so persistent workers can be reused."""
     def __init__(self):
         self.batches: list[list[int]] = []
@@ -1066,7 +1168,7 @@ def prepare_batch(views_uint8, device, train: bool, generator=None, rotation_deg
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def augment_views_and_masks(x, m, generator, cfg: AnomalyConfig):
+def _augment_views_and_masks(x, m, generator, cfg: AnomalyConfig):
     """The online augmentation, per sample: flips, rotation and scale applied alike to view and mask; intensity;
     rotation, scale and intensity each with probability cfg.augment_p."""
     both = gpu_augment(torch.cat([x, m], 1), generator, cfg.rotation_degrees, cfg.hflip, cfg.scale_range, cfg.vflip,
@@ -1147,7 +1249,7 @@ def weighted_bce_with_logits(logits, targets, w0, w1):
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), weight=weight)
 
 
-def study_log_probs(logits, study: torch.Tensor, n_studies: int):
+def _study_log_probs(logits, study: torch.Tensor, n_studies: int):
     """Per study (ids 0..n-1), log of the mean view probability and of its complement, stably from view logits."""
     logits = logits.float()
     counts = torch.zeros(n_studies, device=logits.device).index_add_(0, study, torch.ones_like(logits))
@@ -1163,7 +1265,7 @@ def study_log_probs(logits, study: torch.Tensor, n_studies: int):
 def study_weighted_bce(logits, targets, study: torch.Tensor, n_studies: int, w0, w1):
     """The report's variant: weighted BCE on each study's mean view probability (one term per study); w0 and w1
     are numbers, or each view's weights (a study takes its views')."""
-    log_p, log_q = study_log_probs(logits, study, n_studies)
+    log_p, log_q = _study_log_probs(logits, study, n_studies)
     def per_study(values):  # a study's label (or weight: one study type a study) from its views'
         return torch.zeros(n_studies, device=logits.device).scatter_reduce(0, study, values.float(), "amax")
     y = per_study(targets)
@@ -1176,10 +1278,10 @@ def study_weighted_bce(logits, targets, study: torch.Tensor, n_studies: int, w0,
 
 SELECT_METRICS = {f"{split}_{metric}": direction for split in ("tune", "valid")
                   for metric, direction in (("loss", "min"), ("auroc", "max"), ("kappa", "max"), ("accuracy", "max"))}
-COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201")  # build_model replaces a DenseNet's classifier
-AMP_MODES = ("auto", "fp16", "bf16", "off")
-ON_BAD = ("raise", "skip")
+_AMP_MODES = ("auto", "fp16", "bf16", "off")
+_ON_BAD = ("raise", "skip")
 _TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -1312,8 +1414,8 @@ def _validate_common(cfg, owner: str, integers: dict[str, tuple[int, int]], floa
                                               optional=True)
     for name in ("hflip", "resume"):
         setattr(cfg, name, _bool_setting(owner, name, getattr(cfg, name)))
-    cfg.amp = _choice_setting(owner, "amp", cfg.amp, AMP_MODES)
-    cfg.on_bad = _choice_setting(owner, "on_bad", cfg.on_bad, ON_BAD)
+    cfg.amp = _choice_setting(owner, "amp", cfg.amp, _AMP_MODES)
+    cfg.on_bad = _choice_setting(owner, "on_bad", cfg.on_bad, _ON_BAD)
     cfg.device = _device_setting(owner, cfg.device)
 
 
@@ -1339,12 +1441,12 @@ def _validate_train_config(cfg) -> None:
         cfg.compile = _bool_setting(owner, "compile", cfg.compile)
 
 
-FREE_ON_RESUME = {"resume": "free"}  # a config field's metadata: it may change when a run resumes
+_FREE_ON_RESUME = {"resume": "free"}  # a config field's metadata: it may change when a run resumes
 
 
 def _free(default):
     """A config field that may change when a run resumes: where and how the run runs, not what it learns."""
-    return field(default=default, metadata=FREE_ON_RESUME)
+    return field(default=default, metadata=_FREE_ON_RESUME)
 
 
 @dataclass
@@ -1429,14 +1531,14 @@ class TrainConfig(RunConfig):
 
     def __post_init__(self):
         _validate_train_config(self)
-        checks = {"resize": (self.resize, RESIZE_MODES), "loss_level": (self.loss_level, ("image", "study")),
+        checks = {"resize": (self.resize, _RESIZE_MODES), "loss_level": (self.loss_level, ("image", "study")),
                   "select_metric": (self.select_metric, tuple(SELECT_METRICS)),
                   "amp": (self.amp, ("auto", "fp16", "bf16", "off"))}
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"TrainConfig.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.compile not in _COMPILE_MODES:
+            raise ValueError(f"TrainConfig.compile must be one of {_COMPILE_MODES}, got {self.compile!r}")
         if not 0 <= self.tune_fraction < 1:
             raise ValueError(f"TrainConfig.tune_fraction must be in [0, 1), got {self.tune_fraction!r}")
         if self.tune_fraction == 0:  # no tuning split: selection reads MURA's validation split (the old behaviour)
@@ -1453,7 +1555,7 @@ class TrainConfig(RunConfig):
 
 
 # Presets: named sets of TrainConfig fields (train_preset), each field's source said where it is set.
-TRAIN_PRESETS = {
+_TRAIN_PRESETS = {
     # the reference report's run (its section on training; pyaf/DenseNet-MURA-PyTorch); the report chose its epoch
     # by accuracy on MURA's validation split, the set it reported on: here the tuning split chooses (tune_fraction
     # is not set, so TrainConfig's 0.1 holds); train_preset("report", tune_fraction=0) repeats its choice on the test
@@ -1471,22 +1573,22 @@ TRAIN_PRESETS = {
 
 
 def train_preset(name: str, **overrides) -> TrainConfig:
-    """A TrainConfig with a named preset's settings (TRAIN_PRESETS), any field overridden by keyword."""
-    if name not in TRAIN_PRESETS:
-        raise ValueError(f"unknown preset {name!r}: choose from {sorted(TRAIN_PRESETS)}")
-    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})
+    """A TrainConfig with a named preset's settings (_TRAIN_PRESETS), any field overridden by keyword."""
+    if name not in _TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose from {sorted(_TRAIN_PRESETS)}")
+    return TrainConfig(**{**_TRAIN_PRESETS[name], **overrides})
 
 
 def _config_dict(cfg: TrainConfig) -> dict:
     """The config as plain types (loadable with weights_only=True)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
-LEGACY_CONFIG = {"tune_fraction": 0.0}  # what a run saved before a field existed did (no tuning split)
+_LEGACY_CONFIG = {"tune_fraction": 0.0}  # what a run saved before a field existed did (no tuning split)
 
 
 def _stored_config(config_class, state: dict, path: str | os.PathLike):
     """The config a checkpoint was saved with, validated like a new one (an edited image_size is refused)."""
     try:
-        legacy = LEGACY_CONFIG if config_class is TrainConfig else {}  # what a run saved before a field existed did
+        legacy = _LEGACY_CONFIG if config_class is TrainConfig else {}  # what a run saved before a field existed did
         return config_class(**{**legacy, **state["config"]})
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: its stored settings are not valid ({e})") from None
@@ -1510,14 +1612,14 @@ def amp_dtype(amp: str, device):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
 
 
-def seed_everything(seed: int) -> None:
+def _seed_everything(seed: int) -> None:
     """Seed Python's and torch's generators (CPU and CUDA); the suite's NumPy code takes explicit seeds."""
     random.seed(seed)
     torch.manual_seed(seed)
 
 
 @dataclass(frozen=True)
-class Distributed:
+class _Distributed:
     """Where this process stands in a torch.distributed run (one process: rank 0 of 1)."""
     rank: int = 0
     world_size: int = 1
@@ -1529,13 +1631,13 @@ class Distributed:
         return self.rank == 0
 
 
-def setup_distributed(device: str = "auto") -> tuple[Distributed, torch.device]:
+def _setup_distributed(device: str = "auto") -> tuple[_Distributed, torch.device]:
     """Join the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPU) and return
     this process's place and device; without torchrun, one process on resolve_device(device)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Distributed(), resolve_device(device)
-    ctx = Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+        return _Distributed(), resolve_device(device)
+    ctx = _Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = torch.cuda.is_available() and str(device).split(":")[0] in ("auto", "cuda")
     if use_cuda:
         torch.cuda.set_device(ctx.local_rank)
@@ -1544,7 +1646,7 @@ def setup_distributed(device: str = "auto") -> tuple[Distributed, torch.device]:
     return ctx, torch.device("cuda", ctx.local_rank) if use_cuda else torch.device("cpu")
 
 
-def _gather_result(result: dict, ctx: Distributed) -> dict:
+def _gather_result(result: dict, ctx: _Distributed) -> dict:
     """One epoch's results of every process joined on rank 0 (the loss averaged over all items); None elsewhere."""
     if ctx.world_size == 1:
         return result
@@ -1557,7 +1659,7 @@ def _gather_result(result: dict, ctx: Distributed) -> dict:
             "probs": np.concatenate([p["probs"] for p in parts]), "index": np.concatenate([p["index"] for p in parts])}
 
 
-def _from_main(obj, ctx: Distributed):
+def _from_main(obj, ctx: _Distributed):
     """Rank 0's `obj` on every process (one process: `obj`)."""
     if ctx.world_size == 1:
         return obj
@@ -1620,7 +1722,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (empty, truncated, corrupt, not a checkpoint, of the other kind), named."""
 
 
-CHECKPOINT_KINDS = {"supervised": "a supervised (DenseNet) checkpoint: load it with load_checkpoint",
+_CHECKPOINT_KINDS = {"supervised": "a supervised (DenseNet) checkpoint: load it with load_checkpoint",
                     "anomaly": "an anomaly-detection checkpoint: load it with load_anomaly_model"}
 
 
@@ -1630,7 +1732,7 @@ def _checkpoint_kind(state: dict) -> str | None:
     return state.get("kind") or ("anomaly" if "variant" in config else "supervised" if "arch" in config else None)
 
 
-CHECKPOINT_FIELDS = {  # what each field of a checkpoint holds, checked on every load (a crafted one fails here)
+_CHECKPOINT_FIELDS = {  # what each field of a checkpoint holds, checked on every load (a crafted one fails here)
     "model": ("a dict of tensors", lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor)
                                                                          for t in v.values())),
     "config": ("a dict of settings", lambda v: isinstance(v, dict)),
@@ -1650,8 +1752,8 @@ CHECKPOINT_FIELDS = {  # what each field of a checkpoint holds, checked on every
 
 
 def _field_problem(state: dict) -> str | None:
-    """The first field of a checkpoint that does not hold what it should (CHECKPOINT_FIELDS), said; else None."""
-    for name, (what, holds) in CHECKPOINT_FIELDS.items():
+    """The first field of a checkpoint that does not hold what it should (_CHECKPOINT_FIELDS), said; else None."""
+    for name, (what, holds) in _CHECKPOINT_FIELDS.items():
         if name in state and not holds(state[name]):
             return (f"field '{name}' holds {repr(state[name])[:60]} ({type(state[name]).__name__}), not {what}: the "
                     f"file was edited or damaged")
@@ -1689,11 +1791,11 @@ def _read_checkpoint(path: Path, kind: str | None) -> tuple[dict | None, str | N
         return None, problem
     found = _checkpoint_kind(state)
     if kind is not None and found != kind:
-        return None, f"{CHECKPOINT_KINDS.get(found, 'a checkpoint of an unknown kind')}, not {kind}"
+        return None, f"{_CHECKPOINT_KINDS.get(found, 'a checkpoint of an unknown kind')}, not {kind}"
     return state, None
 
 
-def load_state(path: str | os.PathLike, kind: str | None = None) -> dict:
+def _load_state(path: str | os.PathLike, kind: str | None = None) -> dict:
     """A checkpoint's state, loaded with weights_only=True and checked against its sha256 digest and its kind
     ('supervised' or 'anomaly'); else one CheckpointError naming the file, what is wrong, and a good checkpoint
     beside it when there is one."""
@@ -1743,8 +1845,8 @@ def _resumable_state(cfg) -> dict | None:
     last_path = Path(cfg.output_dir) / "checkpoints" / "last.pt"
     if not cfg.resume or not last_path.is_file():
         return None
-    state = load_state(last_path, "anomaly" if isinstance(cfg, AnomalyConfig) else "supervised")
-    saved = {**LEGACY_CONFIG, **state["config"]}  # a run saved before a field existed did what LEGACY_CONFIG says
+    state = _load_state(last_path, "anomaly" if isinstance(cfg, AnomalyConfig) else "supervised")
+    saved = {**_LEGACY_CONFIG, **state["config"]}  # a run saved before a field existed did what _LEGACY_CONFIG says
     changed = {k: (saved[k], v) for k, v in _config_dict(cfg).items()  # a field newer than the run
                if k in must_match and k in saved and saved[k] != v}  # had none to differ
     if changed:
@@ -1782,8 +1884,8 @@ def _save_epoch(state: dict, improved: bool, out: Path) -> None:
 
 
 RUN_LOCK = "run.lock"
-LOCK_HEARTBEAT_S = 60  # a running run touches its lock this often ...
-LOCK_STALE_AFTER_S = 900  # ... so a lock from another machine untouched this long is a dead run's
+_LOCK_HEARTBEAT_S = 60  # a running run touches its lock this often ...
+_LOCK_STALE_AFTER_S = 900  # ... so a lock from another machine untouched this long is a dead run's
 
 
 class RunLockedError(RuntimeError):
@@ -1821,12 +1923,12 @@ def _lock_is_stale(path: Path, holder: dict | None) -> bool:
         return age > 10
     if holder["host"] == socket.gethostname():
         return holder["pid"] != os.getpid() and not _pid_alive(holder["pid"])
-    return age > LOCK_STALE_AFTER_S
+    return age > _LOCK_STALE_AFTER_S
 
 
 def _lock_heartbeat(path: Path, stop: threading.Event) -> None:
-    """Touch the lock every LOCK_HEARTBEAT_S seconds until `stop` is set (others see the run is alive)."""
-    while not stop.wait(LOCK_HEARTBEAT_S):
+    """Touch the lock every _LOCK_HEARTBEAT_S seconds until `stop` is set (others see the run is alive)."""
+    while not stop.wait(_LOCK_HEARTBEAT_S):
         with contextlib.suppress(OSError):
             os.utime(path)
 
@@ -1876,15 +1978,15 @@ def run_lock(run_dir: str | os.PathLike):
 
 
 # every name a run writes in its folder (besides its lock): whatever a fresh run finds there is moved aside first
-RUN_FILES = ("checkpoints", "history.csv", "config.json", "test_scores.csv", "val_scores.csv")
+_RUN_FILES = ("checkpoints", "history.csv", "config.json", "test_scores.csv", "val_scores.csv")
 
 
 def _set_aside_previous_run(out: Path) -> Path | None:
-    """Before a fresh run in `out`: move whatever is at the names a run writes (RUN_FILES: an earlier run's files, or
+    """Before a fresh run in `out`: move whatever is at the names a run writes (_RUN_FILES: an earlier run's files, or
     the user's own under those names) to a sibling <name>.previous-<UTC time>/, so that nothing is deleted or
     overwritten, with a warning naming them and both folders; None when there was nothing (an empty folder is
     left)."""
-    found = [name for name in RUN_FILES if (out / name).is_symlink() or (out / name).is_file()
+    found = [name for name in _RUN_FILES if (out / name).is_symlink() or (out / name).is_file()
              or ((out / name).is_dir() and any((out / name).iterdir()))]
     if not found:
         return None
@@ -1917,7 +2019,7 @@ def _remove_temporaries(folders: Sequence[Path]) -> list[Path]:
     return removed
 
 
-def data_fingerprint(studies: pd.DataFrame) -> str:
+def _data_fingerprint(studies: pd.DataFrame) -> str:
     """sha256 of a study table: each study's split, path below the MURA root, label, view count and file names."""
     digest = hashlib.sha256()
     for row in studies.sort_values(["split", "study_path"]).itertuples():
@@ -1928,7 +2030,7 @@ def data_fingerprint(studies: pd.DataFrame) -> str:
 
 def _data_record(root: Path, studies: pd.DataFrame) -> dict:
     """What a checkpoint keeps of the data it was trained on: the folder, the study count and the fingerprint."""
-    return {"root": str(root), "n_studies": len(studies), "fingerprint": data_fingerprint(studies)}
+    return {"root": str(root), "n_studies": len(studies), "fingerprint": _data_fingerprint(studies)}
 
 
 def _check_same_data(state: dict | None, data: dict, where: Path) -> None:
@@ -1959,12 +2061,12 @@ def _write_json_atomic(obj, path: Path) -> None:
 
 # ---------------------------------------------------------------- training: one epoch, evaluation, the run, ensembles
 
-def make_view_loader(cache: ImageCache, images: pd.DataFrame, batch_size: int, shuffle: bool = False, seed: int = 0,
+def make_view_loader(cache: _ImageCache, images: pd.DataFrame, batch_size: int, shuffle: bool = False, seed: int = 0,
                      num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A DataLoader of whole batches of cached views; set `loader.sampler.batches` to re-shuffle per epoch."""
-    dataset = CachedViewBatches(cache, cache.rows(images["image_path"]), images["label"].to_numpy(),
+    dataset = _CachedViewBatches(cache, cache.rows(images["image_path"]), images["label"].to_numpy(),
                                 pd.factorize(images["study_path"])[0])
-    sampler = EpochBatches()
+    sampler = _EpochBatches()
     sampler.batches = epoch_batches(len(images), batch_size, shuffle, seed, 0)
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
@@ -2127,7 +2229,7 @@ def _epoch_metrics(prefix: str, images: pd.DataFrame, result: dict) -> dict:
 
 
 
-def _start_run(cfg: RunConfig, ctx: Distributed, device, prepare, progress: bool) -> tuple[dict | None, dict]:
+def _start_run(cfg: RunConfig, ctx: _Distributed, device, prepare, progress: bool) -> tuple[dict | None, dict]:
     """The start-up both trainers share: leftover temporaries removed; the checkpoint to resume (or an earlier run
     moved aside); the data prepared by `prepare(cfg, progress, state)` on the first process of each machine while
     the others wait, then read; config.json written; cuDNN's autotuner and the seeds set. Returns (state, data)."""
@@ -2145,7 +2247,7 @@ def _start_run(cfg: RunConfig, ctx: Distributed, device, prepare, progress: bool
     if ctx.is_main:
         _write_json_atomic(_config_dict(cfg), out / "config.json")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: let cuDNN pick the fastest kernels
-    seed_everything(cfg.seed)
+    _seed_everything(cfg.seed)
     return state, data
 
 
@@ -2155,7 +2257,7 @@ def _grad_scaler(cfg: RunConfig, device) -> torch.amp.GradScaler:
 
 
 def _resume_into(state: dict | None, model, optimizer, scheduler, scaler, cfg: RunConfig,
-                 ctx: Distributed) -> tuple[list[dict], float | None, int]:
+                 ctx: _Distributed) -> tuple[list[dict], float | None, int]:
     """Restore a checkpoint's state (when resuming) and say so: (history, best score, first epoch to run)."""
     if state is None:
         return [], None, 0
@@ -2166,7 +2268,7 @@ def _resume_into(state: dict | None, model, optimizer, scheduler, scaler, cfg: R
     return history, best, start_epoch
 
 
-def _for_processes(model, cfg: RunConfig, ctx: Distributed, device):
+def _for_processes(model, cfg: RunConfig, ctx: _Distributed, device):
     """The model wrapped for several processes (DistributedDataParallel; SyncBatchNorm when asked, on GPUs)."""
     if ctx.world_size == 1:
         return model
@@ -2199,69 +2301,28 @@ def train(cfg: TrainConfig, progress: bool = True) -> pd.DataFrame:
     DistributedDataParallel: each process takes its share of every global batch of batch_size x processes views,
     validation is sharded and gathered, rank 0 alone computes the metrics, holds the lock and writes the files.
     """
-    ctx, device = setup_distributed(cfg.device)
+    ctx, device = _setup_distributed(cfg.device)
     with run_lock(cfg.output_dir) if ctx.is_main else contextlib.nullcontext():
         return _train_locked(cfg, progress, ctx, device)
 
 
-def _train_locked(cfg: TrainConfig, progress: bool, ctx: Distributed, device) -> pd.DataFrame:
+def _train_locked(cfg: TrainConfig, progress: bool, ctx: _Distributed, device) -> pd.DataFrame:
     """train() while rank 0 holds the run folder's lock."""
     out = Path(cfg.output_dir)
     state, run = _start_run(cfg, ctx, device, _prepare_run, progress)
     model = build_model(cfg.pretrained and state is None, cfg.arch).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    weight_table = class_weights_by_type(run["train"])  # the paper's w_T per study type (one row for XR_HAND)
     optimizer = build_optimizer(model.parameters(), cfg.lr, device, cfg.betas, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
                                                            patience=cfg.plateau_patience)
     scaler = _grad_scaler(cfg, device)
     history, best, start_epoch = _resume_into(state, model, optimizer, scheduler, scaler, cfg, ctx)
     model = compile_model(_for_processes(model, cfg, ctx, device), cfg.compile)
-    eval_model = model if ctx.world_size == 1 else _unwrap(model)  # no collectives in evaluation
-
-    train_images, tune_images, valid_images = run["train"], run["tune"], run["valid"]
-    train_weights = view_loss_weights(train_images, weight_table).to(device)
-    valid_weights = view_loss_weights(valid_images, weight_table).to(device)  # training's weights: comparable
-    tune_weights = None if tune_images is None else view_loss_weights(tune_images, weight_table).to(device)
-    groups = list(train_images.groupby("study_path", sort=False).indices.values())
-    pin = device.type == "cuda"
-    train_loader = make_view_loader(run["cache"], train_images, cfg.batch_size, True, cfg.seed, cfg.num_workers, pin)
-    valid_loader = make_view_loader(run["cache"], valid_images, cfg.valid_batch_size, False, cfg.seed,
-                                    cfg.num_workers, pin)
-    tune_loader = None if tune_images is None else make_view_loader(run["cache"], tune_images, cfg.valid_batch_size,
-                                                                    False, cfg.seed, cfg.num_workers, pin)
-    for loader, images in ((valid_loader, valid_images), (tune_loader, tune_images)):  # each process its share
-        if loader is not None:
-            loader.sampler.batches = [b for b in epoch_batches(len(images), cfg.valid_batch_size, False, cfg.seed, 0,
-                                                               None, ctx.rank, ctx.world_size) if b]
+    loaders, weights = _training_loaders(cfg, run, ctx, device)
     direction = SELECT_METRICS[cfg.select_metric]
     for epoch in range(start_epoch, cfg.epochs):
-        train_loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch,
-                                                     groups if cfg.loss_level == "study" else None,
-                                                     ctx.rank, ctx.world_size)
-        started = time.perf_counter()
-        trained = train_one_epoch(model, train_loader, optimizer, scaler, device, train_weights, cfg, epoch,
-                                  progress and ctx.is_main, ctx.rank)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_time = time.perf_counter() - started  # rank 0's; its images/s counts every process's views
-        tuned = None if tune_loader is None else evaluate_views(eval_model, tune_loader, device, tune_weights,
-                                                                cfg.amp, cfg.channels_last, desc="tune",
-                                                                progress=progress and ctx.is_main)
-        validated = evaluate_views(eval_model, valid_loader, device, valid_weights, cfg.amp, cfg.channels_last,
-                                   progress=progress and ctx.is_main)
-        trained, validated = _gather_result(trained, ctx), _gather_result(validated, ctx)
-        tuned = None if tuned is None else _gather_result(tuned, ctx)
-        row = None
-        if ctx.is_main:  # the metrics, once, on every view's prediction
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                   **_epoch_metrics("train", train_images, trained),
-                   **(_epoch_metrics("tune", tune_images, tuned) if tuned else {}),
-                   **_epoch_metrics("valid", valid_images, validated),
-                   "epoch_time_s": time.perf_counter() - started,
-                   "train_images_per_s": len(trained["probs"]) / train_time, "processes": ctx.world_size}
-        row = _from_main(row, ctx)
+        row = _train_epoch(model, loaders, weights, optimizer, scaler, cfg, run, epoch, ctx, device, progress)
         scheduler.step(row[f"{cfg.tuning_set}_loss"])  # the plateau schedule reads the tuning set, never the test
         history.append(row)
         score = row[cfg.select_metric]
@@ -2274,13 +2335,72 @@ def _train_locked(cfg: TrainConfig, progress: bool, ctx: Distributed, device) ->
             _save_epoch(_checkpoint(model, optimizer, scheduler, scaler, epoch, history, cfg, best, run["data"]),
                         improved, out)
         if progress and ctx.is_main:
-            shown = [f"{k.replace('_', ' ')} {row[k]:.4f}" for k in ("train_loss", "tune_loss", "tune_auroc",
-                                                                          "valid_loss", "valid_auroc") if k in row]
-            print(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(shown) +
-                  f"  {row['train_images_per_s']:.0f} img/s" + ("  (best)" if improved else ""), flush=True)
+            _print_epoch(row, cfg, epoch, improved)
     if ctx.world_size > 1:
         dist.barrier()  # every process returns after rank 0 has written the last epoch
     return pd.DataFrame(history)
+
+
+def _training_loaders(cfg: TrainConfig, run: dict, ctx: _Distributed, device) -> tuple[dict, dict]:
+    """The loaders of the train, tune (None without a tuning split) and valid views, each process its share of the
+    evaluated ones, and each set's view loss weights (training's, so that the losses compare)."""
+    weight_table = class_weights_by_type(run["train"])  # the paper's w_T per study type (one row for XR_HAND)
+    weights = {name: None if run[name] is None else view_loss_weights(run[name], weight_table).to(device)
+               for name in ("train", "valid", "tune")}
+    pin = device.type == "cuda"
+    loaders = {"train": make_view_loader(run["cache"], run["train"], cfg.batch_size, True, cfg.seed, cfg.num_workers,
+                                         pin)}
+    for name in ("valid", "tune"):
+        images = run[name]
+        loaders[name] = None if images is None else make_view_loader(run["cache"], images, cfg.valid_batch_size,
+                                                                     False, cfg.seed, cfg.num_workers, pin)
+        if images is not None:  # each process its share
+            loaders[name].sampler.batches = [b for b in epoch_batches(len(images), cfg.valid_batch_size, False,
+                                                                      cfg.seed, 0, None, ctx.rank, ctx.world_size)
+                                             if b]
+    return loaders, weights
+
+
+def _train_epoch(model, loaders: dict, weights: dict, optimizer, scaler, cfg: TrainConfig, run: dict, epoch: int,
+                 ctx: _Distributed, device, progress: bool) -> dict:
+    """One epoch: train on this process's share of the batches, evaluate the tune and valid views, gather every
+    process's predictions; return the history row (rank 0 computes it, every process receives it)."""
+    train_images = run["train"]
+    groups = list(train_images.groupby("study_path", sort=False).indices.values())
+    loaders["train"].sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch,
+                                                     groups if cfg.loss_level == "study" else None,
+                                                     ctx.rank, ctx.world_size)
+    eval_model = model if ctx.world_size == 1 else _unwrap(model)  # no collectives in evaluation
+    started = time.perf_counter()
+    trained = train_one_epoch(model, loaders["train"], optimizer, scaler, device, weights["train"], cfg, epoch,
+                              progress and ctx.is_main, ctx.rank)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_time = time.perf_counter() - started  # rank 0's; its images/s counts every process's views
+    tuned = None if loaders["tune"] is None else evaluate_views(eval_model, loaders["tune"], device, weights["tune"],
+                                                                cfg.amp, cfg.channels_last, desc="tune",
+                                                                progress=progress and ctx.is_main)
+    validated = evaluate_views(eval_model, loaders["valid"], device, weights["valid"], cfg.amp, cfg.channels_last,
+                               progress=progress and ctx.is_main)
+    trained, validated = _gather_result(trained, ctx), _gather_result(validated, ctx)
+    tuned = None if tuned is None else _gather_result(tuned, ctx)
+    row = None
+    if ctx.is_main:  # the metrics, once, on every view's prediction
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+               **_epoch_metrics("train", train_images, trained),
+               **(_epoch_metrics("tune", run["tune"], tuned) if tuned else {}),
+               **_epoch_metrics("valid", run["valid"], validated),
+               "epoch_time_s": time.perf_counter() - started,
+               "train_images_per_s": len(trained["probs"]) / train_time, "processes": ctx.world_size}
+    return _from_main(row, ctx)
+
+
+def _print_epoch(row: dict, cfg: TrainConfig, epoch: int, improved: bool) -> None:
+    """The epoch's line: its losses and AUROCs, images/s, and whether it is the best so far."""
+    shown = [f"{k.replace('_', ' ')} {row[k]:.4f}" for k in ("train_loss", "tune_loss", "tune_auroc", "valid_loss",
+                                                              "valid_auroc") if k in row]
+    print(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(shown) +
+          f"  {row['train_images_per_s']:.0f} img/s" + ("  (best)" if improved else ""), flush=True)
 
 
 def launch_training(cfg: TrainConfig | AnomalyConfig, devices: int | str = "auto",
@@ -2366,7 +2486,7 @@ def ensemble_checkpoints(run_dirs: Sequence[str | os.PathLike], k: int = 1) -> t
 
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
     """Load a checkpoint (weights_only, its digest checked) and return (model in eval mode, its TrainConfig)."""
-    state = load_state(path, "supervised")
+    state = _load_state(path, "supervised")
     cfg = _stored_config(TrainConfig, state, path)
     model = build_model(pretrained=False, arch=cfg.arch)
     model.load_state_dict(state["model"])
@@ -2537,7 +2657,7 @@ def run_studies(cfg: TrainConfig, data_dir: str | os.PathLike | None = None) -> 
             "test": load_studies(root, "valid", cfg.body_part, on_bad=cfg.on_bad)}
 
 
-SCORE_ID_COLUMNS = ("image_path", "study_path", "patient", "label", "subset")  # a score table's non-scores
+_SCORE_ID_COLUMNS = ("image_path", "study_path", "patient", "label", "subset")  # a score table's non-scores
 
 
 def model_free_floor(sets: dict[str, pd.DataFrame], train_studies: pd.DataFrame,
@@ -2555,7 +2675,7 @@ def model_free_floor(sets: dict[str, pd.DataFrame], train_studies: pd.DataFrame,
         scores = study_scores(reference_anomaly_scores(cache, images, template))
         if "patient" not in scores:  # (study_scores keeps the views' patient column)
             scores = scores.merge(sets[name][["study_path", "patient"]], on="study_path")
-        for score in [c for c in scores.columns if c not in SCORE_ID_COLUMNS]:
+        for score in [c for c in scores.columns if c not in _SCORE_ID_COLUMNS]:
             low, high = auroc_interval(scores["label"], scores[score], n_boot, seed,
                                        patients=scores["patient"] if level == "patient" else None)
             rows.append({"set": name, "score": score, "auroc": roc_auc_score(scores["label"], scores[score]),
@@ -2566,7 +2686,7 @@ def model_free_floor(sets: dict[str, pd.DataFrame], train_studies: pd.DataFrame,
 _MURA_PAPER_CAVEAT = ("MURA's hidden test set, labelled by the majority vote of radiologists; the paper's model is "
                       "'an ensemble of the 5 models with the lowest validation losses', which does not say whether "
                       "these are 5 checkpoints of one run or 5 runs; chosen on MURA's validation split")
-REFERENCE_RESULTS = pd.DataFrame([
+_REFERENCE_RESULTS = pd.DataFrame([
     {"source": "Reference report (2023), DenseNet-169, MURA hand, validation", "metric": "accuracy",
      "set": "MURA hand validation split, 167 studies (101 normal)", "value": 0.611, "baseline": 101 / 167,
      "baseline_rule": "every study normal (101/167)",
@@ -2582,7 +2702,7 @@ REFERENCE_RESULTS = pd.DataFrame([
      "baseline_rule": "chance",
      "note": "the best of the paper's three radiologists against the gold standard (the majority vote of three "
              "others), as the MURA leaderboard cites it (stanfordmlgroup.github.io competitions/mura/index.html); "
-             "the paper's model: 0.705 overall (PAPER_KAPPA_BY_TYPE)"},
+             "the paper's model: 0.705 overall (_PAPER_KAPPA_BY_TYPE)"},
     {"source": "Rajpurkar et al. 2017 (MURA paper), DenseNet-169, all body parts, hidden test set",
      "metric": "auroc", "set": "MURA hidden test set, all body parts", "value": 0.929, "baseline": 0.5,
      "baseline_rule": "chance",
@@ -2592,7 +2712,7 @@ REFERENCE_RESULTS = pd.DataFrame([
      "note": "ROC-AUC from the discriminator; chosen by ROC-AUC on their validation split of MURA's training hands, "
              "reported on their test split of it"},
 ])
-HEADLINE_METRICS = ("accuracy", "kappa", "auroc")
+_HEADLINE_METRICS = ("accuracy", "kappa", "auroc")
 
 
 def _at_half(report: pd.DataFrame) -> pd.DataFrame:
@@ -2620,14 +2740,14 @@ def comparison_table(report: pd.DataFrame, label: str = "this model", tune_repor
         rows += [{"source": label, "set": name, "metric": m, "value": ours.loc[m, "estimate"],
                   "ci_low": ours.loc[m, "ci_low"], "ci_high": ours.loc[m, "ci_high"],
                   "baseline": ours.loc[m, "baseline"], "baseline_rule": ours.loc[m, "baseline_rule"],
-                  "note": f"95% CI resampled by {ours['resampled'].iloc[0]}; {note}"} for m in HEADLINE_METRICS]
+                  "note": f"95% CI resampled by {ours['resampled'].iloc[0]}; {note}"} for m in _HEADLINE_METRICS]
     for row in ([] if floor is None else floor.reset_index().to_dict("records")):
         rows.append({"source": f"no model: {row['score']} (model-free floor)", "set": names[row["set"]],
                      "metric": "auroc",
                      "value": row["auroc"], "ci_low": row["ci_low"], "ci_high": row["ci_high"], "baseline": 0.5,
                      "baseline_rule": "chance", "note": "template error or hand size, no training "
                      "(reference_anomaly_scores, study mean of its views); a model should beat it"})
-    return pd.concat([pd.DataFrame(rows), REFERENCE_RESULTS], ignore_index=True)[
+    return pd.concat([pd.DataFrame(rows), _REFERENCE_RESULTS], ignore_index=True)[
         ["source", "set", "metric", "value", "ci_low", "ci_high", "baseline", "baseline_rule", "note"]]
 
 
@@ -2656,7 +2776,7 @@ def headline_table(report: pd.DataFrame, tune_report: pd.DataFrame | None = None
     return table.rename_axis("metric")
 
 
-def findings_by_study(findings: pd.DataFrame) -> pd.Series:
+def _findings_by_study(findings: pd.DataFrame) -> pd.Series:
     """Phantom only: the planted finding type of each abnormal study, indexed by (split, body part, patient, study)."""
     keys = [_relative_key(p)[:-1] for p in findings["image_path"]]
     return pd.Series(list(findings["finding"]), index=pd.MultiIndex.from_tuples(keys)).groupby(level=[0, 1, 2, 3]) \
@@ -2667,7 +2787,7 @@ def metrics_by_finding(studies: pd.DataFrame, findings: pd.DataFrame, scores: Se
                        threshold: float | None = None) -> pd.DataFrame:
     """Phantom only: per planted finding type (and all), its abnormal studies' count and each score's AUROC against
     all normal studies; with `threshold`, also the share of them scored above it (the sensitivity)."""
-    kinds = findings_by_study(findings)
+    kinds = _findings_by_study(findings)
     finding = [kinds.get(_relative_key(p), "(none listed)") if label else None
                for p, label in zip(studies["study_path"], studies["label"])]
     studies = studies.assign(finding=finding)
@@ -2688,7 +2808,7 @@ def metrics_by_finding(studies: pd.DataFrame, findings: pd.DataFrame, scores: Se
 
 # The MURA paper's Table 2, model column: Cohen's kappa (95% CI) per study type against the radiologists' majority
 # vote on its hidden test set (Rajpurkar et al. 2017); cited, not recomputed.
-PAPER_KAPPA_BY_TYPE = {"XR_ELBOW": 0.710, "XR_FINGER": 0.389, "XR_FOREARM": 0.737, "XR_HAND": 0.851,
+_PAPER_KAPPA_BY_TYPE = {"XR_ELBOW": 0.710, "XR_FINGER": 0.389, "XR_FOREARM": 0.737, "XR_HAND": 0.851,
                        "XR_HUMERUS": 0.600, "XR_SHOULDER": 0.729, "XR_WRIST": 0.931, "overall": 0.705}
 
 
@@ -2705,7 +2825,7 @@ def metrics_by_body_part(preds: pd.DataFrame, threshold: float = 0.5, n_boot: in
                      "kappa": table.loc["kappa", "estimate"], "kappa_ci_low": table.loc["kappa", "ci_low"],
                      "kappa_ci_high": table.loc["kappa", "ci_high"], "accuracy": table.loc["accuracy", "estimate"],
                      "auroc": table.loc["auroc", "estimate"],
-                     "paper_model_kappa": PAPER_KAPPA_BY_TYPE.get(part, np.nan)})
+                     "paper_model_kappa": _PAPER_KAPPA_BY_TYPE.get(part, np.nan)})
     return pd.DataFrame(rows).set_index("study_type")
 
 
@@ -2839,12 +2959,12 @@ def cam_localisation(models, studies: pd.DataFrame, boxes: pd.DataFrame, image_s
 
 # ---------------------------------------------------------------- prediction on a new study
 
-def study_image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+def _study_image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """The image files of one study: a folder's PNG/JPEG files (natural order) or a given list (a file given twice
     counted once, said); all checked first (a view without contrast is warned about)."""
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         folder = Path(source)
-        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+        files = sorted((p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES
                         and not p.name.startswith(".")), key=_natural_image_order)
         others = [p.name for p in folder.iterdir() if p.is_file() and p not in files]
         if others:
@@ -2864,7 +2984,7 @@ def study_image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -
     if repeated:
         warnings.warn("; ".join(repeated) + ": counted once in the study", stacklevel=2)
     files = [given[0] for given in same_file.values()]
-    bad = [f"  {p}: {issue}" for p in files if (issue := check_image_file(p, full_decode=True))]
+    bad = [f"  {p}: {issue}" for p in files if (issue := _check_image_file(p, full_decode=True))]
     if bad:
         raise MuraDataError(f"{len(bad)} unusable image(s):\n" + "\n".join(bad))
     blank = [f"  {p}: {issue}" for p in files if (issue := _contrast_problem(np.asarray(load_image(p))))]
@@ -2879,7 +2999,7 @@ def predict_new_study(checkpoints, source, device: str = "auto") -> dict:
 
     Returns {"study_prob", "abnormal", "views" (DataFrame: image_path, prob), "heatmaps" (per view)}.
     """
-    files = study_image_files(source)
+    files = _study_image_files(source)
     models, cfg = load_ensemble(checkpoints, device)
     heatmaps = view_heatmaps(models, [str(f) for f in files], cfg.image_size, cfg.resize, device)
     views = pd.DataFrame({"image_path": [h["image_path"] for h in heatmaps], "prob": [h["prob"] for h in heatmaps]})
@@ -3078,7 +3198,7 @@ def plot_training_curves(history: pd.DataFrame, select_metric: str = "valid_loss
     return fig
 
 
-def plot_pipeline_views(images: pd.DataFrame, cache: ImageCache, n: int = 4, seed: int = 0,
+def plot_pipeline_views(images: pd.DataFrame, cache: _ImageCache, n: int = 4, seed: int = 0,
                         rotation_degrees: float = 10.0, hflip: bool = True):
     """For n random views: the raw file, the cached resized view, and two random training augmentations."""
     sample = images.sample(min(n, len(images)), random_state=seed)
@@ -3515,12 +3635,41 @@ def find_carrier(gray: np.ndarray, rules: CropRules = CropRules()):
     does neither), whose sides inside the view are steps (_sides_are_steps) and which holds the hand's edges. The
     largest wins.
     """
-    step = rules.block if min(gray.shape) >= rules.block_min_side else 1  # each pixel its block's mean
-    h, w = gray.shape[0] // step * step, gray.shape[1] // step * step
-    small = (gray[:h, :w].reshape(h // step, step, w // step, step).mean((1, 3)) + 0.5).astype(np.uint8)  # rounded
+    small, step = _block_means(gray, rules)
     searched, values = np.ones(small.shape, bool), small.ravel()  # the whole view
     if values.size < rules.least_pixels or values.min() == values.max():
         return None
+    bin_ = rules.commonest_bin  # the direct-exposure background, mostly: the middle of the commonest bin
+    commonest = bin_ * np.argmax(np.bincount(values // bin_)) + bin_ // 2
+    smooth = ndimage.gaussian_filter(small.astype(np.float32), rules.smooth_sigma)
+    grad = np.hypot(*np.gradient(smooth))
+    detail = ndimage.binary_erosion(searched, iterations=rules.detail_border) & (
+        grad > rules.detail_gradient * max(float(np.median(grad)), rules.least_gradient))
+    best = None
+    for component, region, background in _plate_candidates(small, _plate_thresholds(values, rules), commonest, rules):
+        # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
+        fill = rules.min_hull_fill_background if background else rules.min_hull_fill
+        found = _plate_rect(component, region, searched, fill, rules)
+        if found is not None and _holds_the_detail(found, detail, rules) and (
+                _sides_are_steps(found, smooth, rules)) and (best is None or found[0] > best[0]):
+            best = found
+    if best is None:
+        return None
+    _, center, (w, h), angle = best
+    return center * step + (step - 1) / 2, (w * step, h * step), angle  # in the view's pixels
+
+
+def _block_means(gray: np.ndarray, rules: CropRules) -> tuple[np.ndarray, int]:
+    """The view as rounded means of rules.block-square blocks (a small view: its own pixels), and the block's side."""
+    step = rules.block if min(gray.shape) >= rules.block_min_side else 1  # each pixel its block's mean
+    h, w = gray.shape[0] // step * step, gray.shape[1] // step * step
+    small = (gray[:h, :w].reshape(h // step, step, w // step, step).mean((1, 3)) + 0.5).astype(np.uint8)  # rounded
+    return small, step
+
+
+def _plate_thresholds(values: np.ndarray, rules: CropRules) -> set:
+    """The levels a plate may stand out at: Otsu's threshold, Otsu's again on each side of it rules.otsu_depth
+    deep, and a multi-level Otsu's."""
     otsu = threshold_otsu(values)
     thresholds = {otsu}
     for side in (np.less_equal, np.greater):  # Otsu again on each side, rules.otsu_depth deep
@@ -3532,13 +3681,14 @@ def find_carrier(gray: np.ndarray, rules: CropRules = CropRules()):
             thresholds.add(threshold_otsu(part))
     if len(np.unique(values)) > rules.classes:
         thresholds |= set(threshold_multiotsu(values, classes=rules.classes).tolist())
-    bin_ = rules.commonest_bin  # the direct-exposure background, mostly: the middle of the commonest bin
-    commonest = bin_ * np.argmax(np.bincount(values // bin_)) + bin_ // 2
-    smooth = ndimage.gaussian_filter(small.astype(np.float32), rules.smooth_sigma)
-    grad = np.hypot(*np.gradient(smooth))
-    detail = ndimage.binary_erosion(searched, iterations=rules.detail_border) & (
-        grad > rules.detail_gradient * max(float(np.median(grad)), rules.least_gradient))
-    best, tried = None, set()
+    return thresholds
+
+
+def _plate_candidates(small: np.ndarray, thresholds: set, commonest: float, rules: CropRules):
+    """Each candidate plate once, as (component, its class's region, whether that class is the background's): for
+    each threshold and polarity, the largest component and the union of the large ones (a hand lying across the
+    plate can cut its background apart)."""
+    tried = set()
     for threshold in sorted(thresholds):
         above = small > threshold
         for region, background in ((above, commonest > threshold), (~above, commonest <= threshold)):
@@ -3550,19 +3700,9 @@ def find_carrier(gray: np.ndarray, rules: CropRules = CropRules()):
             large = np.flatnonzero(sizes >= rules.large_component * sizes.max()) + 1
             for component in (largest, np.isin(labels, large)) if len(large) > 1 else (largest,):
                 key = (background, hash(component.tobytes()))  # close thresholds often give the same component
-                if key in tried:
-                    continue
-                tried.add(key)
-                # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
-                fill = rules.min_hull_fill_background if background else rules.min_hull_fill
-                found = _plate_rect(component, region, searched, fill, rules)
-                if found is not None and _holds_the_detail(found, detail, rules) and (
-                        _sides_are_steps(found, smooth, rules)) and (best is None or found[0] > best[0]):
-                    best = found
-    if best is None:
-        return None
-    _, center, (w, h), angle = best
-    return center * step + (step - 1) / 2, (w * step, h * step), angle  # in the view's pixels
+                if key not in tried:
+                    tried.add(key)
+                    yield component, region, background
 
 
 def _border_band(lines: np.ndarray, tol: float, depth: int, background: float | None, rules: CropRules) -> int:
@@ -4323,7 +4463,7 @@ def _deconv_block(cin: int, cout: int, kernel: int = 4, stride: int = 2, padding
 class ConvAutoencoder(torch.nn.Module):
     """The CAE of Davletshina et al.'s Figure 5: 3x3 and stride-2 4x4 conv/BN/ReLU blocks from 1x512x512 down to
     512x16x16 (any input size divisible by 32 gives size/32), mirrored by a transposed-convolution decoder; with
-    architecture "paper", their code's shorter decoder (PaperCAEDecoder)."""
+    architecture "paper", their code's shorter decoder (_PaperCAEDecoder)."""
 
     def __init__(self, widths: Sequence[int] = (16, 32, 64, 128, 256, 512), architecture: str = "suite"):
         super().__init__()
@@ -4339,7 +4479,7 @@ class ConvAutoencoder(torch.nn.Module):
             if i < len(widths) - 2:
                 layers.append(_conv_block(cout, cout, 3, 1, 1))
         layers += [torch.nn.Conv2d(widths[0], 1, 3, 1, 1), torch.nn.Sigmoid()]
-        self.decoder = PaperCAEDecoder(widths) if architecture == "paper" else torch.nn.Sequential(*layers)
+        self.decoder = _PaperCAEDecoder(widths) if architecture == "paper" else torch.nn.Sequential(*layers)
 
     def forward(self, x):
         """Reconstruct x (B, 1, H, W) in [0, 1]."""
@@ -4450,7 +4590,7 @@ def _gan_depth(image_size: int) -> int:
     return depth
 
 
-class ImageCritic(torch.nn.Module):
+class _ImageCritic(torch.nn.Module):
     """The DCGAN discriminator's convolutions of Davletshina et al.'s Figure 9: stride-2 4x4 layers whose width
     doubles as the map halves (4 channels at 256x256 ... 256 at 4x4 for a 512 input), then a 4x4 convolution to
     512x1x1: the image's 512 features."""
@@ -4468,7 +4608,7 @@ class ImageCritic(torch.nn.Module):
         return self.features(x)
 
 
-class MinibatchDiscrimination(torch.nn.Module):
+class _MinibatchDiscrimination(torch.nn.Module):
     """Salimans et al. (2016): how close each sample's features are to the rest of its batch, as extra features
     (512 -> 528 in DCGAN's discriminator). In eval mode the sample is compared with a reference batch kept from
     training, so that an anomaly score does not depend on which views were scored together."""
@@ -4498,7 +4638,7 @@ class MinibatchDiscrimination(torch.nn.Module):
         return torch.cat([h, closeness.to(h.dtype)], 1)
 
 
-class Generator(torch.nn.Module):
+class _Generator(torch.nn.Module):
     """The DCGAN generator of Davletshina et al.'s Figure 9: a latent code to 1024x4x4, then stride-2 4x4
     transposed convolutions halving the width as the map doubles, to a 1-channel image in [0, 1]."""
 
@@ -4529,17 +4669,17 @@ class AdversarialAnomalyModel(torch.nn.Module):
         if kind not in GAN_MODELS:
             raise ValueError(f"kind must be one of {GAN_MODELS}, got {kind!r}")
         self.kind, self.latent = kind, latent
-        self.generator = Generator(image_size, latent)
-        self.critic = ImageCritic(image_size)
+        self.generator = _Generator(image_size, latent)
+        self.critic = _ImageCritic(image_size)
         if kind == "bigan":
             self.code_features = torch.nn.Sequential(torch.nn.Linear(latent, 512), torch.nn.LeakyReLU(0.2, True))
             self.head = torch.nn.Sequential(torch.nn.Linear(1024, 512), torch.nn.LeakyReLU(0.2, True),
                                             torch.nn.Linear(512, 1))
         else:
-            self.minibatch = MinibatchDiscrimination(512)
+            self.minibatch = _MinibatchDiscrimination(512)
             self.head = torch.nn.Linear(512 + self.minibatch.out_features, 1)
         if kind != "dcgan":
-            self.encoder = torch.nn.Sequential(ImageCritic(image_size), torch.nn.Linear(512, latent))
+            self.encoder = torch.nn.Sequential(_ImageCritic(image_size), torch.nn.Linear(512, latent))
         if kind == "alphagan":
             self.code_critic = torch.nn.Sequential(torch.nn.Linear(latent, 750), torch.nn.LeakyReLU(0.2, True),
                                                    torch.nn.Linear(750, 750), torch.nn.LeakyReLU(0.2, True),
@@ -4629,7 +4769,7 @@ def gan_step(model: AdversarialAnomalyModel, x, mask, optimizers: dict, scaler, 
 # model code equals that of 5eb48b8, which added the published notebooks/summary.csv): the networks and training
 # steps their code runs, where those differ from the suite's; file:line at c801459. Our own networks above follow
 # the paper's figures; these follow the code.
-DCGAN_MIXED_SAMPLES = 4  # gans.py:177: D's 512 features viewed as rows of 512 x 4, so minibatch discrimination mixes
+_DCGAN_MIXED_SAMPLES = 4  # gans.py:177: D's 512 features viewed as rows of 512 x 4, so minibatch discrimination mixes
 # four samples into each row
 
 
@@ -4638,7 +4778,7 @@ def _spectral(layer: torch.nn.Module) -> torch.nn.Module:
     return torch.nn.utils.parametrizations.spectral_norm(layer)
 
 
-class PaperCAEDecoder(torch.nn.Sequential):
+class _PaperCAEDecoder(torch.nn.Sequential):
     """Their CAE decoder (autoencoders.py:48-51, 77-86; batch_normalisation True, run_params.py:37): five stride-2
     4x4 transposed convolutions with BN and ReLU, 512 -> 16 channels, then a 3x3 one to one channel without bias or
     BN, ReLU, then Tanh (so outputs lie in [0, 1))."""
@@ -4669,7 +4809,7 @@ class SelfAttention(torch.nn.Module):
         return x + self.gamma * out.view(b, c, h, w)
 
 
-class PaperMinibatchDiscrimination(torch.nn.Module):
+class _PaperMinibatchDiscrimination(torch.nn.Module):
     """Minibatch discrimination as their code uses it (torchgan's MinibatchDiscrimination1d; gans.py:172,
     alphagan.py:262): a projection T (in x out x kernel, drawn from N(0, 1)), and per sample and output feature the
     sum over the other rows of the batch of exp(-L1 distance), appended to the features. Always over the batch it is
@@ -4702,7 +4842,7 @@ def _attention_stack(image_size: int, conv_dim: int = 64) -> tuple[torch.nn.Sequ
     return torch.nn.Sequential(*layers), cin
 
 
-class AttentionGenerator(torch.nn.Module):
+class _AttentionGenerator(torch.nn.Module):
     """Their BiGAN/alpha-GAN generator (sagan.py:58-140 = alphagan.py:58-140): a spectral-norm 4x4 transposed
     convolution from the code to 8*size channels (1024 at 128 px), halving stride-2 blocks with BN and ReLU,
     self-attention after the last two, and a last transposed convolution to one channel with Tanh."""
@@ -4744,47 +4884,60 @@ class PaperGAN(torch.nn.Module):
         if kind not in GAN_MODELS:
             raise ValueError(f"kind must be one of {GAN_MODELS}, got {kind!r}")
         self.kind, self.latent = kind, latent
-        depth = _gan_depth(image_size)
-        if kind == "dcgan":  # gans.py Generator/Discriminator defaults (512 px), generalised to other sizes
-            widths = [1024 // 2**i for i in range(depth)]
-            layers = [torch.nn.Unflatten(1, (latent, 1, 1)), _spectral(torch.nn.ConvTranspose2d(latent, widths[0], 4)),
-                      torch.nn.LeakyReLU()]  # (torch's default slope 0.01: their nn.LeakyReLU())
-            for cin, cout in zip(widths[:-1], widths[1:]):
-                layers += [_spectral(torch.nn.ConvTranspose2d(cin, cout, 4, 2, 1)), torch.nn.LeakyReLU()]
-            self.generator = torch.nn.Sequential(*layers, _spectral(torch.nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1)),
-                                                 torch.nn.Tanh())
-            widths = [256 // 2 ** (depth - 1 - i) for i in range(depth)]
-            layers = []
-            for cin, cout in zip([1, *widths[:-1]], widths):
-                layers += [_spectral(torch.nn.Conv2d(cin, cout, 4, 2, 1)), torch.nn.LeakyReLU()]
-            self.critic = torch.nn.Sequential(*layers, _spectral(torch.nn.Conv2d(widths[-1], 512, 4, 1, 0)),
-                                              torch.nn.LeakyReLU(), torch.nn.Flatten())
-            self.minibatch = PaperMinibatchDiscrimination(512 * DCGAN_MIXED_SAMPLES, 16 * DCGAN_MIXED_SAMPLES, 128)
-            self.head = torch.nn.Linear(512 + 16, 1)
-            return
-        self.generator = AttentionGenerator(image_size, latent)
+        if kind == "dcgan":
+            self._build_dcgan(_gan_depth(image_size), latent)
+        else:
+            self.generator = _AttentionGenerator(image_size, latent)
+            if kind == "bigan":
+                self._build_bigan(image_size, latent)
+            else:
+                self._build_alphagan(image_size, latent)
+
+    def _build_dcgan(self, depth: int, latent: int) -> None:
+        """gans.py Generator/Discriminator defaults (512 px), generalised to other sizes."""
+        widths = [1024 // 2**i for i in range(depth)]
+        layers = [torch.nn.Unflatten(1, (latent, 1, 1)), _spectral(torch.nn.ConvTranspose2d(latent, widths[0], 4)),
+                  torch.nn.LeakyReLU()]  # (torch's default slope 0.01: their nn.LeakyReLU())
+        for cin, cout in zip(widths[:-1], widths[1:]):
+            layers += [_spectral(torch.nn.ConvTranspose2d(cin, cout, 4, 2, 1)), torch.nn.LeakyReLU()]
+        self.generator = torch.nn.Sequential(*layers, _spectral(torch.nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1)),
+                                             torch.nn.Tanh())
+        widths = [256 // 2 ** (depth - 1 - i) for i in range(depth)]
+        layers = []
+        for cin, cout in zip([1, *widths[:-1]], widths):
+            layers += [_spectral(torch.nn.Conv2d(cin, cout, 4, 2, 1)), torch.nn.LeakyReLU()]
+        self.critic = torch.nn.Sequential(*layers, _spectral(torch.nn.Conv2d(widths[-1], 512, 4, 1, 0)),
+                                          torch.nn.LeakyReLU(), torch.nn.Flatten())
+        self.minibatch = _PaperMinibatchDiscrimination(512 * _DCGAN_MIXED_SAMPLES, 16 * _DCGAN_MIXED_SAMPLES, 128)
+        self.head = torch.nn.Linear(512 + 16, 1)
+
+    def _build_bigan(self, image_size: int, latent: int) -> None:
+        """sagan.py Encoder, Discriminator (its infer_z and infer_joint heads); the generator is built already."""
         stack, channels = _attention_stack(image_size)
         encoder_stack, _ = _attention_stack(image_size)
-        if kind == "bigan":  # sagan.py Encoder, Discriminator (its infer_z and infer_joint heads)
-            self.encoder = torch.nn.Sequential(encoder_stack, torch.nn.Conv2d(channels, latent, 4), torch.nn.Flatten())
-            self.critic = torch.nn.Sequential(stack, _spectral(torch.nn.Conv2d(channels, channels, 4)),
-                                              torch.nn.LeakyReLU(0.1))
-            self.code_features = torch.nn.Sequential(
-                _spectral(torch.nn.Conv2d(latent, 512, 1)), torch.nn.LeakyReLU(0.1),
-                _spectral(torch.nn.Conv2d(512, 512, 1)), torch.nn.LeakyReLU(0.1))
-            self.head = torch.nn.Sequential(
-                _spectral(torch.nn.Conv2d(channels + 512, 1024, 1)), torch.nn.LeakyReLU(0.1),
-                _spectral(torch.nn.Conv2d(1024, 1024, 1)), torch.nn.LeakyReLU(0.1), torch.nn.Conv2d(1024, 1, 1),
-                torch.nn.Flatten())
-            return
-        # alphagan.py Encoder (mean and log_var heads, each Conv 4x4 + Tanh), Discriminator, Codescriminator
+        self.encoder = torch.nn.Sequential(encoder_stack, torch.nn.Conv2d(channels, latent, 4), torch.nn.Flatten())
+        self.critic = torch.nn.Sequential(stack, _spectral(torch.nn.Conv2d(channels, channels, 4)),
+                                          torch.nn.LeakyReLU(0.1))
+        self.code_features = torch.nn.Sequential(
+            _spectral(torch.nn.Conv2d(latent, 512, 1)), torch.nn.LeakyReLU(0.1),
+            _spectral(torch.nn.Conv2d(512, 512, 1)), torch.nn.LeakyReLU(0.1))
+        self.head = torch.nn.Sequential(
+            _spectral(torch.nn.Conv2d(channels + 512, 1024, 1)), torch.nn.LeakyReLU(0.1),
+            _spectral(torch.nn.Conv2d(1024, 1024, 1)), torch.nn.LeakyReLU(0.1), torch.nn.Conv2d(1024, 1, 1),
+            torch.nn.Flatten())
+
+    def _build_alphagan(self, image_size: int, latent: int) -> None:
+        """alphagan.py Encoder (mean and log_var heads, each Conv 4x4 + Tanh), Discriminator, Codescriminator; the
+        generator is built already."""
+        stack, channels = _attention_stack(image_size)
+        encoder_stack, _ = _attention_stack(image_size)
         self.encoder = encoder_stack
         self.encoder_mean = torch.nn.Sequential(torch.nn.Conv2d(channels, latent, 4), torch.nn.Tanh(),
                                                 torch.nn.Flatten())
         self.encoder_spread = torch.nn.Sequential(torch.nn.Conv2d(channels, latent, 4), torch.nn.Tanh(),
                                                   torch.nn.Flatten())
         self.critic = stack
-        self.minibatch = PaperMinibatchDiscrimination(channels * 4 * 4, 4 * 4 * 4, 256)  # alphagan.py:261-264
+        self.minibatch = _PaperMinibatchDiscrimination(channels * 4 * 4, 4 * 4 * 4, 256)  # alphagan.py:261-264
         self.head = torch.nn.Sequential(_spectral(torch.nn.Conv2d(channels + 4, 1, 4)), torch.nn.Flatten())
         widths = [latent, latent // 2, latent // 4]  # alphagan.py:306-318: z -> z/2 -> z/4 -> 1
         layers = []
@@ -4811,8 +4964,8 @@ class PaperGAN(torch.nn.Module):
         if self.kind == "alphagan":  # alphagan.py:288-290: per sample, the closeness reshaped to 4 channels of 4x4
             return self.head(self.minibatch(h.flatten(1)).view(len(h), -1, 4, 4))[:, 0]
         n = len(h)
-        full = h[torch.arange(n + (-n % DCGAN_MIXED_SAMPLES), device=h.device) % n]
-        mixed = self.minibatch(full.reshape(-1, h.shape[1] * DCGAN_MIXED_SAMPLES)).reshape(len(full), -1)
+        full = h[torch.arange(n + (-n % _DCGAN_MIXED_SAMPLES), device=h.device) % n]
+        mixed = self.minibatch(full.reshape(-1, h.shape[1] * _DCGAN_MIXED_SAMPLES)).reshape(len(full), -1)
         return self.head(mixed[:n])[:, 0]
 
     def forward(self, x):
@@ -4865,45 +5018,64 @@ def paper_gan_step(model: PaperGAN, x, optimizers: dict, scaler, dtype, generato
     groups = model.parameter_groups()
     with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
         if model.kind == "dcgan":
-            d = cfg.label_noise
-            real_t = torch.rand(len(x), device=x.device, generator=generator) * d
-            fake_t = 1 - torch.rand(len(x), device=x.device, generator=generator) * d
-            fake = model.generator(z)
-            losses = {"discriminator": _bce(model.discriminate(x), real_t) + _bce(model.discriminate(fake.detach()),
-                                                                                     fake_t)}
+            losses, fake = _paper_dcgan_discriminator_loss(model, x, z, generator, cfg)
         elif model.kind == "bigan":
-            code = model.encode(x)
-            real, fake = model.discriminate(x, code), model.discriminate(model.generator(z), z)
-            d_loss = _bce(real, 1) + _bce(fake, 0)
-            losses = {"discriminator": d_loss, "generator": _bce(fake, 1) + _bce(real, 0) + d_loss}
+            losses = _paper_bigan_losses(model, x, z)
         else:
-            code = model.encode(x, sample=True)
-            recon, fake = model.generator(code), model.generator(z)
-            d_real, d_recon, d_fake = (model.discriminate(v) for v in (x, recon, fake))
-            c_code, c_prior = model.code_critic(code)[:, 0], model.code_critic(z)[:, 0]
-            l1 = cfg.recon_weight * (x.float() - recon.float()).abs().mean()  # alphagan.py:463: 0.01 * nn.L1Loss()
-            losses = {"encoder": l1 + _bce(c_code, 1) - _bce(c_code, 0),
-                      "generator": l1 + _bce(d_recon, 1) - _bce(d_recon, 0) + _bce(d_fake, 1) - _bce(d_fake, 0),
-                      "discriminator": _bce(d_real, 1) + _bce(d_recon, 0) + _bce(d_fake, 0),
-                      "code_discriminator": _bce(c_code, 0) + _bce(c_prior, 1)}
+            losses = _paper_alphagan_losses(model, x, z, cfg)
     for name, loss in losses.items():  # each optimiser's gradient of its own loss, from the same forward pass
-        grads = torch.autograd.grad(scaler.scale(loss), groups[name], retain_graph=True, allow_unused=True)
-        for p, g in zip(groups[name], grads):
-            p.grad = g
+        _set_gradients(scaler.scale(loss), groups[name], retain_graph=True, allow_unused=True)
     for name in losses:
         scaler.step(optimizers[name])
     if model.kind == "dcgan":  # then G, against the updated D, towards the 'real' label 0
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
             losses["generator"] = _bce(model.discriminate(fake), 0)
-        grads = torch.autograd.grad(scaler.scale(losses["generator"]), groups["generator"])
-        for p, g in zip(groups["generator"], grads):
-            p.grad = g
+        _set_gradients(scaler.scale(losses["generator"]), groups["generator"])
         scaler.step(optimizers["generator"])
     scaler.update()
     for group in groups.values():
         for p in group:
             p.grad = None
     return {f"{name}_loss": loss.detach() for name, loss in losses.items()}
+
+
+def _set_gradients(loss, params, retain_graph: bool = False, allow_unused: bool = False) -> None:
+    """Set each parameter's .grad to the gradient of `loss` alone (None, when allowed, where it does not reach)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=allow_unused)
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
+def _paper_dcgan_discriminator_loss(model: PaperGAN, x, z, generator, cfg) -> tuple[dict, torch.Tensor]:
+    """Their DCGAN's D loss with inverted soft labels (real -> U(0, d), fake -> U(1 - d, 1)), and the fakes G
+    then steps on."""
+    d = cfg.label_noise
+    real_t = torch.rand(len(x), device=x.device, generator=generator) * d
+    fake_t = 1 - torch.rand(len(x), device=x.device, generator=generator) * d
+    fake = model.generator(z)
+    loss = _bce(model.discriminate(x), real_t) + _bce(model.discriminate(fake.detach()), fake_t)
+    return {"discriminator": loss}, fake
+
+
+def _paper_bigan_losses(model: PaperGAN, x, z) -> dict:
+    """Their BiGAN's losses: D on (x, E(x)) real and (G(z), z) fake; G and E on their own loss plus D's."""
+    code = model.encode(x)
+    real, fake = model.discriminate(x, code), model.discriminate(model.generator(z), z)
+    d_loss = _bce(real, 1) + _bce(fake, 0)
+    return {"discriminator": d_loss, "generator": _bce(fake, 1) + _bce(real, 0) + d_loss}
+
+
+def _paper_alphagan_losses(model: PaperGAN, x, z, cfg) -> dict:
+    """Their alpha-GAN's four losses (E, G, D, C) from one forward pass."""
+    code = model.encode(x, sample=True)
+    recon, fake = model.generator(code), model.generator(z)
+    d_real, d_recon, d_fake = (model.discriminate(v) for v in (x, recon, fake))
+    c_code, c_prior = model.code_critic(code)[:, 0], model.code_critic(z)[:, 0]
+    l1 = cfg.recon_weight * (x.float() - recon.float()).abs().mean()  # alphagan.py:463: 0.01 * nn.L1Loss()
+    return {"encoder": l1 + _bce(c_code, 1) - _bce(c_code, 0),
+            "generator": l1 + _bce(d_recon, 1) - _bce(d_recon, 0) + _bce(d_fake, 1) - _bce(d_fake, 0),
+            "discriminator": _bce(d_real, 1) + _bce(d_recon, 0) + _bce(d_fake, 0),
+            "code_discriminator": _bce(c_code, 0) + _bce(c_prior, 1)}
 
 
 def build_anomaly_model(model: str, image_size: int, latent: int = 128, architecture: str = "suite",
@@ -5078,7 +5250,7 @@ ARCHITECTURES = {
 }
 # which models a setting concerns (the others ignore it); settings not named concern every model
 _MASKED_MODELS = ("cae", "vae", "bigan", "alphagan")  # the models that reconstruct (DCGAN's scores use no mask)
-RECIPE_SETTING_MODELS = {"lr": ("cae", "vae"), "vae_latent": ("vae",), "vae_loss": ("vae",), "kld_weight": ("vae",),
+_RECIPE_SETTING_MODELS = {"lr": ("cae", "vae"), "vae_latent": ("vae",), "vae_loss": ("vae",), "kld_weight": ("vae",),
                          "kld_in_sums": ("vae",), "smooth_l1": ("vae",), "loss_reduction": ("cae", "vae"),
                          "gan_lr": GAN_MODELS, "d_lr": GAN_MODELS, "gan_latent": GAN_MODELS,
                          "code_lr": ("alphagan",), "recon_weight": ("alphagan",), "label_noise": ("dcgan",),
@@ -5153,7 +5325,7 @@ def recipe_deviations() -> pd.DataFrame:
     for model in ANOMALY_MODELS:
         paper, suite = recipe_settings("paper", model), recipe_settings("suite", model)
         for key in RECIPE_SETTINGS:
-            if model in RECIPE_SETTING_MODELS.get(key, ANOMALY_MODELS) and paper[key] != suite[key]:
+            if model in _RECIPE_SETTING_MODELS.get(key, ANOMALY_MODELS) and paper[key] != suite[key]:
                 shown = {r: ARCHITECTURES[model, v[key]] if key == "architecture" else v[key]
                          for r, v in (("paper", paper), ("suite", suite))}
                 rows.append({"model": ANOMALY_MODEL_NAMES[model], "setting": key, **shown,
@@ -5282,7 +5454,7 @@ def _validate_anomaly_config(cfg) -> None:
 
 # ---------------------------------------------------------------- anomaly detection: training, scores, heatmaps, grid
 
-class AnomalyViewBatches:
+class _AnomalyViewBatches:
     """Dataset whose items are whole batches of preprocessed views: indices -> (uint8 views, uint8 masks, indices)."""
 
     def __init__(self, cache: AnomalyCache, rows: np.ndarray):
@@ -5395,10 +5567,10 @@ def prepare_anomaly_data(cfg: AnomalyConfig, progress: bool = True, state: dict 
 
 def _anomaly_loader(cache: AnomalyCache, images: pd.DataFrame, batch_size: int, num_workers: int, pin: bool):
     """A DataLoader of whole batches of preprocessed views (re-shuffle via loader.sampler.batches)."""
-    sampler = EpochBatches()
+    sampler = _EpochBatches()
     sampler.batches = epoch_batches(len(images), batch_size, False, 0, 0)
     rows = images["cache_row"].to_numpy() if "cache_row" in images else cache.rows(images["image_path"])
-    return DataLoader(AnomalyViewBatches(cache, rows), sampler=sampler, batch_size=None,
+    return DataLoader(_AnomalyViewBatches(cache, rows), sampler=sampler, batch_size=None,
                       num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
                       multiprocessing_context=_worker_context() if num_workers > 0 else None,
                       generator=torch.Generator())  # its own: starting workers leaves the VAE's noise alone
@@ -5406,13 +5578,13 @@ def _anomaly_loader(cache: AnomalyCache, images: pd.DataFrame, batch_size: int, 
 
 def anomaly_inputs(views, masks, device, cfg: AnomalyConfig, generator=None):
     """uint8 views and masks (B, 1, S, S) -> float views and masks on `device`, as the model sees them: with a
-    `generator` (training) augmented first (augment_views_and_masks), then per-image min-max scaled when cfg.minmax
+    `generator` (training) augmented first (_augment_views_and_masks), then per-image min-max scaled when cfg.minmax
     (their MinMaxNormalization, after their augmentation: train.py:70-74), then mapped onto cfg.input_range; the
     masks as cfg.mask_from says (theirs: every pixel whose value is not 0, transforms.py:108)."""
     x = views.to(device, non_blocking=True).float() / 255
     m = masks.to(device, non_blocking=True).float()
     if generator is not None:
-        x, m = augment_views_and_masks(x, m, generator, cfg)
+        x, m = _augment_views_and_masks(x, m, generator, cfg)
     if cfg.minmax:
         low = x.amin((1, 2, 3), keepdim=True)
         x = (x - low) / (x.amax((1, 2, 3), keepdim=True) - low).clamp_min(1e-6)
@@ -5450,10 +5622,10 @@ def evaluate_anomaly(model, cache: AnomalyCache, images: pd.DataFrame, cfg: Anom
             index.append(idx)
     order = torch.cat(index).numpy()
     scores = pd.DataFrame({k: torch.cat(v).numpy() for k, v in columns.items()})
-    keep = [c for c in SCORE_ID_COLUMNS if c in images.columns]
+    keep = [c for c in _SCORE_ID_COLUMNS if c in images.columns]
     scores = pd.concat([images.iloc[order][keep].reset_index(drop=True), scores], axis=1)
     if "cache_row" in images:  # hand crops: a view is as abnormal as its most abnormal hand (every crop holds a
-        names = [c for c in scores.columns if c not in SCORE_ID_COLUMNS]  # hand: views without one were left out)
+        names = [c for c in scores.columns if c not in _SCORE_ID_COLUMNS]  # hand: views without one were left out)
         scores = scores.groupby("image_path", sort=False).agg(
             {**{c: "first" for c in keep if c != "image_path"}, **dict.fromkeys(names, "max")}).reset_index()
         scores.attrs["empty_masks"] = []
@@ -5476,7 +5648,7 @@ def _without_empty_masks(scores: pd.DataFrame, cache: AnomalyCache) -> pd.DataFr
 
 def study_scores(scores: pd.DataFrame) -> pd.DataFrame:
     """View scores to study scores (the mean of its views), one row per study with its label (and patient)."""
-    names = [c for c in scores.columns if c not in SCORE_ID_COLUMNS]
+    names = [c for c in scores.columns if c not in _SCORE_ID_COLUMNS]
     ids = {c: "first" for c in ("label", "patient") if c in scores}
     return scores.groupby("study_path").agg({**ids, **dict.fromkeys(names, "mean")}).reset_index()
 
@@ -5496,7 +5668,7 @@ def anomaly_metrics(scores: pd.DataFrame, level: str = "study", n_boot: int = 20
                          "or resample='rows'")
     data = study_scores(scores) if level == "study" else scores
     patients = data["patient"].to_numpy() if resample == "patient" and "patient" in data else None
-    names = [c for c in data.columns if c not in SCORE_ID_COLUMNS]
+    names = [c for c in data.columns if c not in _SCORE_ID_COLUMNS]
     rows = []
     for name in names:
         one_class = data["label"].nunique() < 2
@@ -5531,7 +5703,7 @@ def reference_anomaly_scores(cache: AnomalyCache, images: pd.DataFrame, train_im
             columns.setdefault(k, []).append(v.numpy())
         order.append(idx.numpy())
     scores = pd.DataFrame({k: np.concatenate(v) for k, v in columns.items()}, index=np.concatenate(order)).sort_index()
-    keep = [c for c in SCORE_ID_COLUMNS if c in images.columns]
+    keep = [c for c in _SCORE_ID_COLUMNS if c in images.columns]
     return _without_empty_masks(pd.concat([images[keep].reset_index(drop=True), scores.reset_index(drop=True)], axis=1),
                                 cache)
 
@@ -5578,7 +5750,7 @@ def autoencoder_loss(x, out: dict, mask, kld_weight: float = 1.0, vae_loss: str 
     return loss
 
 
-def autoencoder_step(model, x, mask, optimizer, scaler, dtype, kld_weight: float = 1.0, vae_loss: str = "mse",
+def _autoencoder_step(model, x, mask, optimizer, scaler, dtype, kld_weight: float = 1.0, vae_loss: str = "mse",
                      reduction: str = "image") -> dict[str, torch.Tensor]:
     """One training step of an autoencoder on its loss (autoencoder_loss; pass an all-ones mask for an unmasked
     loss)."""
@@ -5602,12 +5774,12 @@ def train_anomaly(cfg: AnomalyConfig, progress: bool = True) -> pd.DataFrame:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.model in GAN_MODELS:
         raise ConfigError(f"AnomalyConfig.model = {cfg.model!r}: the GANs train on one device (DDP would change "
                           f"their dynamics); run it without torchrun, or train an autoencoder ('cae', 'vae')")
-    ctx, device = setup_distributed(cfg.device)
+    ctx, device = _setup_distributed(cfg.device)
     with run_lock(cfg.output_dir) if ctx.is_main else contextlib.nullcontext():
         return _train_anomaly_locked(cfg, progress, ctx, device)
 
 
-def _view_shard(images: pd.DataFrame, ctx: Distributed) -> pd.DataFrame:
+def _view_shard(images: pd.DataFrame, ctx: _Distributed) -> pd.DataFrame:
     """This process's share of the rows of `images`, split by view (a view's hand crops stay together)."""
     if ctx.world_size == 1:
         return images
@@ -5615,7 +5787,7 @@ def _view_shard(images: pd.DataFrame, ctx: Distributed) -> pd.DataFrame:
     return images[images["image_path"].isin(set(views[ctx.rank::ctx.world_size]))]
 
 
-def _gather_scores(scores: pd.DataFrame, ctx: Distributed) -> pd.DataFrame | None:
+def _gather_scores(scores: pd.DataFrame, ctx: _Distributed) -> pd.DataFrame | None:
     """Every process's score table joined on rank 0 (their empty-mask lists too); None elsewhere."""
     if ctx.world_size == 1:
         return scores
@@ -5628,7 +5800,7 @@ def _gather_scores(scores: pd.DataFrame, ctx: Distributed) -> pd.DataFrame | Non
     return joined
 
 
-def _summed_losses(loss_sums: dict, n_seen: int, ctx: Distributed, device) -> tuple[dict[str, float], int]:
+def _summed_losses(loss_sums: dict, n_seen: int, ctx: _Distributed, device) -> tuple[dict[str, float], int]:
     """Each loss averaged over every view of the epoch across processes, and the number of those views."""
     names = sorted(loss_sums)
     totals = torch.stack([torch.as_tensor(loss_sums[k], dtype=torch.float64, device=device) for k in names]
@@ -5639,7 +5811,7 @@ def _summed_losses(loss_sums: dict, n_seen: int, ctx: Distributed, device) -> tu
     return {f"train_{k}": float(totals[i]) / max(n, 1) for i, k in enumerate(names)}, n
 
 
-def train_anomaly_one_epoch(model, loader, optimizers: dict, scaler, device, cfg: AnomalyConfig, epoch: int,
+def _train_anomaly_one_epoch(model, loader, optimizers: dict, scaler, device, cfg: AnomalyConfig, epoch: int,
                             progress: bool = True, rank: int = 0) -> dict:
     """One pass over the normal training views (this process's share of them), augmented: {'losses': each loss
     summed over the views, 'n': views seen}."""
@@ -5658,7 +5830,7 @@ def train_anomaly_one_epoch(model, loader, optimizers: dict, scaler, device, cfg
         elif cfg.is_gan:
             losses = gan_step(model, x, m, optimizers, scaler, dtype, generator, cfg.recon_weight, cfg.masked_loss)
         else:
-            losses = autoencoder_step(model, x, m if cfg.masked_loss else torch.ones_like(m), optimizers["model"],
+            losses = _autoencoder_step(model, x, m if cfg.masked_loss else torch.ones_like(m), optimizers["model"],
                                       scaler, dtype, cfg.kld_weight, cfg.vae_loss, cfg.loss_reduction)
         for name, value in losses.items():
             loss_sums[name] = loss_sums.get(name, 0) + value * len(x)
@@ -5668,7 +5840,7 @@ def train_anomaly_one_epoch(model, loader, optimizers: dict, scaler, device, cfg
     return {"losses": loss_sums, "n": n_seen}
 
 
-def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: Distributed, device) -> pd.DataFrame:
+def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: _Distributed, device) -> pd.DataFrame:
     """train_anomaly() while rank 0 holds the run folder's lock."""
     out = Path(cfg.output_dir)
     state, data = _start_run(cfg, ctx, device, prepare_anomaly_data, progress)
@@ -5687,7 +5859,7 @@ def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: Distributed, 
         loader.sampler.batches = epoch_batches(len(train_images), cfg.batch_size, True, cfg.seed, epoch, None,
                                                ctx.rank, ctx.world_size)
         started = time.perf_counter()
-        trained = train_anomaly_one_epoch(model, loader, optimizers, scaler, device, cfg, epoch,
+        trained = _train_anomaly_one_epoch(model, loader, optimizers, scaler, device, cfg, epoch,
                                           progress and ctx.is_main, ctx.rank)
         losses, n_all = _summed_losses(trained["losses"], trained["n"], ctx, device)
         train_time = time.perf_counter() - started  # rank 0's; its images/s counts every process's views
@@ -5721,7 +5893,7 @@ def _train_anomaly_locked(cfg: AnomalyConfig, progress: bool, ctx: Distributed, 
 
 def load_anomaly_model(path: str | os.PathLike, device: str = "cpu"):
     """Load an unsupervised checkpoint (weights_only, its digest checked): (model in eval mode, its AnomalyConfig)."""
-    state = load_state(path, "anomaly")
+    state = _load_state(path, "anomaly")
     cfg = _stored_config(AnomalyConfig, state, path)
     model = anomaly_model_for(cfg)
     model.load_state_dict(state["model"])
@@ -5768,7 +5940,7 @@ def transform_boxes(findings: pd.DataFrame, cache: AnomalyCache) -> pd.DataFrame
     return pd.DataFrame(rows, columns=["Index", *findings.columns]).drop(columns=["Index"])
 
 
-REFERENCE_MODEL = "no model"  # the grid's rows of model-free scores (reference_anomaly_scores)
+_REFERENCE_MODEL = "no model"  # the grid's rows of model-free scores (reference_anomaly_scores)
 # Their published ROC-AUCs (Davletshina et al. 2020, Figure 11) as data: notebooks/summary.csv of
 # github.com/Valentyn1997/xray, added in commit 5eb48b8 (23 Nov 2019) and unchanged at c801459: per run (one CSV
 # line: model, data source, pipeline) each score's mean and SD over their seeds (run_params.py:28: four, each its own
@@ -5877,21 +6049,21 @@ _THEIR_SUMMARY_CSV = """line,their_model,data_source,hist_equalisation,normalisa
 32,alphagan,XR_HAND_PHOTOSHOP,0,-1 1,proba_coproba,0.6072,0.0165
 32,alphagan,XR_HAND_PHOTOSHOP,0,-1 1,coproba,0.5000,0.0000
 """
-PUBLISHED_SOURCE = "Davletshina et al. 2020: Valentyn1997/xray notebooks/summary.csv @ 5eb48b8 (= c801459)"
-THEIR_MODELS = {"cae": "CAE", "vae": "VAE", "dcgan": "DCGAN", "bigan": "BiGAN", "alphagan": "alpha-GAN",
+_PUBLISHED_SOURCE = "Davletshina et al. 2020: Valentyn1997/xray notebooks/summary.csv @ 5eb48b8 (= c801459)"
+_THEIR_MODELS = {"cae": "CAE", "vae": "VAE", "dcgan": "DCGAN", "bigan": "BiGAN", "alphagan": "alpha-GAN",
                 "bae": "their bottleneck AE"}
-THEIR_SCORES = {"mse": "mse", "mse_top_k": "mse_top200", "l1": "l1", "l1_top_k": "l1_top200", "kld": "kld",
+_THEIR_SCORES = {"mse": "mse", "mse_top_k": "mse_top200", "l1": "l1", "l1_top_k": "l1_top200", "kld": "kld",
                 "mse_kld": "mse+kld", "l1_kld": "l1+kld", "proba": "disc", "coproba": "code_disc",
                 "proba_coproba": "c+d"}
 # which of their data sources each of our preprocessing bases sits beside (our "full" is an automatic mask standing
 # in for their hands cleaned by hand)
-THEIR_DATA_SOURCES = {"raw": ("XR_HAND", "theirs: raw views"), "crop": ("XR_HAND_CROPPED", "theirs: SSD hand crops"),
+_THEIR_DATA_SOURCES = {"raw": ("XR_HAND", "theirs: raw views"), "crop": ("XR_HAND_CROPPED", "theirs: SSD hand crops"),
                       "full": ("XR_HAND_PHOTOSHOP", "theirs: manual masks")}
 PUBLISHED_ANOMALY_AUROC = pd.read_csv(io.StringIO(_THEIR_SUMMARY_CSV), dtype={"normalisation": str}).assign(
     hist_equalisation=lambda t: t["hist_equalisation"].astype(bool),
-    model=lambda t: t["their_model"].map(THEIR_MODELS), score=lambda t: t["their_score"].map(THEIR_SCORES),
-    variant=lambda t: t["data_source"].map({v[0]: k for k, v in THEIR_DATA_SOURCES.items()})
-    + np.where(t["hist_equalisation"], "+HE", ""), source=PUBLISHED_SOURCE)
+    model=lambda t: t["their_model"].map(_THEIR_MODELS), score=lambda t: t["their_score"].map(_THEIR_SCORES),
+    variant=lambda t: t["data_source"].map({v[0]: k for k, v in _THEIR_DATA_SOURCES.items()})
+    + np.where(t["hist_equalisation"], "+HE", ""), source=_PUBLISHED_SOURCE)
 
 
 def anomaly_grid_names(models, variants) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -5966,46 +6138,55 @@ def run_anomaly_grid(base: AnomalyConfig, models: Sequence[str], variants: Seque
     for variant in variants:
         for seed in seeds:
             split_seed = seed if several else base.split_seed
+            seed_tag = f"_seed{seed}" if several else ""
             for recipe in recipes:
                 for model in models:
-                    name = f"{model}_{variant}" + ("" if recipe == "suite" else f"_{recipe}") + \
-                        (f"_seed{seed}" if several else "")
+                    name = f"{model}_{variant}" + ("" if recipe == "suite" else f"_{recipe}") + seed_tag
                     cfg = _grid_config(base, model=model, variant=variant, recipe=recipe, seed=seed,
                                        split_seed=split_seed, output_dir=str(Path(base.output_dir) / name),
                                        image_size=(image_sizes or {}).get(model, base.image_size))
-                    launch_training(cfg, devices, progress)
-                    net, _ = load_anomaly_model(Path(cfg.output_dir) / "checkpoints" / "best.pt", cfg.device)
-                    data = prepare_anomaly_data(cfg, progress=False)
-                    images, device = data["images"], resolve_device(cfg.device)
-                    scores = evaluate_anomaly(net, data["cache"], images[images["subset"] == "test"], cfg, device)
-                    val = evaluate_anomaly(net, data["cache"], images[images["subset"] == "val"], cfg, device)
-                    _write_csv_atomic(scores, Path(cfg.output_dir) / "test_scores.csv")
-                    _write_csv_atomic(val, Path(cfg.output_dir) / "val_scores.csv")
-                    rows.append(_level_metrics(scores, val, cfg.seed).assign(
-                        model=ANOMALY_MODEL_NAMES[model], recipe=recipe, variant=variant, seed=seed,
-                        image_size=cfg.image_size, run_dir=cfg.output_dir,
-                        n_empty_masks=len(scores.attrs.get("empty_masks", []))))
-            # the floor: model-free scores on the suite's preprocessed views (whole views, no min-max)
+                    rows.append(_grid_run(cfg, devices, progress))
             cfg = _grid_config(base, variant=variant, seed=seed, split_seed=split_seed, recipe="suite")
-            data = prepare_anomaly_data(cfg, progress=False)
-            images = data["images"]
-            normal_train = images[(images["subset"] == "train") & (images["label"] == 0)]
-            scores, val = (reference_anomaly_scores(data["cache"], images[images["subset"] == subset], normal_train,
-                                                    cfg.top_k) for subset in ("test", "val"))
-            reference_dir = Path(base.output_dir) / (f"{REFERENCE_MODEL.replace(' ', '_')}_{variant}"
-                                                     + (f"_seed{seed}" if several else ""))
-            reference_dir.mkdir(parents=True, exist_ok=True)
-            _write_csv_atomic(scores, reference_dir / "test_scores.csv")
-            rows.append(_level_metrics(scores, val, cfg.seed).assign(
-                model=REFERENCE_MODEL, recipe="-", variant=variant, seed=seed, image_size=cfg.image_size,
-                run_dir=str(reference_dir), n_empty_masks=len(scores.attrs.get("empty_masks", []))))
+            reference_dir = Path(base.output_dir) / f"{_REFERENCE_MODEL.replace(' ', '_')}_{variant}{seed_tag}"
+            rows.append(_grid_floor(cfg, reference_dir))
     return pd.concat(rows, ignore_index=True)
+
+
+def _grid_run(cfg: AnomalyConfig, devices: int | str, progress: bool) -> pd.DataFrame:
+    """One run of the grid: trained (or resumed), its best checkpoint scored on the test and validation views
+    (both written as CSVs in its folder), and its metrics at both levels, labelled with the run."""
+    launch_training(cfg, devices, progress)
+    net, _ = load_anomaly_model(Path(cfg.output_dir) / "checkpoints" / "best.pt", cfg.device)
+    data = prepare_anomaly_data(cfg, progress=False)
+    images, device = data["images"], resolve_device(cfg.device)
+    scores = evaluate_anomaly(net, data["cache"], images[images["subset"] == "test"], cfg, device)
+    val = evaluate_anomaly(net, data["cache"], images[images["subset"] == "val"], cfg, device)
+    _write_csv_atomic(scores, Path(cfg.output_dir) / "test_scores.csv")
+    _write_csv_atomic(val, Path(cfg.output_dir) / "val_scores.csv")
+    return _level_metrics(scores, val, cfg.seed).assign(
+        model=ANOMALY_MODEL_NAMES[cfg.model], recipe=cfg.recipe, variant=cfg.variant, seed=cfg.seed,
+        image_size=cfg.image_size, run_dir=cfg.output_dir, n_empty_masks=len(scores.attrs.get("empty_masks", [])))
+
+
+def _grid_floor(cfg: AnomalyConfig, reference_dir: Path) -> pd.DataFrame:
+    """The floor of one variant and seed: the model-free scores on the suite's preprocessed views (whole views, no
+    min-max) against the normal training views, their test scores written in `reference_dir`, and their metrics."""
+    data = prepare_anomaly_data(cfg, progress=False)
+    images = data["images"]
+    normal_train = images[(images["subset"] == "train") & (images["label"] == 0)]
+    scores, val = (reference_anomaly_scores(data["cache"], images[images["subset"] == subset], normal_train,
+                                            cfg.top_k) for subset in ("test", "val"))
+    reference_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv_atomic(scores, reference_dir / "test_scores.csv")
+    return _level_metrics(scores, val, cfg.seed).assign(
+        model=_REFERENCE_MODEL, recipe="-", variant=cfg.variant, seed=cfg.seed, image_size=cfg.image_size,
+        run_dir=str(reference_dir), n_empty_masks=len(scores.attrs.get("empty_masks", [])))
 
 
 def _one_run_per_cell(results: pd.DataFrame, level: str) -> pd.DataFrame:
     """The rows of one level and of the grid's first seed; models labelled with their recipe when several."""
     results = results[(results["level"] == level) & (results["seed"] == results["seed"].iloc[0])]
-    if results.loc[results["model"] != REFERENCE_MODEL, "recipe"].nunique() > 1:
+    if results.loc[results["model"] != _REFERENCE_MODEL, "recipe"].nunique() > 1:
         results = results.assign(model=[m if r == "-" else f"{m} ({r})" for m, r in results[["model", "recipe"]]
                                         .to_numpy()])
     return results
@@ -6049,7 +6230,7 @@ def published_comparison(results: pd.DataFrame) -> pd.DataFrame:
     seed's ROC-AUC with its 95% interval (patients resampled) and, with several seeds, mean +- SD. Theirs are on real
     MURA; ours on this run's data (the phantom unless data_dir is MURA)."""
     ours = seed_summary(results, "image")
-    ours = ours[ours["model"] != REFERENCE_MODEL].assign(
+    ours = ours[ours["model"] != _REFERENCE_MODEL].assign(
         variant_base=lambda t: t["variant"].str.replace(r"\+(HE|CLAHE)$", "", regex=True))
     table = ours.merge(PUBLISHED_ANOMALY_AUROC, on=["model", "score", "variant"], suffixes=("", "_published"))
     return pd.DataFrame({
@@ -6059,7 +6240,7 @@ def published_comparison(results: pd.DataFrame) -> pd.DataFrame:
                                                                          "roc_auc_ci_high"]].to_numpy()],
         "ours_mean_sd": [f"{m:.3f} +- {sd:.3f} ({int(n)} seeds)" if n > 1 else "" for m, sd, n in
                          table[["seeds_mean", "seeds_sd", "n_seeds"]].to_numpy()],
-        "theirs": [f"{THEIR_DATA_SOURCES[b][1]} ({THEIR_DATA_SOURCES[b][0]})" for b in table["variant_base"]],
+        "theirs": [f"{_THEIR_DATA_SOURCES[b][1]} ({_THEIR_DATA_SOURCES[b][0]})" for b in table["variant_base"]],
         "published": table["roc_auc_published"], "published_sd": table["roc_auc_sd"],
         "published_text": [f"{m:.4f} +- {sd:.4f}" if sd == sd else f"{m:.4f} (one run)" for m, sd in
                            table[["roc_auc_published", "roc_auc_sd"]].to_numpy()],
@@ -6076,7 +6257,7 @@ def anomaly_findings_table(results: pd.DataFrame, findings: pd.DataFrame, varian
     tables = []
     for run in results[results["variant"] == variant].drop_duplicates("run_dir").itertuples():
         studies = study_scores(pd.read_csv(Path(run.run_dir) / "test_scores.csv"))
-        names = [c for c in studies.columns if c not in SCORE_ID_COLUMNS]
+        names = [c for c in studies.columns if c not in _SCORE_ID_COLUMNS]
         table = metrics_by_finding(studies, findings, names)
         aurocs = table[[f"auroc_{n}" for n in names]].T.set_axis(names)
         tables.append(aurocs.assign(model=run.model).rename_axis("score").reset_index())
@@ -6180,7 +6361,7 @@ def plot_reconstructions(results: pd.DataFrame, n: int = 4, device: str = "auto"
     """Inputs, reconstructions and error maps (their Figure 12) for this grid: per run with a reconstruction (the
     autoencoders, BiGAN and alpha-GAN) typical test inputs (normal and abnormal alternating), their reconstructions
     and masked error maps; per GAN, views its generator draws from random codes. The grid's first seed and variant."""
-    runs = results[(results["model"] != REFERENCE_MODEL) & (results["seed"] == results["seed"].iloc[0])
+    runs = results[(results["model"] != _REFERENCE_MODEL) & (results["seed"] == results["seed"].iloc[0])
                    & (results["variant"] == results["variant"].iloc[0])].drop_duplicates("run_dir")
     panels = []  # (title, images, cmap)
     for run in runs.itertuples():
@@ -7179,7 +7360,7 @@ def permuted_labels_copy(data_dir: str | os.PathLike, dest: str | os.PathLike, s
                 path, *rest = line.split(",")
                 new = renamed(path) if path.strip() else path
                 if rest and new != path:  # a labelled study: its label follows its folder's suffix
-                    rest = [str(LABEL_OF_SUFFIX[STUDY_DIR_RE.match(_relative_key(new)[3]).group(2)])]
+                    rest = [str(_LABEL_OF_SUFFIX[STUDY_DIR_RE.match(_relative_key(new)[3]).group(2)])]
                 lines.append(",".join([new, *rest]))
             (mura / csv.name).write_text("".join(line + "\n" for line in lines))
     return mura
@@ -7271,7 +7452,7 @@ def unsupervised_control(workdir: str | os.PathLike, seed: int = 0, progress: bo
     scores = evaluate_anomaly(model, data["cache"], test, cfg, resolve_device(cfg.device))
     shows = scores["image_path"].isin(set(load_phantom_findings(root)["image_file"]))
     views = scores[shows | (scores["label"] == 0)]
-    names = [c for c in views.columns if c not in SCORE_ID_COLUMNS]
+    names = [c for c in views.columns if c not in _SCORE_ID_COLUMNS]
     return {"image_auroc": {n: float(roc_auc_score(shows[views.index], views[n])) for n in names},
             "hardware_views": int(shows.sum()), "normal_views": int((scores["label"] == 0).sum()),
             "history": history, "run_dir": cfg.output_dir}
@@ -7279,14 +7460,50 @@ def unsupervised_control(workdir: str | os.PathLike, seed: int = 0, progress: bo
 
 # ---------------------------------------------------------------- command line: python -m mura_helpers
 
+_REPO_URL_LINE = re.compile(r"^REPO_URL = .*$", re.MULTILINE)  # the setup cell's form field
+
+
+def _repository_url(root: Path) -> str:
+    """The git URL in pyproject.toml's [project.urls] Repository ("" while it is not set); needs Python 3.11+."""
+    import tomllib
+
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    return project.get("urls", {}).get("Repository", "")
+
+
+def _stamp_colab_url(root: Path) -> list[Path]:
+    """Set REPO_URL in each notebook's setup cell (its first code cell) to _repository_url(root), so a notebook
+    opened from GitHub in Colab clones this repository; return the notebooks that changed."""
+    import nbformat
+
+    line = f'REPO_URL = {json.dumps(_repository_url(root))}  # @param {{type:"string"}}'
+    changed = []
+    for path in sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        setup = next(c for c in nb.cells if c.cell_type == "code")
+        source, found = _REPO_URL_LINE.subn(lambda _: line, setup.source)
+        if found != 1:
+            raise SystemExit(f"{path}: its setup cell has {found} REPO_URL lines, not one")
+        if source != setup.source:
+            setup.source = source
+            nbformat.write(nb, path)
+            changed.append(path)
+    return changed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m mura_helpers train --config run.json`: train the run a JSON TrainConfig describes (a run's own
     config.json resumes it); `train-anomaly` the same for an AnomalyConfig (an autoencoder or a GAN); under
-    `torchrun --nproc_per_node=N` it trains on N processes (the GANs: one)."""
+    `torchrun --nproc_per_node=N` it trains on N processes (the GANs: one). `colab-url` (maintainers, `make
+    colab-url`) writes pyproject.toml's [project.urls] Repository into the notebooks' setup cells."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mura_helpers", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    stamper = commands.add_parser("colab-url", help="write pyproject.toml's repository URL into the notebooks' "
+                                                    "setup cells (their REPO_URL field, which Colab shows)")
+    stamper.add_argument("--root", type=Path, default=Path(__file__).resolve().parent,
+                         help="the repository (default: this module's folder)")
     runners = {"train": (TrainConfig, train, "train (or resume) the supervised DenseNet of a TrainConfig"),
                "train-anomaly": (AnomalyConfig, train_anomaly, "train (or resume) the unsupervised model of an "
                                                                "AnomalyConfig")}
@@ -7295,6 +7512,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer.add_argument("--config", required=True, help=f"a JSON object of {config_class.__name__} fields")
         trainer.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
     args = parser.parse_args(argv)
+    if args.command == "colab-url":
+        changed = _stamp_colab_url(args.root)
+        print(f"REPO_URL = {_repository_url(args.root)!r} in the setup cells; changed: "
+              f"{', '.join(p.name for p in changed) or 'none'}")
+        return 0
     config_class, runner, _ = runners[args.command]
     path = Path(args.config)
     try:

@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     boxes = mh.phantom_boxes(root)
     by_kind = {}
     if boxes is not None:  # each kind's abnormal studies against every normal one, with its interval by patient
-        kind_of = mh.findings_by_study(boxes)
+        kind_of = mh._findings_by_study(boxes)
         kinds = [kind_of.get(mh._relative_key(p)) if label else None for p, label in zip(preds["study_path"],
                                                                                           preds["label"])]
         for kind in sorted({k for k in kinds if k}):

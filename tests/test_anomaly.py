@@ -394,7 +394,8 @@ def test_anomaly_cache_is_rebuilt_when_the_pipeline_changes(tiny_phantom, tmp_pa
 
 
 # the crop's and the mask's functions: every threshold in them is a named rule (CropRules, MaskRules)
-RULED_FUNCTIONS = ("_plate_rect", "_holds_the_detail", "_sides_are_steps", "find_carrier", "_border_band",
+RULED_FUNCTIONS = ("_block_means", "_plate_thresholds", "_plate_candidates", "_plate_rect", "_holds_the_detail",
+                   "_sides_are_steps", "find_carrier", "_border_band",
                    "_collimated_field", "find_field", "_class_thresholds", "_hand_components", "_commonest_level",
                    "_without_frame", "_background_level", "_hand_mask", "_find_tags", "_tag_shaped",
                    "_without_tag_shapes")

@@ -196,7 +196,7 @@ def test_make_colab_url_writes_the_url_into_every_setup_cell(tmp_path):
     pyproject = (REPO / "pyproject.toml").read_text()
     pyproject = pyproject.replace("[project.urls]\n", f'[project.urls]\nRepository = "{url}"\n')
     (tmp_path / "pyproject.toml").write_text(pyproject)
-    subprocess.run([sys.executable, str(REPO / "tools" / "stamp_colab_url.py"), "--root", str(tmp_path)], check=True,
+    subprocess.run([sys.executable, "-m", "mura_helpers", "colab-url", "--root", str(tmp_path)], cwd=REPO, check=True,
                    capture_output=True)
     for path in sorted((tmp_path / "notebooks").glob("*.ipynb")):
         before = nbformat.read(REPO / "notebooks" / path.name, as_version=4)

@@ -93,7 +93,7 @@ def direction_scores(tmp_path_factory):
             loader = mh._anomaly_loader(cache, train_views, cfg.batch_size, 0, False)
             for epoch in range(cfg.epochs):
                 loader.sampler.batches = mh.epoch_batches(len(train_views), cfg.batch_size, True, cfg.seed, epoch)
-                mh.train_anomaly_one_epoch(net, loader, optimizers, scaler, device, cfg, epoch, progress=False)
+                mh._train_anomaly_one_epoch(net, loader, optimizers, scaler, device, cfg, epoch, progress=False)
             trained[recipe, model] = mh.evaluate_anomaly(net, cache, images[images["subset"] == "test"], cfg, device)
         return trained[recipe, model]
 
