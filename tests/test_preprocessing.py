@@ -1,0 +1,566 @@
+"""The unsupervised path's preprocessing: the crop, the hand mask and its rules, equalisation, the cache, the split."""
+
+import ast
+import inspect
+import io
+import math
+import re
+import textwrap
+import tokenize
+from dataclasses import fields, replace
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+import mura_helpers as mh
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def _tilted_plate(angle_deg, plate_value, outside_value, size=(300, 400)):
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(float)
+    a = math.radians(angle_deg)
+    u = (xx - 210) * math.cos(a) + (yy - 145) * math.sin(a)
+    v = -(xx - 210) * math.sin(a) + (yy - 145) * math.cos(a)
+    image = np.where((np.abs(u) < 130) & (np.abs(v) < 90), plate_value, outside_value).astype(float)
+    image[(np.abs(u - 20) < 60) & (np.abs(v) < 15)] = 230  # a bright "hand" lying across the plate
+    return np.clip(image + np.random.default_rng(0).normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("plate, outside", [(120, 10), (40, 240)])  # plate brighter, or darker, than its surround
+def test_carrier_crop_finds_a_tilted_plate(plate, outside, tmp_path):
+    image = _tilted_plate(14, plate, outside)
+    center, (w, h), angle = mh.find_carrier(image)
+    assert math.degrees(angle) == pytest.approx(14, abs=2)
+    assert (w, h) == (pytest.approx(260, rel=0.05), pytest.approx(180, rel=0.05))
+    assert center == pytest.approx([210, 145], abs=4)
+    crop = mh.PreprocessConfig(crop=True, segment=False, equalize=None, size=64)
+    out = mh.preprocess_view(_save(tmp_path, image), crop)
+    assert out["carrier_found"] and out["mask"].mean() == pytest.approx(180 / 260, abs=0.04)  # the plate only:
+    assert (out["image"][out["mask"] == 0] == 0).all()  # not the surround beside the plate nor its rotated corners
+
+
+def _save(folder, image):
+    path = folder / "view.png"
+    Image.fromarray(image).save(path)
+    return path
+
+
+def _hand_view(plate, outside, background, frame=None, size=(400, 300), seed=0):
+    """A view: `outside` around a plate of `plate` (rows 40..360, cols 30..270) whose inner field (8% margins
+    with a frame, else the whole plate) shows `background` around a hand: soft tissue (110) over bones (200),
+    the forearm running from the field's bottom edge to four fingers."""
+    image = np.full(size, outside, float)
+    image[40:360, 30:270] = plate
+    top, bottom, left, right = (40, 360, 30, 270) if frame is None else (66, 334, 50, 250)
+    image[top:bottom, left:right] = background
+    image[top + 100:bottom, 110:190] = 110  # the forearm's soft tissue ...
+    image[top + 100:bottom, 125:140], image[top + 100:bottom, 160:175] = 200, 200  # ... over its two bones
+    for x in (108, 130, 152, 174):  # the fingers
+        image[top + 10:top + 100, x:x + 18] = 110
+        image[top + 20:top + 100, x + 5:x + 13] = 200
+    return np.clip(image + np.random.default_rng(seed).normal(0, 4, size), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("plate, outside, background, frame", [
+    (25, 5, 25, None),  # a plate only a little brighter than its dark surround (Otsu alone splits hand from rest)
+    (235, 5, 25, True),  # bright unexposed borders inside the plate: the field is the exposed part
+    (25, 25, 25, True),  # ... with no plate edge at all: collimation on a dark scanner background
+    (105, 75, 90, True),  # borders only a little lighter than the field (one Otsu class with it)
+])
+def test_carrier_crop_finds_the_exposed_field_and_the_mask_the_hand(plate, outside, background, frame, tmp_path):
+    image = _hand_view(plate, outside, background, frame)
+    if plate == outside:
+        image[40:360, 30:270][np.pad(np.ones((268, 200), bool), ((26, 26), (20, 20))) == 0] = 235
+    (cx, cy), (w, h), angle = mh.find_field(image)
+    field = (320, 240) if frame is None else (268, 200)
+    assert (h, w) == (pytest.approx(field[0], rel=0.05), pytest.approx(field[1], rel=0.05))
+    assert (cx, cy) == (pytest.approx(150, abs=4), pytest.approx(200, abs=4)) and abs(angle) < 0.03
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    assert out["carrier_found"] and 0.15 < out["mask"].mean() < 0.4  # the hand: not the whole field nor its borders
+
+
+@pytest.mark.parametrize("plate, outside", [(12, 4), (10, 4)])
+def test_a_dark_plate_a_few_levels_above_a_black_surround_is_found(plate, outside):
+    # the hand and its soft tissue take Otsu's first splits; the plate's step is found a few splits further down
+    (cx, cy), (w, h), angle = mh.find_carrier(_hand_view(plate, outside, plate))
+    assert (h, w) == (pytest.approx(320, rel=0.04), pytest.approx(240, rel=0.04)) and abs(angle) < 0.03
+    assert (cx, cy) == (pytest.approx(150, abs=4), pytest.approx(200, abs=4))
+
+
+@pytest.mark.parametrize("slope", [0.1, 0.3])
+def test_a_heel_effect_gradient_is_no_plate(slope):
+    image = _hand_view(100, 100, 100).astype(float)  # no plate: a background brightening from top to bottom ...
+    image += slope * (np.mgrid[: image.shape[0], : image.shape[1]][0] - 200)
+    assert mh.find_carrier(np.clip(image, 0, 255).astype(np.uint8)) is None  # ... whose Otsu halves have no rim
+
+
+def test_the_field_is_found_inside_a_plate_rectangle_that_took_in_a_dark_surround():
+    image = _hand_view(200, 8, 12, True)  # light borders (8% margins) around a dark field, on a black surround ...
+    plate = (np.array([150.0, 200.0]), (256.0, 336.0), 0.0)  # ... the plate's rectangle 8 px too large all round
+    (cx, cy), (w, h), angle = mh._collimated_field(image, plate)  # surround as dark as the field, then the border
+    assert (h, w) == (pytest.approx(268, rel=0.04), pytest.approx(200, rel=0.04)) and angle == 0
+    assert (cx, cy) == (pytest.approx(150, abs=3), pytest.approx(200, abs=3))
+
+
+def test_the_field_is_found_where_the_plate_reaches_past_the_view():
+    image = Image.fromarray(_hand_view(200, 8, 12, True)).rotate(6, Image.Resampling.BILINEAR, center=(150, 200),
+                                                                 fillcolor=8)
+    view = np.asarray(image)[:, 40:]  # the tilted plate's left border half beyond the view: no pixels there
+    plate = (np.array([110.0, 200.0]), (240.0, 320.0), math.radians(-6))
+    (cx, cy), (w, h), _ = mh._collimated_field(view, plate)
+    assert (h, w) == (pytest.approx(268, rel=0.04), pytest.approx(200, rel=0.04))
+    assert (cx, cy) == (pytest.approx(110, abs=3), pytest.approx(200, abs=3))
+
+
+def test_a_plate_with_a_collimated_corner_is_still_found():
+    image = _hand_view(25, 25, 25)
+    plate = np.zeros(image.shape, bool)
+    plate[12:388, 10:290] = True  # a dark plate filling most of the view, on a grey surround ...
+    image[~plate] = 120
+    yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
+    image[plate & ((yy - 12) + (xx - 10) < 150)] = 235  # ... whose top-left corner a bright wedge cuts off
+    (cx, cy), (w, h), angle = mh.find_field(image)
+    assert (h, w) == (pytest.approx(376, rel=0.04), pytest.approx(280, rel=0.04)) and abs(angle) < 0.03
+    assert (cx, cy) == (pytest.approx(150, abs=4), pytest.approx(200, abs=4))
+
+
+def test_background_beside_a_straight_finger_is_no_plate():
+    image = np.full((300, 240), 20, np.uint8)
+    image[:, 100:130] = 200  # a straight bright finger across the view: each side is a dark rectangle ...
+    assert mh.find_carrier(image) is None  # ... but what lies outside it is as dark: not a plate standing out
+
+
+def _capsule(shape, p0, p1, radius):
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(float)
+    d = np.subtract(p1, p0, dtype=float)
+    t = np.clip(((xx - p0[0]) * d[0] + (yy - p0[1]) * d[1]) / (d @ d), 0, 1)
+    return np.hypot(xx - p0[0] - t * d[0], yy - p0[1] - t * d[1]) <= radius
+
+
+def _drawn_hand(shape, cx, wrist_y, s=1.0):
+    """(hand, bones) masks: a forearm from the bottom edge, a palm, four fingers and a thumb (s: scale)."""
+    hand, bones = np.zeros(shape, bool), np.zeros(shape, bool)
+    bottom = shape[0] + 20
+    hand |= _capsule(shape, (cx, bottom), (cx, wrist_y), 34 * s)  # forearm
+    hand |= _capsule(shape, (cx - 12 * s, wrist_y - 25 * s), (cx + 12 * s, wrist_y - 25 * s), 38 * s)  # palm
+    bones |= _capsule(shape, (cx - 14 * s, bottom), (cx - 14 * s, wrist_y + 5 * s), 9 * s)  # radius
+    bones |= _capsule(shape, (cx + 14 * s, bottom), (cx + 14 * s, wrist_y + 5 * s), 8 * s)  # ulna
+    for i, dx in enumerate((-33, -11, 11, 32)):
+        base = np.array([cx + dx * s, wrist_y - 55 * s])
+        tip = base + [dx * 0.25 * s, -(95 - 8 * abs(i - 1.5)) * s]
+        hand |= _capsule(shape, base, tip, 9.5 * s)
+        bones |= _capsule(shape, base + [0, 40 * s], base, 5 * s) | _capsule(shape, base, tip + [0, 6 * s], 4.5 * s)
+    thumb0 = np.array([cx - 38 * s, wrist_y - 15 * s])
+    thumb1 = thumb0 + [-45 * s, -45 * s]
+    hand |= _capsule(shape, thumb0, thumb1, 11 * s)
+    bones |= _capsule(shape, thumb0 + [8 * s, 8 * s], thumb1 + [6 * s, 6 * s], 5 * s)
+    return hand, bones & hand
+
+
+def _radiograph(shape=(400, 300), background=20, soft=90, bone=200, noise=4.0, hands=((150, 250, 1.0),), seed=0):
+    """A view of `background` around hands (soft tissue over textured bones), blurred and noisy; and the true
+    hand mask."""
+    rng = np.random.default_rng(seed)
+    image, truth = np.full(shape, float(background)), np.zeros(shape, bool)
+    for cx, wrist_y, s in hands:
+        hand, bones = _drawn_hand(shape, cx, wrist_y, s)
+        texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)
+        image[hand] = soft
+        image[bones] = bone + 0.12 * abs(bone - soft) * texture[bones] / texture.std()  # trabecular texture
+        truth |= hand
+    image = ndimage.gaussian_filter(image, 1.0) + rng.normal(0, noise, shape)
+    return np.clip(image, 0, 255).astype(np.uint8), truth
+
+
+def _warped(truth, out):
+    return mh._warp(truth.astype(np.uint8) * 255, out["affine"].astype(float), out["mask"].shape[0]) >= 128
+
+
+@pytest.mark.parametrize("background, soft, bone, inverted", [
+    (165, 180, 225, False),  # 1: a light-grey background, not inverted: bones still brighter than soft tissue
+    (120, 95, 40, True),  # 2: truly inverted on a mid-grey background: dark bones
+])
+def test_polarity_comes_from_the_content_not_the_background_level(background, soft, bone, inverted, tmp_path):
+    image, truth = _radiograph(background=background, soft=soft, bone=bone)
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    assert out["inverted"] == inverted
+    assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.85  # the hand, not the background
+
+
+def test_a_faint_hand_in_the_grain_is_smoothed_before_its_levels_are_searched():
+    ious = {True: [], False: []}
+    for seed in range(3):  # soft tissue 2 grain SDs above the background, bone 7.5: a dim view at working size
+        image, truth = _radiograph(shape=(128, 128), background=20, soft=28, bone=50, noise=4,
+                                   hands=((64, 100, 0.33),), seed=seed)
+        for smoothed in ious:
+            rules = mh.MaskRules() if smoothed else mh.MaskRules(faint_noise=0.0)  # (0: no view is faint)
+            mask, inverted = mh.hand_mask(image, np.ones(image.shape, bool), rules)
+            assert not inverted
+            ious[smoothed].append((mask & truth).sum() / (mask | truth).sum())
+    assert np.mean(ious[True]) >= np.mean(ious[False]) + 0.1  # more of its soft tissue found
+    assert min(ious[True]) >= 0.65
+
+
+def test_a_low_contrast_plate_is_not_taken_for_the_hand():
+    image, truth = _radiograph(shape=(128, 128), background=60, soft=70, bone=92, noise=2, hands=((64, 85, 0.4),))
+    image[:3], image[-3:], image[:, :3], image[:, -3:] = 15, 15, 15, 15  # a thin dark margin around the plate
+    mask, inverted = mh.hand_mask(image, np.ones(image.shape, bool))
+    assert not inverted and mask.mean() < 0.3  # not the plate (0.88 of the square) ...
+    assert (mask & truth).sum() / (mask | truth).sum() >= 0.8  # ... but the hand
+
+
+@pytest.mark.parametrize("slope", [0.06, 0.1])
+def test_a_heel_effect_is_flattened_from_the_background_not_the_rim(slope):
+    image, truth = _radiograph(shape=(512, 512), background=22, soft=40, bone=80, noise=3, hands=((256, 400, 1.3),))
+    image = image + slope * (np.mgrid[:512, :512][1] - 256.0)  # a heel effect across the view ...
+    border = np.ones(truth.shape, bool)
+    border[24:-24, 24:-24] = False
+    image[border] = 110  # ... inside a uniform light border all along the rim, which says nothing of it
+    mask, _ = mh.hand_mask(np.clip(image, 0, 255).astype(np.uint8), np.ones(truth.shape, bool))
+    truth &= ~border
+    assert (mask & truth).sum() / (mask | truth).sum() >= 0.85
+
+
+def test_a_level_that_shows_the_plate_keeps_no_strip_beside_it():
+    rng = np.random.default_rng(0)
+    work = rng.normal(100, 10, (128, 128))  # textured everywhere, so only shape decides
+    inside = np.ones(work.shape, bool)
+    ring = inside & ~ndimage.binary_erosion(inside, iterations=6, border_value=0)
+    fg = np.zeros(work.shape, bool)
+    fg[28:120, 8:120] = True  # the field above the threshold (0.63 of the view), filled: the hand lies within it
+    fg[12:20, 30:100] = True  # a border strip beside it, hand-sized
+    assert not mh._hand_components(fg, work, ring, inside, 1.0, 50.0).any()  # this level shows no hand
+
+
+def test_two_hands_are_both_masked_and_a_bright_plate_edge_is_not(tmp_path):
+    image, truth = _radiograph(shape=(320, 440), background=25, soft=95, bone=200,
+                               hands=((120, 190, 0.8), (320, 190, 0.8)))
+    image[:, -10:] = 215  # a bright plate edge along the right side
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    mask = out["mask"].astype(bool)
+    for half in (slice(0, 220), slice(220, 440)):  # each hand, alone
+        one = np.zeros_like(truth)
+        one[:, half] = truth[:, half]
+        assert (mask & _warped(one, out)).sum() >= 0.85 * _warped(one, out).sum()
+    edge = np.zeros(truth.shape, bool)
+    edge[:, -10:] = True
+    assert not (mask & _warped(edge, out)).any()
+    assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.8
+
+
+def test_the_field_is_not_a_dark_rectangle_beside_the_hand(tmp_path):
+    image, truth = _radiograph(shape=(400, 420), background=160, soft=175, bone=225, hands=((320, 250, 0.9),))
+    image[:, :230] = np.random.default_rng(1).normal(30, 3, (400, 230)).clip(0, 255)  # a dark rectangle, no hand
+    truth[:, :230] = False
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.85  # the crop keeps the hand
+
+
+def test_a_marker_strip_along_an_edge_stays_out_of_the_mask(tmp_path):
+    image, truth = _radiograph()
+    strip = np.zeros(truth.shape, bool)
+    strip[120:300, :62] = True  # a lead marker strip along the left edge, touching the thumb
+    image[strip] = 235
+    truth &= ~strip
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    assert (out["mask"].astype(bool) & _warped(strip, out)).sum() < 0.05 * _warped(strip, out).sum()
+    assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.85
+
+
+def _lead_tag(image, center, size, holder, lead, angle=0.0):
+    """Draw a lead tag into `image` (float): a solid holder `size` (w, h) at `holder`, with a bold letter at `lead`;
+    return its pixels."""
+    w, h = size
+    patch = Image.new("L", (w * 4, h * 4), 0)
+    draw = ImageDraw.Draw(patch)
+    font = ImageFont.load_default(size=int(w * 3))
+    draw.text((w * 0.6, h * 0.2), "R", fill=255, font=font, stroke_width=int(w * 0.25), stroke_fill=255)
+    letter = np.asarray(patch.resize((w, h), Image.Resampling.BOX), float) / 255
+    yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
+    box = mh.rect_mask(image.shape, (np.asarray(center, float), (w, h), angle))
+    y0, x0 = int(center[1] - h / 2 + 0.5), int(center[0] - w / 2 + 0.5)
+    image[box] = holder
+    image[y0:y0 + h, x0:x0 + w] += (lead - image[y0:y0 + h, x0:x0 + w]) * letter * box[y0:y0 + h, x0:x0 + w]
+    return box
+
+
+@pytest.mark.parametrize("background, soft, bone, holder, gap", [(20, 90, 200, 140, 6), (20, 90, 200, 140, 30),
+                                                                  (150, 180, 230, 90, 8)])
+def test_a_lead_tag_beside_the_hand_stays_out_of_the_mask(background, soft, bone, holder, gap, tmp_path):
+    # a solid holder (lighter, or darker than a light-grey field) with a bold lead letter, off the little finger
+    image, truth = _radiograph(background=background, soft=soft, bone=bone)
+    image = image.astype(float)
+    x_little = np.flatnonzero(truth[100:160].any(0))[-1]  # the little finger's side, beside the fingers
+    tag = _lead_tag(image, (x_little + gap + 18, 130), (34, 70), holder, 250)
+    out = mh.preprocess_view(_save(tmp_path, np.clip(image, 0, 255).astype(np.uint8)), mh.PreprocessConfig(size=128))
+    in_square = _warped(tag, out)
+    assert (out["mask"].astype(bool) & in_square).sum() <= 0.02 * in_square.sum()
+    assert mh.mask_iou(out["mask"], out["affine"], truth & ~tag) >= 0.85
+
+
+def test_a_dim_hand_wins_over_a_bright_tag(tmp_path):
+    # a faint hand (soft tissue 10, bone 25 levels over the background), a lead tag the brightest thing in the view
+    image, truth = _radiograph(background=20, soft=30, bone=45, noise=2)
+    image = image.astype(float)
+    tag = _lead_tag(image, (40, 60), (40, 80), 110, 250)
+    out = mh.preprocess_view(_save(tmp_path, np.clip(image, 0, 255).astype(np.uint8)), mh.PreprocessConfig(size=128))
+    assert not out["inverted"] and (out["mask"].astype(bool) & _warped(tag, out)).sum() == 0
+    assert mh.mask_iou(out["mask"], out["affine"], truth & ~tag) >= 0.85
+
+
+def test_a_narrow_close_up_keeps_its_hand(tmp_path):
+    # a finger along a view four times as tall as wide, from its bottom side to a tip near the top, background
+    # beside it: the finger covers more than a third of the view and much of its rim
+    shape = (400, 100)
+    finger = _capsule(shape, (50, 50), (55, 440), 28)
+    bone = _capsule(shape, (50, 62), (55, 440), 12)
+    rng = np.random.default_rng(3)
+    image = np.where(finger, 90.0, 20.0)
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)
+    image[bone] = 190 + 12 * (texture / texture.std())[bone]  # trabecular texture, as _radiograph's
+    image = ndimage.gaussian_filter(image, 1.0) + rng.normal(0, 3, shape)
+    out = mh.preprocess_view(_save(tmp_path, np.clip(image, 0, 255).astype(np.uint8)), mh.PreprocessConfig(size=128))
+    assert mh.mask_iou(out["mask"], out["affine"], finger) >= 0.85
+
+
+def test_tags_are_found_off_the_hand_and_bones_are_not_tags():
+    rng = np.random.default_rng(0)
+    small = np.full((128, 128), 20.0)
+    small[30:100, 50:90] = 60  # soft tissue ...
+    small[40:90, 62:72] = 150  # ... around a straight bone: a rectangle, but not on the background
+    small[10:30, 10:22] = 140  # a tag on the background
+    small[15:22, 13:19] = 240  # its letter
+    small = ndimage.gaussian_filter(small, 0.7) + rng.normal(0, 1.5, small.shape)
+    inside = np.ones(small.shape, bool)
+    tags = mh._find_tags(small, inside, 20.0, 1.5, float(small.min()), 240.0, mh.MaskRules())
+    assert tags[10:30, 10:22].mean() > 0.9 and not tags[30:100, 50:90].any()
+
+
+def test_anomaly_cache_is_rebuilt_when_the_pipeline_changes(tiny_phantom, tmp_path, monkeypatch):
+    paths = list(mh.studies_to_images(mh.load_studies(tiny_phantom, "train", "XR_HAND"))["image_path"][:3])
+    cfg = mh.PreprocessConfig(size=32)
+    first = mh.build_anomaly_cache(paths, cfg, tmp_path, workers=1, progress=False)
+    assert mh.build_anomaly_cache(paths, cfg, tmp_path, workers=1, progress=False).folder == first.folder
+    monkeypatch.setattr(mh, "ANOMALY_PIPELINE_VERSION", mh.ANOMALY_PIPELINE_VERSION + 1)
+    assert mh.build_anomaly_cache(paths, cfg, tmp_path, workers=1, progress=False).folder != first.folder
+    for rules in ({"crop_rules": replace(mh.CropRules(), step=4.0)},  # a changed rule: a new cache, no version bump
+                  {"mask_rules": replace(mh.MaskRules(), hole_share=0.01)}):
+        changed = mh.PreprocessConfig(size=32, **rules)
+        assert mh.build_anomaly_cache(paths, changed, tmp_path, workers=1, progress=False).folder != first.folder
+    with pytest.raises(mh.ConfigError, match="mask_rules must be a MaskRules"):
+        mh.PreprocessConfig(mask_rules={"hole_share": 0.01})
+
+
+# the crop's and the mask's functions: every threshold in them is a named rule (CropRules, MaskRules)
+RULED_FUNCTIONS = ("_block_means", "_plate_thresholds", "_plate_candidates", "_plate_rect", "_holds_the_detail",
+                   "_sides_are_steps", "find_carrier", "_border_band",
+                   "_collimated_field", "find_field", "_class_thresholds", "_hand_components", "_commonest_level",
+                   "_without_frame", "_background_level", "_hand_mask", "_find_tags", "_tag_shaped",
+                   "_without_tag_shapes")
+
+
+def _commented_lines(source: str) -> set[int]:
+    return {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+            if tok.type == tokenize.COMMENT}
+
+
+def test_a_tag_shaped_piece_apart_from_the_hand_leaves_the_mask():
+    found = np.zeros((128, 128), bool)
+    found[30:110, 20:60] = True  # a hand (a forearm and palm) ...
+    found[20:30, 25:30] = found[20:30, 35:40] = True  # ... with fingers
+    found[40:60, 90:100] = True  # a tag: 10 x 20 px, apart from it (a letter or text broke its rim: not found)
+    found[75:85, 80:84] = True
+    found[75:79, 84:95] = True  # an L-shaped piece: no rectangle
+    kept = mh._without_tag_shapes(found, np.ones_like(found), mh.MaskRules())
+    assert not kept[40:60, 90:100].any()
+    assert kept[30:110, 20:60].all() and kept[75:85, 80:84].all()
+    second = found.copy()
+    second[30:110, 80:120] = True  # a second hand, as large: kept
+    assert (mh._without_tag_shapes(second, np.ones_like(found), mh.MaskRules()) == second).all()
+
+
+def test_every_number_in_the_crop_and_mask_functions_is_a_named_rule():
+    bare = []
+    for name in RULED_FUNCTIONS:
+        source = textwrap.dedent(inspect.getsource(getattr(mh, name)))
+        commented = _commented_lines(source)
+        for node in ast.walk(ast.parse(source)):
+            if (isinstance(node, ast.Constant) and type(node.value) in (int, float) and node.value not in (0, 1, 2)
+                    and node.lineno not in commented):  # a literal explains itself in a comment on its line
+                bare.append(f"{name}: {node.value!r} in {source.splitlines()[node.lineno - 1].strip()!r}")
+    assert not bare, "\n".join(bare)
+
+
+@pytest.mark.parametrize("rules", [mh.CropRules, mh.MaskRules])
+def test_every_rule_is_commented_and_used(rules):
+    source = textwrap.dedent(inspect.getsource(rules))
+    commented = _commented_lines(source)
+    module = inspect.getsource(mh).replace(source, "")
+    for f in fields(rules):
+        line = next(i for i, text in enumerate(source.splitlines(), 1) if re.match(rf"\s*{f.name}:", text))
+        assert line in commented, f"{rules.__name__}.{f.name} says nowhere what it measures and why its value"
+        assert re.search(rf"rules\.{f.name}\b", module), f"{rules.__name__}.{f.name} is never used"
+
+
+@pytest.mark.parametrize("grain", [6, 8])
+def test_film_grain_raises_no_doubt_about_a_right_mask(grain, tmp_path):
+    image, truth = _radiograph(background=20, soft=70, bone=190, noise=2, seed=1)
+    blurred = ndimage.gaussian_filter(np.random.default_rng(5).normal(0, 1, image.shape), 2.0)  # grain over 2 px
+    image = np.clip(image + grain * blurred / blurred.std(), 0, 255).astype(np.uint8)
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.85
+    assert all(out["doubts"][name] <= limit for name, limit in mh.MASK_DOUBT_LIMITS.items()), out["doubts"]
+
+
+def test_mask_doubts_flag_a_cut_and_a_hand_left_out_not_grain():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :128]
+    hand, other = (np.abs(xx - 40) < 15) & (yy > 20), (np.abs(xx - 95) < 12) & (yy > 40)
+    grain = ndimage.gaussian_filter(rng.normal(0, 1, hand.shape), 1.0)
+    work = 20 + 50.0 * (hand | other) + 4 * grain / grain.std()
+    above, inside = work > 35, np.ones(hand.shape, bool)  # the floor at 35: grain crosses it here and there
+    ring = inside & ~ndimage.binary_erosion(inside, iterations=6, border_value=0)
+    rules, limits = mh.MaskRules(), mh.MASK_DOUBT_LIMITS
+    right = mh._mask_doubts(hand | other, above, above, inside, ring, rules)
+    assert all(right[name] <= limit for name, limit in limits.items()), right
+    cut = mh._mask_doubts((hand | other) & (yy > 70), above, above, inside, ring, rules)  # cut through both
+    assert cut["cut"] > limits["cut"]
+    left_out = mh._mask_doubts(hand, above, above, inside, ring, rules)  # the second hand missed
+    assert left_out["missed"] > limits["missed"] and left_out["cut"] <= limits["cut"]
+
+
+def test_suspect_masks_are_listed(tmp_path):
+    masks = np.zeros((3, 10, 10), np.uint8)
+    masks[0, :9], masks[1, :3] = 1, 1  # the whole field taken for the hand; a plausible hand; nothing
+    for name, array in (("images", np.zeros_like(masks)), ("masks", masks), ("affines", np.zeros((3, 2, 3)))):
+        np.save(tmp_path / f"{name}.npy", array)
+    cache = mh.AnomalyCache(tmp_path, ["a.png", "b.png", "c.png"], mh.PreprocessConfig(size=10))
+    suspects = mh.suspect_masks(cache)
+    assert list(suspects["image_path"]) == ["a.png", "c.png"] and suspects["mask_share"].tolist() == [0.9, 0.0]
+    assert "more than 45%" in suspects["problem"][0] and "under 2%" in suspects["problem"][1]
+    unsegmented = mh.AnomalyCache(tmp_path, ["a.png", "b.png", "c.png"], mh.PreprocessConfig(size=10, segment=False))
+    assert mh.suspect_masks(unsegmented).empty  # its mask is the view, not a hand
+
+
+def test_suspect_masks_flag_doubtful_masks_of_a_plausible_size(tmp_path):
+    masks = np.zeros((2, 10, 10), np.uint8)
+    masks[:, :3] = 1  # both of a plausible share ...
+    doubts = np.zeros((2, len(mh.MASK_DOUBTS)), np.float32)
+    doubts[1, list(mh.MASK_DOUBTS).index("cut")] = 0.5  # ... but the second's edge cuts through foreground
+    for name, array in (("images", np.zeros_like(masks)), ("masks", masks), ("affines", np.zeros((2, 2, 3))),
+                        ("doubts", doubts)):
+        np.save(tmp_path / f"{name}.npy", array)
+    cache = mh.AnomalyCache(tmp_path, ["a.png", "b.png"], mh.PreprocessConfig(size=10))
+    suspects = mh.suspect_masks(cache)
+    assert list(suspects["image_path"]) == ["b.png"] and "cuts through foreground" in suspects["problem"][0]
+    assert mh.suspect_masks(cache, limits=None).empty  # shares only
+
+
+def test_carrier_search_skips_lines_and_specks():
+    image = np.zeros((100, 80), np.uint8)
+    image[:, 40] = 255  # a one-pixel line has no area: not a plate, and no error from the hull
+    found = mh.find_carrier(image)  # (the dark half beside it is a fine rectangle)
+    assert found is None or min(found[1]) > 2
+
+
+def test_carrier_crop_falls_back_to_the_whole_view(tmp_path):
+    noise = np.random.default_rng(1).integers(0, 255, (200, 160)).astype(np.uint8)
+    assert mh.find_carrier(noise) is None
+    path = tmp_path / "noise.png"
+    Image.fromarray(noise).save(path)
+    out = mh.preprocess_view(path, mh.PreprocessConfig(crop=True, segment=False, equalize=None, size=64))
+    assert not out["carrier_found"] and out["mask"].mean() == pytest.approx(160 / 200, abs=0.03)  # content, padded
+
+
+def test_affine_maps_original_pixels_onto_the_preprocessed_square(tmp_path):
+    image = _tilted_plate(-9, 120, 10)
+    image[100:104, 250:254] = 255  # a bright dot to follow
+    path = tmp_path / "plate.png"
+    Image.fromarray(image).save(path)
+    out = mh.preprocess_view(path, mh.PreprocessConfig(crop=True, segment=False, equalize=None, size=128))
+    assert out["carrier_found"]
+    expected = out["affine"] @ np.array([251.5, 101.5, 1.0])
+    found = np.unravel_index(np.argmax(out["image"]), out["image"].shape)[::-1]
+    assert np.abs(np.array(found) - expected).max() <= 2
+
+
+def test_hand_mask_on_the_phantom(tiny_phantom):
+    findings = mh.load_phantom_findings(tiny_phantom)
+    cfg = mh.PreprocessConfig(size=128)
+    hits, shares = [], []
+    for f in findings.itertuples():
+        out = mh.preprocess_view(f.image_file, cfg)
+        mask = out["mask"].astype(bool)
+        shares.append(mask.mean())
+        cx, cy = out["affine"] @ np.array([(f.x0 + f.x1) / 2, (f.y0 + f.y1) / 2, 1.0])
+        hits.append(mask[int(round(cy)), int(round(cx))])
+        assert (out["image"][~mask] == 0).all()  # "full": the background is removed
+    assert np.mean(hits) >= 0.8  # the planted findings lie on bones, inside the hand
+    assert 0.05 < np.median(shares) < 0.7
+
+
+def test_a_small_square_has_the_mask_of_a_working_size_one(tiny_phantom):
+    truth = mh.load_phantom_truth(tiny_phantom).head(16)
+    ious = {size: [] for size in (128, 32)}
+    for row in truth.itertuples():
+        hand = mh.phantom_hand_mask(row.mask_file)
+        for size in ious:
+            out = mh.preprocess_view(row.image_file, mh.PreprocessConfig(size=size))
+            ious[size].append(mh.mask_iou(out["mask"], out["affine"], hand))
+    large, small = np.array(ious[128]), np.array(ious[32])
+    assert np.median(small) >= np.median(large) - 0.05  # found at 128 px and averaged down, not found at 32
+    assert (small >= large - 0.1).all()  # no view's hand lost at 32 px (an empty mask: IoU 0) that 128 px finds
+
+
+def test_variants_switch_steps_off():
+    variants = mh.preprocess_variants(256)
+    assert list(variants) == ["raw", "raw+HE", "crop", "crop+HE", "full", "full+HE"]
+    assert variants["raw"] == mh.PreprocessConfig(crop=False, segment=False, equalize=None, size=256)
+    with pytest.raises(ValueError, match="unknown preprocessing"):
+        mh.preprocess_variants(256, ["cropped"])
+    assert mh.preprocess_variants(256, ["full+CLAHE"])["full+CLAHE"].equalize == "clahe"
+
+
+def test_clahe_and_he_spread_the_intensities_inside_the_hand(tiny_phantom):
+    path = mh.studies_to_images(mh.load_studies(tiny_phantom, "train"))["image_path"].iloc[0]
+    plain, he, clahe = (mh.preprocess_view(path, mh.preprocess_variants(128, [n])[n])
+                        for n in ("full", "full+HE", "full+CLAHE"))
+    inside = plain["mask"].astype(bool)
+    assert he["image"][inside].std() > plain["image"][inside].std()  # equalised: a wider spread of grey levels
+    assert clahe["image"].dtype == np.uint8 and (clahe["image"][~inside] == 0).all()
+
+
+def test_min_area_rect_of_a_rotated_rectangle():
+    a = math.radians(30)
+    corners = np.array([[-50, -20], [50, -20], [50, 20], [-50, 20]]) @ np.array([[math.cos(a), math.sin(a)],
+                                                                                [-math.sin(a), math.cos(a)]])
+    center, (w, h), angle = mh.min_area_rect(corners + [100, 80])
+    assert center == pytest.approx([100, 80]) and sorted([w, h]) == pytest.approx([40, 100])
+    assert math.degrees(angle) % 90 == pytest.approx(30, abs=1e-6)
+
+
+# ---------------------------------------------------------------- the split
+
+
+def test_split_by_patient_as_in_the_paper(normal_heavy_phantom):
+    studies = mh.anomaly_split(mh.load_studies(normal_heavy_phantom, "train"), seed=0)
+    by_patient = studies.groupby("patient").agg(subset=("subset", "nunique"), positive=("label", "max"),
+                                                where=("subset", "first"))
+    assert (by_patient["subset"] == 1).all()  # each patient in one subset only
+    assert not by_patient.loc[by_patient["where"] == "train", "positive"].any()  # training: normal patients only
+    positives = by_patient[by_patient["positive"] == 1]
+    counts = positives["where"].value_counts()
+    assert set(counts.index) <= {"val", "test"} and abs(counts.get("val", 0) - counts.get("test", 0)) <= 1
+    for subset in ("val", "test"):
+        rows = by_patient[by_patient["where"] == subset]
+        assert (rows["positive"] == 1).sum() == (rows["positive"] == 0).sum()  # as many normal patients
+    one = pd.DataFrame({"body_part": ["XR_HAND"] * 4, "patient": ["p1", "p2", "p3", "p4"], "label": [1, 0, 0, 0]})
+    with pytest.raises(mh.MuraDataError, match="at least 2 patients with an abnormal study"):
+        mh.anomaly_split(one)
+    with pytest.raises(mh.MuraDataError, match="more normal-only patients"):
+        mh.anomaly_split(pd.DataFrame({"body_part": ["XR_HAND"] * 2, "patient": ["p1", "p2"], "label": [1, 0]}))
