@@ -95,7 +95,7 @@ from tqdm.auto import tqdm
 
 __all__ = [  # the public API, in the module's section order (tests/test_notebooks.py keeps it complete)
     # data: MURA layout, CSVs, validation; data sources
-    "BODY_PARTS", "SPLITS", "MURA_DIRNAME", "STUDY_DIR_RE", "PATIENT_DIR_RE", "MIN_VIEW_SIDE", "MuraDataError",
+    "BODY_PARTS", "SPLITS", "MURA_DIRNAME", "MuraDataError",
     "find_mura_root", "load_studies", "data_problems", "load_all_studies", "studies_to_images", "load_image",
     "DRIVE_DIR", "LOCAL_DATA_DIR", "LOCAL_COPY_MARK", "prepare_local_copy", "resolve_data_dir", "config_data_root",
     # images & cache: decode and resize once, uint8 on disk
@@ -131,7 +131,7 @@ __all__ = [  # the public API, in the module's section order (tests/test_noteboo
     "plot_image_properties", "plot_intensity_histograms", "epoch_table", "plot_training_curves",
     "plot_pipeline_views", "plot_roc", "plot_confusion", "plot_headline", "plot_cases", "plot_heatmaps",
     # anomaly detection (Davletshina 2020): preprocessing
-    "MAD_TO_SD", "CropRules", "MaskRules", "PreprocessConfig", "preprocess_variants", "min_area_rect", "rect_mask",
+    "CropRules", "MaskRules", "PreprocessConfig", "preprocess_variants", "min_area_rect", "rect_mask",
     "find_carrier", "find_field", "hand_mask", "MASK_DOUBTS", "preprocess_view", "AnomalyCache",
     "ANOMALY_PIPELINE_VERSION", "build_anomaly_cache", "MASK_DOUBT_LIMITS", "suspect_masks", "mask_iou",
     "mask_iou_table", "mask_iou_summary", "mask_iou_by_kind", "anomaly_split",
@@ -155,10 +155,10 @@ __all__ = [  # the public API, in the module's section order (tests/test_noteboo
     # anomaly detection: plots
     "plot_mask_iou", "plot_anomaly_table", "plot_gan_samples", "plot_reconstructions", "plot_preprocessing",
     # phantom: a synthetic MURA, with its truth
-    "PHANTOM_FINDINGS_CSV", "PHANTOM_TRUTH_CSV", "PHANTOM_TRUTH_DIR", "PHANTOM_MANIFEST", "PHANTOM_VERSION",
-    "PHANTOM_POSES", "PHANTOM_POLARITIES", "PHANTOM_FINDING_MIX", "PHANTOM_FINDINGS", "PHANTOM_MADE_BY", "FINGERS",
+    "PHANTOM_FINDINGS_CSV", "PHANTOM_TRUTH_CSV", "PHANTOM_MANIFEST", "PHANTOM_VERSION",
+    "PHANTOM_POSES", "PHANTOM_POLARITIES", "PHANTOM_FINDING_MIX", "PHANTOM_FINDINGS", "PHANTOM_MADE_BY",
     "make_phantom_mura", "ensure_phantom",
-    "load_phantom_findings", "load_phantom_truth", "PHANTOM_VIEW_KINDS", "phantom_view_kinds", "phantom_hand_mask",
+    "load_phantom_findings", "load_phantom_truth", "PHANTOM_VIEW_KINDS", "phantom_hand_mask",
     "phantom_boxes",
     # learning controls
     "permuted_labels_copy", "learning_verdict", "SUPERVISED_CONTROL", "supervised_control", "UNSUPERVISED_CONTROL",
@@ -177,10 +177,10 @@ MURA_DIRNAME = "MURA-v1.1"
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # folder names, matched whole (fullmatch: "$" would let a trailing newline through, and a copy of a patient named
 # "patient00003\n" would become a second patient) and in ASCII digits
-STUDY_DIR_RE = re.compile(r"study([0-9]+)_(positive|negative)")
-PATIENT_DIR_RE = re.compile(r"patient[0-9]+")
+_STUDY_DIR_RE = re.compile(r"study([0-9]+)_(positive|negative)")
+_PATIENT_DIR_RE = re.compile(r"patient[0-9]+")
 _LABEL_OF_SUFFIX = {"positive": 1, "negative": 0}
-MIN_VIEW_SIDE = 32  # px: a view's shorter side; a smaller "view" holds no radiograph (MURA's are hundreds of px)
+_MIN_VIEW_SIDE = 32  # px: a view's shorter side; a smaller "view" holds no radiograph (MURA's are hundreds of px)
 _MAX_VIEW_ASPECT = 10  # a view's longer side over its shorter: MURA's hand views stay under 3:1; at 1x5000 or
 # 100x20000 the preprocessing's square holds a line of pixels
 _VIEW_PERCENTILES = (0.5, 99.5)  # a view's robust grey range: 16-bit views are windowed on it (a hot pixel stays out)
@@ -322,9 +322,9 @@ def _natural_image_order(path: Path) -> tuple:
 
 def _shape_problem(width: int, height: int) -> str | None:
     """What is wrong with a view's shape (a line of pixels, a sliver, a dot), or None."""
-    if min(width, height) >= MIN_VIEW_SIDE and max(width, height) <= _MAX_VIEW_ASPECT * min(width, height):
+    if min(width, height) >= _MIN_VIEW_SIDE and max(width, height) <= _MAX_VIEW_ASPECT * min(width, height):
         return None
-    return (f"degenerate shape {width} x {height} px (width x height): a view needs sides of {MIN_VIEW_SIDE} px or "
+    return (f"degenerate shape {width} x {height} px (width x height): a view needs sides of {_MIN_VIEW_SIDE} px or "
             f"more, at most {_MAX_VIEW_ASPECT}:1")
 
 
@@ -473,14 +473,14 @@ def _walk_studies(root: Path, split: str, parts: Sequence[str], problems: list[_
             if not patient_dir.is_dir():
                 problems.append(_DataProblem(str(patient_dir), "stray file", "a file where patient folders belong"))
                 continue
-            if not PATIENT_DIR_RE.fullmatch(patient_dir.name):
+            if not _PATIENT_DIR_RE.fullmatch(patient_dir.name):
                 problems.append(_DataProblem(str(patient_dir), "bad folder name", "expected patientNNNNN"))
                 continue
             for study_dir in sorted(patient_dir.iterdir()):
                 if not study_dir.is_dir():
                     problems.append(_DataProblem(str(study_dir), "stray file", "a file where study folders belong"))
                     continue
-                m = STUDY_DIR_RE.fullmatch(study_dir.name)
+                m = _STUDY_DIR_RE.fullmatch(study_dir.name)
                 if not m:
                     problems.append(_DataProblem(
                         str(study_dir), "bad folder name", "expected studyN_positive or studyN_negative"))
@@ -521,7 +521,7 @@ def _reconcile_with_csvs(root: Path, split: str, parts: Sequence[str], found: di
             continue
         listed.add(key)
         where = str(root.joinpath(*key))
-        m = STUDY_DIR_RE.fullmatch(key[3])
+        m = _STUDY_DIR_RE.fullmatch(key[3])
         if m and _LABEL_OF_SUFFIX[m.group(2)] != row.csv_label:
             problems.append(_DataProblem(
                 where, "label mismatch", f"CSV label {row.csv_label} but folder suffix '{m.group(2)}'"))
@@ -604,7 +604,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     RGB/RGBA/P/CMYK are converted with the ITU-R 601 luma weights, LA keeps its luminance, and 16-bit or
     32-bit images (I;16, I, F) are windowed linearly from their 0.5th to their 99.5th percentile (_VIEW_PERCENTILES)
     onto 0..255, so that a few hot or dead pixels do not squeeze the view into a few grey levels. A view of a
-    degenerate shape (a side under MIN_VIEW_SIDE, over _MAX_VIEW_ASPECT:1) is an error naming the file.
+    degenerate shape (a side under _MIN_VIEW_SIDE, over _MAX_VIEW_ASPECT:1) is an error naming the file.
     """
     image, problem = _decode_view(Path(path))  # decoded once: the check is the load itself
     if problem:
@@ -3319,7 +3319,7 @@ def plot_heatmaps(heatmaps: Sequence[dict], boxes: pd.DataFrame | None = None, c
 
 # ---------------------------------------------------------------- anomaly detection (Davletshina 2020): preprocessing
 
-MAD_TO_SD = 1.4826  # a normal distribution's standard deviation per median absolute deviation
+_MAD_TO_SD = 1.4826  # a normal distribution's standard deviation per median absolute deviation
 
 
 @dataclass(frozen=True)
@@ -4091,8 +4091,8 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
             coef = np.linalg.lstsq(design[fit], small[ys, xs][fit], rcond=None)[0]
             residual = small[ys, xs] - design @ coef
             deviation = np.abs(residual - np.median(residual))
-            fit = deviation <= rules.plane_mad * MAD_TO_SD * np.median(deviation) + rules.plane_slack
-        spread = MAD_TO_SD * np.median(np.abs(residual[fit] - np.median(residual[fit])))
+            fit = deviation <= rules.plane_mad * _MAD_TO_SD * np.median(deviation) + rules.plane_slack
+        spread = _MAD_TO_SD * np.median(np.abs(residual[fit] - np.median(residual[fit])))
         if abs(coef[1]) + abs(coef[2]) > rules.heel_spread * spread + rules.heel_slack:  # a real gradient (a heel
             yy, xx = np.mgrid[:n, :n] / n - 0.5  # effect), not noise; (0.5: about the view's centre, as the fit)
             small = np.where(inside, small - coef[1] * xx - coef[2] * yy, small).astype(np.float32)
@@ -6429,7 +6429,7 @@ def plot_preprocessing(image_paths: Sequence[str], size: int = 256, variants: Se
 
 PHANTOM_FINDINGS_CSV = "phantom_findings.csv"
 PHANTOM_TRUTH_CSV = "phantom_truth.csv"  # one row per view: pose, hands, polarity, plate, field, hand-mask file
-PHANTOM_TRUTH_DIR = "phantom_truth"  # the true hand masks, one PNG per view (outside the study folders)
+_PHANTOM_TRUTH_DIR = "phantom_truth"  # the true hand masks, one PNG per view (outside the study folders)
 PHANTOM_MANIFEST = "phantom_manifest.json"
 # version 3: real XR_HAND views' intensities, textured bones, lateral/flexed/two-hand poses, polarities, truth;
 # 4: lead tags as real ones (a holder, a bold letter, initials, a ring; not hand in the truth), narrow and dim
@@ -6444,7 +6444,7 @@ _PHANTOM_SETTINGS = ("n_patients", "seed", "valid_fraction", "positive_rate", "b
 PHANTOM_MADE_BY = "mura_helpers.make_phantom_mura"  # the manifest's mark: only a folder so marked is ever deleted
 _PHANTOM_FILES = (PHANTOM_MANIFEST, PHANTOM_FINDINGS_CSV, *(f"{s}_{kind}.csv" for s in SPLITS
                                                           for kind in ("labeled_studies", "image_paths")))
-FINGERS = ("thumb", "index", "middle", "ring", "little")
+_FINGERS = ("thumb", "index", "middle", "ring", "little")
 # canonical right hand, PA view, wrist at the origin, fingers towards +y; unit: wrist to middle fingertip
 _MC_BASE = {"thumb": (-0.085, 0.11), "index": (-0.045, 0.165), "middle": (-0.01, 0.17),
             "ring": (0.022, 0.163), "little": (0.052, 0.15)}
@@ -6584,7 +6584,7 @@ def _skeleton(anatomy: dict, pose: dict, to_px, px_per_unit: float) -> tuple[lis
     soft.append((to_px([-0.04, 0.14]), to_px([0.04, 0.14]), 0.11 * scale))  # palm
     soft.append((to_px([-0.05, 0.3]), to_px([0.05, 0.3]), 0.09 * scale))
     soft.append((to_px([-0.09, 0.12]), to_px([-0.16, 0.26]), 0.05 * scale))  # thenar eminence
-    for f in FINGERS:
+    for f in _FINGERS:
         base = np.array(_MC_BASE[f])
         angle = math.radians(_MC_ANGLE[f] * pose["spread"] + pose["finger_angle"][f])
         direction = np.array([math.sin(angle), math.cos(angle)])
@@ -6619,8 +6619,8 @@ def _phantom_pose(rng: np.random.Generator, view: str) -> dict:
     curl_range = {"pa": (0.85, 1.0), "oblique": (0.7, 0.95), "lateral": (0.75, 1.0), "flexed": (0.75, 1.0)}[view]
     side = float(rng.choice([-1.0, 1.0]))  # the palm's side in the image plane
     flex = {}
-    curled = rng.random(len(FINGERS)) < 0.8
-    for f, curl in zip(FINGERS, curled):
+    curled = rng.random(len(_FINGERS)) < 0.8
+    for f, curl in zip(_FINGERS, curled):
         if view == "flexed" and curl:  # fingers curled towards the palm, over it and each other
             joints = [rng.uniform(0.2, 1.0), rng.uniform(0.6, 1.6), rng.uniform(0.2, 0.9)]
         elif view in ("lateral", "flexed"):
@@ -6630,9 +6630,9 @@ def _phantom_pose(rng: np.random.Generator, view: str) -> dict:
         flex[f] = [side * j * (-1 if f == "thumb" and view == "flexed" else 1) for j in joints]
     return {
         "spread": spread, "squeeze": squeeze,
-        "finger_angle": {f: rng.normal(0, 3.0 if view not in ("lateral", "flexed") else 1.0) for f in FINGERS},
-        "foreshorten": {f: rng.uniform(*curl_range) for f in FINGERS},
-        "curl": {f: rng.uniform(-1, 1) for f in FINGERS},
+        "finger_angle": {f: rng.normal(0, 3.0 if view not in ("lateral", "flexed") else 1.0) for f in _FINGERS},
+        "foreshorten": {f: rng.uniform(*curl_range) for f in _FINGERS},
+        "curl": {f: rng.uniform(-1, 1) for f in _FINGERS},
         "flex": flex,
         "carpals": [(*rng.normal(0, 0.006, 2), *rng.uniform(0.8, 1.2, 2), rng.normal(0, 0.5)) for _ in _CARPALS],
     }
@@ -6833,7 +6833,7 @@ def _narrow_view_center(rng, anatomy: dict, pose: dict, theta: float, scale: flo
     coarse = max(1.0, min(h, w) / 32)  # the check's pixels: 32 across the view's short side
     best, best_miss = None, np.inf
     for _ in range(tries):
-        target = np.array(_MC_BASE[str(rng.choice(FINGERS))]) + [rng.uniform(-0.04, 0.04), rng.uniform(0.05, 0.35)]
+        target = np.array(_MC_BASE[str(rng.choice(_FINGERS))]) + [rng.uniform(-0.04, 0.04), rng.uniform(0.05, 0.35)]
         center = np.array([w / 2, h / 2]) - _hand_to_px(mirror, pose["squeeze"], theta, scale, np.zeros(2))(target)
         to_coarse = _hand_to_px(mirror, pose["squeeze"], theta, scale / coarse, center / coarse)
         layer = np.zeros((int(h / coarse) + 1, int(w / coarse) + 1), np.float32)
@@ -6858,8 +6858,8 @@ def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | 
     rng = np.random.default_rng(list(seed))
     finding_rng = np.random.default_rng([*seed, 1])  # a finding leaves the rest of the view as it was
     short = int(round(long_side * rng.uniform(0.58, 0.95)))
-    if narrow:  # (at small sizes no narrower than a view may be: MIN_VIEW_SIDE)
-        short = max(int(round(long_side / rng.uniform(3.0, 4.5))), MIN_VIEW_SIDE)
+    if narrow:  # (at small sizes no narrower than a view may be: _MIN_VIEW_SIDE)
+        short = max(int(round(long_side / rng.uniform(3.0, 4.5))), _MIN_VIEW_SIDE)
     landscape = n_hands > 1 or rng.random() < 0.15
     h, w = (short, long_side) if landscape else (long_side, short)
     soft_layer, bone_layer, metal_layer = (np.zeros((h, w), np.float32) for _ in range(3))
@@ -7028,7 +7028,7 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
     rng = np.random.default_rng(seed)
     n_valid = max(1, int(round(n_patients * valid_fraction))) if n_patients > 1 else 0
     studies, tasks = [], []
-    finger_bones = [f"{f}_{p}" for f in FINGERS[1:] for p in ("proximal", "middle")] + ["thumb_proximal"]
+    finger_bones = [f"{f}_{p}" for f in _FINGERS[1:] for p in ("proximal", "middle")] + ["thumb_proximal"]
     large_bones = ["index_metacarpal", "middle_metacarpal", "ring_metacarpal", "little_metacarpal", "radius"]
     split_of = ["valid" if i >= n_patients - n_valid else "train" for i in range(n_patients)]
     plan_rng = np.random.default_rng([seed, 1])  # studies and labels first: each split's abnormal share is exact
@@ -7041,7 +7041,7 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
         body_part = body_parts[(i if split == "train" else i - (n_patients - n_valid)) % len(body_parts)]
         anatomy = {
             "size": rng.uniform(0.9, 1.1), "left": bool(rng.random() < 0.45),
-            "lengths": {f: rng.uniform(0.94, 1.06) for f in FINGERS},
+            "lengths": {f: rng.uniform(0.94, 1.06) for f in _FINGERS},
         }
         ring = str(rng.choice(["ring", "middle", "little"])) if rng.random() < 0.2 else None
         for s in range(1, n_studies_of[i] + 1):
@@ -7202,7 +7202,7 @@ def _foreign_phantom_entries(mura: Path, made: dict) -> list[str]:
             continue
         for path in entry.rglob("*"):
             parts = path.relative_to(entry).parts
-            expected = [lambda n: n in BODY_PARTS, PATIENT_DIR_RE.match, STUDY_DIR_RE.match,
+            expected = [lambda n: n in BODY_PARTS, _PATIENT_DIR_RE.match, _STUDY_DIR_RE.match,
                         lambda n: re.fullmatch(r"image\d+\.png", n)]
             if len(parts) > 4 or not expected[len(parts) - 1](parts[-1]) or path.is_dir() == (len(parts) == 4):
                 foreign.append(str(path))
@@ -7243,7 +7243,7 @@ def load_phantom_findings(data_dir: str | os.PathLike) -> pd.DataFrame:
 
 def _truth_mask_name(key: Sequence[str], image: str) -> str:
     """A view's hand-mask file, relative to the MURA root: phantom_truth/<split>_<part>_<patient>_<study>_<image>."""
-    return f"{PHANTOM_TRUTH_DIR}/{'_'.join(key)}_{image}"
+    return f"{_PHANTOM_TRUTH_DIR}/{'_'.join(key)}_{image}"
 
 
 def load_phantom_truth(data_dir: str | os.PathLike) -> pd.DataFrame:
@@ -7255,7 +7255,7 @@ def load_phantom_truth(data_dir: str | os.PathLike) -> pd.DataFrame:
     bright lead tag), marker ("tag", "2 tags", "+strip" with a marker strip, "" for none), plate and field (4
     [x, y] corners in the view's pixels, [] when the plate fills the view / no collimation), tags (a list of the
     lead tags' 4 corners: not hand), n_tags, mask_path (relative), mask_file (absolute: read it with
-    phantom_hand_mask), width, height, and a column per kind of view (PHANTOM_VIEW_KINDS; see phantom_view_kinds).
+    phantom_hand_mask), width, height, and a column per kind of view (PHANTOM_VIEW_KINDS; see _phantom_view_kinds).
     Version 3 phantoms have no tags in their truth (their glyphs count as hand), narrow or dim views.
     """
     root = find_mura_root(data_dir)
@@ -7273,14 +7273,14 @@ def load_phantom_truth(data_dir: str | os.PathLike) -> pd.DataFrame:
     for column in ("low_contrast", "narrow", "dim"):
         truth[column] = truth[column].astype(str).str.lower() == "true"
     truth["n_tags"] = truth["tags"].map(len)
-    return truth.join(phantom_view_kinds(truth))
+    return truth.join(_phantom_view_kinds(truth))
 
 
 # the kinds of view a mask check is split by (a view may be of several kinds; "plain" is of none)
 PHANTOM_VIEW_KINDS = ("tags", "narrow", "light_grey", "inverted", "low_contrast", "dim", "two_hands", "plain")
 
 
-def phantom_view_kinds(truth: pd.DataFrame) -> pd.DataFrame:
+def _phantom_view_kinds(truth: pd.DataFrame) -> pd.DataFrame:
     """One boolean column per kind of view (PHANTOM_VIEW_KINDS, prefixed "kind_") for a truth table's rows: lead
     tags in the field, narrow (3+ times as tall as wide), a light-grey or an inverted background, a low-contrast
     plate, a dim hand, two hands; plain: none of these."""
@@ -7340,7 +7340,7 @@ def permuted_labels_copy(data_dir: str | os.PathLike, dest: str | os.PathLike, s
         key = _relative_key(relative)
         if key[:4] not in new_suffix:
             return relative
-        name = STUDY_DIR_RE.sub(lambda m: f"study{m.group(1)}_{new_suffix[key[:4]]}", key[3])
+        name = _STUDY_DIR_RE.sub(lambda m: f"study{m.group(1)}_{new_suffix[key[:4]]}", key[3])
         return "/".join((MURA_DIRNAME, *key[:3], name, *key[4:])) + ("/" if relative.endswith("/") else "")
 
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.parts[len(root.parts)] in SPLITS):
@@ -7360,7 +7360,7 @@ def permuted_labels_copy(data_dir: str | os.PathLike, dest: str | os.PathLike, s
                 path, *rest = line.split(",")
                 new = renamed(path) if path.strip() else path
                 if rest and new != path:  # a labelled study: its label follows its folder's suffix
-                    rest = [str(_LABEL_OF_SUFFIX[STUDY_DIR_RE.match(_relative_key(new)[3]).group(2)])]
+                    rest = [str(_LABEL_OF_SUFFIX[_STUDY_DIR_RE.match(_relative_key(new)[3]).group(2)])]
                 lines.append(",".join([new, *rest]))
             (mura / csv.name).write_text("".join(line + "\n" for line in lines))
     return mura
