@@ -4062,14 +4062,7 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     """
     size = image.shape[0]
     n = min(size, rules.work_size)
-    if n < size:
-        small = np.asarray(Image.fromarray(image).resize((n, n), Image.Resampling.BOX), np.float32)
-        content_8bit = content.astype(np.uint8) * 255  # (255: 8-bit white)
-        whole_block = np.asarray(Image.fromarray(content_8bit).resize((n, n), Image.Resampling.BOX))
-        inside = whole_block > 250  # (250 of 255: a block wholly inside the content)
-    else:
-        small, inside = image.astype(np.float32), content.astype(bool)
-    whole, inside = inside, ndimage.binary_erosion(inside, border_value=0)  # edge pixels blend with the zero fill
+    small, inside, whole = _working_square(image, content, n)
     values = small[inside]
     if values.size < rules.least_pixels or np.ptp(values) == 0:
         return np.zeros_like(content, bool), False, dict.fromkeys(MASK_DOUBTS, 0.0)
@@ -4080,23 +4073,9 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     if narrow:  # a close-up's hand crosses its short sides whole and runs along its long ones: no rim, no frame
         ring = np.zeros_like(inside)
     local, noise, flat, background = _hand_background(small, inside, rules)
-    near = flat & (np.abs(small - background) <= rules.plane_noise * noise)
-    if near.sum() >= rules.least_flat and not narrow:  # flatten the background: a plane through the pixels near
-        # its level, robustly (not a close-up's: its background is a sliver along a side, and a plane through it
-        # and the soft tissue near its level tilts across the view, the hand's margin sunk below the floor)
-        ys, xs = np.nonzero(near)
-        design = np.column_stack([np.ones(len(xs)), xs / n - 0.5, ys / n - 0.5])  # (0.5: about the view's centre)
-        fit = np.ones(len(xs), bool)
-        for _ in range(rules.plane_rounds):
-            coef = np.linalg.lstsq(design[fit], small[ys, xs][fit], rcond=None)[0]
-            residual = small[ys, xs] - design @ coef
-            deviation = np.abs(residual - np.median(residual))
-            fit = deviation <= rules.plane_mad * _MAD_TO_SD * np.median(deviation) + rules.plane_slack
-        spread = _MAD_TO_SD * np.median(np.abs(residual[fit] - np.median(residual[fit])))
-        if abs(coef[1]) + abs(coef[2]) > rules.heel_spread * spread + rules.heel_slack:  # a real gradient (a heel
-            yy, xx = np.mgrid[:n, :n] / n - 0.5  # effect), not noise; (0.5: about the view's centre, as the fit)
-            small = np.where(inside, small - coef[1] * xx - coef[2] * yy, small).astype(np.float32)
-            values = small[inside]
+    if not narrow:
+        small = _without_heel(small, inside, flat, noise, background, rules)
+        values = small[inside]
     local, noise, flat, background = _hand_background(small, inside, rules, flattened=True)
     percentiles = [rules.extreme_percentile, 100 - rules.extreme_percentile]  # (100: per cent)
     lo, hi = np.percentile(values, percentiles)
@@ -4104,24 +4083,84 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     if tags.any():
         values = small[inside & ~tags]
         lo, hi = np.percentile(values, percentiles)
-    if max(background - lo, hi - background) < rules.faint_noise * noise:  # a faint hand in the grain: smoothed,
-        # over the content's own pixels only (not the zero fill beyond it)
-        weight = ndimage.gaussian_filter(inside.astype(np.float32), rules.faint_smooth)
-        smooth = ndimage.gaussian_filter(np.where(inside, small, 0), rules.faint_smooth)
-        small = np.where(inside, smooth / np.maximum(weight, np.finfo(np.float32).tiny), small).astype(np.float32)
+    if max(background - lo, hi - background) < rules.faint_noise * noise:  # a faint hand in the grain: smoothed
+        small = _smoothed_inside(small, inside, rules.faint_smooth)
         local, noise, flat, background = _hand_background(small, inside, rules, flattened=True)
         values = small[inside & ~tags]
         lo, hi = np.percentile(values, percentiles)
     prior = bool(background - lo > hi - background)
+    views = {"small": small, "inside": inside, "ring": ring, "local": local, "tags": tags}
+    levels = {"noise": noise, "background": background, "lo": lo, "hi": hi, "prior": prior, "rim": rim}
+    found, inverted, work, least, edge, fg = _search_hand_levels(views, levels, values, narrow, rules)
+    if not found.any():
+        return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
+    filled = _finished_mask(_without_tag_shapes(found, inside, rules), work > least, inside, edge, whole, tags, rules)
+    doubts = _mask_doubts(filled, fg, work > least, inside & ~edge, ring, rules)
+    if n < size:
+        filled_8bit = Image.fromarray(filled.astype(np.uint8) * 255)  # (255: 8-bit white)
+        filled = np.asarray(filled_8bit.resize((size, size), Image.Resampling.BILINEAR)) >= 128  # (128: halfway)
+    return filled & content, inverted, doubts
 
+
+def _working_square(image: np.ndarray, content: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The view averaged down to n x n (when larger), the content pixels wholly inside it with its edge pixels
+    (they blend with the zero fill) taken off, and the content before that: (small, inside, whole)."""
+    if n < image.shape[0]:
+        small = np.asarray(Image.fromarray(image).resize((n, n), Image.Resampling.BOX), np.float32)
+        content_8bit = content.astype(np.uint8) * 255  # (255: 8-bit white)
+        whole_block = np.asarray(Image.fromarray(content_8bit).resize((n, n), Image.Resampling.BOX))
+        inside = whole_block > 250  # (250 of 255: a block wholly inside the content)
+    else:
+        small, inside = image.astype(np.float32), content.astype(bool)
+    return small, ndimage.binary_erosion(inside, border_value=0), inside
+
+
+def _without_heel(small: np.ndarray, inside: np.ndarray, flat: np.ndarray, noise: float, background: float,
+                  rules: MaskRules) -> np.ndarray:
+    """The view with its background's gradient (a heel effect) taken off: a plane fitted, robustly, through the
+    flat pixels near the background's level, subtracted only when it is a real gradient, not noise. (Not for a
+    close-up: its background is a sliver along a side, and a plane through it and the soft tissue near its level
+    tilts across the view, the hand's margin sunk below the floor.)"""
+    n = small.shape[0]
+    near = flat & (np.abs(small - background) <= rules.plane_noise * noise)
+    if near.sum() < rules.least_flat:
+        return small
+    ys, xs = np.nonzero(near)
+    design = np.column_stack([np.ones(len(xs)), xs / n - 0.5, ys / n - 0.5])  # (0.5: about the view's centre)
+    fit = np.ones(len(xs), bool)
+    for _ in range(rules.plane_rounds):
+        coef = np.linalg.lstsq(design[fit], small[ys, xs][fit], rcond=None)[0]
+        residual = small[ys, xs] - design @ coef
+        deviation = np.abs(residual - np.median(residual))
+        fit = deviation <= rules.plane_mad * _MAD_TO_SD * np.median(deviation) + rules.plane_slack
+    spread = _MAD_TO_SD * np.median(np.abs(residual[fit] - np.median(residual[fit])))
+    if abs(coef[1]) + abs(coef[2]) <= rules.heel_spread * spread + rules.heel_slack:
+        return small
+    yy, xx = np.mgrid[:n, :n] / n - 0.5  # (0.5: about the view's centre, as the fit)
+    return np.where(inside, small - coef[1] * xx - coef[2] * yy, small).astype(np.float32)
+
+
+def _smoothed_inside(small: np.ndarray, inside: np.ndarray, sigma: float) -> np.ndarray:
+    """The view smoothed (Gaussian, `sigma` px) over the content's own pixels only, not the zero fill beyond."""
+    weight = ndimage.gaussian_filter(inside.astype(np.float32), sigma)
+    smooth = ndimage.gaussian_filter(np.where(inside, small, 0), sigma)
+    return np.where(inside, smooth / np.maximum(weight, np.finfo(np.float32).tiny), small).astype(np.float32)
+
+
+def _search_hand_levels(views: dict, levels: dict, values: np.ndarray, narrow: bool, rules: MaskRules) -> tuple:
+    """Thresholds tried from the background's side outwards, for the expected polarity, then the other, then
+    without the texture test; the first that leaves hand-like components wins. Returns (found, inverted, the
+    working image, its floor, the cut-out bright flat edges and tags, the thresholded foreground)."""
+    small, inside, ring, local, tags = (views[k] for k in ("small", "inside", "ring", "local", "tags"))
+    noise, background, lo, hi, prior, rim = (levels[k] for k in ("noise", "background", "lo", "hi", "prior", "rim"))
     thresholds = _class_thresholds(values, rules)  # besides the classes: just off the background (faint soft tissue)
     thresholds += [background + k * rules.off_background_noise * noise * (-1 if side else 1)
                    for side in (prior, not prior) for k in (1, 2)]
     thresholds += [background + rules.faint_contrast * (extreme - background) for extreme in (lo, hi)]
-    found, inverted = np.zeros((n, n), bool), prior
+    found, inverted = np.zeros(small.shape, bool), prior
     for inverted, texture in ((prior, 1.0), (not prior, 1.0), (prior, 0.0)):  # last: a hand without texture
         work = 255 - small if inverted else small  # (255: the 8-bit negative)
-        levels = sorted(255 - t for t in thresholds) if inverted else sorted(thresholds)  # (the 8-bit negative)
+        candidates = sorted(255 - t for t in thresholds) if inverted else sorted(thresholds)  # (the 8-bit negative)
         extreme = 255 - lo if inverted else hi  # (the 8-bit negative)
         # the brightest and flat: markers, plate edges
         edge = (work > extreme - rules.edge_noise * noise) & (
@@ -4134,7 +4173,7 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
         base = 255 - background if inverted else background  # (the 8-bit negative)
         # below: the background's own noise, or a share of the view's contrast above it (the floor)
         least = base + max(rules.floor_noise * noise, rules.contrast_floor * (extreme - base))
-        for level in (v for v in levels if v > least):
+        for level in (v for v in candidates if v > least):
             fg = _without_frame(ndimage.binary_opening((work > level) & inside & ~edge), inside, rim,
                                 rules.frame_full, () if narrow else (0, 1))
             found = _hand_components(fg, work, ring, inside, texture * noise, texture * (hi - lo), rules)
@@ -4142,26 +4181,25 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
                 break
         if found.any():
             break
-    if not found.any():
-        return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
-    found = _without_tag_shapes(found, inside, rules)
-    # the soft tissue's faint margin, below the level found: a few pixels at most into what lies above the floor
-    faint = (work > least) & inside & ~edge
+    return found, inverted, work, least, edge, (fg if found.any() else None)
+
+
+def _finished_mask(found: np.ndarray, above_floor: np.ndarray, inside: np.ndarray, edge: np.ndarray,
+                   whole: np.ndarray, tags: np.ndarray, rules: MaskRules) -> np.ndarray:
+    """The hand found, grown a few pixels into the soft tissue's faint margin above the floor, closed, its small
+    holes filled (joint spaces, dark trabeculae; a loop of flexed fingers stays open), set back onto the content's
+    edge pixels, without the tags."""
+    faint = above_floor & inside & ~edge
     for _ in range(rules.margin_growth):
         found |= ndimage.binary_dilation(found) & faint
     found = ndimage.binary_closing(found, iterations=1, border_value=0)
     filled = _fill_holes(found)
     holes, count = ndimage.label(filled & ~found)
-    if count:  # fill small holes (joint spaces, dark trabeculae); keep large ones (a loop of flexed fingers)
+    if count:  # keep large holes (a loop of flexed fingers)
         big = np.flatnonzero(np.bincount(holes.ravel())[1:] > rules.hole_share * inside.sum()) + 1
         filled &= ~np.isin(holes, big)
     filled |= ndimage.binary_dilation(filled) & whole & ~inside  # back onto the content's edge pixels
-    filled &= ~tags  # (a tag's hole in a closed mask stays open)
-    doubts = _mask_doubts(filled, fg, work > least, inside & ~edge, ring, rules)
-    if n < size:
-        filled_8bit = Image.fromarray(filled.astype(np.uint8) * 255)  # (255: 8-bit white)
-        filled = np.asarray(filled_8bit.resize((size, size), Image.Resampling.BILINEAR)) >= 128  # (128: halfway)
-    return filled & content, inverted, doubts
+    return filled & ~tags  # (a tag's hole in a closed mask stays open)
 
 
 def _square_view(gray: np.ndarray, carrier, size: int, rules: CropRules) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

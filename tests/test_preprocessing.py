@@ -361,7 +361,8 @@ RULED_FUNCTIONS = ("_block_means", "_plate_thresholds", "_plate_candidates", "_p
                    "_sides_are_steps", "find_carrier", "_border_band",
                    "_collimated_field", "find_field", "_class_thresholds", "_hand_components", "_commonest_level",
                    "_without_frame", "_background_level", "_hand_mask", "_find_tags", "_tag_shaped",
-                   "_without_tag_shapes")
+                   "_without_tag_shapes", "_working_square", "_without_heel", "_smoothed_inside",
+                   "_search_hand_levels", "_finished_mask")
 
 
 def _commented_lines(source: str) -> set[int]:
