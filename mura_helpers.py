@@ -6259,7 +6259,7 @@ PHANTOM_POLARITIES = ("normal", "light_grey", "inverted")  # light_grey: a light
 PHANTOM_FINDING_MIX = {"fracture": 0.45, "hardware": 0.3, "lesion": 0.25}  # each kind's share of abnormal studies
 PHANTOM_FINDINGS = tuple(PHANTOM_FINDING_MIX)
 _PHANTOM_SETTINGS = ("n_patients", "seed", "valid_fraction", "positive_rate", "body_parts", "image_size",
-                     "finding_kinds", "finding_scale", "finding_contrast")
+                     "finding_kinds", "finding_scale", "finding_contrast", "markings")
 PHANTOM_MADE_BY = "mura_helpers.make_phantom_mura"  # the manifest's mark: only a folder so marked is ever deleted
 _PHANTOM_FILES = (PHANTOM_MANIFEST, PHANTOM_FINDINGS_CSV, *(f"{s}_{kind}.csv" for s in SPLITS
                                                           for kind in ("labeled_studies", "image_paths")))
@@ -6595,10 +6595,17 @@ def _draw_tag(image: np.ndarray, rng, letter: str, tag, holder_level: float, lea
     return _rotated_box(center, (w, h), angle, xx, yy)[0]
 
 
+ANNOTATION_REFERENCE_SIDE = 512  # px: the view's long side at which annotation text has its drawn size below
+ANNOTATION_MIN_HEIGHT = 2  # px: annotation text's smallest height (a smaller view keeps text at least this tall)
+
+
 def _draw_annotations(image: Image.Image, rng, lead: int) -> str:
     """Burn, into the displayed image, sometimes a marker strip along an edge, and a few lines of annotation text
-    blobs; return "+strip" when a strip was drawn, else ""."""
+    blobs (5 px tall, words 6-28 px wide on a view whose long side is 512 px, scaled with the view, never below
+    ANNOTATION_MIN_HEIGHT); return "+strip" when a strip was drawn, else ""."""
     w, h = image.size
+    size = max(w, h) / ANNOTATION_REFERENCE_SIDE  # text scales with the view, as a radiograph's does when resized
+    text_h = max(5 * size, ANNOTATION_MIN_HEIGHT)
     draw = ImageDraw.Draw(image)
     kind = ""
     if rng.random() < 0.08:  # a marker strip along an edge, with its lettering
@@ -6613,9 +6620,9 @@ def _draw_annotations(image: Image.Image, rng, lead: int) -> str:
     for line in range(int(rng.integers(0, 4))):  # annotation text as blocks of "words"
         tx, ty = int(rng.uniform(0.02, 0.5) * w), int(rng.uniform(0.02, 0.95) * h)
         for _ in range(int(rng.integers(2, 6))):
-            word = int(rng.integers(6, 28))
-            draw.rectangle([tx, ty + line, tx + word, ty + line + 5], fill=lead)
-            tx += word + 4
+            word = max(int(round(int(rng.integers(6, 28)) * size)), 1)
+            draw.rectangle([tx, ty + line, tx + word, ty + line + int(round(text_h))], fill=lead)
+            tx += word + max(int(round(4 * size)), 1)
     return kind
 
 
@@ -6669,11 +6676,13 @@ def _narrow_view_center(rng, anatomy: dict, pose: dict, theta: float, scale: flo
 
 def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | None, ring: str | None,
                  long_side: int, n_hands: int = 1, polarity: str = "normal", low_contrast: bool = False,
-                 narrow: bool = False, dim: bool = False) -> tuple[np.ndarray, list[int] | None, dict]:
+                 narrow: bool = False, dim: bool = False,
+                 markings: bool = True) -> tuple[np.ndarray, list[int] | None, dict]:
     """Render one radiograph view; return the 8-bit image, the planted finding's box (or None) and the view's
     truth (hand mask, plate and field corners, lead tags' corners, polarity, hands, pose, contrast, lead tag).
     `narrow`: a close-up of a finger or of the hand's edge, three to four and a half times as tall as wide;
-    `dim`: a faint hand, with a bright lead tag the brightest thing in the field."""
+    `dim`: a faint hand, with a bright lead tag the brightest thing in the field; `markings` False: no lead tags,
+    marker strips nor annotation text (make_phantom_mura's control-only setting)."""
     rng = np.random.default_rng(list(seed))
     finding_rng = np.random.default_rng([*seed, 1])  # a finding leaves the rest of the view as it was
     short = int(round(long_side * rng.uniform(0.58, 0.95)))
@@ -6764,7 +6773,7 @@ def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | 
         field &= plate
         image = np.where(field, image, background + (0.97 - background) * rng.uniform(0.12, 0.4))
     tags, tag_pixels = [], np.zeros((h, w), bool)
-    if dim or rng.random() < 0.85:  # lead tags: one, sometimes two, in the field and off the hand
+    if (dim or rng.random() < 0.85) and markings:  # lead tags: one, sometimes two, in the field and off the hand
         finger = 2 * 1.7 * _RADIUS["middle"] * bone_unit / 0.045  # a finger's width (its soft tissue), px
         tags = _place_tags(rng, tissue, field, 2 if rng.random() < 0.12 else 1, min(h, w), finger)
         for tag in tags:
@@ -6792,7 +6801,8 @@ def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | 
     image = np.where(plate, image, surround + noise[::-1] * 0.004)
     pil = Image.fromarray(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
     lead = int(rng.uniform(5, 40)) if polarity == "inverted" else int(rng.uniform(215, 250))
-    marker = {0: "", 1: "tag"}.get(len(tags), f"{len(tags)} tags") + _draw_annotations(pil, rng, lead)
+    marker = {0: "", 1: "tag"}.get(len(tags), f"{len(tags)} tags") + (
+        _draw_annotations(pil, rng, lead) if markings else "")
     tag_corners = [_rotated_box(c, s, a, np.zeros(1), np.zeros(1))[1] for c, s, a in tags]
     truth = {"pose": view, "n_hands": n_hands, "polarity": polarity, "low_contrast": low_contrast,
              "narrow": narrow, "dim": dim, "marker": marker, "plate": plate_corners, "field": field_corners,
@@ -6804,12 +6814,12 @@ def _phantom_image_task(task: dict) -> dict:
     """Render and save one phantom view and its true hand mask (runs in a worker process)."""
     pixels, box, truth = _render_view(task["seed"], task["view"], task["anatomy"], task["finding"], task["ring"],
                                       task["long_side"], task["n_hands"], task["polarity"], task["low_contrast"],
-                                      task["narrow"], task["dim"])
+                                      task["narrow"], task["dim"], task["markings"])
     contrast = task["finding"]["contrast"] if task["finding"] else 1.0
     if contrast != 1.0:  # the finding's difference from the same view without it, scaled, inside its box
         without = _render_view(task["seed"], task["view"], task["anatomy"], None, task["ring"], task["long_side"],
                                task["n_hands"], task["polarity"], task["low_contrast"], task["narrow"],
-                               task["dim"])[0].astype(np.float32)
+                               task["dim"], task["markings"])[0].astype(np.float32)
         x0, y0, x1, y1 = box or (0, 0, pixels.shape[1], pixels.shape[0])
         inside = (slice(y0, y1 + 1), slice(x0, x1 + 1))
         pixels = pixels.copy()
@@ -6842,7 +6852,8 @@ def _abnormal_studies(n_studies: Sequence[int], split_of: Sequence[str], positiv
 
 def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_rate: float,
                   body_parts: Sequence[str], long_side: int, finding_kinds: Sequence[str] = PHANTOM_FINDINGS,
-                  finding_scale: float = 1.0, finding_contrast: float = 1.0) -> tuple[list[dict], list[dict]]:
+                  finding_scale: float = 1.0, finding_contrast: float = 1.0,
+                  markings: bool = True) -> tuple[list[dict], list[dict]]:
     """Decide every patient, study, label, view and planted finding; return (studies, image tasks)."""
     rng = np.random.default_rng(seed)
     n_valid = max(1, int(round(n_patients * valid_fraction))) if n_patients > 1 else 0
@@ -6892,8 +6903,9 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
                     "polarity": str(rng.choice(PHANTOM_POLARITIES, p=[0.82, 0.1, 0.08])),
                     "low_contrast": bool(rng.random() < 0.1),  # the plate barely differs from its surround
                     "finding": finding if label and shows[v] else None, "finding_kind": finding and finding["kind"],
-                    "ring": ring if (ring and rng.random() < 0.9) else None, "rgb": bool(rng.random() < 0.45),
-                    "seed": (seed, i, s, v), "long_side": long_side,
+                    "ring": ring if (ring and rng.random() < 0.9) and markings else None,
+                    "rgb": bool(rng.random() < 0.45), "seed": (seed, i, s, v), "long_side": long_side,
+                    "markings": markings,
                 })
     for t in tasks:  # harder kinds of real view, each view drawn from a generator of its own (the plan above as before)
         kinds = np.random.default_rng([*t["seed"], 24])
@@ -6915,6 +6927,7 @@ def make_phantom_mura(
     finding_kinds: Sequence[str] = PHANTOM_FINDINGS,
     finding_scale: float = 1.0,
     finding_contrast: float = 1.0,
+    markings: bool = True,
 ) -> Path:
     """Write a synthetic hand-radiograph dataset in MURA-v1.1's exact layout under `root`; return its path.
 
@@ -6925,7 +6938,9 @@ def make_phantom_mura(
     width) and `finding_contrast` (0-1] its difference from the same view without it. Besides the four official
     CSVs it writes `phantom_findings.csv`: one row per view that shows a planted abnormality with its box in
     pixels, and the per-view truth (`phantom_truth.csv` and one hand-mask PNG per view under `phantom_truth/`;
-    see load_phantom_truth).
+    see load_phantom_truth). `markings=False` is a setting for learning controls only, not a realistic phantom:
+    views without lead tags, marker strips, annotation text or rings, so that a planted finding is the only
+    bright metal in a view (see UNSUPERVISED_CONTROL).
     """
 
     unknown = [p for p in body_parts if p not in BODY_PARTS]
@@ -6942,10 +6957,10 @@ def make_phantom_mura(
     settings = {"made_by": PHANTOM_MADE_BY, "version": PHANTOM_VERSION, "n_patients": n_patients, "seed": seed,
                 "valid_fraction": valid_fraction, "positive_rate": positive_rate, "body_parts": list(body_parts),
                 "image_size": image_size, "finding_kinds": list(finding_kinds), "finding_scale": finding_scale,
-                "finding_contrast": finding_contrast}
+                "finding_contrast": finding_contrast, "markings": markings}
     _write_json_atomic({**settings, "complete": False}, mura / PHANTOM_MANIFEST)  # marks the folder as ours
     studies, tasks = _plan_phantom(n_patients, seed, valid_fraction, positive_rate, body_parts, image_size,
-                                   finding_kinds, finding_scale, finding_contrast)
+                                   finding_kinds, finding_scale, finding_contrast, markings)
     for t in tasks:
         t["path"] = str(mura.joinpath(*t["key"], t["image"]))
         t["mask_path"] = str(mura / _truth_mask_name(t["key"], t["image"]))
