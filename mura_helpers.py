@@ -7251,10 +7251,12 @@ def supervised_control(workdir: str | os.PathLike, permuted: bool = False, seed:
 # (the paper's split needs more normal-only patients than others), the suite's CAE at 64 px; its views that show
 # the hardware against the normal studies' views of its test subset (30 and 56 views). Measured on a shared 2-core
 # CPU, test image AUROC of "mse" for training seeds 0, 1, 2: 0.935, 0.932, 0.943 (mean 0.937; mse_top200
-# 0.917-0.923); scoring a fresh, untrained CAE instead of best.pt: BROKEN_UNTRAINED. Why each setting:
+# 0.917-0.923; seed 0 with two threads: 0.927); broken on purpose (seed 0): a fresh, untrained CAE scored
+# instead of best.pt 0.711, the hand mask left empty 0.500, the test's hardware views trained on too 0.888.
+# Why each setting:
 # - variant "full" (hand mask, no histogram equalisation): equalisation spreads every view's grey levels evenly,
-#   so bright bone ends up as white as the metal (our reading of the numbers) (seed 0, scale 2, 20 epochs: "full+HE"
-#   0.57, "full" 0.83 mse);
+#   so bright bone ends up as white as the metal (our reading; seed 0, scale 2, mse: "full+HE" 0.57 after 30
+#   epochs, "full" 0.83 after 20);
 # - finding_scale 5: wider metal, which the 64-px views keep (seed 0, "full": 0.87 mse at scale 3 with 20
 #   epochs, 0.935 at scale 5 with 12);
 # - 12 epochs (132 normal training views): the validation AUROC swings from epoch to epoch, and best.pt (its
