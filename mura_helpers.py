@@ -22,7 +22,7 @@ Reads top to bottom as the pipeline does; each section opens with a `# ----- nam
                             scores, heatmaps, the grid -> plots
   phantom                   a synthetic MURA in MURA's exact layout, with per-view truth (a data source: last)
   learning controls         checks that can fail: supervised_control (learns; permuted labels do not),
-                            unsupervised_control (a CAE against hardware views: not yet passing)
+                            unsupervised_control (a CAE scores hardware views above normal ones)
   command line              python -m mura_helpers train | train-anomaly --config run.json (torchrun-ready);
                             colab-url (maintainers: the repository URL into the notebooks' setup cells)
 
@@ -6814,10 +6814,17 @@ def _draw_tag(image: np.ndarray, rng, letter: str, tag, holder_level: float, lea
     return _rotated_box(center, (w, h), angle, xx, yy)[0]
 
 
+_ANNOTATION_REFERENCE_SIDE = 512  # px: the view's long side at which annotation text has its drawn size below
+_ANNOTATION_MIN_HEIGHT = 2  # px: annotation text's smallest height (a smaller view keeps text at least this tall)
+
+
 def _draw_annotations(image: Image.Image, rng, lead: int) -> str:
     """Burn, into the displayed image, sometimes a marker strip along an edge, and a few lines of annotation text
-    blobs; return "+strip" when a strip was drawn, else ""."""
+    blobs (5 px tall, words 6-28 px wide on a view whose long side is 512 px, scaled with the view, never below
+    _ANNOTATION_MIN_HEIGHT); return "+strip" when a strip was drawn, else ""."""
     w, h = image.size
+    size = max(w, h) / _ANNOTATION_REFERENCE_SIDE  # text scales with the view, as a radiograph's does when resized
+    text_h = max(5 * size, _ANNOTATION_MIN_HEIGHT)
     draw = ImageDraw.Draw(image)
     kind = ""
     if rng.random() < 0.08:  # a marker strip along an edge, with its lettering
@@ -6832,9 +6839,9 @@ def _draw_annotations(image: Image.Image, rng, lead: int) -> str:
     for line in range(int(rng.integers(0, 4))):  # annotation text as blocks of "words"
         tx, ty = int(rng.uniform(0.02, 0.5) * w), int(rng.uniform(0.02, 0.95) * h)
         for _ in range(int(rng.integers(2, 6))):
-            word = int(rng.integers(6, 28))
-            draw.rectangle([tx, ty + line, tx + word, ty + line + 5], fill=lead)
-            tx += word + 4
+            word = max(int(round(int(rng.integers(6, 28)) * size)), 1)
+            draw.rectangle([tx, ty + line, tx + word, ty + line + int(round(text_h))], fill=lead)
+            tx += word + max(int(round(4 * size)), 1)
     return kind
 
 
@@ -7461,15 +7468,28 @@ def supervised_control(workdir: str | os.PathLike, permuted: bool = False, seed:
 
 # The unsupervised control: a phantom whose only finding is enlarged hardware, a quarter of the studies abnormal
 # (the paper's split needs more normal-only patients than others), the suite's CAE at 64 px; its views that show
-# the hardware against the normal studies' views of its test subset. NOT YET A PASSING CONTROL (so no test runs
-# it): measured on phantom v4, 8 epochs, test image AUROC (mse_top200) 0.569 at finding_scale 3, 0.632 at 5:
-# v4's burned-in text strips and tags lie inside normal views' hand masks as bright as the metal
+# the hardware against the normal studies' views of its test subset (30 and 56 views). Measured on a shared 2-core
+# CPU, test image AUROC of "mse" for training seeds 0, 1, 2: 0.935, 0.932, 0.943 (mean 0.937; mse_top200
+# 0.917-0.923; seed 0 with two threads: 0.927); broken on purpose (seed 0): a fresh, untrained CAE scored
+# instead of best.pt 0.711, the hand mask left empty 0.500, the test's hardware views trained on too 0.888.
+# Why each setting:
+# - variant "full" (hand mask, no histogram equalisation): equalisation spreads every view's grey levels evenly,
+#   so bright bone ends up as white as the metal (our reading; seed 0, scale 2, mse: "full+HE" 0.57 after 30
+#   epochs, "full" 0.83 after 20);
+# - finding_scale 5: wider metal, which the 64-px views keep (seed 0, "full": 0.87 mse at scale 3 with 20
+#   epochs, 0.935 at scale 5 with 12);
+# - 12 epochs (132 normal training views): the validation AUROC swings from epoch to epoch, and best.pt (its
+#   best epoch) reached 0.93-0.98 within 12 in each seed; an epoch took 1.5 s (2 threads) to 5.5 s (1 thread,
+#   CPU shared);
+# - "mse": the score best.pt is selected by (seed 0: mse 0.935, l1 0.940, mse_top200 0.923, l1_top200 0.927).
+# The views keep their markings (lead tags, annotation text scaled with the view): leaving them out
+# (measured with a control-only switch, since removed) moved the AUROC by under 0.02
 UNSUPERVISED_CONTROL = {
     "phantom": {"n_patients": 90, "seed": 0, "image_size": 128, "valid_fraction": 0.05, "positive_rate": 0.25,
-                "finding_kinds": ("hardware",), "finding_scale": 2.0},
-    "train": {"model": "cae", "recipe": "suite", "variant": "full+HE", "image_size": 64, "epochs": 8,
+                "finding_kinds": ("hardware",), "finding_scale": 5.0},
+    "train": {"model": "cae", "recipe": "suite", "variant": "full", "image_size": 64, "epochs": 12,
               "batch_size": 16},
-    "score": "mse_top200", "min_auroc": 0.90,
+    "score": "mse", "min_auroc": 0.90,
 }
 
 

@@ -168,3 +168,14 @@ def test_learning_verdict_needs_the_interval_above_chance_and_the_floor():
     assert not learned and line.startswith("NOT SHOWN TO LEARN") and "template: 0.600" in line
     assert not mh.learning_verdict(headline(0.65, 0.3))[0]  # a floor at 0.3 runs the other way: 0.7
     assert not mh.learning_verdict(headline(0.45, 0.5).iloc[:1])[0]  # no floor: chance alone
+
+
+@pytest.mark.slow  # 34 s on a lightly loaded 2-core CPU (88 s shared): a phantom, its cache, one training run
+def test_unsupervised_control_scores_hardware_views_above_normal_ones(tmp_path):
+    """The suite's CAE (recipe "suite") trained on the normal views of a control phantom (mh.UNSUPERVISED_CONTROL)
+    must score the test views that show hardware above the normal studies' views: image AUROC of the control's
+    score >= 0.90. Why each setting: see the comment above UNSUPERVISED_CONTROL."""
+    result = mh.unsupervised_control(tmp_path)
+    assert result["hardware_views"] >= 20 and result["normal_views"] >= 40, result
+    score = mh.UNSUPERVISED_CONTROL["score"]
+    assert result["image_auroc"][score] >= mh.UNSUPERVISED_CONTROL["min_auroc"], result["image_auroc"]
