@@ -14,8 +14,8 @@ import mura_helpers as mh
 # at 32 px). The GANs are left out: a discriminator needs about 100 steps before it tells an implant from a normal
 # view (measured at 16 px: after 36 steps the suite's three called the implanted view the more normal one in 8 of 8
 # views, after 96 the less normal one in 8 of 8), and one step of their networks (11-28 million parameters even
-# at 16 px) takes 0.7-1.3 s on a 2-core CPU: 7-13 minutes a GAN, far over CI's budget. test_anomaly.py checks
-# that each discriminator learns to call noise abnormal
+# at 16 px) takes 0.7-1.3 s on a 2-core CPU: 7-13 minutes a GAN, far over CI's budget. test_anomaly_models.py
+# and test_anomaly_recipes.py check that each discriminator learns to call noise abnormal
 DIRECTION_SETUP = {"size": 32, "views": 48, "epochs": 6}
 # (recipe, model, score) -> why it fails: the paper recipe keeps the authors' per-image min-max scaling (their
 # MinMaxNormalization, minmax=True): a bright implant becomes the view's maximum and darkens the rest of it, so
