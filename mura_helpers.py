@@ -6893,20 +6893,14 @@ def _narrow_view_center(rng, anatomy: dict, pose: dict, theta: float, scale: flo
     return best
 
 
-def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | None, ring: str | None,
-                 long_side: int, n_hands: int = 1, polarity: str = "normal", low_contrast: bool = False,
-                 narrow: bool = False, dim: bool = False) -> tuple[np.ndarray, list[int] | None, dict]:
-    """Render one radiograph view; return the 8-bit image, the planted finding's box (or None) and the view's
-    truth (hand mask, plate and field corners, lead tags' corners, polarity, hands, pose, contrast, lead tag).
-    `narrow`: a close-up of a finger or of the hand's edge, three to four and a half times as tall as wide;
-    `dim`: a faint hand, with a bright lead tag the brightest thing in the field."""
-    rng = np.random.default_rng(list(seed))
-    finding_rng = np.random.default_rng([*seed, 1])  # a finding leaves the rest of the view as it was
-    short = int(round(long_side * rng.uniform(0.58, 0.95)))
-    if narrow:  # (at small sizes no narrower than a view may be: _MIN_VIEW_SIDE)
-        short = max(int(round(long_side / rng.uniform(3.0, 4.5))), _MIN_VIEW_SIDE)
-    landscape = n_hands > 1 or rng.random() < 0.15
-    h, w = (short, long_side) if landscape else (long_side, short)
+def _draw_hands(rng: np.random.Generator, finding_rng: np.random.Generator, view: str, anatomy: dict,
+                finding: dict | None, ring: str | None, n_hands: int, narrow: bool, landscape: bool,
+                shape: tuple[int, int]) -> tuple[tuple[np.ndarray, ...], list[int] | None, float, float]:
+    """Each hand's soft tissue, bones and metal (the planted finding and a ring on the first hand) drawn into
+    their own layers; return the (soft, bone, metal) layers, the finding's box, a typical bone's density (px) and
+    the first hand's squeeze."""
+    h, w = shape
+    long_side = max(h, w)
     soft_layer, bone_layer, metal_layer = (np.zeros((h, w), np.float32) for _ in range(3))
     box, bone_unit, squeeze = None, 1.0, 1.0
     for hand in range(n_hands):  # two hands: PA, side by side, the second one mirrored
@@ -6939,6 +6933,70 @@ def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | 
                 box = _finding_box((h, w), *corners)
             if ring is not None:
                 _draw_ring(metal_layer, bones, ring)
+    return (soft_layer, bone_layer, metal_layer), box, bone_unit, squeeze
+
+
+def _plate_and_field(rng: np.random.Generator, image: np.ndarray, background: float, low_contrast: bool,
+                     xx: np.ndarray, yy: np.ndarray) -> tuple[np.ndarray, list, np.ndarray, list, np.ndarray]:
+    """The detector plate (often tilted, not filling the frame) and the collimated field inside it (its
+    unexposed borders light); return the plate's pixels and corners, the field's, and the image with its borders."""
+    h, w = image.shape
+    plate, plate_corners = np.ones((h, w), bool), []
+    if low_contrast or rng.random() < 0.6:  # the detector plate, often tilted, does not fill the frame
+        tilt = math.radians(rng.uniform(-12, 12))
+        pc = np.array([w / 2, h / 2]) + rng.normal(0, 0.03, 2) * [w, h]
+        psize = (w * rng.uniform(0.78, 0.98), h * rng.uniform(0.8, 0.98))
+        plate, plate_corners = _rotated_box(pc, psize, tilt, xx, yy)
+    else:
+        tilt, pc, psize = 0.0, np.array([w / 2, h / 2]), (float(w), float(h))
+    field, field_corners = plate, []
+    if rng.random() < 0.35:  # collimation: unexposed borders inside the plate look light
+        m = rng.uniform(0.02, 0.1, size=4) * [psize[0], psize[1], psize[0], psize[1]]
+        ca, sa = math.cos(tilt), math.sin(tilt)
+        offset = np.array([(m[0] - m[2]) / 2, (m[1] - m[3]) / 2])
+        fc = pc + [ca * offset[0] - sa * offset[1], sa * offset[0] + ca * offset[1]]
+        fsize = (psize[0] - m[0] - m[2], psize[1] - m[1] - m[3])
+        field, field_corners = _rotated_box(fc, fsize, tilt + math.radians(rng.normal(0, 1.5)), xx, yy)
+        field &= plate
+        image = np.where(field, image, background + (0.97 - background) * rng.uniform(0.12, 0.4))
+    return plate, plate_corners, field, field_corners, image
+
+
+def _draw_lead_tags(rng: np.random.Generator, image: np.ndarray, tissue: np.ndarray, field: np.ndarray,
+                    background: float, bone_unit: float, dim: bool, left: bool) -> tuple[list, np.ndarray]:
+    """Lead tags (one, sometimes two; always on a dim view) drawn into the image, in the field and off the hand;
+    return their boxes and their pixels."""
+    h, w = image.shape
+    tags, tag_pixels = [], np.zeros((h, w), bool)
+    if dim or rng.random() < 0.85:  # lead tags: one, sometimes two, in the field and off the hand
+        finger = 2 * 1.7 * _RADIUS["middle"] * bone_unit / 0.045  # a finger's width (its soft tissue), px
+        tags = _place_tags(rng, tissue, field, 2 if rng.random() < 0.12 else 1, min(h, w), finger)
+        for tag in tags:
+            lead = rng.uniform(0.75, 0.95) if dim else rng.uniform(0.85, 1.0)
+            darker = background > 0.15 and rng.random() < 0.4  # a holder darker than the field, where there is room
+            holder = background * rng.uniform(0.3, 0.7) if darker else (
+                background + (lead - background) * rng.uniform(0.25, 0.6))  # lighter, the lead lighter still
+            tag_pixels |= _draw_tag(image, rng, "L" if left else "R", tag, holder, lead)
+    return tags, tag_pixels
+
+
+def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | None, ring: str | None,
+                 long_side: int, n_hands: int = 1, polarity: str = "normal", low_contrast: bool = False,
+                 narrow: bool = False, dim: bool = False) -> tuple[np.ndarray, list[int] | None, dict]:
+    """Render one radiograph view; return the 8-bit image, the planted finding's box (or None) and the view's
+    truth (hand mask, plate and field corners, lead tags' corners, polarity, hands, pose, contrast, lead tag).
+    `narrow`: a close-up of a finger or of the hand's edge, three to four and a half times as tall as wide;
+    `dim`: a faint hand, with a bright lead tag the brightest thing in the field."""
+    rng = np.random.default_rng(list(seed))
+    finding_rng = np.random.default_rng([*seed, 1])  # a finding leaves the rest of the view as it was
+    short = int(round(long_side * rng.uniform(0.58, 0.95)))
+    if narrow:  # (at small sizes no narrower than a view may be: _MIN_VIEW_SIDE)
+        short = max(int(round(long_side / rng.uniform(3.0, 4.5))), _MIN_VIEW_SIDE)
+    landscape = n_hands > 1 or rng.random() < 0.15
+    h, w = (short, long_side) if landscape else (long_side, short)
+    layers, box, bone_unit, squeeze = _draw_hands(rng, finding_rng, view, anatomy, finding, ring, n_hands, narrow,
+                                                  landscape, (h, w))
+    soft_layer, bone_layer, metal_layer = layers
     soft = ndimage.gaussian_filter(soft_layer, 0.12 * bone_unit, truncate=2.5)  # a faint, graded halo
     tissue = (soft > 0.12) | (bone_layer > 0.02 * bone_unit)  # the truth: where the hand shows
 
@@ -6971,34 +7029,8 @@ def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | 
     image = background * heel + span * signal
     image += (rng.uniform(0.85, 1.0) - image) * np.clip(metal_layer, 0, 1)  # metal: near white
 
-    plate, plate_corners = np.ones((h, w), bool), []
-    if low_contrast or rng.random() < 0.6:  # the detector plate, often tilted, does not fill the frame
-        tilt = math.radians(rng.uniform(-12, 12))
-        pc = np.array([w / 2, h / 2]) + rng.normal(0, 0.03, 2) * [w, h]
-        psize = (w * rng.uniform(0.78, 0.98), h * rng.uniform(0.8, 0.98))
-        plate, plate_corners = _rotated_box(pc, psize, tilt, xx, yy)
-    else:
-        tilt, pc, psize = 0.0, np.array([w / 2, h / 2]), (float(w), float(h))
-    field, field_corners = plate, []
-    if rng.random() < 0.35:  # collimation: unexposed borders inside the plate look light
-        m = rng.uniform(0.02, 0.1, size=4) * [psize[0], psize[1], psize[0], psize[1]]
-        ca, sa = math.cos(tilt), math.sin(tilt)
-        offset = np.array([(m[0] - m[2]) / 2, (m[1] - m[3]) / 2])
-        fc = pc + [ca * offset[0] - sa * offset[1], sa * offset[0] + ca * offset[1]]
-        fsize = (psize[0] - m[0] - m[2], psize[1] - m[1] - m[3])
-        field, field_corners = _rotated_box(fc, fsize, tilt + math.radians(rng.normal(0, 1.5)), xx, yy)
-        field &= plate
-        image = np.where(field, image, background + (0.97 - background) * rng.uniform(0.12, 0.4))
-    tags, tag_pixels = [], np.zeros((h, w), bool)
-    if dim or rng.random() < 0.85:  # lead tags: one, sometimes two, in the field and off the hand
-        finger = 2 * 1.7 * _RADIUS["middle"] * bone_unit / 0.045  # a finger's width (its soft tissue), px
-        tags = _place_tags(rng, tissue, field, 2 if rng.random() < 0.12 else 1, min(h, w), finger)
-        for tag in tags:
-            lead = rng.uniform(0.75, 0.95) if dim else rng.uniform(0.85, 1.0)
-            darker = background > 0.15 and rng.random() < 0.4  # a holder darker than the field, where there is room
-            holder = background * rng.uniform(0.3, 0.7) if darker else (
-                background + (lead - background) * rng.uniform(0.25, 0.6))  # lighter, the lead lighter still
-            tag_pixels |= _draw_tag(image, rng, "L" if anatomy["left"] else "R", tag, holder, lead)
+    plate, plate_corners, field, field_corners, image = _plate_and_field(rng, image, background, low_contrast, xx, yy)
+    tags, tag_pixels = _draw_lead_tags(rng, image, tissue, field, background, bone_unit, dim, anatomy["left"])
     image = ndimage.gaussian_filter(image.astype(np.float32), rng.uniform(0.5, 1.2), truncate=2.5)
     image += noise * rng.uniform(0.006, 0.025)  # the texture's noise: a cheap, fresh-looking grain
     # film grain (quantum mottle): noise correlated over 1-3 px (of 512), which averaging down does not take away:
@@ -7066,6 +7098,27 @@ def _abnormal_studies(n_studies: Sequence[int], split_of: Sequence[str], positiv
     return abnormal
 
 
+def _plan_finding(rng: np.random.Generator, finding_kinds: Sequence[str], finding_scale: float,
+                  finding_contrast: float) -> dict:
+    """An abnormal study's planted finding: its kind (PHANTOM_FINDING_MIX's shares among `finding_kinds`), its
+    bone (half of them on the larger bones), where along it, and each kind's draws (tilt, displacement, size,
+    hardware)."""
+    mix = np.array([PHANTOM_FINDING_MIX[k] for k in finding_kinds])
+    kind = str(rng.choice(list(finding_kinds), p=mix / mix.sum()))
+    finger_bones = [f"{f}_{p}" for f in _FINGERS[1:] for p in ("proximal", "middle")] + ["thumb_proximal"]
+    large_bones = ["index_metacarpal", "middle_metacarpal", "ring_metacarpal", "little_metacarpal", "radius"]
+    bone = str(rng.choice(finger_bones + large_bones,  # half of the findings on the larger bones
+                          p=[0.5 / len(finger_bones)] * len(finger_bones) + [0.1] * len(large_bones)))
+    return {
+        "kind": kind, "bone": bone,
+        "t": rng.uniform(0.7, 0.9) if bone == "radius" else rng.uniform(0.3, 0.7),  # the distal radius
+        "tilt": rng.uniform(-35, 35),
+        "displacement": rng.uniform(1.2, 2.0) * rng.choice([-1, 1]), "size": rng.uniform(1.6, 2.2),
+        "hardware": str(rng.choice(["plate", "wires"], p=[0.6, 0.4])), "screws": int(rng.integers(2, 5)),
+        "scale": finding_scale, "contrast": finding_contrast,
+    }
+
+
 def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_rate: float,
                   body_parts: Sequence[str], long_side: int, finding_kinds: Sequence[str] = PHANTOM_FINDINGS,
                   finding_scale: float = 1.0, finding_contrast: float = 1.0) -> tuple[list[dict], list[dict]]:
@@ -7073,13 +7126,10 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
     rng = np.random.default_rng(seed)
     n_valid = max(1, int(round(n_patients * valid_fraction))) if n_patients > 1 else 0
     studies, tasks = [], []
-    finger_bones = [f"{f}_{p}" for f in _FINGERS[1:] for p in ("proximal", "middle")] + ["thumb_proximal"]
-    large_bones = ["index_metacarpal", "middle_metacarpal", "ring_metacarpal", "little_metacarpal", "radius"]
     split_of = ["valid" if i >= n_patients - n_valid else "train" for i in range(n_patients)]
     plan_rng = np.random.default_rng([seed, 1])  # studies and labels first: each split's abnormal share is exact
     n_studies_of = plan_rng.choice([1, 2, 3], size=n_patients, p=[0.75, 0.18, 0.07]).tolist()
     abnormal = _abnormal_studies(n_studies_of, split_of, positive_rate, plan_rng)
-    mix = np.array([PHANTOM_FINDING_MIX[k] for k in finding_kinds])
     for i in range(n_patients):
         split = split_of[i]
         patient = f"patient{i + 1:05d}" if split == "train" else f"patient{11185 + i:05d}"
@@ -7094,17 +7144,7 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
             n_views = int(rng.choice([1, 2, 3, 4, 5], p=[0.03, 0.22, 0.68, 0.05, 0.02]))
             finding = None
             if label:
-                kind = str(rng.choice(list(finding_kinds), p=mix / mix.sum()))
-                bone = str(rng.choice(finger_bones + large_bones,  # half of the findings on the larger bones
-                                      p=[0.5 / len(finger_bones)] * len(finger_bones) + [0.1] * len(large_bones)))
-                finding = {
-                    "kind": kind, "bone": bone,
-                    "t": rng.uniform(0.7, 0.9) if bone == "radius" else rng.uniform(0.3, 0.7),  # the distal radius
-                    "tilt": rng.uniform(-35, 35),
-                    "displacement": rng.uniform(1.2, 2.0) * rng.choice([-1, 1]), "size": rng.uniform(1.6, 2.2),
-                    "hardware": str(rng.choice(["plate", "wires"], p=[0.6, 0.4])), "screws": int(rng.integers(2, 5)),
-                    "scale": finding_scale, "contrast": finding_contrast,
-                }
+                finding = _plan_finding(rng, finding_kinds, finding_scale, finding_contrast)
                 shows = rng.random(n_views) < 0.8
                 shows[rng.integers(n_views)] = True  # at least one view shows it
             study = f"study{s}_{'positive' if label else 'negative'}"
@@ -7154,14 +7194,7 @@ def make_phantom_mura(
     see load_phantom_truth).
     """
 
-    unknown = [p for p in body_parts if p not in BODY_PARTS]
-    if unknown:
-        raise MuraDataError(f"unknown body part(s) {unknown}: choose from {list(BODY_PARTS)}")
-    if not finding_kinds or set(finding_kinds) - set(PHANTOM_FINDINGS):
-        raise ValueError(f"finding_kinds must be some of {PHANTOM_FINDINGS}, got {finding_kinds!r}")
-    if not finding_scale > 0 or not 0 < finding_contrast <= 1:
-        raise ValueError(f"finding_scale must be > 0 and finding_contrast in (0, 1], got {finding_scale!r} and "
-                         f"{finding_contrast!r}")
+    _check_phantom_settings(body_parts, finding_kinds, finding_scale, finding_contrast)
     mura = Path(root) / MURA_DIRNAME
     if mura.exists():
         _remove_own_phantom(mura)  # only a phantom this code made; anything else is refused, never overwritten
@@ -7176,13 +7209,40 @@ def make_phantom_mura(
         t["path"] = str(mura.joinpath(*t["key"], t["image"]))
         t["mask_path"] = str(mura / _truth_mask_name(t["key"], t["image"]))
     results = _run_tasks(_phantom_image_task, tasks, "phantom images", progress, workers)
+    _write_phantom_csvs(mura, studies, tasks)
+    _write_phantom_truth(mura, tasks, results)
+    manifest = {**settings, "n_studies": len(studies), "n_images": len(tasks),
+                "files": sorted({p.name for p in mura.iterdir()} | {PHANTOM_MANIFEST}), "complete": True}
+    _write_json_atomic(manifest, mura / PHANTOM_MANIFEST)  # complete: rewritten last
+    return mura
 
+
+def _check_phantom_settings(body_parts: Sequence[str], finding_kinds: Sequence[str], finding_scale: float,
+                            finding_contrast: float) -> None:
+    """Refuse a phantom's settings that name an unknown body part or finding kind, or scale a finding to nothing."""
+    unknown = [p for p in body_parts if p not in BODY_PARTS]
+    if unknown:
+        raise MuraDataError(f"unknown body part(s) {unknown}: choose from {list(BODY_PARTS)}")
+    if not finding_kinds or set(finding_kinds) - set(PHANTOM_FINDINGS):
+        raise ValueError(f"finding_kinds must be some of {PHANTOM_FINDINGS}, got {finding_kinds!r}")
+    if not finding_scale > 0 or not 0 < finding_contrast <= 1:
+        raise ValueError(f"finding_scale must be > 0 and finding_contrast in (0, 1], got {finding_scale!r} and "
+                         f"{finding_contrast!r}")
+
+
+def _write_phantom_csvs(mura: Path, studies: list[dict], tasks: list[dict]) -> None:
+    """MURA's four official CSVs for a phantom: each split's labelled studies and its image paths."""
     for split in SPLITS:
         rel = [s for s in studies if s["key"][0] == split]
         lines = [f"{MURA_DIRNAME}/{'/'.join(s['key'])}/,{s['label']}" for s in rel]
         (mura / f"{split}_labeled_studies.csv").write_text("".join(line + "\n" for line in lines))
         images = [f"{MURA_DIRNAME}/{'/'.join(t['key'])}/{t['image']}" for t in tasks if t["key"][0] == split]
         (mura / f"{split}_image_paths.csv").write_text("".join(p + "\n" for p in images))
+
+
+def _write_phantom_truth(mura: Path, tasks: list[dict], results: list[dict]) -> None:
+    """The phantom's truth tables: phantom_findings.csv (each view showing a finding, its box) and
+    phantom_truth.csv (each view's pose, hands, polarity, plate, field, tags and mask file)."""
     findings = [
         {"split": t["key"][0], "body_part": t["key"][1], "patient": t["key"][2], "study": t["key"][3],
          "image_path": f"{MURA_DIRNAME}/{'/'.join(t['key'])}/{t['image']}", "view_type": t["view"],
@@ -7203,10 +7263,6 @@ def make_phantom_mura(
          "mask_path": _truth_mask_name(t["key"], t["image"]), "width": r["width"], "height": r["height"]}
         for t, r in zip(tasks, results)])
     truth.to_csv(mura / PHANTOM_TRUTH_CSV, index=False)
-    manifest = {**settings, "n_studies": len(studies), "n_images": len(tasks),
-                "files": sorted({p.name for p in mura.iterdir()} | {PHANTOM_MANIFEST}), "complete": True}
-    _write_json_atomic(manifest, mura / PHANTOM_MANIFEST)  # complete: rewritten last
-    return mura
 
 
 def ensure_phantom(root: str | os.PathLike = "data/phantom", **kwargs) -> Path:
