@@ -161,8 +161,8 @@ __all__ = [  # the public API, in the module's section order (tests/test_noteboo
     "load_phantom_findings", "load_phantom_truth", "PHANTOM_VIEW_KINDS", "phantom_hand_mask",
     "phantom_boxes",
     # learning controls
-    "permuted_labels_copy", "learning_verdict", "SUPERVISED_CONTROL", "supervised_control", "UNSUPERVISED_CONTROL",
-    "unsupervised_control",
+    "permuted_labels_copy", "CAM_MIN_HARDWARE_HITS", "cam_hardware_hits", "learning_verdict", "SUPERVISED_CONTROL",
+    "supervised_control", "UNSUPERVISED_CONTROL", "unsupervised_control",
     # command line: python -m mura_helpers
     "main",
 ]
@@ -7467,9 +7467,22 @@ def permuted_labels_copy(data_dir: str | os.PathLike, dest: str | os.PathLike, s
     return mura
 
 
-def learning_verdict(headline: pd.DataFrame) -> tuple[bool, str]:
+CAM_MIN_HARDWARE_HITS = 0.5  # a learned model's CAM peak lies on the hardware in at least this share of the
+#   hardware views it catches (issue 22: "CAMs that point at hardware in at least half of the caught hardware views")
+
+
+def cam_hardware_hits(localisation: pd.DataFrame, threshold: float = 0.5) -> tuple[int, int]:
+    """Of the hardware views a model catches (view probability > `threshold`), how many have their CAM's peak on
+    the planted hardware (heatmap_localisation's pointing game): (hits, caught)."""
+    caught = localisation[(localisation["finding"] == "hardware") & (localisation["prob"] > threshold)]
+    return int(caught["pointing_hit"].sum()), len(caught)
+
+
+def learning_verdict(headline: pd.DataFrame, localisation: pd.DataFrame | None = None) -> tuple[bool, str]:
     """Whether the model of a headline_table learned: its test AUROC's 95% interval above chance (0.5) and above
-    every model-free floor's test AUROC (phantom; max(AUROC, 1 - AUROC)); with the one line that says so or not."""
+    every model-free floor's test AUROC (phantom; max(AUROC, 1 - AUROC)) and, given the CAMs' `localisation`
+    (phantom), its CAMs on the hardware in CAM_MIN_HARDWARE_HITS of the hardware views it catches; with the one line
+    that says so or not."""
     auroc = headline.loc["auroc"]
     floors = {name.split(": ", 1)[1]: max(row["test"], 1 - row["test"]) for name, row in headline.iterrows()
               if name.startswith("auroc, no model: ")}  # a floor below 0.5 runs the other way: as good turned
@@ -7477,10 +7490,18 @@ def learning_verdict(headline: pd.DataFrame) -> tuple[bool, str]:
     bar = max(0.5, floor)
     shown = f"test AUROC {auroc['test']:.3f} [{auroc['test_ci_low']:.3f}, {auroc['test_ci_high']:.3f}]"
     against = "chance (0.5)" + (f" and the model-free floor ({floor_name}: {floor:.3f})" if floor_name else "")
-    if auroc["test_ci_low"] > bar:
-        return True, f"LEARNED: {shown}; its 95% interval lies above {against}."
-    return False, (f"NOT SHOWN TO LEARN: {shown}; its 95% interval does not clear {against}, so these "
-                   f"numbers are no better than a model-blind rule")
+    if auroc["test_ci_low"] <= bar:
+        return False, (f"NOT SHOWN TO LEARN: {shown}; its 95% interval does not clear {against}, so these "
+                       f"numbers are no better than a model-blind rule")
+    hits, caught = (0, 0) if localisation is None else cam_hardware_hits(localisation)
+    if not caught:
+        looked = "" if localisation is None else "; it catches no hardware view, so where its CAMs point is unchecked"
+        return True, f"LEARNED: {shown}; its 95% interval lies above {against}{looked}."
+    cams = f"its CAMs point at the hardware in {hits} of the {caught} hardware views it catches"
+    if hits < CAM_MIN_HARDWARE_HITS * caught:
+        return False, (f"NOT SHOWN TO LEARN: {shown} clears {against}, but {cams}: it may be reading something "
+                       f"other than the findings")
+    return True, f"LEARNED: {shown}; its 95% interval lies above {against}, and {cams}."
 
 
 # The supervised control: a phantom whose only finding is enlarged hardware, half of each split abnormal (the

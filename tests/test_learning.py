@@ -170,6 +170,27 @@ def test_learning_verdict_needs_the_interval_above_chance_and_the_floor():
     assert not mh.learning_verdict(headline(0.45, 0.5).iloc[:1])[0]  # no floor: chance alone
 
 
+def test_learning_verdict_needs_the_cams_on_the_caught_hardware():
+    """A model above chance and the floor whose CAMs miss the hardware in most views it catches is not called
+    learned (it may read a confound); views it does not catch (probability <= 0.5) and other findings do not count."""
+    headline = pd.DataFrame({"test": [0.9, 0.6], "test_ci_low": [0.8, 0.5], "test_ci_high": [0.95, 0.7]},
+                            index=["auroc", "auroc, no model: template"])
+
+    def localisation(hits, misses, uncaught_misses=0, fracture_misses=0):
+        rows = ([("hardware", True, 0.9)] * hits + [("hardware", False, 0.8)] * misses
+                + [("hardware", False, 0.2)] * uncaught_misses + [("fracture", False, 0.9)] * fracture_misses)
+        return pd.DataFrame(rows, columns=["finding", "pointing_hit", "prob"])
+
+    assert mh.cam_hardware_hits(localisation(3, 2, uncaught_misses=5, fracture_misses=4)) == (3, 5)
+    learned, line = mh.learning_verdict(headline, localisation(3, 2, uncaught_misses=5, fracture_misses=4))
+    assert learned and "3 of the 5 hardware views it catches" in line
+    learned, line = mh.learning_verdict(headline, localisation(1, 4))
+    assert not learned and line.startswith("NOT SHOWN TO LEARN") and "1 of the 5" in line
+    learned, line = mh.learning_verdict(headline, localisation(0, 0, uncaught_misses=3))
+    assert learned and "unchecked" in line  # nothing caught: nothing to check
+    assert mh.learning_verdict(headline)[0]  # no maps given (real MURA has no boxes): the AUROC alone
+
+
 @pytest.mark.slow  # 34 s on a lightly loaded 2-core CPU (88 s shared): a phantom, its cache, one training run
 def test_unsupervised_control_scores_hardware_views_above_normal_ones(tmp_path):
     """The suite's CAE (recipe "suite") trained on the normal views of a control phantom (mh.UNSUPERVISED_CONTROL)

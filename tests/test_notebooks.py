@@ -21,8 +21,8 @@ FIGURES = {
                      "eda_image_sizes_modes", "eda_intensity_histograms", "eda_phantom_findings"],
     "02_pipeline_check.ipynb": ["pipeline_raw_cached_augmented"],
     "03_training.ipynb": ["training_fig32_curves"],
-    "04_results.ipynb": ["results_fig32_curves", "results_roc", "results_confusion", "results_headline",
-                         "results_control_curves", "results_confident_cases", "results_activation_maps"],
+    "04_results.ipynb": ["results_headline", "results_control_curves", "results_fig32_curves", "results_roc",
+                         "results_confusion", "results_confident_cases", "results_activation_maps"],
     "05_predict.ipynb": ["predict_{name}"],
     "06_anomaly_detection.ipynb": ["anomaly_fig01_preprocessing_steps", "anomaly_suspect_masks", "anomaly_mask_iou",
                                    "anomaly_fig11_auroc_study", "anomaly_fig11_auroc_image", "anomaly_gan_samples",
@@ -317,8 +317,11 @@ def test_training_notebook_runs_headless_and_resumes(tiny_phantom, tmp_path):
 
 @pytest.mark.notebook
 def test_results_notebook_runs_headless_with_an_ensemble(tiny_run, tmp_path):
-    run_notebook("04_results.ipynb", tmp_path, run_dir=str(tiny_run), output_dir=str(tmp_path), ensemble_k=2,
-                 n_boot=200, n_heatmaps=2, device="cpu", show_control=False)  # (the control: test_learning.py)
+    nb = run_notebook("04_results.ipynb", tmp_path, run_dir=str(tiny_run), output_dir=str(tmp_path), ensemble_k=2,
+                      n_boot=200, n_heatmaps=2, device="cpu", show_control=False)  # (the control: test_learning.py)
+    printed = [o["text"] for c in nb.cells if not c.source.startswith("# Setup")  # (it prints where the repo is)
+               for o in c.get("outputs", []) if o.get("name") == "stdout"]
+    assert printed[0].startswith(("LEARNED: ", "NOT SHOWN TO LEARN: ")), printed[:2]  # the verdict comes first
     for name in FIGURES["04_results.ipynb"]:
         if name == "results_control_curves":  # only when the control runs
             assert not (tmp_path / "figures" / f"{name}.png").exists()
@@ -338,6 +341,8 @@ def test_results_notebook_runs_headless_with_an_ensemble(tiny_run, tmp_path):
     assert {"tune", "tune_baseline", "test", "test_baseline"} <= set(headline["accuracy"])
     assert headline["auroc"]["test_baseline"] == 0.5 and any(k.startswith("auroc, no model") for k in headline)
     assert metrics["learning_verdict"].startswith("LEARNED" if metrics["learned"] else "NOT SHOWN TO LEARN")
+    hits, caught = metrics["cam_hardware_hits_caught"]  # the verdict's CAM check, on the phantom's hardware views
+    assert 0 <= hits <= caught
     comparison = pd.read_csv(tmp_path / "results_comparison.csv")
     assert comparison["baseline"].notna().all() and (comparison["value"] == 0.611).any()
 
