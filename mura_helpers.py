@@ -6734,7 +6734,8 @@ def _plant_finding(finding: dict, bones: list[_Bone], bone_layer, metal_layer, s
             sl, yy, xx = reg
             rho = np.sqrt((xx - at[0]) ** 2 + (yy - at[1]) ** 2) / size
             bone_layer[sl] *= np.where(rho < 1, 0.02 + 0.25 * rho**4, 1.0)  # lytic: the bone gone inside
-            bone_layer[sl] += _LESION_RIM * r * np.exp(-(((rho - 1.0) / 0.2) ** 2))  # a thick sclerotic rim
+            inside_hand = np.clip(2 * soft_layer[sl] - 0.5, 0, 1)  # the rim stays under the skin (and off the mask)
+            bone_layer[sl] += _LESION_RIM * r * np.exp(-(((rho - 1.0) / 0.2) ** 2)) * inside_hand  # thick, sclerotic
         return [at - 1.15 * size, at + 1.15 * size]
     angle = math.atan2(axis[1], axis[0])
     corners = []
