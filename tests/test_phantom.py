@@ -387,8 +387,8 @@ def test_film_grain_is_correlated_over_pixels():
 def test_fractures_and_lesions_lie_on_bones_wide_enough_to_show_them():
     """Since v5 a fracture or lesion is planted on a metacarpal, the distal radius or a proximal phalanx (at 128 px
     a middle phalanx is 2-3 px wide and v4's breaks there were lost in the resize), and a lesion is a lucency with
-    a dense sclerotic rim: squashed to 128 px as training sees it, v4's lesions changed a median 40 pixels of their
-    box by more than 10 grey levels, v5's 99 (26 lesions on 256-px views of this plan)."""
+    a dense sclerotic rim: squashed to 128 px as training sees it, these 12 lesions change a median 82 pixels of
+    their box by more than 10 grey levels; with v4's lesion size and rim, 29."""
     studies, tasks = mh._plan_phantom(60, 0, 0.3, 0.5, ("XR_HAND",), 256, finding_kinds=("fracture", "lesion"))
     planted = {t["finding"]["bone"] for t in tasks if t["finding"]}
     assert planted and not {b for b in planted if b.endswith(("_middle", "_distal")) or b.startswith("thumb")}
