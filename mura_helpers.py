@@ -6472,7 +6472,7 @@ PHANTOM_MANIFEST = "phantom_manifest.json"
 # version 3: real XR_HAND views' intensities, textured bones, lateral/flexed/two-hand poses, polarities, truth;
 # 4: lead tags as real ones (a holder, a bold letter, initials, a ring; not hand in the truth), narrow and dim
 # views, film grain
-PHANTOM_VERSION = 4
+PHANTOM_VERSION = 5
 PHANTOM_POSES = ("pa", "oblique", "lateral", "flexed")
 PHANTOM_POLARITIES = ("normal", "light_grey", "inverted")  # light_grey: a light background, not inverted
 PHANTOM_FINDING_MIX = {"fracture": 0.45, "hardware": 0.3, "lesion": 0.25}  # each kind's share of abnormal studies
@@ -6494,6 +6494,22 @@ _RADIUS = {"thumb": 0.021, "index": 0.02, "middle": 0.021, "ring": 0.019, "littl
 _CARPALS = [((-0.075, 0.045), (0.033, 0.026)), ((-0.03, 0.04), (0.026, 0.025)), ((0.015, 0.04), (0.024, 0.022)),
             ((0.05, 0.05), (0.017, 0.017)), ((-0.085, 0.1), (0.025, 0.022)), ((-0.045, 0.11), (0.02, 0.024)),
             ((-0.008, 0.105), (0.024, 0.035)), ((0.035, 0.1), (0.026, 0.03))]
+# where a finding is planted, each bone's share: hardware on a finger bone half of the time (v4's draw, which the
+# learning controls were measured on); fractures and lesions (v5) on the metacarpals, the distal radius and the
+# proximal phalanges, the bones 4 px wide or more at 128 px (a middle phalanx is 2-3 px: a break there is lost in
+# the resize; measured with the view rendered with and without its finding, see benchmarks/learnability.py)
+_FINGER_BONES = [f"{f}_{p}" for f in _FINGERS[1:] for p in ("proximal", "middle")] + ["thumb_proximal"]
+_LARGE_BONES = ["index_metacarpal", "middle_metacarpal", "ring_metacarpal", "little_metacarpal", "radius"]
+_FINDING_BONES = {
+    "hardware": {**{b: 0.5 / len(_FINGER_BONES) for b in _FINGER_BONES}, **{b: 0.1 for b in _LARGE_BONES}},
+    "bone": {**{f"{f}_metacarpal": 0.15 for f in ("index", "middle", "ring", "little")}, "radius": 0.2,
+             **{f"{f}_proximal": 0.2 / 3 for f in ("index", "middle", "ring")}},
+}
+_FRACTURE_DISPLACEMENT = (2.0, 3.0)  # the distal fragment's sideways shift, in bone radii (v4: 1.2-2.0)
+_FRACTURE_ANGULATION = (15.0, 30.0)  # degrees the distal fragment turns at the break (v5; v4: none)
+_LESION_SIZE = (2.0, 2.8)  # the lytic lesion's radius, in bone radii: expansile (v4: 1.6-2.2)
+_FRACTURE_OVERRIDE = 0.8  # the fragments overlap along the bone, in bone radii: a dense band (v4: 0.3 apart)
+_LESION_RIM = 1.8  # the lytic lesion's sclerotic rim, in bone radii of density (v4: 0.7)
 
 
 @dataclass
@@ -6532,8 +6548,10 @@ def _tube_density(xx, yy, bone: _Bone, hollow: float = 0.62, marrow: float = 0.3
 
 
 def _draw_tube(layer, bone: _Bone, weight: float, fracture: dict | None = None):
-    """Add a tube's density to `layer`; with `fracture`, cut it along a line and shift the distal part."""
-    pad = bone.radius * 1.3 + (np.abs(fracture["shift"]).max() if fracture else 0)
+    """Add a tube's density to `layer`; with `fracture`, cut it along a line, then turn the distal part about the
+    break by fracture["angle"] (radians; angulation) and shift it (displacement)."""
+    reach = float(np.linalg.norm(bone.p1 - bone.p0)) * abs(math.sin(fracture.get("angle", 0.0))) if fracture else 0
+    pad = bone.radius * 1.3 + (np.abs(fracture["shift"]).max() + reach if fracture else 0)
     reg = _region(layer.shape, np.minimum(bone.p0, bone.p1) - pad, np.maximum(bone.p0, bone.p1) + pad)
     if reg is None:
         return
@@ -6544,9 +6562,11 @@ def _draw_tube(layer, bone: _Bone, weight: float, fracture: dict | None = None):
     c, n, gap, shift = fracture["point"], fracture["normal"], fracture["gap"], fracture["shift"]
     side = (xx - c[0]) * n[0] + (yy - c[1]) * n[1]
     proximal = _tube_density(xx, yy, bone) * (side < -gap / 2)
-    xs, ys = xx - shift[0], yy - shift[1]
+    ca, sa = math.cos(fracture.get("angle", 0.0)), math.sin(fracture.get("angle", 0.0))
+    ux, uy = xx - shift[0] - c[0], yy - shift[1] - c[1]  # back to where a distal pixel was before the break
+    xs, ys = c[0] + ca * ux + sa * uy, c[1] - sa * ux + ca * uy
     distal = _tube_density(xs, ys, bone) * (((xs - c[0]) * n[0] + (ys - c[1]) * n[1]) > gap / 2)
-    layer[sl] += weight * (proximal + distal)
+    layer[sl] += weight * (proximal + distal)  # where the fragments override, their densities add: a dense band
 
 
 def _draw_ellipsoid(layer, center, radii, angle, weight, hollow: float = 0.65, marrow: float = 0.4):
@@ -6698,20 +6718,24 @@ def _plant_finding(finding: dict, bones: list[_Bone], bone_layer, metal_layer, s
     if finding["kind"] == "fracture":
         tilt = math.radians(finding["tilt"])
         line_normal = axis * math.cos(tilt) + normal * math.sin(tilt)
-        shift = (normal * finding["displacement"] * r + axis * 0.3 * r) * scale
-        spec = {"point": at, "normal": line_normal, "gap": max(4.0, 0.7 * r) * scale, "shift": shift}
+        shift = (normal * finding["displacement"] * r - axis * _FRACTURE_OVERRIDE * r) * scale
+        (lo, hi), (near, far) = _FRACTURE_ANGULATION, _FRACTURE_DISPLACEMENT  # the more displaced, the more angled
+        turn = lo + (hi - lo) * float(np.clip((abs(finding["displacement"]) - near) / (far - near), 0, 1))
+        spec = {"point": at, "normal": line_normal, "gap": max(4.0, 0.7 * r) * scale, "shift": shift,
+                "angle": math.copysign(math.radians(turn), finding["displacement"])}
         _draw_tube(bone_layer, bone, -1.0)  # replace the intact bone by the broken one
         _draw_tube(bone_layer, bone, 1.0, spec)
         _draw_soft(soft_layer, at - axis * 3.0 * r, at + axis * 3.0 * r, 3.6 * r)  # fusiform soft-tissue swelling
-        return [at - 3.2 * r * max(scale, 1.0), at + 3.2 * r * max(scale, 1.0)]  # the fragments and the swelling
+        return [at - 3.6 * r * max(scale, 1.0), at + 3.6 * r * max(scale, 1.0)]  # the fragments and the swelling
     if finding["kind"] == "lesion":
         size = finding["size"] * r * scale  # expansile: wider than the bone, thinning and ballooning its cortex
         reg = _region(bone_layer.shape, at - 1.3 * size, at + 1.3 * size)
         if reg is not None:
             sl, yy, xx = reg
             rho = np.sqrt((xx - at[0]) ** 2 + (yy - at[1]) ** 2) / size
-            bone_layer[sl] *= np.where(rho < 1, 0.05 + 0.3 * rho**4, 1.0)
-            bone_layer[sl] += 0.7 * r * np.exp(-(((rho - 1.0) / 0.15) ** 2))
+            bone_layer[sl] *= np.where(rho < 1, 0.02 + 0.25 * rho**4, 1.0)  # lytic: the bone gone inside
+            inside_hand = np.clip(2 * soft_layer[sl] - 0.5, 0, 1)  # the rim stays under the skin (and off the mask)
+            bone_layer[sl] += _LESION_RIM * r * np.exp(-(((rho - 1.0) / 0.2) ** 2)) * inside_hand  # thick, sclerotic
         return [at - 1.15 * size, at + 1.15 * size]
     angle = math.atan2(axis[1], axis[0])
     corners = []
@@ -7101,19 +7125,17 @@ def _abnormal_studies(n_studies: Sequence[int], split_of: Sequence[str], positiv
 def _plan_finding(rng: np.random.Generator, finding_kinds: Sequence[str], finding_scale: float,
                   finding_contrast: float) -> dict:
     """An abnormal study's planted finding: its kind (PHANTOM_FINDING_MIX's shares among `finding_kinds`), its
-    bone (half of them on the larger bones), where along it, and each kind's draws (tilt, displacement, size,
-    hardware)."""
+    bone (_FINDING_BONES: fractures and lesions on the bones wide enough to show them at the training sizes),
+    where along it, and each kind's draws (tilt, displacement, size, hardware)."""
     mix = np.array([PHANTOM_FINDING_MIX[k] for k in finding_kinds])
     kind = str(rng.choice(list(finding_kinds), p=mix / mix.sum()))
-    finger_bones = [f"{f}_{p}" for f in _FINGERS[1:] for p in ("proximal", "middle")] + ["thumb_proximal"]
-    large_bones = ["index_metacarpal", "middle_metacarpal", "ring_metacarpal", "little_metacarpal", "radius"]
-    bone = str(rng.choice(finger_bones + large_bones,  # half of the findings on the larger bones
-                          p=[0.5 / len(finger_bones)] * len(finger_bones) + [0.1] * len(large_bones)))
+    bones = _FINDING_BONES["hardware" if kind == "hardware" else "bone"]
+    bone = str(rng.choice(list(bones), p=list(bones.values())))
     return {
         "kind": kind, "bone": bone,
         "t": rng.uniform(0.7, 0.9) if bone == "radius" else rng.uniform(0.3, 0.7),  # the distal radius
         "tilt": rng.uniform(-35, 35),
-        "displacement": rng.uniform(1.2, 2.0) * rng.choice([-1, 1]), "size": rng.uniform(1.6, 2.2),
+        "displacement": rng.uniform(*_FRACTURE_DISPLACEMENT) * rng.choice([-1, 1]), "size": rng.uniform(*_LESION_SIZE),
         "hardware": str(rng.choice(["plate", "wires"], p=[0.6, 0.4])), "screws": int(rng.integers(2, 5)),
         "scale": finding_scale, "contrast": finding_contrast,
     }

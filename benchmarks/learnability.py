@@ -1,15 +1,19 @@
-"""Learnability of a phantom's planted findings: a DenseNet-169 from scratch, scored on the held-out test.
+"""Learnability of a phantom's planted findings: a DenseNet from scratch, scored on the held-out test.
 
-Trains `mura_helpers.train` (pretrained=False, the default tuning split selects best.pt) on a phantom folder, then
-scores best.pt once on MURA's validation split (the test) with study-level AUROC and a 95% interval resampled by
-patient, overall and per finding kind (fracture, hardware, lesion: that kind's abnormal studies against every
-normal one), beside the per-epoch tuning and test AUROC. Without --data-dir it makes this version's phantom with
-the given finding settings (--kinds, --scale, --contrast) and split (--valid-fraction, --positive-rate). Run it
-with the same settings on two phantom versions to compare them (make the older version's folder with that
-version's mura_helpers). Writes <out>/learnability.json.
+Trains `mura_helpers.train` (pretrained=False; a tuning split of --tune-fraction of the training patients selects
+best.pt) on a phantom folder, then scores best.pt once on MURA's validation split (the test) with study-level AUROC
+and a 95% interval resampled by patient, overall and per finding kind (fracture, hardware, lesion: that kind's
+abnormal studies against every normal one), beside the per-epoch training, tuning and test AUROC and the last
+epoch's test AUROC. Without --data-dir it makes this version's phantom with the given finding settings (--kinds,
+--scale, --contrast) and split (--valid-fraction, --positive-rate). Run it with the same settings on two phantom
+versions to compare them (make the older version's folder with that version's mura_helpers, or run this file from
+a copy of the older checkout). Writes <out>/learnability.json. The table in docs/data-and-phantom.md ran, per kind
+(--kinds fracture, hardware, lesion, or all three) and size (--size 64 with --phantom-size 128, --size 128 with
+--phantom-size 256):
 
-  python benchmarks/learnability.py --out outputs/learnability_v4 --patients 300 --size 128 --epochs 10
-  python benchmarks/learnability.py --out outputs/learn_s1 --scale 1.0 --valid-fraction 0.3 ...
+  python benchmarks/learnability.py --out OUT --patients 100 --phantom-size 128 --valid-fraction 0.3 \
+      --positive-rate 0.5 --kinds fracture --size 64 --epochs 12 --batch-size 16 --arch densenet121 \
+      --plateau-patience 3 --tune-fraction 0.25 --threads 1 --seed 0
   python benchmarks/learnability.py --data-dir /path/to/phantom_v3 --out outputs/learnability_v3 ...
 """
 
@@ -43,6 +47,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--plateau-patience", type=int, default=mh.TrainConfig.plateau_patience,
+                    help="epochs without a lower tuning loss before the rate is divided by 10 (on a small, noisy "
+                         "tuning split 1 takes it to 1e-8 within 15 epochs; 3 keeps it learning)")
+    ap.add_argument("--tune-fraction", type=float, default=mh.TrainConfig.tune_fraction,
+                    help="share of the training patients that selects best.pt")
     ap.add_argument("--arch", default="densenet169", choices=mh.ARCHS)
     ap.add_argument("--seed", type=int, default=0, help="the training seed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -59,7 +68,8 @@ def main(argv=None) -> dict:
                               positive_rate=args.positive_rate, progress=False, **findings))
     cfg = mh.TrainConfig(data_dir=str(root), output_dir=str(out / "run"), cache_dir=str(out / "cache"),
                          image_size=args.size, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
-                         arch=args.arch, pretrained=False, num_workers=0, keep_top_k=0, seed=args.seed)
+                         arch=args.arch, pretrained=False, num_workers=0, keep_top_k=0, seed=args.seed,
+                         plateau_patience=args.plateau_patience, tune_fraction=args.tune_fraction)
     history = mh.train(cfg, progress=False)
     trained_s = time.perf_counter() - started
     sets = mh.run_studies(cfg)
@@ -89,11 +99,13 @@ def main(argv=None) -> dict:
                                                  "finding_contrast")},
         "data_dir": str(root), "arch": args.arch, "pretrained": False,
         "image_size": args.size, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "plateau_patience": cfg.plateau_patience,
         "tune_fraction": cfg.tune_fraction, "select_metric": cfg.select_metric, "best_epoch": best_epoch,
         "train_views": int(sum(len(p) for p in sets["train"]["image_paths"])),
         "test_studies": len(preds), "test_abnormal": int(preds["label"].sum()),
         "test_patients": int(preds["patient"].nunique()),
         "test_auroc_best": round(float(auroc), 3), "test_auroc_ci95_by_patient": [round(lo, 3), round(hi, 3)],
+        "test_auroc_last": round(float(history["valid_auroc"].iloc[-1]), 3),
         "test_auroc_by_kind": by_kind, "seed": args.seed,
         "tune_auroc_by_epoch": [round(float(v), 3) for v in history["tune_auroc"]],
         "test_auroc_by_epoch": [round(float(v), 3) for v in history["valid_auroc"]],

@@ -62,10 +62,11 @@ def test_learnability_benchmark_smoke(tiny_phantom, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     report = bench.main(["--data-dir", str(tiny_phantom), "--out", str(tmp_path / "learn"), "--size", "32",
-                         "--epochs", "2", "--batch-size", "8"])
+                         "--epochs", "2", "--batch-size", "8", "--plateau-patience", "3"])
     assert report["phantom_version"] == json.loads((tiny_phantom / "phantom_manifest.json").read_text())["version"]
     assert len(report["tune_auroc_by_epoch"]) == len(report["test_auroc_by_epoch"]) == 2
     assert report["best_epoch"] in (1, 2) and report["select_metric"] == "tune_loss" and not report["pretrained"]
+    assert report["plateau_patience"] == 3 and report["test_auroc_last"] == report["test_auroc_by_epoch"][-1]
     valid = [p for p in (tiny_phantom / "valid" / "XR_HAND").glob("patient*/study*")]
     assert report["test_studies"] == len(valid) and report["test_abnormal"] == sum("positive" in p.name for p in valid)
     lo, hi = report["test_auroc_ci95_by_patient"]
