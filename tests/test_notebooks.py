@@ -322,6 +322,7 @@ def test_results_notebook_runs_headless_with_an_ensemble(tiny_run, tmp_path):
     printed = [o["text"] for c in nb.cells if not c.source.startswith("# Setup")  # (it prints where the repo is)
                for o in c.get("outputs", []) if o.get("name") == "stdout"]
     assert printed[0].startswith(("LEARNED: ", "NOT SHOWN TO LEARN: ")), printed[:2]  # the verdict comes first
+    assert "test studies (MURA's validation split)" in printed[0] and "tuning split: " in printed[0]  # then the run
     for name in FIGURES["04_results.ipynb"]:
         if name == "results_control_curves":  # only when the control runs
             assert not (tmp_path / "figures" / f"{name}.png").exists()
