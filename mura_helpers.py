@@ -3434,6 +3434,8 @@ class MaskRules:
     # hand-like components (_hand_components): shares of the content
     least_area: float = 0.01  # a hand covers at least this share ...
     most_area: float = 0.75  # ... and at most this (more: the field or the plate)
+    narrow_most_area: float = 0.95  # ... in a close-up, this: its hand fills 70-90% of it (phantom v4), and no
+    #                                 filled rectangle over it is the plate (its soft tissue may be one)
     most_rim: float = 0.3  # a hand covers at most this share of the content's rim (more: a plate's frame)
     texture_noise: float = 2.5  # a hand is textured: its standard deviation at least this many times the noise ...
     texture_contrast: float = 0.06  # ... and this share of the view's contrast (a uniform marker or plate edge is not)
@@ -3837,7 +3839,7 @@ def _class_thresholds(values: np.ndarray, rules: MaskRules) -> list[float]:
 
 
 def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content: np.ndarray, flat: float,
-                     spread: float, rules: MaskRules = MaskRules()) -> np.ndarray:
+                     spread: float, rules: MaskRules = MaskRules(), narrow: bool = False) -> np.ndarray:
     """The hand-like components of a foreground: large, thick, textured, not the plate or field (covering much of
     the content's rim or most of the content), not a marker or plate edge (thin, or uniform like the background).
     None at all when one is a large filled rectangle: the plate, at a level that shows no hand apart from it.
@@ -3849,7 +3851,8 @@ def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content
     area = ndimage.sum_labels(fg, labels, index)
     on_rim = ndimage.sum_labels(ring, labels, index)
     total = content.sum()
-    keep = (area >= rules.least_area * total) & (area <= rules.most_area * total) & (
+    most = rules.narrow_most_area if narrow else rules.most_area
+    keep = (area >= rules.least_area * total) & (area <= most * total) & (
         on_rim <= rules.most_rim * ring.sum())
     if keep.any():
         keep &= ndimage.standard_deviation(work, labels, index) >= max(rules.texture_noise * flat,
@@ -3857,7 +3860,7 @@ def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content
     if keep.any():
         thickness = ndimage.maximum(ndimage.distance_transform_edt(fg), labels, index)
         keep &= thickness >= max(rules.least_thickness, rules.thickness_share * fg.shape[0])
-    for k in np.flatnonzero(keep & (area >= rules.plate_area * total)):  # a filled rectangle over most: the plate
+    for k in np.flatnonzero(keep & (area >= rules.plate_area * total) & ~narrow):  # a filled rectangle: the plate
         component = labels == index[k]
         ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))
         _, (w, h), _ = min_area_rect(np.column_stack([xs, ys]).astype(float))
@@ -4186,7 +4189,7 @@ def _search_hand_levels(views: dict, levels: dict, values: np.ndarray, narrow: b
         for level in (v for v in candidates if v > least):
             fg = _without_frame(ndimage.binary_opening((work > level) & inside & ~edge), inside, rim,
                                 rules.frame_full, () if narrow else (0, 1))
-            found = _hand_components(fg, work, ring, inside, texture * noise, texture * (hi - lo), rules)
+            found = _hand_components(fg, work, ring, inside, texture * noise, texture * (hi - lo), rules, narrow)
             if found.any():
                 break
         if found.any():
