@@ -328,6 +328,49 @@ def test_a_narrow_close_up_keeps_its_hand(tmp_path):
     assert mh.mask_iou(out["mask"], out["affine"], finger) >= 0.85
 
 
+def test_a_close_up_filled_by_its_hand_finds_the_background_beside_it(tmp_path):
+    # a finger's soft tissue over 70% of a view four times as tall as wide, its bone 8%, the background a strip
+    # beside it: the soft tissue's level, the commonest, is no background (the bone lies on one side of it, the
+    # background on the other), and the finger, a filled rectangle over most of the view, is no plate
+    shape = (400, 100)
+    finger = _capsule(shape, (35, -50), (35, 450), 35)
+    bone = _capsule(shape, (35, -50), (35, 450), 4)
+    rng = np.random.default_rng(4)
+    image = np.where(finger, 90.0, 20.0)
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)
+    image[bone] = 190 + 12 * (texture / texture.std())[bone]
+    image = ndimage.gaussian_filter(image, 1.0) + rng.normal(0, 3, shape)
+    cfg = mh.PreprocessConfig(crop=False, size=128)  # (the whole view: its finger is a rectangle the crop would take)
+    out = mh.preprocess_view(_save(tmp_path, np.clip(image, 0, 255).astype(np.uint8)), cfg)
+    assert not out["inverted"]
+    assert mh.mask_iou(out["mask"], out["affine"], finger) >= 0.85  # the soft tissue too, not the bone alone
+
+
+def test_a_bone_leaving_the_view_is_hand_not_a_marker():
+    # a light-grey view whose forearm bones leave it at the bottom as its brightest, smoothest pixels
+    image, truth = _radiograph(shape=(128, 128), background=165, soft=180, bone=225, noise=2,
+                               hands=((64, 90, 0.4),), seed=1)
+    _, bones = _drawn_hand(truth.shape, 64, 90, 0.4)
+    leaving = bones & (np.mgrid[:128, :128][0] >= 100)
+    image = image.astype(float)
+    image[leaving] = 235 + np.random.default_rng(2).normal(0, 1, leaving.sum())
+    mask, inverted = mh.hand_mask(np.clip(image, 0, 255).astype(np.uint8), np.ones(truth.shape, bool))
+    assert not inverted and mask[leaving].mean() >= 0.95  # no hole where the bone meets the rim
+    assert (mask & truth).sum() / (mask | truth).sum() >= 0.85
+
+
+def test_a_thin_frame_strip_near_the_rim_leaves_the_mask():
+    # a plate's frame the crop left in: a strip 3 px wide, 10 px in from the bottom, across the forearm
+    image, truth = _radiograph(shape=(128, 128), background=20, soft=90, bone=200, noise=3,
+                               hands=((64, 90, 0.4),), seed=1)
+    strip = np.zeros(truth.shape, bool)
+    strip[115:118, 4:124] = True
+    image = np.where(strip & ~truth, 90, image).astype(np.uint8)
+    mask, _ = mh.hand_mask(image, np.ones(truth.shape, bool))
+    assert mask[strip & ~truth].mean() <= 0.15  # (a few px beside the forearm: its margin)
+    assert (mask & truth).sum() / (mask | truth).sum() >= 0.85
+
+
 def test_tags_are_found_off_the_hand_and_bones_are_not_tags():
     rng = np.random.default_rng(0)
     small = np.full((128, 128), 20.0)
@@ -362,7 +405,7 @@ RULED_FUNCTIONS = ("_block_means", "_plate_thresholds", "_plate_candidates", "_p
                    "_collimated_field", "find_field", "_class_thresholds", "_hand_components", "_commonest_level",
                    "_without_frame", "_background_level", "_hand_mask", "_find_tags", "_tag_shaped",
                    "_without_tag_shapes", "_working_square", "_without_heel", "_smoothed_inside",
-                   "_search_hand_levels", "_finished_mask")
+                   "_search_hand_levels", "_finished_mask", "_without_rim_strips", "_bone_at_rim")
 
 
 def _commented_lines(source: str) -> set[int]:
