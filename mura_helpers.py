@@ -3604,9 +3604,10 @@ def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray,
     points = np.column_stack([xs, ys]).astype(float)
     center, (w, h), angle = min_area_rect(points)
     share = w * h / searched.sum()  # above 1 for a tilted plate reaching past the view's edges
+    if not (share >= rules.min_share and area / (w * h) > rules.min_area_fill):
+        return None
     hull = ConvexHull(points).volume
-    if not (share >= rules.min_share and area / (w * h) > rules.min_area_fill
-            and hull / max(w * h, 1e-9) > min_hull_fill):  # (1e-9: no division by zero)
+    if hull / max(w * h, 1e-9) <= min_hull_fill:  # (1e-9: no division by zero)
         own = ~((xs == 0) | (ys == 0) | (xs == searched.shape[1] - 1) | (ys == searched.shape[0] - 1))
         if own.all() or own.sum() < 3 or np.ptp(xs[own]) < 2 or np.ptp(ys[own]) < 2:  # (a hull needs 3 points)
             return None
