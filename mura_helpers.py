@@ -3350,6 +3350,9 @@ class CropRules:
     min_hull_fill: float = 0.9  # the component's convex hull fills this much of its rectangle: a plate is one
     min_hull_fill_background: float = 0.85  # ... for the background's class, which may miss a plate's corner (a
     #                                          collimated wedge); a hand's class may not
+    along_near: float = 1.5  # a plate reaching past the view's edges (its rectangle around what is in view no
+    #                          plate): its rectangle is the one with the most outline pixels within this many px of
+    #                          its sides (its own sides, not the view's edges, which cut its corners off)
     rim_gap: float = 2.0  # what lies "outside" the rectangle starts this many px beyond it (1 on each side): its rim
     outside_share: float = 0.01  # outside pixels (of the searched ones) under this share: nothing to tell
     outside_class: float = 0.2  # a plate stands out: at most this share of what lies outside it is of its class
@@ -3560,12 +3563,35 @@ def rect_mask(shape: tuple[int, int], rect) -> np.ndarray:
     return (np.abs(u) <= w / 2) & (np.abs(v) <= h / 2)
 
 
+def _rect_along(points: np.ndarray, near: float) -> tuple[np.ndarray, tuple[float, float], float]:
+    """The rectangle (center, (w, h), angle) around points that lie along its sides (a plate's outline whose corners
+    lie beyond the view): of the bounding rectangles at each of their hull's edge angles, the one with the most
+    points within `near` px of its sides."""
+    hull = points[ConvexHull(points).vertices]
+    edges = np.diff(np.vstack([hull, hull[:1]]), axis=0)
+    angles = np.unique(np.mod(np.arctan2(edges[:, 1], edges[:, 0]), np.pi / 2))
+    cos, sin = np.cos(angles), np.sin(angles)
+    u = points[:, 0, None] * cos + points[:, 1, None] * sin  # (points, angles)
+    v = -points[:, 0, None] * sin + points[:, 1, None] * cos
+    lo, hi = np.stack([u.min(0), v.min(0)]), np.stack([u.max(0), v.max(0)])
+    gap = np.minimum(np.minimum(u - lo[0], hi[0] - u), np.minimum(v - lo[1], hi[1] - v))
+    best = int(np.argmax((gap <= near).sum(0)))
+    a = float(angles[best])
+    rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+    center = rot.T @ ((lo[:, best] + hi[:, best]) / 2)
+    w, h = float(hi[0, best] - lo[0, best]), float(hi[1, best] - lo[1, best])
+    if a > np.pi / 4:  # keep the rectangle close to upright: angle in (-45, 45] degrees
+        a, w, h = a - np.pi / 2, h, w
+    return center, (w, h), a
+
+
 def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray, min_hull_fill: float,
                 rules: CropRules):
     """(share, center, (w, h), angle) of a component's minimum-area rectangle when it is plate-like, else None:
     it covers at least rules.min_share of the searched pixels and leaves at least 1 - rules.max_share of them out
     (a tilted plate may reach past the view's edges; the whole view is no plate), the convex hull fills
-    `min_hull_fill` of it, and what lies outside it is mostly not of the component's class (`region`): a plate
+    `min_hull_fill` of it (of the part in view of the rectangle along its own sides when the view's edges cut its
+    corners off: _rect_along), and what lies outside it is mostly not of the component's class (`region`): a plate
     stands out from its surround, while the background beside a straight finger, a rectangle too, does not."""
     area = int(component.sum())
     if area < max(rules.least_plate_pixels, rules.min_area_fill * rules.min_share * searched.sum()):
@@ -3578,9 +3604,19 @@ def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray,
     points = np.column_stack([xs, ys]).astype(float)
     center, (w, h), angle = min_area_rect(points)
     share = w * h / searched.sum()  # above 1 for a tilted plate reaching past the view's edges
-    if not (share >= rules.min_share and area / (w * h) > rules.min_area_fill
-            and ConvexHull(points).volume / max(w * h, 1e-9) > min_hull_fill):  # (1e-9: no division by zero)
+    if not (share >= rules.min_share and area / (w * h) > rules.min_area_fill):
         return None
+    hull = ConvexHull(points).volume
+    if hull / max(w * h, 1e-9) <= min_hull_fill:  # (1e-9: no division by zero)
+        own = ~((xs == 0) | (ys == 0) | (xs == searched.shape[1] - 1) | (ys == searched.shape[0] - 1))
+        if own.all() or own.sum() < 3 or np.ptp(xs[own]) < 2 or np.ptp(ys[own]) < 2:  # (a hull needs 3 points)
+            return None
+        # a tilted plate reaching past the view's edges: its rectangle is that of its own sides, not the view's
+        center, (w, h), angle = _rect_along(points[own], rules.along_near)
+        seen = max(float((rect_mask(searched.shape, (center, (w, h), angle)) & searched).sum()), 1.0)
+        share = w * h / searched.sum()
+        if not (share >= rules.min_share and area / seen > rules.min_area_fill and hull / seen > min_hull_fill):
+            return None
     if (searched & ~rect_mask(searched.shape, (center, (w, h), angle))).sum() < (1 - rules.max_share) * searched.sum():
         return None  # the whole view, not a plate in it
     rim = (w + rules.rim_gap, h + rules.rim_gap)
@@ -3795,9 +3831,15 @@ def _collimated_field(gray: np.ndarray, plate, rules: CropRules = CropRules(), l
 
 def find_field(gray: np.ndarray, rules: CropRules = CropRules(), level_rules: MaskRules = MaskRules()):
     """The carrier crop's rectangle: the plate (find_carrier), narrowed to the exposed field inside it when
-    collimation left unexposed borders (see _collimated_field); None when no plate stands out."""
+    collimation left unexposed borders (see _collimated_field); with no plate standing out, the field inside the
+    view's own borders (a close-up's plate fills it: its hand covers most of its field, so no level shows the field
+    as a rectangle); None when neither."""
     plate = find_carrier(gray, rules)
-    return None if plate is None else _collimated_field(gray, plate, rules, level_rules)
+    if plate is None:
+        whole = (np.array([gray.shape[1] / 2, gray.shape[0] / 2]), (float(gray.shape[1]), float(gray.shape[0])), 0.0)
+        field = _collimated_field(gray, whole, rules, level_rules)
+        return None if field is whole else field
+    return _collimated_field(gray, plate, rules, level_rules)
 
 
 def _square_affine(size_wh, carrier, out_size: int) -> np.ndarray:
@@ -4353,8 +4395,9 @@ class AnomalyCache:
 # the bands along its sides; the mask's levels at least 5% of the contrast off the background, its faint margin;
 # 7: lead tags left out, narrow close-ups, the background of a view that is mostly hand, 128 px squares averaged
 # down; 9: a close-up's background beside a hand that fills it, bone at the rim kept, thin frame strips near the
-# rim left out; a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
-ANOMALY_PIPELINE_VERSION = 9
+# rim left out; 10: a plate reaching past the view by its own sides, collimated borders of a view with no plate;
+# a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
+ANOMALY_PIPELINE_VERSION = 10
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",

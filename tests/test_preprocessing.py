@@ -117,6 +117,51 @@ def test_the_field_is_found_where_the_plate_reaches_past_the_view():
     assert (cx, cy) == (pytest.approx(110, abs=3), pytest.approx(200, abs=3))
 
 
+def _close_up(shape, plate_rect, field_margins, surround=8, border=200, field=20, seed=5):
+    """A close-up: a plate (center, (w, h), angle in degrees) on `surround`, its exposed field (`field_margins`:
+    left, top, right, bottom px, borders at `border`) filled by a finger (soft tissue 90 over 75% of the field's
+    width, bone 190) running its whole length."""
+    (cx, cy), (w, h), angle = plate_rect
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(float)
+    a = math.radians(angle)
+    u = (xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)
+    v = -(xx - cx) * math.sin(a) + (yy - cy) * math.cos(a)
+    left, top, right, bottom = field_margins
+    in_plate = (np.abs(u) <= w / 2) & (np.abs(v) <= h / 2)
+    in_field = in_plate & (u >= left - w / 2) & (u <= w / 2 - right) & (v >= top - h / 2) & (v <= h / 2 - bottom)
+    middle = (left - right) / 2  # the field's middle along u
+    image = np.where(in_plate, border, surround).astype(float)
+    image[in_field] = field
+    image[in_field & (np.abs(u - middle - 0.1 * (w - left - right)) < 0.375 * (w - left - right))] = 90
+    image[in_field & (np.abs(u - middle) < 0.08 * (w - left - right))] = 190
+    image = ndimage.gaussian_filter(image, 1.0) + np.random.default_rng(seed).normal(0, 3, shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def test_a_view_with_no_plate_standing_out_has_its_collimated_borders_cut_off(monkeypatch):
+    # a close-up's plate fills the view and its finger most of the field: on the phantom no level shows the
+    # field as a rectangle (find_carrier finds none), but collimation's light borders along its sides remain
+    image = _close_up((400, 100), ((50, 200), (100, 400), 0.0), (6, 30, 6, 24))
+    monkeypatch.setattr(mh, "find_carrier", lambda gray, rules: None)
+    (cx, cy), (w, h), angle = mh.find_field(image)
+    assert (w, h) == (pytest.approx(88, abs=5), pytest.approx(346, abs=6)) and angle == 0
+    assert (cx, cy) == (pytest.approx(50, abs=3), pytest.approx(203, abs=4))
+
+
+@pytest.mark.parametrize("plate, margins, border", [
+    (((68.7, 263.8), (124.1, 412.2), -9.9), (8, 26, 6, 30), 200),  # light collimation borders inside it
+    (((65, 256), (124, 412), 12.0), (8, 26, 6, 30), 95),  # ... as light as the finger's soft tissue
+])
+def test_a_tilted_close_up_plate_reaching_past_the_view_is_found(plate, margins, border):
+    # a plate tilted 10-12 degrees in a view as narrow as it: the view's edges cut its corners off, so the
+    # rectangle around what is in view (a parallelogram) is none; its own sides still are one
+    image = _close_up((512, 129), plate, margins, border=border)
+    center, (w, h), angle = mh.find_carrier(image)
+    assert math.degrees(angle) == pytest.approx(plate[2], abs=1.5)
+    assert (w, h) == (pytest.approx(plate[1][0], rel=0.06), pytest.approx(plate[1][1], rel=0.04))
+    assert center == pytest.approx(plate[0], abs=4)
+
+
 def test_a_plate_with_a_collimated_corner_is_still_found():
     image = _hand_view(25, 25, 25)
     plate = np.zeros(image.shape, bool)
