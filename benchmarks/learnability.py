@@ -53,6 +53,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tune-fraction", type=float, default=mh.TrainConfig.tune_fraction,
                     help="share of the training patients that selects best.pt")
     ap.add_argument("--arch", default="densenet169", choices=mh.ARCHS)
+    ap.add_argument("--upright", action=argparse.BooleanOptionalAction, default=mh.TrainConfig.upright,
+                    help="invert views stored inverted back before the model sees them (TrainConfig.upright)")
     ap.add_argument("--seed", type=int, default=0, help="the training seed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
@@ -69,12 +71,13 @@ def main(argv=None) -> dict:
     cfg = mh.TrainConfig(data_dir=str(root), output_dir=str(out / "run"), cache_dir=str(out / "cache"),
                          image_size=args.size, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
                          arch=args.arch, pretrained=False, num_workers=0, keep_top_k=0, seed=args.seed,
-                         plateau_patience=args.plateau_patience, tune_fraction=args.tune_fraction)
+                         plateau_patience=args.plateau_patience, tune_fraction=args.tune_fraction,
+                         upright=args.upright)
     history = mh.train(cfg, progress=False)
     trained_s = time.perf_counter() - started
     sets = mh.run_studies(cfg)
     model, _ = mh.load_checkpoint(out / "run" / "checkpoints" / "best.pt")
-    preds = mh.predict_studies(model, sets["test"], args.size, cache_dir=cfg.cache_dir)
+    preds = mh.predict_studies(model, sets["test"], args.size, cache_dir=cfg.cache_dir, upright=cfg.upright)
     preds = preds.merge(sets["test"][["study_path", "patient"]], on="study_path")
     auroc = mh.study_metrics(preds["label"], preds["prob"])["auroc"]  # NaN (with a warning) for one class
     lo, hi = mh.auroc_interval(preds["label"], preds["prob"], patients=preds["patient"])
@@ -97,7 +100,7 @@ def main(argv=None) -> dict:
         "phantom": {k: manifest.get(k) for k in ("n_patients", "seed", "image_size", "valid_fraction",
                                                  "positive_rate", "finding_kinds", "finding_scale",
                                                  "finding_contrast")},
-        "data_dir": str(root), "arch": args.arch, "pretrained": False,
+        "data_dir": str(root), "arch": args.arch, "pretrained": False, "upright": cfg.upright,
         "image_size": args.size, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "plateau_patience": cfg.plateau_patience,
         "tune_fraction": cfg.tune_fraction, "select_metric": cfg.select_metric, "best_epoch": best_epoch,
