@@ -1526,9 +1526,9 @@ class TrainConfig(RunConfig):
     image_size: int = 224  # the report; the MURA paper used 320
     resize: str = "squash"  # "squash" (report, paper) or "pad" (keeps the aspect ratio)
     upright: bool = True  # views stored inverted (a white or mid-grey background, dark bones) are inverted back
-    # before the model sees them (upright_view), so a nuisance the label does not depend on cannot steer the study's
-    # probability (the phantom's 8% inverted views: the demo's model had ranked them all as the most normal); the
-    # paper and the report did not (their presets: False)
+    # before the model sees them (upright_view): polarity says nothing of the label, yet make demo's model ranked
+    # the inverted test views below nearly all others (docs/supervised.md); the paper and the report did not (their
+    # presets: False)
     arch: str = "densenet169"
     pretrained: bool = _free(True)  # ImageNet weights (the paper and the report)
     batch_size: int = 32  # views per step (the report: 8); with loss_level="study": studies per step

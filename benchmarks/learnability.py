@@ -7,9 +7,10 @@ abnormal studies against every normal one), beside the per-epoch training, tunin
 epoch's test AUROC. Without --data-dir it makes this version's phantom with the given finding settings (--kinds,
 --scale, --contrast) and split (--valid-fraction, --positive-rate). Run it with the same settings on two phantom
 versions to compare them (make the older version's folder with that version's mura_helpers, or run this file from
-a copy of the older checkout). Writes <out>/learnability.json. The table in docs/data-and-phantom.md ran, per kind
-(--kinds fracture, hardware, lesion, or all three) and size (--size 64 with --phantom-size 128, --size 128 with
---phantom-size 256):
+a copy of the older checkout). Views are made upright as TrainConfig's default says (--no-upright: as stored,
+how the table's rows before 2026-12-06 ran). Writes <out>/learnability.json. The table in docs/data-and-phantom.md
+ran, per kind (--kinds fracture, hardware, lesion, or all three) and size (--size 64 with --phantom-size 128,
+--size 128 with --phantom-size 256), with --no-upright:
 
   python benchmarks/learnability.py --out OUT --patients 100 --phantom-size 128 --valid-fraction 0.3 \
       --positive-rate 0.5 --kinds fracture --size 64 --epochs 12 --batch-size 16 --arch densenet121 \
