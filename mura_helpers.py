@@ -3453,6 +3453,13 @@ class MaskRules:
     #                            a crisp view's edge: more views lost than won)
     # polarity and thresholds
     extreme_percentile: float = 0.5  # the view's extremes: this percentile from either end (not a few specks)
+    graded_percentile: float = 3.0  # a close-up's polarity: the texture of this percentile at either end (its
+    #                                 bone, graded, or its background: flat but for the grain) ...
+    graded_ratio: float = 1.35  # ... read from the texture when one end is this many times as textured as the
+    #                             other (its bone), else from where the extremes lie (chosen on phantom v5's even
+    #                             patients, seed 0: an inverted close-up's ends differ by up to 1.16 times)
+    beside_share: float = 0.5  # ... its background then: the commonest flat level past this share of the way from
+    #                            the soft tissue's level to the far extreme (halfway: not the soft tissue's margin)
     otsu_bins: int = 64  # the four-class Otsu's histogram bins (for speed)
     off_background_noise: float = 3.0  # thresholds just off the background (a faint soft tissue): this many times
     #                                    the noise from it, and twice as far
@@ -4174,6 +4181,11 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
         values = small[inside & ~tags]
         lo, hi = np.percentile(values, percentiles)
     prior = bool(background - lo > hi - background)
+    if narrow:  # a close-up's soft tissue, filling it, is no background: its bone (textured) says the polarity
+        graded = _graded_polarity(small, inside & ~tags, local, rules)
+        if graded is not None and graded != prior:
+            background, noise = _background_beside(small, inside & ~tags, local, background, noise, graded, rules)
+            prior = graded
     views = {"small": small, "inside": inside, "ring": ring, "local": local, "tags": tags}
     levels = {"noise": noise, "background": background, "lo": lo, "hi": hi, "prior": prior, "rim": rim}
     found, inverted, work, least, edge, fg = _search_hand_levels(views, levels, values, narrow, rules)
@@ -4185,6 +4197,40 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
         filled_8bit = Image.fromarray(filled.astype(np.uint8) * 255)  # (255: 8-bit white)
         filled = np.asarray(filled_8bit.resize((size, size), Image.Resampling.BILINEAR)) >= 128  # (128: halfway)
     return filled & content, inverted, doubts
+
+
+def _graded_polarity(small: np.ndarray, inside: np.ndarray, local: np.ndarray, rules: MaskRules) -> bool | None:
+    """Whether a close-up is inverted, read from its texture: its bone (graded: trabeculae, cortex) lies at the
+    textured end of its levels, brighter than its soft tissue unless inverted; its background at the flat end
+    (rules.graded_percentile, graded_ratio). None when neither end is clearly the more textured."""
+    values = small[inside]
+    dark, bright = np.percentile(values, [rules.graded_percentile, 100 - rules.graded_percentile])  # (100: per cent)
+    dark_texture = float(np.median(local[inside][values <= dark]))
+    bright_texture = float(np.median(local[inside][values >= bright]))
+    if bright_texture >= rules.graded_ratio * dark_texture:
+        return False
+    if dark_texture >= rules.graded_ratio * bright_texture:
+        return True
+    return None
+
+
+def _background_beside(small: np.ndarray, inside: np.ndarray, local: np.ndarray, level: float, noise: float,
+                       inverted: bool, rules: MaskRules) -> tuple[float, float]:
+    """(level, noise) of a close-up's background when its commonest flat level lies on the hand's side (soft tissue
+    filling it): the commonest flat level beyond it on the other side (darker, or brighter when `inverted`), its
+    noise that of the flat pixels near it (a strip too thin for flat pixels: the commonest level of its own, the
+    old noise); the old ones when too few pixels lie there. Beyond: past
+    rules.beside_share of the way from that level to the view's extreme (soft tissue thins towards its edge)."""
+    share = 100 - rules.extreme_percentile if inverted else rules.extreme_percentile  # (100: per cent)
+    end = np.percentile(small[inside], share)
+    beyond = level + rules.beside_share * (end - level)
+    side = inside & ((small > beyond) if inverted else (small < beyond))
+    flat = side & (local <= rules.flat_noise * noise)
+    if side.sum() < rules.least_flat:
+        return level, noise
+    level = _commonest_level(small[flat if flat.sum() >= rules.least_flat else side], rules.commonest_width)
+    near = flat & (np.abs(small - level) <= rules.both_sides_noise * noise)
+    return level, (max(float(np.median(local[near])), rules.least_noise) if near.any() else noise)
 
 
 def _working_square(image: np.ndarray, content: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -4435,8 +4481,9 @@ class AnomalyCache:
 # 7: lead tags left out, narrow close-ups, the background of a view that is mostly hand, 128 px squares averaged
 # down; 9: a close-up's background beside a hand that fills it, bone at the rim kept, thin frame strips near the
 # rim left out; 10: a plate reaching past the view by its own sides, collimated borders of a view with no plate;
+# 11: a close-up's polarity from its textured end (its bone), its background then beside its soft tissue;
 # a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
-ANOMALY_PIPELINE_VERSION = 10
+ANOMALY_PIPELINE_VERSION = 11
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",

@@ -391,6 +391,28 @@ def test_a_close_up_filled_by_its_hand_finds_the_background_beside_it(tmp_path):
     assert mh.mask_iou(out["mask"], out["affine"], finger) >= 0.85  # the soft tissue too, not the bone alone
 
 
+@pytest.mark.parametrize("inverted", [False, True])
+def test_a_close_up_reads_its_polarity_from_its_graded_bone(inverted, tmp_path):
+    # soft tissue over 70% of a close-up four times as tall as wide, the background a dark strip beside it, the bone
+    # a textured core a little brighter than the soft tissue, in a coarse grain: the soft tissue's level, the
+    # commonest, has the bone within its grain on one side and the background far on the other, so where the
+    # extremes lie says the polarity wrong (both ways); the textured end, the bone, says it right
+    shape = (400, 100)
+    finger = _capsule(shape, (36, -50), (36, 450), 36)
+    bone = _capsule(shape, (36, -50), (36, 450), 12)
+    rng = np.random.default_rng(6)
+    image = np.where(finger, 100.0, 15.0)
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)
+    image[bone] = 122 + 15 * (texture / texture.std())[bone]  # trabecular texture
+    grain = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)  # film grain, correlated over a few px
+    image = ndimage.gaussian_filter(image, 1.0) + 10 * grain / grain.std()
+    image = 255 - image if inverted else image  # (255: the 8-bit negative)
+    cfg = mh.PreprocessConfig(crop=False, size=128)  # (the whole view, as the last test)
+    out = mh.preprocess_view(_save(tmp_path, np.clip(image, 0, 255).astype(np.uint8)), cfg)
+    assert out["inverted"] == inverted
+    assert mh.mask_iou(out["mask"], out["affine"], finger) >= 0.85
+
+
 def test_a_bone_leaving_the_view_is_hand_not_a_marker():
     # a light-grey view whose forearm bones leave it at the bottom as its brightest, smoothest pixels
     image, truth = _radiograph(shape=(128, 128), background=165, soft=180, bone=225, noise=2,
