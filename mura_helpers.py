@@ -3542,23 +3542,36 @@ def preprocess_variants(size: int = 512, names: Sequence[str] | None = None) -> 
     return {n: variants[n] for n in names}
 
 
-def min_area_rect(points: np.ndarray) -> tuple[np.ndarray, tuple[float, float], float]:
-    """Minimum-area enclosing rectangle of 2-D points (x, y), by rotating calipers: (center, (w, h), angle rad)."""
+def _edge_frames(points: np.ndarray, hull_only: bool):
+    """The points' bounding rectangles in the frame of each edge angle of their convex hull: (angles, u, v, lo, hi),
+    u and v the coordinates (of the hull's points alone when hull_only: the same rectangles, fewer points) as
+    (points, angles), lo and hi each rectangle's corners as (2, angles)."""
     hull = points[ConvexHull(points).vertices]
     edges = np.diff(np.vstack([hull, hull[:1]]), axis=0)
     angles = np.unique(np.mod(np.arctan2(edges[:, 1], edges[:, 0]), np.pi / 2))
     cos, sin = np.cos(angles), np.sin(angles)
-    u = hull[:, 0, None] * cos + hull[:, 1, None] * sin  # every edge's frame at once: (points, angles)
-    v = -hull[:, 0, None] * sin + hull[:, 1, None] * cos
-    lo, hi = np.stack([u.min(0), v.min(0)]), np.stack([u.max(0), v.max(0)])
-    best = int(np.argmin(np.prod(hi - lo, axis=0)))  # the first of equal areas, as a loop would keep
+    projected = hull if hull_only else points
+    u = projected[:, 0, None] * cos + projected[:, 1, None] * sin  # every edge's frame at once
+    v = -projected[:, 0, None] * sin + projected[:, 1, None] * cos
+    return angles, u, v, np.stack([u.min(0), v.min(0)]), np.stack([u.max(0), v.max(0)])
+
+
+def _frame_rect(angles: np.ndarray, lo: np.ndarray, hi: np.ndarray, best: int):
+    """Rectangle `best` of _edge_frames as (center, (w, h), angle rad), its angle kept in (-45, 45] degrees."""
     a = float(angles[best])
     rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
     center = rot.T @ ((lo[:, best] + hi[:, best]) / 2)
     w, h = float(hi[0, best] - lo[0, best]), float(hi[1, best] - lo[1, best])
-    if a > np.pi / 4:  # keep the rectangle close to upright: angle in (-45, 45] degrees
+    if a > np.pi / 4:  # keep the rectangle close to upright
         a, w, h = a - np.pi / 2, h, w
     return center, (w, h), a
+
+
+def min_area_rect(points: np.ndarray) -> tuple[np.ndarray, tuple[float, float], float]:
+    """Minimum-area enclosing rectangle of 2-D points (x, y), by rotating calipers: (center, (w, h), angle rad)."""
+    angles, _, _, lo, hi = _edge_frames(points, hull_only=True)
+    best = int(np.argmin(np.prod(hi - lo, axis=0)))  # the first of equal areas, as a loop would keep
+    return _frame_rect(angles, lo, hi, best)
 
 
 def rect_mask(shape: tuple[int, int], rect) -> np.ndarray:
@@ -3574,22 +3587,9 @@ def _rect_along(points: np.ndarray, near: float) -> tuple[np.ndarray, tuple[floa
     """The rectangle (center, (w, h), angle) around points that lie along its sides (a plate's outline whose corners
     lie beyond the view): of the bounding rectangles at each of their hull's edge angles, the one with the most
     points within `near` px of its sides."""
-    hull = points[ConvexHull(points).vertices]
-    edges = np.diff(np.vstack([hull, hull[:1]]), axis=0)
-    angles = np.unique(np.mod(np.arctan2(edges[:, 1], edges[:, 0]), np.pi / 2))
-    cos, sin = np.cos(angles), np.sin(angles)
-    u = points[:, 0, None] * cos + points[:, 1, None] * sin  # (points, angles)
-    v = -points[:, 0, None] * sin + points[:, 1, None] * cos
-    lo, hi = np.stack([u.min(0), v.min(0)]), np.stack([u.max(0), v.max(0)])
+    angles, u, v, lo, hi = _edge_frames(points, hull_only=False)
     gap = np.minimum(np.minimum(u - lo[0], hi[0] - u), np.minimum(v - lo[1], hi[1] - v))
-    best = int(np.argmax((gap <= near).sum(0)))
-    a = float(angles[best])
-    rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
-    center = rot.T @ ((lo[:, best] + hi[:, best]) / 2)
-    w, h = float(hi[0, best] - lo[0, best]), float(hi[1, best] - lo[1, best])
-    if a > np.pi / 4:  # keep the rectangle close to upright: angle in (-45, 45] degrees
-        a, w, h = a - np.pi / 2, h, w
-    return center, (w, h), a
+    return _frame_rect(angles, lo, hi, int(np.argmax((gap <= near).sum(0))))
 
 
 def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray, min_hull_fill: float,
