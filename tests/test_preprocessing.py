@@ -358,6 +358,15 @@ def test_a_dim_hand_wins_over_a_bright_tag(tmp_path):
     assert mh.mask_iou(out["mask"], out["affine"], truth & ~tag) >= 0.85
 
 
+def _textured_finger(finger, bone, soft, background, bone_level, bone_spread, rng):
+    """A close-up before blur and grain: soft tissue (`finger`) over the background, the bone a core with a
+    trabecular texture of spread `bone_spread` around `bone_level`."""
+    image = np.where(finger, soft, background)
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, finger.shape), 1.5)
+    image[bone] = bone_level + bone_spread * (texture / texture.std())[bone]
+    return image
+
+
 def test_a_narrow_close_up_keeps_its_hand(tmp_path):
     # a finger along a view four times as tall as wide, from its bottom side to a tip near the top, background
     # beside it: the finger covers more than a third of the view and much of its rim
@@ -365,9 +374,7 @@ def test_a_narrow_close_up_keeps_its_hand(tmp_path):
     finger = _capsule(shape, (50, 50), (55, 440), 28)
     bone = _capsule(shape, (50, 62), (55, 440), 12)
     rng = np.random.default_rng(3)
-    image = np.where(finger, 90.0, 20.0)
-    texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)
-    image[bone] = 190 + 12 * (texture / texture.std())[bone]  # trabecular texture, as _radiograph's
+    image = _textured_finger(finger, bone, 90.0, 20.0, 190, 12, rng)  # the texture as _radiograph's
     image = ndimage.gaussian_filter(image, 1.0) + rng.normal(0, 3, shape)
     out = mh.preprocess_view(_save(tmp_path, np.clip(image, 0, 255).astype(np.uint8)), mh.PreprocessConfig(size=128))
     assert mh.mask_iou(out["mask"], out["affine"], finger) >= 0.85
@@ -381,9 +388,7 @@ def test_a_close_up_filled_by_its_hand_finds_the_background_beside_it(tmp_path):
     finger = _capsule(shape, (35, -50), (35, 450), 35)
     bone = _capsule(shape, (35, -50), (35, 450), 4)
     rng = np.random.default_rng(4)
-    image = np.where(finger, 90.0, 20.0)
-    texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)
-    image[bone] = 190 + 12 * (texture / texture.std())[bone]
+    image = _textured_finger(finger, bone, 90.0, 20.0, 190, 12, rng)
     image = ndimage.gaussian_filter(image, 1.0) + rng.normal(0, 3, shape)
     cfg = mh.PreprocessConfig(crop=False, size=128)  # (the whole view: its finger is a rectangle the crop would take)
     out = mh.preprocess_view(_save(tmp_path, np.clip(image, 0, 255).astype(np.uint8)), cfg)
@@ -401,9 +406,7 @@ def test_a_close_up_reads_its_polarity_from_its_graded_bone(inverted, tmp_path):
     finger = _capsule(shape, (36, -50), (36, 450), 36)
     bone = _capsule(shape, (36, -50), (36, 450), 12)
     rng = np.random.default_rng(6)
-    image = np.where(finger, 100.0, 15.0)
-    texture = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)
-    image[bone] = 122 + 15 * (texture / texture.std())[bone]  # trabecular texture
+    image = _textured_finger(finger, bone, 100.0, 15.0, 122, 15, rng)
     grain = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)  # film grain, correlated over a few px
     image = ndimage.gaussian_filter(image, 1.0) + 10 * grain / grain.std()
     image = 255 - image if inverted else image  # (255: the 8-bit negative)
