@@ -40,11 +40,17 @@ demo: $(VENV)/.installed phantom
 	$(PAPERMILL) notebooks/06_anomaly_detection.ipynb $(OUT)/06_anomaly_detection.ipynb $(ARGS) $(ARGS_06)
 	@echo "executed notebooks are in $(OUT)/, figures in $(OUT)/figures/, numbers in $(OUT)/*.json and *.csv"
 
+# The tests run in parallel, one pytest-xdist worker a core (each worker's torch takes its share of the cores:
+# tests/conftest.py), a test file to a worker (--dist loadfile: a file's module fixtures are built once);
+# PYTEST_WORKERS=0 runs them in this process, one after another.
+PYTEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+
 test: $(VENV)/.installed lint
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: $(VENV)/.installed lint
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

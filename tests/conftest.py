@@ -1,18 +1,25 @@
 """Shared fixtures: a tiny phantom made once per test session, and a helper to write small PNGs; notebook tests
 are marked slow."""
 
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import mura_helpers as mh  # noqa: E402
+
+# pytest-xdist (`make test` runs `-n auto`): the cores are shared among its workers, so each worker's torch takes
+# its share of them instead of every core (on CI's 2 cores: one thread each, not two)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 TINY = {"n_patients": 14, "seed": 3, "image_size": 128, "positive_rate": 0.4}
 
