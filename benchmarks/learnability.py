@@ -7,9 +7,10 @@ abnormal studies against every normal one), beside the per-epoch training, tunin
 epoch's test AUROC. Without --data-dir it makes this version's phantom with the given finding settings (--kinds,
 --scale, --contrast) and split (--valid-fraction, --positive-rate). Run it with the same settings on two phantom
 versions to compare them (make the older version's folder with that version's mura_helpers, or run this file from
-a copy of the older checkout). Writes <out>/learnability.json. The table in docs/data-and-phantom.md ran, per kind
-(--kinds fracture, hardware, lesion, or all three) and size (--size 64 with --phantom-size 128, --size 128 with
---phantom-size 256):
+a copy of the older checkout). Views are made upright as TrainConfig's default says (--no-upright: as stored,
+how the table's rows before 2026-12-06 ran). Writes <out>/learnability.json. The table in docs/data-and-phantom.md
+ran, per kind (--kinds fracture, hardware, lesion, or all three) and size (--size 64 with --phantom-size 128,
+--size 128 with --phantom-size 256), with --no-upright:
 
   python benchmarks/learnability.py --out OUT --patients 100 --phantom-size 128 --valid-fraction 0.3 \
       --positive-rate 0.5 --kinds fracture --size 64 --epochs 12 --batch-size 16 --arch densenet121 \
@@ -53,6 +54,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tune-fraction", type=float, default=mh.TrainConfig.tune_fraction,
                     help="share of the training patients that selects best.pt")
     ap.add_argument("--arch", default="densenet169", choices=mh.ARCHS)
+    ap.add_argument("--upright", action=argparse.BooleanOptionalAction, default=mh.TrainConfig.upright,
+                    help="invert views stored inverted back before the model sees them (TrainConfig.upright)")
     ap.add_argument("--seed", type=int, default=0, help="the training seed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
@@ -69,12 +72,13 @@ def main(argv=None) -> dict:
     cfg = mh.TrainConfig(data_dir=str(root), output_dir=str(out / "run"), cache_dir=str(out / "cache"),
                          image_size=args.size, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
                          arch=args.arch, pretrained=False, num_workers=0, keep_top_k=0, seed=args.seed,
-                         plateau_patience=args.plateau_patience, tune_fraction=args.tune_fraction)
+                         plateau_patience=args.plateau_patience, tune_fraction=args.tune_fraction,
+                         upright=args.upright)
     history = mh.train(cfg, progress=False)
     trained_s = time.perf_counter() - started
     sets = mh.run_studies(cfg)
     model, _ = mh.load_checkpoint(out / "run" / "checkpoints" / "best.pt")
-    preds = mh.predict_studies(model, sets["test"], args.size, cache_dir=cfg.cache_dir)
+    preds = mh.predict_studies(model, sets["test"], args.size, cache_dir=cfg.cache_dir, upright=cfg.upright)
     preds = preds.merge(sets["test"][["study_path", "patient"]], on="study_path")
     auroc = mh.study_metrics(preds["label"], preds["prob"])["auroc"]  # NaN (with a warning) for one class
     lo, hi = mh.auroc_interval(preds["label"], preds["prob"], patients=preds["patient"])
@@ -97,7 +101,7 @@ def main(argv=None) -> dict:
         "phantom": {k: manifest.get(k) for k in ("n_patients", "seed", "image_size", "valid_fraction",
                                                  "positive_rate", "finding_kinds", "finding_scale",
                                                  "finding_contrast")},
-        "data_dir": str(root), "arch": args.arch, "pretrained": False,
+        "data_dir": str(root), "arch": args.arch, "pretrained": False, "upright": cfg.upright,
         "image_size": args.size, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "plateau_patience": cfg.plateau_patience,
         "tune_fraction": cfg.tune_fraction, "select_metric": cfg.select_metric, "best_epoch": best_epoch,

@@ -277,6 +277,30 @@ def test_predict_new_study_from_a_folder(tiny_run, tiny_phantom, tmp_path):
     assert ensemble["n_models"] == 2 and math.isfinite(ensemble["study_prob"])
 
 
+def test_an_upright_run_scores_a_study_stored_as_negatives_as_the_study(tiny_run, tiny_phantom, tmp_path):
+    best = tiny_run / "checkpoints" / "best.pt"
+    assert mh.load_checkpoint(best)[1].upright  # the suite's default
+    truth = mh.load_phantom_truth(tiny_phantom)
+    normal = truth[(truth["polarity"] == "normal") & ~truth["narrow"] & ~truth["dim"] & ~truth["low_contrast"]]
+    views = list(normal["image_file"][:3])
+    folder = tmp_path / "negatives"
+    folder.mkdir()
+    for i, p in enumerate(views):
+        mh.Image.fromarray(255 - np.asarray(mh.load_image(p))).save(folder / f"image{i + 1}.png")
+    stored = mh.predict_new_study(best, views, "cpu")
+    negative = mh.predict_new_study(best, folder, "cpu")
+    assert negative["study_prob"] == pytest.approx(stored["study_prob"], abs=1e-5)
+    assert np.allclose(negative["views"]["prob"], stored["views"]["prob"], atol=1e-5)
+    study = mh.pd.DataFrame([{"study_path": "s/", "label": 1, "image_paths": views, "patient": "p"},
+                             {"study_path": "n/", "label": 1, "image_paths": sorted(map(str, folder.glob("*.png"))),
+                              "patient": "p"}])
+    model, cfg = mh.load_checkpoint(best)
+    preds = mh.predict_studies(model, study, cfg.image_size, cache_dir=tmp_path / "cache", device="cpu",
+                               upright=cfg.upright)  # the cached path agrees with the heatmaps' path
+    assert preds["prob"].iloc[1] == pytest.approx(preds["prob"].iloc[0], abs=1e-5)
+    assert preds["prob"].iloc[0] == pytest.approx(stored["study_prob"], abs=1e-4)
+
+
 def test_predict_new_study_names_unreadable_files(tiny_run, tmp_path):
     good = write_png(tmp_path / "study" / "image1.png")
     bad = tmp_path / "study" / "image2.png"

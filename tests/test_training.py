@@ -30,6 +30,54 @@ def test_cache_holds_the_resized_views_and_is_rebuilt_only_when_needed(phantom_c
     assert not list((tmp_path / "cache").glob("*.tmp*"))
 
 
+def _plain_views(phantom, polarity: str, n: int = 3) -> list[str]:
+    """n of the phantom's views of one polarity, one hand, neither a close-up, dim nor on a low-contrast plate."""
+    truth = mh.load_phantom_truth(phantom)
+    plain = truth[(truth["polarity"] == polarity) & (truth["n_hands"] == 1) & ~truth["narrow"] & ~truth["dim"]
+                  & ~truth["low_contrast"]]
+    return list(plain["image_file"][:n])
+
+
+def test_upright_caches_a_negative_copy_of_a_view_as_the_view(tiny_phantom, tmp_path):
+    truth = mh.load_phantom_truth(tiny_phantom)
+    stored_upright = truth[truth["polarity"] != "inverted"]["image_file"]  # normal and light grey: left as they are
+    turned = sum(mh.view_inverted(np.asarray(mh.load_image(p))) for p in stored_upright)
+    # (at most 1 of 47: a faint light-grey hand with a dark tag at its centre reads as a negative)
+    assert turned <= 1, f"{turned} of {len(stored_upright)} views stored upright read as negatives"
+    views, negatives = _plain_views(tiny_phantom, "normal"), []
+    for i, p in enumerate(views):
+        negatives.append(str(tmp_path / f"negative{i}.png"))
+        mh.Image.fromarray(255 - np.asarray(mh.load_image(p))).save(negatives[-1])  # stored inverted, as on film
+    upright = mh.build_image_cache(views + negatives, 48, tmp_path / "cache", progress=False, workers=1, upright=True)
+    assert upright.upright and "upright" in upright.path.name
+    for p, negative in zip(views, negatives):  # the model sees the same input, however the view was stored
+        assert np.array_equal(upright.array[upright.row_of[negative]], upright.array[upright.row_of[p]])
+        assert np.array_equal(upright.array[upright.row_of[p]], np.asarray(mh.resize_view(mh.load_image(p), 48)))
+        assert np.array_equal(np.asarray(mh.model_input_view(mh.load_image(negative), 48, upright=True)),
+                              upright.array[upright.row_of[p]])
+    as_stored = mh.build_image_cache(views + negatives, 48, tmp_path / "cache", progress=False, workers=1)
+    assert as_stored.path != upright.path and not as_stored.upright  # without it: the negatives as they are
+    for p, negative in zip(views, negatives):
+        assert np.abs(as_stored.array[as_stored.row_of[negative]].astype(int)
+                      - as_stored.array[as_stored.row_of[p]]).mean() > 50
+
+
+def test_upright_is_on_by_default_off_in_the_papers_presets_and_off_for_older_runs(tiny_phantom, tmp_path):
+    assert mh.TrainConfig().upright  # the suite's default ...
+    assert not mh.train_preset("report").upright and not mh.train_preset("mura_paper").upright  # ... not theirs
+    settings = {"image_size": 32, "epochs": 1, "max_steps_per_epoch": 1, "keep_top_k": 0, "upright": False}
+    mh.train(_config(tiny_phantom, tmp_path / "run", tmp_path / "cache", **settings), progress=False)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)  # a run saved before the setting existed: its views as stored
+    state["config"] = {k: v for k, v in state["config"].items() if k != "upright"}
+    mh.save_atomic(state, last)
+    assert not mh.load_checkpoint(last)[1].upright  # loads, and predicts, as it was trained
+    with pytest.raises(ValueError, match="upright"):  # resumed with today's default: refused, not silently changed
+        mh.train(_config(tiny_phantom, tmp_path / "run", tmp_path / "cache",
+                         **{**settings, "epochs": 2, "upright": True}), progress=False)
+    mh.train(_config(tiny_phantom, tmp_path / "run", tmp_path / "cache", **{**settings, "epochs": 2}), progress=False)
+
+
 def test_pad_resize_keeps_the_aspect_ratio():
     image = mh.Image.fromarray(np.full((100, 50), 200, np.uint8))
     padded = np.asarray(mh.resize_view(image, 64, "pad"))
