@@ -225,7 +225,8 @@ def test_truth_table_and_masks(tiny_phantom):
         mask = mh.phantom_hand_mask(row)
         with Image.open(row.image_file) as im:
             assert mask.shape == (im.height, im.width) == (row.height, row.width)
-        assert 0.02 < mask.mean() < (0.9 if row.narrow else 0.8)  # a close-up: the hand fills more of it (0.854 seen)
+        assert 0.02 < mask.mean() < (0.95 if row.narrow else 0.8)  # a close-up: the hand fills more of it (0.854
+        #                                                            seen; 0.906 with a wide soft-tissue margin, v6)
         for corners in (row.plate, row.field):
             assert len(corners) in (0, 4)
             assert not (mask & ~_rect(corners, mask.shape, 1.5)).any()  # no hand outside the plate or field
