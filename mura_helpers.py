@@ -155,7 +155,8 @@ __all__ = [  # the public API, in the module's section order (tests/test_noteboo
     # anomaly detection: plots
     "plot_mask_iou", "plot_anomaly_table", "plot_gan_samples", "plot_reconstructions", "plot_preprocessing",
     # phantom: a synthetic MURA, with its truth
-    "PHANTOM_FINDINGS_CSV", "PHANTOM_TRUTH_CSV", "PHANTOM_MANIFEST", "PHANTOM_VERSION",
+    "PHANTOM_FINDINGS_CSV", "PHANTOM_TRUTH_CSV", "PHANTOM_MANIFEST", "PHANTOM_VERSION", "PHANTOM_WIDE_MARGIN_SHARE",
+    "PHANTOM_MOTTLE_SHARE",
     "PHANTOM_POSES", "PHANTOM_POLARITIES", "PHANTOM_FINDING_MIX", "PHANTOM_FINDINGS", "PHANTOM_MADE_BY",
     "make_phantom_mura", "ensure_phantom",
     "load_phantom_findings", "load_phantom_truth", "PHANTOM_VIEW_KINDS", "phantom_hand_mask",
