@@ -4424,6 +4424,7 @@ def view_inverted(gray: np.ndarray, crop_rules: CropRules = CropRules(), mask_ru
     found = _hand_levels(image, content & central, mask_rules)
     return bool(found is not None and found[1]["prior"])
 
+
 def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
     """Run the pipeline on one view: {'image' uint8 (S, S), 'mask' uint8 0/1, 'affine' 2x3 input->output, ...}.
     A square smaller than the mask's working size (MaskRules.work_size, or the view's own size if smaller) has
