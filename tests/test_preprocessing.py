@@ -475,7 +475,7 @@ RULED_FUNCTIONS = ("_block_means", "_plate_thresholds", "_plate_candidates", "_p
                    "_collimated_field", "find_field", "_class_thresholds", "_hand_components", "_commonest_level",
                    "_without_frame", "_background_level", "_hand_mask", "_find_tags", "_tag_shaped",
                    "_without_tag_shapes", "_working_square", "_without_heel", "_smoothed_inside",
-                   "_search_hand_levels", "_finished_mask", "_without_rim_strips", "_bone_at_rim")
+                   "_search_hand_levels", "_finished_mask", "_without_rim_strips", "_bone_at_rim", "_mask_doubts")
 
 
 def _commented_lines(source: str) -> set[int]:
@@ -540,11 +540,12 @@ def test_mask_doubts_flag_a_cut_and_a_hand_left_out_not_grain():
     above, inside = work > 35, np.ones(hand.shape, bool)  # the floor at 35: grain crosses it here and there
     ring = inside & ~ndimage.binary_erosion(inside, iterations=6, border_value=0)
     rules, limits = mh.MaskRules(), mh.MASK_DOUBT_LIMITS
-    right = mh._mask_doubts(hand | other, above, above, inside, ring, rules)
-    assert all(right[name] <= limit for name, limit in limits.items()), right
-    cut = mh._mask_doubts((hand | other) & (yy > 70), above, above, inside, ring, rules)  # cut through both
+    local = mh._background_level(work, inside, rules)[0]
+    right = mh._mask_doubts(hand | other, above, above, inside, ring, local, rules)
+    assert all(right[name] <= limits[name] for name in ("missed", "cut", "background_inside", "rim")), right
+    cut = mh._mask_doubts((hand | other) & (yy > 70), above, above, inside, ring, local, rules)  # cut through both
     assert cut["cut"] > limits["cut"]
-    left_out = mh._mask_doubts(hand, above, above, inside, ring, rules)  # the second hand missed
+    left_out = mh._mask_doubts(hand, above, above, inside, ring, local, rules)  # the second hand missed
     assert left_out["missed"] > limits["missed"] and left_out["cut"] <= limits["cut"]
 
 
@@ -571,9 +572,33 @@ def test_the_cut_signal_tells_a_graded_margin_from_a_cut_hand():
     fg, above, inside = work > 60, work > 26, np.ones(hand.shape, bool)  # the hand's level; the floor (faint margin)
     ring = inside & ~ndimage.binary_erosion(inside, iterations=6, border_value=0)
     rules, limit = mh.MaskRules(), mh.MASK_DOUBT_LIMITS["cut"]
+    local = mh._background_level(work, inside, rules)[0]
     grown = hand | ndimage.binary_dilation(hand, iterations=rules.margin_growth) & above  # as _finished_mask grows it
-    assert mh._mask_doubts(grown, fg, above, inside, ring, rules)["cut"] <= limit  # the margin goes on past it
-    assert mh._mask_doubts(grown & (yy > 70), fg, above, inside, ring, rules)["cut"] > limit  # the hand goes on
+    assert mh._mask_doubts(grown, fg, above, inside, ring, local, rules)["cut"] <= limit  # the margin goes on past it
+    assert mh._mask_doubts(grown & (yy > 70), fg, above, inside, ring, local, rules)["cut"] > limit  # the hand goes on
+
+
+def test_a_mask_on_the_background_or_of_the_wrong_polarity_is_suspect(tmp_path):
+    # phantom v6, seed 985764: two failed masks raised no doubt (pipeline 12): the background beside a hand that
+    # the crop cut (IoU 0.07), and the background of a low-contrast view read with the wrong polarity (0.22). The
+    # level that found each held nothing but it: no foreground left out or cut. A hand is textured (bone), the
+    # background flat: a mask hardly more textured than what it leaves out is suspect
+    image, truth = _radiograph(shape=(400, 400), hands=((130, 250, 0.8),), seed=2)
+    rules, limits = mh.MaskRules(), mh.MASK_DOUBT_LIMITS
+    views, _, _, _ = mh._hand_levels(image, np.ones(image.shape, bool), rules)
+    inside, ring = views["inside"], views["ring"]
+    hand = np.asarray(Image.fromarray(truth.astype(np.uint8) * 255).resize((128, 128), Image.Resampling.BOX)) >= 128
+    elsewhere = np.roll(hand, 64, axis=1)  # as large, on the background beside it
+    around = inside & ~ndimage.binary_dilation(hand, iterations=2) & ndimage.binary_erosion(inside, iterations=6)
+    assert not (elsewhere & hand).any() and not (around & ring).any()  # (the background, off the rim)
+    right, moved, polarity = (mh._mask_doubts(m, m, m, inside, ring, views["local"], rules)  # (the level: it alone)
+                              for m in (hand, elsewhere, around))
+    assert all(right[name] <= limit for name, limit in limits.items()), right
+    for wrong in (moved, polarity):
+        assert any(wrong[name] > limit for name, limit in limits.items()), wrong
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))  # the pipeline's own mask
+    assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.85
+    assert all(out["doubts"][name] <= limit for name, limit in limits.items()), out["doubts"]
 
 
 def test_suspect_masks_are_listed(tmp_path):
