@@ -3653,21 +3653,23 @@ def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray,
     area, total = int(component.sum()), searched.sum()
     if area < _least_plate_area(total, rules):
         return None  # too small to be a plate, whatever its rectangle
-    ys, xs = np.nonzero(_outline(component))  # its outline has the same hull
-    if len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # a line (a hull needs 3 points): no area, not a plate
+    rows = np.flatnonzero(component.any(1))  # each row's first and last pixel: they hold its hull, fewer points
+    first, last = component[rows].argmax(1), component.shape[1] - 1 - component[rows, ::-1].argmax(1)
+    spans = last.max() - first.min(), rows[-1] - rows[0]  # (np.ptp of its columns and of its rows)
+    if area < 3 or min(spans) < 2:  # a line (a hull needs 3 points): no area, not a plate
         return None
-    if (np.ptp(xs) + 1) * (np.ptp(ys) + 1) < rules.min_share * total:
+    if (spans[0] + 1) * (spans[1] + 1) < rules.min_share * total:
         return None
-    points = np.column_stack([xs, ys]).astype(float)
-    turns = np.diff(ys) != 0  # (the outline row by row: each row's first and last pixel hold its hull, fewer points)
-    ends = points[np.r_[True, turns] | np.r_[turns, True]]
-    hull = ConvexHull(ends)
-    center, (w, h), angle = min_area_rect(ends, hull.vertices)
+    ends = np.column_stack([np.r_[first, last], np.r_[rows, rows]]).astype(float)
+    convex = ConvexHull(ends)
+    center, (w, h), angle = min_area_rect(ends, convex.vertices)
     share = w * h / total  # above 1 for a tilted plate reaching past the view's edges
     if not (share >= rules.min_share and area / (w * h) > rules.min_area_fill):
         return None
-    hull = hull.volume
+    hull = convex.volume
     if hull / max(w * h, 1e-9) <= min_hull_fill:  # (1e-9: no division by zero)
+        ys, xs = np.nonzero(_outline(component))  # its outline: the pixels that may lie along its own sides
+        points = np.column_stack([xs, ys]).astype(float)
         own = ~((xs == 0) | (ys == 0) | (xs == searched.shape[1] - 1) | (ys == searched.shape[0] - 1))
         if own.all() or own.sum() < 3 or np.ptp(xs[own]) < 2 or np.ptp(ys[own]) < 2:  # (a hull needs 3 points)
             return None
@@ -3769,7 +3771,10 @@ def _block_means(gray: np.ndarray, rules: CropRules) -> tuple[np.ndarray, int]:
     """The view as rounded means of rules.block-square blocks (a small view: its own pixels), and the block's side."""
     step = rules.block if min(gray.shape) >= rules.block_min_side else 1  # each pixel its block's mean
     h, w = gray.shape[0] // step * step, gray.shape[1] // step * step
-    small = (gray[:h, :w].reshape(h // step, step, w // step, step).mean((1, 3)) + 0.5).astype(np.uint8)  # rounded
+    if step & (step - 1) == 0:  # a power of two: PIL's box reduction is the rounded mean exactly (a shift), faster
+        small = np.asarray(Image.fromarray(np.ascontiguousarray(gray[:h, :w])).reduce(step))
+    else:
+        small = (gray[:h, :w].reshape(h // step, step, w // step, step).mean((1, 3)) + 0.5).astype(np.uint8)  # rounded
     return small, step
 
 
@@ -3779,13 +3784,14 @@ def _plate_thresholds(values: np.ndarray, rules: CropRules) -> set:
     otsu = threshold_otsu(values)
     thresholds = {otsu}
     for side in (np.less_equal, np.greater):  # Otsu again on each side, rules.otsu_depth deep
-        part = values
+        part, cut = values, otsu
         for _ in range(rules.otsu_depth):
-            part = part[side(part, threshold_otsu(part))]
+            part = part[side(part, cut)]
             if np.ptp(part) == 0:
                 break
-            thresholds.add(threshold_otsu(part))
-    if len(np.unique(values)) > rules.classes:
+            cut = threshold_otsu(part)
+            thresholds.add(cut)
+    if np.count_nonzero(np.bincount(values)) > rules.classes:  # (the number of levels: 8-bit block means)
         thresholds |= set(threshold_multiotsu(values, classes=rules.classes).tolist())
     return thresholds
 
@@ -3805,8 +3811,8 @@ def _plate_candidates(small: np.ndarray, thresholds: set, commonest: float, rule
                 continue
             sizes = np.bincount(labels.ravel())[1:]
             largest = labels == np.argmax(sizes) + 1
-            large = np.flatnonzero(sizes >= rules.large_component * sizes.max()) + 1
-            for component in (largest, np.isin(labels, large)) if len(large) > 1 else (largest,):
+            large = np.r_[False, sizes >= rules.large_component * sizes.max()]  # by label (0: the other class)
+            for component in (largest, large[labels]) if large.sum() > 1 else (largest,):
                 key = (background, hash(component.tobytes()))  # close thresholds often give the same component
                 if key not in tried:
                     tried.add(key)
@@ -4065,9 +4071,10 @@ def _hand_background(small: np.ndarray, inside: np.ndarray, rules: MaskRules, fl
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """ndimage.binary_fill_holes, by labelling what lies outside the mask once (several times faster)."""
-    labels, _ = ndimage.label(~mask)
-    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    return mask | ~np.isin(labels, edge[edge > 0]) & (labels > 0)
+    labels, count = ndimage.label(~mask)
+    outside = np.zeros(count + 1, bool)  # by label: what touches the image's edge (a look-up: faster than np.isin)
+    outside[labels[0]] = outside[labels[-1]] = outside[labels[:, 0]] = outside[labels[:, -1]] = True
+    return mask | ~outside[labels] & (labels > 0)
 
 
 def _tag_shaped(part: np.ndarray, least: float, most: float, rules: MaskRules) -> bool:
@@ -4116,7 +4123,7 @@ def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: 
                     continue
                 y0, x0 = max(box[0].start - ring_px, 0), max(box[1].start - ring_px, 0)
                 near = (slice(y0, box[0].stop + ring_px), slice(x0, box[1].stop + ring_px))
-                part = ndimage.binary_fill_holes(labels[near] == k)
+                part = _fill_holes(labels[near] == k)
                 if not _tag_shaped(part, least, most, rules):
                     continue
                 ring = ndimage.binary_dilation(part, iterations=ring_px) & inside[near] & ~ndimage.binary_dilation(
