@@ -3654,7 +3654,7 @@ def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray,
     if area < _least_plate_area(total, rules):
         return None  # too small to be a plate, whatever its rectangle
     rows = np.flatnonzero(component.any(1))  # each row's first and last pixel: they hold its hull, fewer points
-    first, last = component[rows].argmax(1), component.shape[1] - 1 - component[rows, ::-1].argmax(1)
+    first, last = component.argmax(1)[rows], component.shape[1] - 1 - component[:, ::-1].argmax(1)[rows]
     spans = last.max() - first.min(), rows[-1] - rows[0]  # (np.ptp of its columns and of its rows)
     if area < 3 or min(spans) < 2:  # a line (a hull needs 3 points): no area, not a plate
         return None
@@ -3751,8 +3751,10 @@ def find_carrier(gray: np.ndarray, rules: CropRules = CropRules()):
     commonest = bin_ * np.argmax(np.bincount(values // bin_)) + bin_ // 2
     smooth = ndimage.gaussian_filter(small.astype(np.float32), rules.smooth_sigma)
     grad = np.hypot(*np.gradient(smooth))
-    detail = ndimage.binary_erosion(searched, iterations=rules.detail_border) & (
-        grad > rules.detail_gradient * max(float(np.median(grad)), rules.least_gradient))
+    border = rules.detail_border  # (the whole view eroded this deep: a rectangle set in by it, without the erosion)
+    away = np.zeros(small.shape, bool)
+    away[border:small.shape[0] - border, border:small.shape[1] - border] = True
+    detail = away & (grad > rules.detail_gradient * max(float(np.median(grad)), rules.least_gradient))
     best = None
     for component, region, background in _plate_candidates(small, _plate_thresholds(values, rules), commonest, rules):
         # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
@@ -3941,7 +3943,8 @@ def _class_thresholds(values: np.ndarray, rules: MaskRules) -> list[float]:
     if np.ptp(values) == 0:
         return []
     thresholds = {float(threshold_otsu(values))}
-    if len(np.unique(values)) > 3:  # (a three-class Otsu needs more than 3 levels)
+    first = values[:64]  # (64 values most often show more than 3 levels: np.unique need not sort them all)
+    if len(np.unique(first)) > 3 or len(np.unique(values)) > 3:  # (a three-class Otsu needs more than 3 levels)
         thresholds |= set(threshold_multiotsu(values, classes=3).tolist())  # (3 classes: the split of its name)
         counts, edges = np.histogram(values, bins=rules.otsu_bins)
         if (counts > 0).sum() > 4:  # (a four-class Otsu: more than 4 filled bins)
