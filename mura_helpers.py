@@ -3660,7 +3660,7 @@ def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray,
         return None
     if (spans[0] + 1) * (spans[1] + 1) < rules.min_share * total:
         return None
-    ends = np.column_stack([np.r_[first, last], np.r_[rows, rows]]).astype(float)
+    ends = np.column_stack([np.concatenate([first, last]), np.concatenate([rows, rows])]).astype(float)
     convex = ConvexHull(ends)
     center, (w, h), angle = min_area_rect(ends, convex.vertices)
     share = w * h / total  # above 1 for a tilted plate reaching past the view's edges
@@ -3813,7 +3813,8 @@ def _plate_candidates(small: np.ndarray, thresholds: set, commonest: float, rule
                 continue
             sizes = np.bincount(labels.ravel())[1:]
             largest = labels == np.argmax(sizes) + 1
-            large = np.r_[False, sizes >= rules.large_component * sizes.max()]  # by label (0: the other class)
+            large = np.zeros(n + 1, bool)  # by label (0: the other class)
+            large[1:] = sizes >= rules.large_component * sizes.max()
             for component in (largest, large[labels]) if large.sum() > 1 else (largest,):
                 key = (background, hash(component.tobytes()))  # close thresholds often give the same component
                 if key not in tried:
