@@ -3656,6 +3656,7 @@ def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray,
     rows = np.flatnonzero(component.any(1))  # each row's first and last pixel: they hold its hull, fewer points
     first, last = component.argmax(1)[rows], component.shape[1] - 1 - component[:, ::-1].argmax(1)[rows]
     spans = last.max() - first.min(), rows[-1] - rows[0]  # (np.ptp of its columns and of its rows)
+    # (with both spans 2 or more, fewer than 3 outline pixels means fewer than 3 pixels)
     if area < 3 or min(spans) < 2:  # a line (a hull needs 3 points): no area, not a plate
         return None
     if (spans[0] + 1) * (spans[1] + 1) < rules.min_share * total:
@@ -3773,7 +3774,8 @@ def _block_means(gray: np.ndarray, rules: CropRules) -> tuple[np.ndarray, int]:
     """The view as rounded means of rules.block-square blocks (a small view: its own pixels), and the block's side."""
     step = rules.block if min(gray.shape) >= rules.block_min_side else 1  # each pixel its block's mean
     h, w = gray.shape[0] // step * step, gray.shape[1] // step * step
-    if step & (step - 1) == 0:  # a power of two: PIL's box reduction is the rounded mean exactly (a shift), faster
+    if gray.dtype == np.uint8 and step & (step - 1) == 0:  # PIL's box reduction of 8-bit blocks of a power of two
+        #                                                     pixels is the rounded mean exactly (a shift), faster
         small = np.asarray(Image.fromarray(np.ascontiguousarray(gray[:h, :w])).reduce(step))
     else:
         small = (gray[:h, :w].reshape(h // step, step, w // step, step).mean((1, 3)) + 0.5).astype(np.uint8)  # rounded
