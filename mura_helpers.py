@@ -3586,11 +3586,12 @@ def preprocess_variants(size: int = 512, names: Sequence[str] | None = None) -> 
     return {n: variants[n] for n in names}
 
 
-def _edge_frames(points: np.ndarray, hull_only: bool):
+def _edge_frames(points: np.ndarray, hull_only: bool, corners: np.ndarray | None = None):
     """The points' bounding rectangles in the frame of each edge angle of their convex hull: (angles, u, v, lo, hi),
     u and v the coordinates (of the hull's points alone when hull_only: the same rectangles, fewer points) as
-    (points, angles), lo and hi each rectangle's corners as (2, angles)."""
-    hull = points[ConvexHull(points).vertices]
+    (points, angles), lo and hi each rectangle's corners as (2, angles). `corners`: the hull's vertices (indices into
+    points, in order) when the caller has them."""
+    hull = points[ConvexHull(points).vertices if corners is None else corners]
     edges = np.diff(np.vstack([hull, hull[:1]]), axis=0)
     angles = np.unique(np.mod(np.arctan2(edges[:, 1], edges[:, 0]), np.pi / 2))
     cos, sin = np.cos(angles), np.sin(angles)
@@ -3611,9 +3612,11 @@ def _frame_rect(angles: np.ndarray, lo: np.ndarray, hi: np.ndarray, best: int):
     return center, (w, h), a
 
 
-def min_area_rect(points: np.ndarray) -> tuple[np.ndarray, tuple[float, float], float]:
-    """Minimum-area enclosing rectangle of 2-D points (x, y), by rotating calipers: (center, (w, h), angle rad)."""
-    angles, _, _, lo, hi = _edge_frames(points, hull_only=True)
+def min_area_rect(points: np.ndarray,
+                  corners: np.ndarray | None = None) -> tuple[np.ndarray, tuple[float, float], float]:
+    """Minimum-area enclosing rectangle of 2-D points (x, y), by rotating calipers: (center, (w, h), angle rad).
+    `corners`: the points' convex hull's vertices (ConvexHull(points).vertices) when the caller has them."""
+    angles, _, _, lo, hi = _edge_frames(points, hull_only=True, corners=corners)
     best = int(np.argmin(np.prod(hi - lo, axis=0)))  # the first of equal areas, as a loop would keep
     return _frame_rect(angles, lo, hi, best)
 
@@ -3621,10 +3624,19 @@ def min_area_rect(points: np.ndarray) -> tuple[np.ndarray, tuple[float, float], 
 def rect_mask(shape: tuple[int, int], rect) -> np.ndarray:
     """Pixels (of an image of `shape`) inside a rotated rectangle (center, (w, h), angle)."""
     (cx, cy), (w, h), angle = rect
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    yy, xx = np.arange(shape[0])[:, None], np.arange(shape[1])[None, :]  # (broadcast: a row and a column)
     u = (xx - cx) * math.cos(angle) + (yy - cy) * math.sin(angle)
     v = -(xx - cx) * math.sin(angle) + (yy - cy) * math.cos(angle)
     return (np.abs(u) <= w / 2) & (np.abs(v) <= h / 2)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The mask's pixels with a 4-neighbour outside it or on the image's border: mask & ~binary_erosion(mask),
+    by slicing (several times faster on the small masks the plate and tag searches outline by the dozen)."""
+    interior = np.zeros_like(mask)
+    interior[1:-1, 1:-1] = (mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1]
+                            & mask[1:-1, :-2] & mask[1:-1, 2:])
+    return mask & ~interior
 
 
 def _rect_along(points: np.ndarray, near: float) -> tuple[np.ndarray, tuple[float, float], float]:
@@ -3636,6 +3648,12 @@ def _rect_along(points: np.ndarray, near: float) -> tuple[np.ndarray, tuple[floa
     return _frame_rect(angles, lo, hi, int(np.argmax((gap <= near).sum(0))))
 
 
+def _least_plate_area(searched: int, rules: CropRules) -> float:
+    """The fewest pixels a plate's component can have, of `searched` pixels: it fills rules.min_area_fill of a
+    rectangle of at least rules.min_share of them."""
+    return max(rules.least_plate_pixels, rules.min_area_fill * rules.min_share * searched)
+
+
 def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray, min_hull_fill: float,
                 rules: CropRules):
     """(share, center, (w, h), angle) of a component's minimum-area rectangle when it is plate-like, else None:
@@ -3644,35 +3662,41 @@ def _plate_rect(component: np.ndarray, region: np.ndarray, searched: np.ndarray,
     `min_hull_fill` of it (of the part in view of the rectangle along its own sides when the view's edges cut its
     corners off: _rect_along), and what lies outside it is mostly not of the component's class (`region`): a plate
     stands out from its surround, while the background beside a straight finger, a rectangle too, does not."""
-    area = int(component.sum())
-    if area < max(rules.least_plate_pixels, rules.min_area_fill * rules.min_share * searched.sum()):
+    area, total = int(component.sum()), searched.sum()
+    if area < _least_plate_area(total, rules):
         return None  # too small to be a plate, whatever its rectangle
-    ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))  # its outline has the same hull
-    if len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # a line (a hull needs 3 points): no area, not a plate
+    rows = np.flatnonzero(component.any(1))  # each row's first and last pixel: they hold its hull, fewer points
+    first, last = component.argmax(1)[rows], component.shape[1] - 1 - component[:, ::-1].argmax(1)[rows]
+    spans = last.max() - first.min(), rows[-1] - rows[0]  # (np.ptp of its columns and of its rows)
+    # (with both spans 2 or more, fewer than 3 outline pixels means fewer than 3 pixels)
+    if area < 3 or min(spans) < 2:  # a line (a hull needs 3 points): no area, not a plate
         return None
-    if (np.ptp(xs) + 1) * (np.ptp(ys) + 1) < rules.min_share * searched.sum():
+    if (spans[0] + 1) * (spans[1] + 1) < rules.min_share * total:
         return None
-    points = np.column_stack([xs, ys]).astype(float)
-    center, (w, h), angle = min_area_rect(points)
-    share = w * h / searched.sum()  # above 1 for a tilted plate reaching past the view's edges
+    ends = np.column_stack([np.concatenate([first, last]), np.concatenate([rows, rows])]).astype(float)
+    convex = ConvexHull(ends)
+    center, (w, h), angle = min_area_rect(ends, convex.vertices)
+    share = w * h / total  # above 1 for a tilted plate reaching past the view's edges
     if not (share >= rules.min_share and area / (w * h) > rules.min_area_fill):
         return None
-    hull = ConvexHull(points).volume
+    hull = convex.volume
     if hull / max(w * h, 1e-9) <= min_hull_fill:  # (1e-9: no division by zero)
+        ys, xs = np.nonzero(_outline(component))  # its outline: the pixels that may lie along its own sides
+        points = np.column_stack([xs, ys]).astype(float)
         own = ~((xs == 0) | (ys == 0) | (xs == searched.shape[1] - 1) | (ys == searched.shape[0] - 1))
         if own.all() or own.sum() < 3 or np.ptp(xs[own]) < 2 or np.ptp(ys[own]) < 2:  # (a hull needs 3 points)
             return None
         # a tilted plate reaching past the view's edges: its rectangle is that of its own sides, not the view's
         center, (w, h), angle = _rect_along(points[own], rules.along_near)
         seen = max(float((rect_mask(searched.shape, (center, (w, h), angle)) & searched).sum()), 1.0)
-        share = w * h / searched.sum()
+        share = w * h / total
         if not (share >= rules.min_share and area / seen > rules.min_area_fill and hull / seen > min_hull_fill):
             return None
-    if (searched & ~rect_mask(searched.shape, (center, (w, h), angle))).sum() < (1 - rules.max_share) * searched.sum():
+    if (searched & ~rect_mask(searched.shape, (center, (w, h), angle))).sum() < (1 - rules.max_share) * total:
         return None  # the whole view, not a plate in it
     rim = (w + rules.rim_gap, h + rules.rim_gap)
     outside = searched & ~rect_mask(searched.shape, (center, rim, angle))
-    if outside.sum() > rules.outside_share * searched.sum() and region[outside].mean() > rules.outside_class:
+    if outside.sum() > rules.outside_share * total and region[outside].mean() > rules.outside_class:
         # ... or framed: a band just around it lies mostly in the view and is not of its class (a field inside a
         # plate's lighter frame, with the surround beyond it as dark as the field)
         beyond = (rim[0] + 2 * rules.frame_depth, rim[1] + 2 * rules.frame_depth)
@@ -3740,8 +3764,10 @@ def find_carrier(gray: np.ndarray, rules: CropRules = CropRules()):
     commonest = bin_ * np.argmax(np.bincount(values // bin_)) + bin_ // 2
     smooth = ndimage.gaussian_filter(small.astype(np.float32), rules.smooth_sigma)
     grad = np.hypot(*np.gradient(smooth))
-    detail = ndimage.binary_erosion(searched, iterations=rules.detail_border) & (
-        grad > rules.detail_gradient * max(float(np.median(grad)), rules.least_gradient))
+    border = rules.detail_border  # (the whole view eroded this deep: a rectangle set in by it, without the erosion)
+    away = np.zeros(small.shape, bool)
+    away[border:small.shape[0] - border, border:small.shape[1] - border] = True
+    detail = away & (grad > rules.detail_gradient * max(float(np.median(grad)), rules.least_gradient))
     best = None
     for component, region, background in _plate_candidates(small, _plate_thresholds(values, rules), commonest, rules):
         # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
@@ -3760,7 +3786,11 @@ def _block_means(gray: np.ndarray, rules: CropRules) -> tuple[np.ndarray, int]:
     """The view as rounded means of rules.block-square blocks (a small view: its own pixels), and the block's side."""
     step = rules.block if min(gray.shape) >= rules.block_min_side else 1  # each pixel its block's mean
     h, w = gray.shape[0] // step * step, gray.shape[1] // step * step
-    small = (gray[:h, :w].reshape(h // step, step, w // step, step).mean((1, 3)) + 0.5).astype(np.uint8)  # rounded
+    if gray.dtype == np.uint8 and step & (step - 1) == 0:  # PIL's box reduction of 8-bit blocks of a power of two
+        #                                                     pixels is the rounded mean exactly (a shift), faster
+        small = np.asarray(Image.fromarray(np.ascontiguousarray(gray[:h, :w])).reduce(step))
+    else:
+        small = (gray[:h, :w].reshape(h // step, step, w // step, step).mean((1, 3)) + 0.5).astype(np.uint8)  # rounded
     return small, step
 
 
@@ -3770,13 +3800,14 @@ def _plate_thresholds(values: np.ndarray, rules: CropRules) -> set:
     otsu = threshold_otsu(values)
     thresholds = {otsu}
     for side in (np.less_equal, np.greater):  # Otsu again on each side, rules.otsu_depth deep
-        part = values
+        part, cut = values, otsu
         for _ in range(rules.otsu_depth):
-            part = part[side(part, threshold_otsu(part))]
+            part = part[side(part, cut)]
             if np.ptp(part) == 0:
                 break
-            thresholds.add(threshold_otsu(part))
-    if len(np.unique(values)) > rules.classes:
+            cut = threshold_otsu(part)
+            thresholds.add(cut)
+    if np.count_nonzero(np.bincount(values)) > rules.classes:  # (the number of levels: 8-bit block means)
         thresholds |= set(threshold_multiotsu(values, classes=rules.classes).tolist())
     return thresholds
 
@@ -3784,18 +3815,21 @@ def _plate_thresholds(values: np.ndarray, rules: CropRules) -> set:
 def _plate_candidates(small: np.ndarray, thresholds: set, commonest: float, rules: CropRules):
     """Each candidate plate once, as (component, its class's region, whether that class is the background's): for
     each threshold and polarity, the largest component and the union of the large ones (a hand lying across the
-    plate can cut its background apart)."""
-    tried = set()
+    plate can cut its background apart). A region too small to hold a plate (_least_plate_area) is not labelled."""
+    tried, least = set(), _least_plate_area(small.size, rules)
     for threshold in sorted(thresholds):
         above = small > threshold
         for region, background in ((above, commonest > threshold), (~above, commonest <= threshold)):
+            if region.sum() < least:
+                continue
             labels, n = ndimage.label(region)
             if n == 0:
                 continue
             sizes = np.bincount(labels.ravel())[1:]
             largest = labels == np.argmax(sizes) + 1
-            large = np.flatnonzero(sizes >= rules.large_component * sizes.max()) + 1
-            for component in (largest, np.isin(labels, large)) if len(large) > 1 else (largest,):
+            large = np.zeros(n + 1, bool)  # by label (0: the other class)
+            large[1:] = sizes >= rules.large_component * sizes.max()
+            for component in (largest, large[labels]) if large.sum() > 1 else (largest,):
                 key = (background, hash(component.tobytes()))  # close thresholds often give the same component
                 if key not in tried:
                     tried.add(key)
@@ -3821,9 +3855,11 @@ def _border_band(lines: np.ndarray, tol: float, depth: int, background: float | 
     if not len(cuts):
         return 0
     prefix = np.where(np.arange(len(lines))[None, :] < cuts[:, None], medians[None, :], np.nan)
-    seen_any = ~np.isnan(prefix).all(1)
-    levels = np.full(len(cuts), np.nan)
-    levels[seen_any] = np.nanmedian(prefix[seen_any], axis=1)  # the band's level: its lines' median
+    ranked, known = np.sort(prefix, 1), (~np.isnan(prefix)).sum(1)  # (np.sort puts NaN last)
+    seen_any = known > 0
+    each = np.arange(len(cuts))
+    # the band's level: its lines' median (np.nanmedian's, computed directly: it is slow on many short rows)
+    levels = np.where(seen_any, (ranked[each, (known - 1) // 2] + ranked[each, known // 2]) / 2, np.nan)
     valid = seen_any & ((np.abs(levels - background) > tol) if background is not None else True)
     levels = np.where(valid, levels, 0.0)
     low = np.clip(np.ceil(levels - tol), 0, bins - 1).astype(np.int64)
@@ -3922,7 +3958,8 @@ def _class_thresholds(values: np.ndarray, rules: MaskRules) -> list[float]:
     if np.ptp(values) == 0:
         return []
     thresholds = {float(threshold_otsu(values))}
-    if len(np.unique(values)) > 3:  # (a three-class Otsu needs more than 3 levels)
+    first = values[:64]  # (64 values most often show more than 3 levels: np.unique need not sort them all)
+    if len(np.unique(first)) > 3 or len(np.unique(values)) > 3:  # (a three-class Otsu needs more than 3 levels)
         thresholds |= set(threshold_multiotsu(values, classes=3).tolist())  # (3 classes: the split of its name)
         counts, edges = np.histogram(values, bins=rules.otsu_bins)
         if (counts > 0).sum() > 4:  # (a four-class Otsu: more than 4 filled bins)
@@ -3951,11 +3988,12 @@ def _hand_components(fg: np.ndarray, work: np.ndarray, ring: np.ndarray, content
         keep &= ndimage.standard_deviation(work, labels, index) >= max(rules.texture_noise * flat,
                                                                        rules.texture_contrast * spread)
     if keep.any():
-        thickness = ndimage.maximum(ndimage.distance_transform_edt(fg), labels, index)
-        keep &= thickness >= max(rules.least_thickness, rules.thickness_share * fg.shape[0])
+        thickness = np.zeros(n + 1)  # each component's deepest pixel (ndimage.maximum sorts all pixels: slower)
+        np.maximum.at(thickness, labels.ravel(), ndimage.distance_transform_edt(fg).ravel())
+        keep &= thickness[1:] >= max(rules.least_thickness, rules.thickness_share * fg.shape[0])
     for k in np.flatnonzero(keep & (area >= rules.plate_area * total) & ~narrow):  # a filled rectangle: the plate
         component = labels == index[k]
-        ys, xs = np.nonzero(component & ~ndimage.binary_erosion(component))
+        ys, xs = np.nonzero(_outline(component))
         _, (w, h), _ = min_area_rect(np.column_stack([xs, ys]).astype(float))
         if area[k] >= rules.plate_fill * w * h and w * h >= rules.plate_cover * total:
             return np.zeros_like(fg)  # this level shows the plate, and the hand within it only at another
@@ -4053,24 +4091,26 @@ def _hand_background(small: np.ndarray, inside: np.ndarray, rules: MaskRules, fl
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """ndimage.binary_fill_holes, by labelling what lies outside the mask once (several times faster)."""
-    labels, _ = ndimage.label(~mask)
-    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    return mask | ~np.isin(labels, edge[edge > 0]) & (labels > 0)
+    labels, count = ndimage.label(~mask)
+    outside = np.zeros(count + 1, bool)  # by label: what touches the image's edge (a look-up: faster than np.isin)
+    outside[labels[0]] = outside[labels[-1]] = outside[labels[:, 0]] = outside[labels[:, -1]] = True
+    return mask | ~outside[labels] & (labels > 0)
 
 
 def _tag_shaped(part: np.ndarray, least: float, most: float, rules: MaskRules) -> bool:
     """Whether a component has a lead tag's shape: a rectangle (it and its convex hull fill its minimum-area
     rectangle) whose short side lies between `least` and `most` px and whose long side is at most
     rules.tag_max_aspect times it."""
-    ys, xs = np.nonzero(part & ~ndimage.binary_erosion(part))
+    ys, xs = np.nonzero(_outline(part))
     if len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # a line (a hull needs 3 points): no tag
         return False
     points = np.column_stack([xs, ys]).astype(float)
-    _, sides, _ = min_area_rect(points)
+    hull = ConvexHull(points)
+    _, sides, _ = min_area_rect(points, hull.vertices)
     width, length = sorted(s + 1 for s in sides)  # (+1: outline centres to pixel edges)
     return bool(least <= width <= most and length <= rules.tag_max_aspect * width
                 and part.sum() >= rules.tag_fill * width * length
-                and ConvexHull(points).volume >= rules.tag_hull_fill * np.prod(sides))
+                and hull.volume >= rules.tag_hull_fill * np.prod(sides))
 
 
 def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: float, lo: float, hi: float,
@@ -4103,7 +4143,7 @@ def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: 
                     continue
                 y0, x0 = max(box[0].start - ring_px, 0), max(box[1].start - ring_px, 0)
                 near = (slice(y0, box[0].stop + ring_px), slice(x0, box[1].stop + ring_px))
-                part = ndimage.binary_fill_holes(labels[near] == k)
+                part = _fill_holes(labels[near] == k)
                 if not _tag_shaped(part, least, most, rules):
                     continue
                 ring = ndimage.binary_dilation(part, iterations=ring_px) & inside[near] & ~ndimage.binary_dilation(

@@ -727,6 +727,20 @@ def test_min_area_rect_of_a_rotated_rectangle():
     assert math.degrees(angle) % 90 == pytest.approx(30, abs=1e-6)
 
 
+def test_the_fast_paths_give_what_they_stand_in_for():
+    rng = np.random.default_rng(0)
+    masks = [ndimage.gaussian_filter(rng.random((40, 37)), 2) > t for t in (0.45, 0.5, 0.55)]
+    for mask in masks + [np.ones((5, 4), bool), np.zeros((3, 3), bool), np.ones((1, 6), bool)]:
+        assert (mh._outline(mask) == (mask & ~ndimage.binary_erosion(mask))).all()
+        assert (mh._fill_holes(mask) == ndimage.binary_fill_holes(mask)).all()
+    gray = rng.integers(0, 256, (258, 301)).astype(np.uint8)  # blocks whose mean ends in .5 included
+    small, step = mh._block_means(gray, mh.CropRules())
+    assert step == 4 and (small == (gray[:256, :300].reshape(64, 4, 75, 4).mean((1, 3)) + 0.5).astype(np.uint8)).all()
+    points = np.column_stack(np.nonzero(mh._outline(masks[1]))).astype(float)
+    center, sides, angle = mh.min_area_rect(points, mh.ConvexHull(points).vertices)  # the caller's hull
+    assert (center == mh.min_area_rect(points)[0]).all() and (sides, angle) == mh.min_area_rect(points)[1:]
+
+
 # ---------------------------------------------------------------- the split
 
 
