@@ -3535,9 +3535,11 @@ class MaskRules:
     #                                   soft tissue
     tag_ring_noise: float = 3.0  # the background's level: within this many times the noise of it ...
     tag_ring_contrast: float = 0.25  # ... or this share of the tag's own contrast, whichever is more
-    tag_piece_share: float = 0.25  # a piece of the mask apart from its largest, at most this share of its size and
-    #                                tag-shaped, is a tag (a tag is 6-15% of the short side wide: a few per cent of
-    #                                a hand's area; a second hand is about as large as the first)
+    tag_piece_share: float = 0.5  # a piece of the mask apart from its largest, at most this share of its size and
+    #                               tag-shaped, is a tag: a tag 15% of the short side wide and three times as tall
+    #                               covers 7% of the square, a close-up's finger 13% (phantom v6 seed 985764: a tag
+    #                               28% of its hand's size was kept at 0.25); a second hand is about as large as the
+    #                               first, and no rectangle
     tag_grow: int = 1  # a tag found is grown by this many px (its blurred edge) and left out of the mask
 
     @property

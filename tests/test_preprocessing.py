@@ -515,6 +515,14 @@ def test_a_tag_shaped_piece_apart_from_the_hand_leaves_the_mask():
     assert (mh._without_tag_shapes(second, np.ones_like(found), mh.MaskRules()) == second).all()
 
 
+def test_a_large_tag_beside_a_close_up_finger_leaves_the_mask():
+    found = np.zeros((128, 128), bool)
+    found[10:128, 20:38] = True  # a close-up's finger, 18 px wide (13% of the square) ...
+    found[30:70, 70:85] = True  # ... and a tag 15 x 40 px apart from it: 28% of the finger's size (phantom v6
+    kept = mh._without_tag_shapes(found, np.ones_like(found), mh.MaskRules())  # seed 985764 kept such a one)
+    assert not kept[30:70, 70:85].any() and kept[10:128, 20:38].all()
+
+
 def test_every_number_in_the_crop_and_mask_functions_is_a_named_rule():
     bare = []
     for name in RULED_FUNCTIONS:
