@@ -7889,7 +7889,7 @@ def supervised_control(workdir: str | os.PathLike, permuted: bool = False, seed:
 # (the paper's split needs more normal-only patients than others), the suite's CAE at 64 px; its views that show
 # the hardware against the normal studies' views of its test subset (29 and 56 views). Measured on a shared 2-core
 # CPU (one thread, load 5-7; a run took 45-180 s), test image AUROC of "mse_top200" for training seeds 0-4:
-# phantom v6, pipeline 13 (6 epochs): 0.947, 0.945, 0.925, 0.969, 0.950; pipeline 12: 0.948, 0.964, 0.955,
+# phantom v6, pipeline 13 (6 epochs): 0.947, 0.945, 0.951, 0.946, 0.951; pipeline 12: 0.948, 0.964, 0.955,
 # 0.945, 0.953; phantom v5, pipeline 11 (6 epochs): 0.947, 0.946, 0.950, 0.943, 0.949; with 12 epochs, pipeline
 # 10: 0.947, 0.935, 0.950, 0.943, 0.949; pipeline 9: 0.944, 0.943, 0.959, 0.955, 0.952; pipeline 8: 0.933,
 # 0.937, 0.933, 0.917, 0.937. Broken on purpose (seed 0, pipeline 9): a fresh, untrained CAE scored instead of
