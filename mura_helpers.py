@@ -4259,18 +4259,17 @@ def _hand_levels(image: np.ndarray, content: np.ndarray, rules: MaskRules) -> tu
         small = _without_heel(small, inside, flat, noise, background, rules)
         values = small[inside]
     local, noise, flat, background = _hand_background(small, inside, rules, flattened=True, narrow=narrow)
-    percentiles = [rules.extreme_percentile, 100 - rules.extreme_percentile]  # (100: per cent)
-    lo, hi = np.percentile(values, percentiles)
+    lo, hi = _extremes(values, rules)
     tags = _find_tags(small, inside, background, noise, lo, hi, rules)  # not hand, whatever their level
     if tags.any():
         values = small[inside & ~tags]
-        lo, hi = np.percentile(values, percentiles)
+        lo, hi = _extremes(values, rules)
     if max(background - lo, hi - background) < rules.faint_noise * noise:  # a faint hand in the grain: smoothed
         small = _smoothed_inside(small, inside, rules.faint_smooth)
         local, noise, flat, background = _hand_background(small, inside, rules, flattened=True, narrow=narrow)
         values = small[inside & ~tags]
-        lo, hi = np.percentile(values, percentiles)
-    prior = bool(background - lo > hi - background)
+        lo, hi = _extremes(values, rules)
+    prior = _darker_hand(background, lo, hi)
     if narrow:  # a close-up's soft tissue, filling it, is no background: its bone (textured) says the polarity
         graded = _graded_polarity(small, inside & ~tags, local, rules)
         if graded is not None and graded != prior:
@@ -4279,6 +4278,17 @@ def _hand_levels(image: np.ndarray, content: np.ndarray, rules: MaskRules) -> tu
     views = {"small": small, "inside": inside, "whole": whole, "ring": ring, "local": local, "tags": tags}
     levels = {"noise": noise, "background": background, "lo": lo, "hi": hi, "prior": prior, "rim": rim}
     return views, levels, values, narrow
+
+
+def _extremes(values: np.ndarray, rules: MaskRules) -> tuple[float, float]:
+    """A view's darkest and brightest levels, rules.extreme_percentile in from either end (not a few specks)."""
+    lo, hi = np.percentile(values, [rules.extreme_percentile, 100 - rules.extreme_percentile])  # (100: per cent)
+    return float(lo), float(hi)
+
+
+def _darker_hand(background: float, lo: float, hi: float) -> bool:
+    """Whether the hand lies below its background (a negative): the side where the view's extremes lie farthest."""
+    return bool(background - lo > hi - background)
 
 
 def _graded_polarity(small: np.ndarray, inside: np.ndarray, local: np.ndarray, rules: MaskRules) -> bool | None:
@@ -4340,8 +4350,7 @@ def _without_heel(small: np.ndarray, inside: np.ndarray, flat: np.ndarray, noise
         return small
     ys, xs = np.nonzero(near)
     design = np.column_stack([np.ones(len(xs)), xs / n - 0.5, ys / n - 0.5])  # (0.5: about the view's centre)
-    lo, hi = np.percentile(small[inside], [rules.extreme_percentile, 100 - rules.extreme_percentile])  # (per cent)
-    hand_side = 1 if hi - background >= background - lo else -1  # the hand: where the extremes lie farthest
+    hand_side = -1 if _darker_hand(background, *_extremes(small[inside], rules)) else 1
     fit = np.ones(len(xs), bool)
     for _ in range(rules.plane_rounds):
         coef = np.linalg.lstsq(design[fit], small[ys, xs][fit], rcond=None)[0]
