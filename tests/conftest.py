@@ -17,9 +17,13 @@ sys.path.insert(0, str(REPO))
 import mura_helpers as mh  # noqa: E402
 
 # pytest-xdist (`make test` runs `-n auto`): the cores are shared among its workers, so each worker's torch takes
-# its share of them instead of every core (on CI's 2 cores: one thread each, not two)
+# its share of them instead of every core (on CI's 2 cores: one thread each, not two), and so do the processes a
+# worker starts (notebook kernels, phantom and cache pools): OMP_NUM_THREADS, unless set already. Without it each
+# kernel's torch took every core beside the other worker: the suite ran 451 s, not 397 (docs/testing.md)
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    WORKER_THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(WORKER_THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(WORKER_THREADS))
 
 TINY = {"n_patients": 14, "seed": 3, "image_size": 128, "positive_rate": 0.4}
 
