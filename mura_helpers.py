@@ -3505,6 +3505,12 @@ class MaskRules:
     #                       covered: no line of it full), a forearm or wrist leaving the view 20 or more ...
     strip_depth: float = 0.2  # ... within this share of the side from the content's edge (such a frame lies inside
     #                           a margin of the surround; chosen on phantom v4's even patients: 0.12, 0.2, 0.3, 0.5)
+    bar_aspect: float = 3.0  # a piece of the mask apart from its largest, at least this many times as long as wide
+    #                          (its minimum-area rectangle) and at most bar_piece_share of its size, is a bar of a
+    #                          plate's frame or edge that the crop left in, too thick for the strips, not hand
+    #                          (phantom v6 seed 0, 128 px: of 25 such pieces 3 were hand, 2 of them in close-ups,
+    #                          which keep theirs: a finger is such a bar) ...
+    bar_piece_share: float = 0.45  # ... (a second hand is about as large as the first: 0.7-1 times its size)
     # the mask's edge
     margin_growth: int = 3  # the mask grows this many px into the faint margin above the floor (in a low-contrast
     #                         view the margin lies in the noise, and the levels that would take it in leak)
@@ -4099,20 +4105,35 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | ~outside[labels] & (labels > 0)
 
 
-def _tag_shaped(part: np.ndarray, least: float, most: float, rules: MaskRules) -> bool:
-    """Whether a component has a lead tag's shape: a rectangle (it and its convex hull fill its minimum-area
-    rectangle) whose short side lies between `least` and `most` px and whose long side is at most
-    rules.tag_max_aspect times it."""
+def _piece_rect(part: np.ndarray) -> tuple | None:
+    """A component's minimum-area rectangle, from its outline: (width, length) in px, short side first, its convex
+    hull's area and the rectangle's area between outline centres; None for a line (a hull needs 3 points)."""
     ys, xs = np.nonzero(_outline(part))
-    if len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # a line (a hull needs 3 points): no tag
-        return False
+    if len(xs) < 3 or np.ptp(xs) < 2 or np.ptp(ys) < 2:  # a line (a hull needs 3 points)
+        return None
     points = np.column_stack([xs, ys]).astype(float)
     hull = ConvexHull(points)
     _, sides, _ = min_area_rect(points, hull.vertices)
     width, length = sorted(s + 1 for s in sides)  # (+1: outline centres to pixel edges)
+    return width, length, hull.volume, float(np.prod(sides))
+
+
+def _tag_shaped(part: np.ndarray, least: float, most: float, rules: MaskRules) -> bool:
+    """Whether a component has a lead tag's shape: a rectangle (it and its convex hull fill its minimum-area
+    rectangle) whose short side lies between `least` and `most` px and whose long side is at most
+    rules.tag_max_aspect times it."""
+    rect = _piece_rect(part)
+    if rect is None:  # a line: no tag
+        return False
+    width, length, hull_area, rect_area = rect
     return bool(least <= width <= most and length <= rules.tag_max_aspect * width
-                and part.sum() >= rules.tag_fill * width * length
-                and hull.volume >= rules.tag_hull_fill * np.prod(sides))
+                and part.sum() >= rules.tag_fill * width * length and hull_area >= rules.tag_hull_fill * rect_area)
+
+
+def _bar_shaped(part: np.ndarray, rules: MaskRules) -> bool:
+    """Whether a component is a bar: its minimum-area rectangle at least rules.bar_aspect times as long as wide."""
+    rect = _piece_rect(part)
+    return rect is not None and rect[1] >= rules.bar_aspect * rect[0]
 
 
 def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: float, lo: float, hi: float,
@@ -4157,10 +4178,11 @@ def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: 
     return ndimage.binary_dilation(tags, iterations=rules.tag_grow) & inside if tags.any() else tags
 
 
-def _without_tag_shapes(found: np.ndarray, inside: np.ndarray, rules: MaskRules) -> np.ndarray:
-    """A hand mask without its tag-shaped pieces: a part apart from the largest, at most rules.tag_piece_share of
-    its size, with a tag's shape (_tag_shaped) is a lead tag that _find_tags missed (text or a letter across its
-    holder broke its rim), not a hand (a second hand, a finger apart: larger, or of no rectangle's shape)."""
+def _without_stray_pieces(found: np.ndarray, inside: np.ndarray, narrow: bool, rules: MaskRules) -> np.ndarray:
+    """A hand mask without the pieces apart from its largest that are no hand: one at most rules.tag_piece_share
+    of its size with a tag's shape (_tag_shaped) is a lead tag that _find_tags missed (text or a letter across its
+    holder broke its rim); outside a close-up (`narrow`: its finger may be one), a bar at most rules.bar_piece_share
+    of it (_bar_shaped) is a plate's frame or edge. A second hand is about as large as the first, and neither."""
     labels, count = ndimage.label(found)
     if count < 2:
         return found
@@ -4171,8 +4193,10 @@ def _without_tag_shapes(found: np.ndarray, inside: np.ndarray, rules: MaskRules)
     areas[0] = 0
     kept = found.copy()
     for k, box in enumerate(ndimage.find_objects(labels), 1):
-        if areas[k] <= rules.tag_piece_share * areas.max() and _tag_shaped(labels[box] == k, least, most, rules):
-            kept[box] &= labels[box] != k
+        part = labels[box] == k
+        if (areas[k] <= rules.tag_piece_share * areas.max() and _tag_shaped(part, least, most, rules)) or (
+                not narrow and areas[k] <= rules.bar_piece_share * areas.max() and _bar_shaped(part, rules)):
+            kept[box] &= ~part
     return kept
 
 
@@ -4216,8 +4240,8 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     tried. Uniform bright patches touching the rim (markers, plate edges; not those the hand borders: its bone)
     and a plate's frame are cut out first, thin strips near the rim after;
     a faint view (its extremes a few times the noise off the background) is smoothed first; tag-shaped pieces
-    apart from the hand are dropped; the mask then grows a few pixels into the soft tissue's faint margin above
-    that floor (see MaskRules).
+    and bars (a plate's frame or edge) apart from the hand are dropped; the mask then grows a few pixels into the
+    soft tissue's faint margin above that floor (see MaskRules).
     """
     size = image.shape[0]
     n = min(size, rules.work_size)
@@ -4230,7 +4254,8 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     found, inverted, work, least, edge, fg = _search_hand_levels(views, levels, values, narrow, rules)
     if not found.any():
         return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
-    filled = _finished_mask(_without_tag_shapes(found, inside, rules), work > least, inside, edge, whole, tags, rules)
+    found = _without_stray_pieces(found, inside, narrow, rules)
+    filled = _finished_mask(found, work > least, inside, edge, whole, tags, rules)
     doubts = _mask_doubts(filled, fg, work > least, inside & ~edge, ring, views["local"], rules)
     if n < size:
         filled_8bit = Image.fromarray(filled.astype(np.uint8) * 255)  # (255: 8-bit white)
@@ -4600,9 +4625,9 @@ class AnomalyCache:
 # 11: a close-up's polarity from its textured end (its bone), its background then beside its soft tissue;
 # 12: the doubt signal cut counts the foreground at the hand's level outside the mask, not what lies above the floor;
 # 13: the heel's plane fitted with the hand's side of the background trimmed, the doubt signal flat (a fifth
-# column of doubts);
+# column of doubts); 14: bars apart from the hand (a plate's frame or edge) left out of the mask;
 # a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
-ANOMALY_PIPELINE_VERSION = 13
+ANOMALY_PIPELINE_VERSION = 14
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",

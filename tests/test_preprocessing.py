@@ -490,9 +490,9 @@ RULED_FUNCTIONS = ("_block_means", "_plate_thresholds", "_plate_candidates", "_p
                    "_sides_are_steps", "find_carrier", "_border_band",
                    "_collimated_field", "find_field", "_class_thresholds", "_hand_components", "_commonest_level",
                    "_without_frame", "_background_level", "_hand_mask", "_find_tags", "_tag_shaped",
-                   "_without_tag_shapes", "_working_square", "_without_heel", "_smoothed_inside",
-                   "_search_hand_levels", "_finished_mask", "_without_rim_strips", "_bone_at_rim", "_mask_doubts",
-                   "_outline", "_least_plate_area", "_hand_levels", "_hand_background", "_extremes")
+                   "_without_stray_pieces", "_piece_rect", "_bar_shaped", "_working_square", "_without_heel",
+                   "_smoothed_inside", "_search_hand_levels", "_finished_mask", "_without_rim_strips", "_bone_at_rim",
+                   "_mask_doubts", "_outline", "_least_plate_area", "_hand_levels", "_hand_background", "_extremes")
 
 
 def _commented_lines(source: str) -> set[int]:
@@ -507,20 +507,38 @@ def test_a_tag_shaped_piece_apart_from_the_hand_leaves_the_mask():
     found[40:60, 90:100] = True  # a tag: 10 x 20 px, apart from it (a letter or text broke its rim: not found)
     found[75:85, 80:84] = True
     found[75:79, 84:95] = True  # an L-shaped piece: no rectangle
-    kept = mh._without_tag_shapes(found, np.ones_like(found), mh.MaskRules())
+    kept = mh._without_stray_pieces(found, np.ones_like(found), False, mh.MaskRules())
     assert not kept[40:60, 90:100].any()
     assert kept[30:110, 20:60].all() and kept[75:85, 80:84].all()
     second = found.copy()
     second[30:110, 80:120] = True  # a second hand, as large: kept
-    assert (mh._without_tag_shapes(second, np.ones_like(found), mh.MaskRules()) == second).all()
+    assert (mh._without_stray_pieces(second, np.ones_like(found), False, mh.MaskRules()) == second).all()
 
 
 def test_a_large_tag_beside_a_close_up_finger_leaves_the_mask():
     found = np.zeros((128, 128), bool)
     found[10:128, 20:38] = True  # a close-up's finger, 18 px wide (13% of the square) ...
     found[30:70, 70:85] = True  # ... and a tag 15 x 40 px apart from it: 28% of the finger's size (phantom v6
-    kept = mh._without_tag_shapes(found, np.ones_like(found), mh.MaskRules())  # seed 985764 kept such a one)
+    kept = mh._without_stray_pieces(found, np.ones_like(found), True, mh.MaskRules())  # seed 985764 kept such a one)
     assert not kept[30:70, 70:85].any() and kept[10:128, 20:38].all()
+
+
+def test_a_bar_apart_from_the_hand_leaves_the_mask_but_not_a_close_ups_finger_or_a_second_hand():
+    found = np.zeros((128, 128), bool)
+    found[30:110, 20:60] = True  # a hand (a forearm and palm) ...
+    found[20:30, 25:30] = found[20:30, 35:40] = True  # ... with fingers
+    found[5:100, 118:124] = True  # a bar of a plate's frame along a side, 6 x 95 px: 18% of the hand's size
+    found[75:85, 80:84] = True
+    found[75:79, 84:95] = True  # an L-shaped piece: no bar
+    kept = mh._without_stray_pieces(found, np.ones_like(found), False, mh.MaskRules())
+    assert not kept[5:100, 118:124].any()
+    assert kept[30:110, 20:60].all() and kept[75:85, 80:84].all() and kept[75:79, 84:95].all()
+    close_up = mh._without_stray_pieces(found, np.ones_like(found), True, mh.MaskRules())
+    assert close_up[5:100, 118:124].all()  # a close-up's finger apart from the rest may be such a bar
+    second = found.copy()
+    second[5:128, 75:100] = True  # a second hand's forearm, as long: 77% of the first's size, kept
+    kept = mh._without_stray_pieces(second, np.ones_like(found), False, mh.MaskRules())
+    assert kept[5:128, 75:100].all()
 
 
 def test_every_number_in_the_crop_and_mask_functions_is_a_named_rule():
