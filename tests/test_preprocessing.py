@@ -374,6 +374,18 @@ def test_a_dim_hand_wins_over_a_bright_tag(tmp_path):
     assert mh.mask_iou(out["mask"], out["affine"], truth & ~tag) >= 0.85
 
 
+@pytest.mark.parametrize("soft, bone", [(28, 50), (30, 45)])
+def test_burned_in_text_does_not_set_a_dim_hands_contrast(soft, bone, tmp_path):
+    # a faint hand (soft tissue 8-10 levels over the background) with two lines of white burned-in text, 2 px thick:
+    # the text, the brightest thing in the view, is no share of the hand's contrast (pipeline 14 kept only the
+    # bones: IoU 0.32 and 0.54)
+    image, truth = _radiograph(background=20, soft=soft, bone=bone, noise=2)
+    image[60:62, 40:160] = 250  # a line of text beside the fingers and across one ...
+    image[300:302, 100:220] = 250  # ... and one across the wrist
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    assert not out["inverted"] and mh.mask_iou(out["mask"], out["affine"], truth) >= 0.85
+
+
 def _textured_finger(finger, bone, soft, background, bone_level, bone_spread, rng):
     """A close-up before blur and grain: soft tissue (`finger`) over the background, the bone a core with a
     trabecular texture of spread `bone_spread` around `bone_level`."""
