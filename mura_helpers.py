@@ -4125,11 +4125,11 @@ def _piece_rect(part: np.ndarray) -> tuple | None:
     return width, length, hull.volume, float(np.prod(sides))
 
 
-def _tag_shaped(part: np.ndarray, least: float, most: float, rules: MaskRules) -> bool:
+def _tag_shaped(part: np.ndarray, least: float, most: float, rules: MaskRules, rect: tuple | None = None) -> bool:
     """Whether a component has a lead tag's shape: a rectangle (it and its convex hull fill its minimum-area
     rectangle) whose short side lies between `least` and `most` px and whose long side is at most
-    rules.tag_max_aspect times it."""
-    rect = _piece_rect(part)
+    rules.tag_max_aspect times it. `rect`: its _piece_rect, when already measured."""
+    rect = rect or _piece_rect(part)
     if rect is None:  # a line: no tag
         return False
     width, length, hull_area, rect_area = rect
@@ -4137,9 +4137,8 @@ def _tag_shaped(part: np.ndarray, least: float, most: float, rules: MaskRules) -
                 and part.sum() >= rules.tag_fill * width * length and hull_area >= rules.tag_hull_fill * rect_area)
 
 
-def _bar_shaped(part: np.ndarray, rules: MaskRules) -> bool:
-    """Whether a component is a bar: its minimum-area rectangle at least rules.bar_aspect times as long as wide."""
-    rect = _piece_rect(part)
+def _bar_shaped(rect: tuple | None, rules: MaskRules) -> bool:
+    """Whether a component whose _piece_rect is `rect` is a bar: at least rules.bar_aspect times as long as wide."""
     return rect is not None and rect[1] >= rules.bar_aspect * rect[0]
 
 
@@ -4200,9 +4199,13 @@ def _without_stray_pieces(found: np.ndarray, inside: np.ndarray, narrow: bool, r
     areas[0] = 0
     kept = found.copy()
     for k, box in enumerate(ndimage.find_objects(labels), 1):
+        tag_sized = areas[k] <= rules.tag_piece_share * areas.max()
+        bar_sized = not narrow and areas[k] <= rules.bar_piece_share * areas.max()
+        if not (tag_sized or bar_sized):
+            continue
         part = labels[box] == k
-        if (areas[k] <= rules.tag_piece_share * areas.max() and _tag_shaped(part, least, most, rules)) or (
-                not narrow and areas[k] <= rules.bar_piece_share * areas.max() and _bar_shaped(part, rules)):
+        rect = _piece_rect(part)  # (one hull for both shapes)
+        if (tag_sized and _tag_shaped(part, least, most, rules, rect)) or (bar_sized and _bar_shaped(rect, rules)):
             kept[box] &= ~part
     return kept
 
@@ -4296,8 +4299,10 @@ def _hand_levels(image: np.ndarray, content: np.ndarray, rules: MaskRules) -> tu
     if tags.any():
         values = small[inside & ~tags]
         lo, hi = _extremes(values, rules)
-    text = _thin_extremes(small, inside & ~tags, background, lo, hi, rules)  # burned in: not the hand's contrast
-    measured = inside & ~tags & ~text if (inside & ~tags & ~text).sum() >= rules.least_pixels else inside & ~tags
+    untagged = inside & ~tags
+    measured = untagged & ~_thin_extremes(small, untagged, background, lo, hi, rules)  # text: not the hand's contrast
+    if measured.sum() < rules.least_pixels:
+        measured = untagged
     values = small[measured]
     lo, hi = _extremes(values, rules)
     if max(background - lo, hi - background) < rules.faint_noise * noise:  # a faint hand in the grain: smoothed
