@@ -3553,6 +3553,11 @@ class MaskRules:
     #                               covers 7% of the square, a close-up's finger 13% (phantom v6 seed 985764: a tag
     #                               28% of its hand's size was kept at 0.25); a second hand is about as large as the
     #                               first, and no rectangle
+    tag_sharp_noise: float = 3.5  # a piece apart from the hand that only an opening text_width px wide makes
+    #                               tag-shaped (a dash of burned-in text, or a blurred bridge, stuck out of it) is a
+    #                               tag when its edges are sharp: its median local standard deviation at least this
+    #                               many times the noise (phantom v6 seeds 533107 and 677186, 128 px: tags 3.8-12,
+    #                               the faint hand's pieces 1.4-3.1)
     tag_grow: int = 1  # a tag found is grown by this many px (its blurred edge) and left out of the mask
 
     @property
@@ -4184,17 +4189,22 @@ def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: 
     return ndimage.binary_dilation(tags, iterations=rules.tag_grow) & inside if tags.any() else tags
 
 
-def _without_stray_pieces(found: np.ndarray, inside: np.ndarray, narrow: bool, rules: MaskRules) -> np.ndarray:
+def _without_stray_pieces(found: np.ndarray, inside: np.ndarray, narrow: bool, local: np.ndarray, noise: float,
+                          rules: MaskRules) -> np.ndarray:
     """A hand mask without the pieces apart from its largest that are no hand: one at most rules.tag_piece_share
     of its size with a tag's shape (_tag_shaped) is a lead tag that _find_tags missed (text or a letter across its
-    holder broke its rim); outside a close-up (`narrow`: its finger may be one), a bar at most rules.bar_piece_share
-    of it (_bar_shaped) is a plate's frame or edge. A second hand is about as large as the first, and neither."""
+    holder broke its rim), and so is one that has it once an opening rules.text_width px wide takes off what
+    sticks out of it (a dash of burned-in text) when its edges are sharp (`local`'s median at least
+    rules.tag_sharp_noise times the `noise`: a faint hand's piece is graded); outside a close-up (`narrow`: its
+    finger may be one), a bar at most rules.bar_piece_share of it (_bar_shaped) is a plate's frame or edge. A second
+    hand is about as large as the first, and neither."""
     labels, count = ndimage.label(found)
     if count < 2:
         return found
     rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
     short = min(np.ptp(rows), np.ptp(cols)) + 1
     least, most = max(rules.tag_least_side, rules.tag_min_side * short), rules.tag_max_side * short
+    square = np.ones((rules.text_width, rules.text_width), bool)
     areas = np.bincount(labels.ravel())
     areas[0] = 0
     kept = found.copy()
@@ -4207,6 +4217,10 @@ def _without_stray_pieces(found: np.ndarray, inside: np.ndarray, narrow: bool, r
         rect = _piece_rect(part)  # (one hull for both shapes)
         if (tag_sized and _tag_shaped(part, least, most, rules, rect)) or (bar_sized and _bar_shaped(rect, rules)):
             kept[box] &= ~part
+        elif tag_sized and np.median(local[box][part]) >= rules.tag_sharp_noise * noise:
+            opened = ndimage.binary_opening(part, structure=square)
+            if opened.any() and _tag_shaped(_fill_holes(opened), least, most, rules):
+                kept[box] &= ~part
     return kept
 
 
@@ -4264,7 +4278,7 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     found, inverted, work, least, edge, fg = _search_hand_levels(views, levels, values, narrow, rules)
     if not found.any():
         return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
-    found = _without_stray_pieces(found, inside, narrow, rules)
+    found = _without_stray_pieces(found, inside, narrow, views["local"], levels["noise"], rules)
     filled = _finished_mask(found, work > least, inside, edge, whole, tags, rules)
     doubts = _mask_doubts(filled, fg, work > least, inside & ~edge, ring, views["local"], rules)
     if n < size:
@@ -4296,6 +4310,11 @@ def _hand_levels(image: np.ndarray, content: np.ndarray, rules: MaskRules) -> tu
     local, noise, flat, background = _hand_background(small, inside, rules, flattened=True, narrow=narrow)
     lo, hi = _extremes(values, rules)
     tags = _find_tags(small, inside, background, noise, lo, hi, rules)  # not hand, whatever their level
+    if narrow:  # a close-up's commonest level may be its soft tissue: its tags lie on the background beyond it
+        beside, beside_noise = _background_beside(small, inside & ~tags, local, background, noise,
+                                                  _darker_hand(background, lo, hi), rules)
+        if beside != background:
+            tags |= _find_tags(small, inside & ~tags, beside, beside_noise, lo, hi, rules)
     if tags.any():
         values = small[inside & ~tags]
         lo, hi = _extremes(values, rules)
@@ -4654,9 +4673,10 @@ class AnomalyCache:
 # 12: the doubt signal cut counts the foreground at the hand's level outside the mask, not what lies above the floor;
 # 13: the heel's plane fitted with the hand's side of the background trimmed, the doubt signal flat (a fifth
 # column of doubts); 14: bars apart from the hand (a plate's frame or edge) left out of the mask; 15: burned-in
-# text left out of the view's extremes (its contrast);
+# text left out of the view's extremes (its contrast); 16: a close-up's tags looked for on the background beside
+# its soft tissue, and a stray piece tag-shaped once the text stuck to it is opened off left out;
 # a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
-ANOMALY_PIPELINE_VERSION = 15
+ANOMALY_PIPELINE_VERSION = 16
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
