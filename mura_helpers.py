@@ -4278,8 +4278,9 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     found, inverted, work, least, edge, fg = _search_hand_levels(views, levels, values, narrow, rules)
     if not found.any():
         return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
-    found = _without_stray_pieces(found, inside, narrow, views["local"], levels["noise"], rules)
-    filled = _finished_mask(found, work > least, inside, edge, whole, tags, rules)
+    kept = _without_stray_pieces(found, inside, narrow, views["local"], levels["noise"], rules)
+    filled = _finished_mask(kept, work > least, inside, edge, whole, tags, rules)
+    fg &= ~(found & ~kept)  # the tags and bars dropped: no hand left out
     doubts = _mask_doubts(filled, fg, work > least, inside & ~edge, ring, views["local"], rules)
     if n < size:
         filled_8bit = Image.fromarray(filled.astype(np.uint8) * 255)  # (255: 8-bit white)
@@ -4722,8 +4723,10 @@ def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache
 # (0.96), the background of a low-contrast view read with the wrong polarity (0.82; both seed 985764), a close-up
 # whose mask left out a part of its hand as textured as the part it holds (1.08; seed 0). With it, seed 0
 # even / odd at 128 px: 19/19 and 19/20 flagged, 9.5% and 7.4% of the good; 512 px: 17/17 and 18/19, 9.0% and
-# 6.9%; seed 985764 (no limit fitted on it; its failures looked at): 25/26 at both sizes (23 before), 7.8-7.9%
-MASK_DOUBT_LIMITS = {"missed": 0.045, "cut": 0.025, "background_inside": 0.08, "rim": 0.27, "flat": 0.65}
+# 6.9%; seed 985764 (no limit fitted on it; its failures looked at): 25/26 at both sizes (23 before), 7.8-7.9%.
+# missed again (pipeline 16: the tags and bars dropped from the mask no longer count as hand left out), the same
+# way: about the 95th percentile of seed 0's even good masks (0.039 at 512 px, 0.045 at 128; 0.058 and 0.070 before)
+MASK_DOUBT_LIMITS = {"missed": 0.04, "cut": 0.025, "background_inside": 0.08, "rim": 0.27, "flat": 0.65}
 
 
 def suspect_masks(cache: AnomalyCache, low: float = 0.02, high: float = 0.45,
