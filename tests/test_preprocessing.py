@@ -677,6 +677,27 @@ def test_the_cut_signal_tells_a_graded_margin_from_a_cut_hand():
     assert mh._mask_doubts(grown & (yy > 70), fg, above, inside, ring, local, rules)["cut"] > limit  # the hand goes on
 
 
+def test_a_plate_frame_joined_to_the_hand_is_suspect_a_loop_of_fingers_is_not():
+    # phantom v6 (seed 537018 patient00057, seed 0 patient00051): a plate's frame, joined to the hand by text or a
+    # tag, took the mask around the background between them (IoU 0.41), and no doubt rose (pipeline 15). A mask
+    # that rings content it leaves out is suspect; a small loop of flexed fingers, or a tag's hole, is not
+    yy, xx = np.mgrid[:128, :128]
+    hand = (np.abs(xx - 60) < 15) & (yy > 30)
+    box = (xx >= 8) & (xx <= 120) & (yy >= 8) & (yy <= 120)
+    frame = box & ~((xx >= 11) & (xx <= 117) & (yy >= 11) & (yy <= 117))  # 3 px wide, 8 px in from the rim
+    bridge = (yy >= 60) & (yy <= 61) & (xx >= 11) & (xx <= 46)  # a line of text from the frame to the hand
+    inside = np.ones(hand.shape, bool)
+    ring = inside & ~ndimage.binary_erosion(inside, iterations=6, border_value=0)
+    rules, limit = mh.MaskRules(), mh.MASK_DOUBT_LIMITS["enclosed"]
+    local = np.zeros(hand.shape)
+
+    def enclosed(mask):
+        return mh._mask_doubts(mask, mask, mask, inside, ring, local, rules)["enclosed"]
+
+    assert enclosed(hand) == 0 and enclosed(hand & ~((np.abs(xx - 60) < 3) & (np.abs(yy - 50) < 3))) <= limit
+    assert enclosed(hand | frame | bridge) > limit
+
+
 def test_a_mask_on_the_background_or_of_the_wrong_polarity_is_suspect(tmp_path):
     # phantom v6, seed 985764: two failed masks raised no doubt (pipeline 12): the background beside a hand that
     # the crop cut (IoU 0.07), and the background of a low-contrast view read with the wrong polarity (0.22). The
