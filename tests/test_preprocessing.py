@@ -663,6 +663,20 @@ def test_a_wide_soft_tissue_margin_raises_no_doubt_about_a_right_mask(tmp_path):
     assert all(out["doubts"][name] <= limit for name, limit in mh.MASK_DOUBT_LIMITS.items()), out["doubts"]
 
 
+def test_a_dim_hand_is_textured_enough_to_win_over_a_blob_of_mottle(tmp_path):
+    # phantom v6 (seed 0), a dim light-grey view with coarse mottle: the hand's component at the first level above
+    # the floor varied 2.3 times the noise, under the texture test's 2.5; a blob of mottle beside it passed, and
+    # the mask was that blob (IoU 0, pipeline 16)
+    _, tasks = mh._plan_phantom(240, 0, 0.15, 0.26, ("XR_HAND",), 512)
+    task = next(t for t in tasks if t["key"][2:] == ("patient00013", "study1_negative") and t["image"] == "image2.png")
+    pixels, _, truth = mh._render_view(task["seed"], task["view"], task["anatomy"], task["finding"], task["ring"],
+                                       task["long_side"], task["n_hands"], task["polarity"], task["low_contrast"],
+                                       task["narrow"], task["dim"])
+    assert truth["dim"] and truth["polarity"] == "light_grey"
+    out = mh.preprocess_view(_save(tmp_path, pixels), mh.PreprocessConfig(size=128))
+    assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= 0.7
+
+
 def test_the_cut_signal_tells_a_graded_margin_from_a_cut_hand():
     yy, xx = np.mgrid[:128, :128]
     hand = (np.abs(xx - 60) < 18) & (yy > 20)
