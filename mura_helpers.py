@@ -4682,7 +4682,8 @@ class AnomalyCache:
 # 13: the heel's plane fitted with the hand's side of the background trimmed, the doubt signal flat (a fifth
 # column of doubts); 14: bars apart from the hand (a plate's frame or edge) left out of the mask; 15: burned-in
 # text left out of the view's extremes (its contrast); 16: a close-up's tags looked for on the background beside
-# its soft tissue, and a stray piece tag-shaped once the text stuck to it is opened off left out; 17: a dim hand's
+# its soft tissue, and a stray piece tag-shaped once the text stuck to it is opened off left out; the doubt
+# missed without the pieces so dropped, and the doubt enclosed (a sixth column of doubts); 17: a dim hand's
 # texture test at 2 times the noise (MaskRules.texture_noise);
 # a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
 ANOMALY_PIPELINE_VERSION = 17
