@@ -648,15 +648,21 @@ def test_mask_doubts_flag_a_cut_and_a_hand_left_out_not_grain():
     assert left_out["missed"] > limits["missed"] and left_out["cut"] <= limits["cut"]
 
 
+def _default_phantom_view(patient, study, image):
+    """(pixels, truth) of one view of the default phantom (240 patients, seed 0, 512 px), rendered alone."""
+    _, tasks = mh._plan_phantom(240, 0, 0.15, 0.26, ("XR_HAND",), 512)
+    task = next(t for t in tasks if t["key"][2:] == (patient, study) and t["image"] == image)
+    pixels, _, truth = mh._render_view(task["seed"], task["view"], task["anatomy"], task["finding"], task["ring"],
+                                       task["long_side"], task["n_hands"], task["polarity"], task["low_contrast"],
+                                       task["narrow"], task["dim"])
+    return pixels, truth
+
+
 def test_a_wide_soft_tissue_margin_raises_no_doubt_about_a_right_mask(tmp_path):
     # phantom v6 (seed 0), a view with a wide, graded soft-tissue margin and a right mask: pipeline 11 read its
     # margin, above the floor beyond the mask, as a cut (0.108, its limit 0.025), as it did on 95 of 99 good masks
     # it flagged so on v6; the cut counts foreground at the hand's level now
-    _, tasks = mh._plan_phantom(240, 0, 0.15, 0.26, ("XR_HAND",), 512)
-    task = next(t for t in tasks if t["key"][2:] == ("patient00139", "study1_negative") and t["image"] == "image2.png")
-    pixels, _, truth = mh._render_view(task["seed"], task["view"], task["anatomy"], task["finding"], task["ring"],
-                                       task["long_side"], task["n_hands"], task["polarity"], task["low_contrast"],
-                                       task["narrow"], task["dim"])
+    pixels, truth = _default_phantom_view("patient00139", "study1_negative", "image2.png")
     assert truth["wide_margin"] and not truth["mottle"]
     out = mh.preprocess_view(_save(tmp_path, pixels), mh.PreprocessConfig(size=128))
     assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= 0.85
@@ -667,11 +673,7 @@ def test_a_dim_hand_is_textured_enough_to_win_over_a_blob_of_mottle(tmp_path):
     # phantom v6 (seed 0), a dim light-grey view with coarse mottle: the hand's component at the first level above
     # the floor varied 2.3 times the noise, under the texture test's 2.5; a blob of mottle beside it passed, and
     # the mask was that blob (IoU 0, pipeline 16)
-    _, tasks = mh._plan_phantom(240, 0, 0.15, 0.26, ("XR_HAND",), 512)
-    task = next(t for t in tasks if t["key"][2:] == ("patient00013", "study1_negative") and t["image"] == "image2.png")
-    pixels, _, truth = mh._render_view(task["seed"], task["view"], task["anatomy"], task["finding"], task["ring"],
-                                       task["long_side"], task["n_hands"], task["polarity"], task["low_contrast"],
-                                       task["narrow"], task["dim"])
+    pixels, truth = _default_phantom_view("patient00013", "study1_negative", "image2.png")
     assert truth["dim"] and truth["polarity"] == "light_grey"
     out = mh.preprocess_view(_save(tmp_path, pixels), mh.PreprocessConfig(size=128))
     assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= 0.7
