@@ -8,9 +8,10 @@ epoch's test AUROC. Without --data-dir it makes this version's phantom with the 
 --scale, --contrast) and split (--valid-fraction, --positive-rate). Run it with the same settings on two phantom
 versions to compare them (make the older version's folder with that version's mura_helpers, or run this file from
 a copy of the older checkout). Views are made upright as TrainConfig's default says (--no-upright: as stored,
-how the table's rows before 2026-12-06 ran). Writes <out>/learnability.json. The table in docs/data-and-phantom.md
-ran, per kind (--kinds fracture, hardware, lesion, or all three) and size (--size 64 with --phantom-size 128,
---size 128 with --phantom-size 256), with --no-upright:
+how the table's rows before 2026-12-06 ran). --permute-labels SEED is the negative control: the same run on a copy
+whose training labels are permuted by patient, scored on the same test. Writes <out>/learnability.json. The table
+in docs/data-and-phantom.md ran, per kind (--kinds fracture, hardware, lesion, or all three) and size (--size 64
+with --phantom-size 128, --size 128 with --phantom-size 256), with --no-upright:
 
   python benchmarks/learnability.py --out OUT --patients 100 --phantom-size 128 --valid-fraction 0.3 \
       --positive-rate 0.5 --kinds fracture --size 64 --epochs 12 --batch-size 16 --arch densenet121 \
@@ -56,6 +57,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--arch", default="densenet169", choices=mh.ARCHS)
     ap.add_argument("--upright", action=argparse.BooleanOptionalAction, default=mh.TrainConfig.upright,
                     help="invert views stored inverted back before the model sees them (TrainConfig.upright)")
+    ap.add_argument("--permute-labels", type=int, default=None, metavar="SEED",
+                    help="the negative control: train on a copy whose training studies' labels are permuted by "
+                         "patient with this seed (mh.permuted_labels_copy); the test split keeps its labels")
     ap.add_argument("--seed", type=int, default=0, help="the training seed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
@@ -69,6 +73,12 @@ def main(argv=None) -> dict:
             mh.ensure_phantom(out / "phantom", n_patients=args.patients, seed=args.phantom_seed,
                               image_size=args.phantom_size, valid_fraction=args.valid_fraction,
                               positive_rate=args.positive_rate, progress=False, **findings))
+    truth_root = root  # the phantom's truth names each test study's finding kind; a permuted copy's test is the same
+    if args.permute_labels is not None:
+        permuted = out / f"permuted_s{args.permute_labels}"
+        if not (permuted / mh.MURA_DIRNAME).is_dir():
+            mh.permuted_labels_copy(root, permuted, seed=args.permute_labels)
+        root = permuted / mh.MURA_DIRNAME
     cfg = mh.TrainConfig(data_dir=str(root), output_dir=str(out / "run"), cache_dir=str(out / "cache"),
                          image_size=args.size, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
                          arch=args.arch, pretrained=False, num_workers=0, keep_top_k=0, seed=args.seed,
@@ -83,7 +93,7 @@ def main(argv=None) -> dict:
     auroc = mh.study_metrics(preds["label"], preds["prob"])["auroc"]  # NaN (with a warning) for one class
     lo, hi = mh.auroc_interval(preds["label"], preds["prob"], patients=preds["patient"])
     best_epoch = int(history.loc[history[cfg.select_metric].idxmin(), "epoch"])
-    boxes = mh.phantom_boxes(root)
+    boxes = mh.phantom_boxes(truth_root)
     by_kind = {}
     if boxes is not None:  # each kind's abnormal studies against every normal one, with its interval by patient
         kind_of = mh._findings_by_study(boxes)
@@ -95,13 +105,14 @@ def main(argv=None) -> dict:
             by_kind[kind] = {"auroc": round(float(mh.study_metrics(both["label"], both["prob"])["auroc"]), 3),
                              "ci95_by_patient": [round(lo_k, 3), round(hi_k, 3)],
                              "abnormal_studies": int(both["label"].sum())}
-    manifest = mh._phantom_manifest(root) or {}
+    manifest = mh._phantom_manifest(truth_root) or {}
     result = {
         "phantom_version": manifest.get("version"),  # None: not a phantom
         "phantom": {k: manifest.get(k) for k in ("n_patients", "seed", "image_size", "valid_fraction",
                                                  "positive_rate", "finding_kinds", "finding_scale",
                                                  "finding_contrast")},
-        "data_dir": str(root), "arch": args.arch, "pretrained": False, "upright": cfg.upright,
+        "data_dir": str(root), "labels_permuted_seed": args.permute_labels, "arch": args.arch, "pretrained": False,
+        "upright": cfg.upright,
         "image_size": args.size, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "plateau_patience": cfg.plateau_patience,
         "tune_fraction": cfg.tune_fraction, "select_metric": cfg.select_metric, "best_epoch": best_epoch,
