@@ -1,6 +1,7 @@
 """The embedded phantom: MURA's layout and statistics, its ground truth, determinism and caching."""
 
 import hashlib
+import inspect
 import json
 import math
 
@@ -79,6 +80,19 @@ def test_each_split_holds_the_stated_share_of_abnormal_studies():
         for split in ("train", "valid"):
             labels = [s["label"] for s in studies if s["key"][0] == split]
             assert sum(labels) == round(rate * len(labels)), (n_patients, seed, rate, split)
+
+
+def test_the_default_phantom_is_at_mura_hands_scale():
+    # v7: a from-scratch DenseNet learned the phantom's lesions from about 2,000 training views (1,000 patients,
+    # valid_fraction 0.3), not from v6's default of about 700; and v6's default tested on 14 abnormal studies
+    defaults = inspect.signature(mh.make_phantom_mura).parameters
+    assert defaults["n_patients"].default == mh.TrainConfig().phantom_patients == mh.AnomalyConfig().phantom_patients
+    settings = [defaults[k].default for k in ("n_patients", "seed", "valid_fraction", "positive_rate", "body_parts")]
+    studies, tasks = mh._plan_phantom(*settings, 512)
+    test = [s["label"] for s in studies if s["key"][0] == "valid"]
+    assert len(test) >= 150 and sum(test) >= 40  # real XR_HAND's validation split: 167 studies, 66 abnormal
+    training_views = sum(t["key"][0] == "train" for t in tasks) * (1 - mh.TrainConfig().tune_fraction)
+    assert training_views >= 2000  # real XR_HAND: 5,543 training views
 
 
 def test_finding_settings_choose_the_kinds_their_size_and_contrast(tmp_path):
