@@ -83,8 +83,8 @@ def test_each_split_holds_the_stated_share_of_abnormal_studies():
 
 
 def test_the_default_phantom_is_at_mura_hands_scale():
-    # v7: a from-scratch DenseNet learned the phantom's lesions from about 2,000 training views (1,000 patients,
-    # valid_fraction 0.3), not from v6's default of about 700; and v6's default tested on 14 abnormal studies
+    # v7: on a phantom without the hard views a from-scratch DenseNet learned lesions from about 2,000 training
+    # views, not from 200 (v6's default had about 700); and v6's default tested on 14 abnormal studies
     defaults = inspect.signature(mh.make_phantom_mura).parameters
     assert defaults["n_patients"].default == mh.TrainConfig().phantom_patients == mh.AnomalyConfig().phantom_patients
     settings = [defaults[k].default for k in ("n_patients", "seed", "valid_fraction", "positive_rate", "body_parts")]
