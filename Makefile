@@ -19,8 +19,8 @@ BIN := $(VENV)/bin
 # meant for a GPU, into outputs/full/ (so the two never resume each other's runs).
 DEMO ?= quick
 PAPERMILL := $(BIN)/papermill --cwd notebooks -k python3 --log-level WARNING
-# The phantom: DEMO=quick keeps v6's 240 patients (900 views; the default 1,000, about real XR_HAND's scale, would
-# take a CPU four times as long), so its models learn less than DEMO=full's (notebook 04 says whether they did)
+# The phantom: DEMO=quick keeps v6's 240 patients (902 views; the default 1,000, about real XR_HAND's scale, has
+# four times as many for a CPU to read, mask and train on); notebook 04 says whether its model learned
 ifeq ($(DEMO),quick)
 OUT := outputs
 PHANTOM_PATIENTS := 240
