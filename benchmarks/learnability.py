@@ -22,6 +22,7 @@ with --phantom-size 128, --size 128 with --phantom-size 256), with --no-upright:
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -76,9 +77,8 @@ def main(argv=None) -> dict:
     truth_root = root  # the phantom's truth names each test study's finding kind; a permuted copy's test is the same
     if args.permute_labels is not None:
         permuted = out / f"permuted_s{args.permute_labels}"
-        if not (permuted / mh.MURA_DIRNAME).is_dir():
-            mh.permuted_labels_copy(root, permuted, seed=args.permute_labels)
-        root = permuted / mh.MURA_DIRNAME
+        shutil.rmtree(permuted, ignore_errors=True)  # remade from this run's data (hard links: cheap)
+        root = mh.permuted_labels_copy(root, permuted, seed=args.permute_labels)
     cfg = mh.TrainConfig(data_dir=str(root), output_dir=str(out / "run"), cache_dir=str(out / "cache"),
                          image_size=args.size, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
                          arch=args.arch, pretrained=False, num_workers=0, keep_top_k=0, seed=args.seed,
