@@ -162,7 +162,8 @@ __all__ = [  # the public API, in the module's section order (tests/test_noteboo
     "load_phantom_findings", "load_phantom_truth", "PHANTOM_VIEW_KINDS", "phantom_hand_mask",
     "phantom_boxes",
     # learning controls
-    "permuted_labels_copy", "CAM_MIN_HARDWARE_HITS", "cam_hardware_hits", "learning_verdict", "SUPERVISED_CONTROL",
+    "permuted_labels_copy", "CAM_MIN_HARDWARE_HITS", "cam_hardware_hits", "COLLAPSED_IQR",
+    "probabilities_collapsed", "learning_verdict", "SUPERVISED_CONTROL",
     "supervised_control", "UNSUPERVISED_CONTROL", "unsupervised_control",
     # command line: python -m mura_helpers
     "main",
@@ -7926,11 +7927,26 @@ def cam_hardware_hits(localisation: pd.DataFrame, threshold: float = 0.5) -> tup
     return int(caught["pointing_hit"].sum()), len(caught)
 
 
-def learning_verdict(headline: pd.DataFrame, localisation: pd.DataFrame | None = None) -> tuple[bool, str]:
+COLLAPSED_IQR = 0.01  # test studies' probabilities whose quartiles lie closer than this: the model gives nearly
+#   every study one answer (phantom v7, lesions only, 64 px, DenseNet-121 from scratch, 403 test studies: a run
+#   whose training loss stayed at a constant answer's spread them 0.0017 apart at best.pt; one that memorised its
+#   training views, not the lesions (training AUROC 0.72, test 0.45), 0.045 at best.pt and 0.079 at its last epoch)
+
+
+def probabilities_collapsed(probs: Sequence[float]) -> float | None:
+    """The interquartile range of a model's study probabilities when it is under COLLAPSED_IQR (the model gives
+    nearly every study the same answer: it found nothing to tell them apart by), else None."""
+    spread = float(np.subtract(*np.percentile(probs, [75, 25])))  # (75, 25: the quartiles)
+    return spread if spread < COLLAPSED_IQR else None
+
+
+def learning_verdict(headline: pd.DataFrame, localisation: pd.DataFrame | None = None,
+                     probs: Sequence[float] | None = None) -> tuple[bool, str]:
     """Whether the model of a headline_table learned: its test AUROC's 95% interval above chance (0.5) and above
     every model-free floor's test AUROC (phantom; max(AUROC, 1 - AUROC)) and, given the CAMs' `localisation`
     (phantom), its CAMs on the hardware in CAM_MIN_HARDWARE_HITS of the hardware views it catches; with the one line
-    that says so or not."""
+    that says so or not. Given the test studies' `probs`, a model that did not learn and gives nearly every study
+    one answer (probabilities_collapsed) is said to."""
     auroc = headline.loc["auroc"]
     floors = {name.split(": ", 1)[1]: max(row["test"], 1 - row["test"]) for name, row in headline.iterrows()
               if name.startswith("auroc, no model: ")}  # a floor below 0.5 runs the other way: as good turned
@@ -7939,8 +7955,12 @@ def learning_verdict(headline: pd.DataFrame, localisation: pd.DataFrame | None =
     shown = f"test AUROC {auroc['test']:.3f} [{auroc['test_ci_low']:.3f}, {auroc['test_ci_high']:.3f}]"
     against = "chance (0.5)" + (f" and the model-free floor ({floor_name}: {floor:.3f})" if floor_name else "")
     if auroc["test_ci_low"] <= bar:
+        spread = None if probs is None else probabilities_collapsed(probs)
+        collapsed = ("" if spread is None else f"; its test probabilities lie within {spread:.4f} of each other "
+                     f"(interquartile range): it gives nearly every study one answer, having found nothing to "
+                     f"tell them apart by")
         return False, (f"NOT SHOWN TO LEARN: {shown}; its 95% interval does not clear {against}, so these "
-                       f"numbers are no better than a model-blind rule")
+                       f"numbers are no better than a model-blind rule{collapsed}")
     hits, caught = (0, 0) if localisation is None else cam_hardware_hits(localisation)
     if not caught:
         looked = "" if localisation is None else "; it catches no hardware view, so where its CAMs point is unchecked"

@@ -178,6 +178,24 @@ def test_learning_verdict_needs_the_interval_above_chance_and_the_floor():
     assert not mh.learning_verdict(headline(0.45, 0.5).iloc[:1])[0]  # no floor: chance alone
 
 
+def test_learning_verdict_says_when_the_model_gives_every_study_one_answer():
+    """A model that did not learn and whose test probabilities barely differ (a from-scratch run stuck at a
+    constant answer spread them 0.0017 apart) is said to give one answer; one that spreads them is not, and a
+    model that learned is never so described."""
+    def headline(low):
+        return pd.DataFrame({"test": [0.6], "test_ci_low": [low], "test_ci_high": [0.8]}, index=["auroc"])
+    rng = np.random.default_rng(0)
+    stuck = 0.4849 + rng.uniform(-0.002, 0.002, 400)
+    spread = rng.uniform(0.2, 0.8, 400)
+    assert mh.probabilities_collapsed(stuck) is not None and mh.probabilities_collapsed(spread) is None
+    learned, line = mh.learning_verdict(headline(0.45), probs=stuck)
+    assert not learned and "one answer" in line and "interquartile range" in line
+    assert "one answer" not in mh.learning_verdict(headline(0.45), probs=spread)[1]
+    assert "one answer" not in mh.learning_verdict(headline(0.45))[1]  # no probabilities given: not judged
+    learned, line = mh.learning_verdict(headline(0.7), probs=stuck)  # learned (ranks apart, however close)
+    assert learned and "one answer" not in line
+
+
 def test_learning_verdict_needs_the_cams_on_the_caught_hardware():
     """A model above chance and the floor whose CAMs miss the hardware in most views it catches is not called
     learned (it may read a confound); views it does not catch (probability <= 0.5) and other findings do not count."""
