@@ -3,15 +3,16 @@
 Trains `mura_helpers.train` (pretrained=False; a tuning split of --tune-fraction of the training patients selects
 best.pt) on a phantom folder, then scores best.pt once on MURA's validation split (the test) with study-level AUROC
 and a 95% interval resampled by patient, overall and per finding kind (fracture, hardware, lesion: that kind's
-abnormal studies against every normal one), beside the per-epoch training, tuning and test AUROC and the last
-epoch's test AUROC. Without --data-dir it makes this version's phantom with the given finding settings (--kinds,
---scale, --contrast) and split (--valid-fraction, --positive-rate). Run it with the same settings on two phantom
-versions to compare them (make the older version's folder with that version's mura_helpers, or run this file from
-a copy of the older checkout). Views are made upright as TrainConfig's default says (--no-upright: as stored,
-how the table's rows before 2026-12-06 ran). --permute-labels SEED is the negative control: the same run on a copy
-whose training labels are permuted by patient, scored on the same test. Writes <out>/learnability.json. The table
-in docs/data-and-phantom.md ran, per kind (--kinds fracture, hardware, lesion, or all three) and size (--size 64
-with --phantom-size 128, --size 128 with --phantom-size 256), with --no-upright:
+abnormal studies against every normal one), beside the per-epoch training, tuning and test AUROC, the last epoch's
+test AUROC and the spread of best.pt's test probabilities (their interquartile range; under mh.COLLAPSED_IQR,
+test_collapsed: it gives nearly every study one answer). Without --data-dir it makes this version's phantom with the
+given finding settings (--kinds, --scale, --contrast) and split (--valid-fraction, --positive-rate). Run it with the
+same settings on two phantom versions to compare them (make the older version's folder with that version's
+mura_helpers, or run this file from a copy of the older checkout). Views are made upright as TrainConfig's default
+says (--no-upright: as stored, how the table's rows before 2026-12-06 ran). --permute-labels SEED is the negative
+control: the same run on a copy whose training labels are permuted by patient, scored on the same test. Writes
+<out>/learnability.json. The table in docs/data-and-phantom.md ran, per kind (--kinds fracture, hardware, lesion, or
+all three) and size (--size 64 with --phantom-size 128, --size 128 with --phantom-size 256), with --no-upright:
 
   python benchmarks/learnability.py --out OUT --patients 100 --phantom-size 128 --valid-fraction 0.3 \
       --positive-rate 0.5 --kinds fracture --size 64 --epochs 12 --batch-size 16 --arch densenet121 \
@@ -122,6 +123,8 @@ def main(argv=None) -> dict:
         "test_auroc_best": round(float(auroc), 3), "test_auroc_ci95_by_patient": [round(lo, 3), round(hi, 3)],
         "test_auroc_last": round(float(history["valid_auroc"].iloc[-1]), 3),
         "test_auroc_by_kind": by_kind, "seed": args.seed,
+        "test_prob_iqr": round(float(preds["prob"].quantile(0.75) - preds["prob"].quantile(0.25)), 4),
+        "test_collapsed": mh.probabilities_collapsed(preds["prob"]) is not None,
         "tune_auroc_by_epoch": [round(float(v), 3) for v in history["tune_auroc"]],
         "test_auroc_by_epoch": [round(float(v), 3) for v in history["valid_auroc"]],
         "train_auroc_by_epoch": [round(float(v), 3) for v in history["train_auroc"]],

@@ -71,6 +71,7 @@ def test_learnability_benchmark_smoke(tiny_phantom, tmp_path):
     assert report["test_studies"] == len(valid) and report["test_abnormal"] == sum("positive" in p.name for p in valid)
     lo, hi = report["test_auroc_ci95_by_patient"]
     assert 0 <= lo <= hi <= 1 and 0 <= report["test_auroc_best"] <= 1
+    assert report["test_prob_iqr"] >= 0 and report["test_collapsed"] == (report["test_prob_iqr"] < mh.COLLAPSED_IQR)
     by_kind = report["test_auroc_by_kind"]  # each planted kind's abnormal test studies against every normal one
     assert by_kind and set(by_kind) <= {"fracture", "hardware", "lesion"}
     assert sum(k["abnormal_studies"] for k in by_kind.values()) <= report["test_abnormal"]
