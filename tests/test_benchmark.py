@@ -77,8 +77,11 @@ def test_learnability_benchmark_smoke(tiny_phantom, tmp_path):
     assert sum(k["abnormal_studies"] for k in by_kind.values()) <= report["test_abnormal"]
     assert json.loads((tmp_path / "learn" / "learnability.json").read_text()) == report
     permuted = bench.main(["--data-dir", str(tiny_phantom), "--out", str(tmp_path / "permuted"), "--size", "32",
-                           "--epochs", "1", "--batch-size", "8", "--permute-labels", "1"])  # the negative control
+                           "--epochs", "2", "--batch-size", "8", "--permute-labels", "1",  # the negative control,
+                           "--select-metric", "tune_auroc"])  # best.pt by the tuning AUROC
     assert permuted["labels_permuted_seed"] == 1 and "permuted_s1" in permuted["data_dir"]
+    best = max(range(2), key=lambda e: (permuted["tune_auroc_by_epoch"][e], -e))  # (the first of equals)
+    assert permuted["select_metric"] == "tune_auroc" and permuted["best_epoch"] == best + 1
     train = mh.load_studies(permuted["data_dir"], "train")
     assert train["label"].tolist() != mh.load_studies(tiny_phantom, "train")["label"].tolist()
     assert permuted["test_studies"] == report["test_studies"] and permuted["test_abnormal"] == report["test_abnormal"]
