@@ -163,7 +163,7 @@ __all__ = [  # the public API, in the module's section order (tests/test_noteboo
     "phantom_boxes",
     # learning controls
     "permuted_labels_copy", "CAM_MIN_HARDWARE_HITS", "cam_hardware_hits", "COLLAPSED_IQR",
-    "probabilities_collapsed", "learning_verdict", "SUPERVISED_CONTROL",
+    "probability_spread", "probabilities_collapsed", "learning_verdict", "SUPERVISED_CONTROL",
     "supervised_control", "UNSUPERVISED_CONTROL", "unsupervised_control",
     # command line: python -m mura_helpers
     "main",
@@ -7965,10 +7965,15 @@ COLLAPSED_IQR = 0.01  # test studies' probabilities whose quartiles lie closer t
 #   training views, not the lesions (training AUROC 0.72, test 0.45), 0.045 at best.pt and 0.079 at its last epoch)
 
 
+def probability_spread(probs: Sequence[float]) -> float:
+    """The interquartile range of a model's study probabilities."""
+    return float(np.subtract(*np.percentile(probs, [75, 25])))  # (75, 25: the quartiles)
+
+
 def probabilities_collapsed(probs: Sequence[float]) -> float | None:
-    """The interquartile range of a model's study probabilities when it is under COLLAPSED_IQR (the model gives
-    nearly every study the same answer: it found nothing to tell them apart by), else None."""
-    spread = float(np.subtract(*np.percentile(probs, [75, 25])))  # (75, 25: the quartiles)
+    """probability_spread when it is under COLLAPSED_IQR (the model gives nearly every study the same answer: it
+    found nothing to tell them apart by), else None."""
+    spread = probability_spread(probs)
     return spread if spread < COLLAPSED_IQR else None
 
 

@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
         "test_auroc_best": round(float(auroc), 3), "test_auroc_ci95_by_patient": [round(lo, 3), round(hi, 3)],
         "test_auroc_last": round(float(history["valid_auroc"].iloc[-1]), 3),
         "test_auroc_by_kind": by_kind, "seed": args.seed,
-        "test_prob_iqr": round(float(preds["prob"].quantile(0.75) - preds["prob"].quantile(0.25)), 4),
+        "test_prob_iqr": round(mh.probability_spread(preds["prob"]), 4),
         "test_collapsed": mh.probabilities_collapsed(preds["prob"]) is not None,
         "tune_auroc_by_epoch": [round(float(v), 3) for v in history["tune_auroc"]],
         "test_auroc_by_epoch": [round(float(v), 3) for v in history["valid_auroc"]],
