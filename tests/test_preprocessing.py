@@ -408,6 +408,20 @@ def test_a_narrow_close_up_keeps_its_hand(tmp_path):
     assert mh.mask_iou(out["mask"], out["affine"], finger) >= 0.85
 
 
+def test_a_close_up_s_unexposed_border_is_cut_off_at_the_hand_s_level(tmp_path):
+    # phantom v7 (seed 0, 300 patients), a close-up 512 x 132 px whose hand fills its middle: collimation left an
+    # unexposed border 34 px deep along its top at the soft tissue's level (110 against 121), the field's dark
+    # background beyond it. Measured against the middle's level, the border was no band; the mask took it in
+    # (IoU 0.75 at 128 px, pipeline 18)
+    pixels, truth = _default_phantom_view("patient00006", "study1_negative", "image2.png", n_patients=300)
+    assert truth["narrow"] and truth["field"] and not truth["plate"]
+    top = min(y for _, y in truth["field"])  # the field's top side: 33-35 px down
+    center, (_, height), _ = mh.find_field(pixels)
+    assert abs(center[1] - height / 2 - top) <= 4, (center, height, top)
+    out = mh.preprocess_view(_save(tmp_path, pixels), mh.PreprocessConfig(size=128))
+    assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= 0.8
+
+
 def test_a_close_up_filled_by_its_hand_finds_the_background_beside_it(tmp_path):
     # a finger's soft tissue over 70% of a view four times as tall as wide, its bone 8%, the background a strip
     # beside it: the soft tissue's level, the commonest, is no background (the bone lies on one side of it, the
