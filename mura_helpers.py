@@ -4196,14 +4196,25 @@ def _bar_shaped(rect: tuple | None, rules: MaskRules) -> bool:
     return rect is not None and rect[1] >= rules.bar_aspect * rect[0]
 
 
+def _tag_sides(inside: np.ndarray, rules: MaskRules, view_short: float | None = None) -> tuple[float, float]:
+    """The least and most short side (px) of a lead tag in `inside`: shares of its short side; the most, of the
+    view's (`view_short`, a share of the square's side) when that is longer: a tag is sized by its film, not by a
+    crop narrower than it (phantom v7 seed 0: 3 of the 16 views with a tag in their mask at 128 px held one 11-19
+    px wide in a crop 26-68 px wide: a collimated field, and twice a rectangle round the hand taken for a plate).
+    The least stays the crop's: raised, dashes of text were no longer taken for tags."""
+    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    short = min(np.ptp(rows), np.ptp(cols)) + 1
+    film = max(short, view_short * inside.shape[0]) if view_short is not None else short
+    return max(rules.tag_least_side, rules.tag_min_side * short), rules.tag_max_side * film
+
+
 def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: float, lo: float, hi: float,
                rules: MaskRules) -> np.ndarray:
     """Lead tags at working size (bool, grown by their blurred edge): components, at levels between the background
     and each extreme (`lo`, `hi`), that are tag-sized rectangles lying on the background (MaskRules' tag_* rules: a
-    tag is small, flat and rectangular with sharp edges; a hand large, graded and of no rectangle's shape)."""
-    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
-    short = min(np.ptp(rows), np.ptp(cols)) + 1
-    least, most = max(rules.tag_least_side, rules.tag_min_side * short), rules.tag_max_side * short
+    tag is small, flat and rectangular with sharp edges; a hand large, graded and of no rectangle's shape; their
+    sizes: _tag_sides)."""
+    least, most = _tag_sides(inside, rules)
     ring_px = rules.tag_ring_gap + rules.tag_ring
     tags = np.zeros(inside.shape, bool)
     for extreme in (lo, hi):
@@ -4239,7 +4250,7 @@ def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: 
 
 
 def _without_stray_pieces(found: np.ndarray, inside: np.ndarray, narrow: bool, local: np.ndarray, noise: float,
-                          rules: MaskRules) -> np.ndarray:
+                          rules: MaskRules, view_short: float | None = None) -> np.ndarray:
     """A hand mask without the pieces apart from its largest that are no hand: one at most rules.tag_piece_share
     of its size with a tag's shape (_tag_shaped) is a lead tag that _find_tags missed (text or a letter across its
     holder broke its rim), and so is one that has it once an opening rules.text_width px wide takes off what
@@ -4250,9 +4261,7 @@ def _without_stray_pieces(found: np.ndarray, inside: np.ndarray, narrow: bool, l
     labels, count = ndimage.label(found)
     if count < 2:
         return found
-    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
-    short = min(np.ptp(rows), np.ptp(cols)) + 1
-    least, most = max(rules.tag_least_side, rules.tag_min_side * short), rules.tag_max_side * short
+    least, most = _tag_sides(inside, rules, view_short)
     square = np.ones((rules.text_width, rules.text_width), bool)
     areas = np.bincount(labels.ravel())
     areas[0] = 0
@@ -4302,9 +4311,11 @@ def _mask_doubts(mask: np.ndarray, fg: np.ndarray, above: np.ndarray, inside: np
             "enclosed": float((_fill_holes(mask) & ~mask & inside).sum() / max(inside.sum(), 1))}
 
 
-def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRules()) -> tuple[np.ndarray, bool, dict]:
+def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRules(),
+               view_short: float | None = None) -> tuple[np.ndarray, bool, dict]:
     """Foreground (hand) mask inside `content` pixels, whether the view was inverted (hand darker than its
-    background), and the signals of a doubtful mask (MASK_DOUBTS).
+    background), and the signals of a doubtful mask (MASK_DOUBTS). `view_short`: the whole view's short side as a
+    share of the square's side, which sizes its lead tags (_tag_sides); None: the content's.
 
     Classical, as a stand-in for the paper's SSD hand detector and Photoshop masks, at a working resolution of at
     most rules.work_size (the mask is upsampled): the background is the commonest flat level; the hand lies on the
@@ -4329,7 +4340,7 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     found, inverted, work, least, edge, fg = _search_hand_levels(views, levels, values, narrow, rules)
     if not found.any():
         return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
-    kept = _without_stray_pieces(found, inside, narrow, views["local"], levels["noise"], rules)
+    kept = _without_stray_pieces(found, inside, narrow, views["local"], levels["noise"], rules, view_short)
     filled = _finished_mask(kept, work > least, inside, edge, whole, tags, rules)
     fg &= ~(found & ~kept)  # the tags and bars dropped: no hand left out
     doubts = _mask_doubts(filled, fg, work > least, inside & ~edge, ring, views["local"], rules)
@@ -4633,15 +4644,16 @@ def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
     image, content, affine = _square_view(gray, carrier, cfg.size, cfg.crop_rules)
     inverted, doubts = False, dict.fromkeys(MASK_DOUBTS, 0.0)
     if cfg.segment:
+        view_short = min(gray.shape) / max(carrier[1] if carrier is not None else gray.shape)  # sizes its tags
         work = max(cfg.size, min(cfg.mask_rules.work_size, max(gray.shape)))
         if work > cfg.size:
             big, big_content, _ = _square_view(gray, carrier, work, cfg.crop_rules)
-            big_mask, inverted, doubts = _hand_mask(big, big_content, cfg.mask_rules)
+            big_mask, inverted, doubts = _hand_mask(big, big_content, cfg.mask_rules, view_short)
             mask_8bit = Image.fromarray(big_mask.astype(np.uint8) * 255)  # (255: 8-bit white)
             shares = np.asarray(mask_8bit.resize((cfg.size, cfg.size), Image.Resampling.BOX))
             mask = (shares >= 128) & content  # (128: halfway)
         else:
-            mask, inverted, doubts = _hand_mask(image, content, cfg.mask_rules)
+            mask, inverted, doubts = _hand_mask(image, content, cfg.mask_rules, view_short)
         if inverted:
             image = np.where(content, 255 - image, 0).astype(np.uint8)
     else:
@@ -4730,9 +4742,10 @@ class AnomalyCache:
 # missed without the pieces so dropped, and the doubt enclosed (a sixth column of doubts); 17: a dim hand's
 # texture test at 2 times the noise (MaskRules.texture_noise); 18: where no plate stands out, the plate searched
 # for again on the block means smoothed (CropRules.denoise_sigma: a low-contrast plate); 19: a close-up's
-# unexposed border cut off whatever its level (its middle, all hand, gives no background to tell it from);
+# unexposed border cut off whatever its level (its middle, all hand, gives no background to tell it from); 20: a
+# lead tag apart from the hand as wide as a quarter of the view's short side, not of a narrower crop's (_tag_sides);
 # a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
-ANOMALY_PIPELINE_VERSION = 19
+ANOMALY_PIPELINE_VERSION = 20
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",

@@ -422,6 +422,21 @@ def test_a_close_up_s_unexposed_border_is_cut_off_at_the_hand_s_level(tmp_path):
     assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= 0.8
 
 
+def test_a_tag_as_wide_as_half_a_narrow_crop_leaves_the_mask(tmp_path):
+    # phantom v7 (seed 0, 300 patients), a lateral view 344 x 512 px with no plate, which the crop cut to a strip
+    # around the hand a quarter as wide as the square (a rectangle of its soft tissue taken for a plate): its lead
+    # tag, 15 px of the 128-px square wide, was wider than a quarter of that strip (8 px) and so no tag, and the
+    # mask kept it apart from the hand (pipeline 19: IoU 0.80, the whole tag). A tag is sized by its film
+    pixels, truth = _default_phantom_view("patient00100", "study1_positive", "image2.png", n_patients=300)
+    assert len(truth["tags"]) == 1 and not truth["plate"]
+    out = mh.preprocess_view(_save(tmp_path, pixels), mh.PreprocessConfig(size=128))
+    tag = mh.rect_mask(pixels.shape, (lambda c, s, a: (c - 0.5, s, a))(*mh.min_area_rect(np.asarray(truth["tags"][0],
+                                                                                                    float))))
+    tag_in_square, _ = mh._truth_in_square(tag, out["affine"], 128)
+    assert out["mask"][tag_in_square].mean() < 0.02
+    assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= 0.9
+
+
 def test_a_close_up_filled_by_its_hand_finds_the_background_beside_it(tmp_path):
     # a finger's soft tissue over 70% of a view four times as tall as wide, its bone 8%, the background a strip
     # beside it: the soft tissue's level, the commonest, is no background (the bone lies on one side of it, the
