@@ -4,8 +4,9 @@ Trains `mura_helpers.train` (pretrained=False; a tuning split of --tune-fraction
 best.pt) on a phantom folder, then scores best.pt once on MURA's validation split (the test) with study-level AUROC
 and a 95% interval resampled by patient, overall and per finding kind (fracture, hardware, lesion: that kind's
 abnormal studies against every normal one), beside the per-epoch training, tuning and test AUROC, the last epoch's
-test AUROC and the spread of best.pt's test probabilities (their interquartile range; under mh.COLLAPSED_IQR,
-test_collapsed: it gives nearly every study one answer). Without --data-dir it makes this version's phantom with the
+test AUROC (per kind too, from last.pt: a kind may be learned late, after the tuning loss picked an early epoch) and
+the spread of best.pt's test probabilities (their interquartile range; under mh.COLLAPSED_IQR, test_collapsed: it
+gives nearly every study one answer). Without --data-dir it makes this version's phantom with the
 given finding settings (--kinds, --scale, --contrast) and split (--valid-fraction, --positive-rate). Run it with the
 same settings on two phantom versions to compare them (make the older version's folder with that version's
 mura_helpers, or run this file from a copy of the older checkout). Views are made upright as TrainConfig's default
@@ -28,10 +29,35 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mura_helpers as mh  # noqa: E402
+
+
+def score_checkpoint(path: Path, test, cfg) -> pd.DataFrame:
+    """A checkpoint's study probabilities on the test studies, with each study's patient."""
+    model, _ = mh.load_checkpoint(path)
+    preds = mh.predict_studies(model, test, cfg.image_size, cache_dir=cfg.cache_dir, upright=cfg.upright)
+    return preds.merge(test[["study_path", "patient"]], on="study_path")
+
+
+def auroc_by_kind(preds, boxes) -> dict:
+    """Each planted kind's abnormal test studies against every normal one: AUROC, its interval by patient, and
+    how many abnormal studies ({} without the phantom's boxes)."""
+    if boxes is None:
+        return {}
+    kind_of = mh._findings_by_study(boxes)
+    kinds = [kind_of.get(mh._relative_key(p)) if label else None for p, label in zip(preds["study_path"],
+                                                                                      preds["label"])]
+    by_kind = {}
+    for kind in sorted({k for k in kinds if k}):
+        both = preds[[label == 0 or k == kind for label, k in zip(preds["label"], kinds)]]
+        lo, hi = mh.auroc_interval(both["label"], both["prob"], patients=both["patient"])
+        by_kind[kind] = {"auroc": round(float(mh.study_metrics(both["label"], both["prob"])["auroc"]), 3),
+                         "ci95_by_patient": [round(lo, 3), round(hi, 3)], "abnormal_studies": int(both["label"].sum())}
+    return by_kind
 
 
 def main(argv=None) -> dict:
@@ -92,26 +118,15 @@ def main(argv=None) -> dict:
     history = mh.train(cfg, progress=False)
     trained_s = time.perf_counter() - started
     sets = mh.run_studies(cfg)
-    model, _ = mh.load_checkpoint(out / "run" / "checkpoints" / "best.pt")
-    preds = mh.predict_studies(model, sets["test"], args.size, cache_dir=cfg.cache_dir, upright=cfg.upright)
-    preds = preds.merge(sets["test"][["study_path", "patient"]], on="study_path")
+    preds = score_checkpoint(out / "run" / "checkpoints" / "best.pt", sets["test"], cfg)
     auroc = mh.study_metrics(preds["label"], preds["prob"])["auroc"]  # NaN (with a warning) for one class
     lo, hi = mh.auroc_interval(preds["label"], preds["prob"], patients=preds["patient"])
     picked = history[cfg.select_metric]
     best_epoch = int(history.loc[picked.idxmin() if mh.SELECT_METRICS[cfg.select_metric] == "min" else picked.idxmax(),
                                  "epoch"])
     boxes = mh.phantom_boxes(truth_root)
-    by_kind = {}
-    if boxes is not None:  # each kind's abnormal studies against every normal one, with its interval by patient
-        kind_of = mh._findings_by_study(boxes)
-        kinds = [kind_of.get(mh._relative_key(p)) if label else None for p, label in zip(preds["study_path"],
-                                                                                          preds["label"])]
-        for kind in sorted({k for k in kinds if k}):
-            both = preds[[label == 0 or k == kind for label, k in zip(preds["label"], kinds)]]
-            lo_k, hi_k = mh.auroc_interval(both["label"], both["prob"], patients=both["patient"])
-            by_kind[kind] = {"auroc": round(float(mh.study_metrics(both["label"], both["prob"])["auroc"]), 3),
-                             "ci95_by_patient": [round(lo_k, 3), round(hi_k, 3)],
-                             "abnormal_studies": int(both["label"].sum())}
+    by_kind = auroc_by_kind(preds, boxes)
+    last_by_kind = auroc_by_kind(score_checkpoint(out / "run" / "checkpoints" / "last.pt", sets["test"], cfg), boxes)
     manifest = mh._phantom_manifest(truth_root) or {}
     result = {
         "phantom_version": manifest.get("version"),  # None: not a phantom
@@ -128,7 +143,7 @@ def main(argv=None) -> dict:
         "test_patients": int(preds["patient"].nunique()),
         "test_auroc_best": round(float(auroc), 3), "test_auroc_ci95_by_patient": [round(lo, 3), round(hi, 3)],
         "test_auroc_last": round(float(history["valid_auroc"].iloc[-1]), 3),
-        "test_auroc_by_kind": by_kind, "seed": args.seed,
+        "test_auroc_by_kind": by_kind, "test_auroc_last_by_kind": last_by_kind, "seed": args.seed,
         "test_prob_iqr": round(mh.probability_spread(preds["prob"]), 4),
         "test_collapsed": mh.probabilities_collapsed(preds["prob"]) is not None,
         "tune_auroc_by_epoch": [round(float(v), 3) for v in history["tune_auroc"]],

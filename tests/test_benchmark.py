@@ -75,6 +75,10 @@ def test_learnability_benchmark_smoke(tiny_phantom, tmp_path):
     by_kind = report["test_auroc_by_kind"]  # each planted kind's abnormal test studies against every normal one
     assert by_kind and set(by_kind) <= {"fracture", "hardware", "lesion"}
     assert sum(k["abnormal_studies"] for k in by_kind.values()) <= report["test_abnormal"]
+    last = report["test_auroc_last_by_kind"]  # the same studies, scored by last.pt
+    assert {k: v["abnormal_studies"] for k, v in last.items()} == {k: v["abnormal_studies"] for k, v in by_kind.items()}
+    if report["best_epoch"] == 2:  # best.pt is last.pt
+        assert last == by_kind
     assert json.loads((tmp_path / "learn" / "learnability.json").read_text()) == report
     permuted = bench.main(["--data-dir", str(tiny_phantom), "--out", str(tmp_path / "permuted"), "--size", "32",
                            "--epochs", "2", "--batch-size", "8", "--permute-labels", "1",  # the negative control,
