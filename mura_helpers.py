@@ -2818,22 +2818,27 @@ def _findings_by_study(findings: pd.DataFrame) -> pd.Series:
 
 
 def metrics_by_finding(studies: pd.DataFrame, findings: pd.DataFrame, scores: Sequence[str] = ("prob",),
-                       threshold: float | None = None) -> pd.DataFrame:
+                       threshold: float | None = None, intervals: bool = False) -> pd.DataFrame:
     """Phantom only: per planted finding type (and all), its abnormal studies' count and each score's AUROC against
-    all normal studies; with `threshold`, also the share of them scored above it (the sensitivity)."""
+    all normal studies; with `threshold`, also the share of them scored above it (the sensitivity); with
+    `intervals`, each AUROC's 95% interval resampled by patient (auroc_interval; `studies` needs a patient column)."""
     kinds = _findings_by_study(findings)
     finding = [kinds.get(_relative_key(p), "(none listed)") if label else None
                for p, label in zip(studies["study_path"], studies["label"])]
     studies = studies.assign(finding=finding)
-    normal = studies[studies["label"] == 0]
+    is_normal = studies["label"] == 0
     rows = []
     for kind in [*sorted(studies["finding"].dropna().unique()), "all"]:
-        abnormal = studies[studies["label"] == 1] if kind == "all" else studies[studies["finding"] == kind]
-        both = pd.concat([normal, abnormal])
-        row = {"finding": kind, "n_abnormal": len(abnormal), "n_normal": len(normal)}
+        is_abnormal = studies["label"] == 1 if kind == "all" else studies["finding"] == kind
+        abnormal, both = studies[is_abnormal], studies[is_normal | is_abnormal]  # (in the studies' order)
+        row = {"finding": kind, "n_abnormal": len(abnormal), "n_normal": int(is_normal.sum())}
+        both_classes = bool(row["n_normal"] and len(abnormal))
         for score in scores:
-            row[f"auroc_{score}"] = (roc_auc_score(both["label"], both[score]) if len(normal) and len(abnormal)
-                                     else np.nan)
+            row[f"auroc_{score}"] = roc_auc_score(both["label"], both[score]) if both_classes else np.nan
+            if intervals:
+                row[f"auroc_{score}_ci_low"], row[f"auroc_{score}_ci_high"] = (
+                    auroc_interval(both["label"], both[score], patients=both["patient"]) if both_classes
+                    else (np.nan, np.nan))
             if threshold is not None:
                 row[f"sensitivity_{score}"] = float((abnormal[score] > threshold).mean()) if len(abnormal) else np.nan
         rows.append(row)

@@ -110,6 +110,12 @@ def test_metrics_by_planted_finding_type():
     assert table.loc["all", "auroc_prob"] == pytest.approx(roc_auc_score(studies["label"], studies["prob"]))
     assert table.loc["hardware", "sensitivity_prob"] == 0
     assert table.loc["all", "sensitivity_prob"] == pytest.approx(2 / 3)
+    studies["patient"] = [f"p{i}" for i in range(1, 7)]
+    with_ci = mh.metrics_by_finding(studies, findings, intervals=True)
+    assert with_ci["auroc_prob"].equals(table["auroc_prob"])
+    lo, hi = mh.auroc_interval(studies["label"], studies["prob"], patients=studies["patient"])
+    assert (with_ci.loc["all", "auroc_prob_ci_low"], with_ci.loc["all", "auroc_prob_ci_high"]) == (lo, hi)
+    assert with_ci.loc["fracture", "auroc_prob_ci_low"] <= 1.0 <= with_ci.loc["fracture", "auroc_prob_ci_high"]
 
 
 def test_youden_threshold_reproduces_the_best_roc_point():
