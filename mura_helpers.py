@@ -3418,6 +3418,9 @@ class CropRules:
     detail_margin: float = 8.0  # the candidate's own edges, this far (block px) on either side of its sides, left out
     detail_outside: float = 2.0  # edges outside at most this many times those inside: the hand lies on the plate
     detail_slack: float = 0.002  # ... plus this share of the view (a few edges of text or a tag outside)
+    along_length: float = 0.5  # edges outside it along one of its sides, over this share of the side, are a frame's
+    #                            outer rim, not the hand's
+    along_spread: int = 3  # ... within this many block px of one distance from the side (a frame tilted off it)
     # the sides are steps (_sides_are_steps)
     step: float = 3.0  # across a plate's side the level changes by this many levels more than just inside it
     step_offset: float = 2.0  # sampled this far (block px) outside and inside the side, and as far again inside
@@ -3763,7 +3766,35 @@ def _holds_the_detail(found, detail: np.ndarray, rules: CropRules) -> bool:
     margin = rules.detail_margin
     inner = detail & rect_mask(detail.shape, (center, (w - margin, h - margin), angle))
     outer = detail & ~rect_mask(detail.shape, (center, (w + margin, h + margin), angle))
+    outer &= ~_lines_along(outer, found, rules)
     return outer.sum() <= rules.detail_outside * inner.sum() + rules.detail_slack * detail.size
+
+
+def _lines_along(detail: np.ndarray, found, rules: CropRules) -> np.ndarray:
+    """The edge pixels outside a plate candidate (share, center, (w, h), angle) that run along one of its sides, at
+    one distance from it over at least rules.along_length of the side and no farther from it than a border may be
+    deep (rules.field_depth of the candidate's side across): a frame's outer rim (the field found inside a plate's
+    lighter border), not the hand's edges (a straight forearm beside a dark rectangle runs along it too, farther)."""
+    _, (cx, cy), (w, h), angle = found
+    ys, xs = np.nonzero(detail)
+    u = (xs - cx) * math.cos(angle) + (ys - cy) * math.sin(angle)
+    v = -(xs - cx) * math.sin(angle) + (ys - cy) * math.cos(angle)
+    along = np.zeros(len(xs), bool)
+    for across, beside, length, depth in ((v, u, w, h), (u, v, h, w)):  # beyond the top and bottom, the sides
+        within = (np.abs(beside) <= length / 2) & (np.abs(across) <= depth / 2 + rules.field_depth * depth)
+        key = np.round(across).astype(np.int64)
+        for sign in (-1, 1):
+            on = within & (np.sign(across) == sign)
+            if not on.any():
+                continue
+            offsets = np.abs(key[on])
+            spread = np.ones(rules.along_spread)  # (a rim slightly tilted off the side spreads over a few offsets)
+            lines = np.convolve(np.bincount(offsets), spread, mode="same") >= rules.along_length * length
+            near_line = np.convolve(lines, spread, mode="same") > 0
+            along[np.flatnonzero(on)[near_line[offsets]]] = True
+    out = np.zeros_like(detail)
+    out[ys[along], xs[along]] = True
+    return out
 
 
 def _sides_are_steps(found, smooth: np.ndarray, rules: CropRules, least_sides: int = 0) -> bool:
@@ -4749,8 +4780,9 @@ class AnomalyCache:
 # for again on the block means smoothed (CropRules.denoise_sigma: a low-contrast plate); 19: a close-up's
 # unexposed border cut off whatever its level (its middle, all hand, gives no background to tell it from); 20: a
 # lead tag apart from the hand as wide as a quarter of the view's short side, not of a narrower crop's (_tag_sides);
+# 21: a frame's outer rim along a plate candidate's side is none of the hand's edges (_lines_along);
 # a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
-ANOMALY_PIPELINE_VERSION = 20
+ANOMALY_PIPELINE_VERSION = 21
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
