@@ -438,6 +438,44 @@ def test_a_field_inside_a_tilted_plate_s_light_border_is_found(tmp_path):
     assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= 0.8
 
 
+def test_a_marker_strip_along_an_edge_is_cut_off_before_the_crop(tmp_path):
+    # phantom v7 (seed 0, 300 patients), a dim view 512 x 464 px, its plate tilted, with a marker strip 19 px deep
+    # (lead, 219) along its right edge: the plate's rectangle took the strip in, the brightest thing in the view,
+    # and the mask was the strip alone (pipeline 20: IoU 0 at 128 px)
+    pixels, truth = _default_phantom_view("patient00174", "study3_negative", "image1.png", n_patients=300)
+    assert "strip" in truth["marker"] and truth["dim"] and pixels.shape == (512, 464)
+    view, offset = mh._without_marker_strips(pixels)
+    assert view.shape == (512, 464 - 19) and offset == (0, 0)
+    out = mh.preprocess_view(_save(tmp_path, pixels), mh.PreprocessConfig(size=128))
+    assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= 0.8
+
+
+@pytest.mark.parametrize("side", ["top", "left"])
+def test_a_view_without_its_strip_maps_back_onto_the_stored_view(side, tmp_path):
+    image, truth = _radiograph()  # the hand 56 px or more from the top and left edges
+    strip = (slice(0, 16), slice(None)) if side == "top" else (slice(None), slice(0, 16))
+    image[strip] = 235
+    view, offset = mh._without_marker_strips(image)
+    assert offset == ((0, 16) if side == "top" else (16, 0)) and view.size == image.size - image[strip].size
+    out = mh.preprocess_view(_save(tmp_path, image), mh.PreprocessConfig(size=128))
+    assert mh.mask_iou(out["mask"], out["affine"], truth) >= 0.85  # the affine: from the stored view's pixels
+    dark = image.copy()
+    dark[strip] = 0  # a band darker than the background (a surround), far from lead: no strip
+    assert mh._without_marker_strips(dark)[1] == (0, 0) and mh._without_marker_strips(dark)[0].shape == image.shape
+
+
+def test_a_close_up_s_plate_is_as_long_as_the_close_up(tmp_path):
+    # phantom v7 (seed 0, 300 patients), a close-up 512 x 129 px with a marker strip along its top and no plate:
+    # without the strip, a square rectangle tilted 36 degrees, half as large again as the view, passed for its plate
+    # (the mask IoU 0.64 at 128 px, against 0.98 with the strip left in)
+    pixels, truth = _default_phantom_view("patient11443", "study1_positive", "image1.png", n_patients=300)
+    assert truth["narrow"] and not truth["plate"] and "strip" in truth["marker"]
+    view, offset = mh._without_marker_strips(pixels)
+    assert offset == (0, 6) and mh.find_carrier(view) is None
+    out = mh.preprocess_view(_save(tmp_path, pixels), mh.PreprocessConfig(size=128))
+    assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= 0.9
+
+
 def test_a_tag_as_wide_as_half_a_narrow_crop_leaves_the_mask(tmp_path):
     # phantom v7 (seed 0, 300 patients), a lateral view 344 x 512 px with no plate, which the crop cut to a strip
     # around the hand a quarter as wide as the square (a rectangle of its soft tissue taken for a plate): its lead
@@ -550,7 +588,7 @@ RULED_FUNCTIONS = ("_block_means", "_plate_thresholds", "_plate_candidates", "_p
                    "_without_stray_pieces", "_piece_rect", "_bar_shaped", "_working_square", "_without_heel",
                    "_smoothed_inside", "_search_hand_levels", "_finished_mask", "_without_rim_strips", "_bone_at_rim",
                    "_mask_doubts", "_outline", "_least_plate_area", "_hand_levels", "_hand_background", "_extremes",
-                   "_thin_extremes", "_lines_along")
+                   "_thin_extremes", "_lines_along", "_largest_plate", "_without_marker_strips")
 
 
 def _commented_lines(source: str) -> set[int]:
