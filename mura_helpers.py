@@ -38,10 +38,10 @@ Where to change what:
   a metric         study_metrics and bootstrap_metrics (CI_METRICS); anomaly_metrics, reconstruction_scores
   a figure         its plot_* function (plots, or anomaly detection: plots); save_figure names the file
   the phantom      make_phantom_mura and the _render_view family (bump PHANTOM_VERSION when the pixels change)
-  preprocessing    find_carrier (the plate), _collimated_field (the field in it), _hand_mask (mask),
-                   preprocess_view; a threshold of theirs is a field of CropRules or MaskRules (the cache's key
-                   holds them); bump ANOMALY_PIPELINE_VERSION when the code's output changes; re-set
-                   MASK_DOUBT_LIMITS when the masks change
+  preprocessing    _without_marker_strips (strips along the edges), find_carrier (the plate), _collimated_field
+                   (the field in it), _hand_mask (mask), preprocess_view; a threshold of theirs is a field of
+                   CropRules or MaskRules (the cache's key holds them); bump ANOMALY_PIPELINE_VERSION when the
+                   code's output changes; re-set MASK_DOUBT_LIMITS when the masks change
 """
 
 from __future__ import annotations
