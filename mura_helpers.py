@@ -3849,8 +3849,7 @@ def find_carrier(gray: np.ndarray, rules: CropRules = CropRules()):
     values = small.ravel()  # the whole view
     if values.size < rules.least_pixels or values.min() == values.max():
         return None
-    bin_ = rules.commonest_bin  # the direct-exposure background, mostly: the middle of the commonest bin
-    commonest = bin_ * np.argmax(np.bincount(values // bin_)) + bin_ // 2
+    commonest = _commonest_bin(np.bincount(values, minlength=256), rules)  # (256: 8-bit levels)
     smooth = ndimage.gaussian_filter(small.astype(np.float32), rules.smooth_sigma)
     grad = np.hypot(*np.gradient(smooth))
     border = rules.detail_border  # (the whole view eroded this deep: a rectangle set in by it, without the erosion)
@@ -3869,6 +3868,13 @@ def find_carrier(gray: np.ndarray, rules: CropRules = CropRules()):
         return None
     _, center, (w, h), angle = best
     return center * step + (step - 1) / 2, (w * step, h * step), angle  # in the view's pixels
+
+
+def _commonest_bin(histogram: np.ndarray, rules: CropRules) -> int:
+    """The direct-exposure background, mostly: the middle of the commonest bin of rules.commonest_bin levels of an
+    8-bit view's histogram (256 counts)."""
+    bin_ = rules.commonest_bin
+    return bin_ * int(np.argmax(np.add.reduceat(histogram, np.arange(0, len(histogram), bin_)))) + bin_ // 2
 
 
 def _largest_plate(small: np.ndarray, commonest: float, detail: np.ndarray, smooth: np.ndarray, rules: CropRules,
@@ -4057,8 +4063,7 @@ def _without_marker_strips(gray: np.ndarray, rules: CropRules = CropRules()) -> 
     counts = np.cumsum(histogram)
     dark, bright = (int(np.searchsorted(counts, share * counts[-1]))
                     for share in (rules.strip_percentile / 100, 1 - rules.strip_percentile / 100))  # (per cent)
-    bin_ = rules.commonest_bin  # (as find_carrier's: a flat strip's one level would outnumber a grainy background's)
-    commonest = bin_ * int(np.argmax(np.add.reduceat(histogram, np.arange(0, 256, bin_)))) + bin_ // 2  # 8-bit
+    commonest = _commonest_bin(histogram, rules)  # (a flat strip's one level would outnumber a grainy background's)
     contrast = max(bright - commonest, commonest - dark)
     depth = int(rules.strip_depth * min(gray.shape))
     cuts = []

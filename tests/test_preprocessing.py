@@ -588,7 +588,8 @@ RULED_FUNCTIONS = ("_block_means", "_plate_thresholds", "_plate_candidates", "_p
                    "_without_stray_pieces", "_piece_rect", "_bar_shaped", "_working_square", "_without_heel",
                    "_smoothed_inside", "_search_hand_levels", "_finished_mask", "_without_rim_strips", "_bone_at_rim",
                    "_mask_doubts", "_outline", "_least_plate_area", "_hand_levels", "_hand_background", "_extremes",
-                   "_thin_extremes", "_lines_along", "_largest_plate", "_without_marker_strips")
+                   "_thin_extremes", "_lines_along", "_largest_plate", "_without_marker_strips",
+                   "_commonest_bin")
 
 
 def _commented_lines(source: str) -> set[int]:
