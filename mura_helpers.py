@@ -3585,11 +3585,17 @@ class MaskRules:
     #                                   soft tissue
     tag_ring_noise: float = 3.0  # the background's level: within this many times the noise of it ...
     tag_ring_contrast: float = 0.25  # ... or this share of the tag's own contrast, whichever is more
-    tag_piece_share: float = 0.5  # a piece of the mask apart from its largest, at most this share of its size and
+    tag_piece_share: float = 0.6  # a piece of the mask apart from its largest, at most this share of its size and
     #                               tag-shaped, is a tag: a tag 15% of the short side wide and three times as tall
     #                               covers 7% of the square, a close-up's finger 13% (phantom v6 seed 985764: a tag
-    #                               28% of its hand's size was kept at 0.25); a second hand is about as large as the
+    #                               28% of its hand's size was kept at 0.25; v7 seed 0: one 54% of a dim hand's
+    #                               larger piece, two hands, kept at 0.5); a second hand is about as large as the
     #                               first, and no rectangle
+    piece_hull_fill: float = 0.75  # such a piece's convex hull fills at least this much of its rectangle, less than a
+    #                                tag found on its own (tag_hull_fill): at the hand's level its holder's faint
+    #                                corners fall below and its letter or a stroke of text breaks its side (phantom
+    #                                v7 seed 0, 128 px: a tag in the mask in 12 -> 11 views, no hand lost; at 0.75 for
+    #                                _find_tags too, a wrist was taken for a tag)
     tag_sharp_noise: float = 3.5  # a piece apart from the hand that only an opening text_width px wide makes
     #                               tag-shaped (a dash of burned-in text, or a blurred bridge, stuck out of it) is a
     #                               tag when its edges are sharp: its median local standard deviation at least this
@@ -3601,6 +3607,12 @@ class MaskRules:
     def faint_contrast(self) -> float:
         """A threshold just above the contrast floor (1.2 times it) between the background and each extreme."""
         return 1.2 * self.contrast_floor
+
+    @property
+    def piece_text_width(self) -> int:
+        """A stroke of text in a piece of the mask: a px wider than text_width, its blurred edge above the hand's
+        level (phantom v7 seed 0, 128 px: a dash 3 px wide across a tag kept it in the mask)."""
+        return self.text_width + 1
 
 
 @dataclass(frozen=True)
@@ -4263,16 +4275,19 @@ def _piece_rect(part: np.ndarray) -> tuple | None:
     return width, length, hull.volume, float(np.prod(sides))
 
 
-def _tag_shaped(part: np.ndarray, least: float, most: float, rules: MaskRules, rect: tuple | None = None) -> bool:
-    """Whether a component has a lead tag's shape: a rectangle (it and its convex hull fill its minimum-area
-    rectangle) whose short side lies between `least` and `most` px and whose long side is at most
-    rules.tag_max_aspect times it. `rect`: its _piece_rect, when already measured."""
+def _tag_shaped(part: np.ndarray, least: float, most: float, rules: MaskRules, rect: tuple | None = None,
+                hull_fill: float | None = None) -> bool:
+    """Whether a component has a lead tag's shape: a rectangle (it fills rules.tag_fill of its minimum-area
+    rectangle, its convex hull `hull_fill`, by default rules.tag_hull_fill) whose short side lies between `least`
+    and `most` px and whose long side is at most rules.tag_max_aspect times it. `rect`: its _piece_rect, when
+    already measured."""
     rect = rect or _piece_rect(part)
     if rect is None:  # a line: no tag
         return False
     width, length, hull_area, rect_area = rect
+    hull_fill = rules.tag_hull_fill if hull_fill is None else hull_fill
     return bool(least <= width <= most and length <= rules.tag_max_aspect * width
-                and part.sum() >= rules.tag_fill * width * length and hull_area >= rules.tag_hull_fill * rect_area)
+                and part.sum() >= rules.tag_fill * width * length and hull_area >= hull_fill * rect_area)
 
 
 def _bar_shaped(rect: tuple | None, rules: MaskRules) -> bool:
@@ -4336,17 +4351,17 @@ def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: 
 def _without_stray_pieces(found: np.ndarray, inside: np.ndarray, narrow: bool, local: np.ndarray, noise: float,
                           rules: MaskRules, view_short: float | None = None) -> np.ndarray:
     """A hand mask without the pieces apart from its largest that are no hand: one at most rules.tag_piece_share
-    of its size with a tag's shape (_tag_shaped) is a lead tag that _find_tags missed (text or a letter across its
-    holder broke its rim), and so is one that has it once an opening rules.text_width px wide takes off what
-    sticks out of it (a dash of burned-in text) when its edges are sharp (`local`'s median at least
-    rules.tag_sharp_noise times the `noise`: a faint hand's piece is graded); outside a close-up (`narrow`: its
-    finger may be one), a bar at most rules.bar_piece_share of it (_bar_shaped) is a plate's frame or edge. A second
-    hand is about as large as the first, and neither."""
+    of its size with a tag's shape (_tag_shaped, its hull filling rules.piece_hull_fill) is a lead tag that
+    _find_tags missed (text or a letter across its holder broke its rim), and so is one that has it once an
+    opening rules.piece_text_width px wide takes off what sticks out of it (a dash of burned-in text) when its
+    edges are sharp (`local`'s median at least rules.tag_sharp_noise times the `noise`: a faint hand's piece is
+    graded); outside a close-up (`narrow`: its finger may be one), a bar at most rules.bar_piece_share of it
+    (_bar_shaped) is a plate's frame or edge. A second hand is about as large as the first, and neither."""
     labels, count = ndimage.label(found)
     if count < 2:
         return found
     least, most = _tag_sides(inside, rules, view_short)
-    square = np.ones((rules.text_width, rules.text_width), bool)
+    square = np.ones((rules.piece_text_width, rules.piece_text_width), bool)
     areas = np.bincount(labels.ravel())
     areas[0] = 0
     kept = found.copy()
@@ -4357,11 +4372,12 @@ def _without_stray_pieces(found: np.ndarray, inside: np.ndarray, narrow: bool, l
             continue
         part = labels[box] == k
         rect = _piece_rect(part)  # (one hull for both shapes)
-        if (tag_sized and _tag_shaped(part, least, most, rules, rect)) or (bar_sized and _bar_shaped(rect, rules)):
+        tag_shaped = tag_sized and _tag_shaped(part, least, most, rules, rect, rules.piece_hull_fill)
+        if tag_shaped or (bar_sized and _bar_shaped(rect, rules)):
             kept[box] &= ~part
         elif tag_sized and np.median(local[box][part]) >= rules.tag_sharp_noise * noise:
             opened = ndimage.binary_opening(part, structure=square)
-            if opened.any() and _tag_shaped(_fill_holes(opened), least, most, rules):
+            if opened.any() and _tag_shaped(_fill_holes(opened), least, most, rules, hull_fill=rules.piece_hull_fill):
                 kept[box] &= ~part
     return kept
 
@@ -4832,9 +4848,10 @@ class AnomalyCache:
 # lead tag apart from the hand as wide as a quarter of the view's short side, not of a narrower crop's (_tag_sides);
 # 21: a frame's outer rim along a plate candidate's side is none of the hand's edges (_lines_along); 22: marker
 # strips along the view's edges cut off before the crop (_without_marker_strips), a close-up's plate as long for its
-# width as the close-up;
+# width as the close-up; 23: a stray piece of the mask tag-shaped with its hull filling MaskRules.piece_hull_fill,
+# the text opened off it one px wider than text_width (MaskRules.piece_text_width);
 # a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
-ANOMALY_PIPELINE_VERSION = 22
+ANOMALY_PIPELINE_VERSION = 23
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
