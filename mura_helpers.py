@@ -3493,7 +3493,8 @@ class MaskRules:
     #                            helps views under about 20, and costs a crisp hand's edge above) ...
     faint_smooth: float = 0.7  # ... and is smoothed over this many px (Gaussian sigma) before the levels are
     #                            searched: the grain falls by about half, the soft tissue's step stays (1 px blurs
-    #                            a crisp view's edge: more views lost than won)
+    #                            a crisp view's edge: more views lost than won); its tags are looked for again then
+    #                            (a light holder a few times the grain off the background is clear once smoothed)
     # polarity and thresholds
     extreme_percentile: float = 0.5  # the view's extremes: this percentile from either end (not a few specks)
     text_share: float = 0.3  # burned-in text and lines: thin strokes within this share of the way from an extreme to
@@ -3601,6 +3602,10 @@ class MaskRules:
     #                               tag when its edges are sharp: its median local standard deviation at least this
     #                               many times the noise (phantom v6 seeds 533107 and 677186, 128 px: tags 3.8-12,
     #                               the faint hand's pieces 1.4-3.1)
+    tag_sharp_share: float = 0.25  # a tag found once a faint view is smoothed: at least this share of its pixels
+    #                                were sharp before (local standard deviation tag_sharp_noise times the noise or
+    #                                more: its rim and letter). Blobs of a faint hand or mottle, smoothed into
+    #                                rectangles, are not (phantom v7 seed 0, 128 px: tags 0.38-0.95, blobs 0-0.09)
     tag_grow: int = 1  # a tag found is grown by this many px (its blurred edge) and left out of the mask
 
     @property
@@ -4348,6 +4353,15 @@ def _find_tags(small: np.ndarray, inside: np.ndarray, background: float, noise: 
     return ndimage.binary_dilation(tags, iterations=rules.tag_grow) & inside if tags.any() else tags
 
 
+def _mostly_within(found: np.ndarray, within: np.ndarray, share: float) -> np.ndarray:
+    """The components of `found` with at least `share` of their pixels `within`."""
+    labels, count = ndimage.label(found)
+    if not count:
+        return found
+    shares = np.asarray(ndimage.mean(within, labels, np.arange(1, count + 1)))
+    return np.isin(labels, 1 + np.flatnonzero(shares >= share))
+
+
 def _without_stray_pieces(found: np.ndarray, inside: np.ndarray, narrow: bool, local: np.ndarray, noise: float,
                           rules: MaskRules, view_short: float | None = None) -> np.ndarray:
     """A hand mask without the pieces apart from its largest that are no hand: one at most rules.tag_piece_share
@@ -4488,10 +4502,13 @@ def _hand_levels(image: np.ndarray, content: np.ndarray, rules: MaskRules) -> tu
     values = small[measured]
     lo, hi = _extremes(values, rules)
     if max(background - lo, hi - background) < rules.faint_noise * noise:  # a faint hand in the grain: smoothed
+        sharp = local >= rules.tag_sharp_noise * noise  # (before smoothing: a tag's rim and letter)
         small = _smoothed_inside(small, inside, rules.faint_smooth)
         local, noise, flat, background = _hand_background(small, inside, rules, flattened=True, narrow=narrow)
         values = small[measured]
         lo, hi = _extremes(values, rules)
+        smoothed_tags = _find_tags(small, inside & ~tags, background, noise, lo, hi, rules)
+        tags |= _mostly_within(smoothed_tags, sharp, rules.tag_sharp_share)
     prior = _darker_hand(background, lo, hi)
     if narrow:  # a close-up's soft tissue, filling it, is no background: its bone (textured) says the polarity
         graded = _graded_polarity(small, inside & ~tags, local, rules)
@@ -4849,9 +4866,10 @@ class AnomalyCache:
 # 21: a frame's outer rim along a plate candidate's side is none of the hand's edges (_lines_along); 22: marker
 # strips along the view's edges cut off before the crop (_without_marker_strips), a close-up's plate as long for its
 # width as the close-up; 23: a stray piece of the mask tag-shaped with its hull filling MaskRules.piece_hull_fill,
-# the text opened off it one px wider than text_width (MaskRules.piece_text_width);
+# the text opened off it one px wider than text_width (MaskRules.piece_text_width); 24: a faint view's tags looked
+# for again once it is smoothed, those sharp before (MaskRules.tag_sharp_share);
 # a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
-ANOMALY_PIPELINE_VERSION = 23
+ANOMALY_PIPELINE_VERSION = 24
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
