@@ -3495,6 +3495,14 @@ class MaskRules:
     #                            searched: the grain falls by about half, the soft tissue's step stays (1 px blurs
     #                            a crisp view's edge: more views lost than won); its tags are looked for again then
     #                            (a light holder a few times the grain off the background is clear once smoothed)
+    faint_outline: float = 2.0  # a faint view's mask: its outline smoothed over this many px (a Gaussian of the mask,
+    #                             kept where it is half or more): in the grain its edge follows the noise, a hand's
+    #                             is smooth (phantom v7 seed 0, 128 px, the 169 faint views that are no close-up:
+    #                             sigma 1, 1.5, 2, 2.5, 3 gave IoU >= 0.85 in 0, +2, +3, +4, 0 views more, their
+    #                             mean IoU +0.0015 at 2 and -0.0017 at 3). Not a close-up's: its finger's sides run
+    #                             along the crop's (every close-up smoothed at 1.5: 3 of 70 fell under 0.85).
+    #                             The doubts (MASK_DOUBTS) read the edge before: smoothed, it left the foreground
+    #                             just outside it, and suspect_masks flagged 12% of good views, not 6%
     # polarity and thresholds
     extreme_percentile: float = 0.5  # the view's extremes: this percentile from either end (not a few specks)
     text_share: float = 0.3  # burned-in text and lines: thin strokes within this share of the way from an extreme to
@@ -4441,7 +4449,7 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     and a plate's frame are cut out first, thin strips near the rim after;
     a faint view (its extremes a few times the noise off the background) is smoothed first; tag-shaped pieces
     and bars (a plate's frame or edge) apart from the hand are dropped; the mask then grows a few pixels into the
-    soft tissue's faint margin above that floor (see MaskRules).
+    soft tissue's faint margin above that floor, and a faint view's outline is smoothed (see MaskRules).
     """
     size = image.shape[0]
     n = min(size, rules.work_size)
@@ -4458,17 +4466,26 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     filled = _finished_mask(kept, work > least, inside, edge, whole, tags, rules)
     fg &= ~(found & ~kept)  # the tags and bars dropped: no hand left out
     doubts = _mask_doubts(filled, fg, work > least, inside & ~edge, ring, views["local"], rules)
+    if levels["faint"] and not narrow:  # (after the doubts: they read the threshold's own edge)
+        filled = _smoothed_outline(filled, inside, rules.faint_outline)
     if n < size:
         filled_8bit = Image.fromarray(filled.astype(np.uint8) * 255)  # (255: 8-bit white)
         filled = np.asarray(filled_8bit.resize((size, size), Image.Resampling.BILINEAR)) >= 128  # (128: halfway)
     return filled & content, inverted, doubts
 
 
+def _smoothed_outline(mask: np.ndarray, inside: np.ndarray, sigma: float) -> np.ndarray:
+    """A mask with its outline smoothed: where its Gaussian blur (`sigma` px), over that of the `inside`
+    pixels (no loss where the hand leaves the content), is a half or more."""
+    blurred = ndimage.gaussian_filter(mask.astype(np.float32), sigma)
+    return (blurred >= 0.5 * ndimage.gaussian_filter(inside.astype(np.float32), sigma)) & inside  # (0.5: half)
+
+
 def _hand_levels(image: np.ndarray, content: np.ndarray, rules: MaskRules) -> tuple | None:
     """What _hand_mask reads off a view before it thresholds: its working square (at most rules.work_size), the
-    content's rim, whether it is a close-up, its background's level and noise, its extremes, its tags, and the
-    polarity they imply (`prior`: bone darker than the background). Returns (views, levels, values, narrow), or
-    None when the content is too small or one level only."""
+    content's rim, whether it is a close-up, its background's level and noise, its extremes, its tags, the
+    polarity they imply (`prior`: bone darker than the background) and whether it is faint. Returns (views,
+    levels, values, narrow), or None when the content is too small or one level only."""
     n = min(image.shape[0], rules.work_size)
     small, inside, whole = _working_square(image, content, n)
     values = small[inside]
@@ -4501,7 +4518,8 @@ def _hand_levels(image: np.ndarray, content: np.ndarray, rules: MaskRules) -> tu
         measured = untagged
     values = small[measured]
     lo, hi = _extremes(values, rules)
-    if max(background - lo, hi - background) < rules.faint_noise * noise:  # a faint hand in the grain: smoothed
+    faint = max(background - lo, hi - background) < rules.faint_noise * noise
+    if faint:  # a faint hand in the grain: smoothed
         sharp = local >= rules.tag_sharp_noise * noise  # (before smoothing: a tag's rim and letter)
         small = _smoothed_inside(small, inside, rules.faint_smooth)
         local, noise, flat, background = _hand_background(small, inside, rules, flattened=True, narrow=narrow)
@@ -4516,7 +4534,8 @@ def _hand_levels(image: np.ndarray, content: np.ndarray, rules: MaskRules) -> tu
             background, noise = _background_beside(small, inside & ~tags, local, background, noise, graded, rules)
             prior = graded
     views = {"small": small, "inside": inside, "whole": whole, "ring": ring, "local": local, "tags": tags}
-    levels = {"noise": noise, "background": background, "lo": lo, "hi": hi, "prior": prior, "rim": rim}
+    levels = {"noise": noise, "background": background, "lo": lo, "hi": hi, "prior": prior, "rim": rim,
+              "faint": faint}
     return views, levels, values, narrow
 
 
@@ -4867,9 +4886,10 @@ class AnomalyCache:
 # strips along the view's edges cut off before the crop (_without_marker_strips), a close-up's plate as long for its
 # width as the close-up; 23: a stray piece of the mask tag-shaped with its hull filling MaskRules.piece_hull_fill,
 # the text opened off it one px wider than text_width (MaskRules.piece_text_width); 24: a faint view's tags looked
-# for again once it is smoothed, those sharp before (MaskRules.tag_sharp_share);
+# for again once it is smoothed, those sharp before (MaskRules.tag_sharp_share); 25: a faint view's mask outline
+# smoothed unless it is a close-up (MaskRules.faint_outline);
 # a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
-ANOMALY_PIPELINE_VERSION = 24
+ANOMALY_PIPELINE_VERSION = 25
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
