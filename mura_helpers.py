@@ -3603,8 +3603,9 @@ class MaskRules:
     piece_hull_fill: float = 0.75  # such a piece's convex hull fills at least this much of its rectangle, less than a
     #                                tag found on its own (tag_hull_fill): at the hand's level its holder's faint
     #                                corners fall below and its letter or a stroke of text breaks its side (phantom
-    #                                v7 seed 0, 128 px: a tag in the mask in 12 -> 11 views, no hand lost; at 0.75 for
-    #                                _find_tags too, a wrist was taken for a tag)
+    #                                v7 seed 0, 128 px, beside piece_text_width and tag_piece_share 0.6: a tag in the
+    #                                mask in 10 -> 9 views, no hand lost; at 0.75 for _find_tags too, a wrist was
+    #                                taken for a tag)
     tag_sharp_noise: float = 3.5  # a piece apart from the hand that only an opening text_width px wide makes
     #                               tag-shaped (a dash of burned-in text, or a blurred bridge, stuck out of it) is a
     #                               tag when its edges are sharp: its median local standard deviation at least this
