@@ -3439,8 +3439,13 @@ class CropRules:
     strip_depth: float = 0.08  # at most this share of the view's short side deep (the phantom's: 3-6%)
     strip_levels: float = 4.0  # burned in flat: its pixels within this many grey levels of its level (its lettering
     #                            aside: band_within)
-    strip_extreme: float = 0.75  # lead: this share of the way from the view's commonest level to its farther
-    #                              extreme or more
+    strip_extreme: float = 0.75  # lead: this share of the way from the view's commonest level to its extreme on
+    #                              the strip's side or more ...
+    strip_least_side: float = 1 / 3  # ... that side's contrast taken as at least this share of the view's larger
+    #                                  one: a light strip in a light-grey view with a dark surround lies far from
+    #                                  its background on its own side, not towards the surround (phantom v7 seed 0,
+    #                                  patient00225: the strip left in, the mask empty); with no floor a dark view's
+    #                                  black surround, a few levels off its background, was cut (2 views broken)
     strip_percentile: float = 1.0  # the view's extremes: this percentile in from either end
     # the square (preprocess_view)
     resample_max: int = 4  # a square this many times smaller than the view (or more) is warped at up to this many
@@ -4079,8 +4084,9 @@ def _without_marker_strips(gray: np.ndarray, rules: CropRules = CropRules()) -> 
     """The view without the marker strips burned in along its edges, and the (x, y) offset of what is left: such a
     strip (a lead name band) is a band of one level (_border_band, within rules.strip_levels grey levels) at most
     rules.strip_depth of the short side deep, as far from the view's commonest level (its background) as lead:
-    rules.strip_extreme of the way to its farther extreme (rules.strip_percentile in), on either side (a dark
-    surround lies near a dark background; lead, on a negative, is dark). No hand is such a band; left in, a
+    rules.strip_extreme of the way to the extreme on its side (rules.strip_percentile in; that side's contrast at
+    least rules.strip_least_side of the larger one), on either side (a dark surround lies near a dark background;
+    lead, on a negative, is dark). No hand is such a band; left in, a
     strip is the view's brightest thing and sends the plate search and the mask's levels astray (phantom v7 seed
     0, 300 patients, 128 px: of its 93 views with one, 30 masked with IoU < 0.85 and 7 under 0.5 with the strip
     left in, 10 and 2 without; of the other 1,061 views, 103 under 0.85). A band this finds that is no strip (a
@@ -4090,11 +4096,13 @@ def _without_marker_strips(gray: np.ndarray, rules: CropRules = CropRules()) -> 
     dark, bright = (int(np.searchsorted(counts, share * counts[-1]))
                     for share in (rules.strip_percentile / 100, 1 - rules.strip_percentile / 100))  # (per cent)
     commonest = _commonest_bin(histogram, rules)  # (a flat strip's one level would outnumber a grainy background's)
-    contrast = max(bright - commonest, commonest - dark)
     depth = int(rules.strip_depth * min(gray.shape))
     cuts = []
     for lines in (gray, gray[::-1], gray.T, gray.T[::-1]):  # top, bottom, left, right
-        if depth < 2 or abs(float(np.median(lines[0])) - commonest) < rules.strip_extreme * contrast:
+        edge = float(np.median(lines[0]))
+        side = bright - commonest if edge > commonest else commonest - dark  # (the extreme on the edge's side)
+        contrast = max(side, rules.strip_least_side * max(bright - commonest, commonest - dark))
+        if depth < 2 or abs(edge - commonest) < rules.strip_extreme * contrast:
             cuts.append(0)  # (its edge line is no lead: no strip there)
             continue
         near = lines[:depth + rules.band_after].astype(np.float32)
@@ -4888,9 +4896,10 @@ class AnomalyCache:
 # width as the close-up; 23: a stray piece of the mask tag-shaped with its hull filling MaskRules.piece_hull_fill,
 # the text opened off it one px wider than text_width (MaskRules.piece_text_width); 24: a faint view's tags looked
 # for again once it is smoothed, those sharp before (MaskRules.tag_sharp_share); 25: a faint view's mask outline
-# smoothed unless it is a close-up (MaskRules.faint_outline);
+# smoothed unless it is a close-up (MaskRules.faint_outline); 26: a marker strip as far from the background as lead
+# towards the extreme on its own side (CropRules.strip_least_side);
 # a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
-ANOMALY_PIPELINE_VERSION = 25
+ANOMALY_PIPELINE_VERSION = 26
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",

@@ -450,6 +450,21 @@ def test_a_marker_strip_along_an_edge_is_cut_off_before_the_crop(tmp_path):
     assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= 0.8
 
 
+def test_a_light_strip_in_a_light_grey_view_on_a_dark_surround_is_cut_off(tmp_path):
+    # phantom v7 (seed 0, 300 patients), a light-grey view (its background 184) on a black surround (9) with a lead
+    # strip (238) 17 px deep along its top: 54 levels above the background, far short of three quarters of the way
+    # to the surround's extreme (131). Pipeline 25 left it in: no tilted plate was found, the field's crop took in
+    # a dark wedge of the surround, the polarity was read as inverted, and the mask was empty (IoU 0 at 128 px)
+    pixels, truth = _default_phantom_view("patient00225", "study1_positive", "image3.png", n_patients=300)
+    assert "strip" in truth["marker"] and truth["polarity"] == "light_grey" and pixels.shape == (385, 512)
+    view, offset = mh._without_marker_strips(pixels)
+    assert offset == (0, 17) and view.shape == (385 - 17, 512)
+    (x0, y0), (x1, y1) = truth["plate"][:2]
+    assert abs(math.degrees(mh.find_carrier(view)[2] - math.atan2(y1 - y0, x1 - x0))) <= 1.0  # 3.9 degrees
+    out = mh.preprocess_view(_save(tmp_path, pixels), mh.PreprocessConfig(size=128))
+    assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= 0.85
+
+
 @pytest.mark.parametrize("side", ["top", "left"])
 def test_a_view_without_its_strip_maps_back_onto_the_stored_view(side, tmp_path):
     image, truth = _radiograph()  # the hand 56 px or more from the top and left edges
