@@ -499,10 +499,7 @@ def test_a_tag_as_wide_as_half_a_narrow_crop_leaves_the_mask(tmp_path):
     pixels, truth = _default_phantom_view("patient00100", "study1_positive", "image2.png", n_patients=300)
     assert len(truth["tags"]) == 1 and not truth["plate"]
     out = mh.preprocess_view(_save(tmp_path, pixels), mh.PreprocessConfig(size=128))
-    tag = mh.rect_mask(pixels.shape, (lambda c, s, a: (c - 0.5, s, a))(*mh.min_area_rect(np.asarray(truth["tags"][0],
-                                                                                                    float))))
-    tag_in_square, _ = mh._truth_in_square(tag, out["affine"], 128)
-    assert out["mask"][tag_in_square].mean() < 0.02
+    assert _tag_in_mask(pixels, truth, out) < 0.02
     assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= 0.9
 
 
@@ -520,10 +517,7 @@ def test_a_tag_apart_from_the_hand_broken_by_text_leaves_the_mask(patient, study
     pixels, truth = _default_phantom_view(patient, study, image, n_patients=300)
     assert len(truth["tags"]) == 1 and truth["polarity"] == "light_grey"
     out = mh.preprocess_view(_save(tmp_path, pixels), mh.PreprocessConfig(size=128))
-    tag = mh.rect_mask(pixels.shape, (lambda c, s, a: (c - 0.5, s, a))(*mh.min_area_rect(np.asarray(truth["tags"][0],
-                                                                                                    float))))
-    tag_in_square, _ = mh._truth_in_square(tag, out["affine"], 128)
-    assert out["mask"][tag_in_square].mean() < 0.02
+    assert _tag_in_mask(pixels, truth, out) < 0.02
     assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= least_iou
 
 
@@ -539,10 +533,7 @@ def test_a_faint_view_s_tag_beside_the_hand_is_found_once_smoothed(patient, stud
     pixels, truth = _default_phantom_view(patient, study, image, n_patients=300)
     assert len(truth["tags"]) == 1
     out = mh.preprocess_view(_save(tmp_path, pixels), mh.PreprocessConfig(size=128))
-    tag = mh.rect_mask(pixels.shape, (lambda c, s, a: (c - 0.5, s, a))(*mh.min_area_rect(np.asarray(truth["tags"][0],
-                                                                                                    float))))
-    tag_in_square, _ = mh._truth_in_square(tag, out["affine"], 128)
-    assert out["mask"][tag_in_square].mean() < 0.02
+    assert _tag_in_mask(pixels, truth, out) < 0.02
     assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= least_iou
 
 
@@ -811,6 +802,14 @@ def test_mask_doubts_flag_a_cut_and_a_hand_left_out_not_grain():
     assert cut["cut"] > limits["cut"]
     left_out = mh._mask_doubts(hand, above, above, inside, ring, local, rules)  # the second hand missed
     assert left_out["missed"] > limits["missed"] and left_out["cut"] <= limits["cut"]
+
+
+def _tag_in_mask(pixels, truth, out, size=128):
+    """The share of a phantom view's (first) lead tag that the preprocessed mask `out` holds."""
+    corners = np.asarray(truth["tags"][0], float)
+    tag = mh.rect_mask(pixels.shape, (lambda c, s, a: (c - 0.5, s, a))(*mh.min_area_rect(corners)))
+    tag_in_square, _ = mh._truth_in_square(tag, out["affine"], size)
+    return float(out["mask"][tag_in_square].mean())
 
 
 def _default_phantom_view(patient, study, image, n_patients=240):
