@@ -7096,7 +7096,7 @@ PHANTOM_POLARITIES = ("normal", "light_grey", "inverted")  # light_grey: a light
 PHANTOM_FINDING_MIX = {"fracture": 0.45, "hardware": 0.3, "lesion": 0.25}  # each kind's share of abnormal studies
 PHANTOM_FINDINGS = tuple(PHANTOM_FINDING_MIX)
 _PHANTOM_SETTINGS = ("n_patients", "seed", "valid_fraction", "positive_rate", "body_parts", "image_size",
-                     "finding_kinds", "finding_scale", "finding_contrast")
+                     "finding_kinds", "finding_scale", "finding_contrast", "film_noise")
 PHANTOM_MADE_BY = "mura_helpers.make_phantom_mura"  # the manifest's mark: only a folder so marked is ever deleted
 _PHANTOM_FILES = (PHANTOM_MANIFEST, PHANTOM_FINDINGS_CSV, *(f"{s}_{kind}.csv" for s in SPLITS
                                                           for kind in ("labeled_studies", "image_paths")))
@@ -7624,11 +7624,14 @@ def _draw_lead_tags(rng: np.random.Generator, image: np.ndarray, tissue: np.ndar
 
 def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | None, ring: str | None,
                  long_side: int, n_hands: int = 1, polarity: str = "normal", low_contrast: bool = False,
-                 narrow: bool = False, dim: bool = False) -> tuple[np.ndarray, list[int] | None, dict]:
+                 narrow: bool = False, dim: bool = False,
+                 film_noise: bool = True) -> tuple[np.ndarray, list[int] | None, dict]:
     """Render one radiograph view; return the 8-bit image, the planted finding's box (or None) and the view's
     truth (hand mask, plate and field corners, lead tags' corners, polarity, hands, pose, contrast, lead tag).
     `narrow`: a close-up of a finger or of the hand's edge, three to four and a half times as tall as wide;
-    `dim`: a faint hand, with a bright lead tag the brightest thing in the field."""
+    `dim`: a faint hand, with a bright lead tag the brightest thing in the field; `film_noise` False: the same
+    view without its noise, grain and mottle (every draw as with them: the same hand, plate, tags and truth)."""
+    noise_gain = 1.0 if film_noise else 0.0
     rng = np.random.default_rng(list(seed))
     finding_rng = np.random.default_rng([*seed, 1])  # a finding leaves the rest of the view as it was
     short = int(round(long_side * rng.uniform(0.58, 0.95)))
@@ -7681,17 +7684,17 @@ def _render_view(seed: Sequence[int], view: str, anatomy: dict, finding: dict | 
     plate, plate_corners, field, field_corners, image = _plate_and_field(rng, image, background, low_contrast, xx, yy)
     tags, tag_pixels = _draw_lead_tags(rng, image, tissue, field, background, bone_unit, dim, anatomy["left"])
     image = ndimage.gaussian_filter(image.astype(np.float32), rng.uniform(0.5, 1.2), truncate=2.5)
-    image += noise * rng.uniform(0.006, 0.025)  # the texture's noise: a cheap, fresh-looking grain
+    image += noise_gain * noise * rng.uniform(0.006, 0.025)  # the texture's noise: a cheap, fresh-looking grain
     # film grain (quantum mottle): noise correlated over 1-3 px (of 512), which averaging down does not take away:
     # what makes a right mask's edge read as "cut" (checked against a wider soft-tissue margin, and tags beside the
     # hand: neither does; see benchmarks/mask_quality.py and the session's note)
     grain = ndimage.gaussian_filter(rng.standard_normal((h, w), dtype=np.float32),
                                     rng.uniform(1.0, 3.0) * long_side / 512, truncate=2.5)
-    image += grain * (rng.uniform(0.005, 0.03) / max(float(grain.std()), 1e-6))
+    image += noise_gain * grain * (rng.uniform(0.005, 0.03) / max(float(grain.std()), 1e-6))
     if mottle:  # coarse mottle: noise correlated over several px, which survives the mask's working size
         coarse = ndimage.gaussian_filter(film.standard_normal((h, w), dtype=np.float32),
                                          film.uniform(*_MOTTLE_WIDTH) * long_side / 512, truncate=2.5)
-        image += coarse * (film.uniform(*_MOTTLE_LEVEL) / max(float(coarse.std()), 1e-6))
+        image += noise_gain * coarse * (film.uniform(*_MOTTLE_LEVEL) / max(float(coarse.std()), 1e-6))
     if polarity == "inverted":
         image = 1 - image
     shown = background if polarity != "inverted" else 1 - background
@@ -7715,12 +7718,12 @@ def _phantom_image_task(task: dict) -> dict:
     """Render and save one phantom view and its true hand mask (runs in a worker process)."""
     pixels, box, truth = _render_view(task["seed"], task["view"], task["anatomy"], task["finding"], task["ring"],
                                       task["long_side"], task["n_hands"], task["polarity"], task["low_contrast"],
-                                      task["narrow"], task["dim"])
+                                      task["narrow"], task["dim"], task["film_noise"])
     contrast = task["finding"]["contrast"] if task["finding"] else 1.0
     if contrast != 1.0:  # the finding's difference from the same view without it, scaled, inside its box
         without = _render_view(task["seed"], task["view"], task["anatomy"], None, task["ring"], task["long_side"],
                                task["n_hands"], task["polarity"], task["low_contrast"], task["narrow"],
-                               task["dim"])[0].astype(np.float32)
+                               task["dim"], task["film_noise"])[0].astype(np.float32)
         x0, y0, x1, y1 = box or (0, 0, pixels.shape[1], pixels.shape[0])
         inside = (slice(y0, y1 + 1), slice(x0, x1 + 1))
         pixels = pixels.copy()
@@ -7832,6 +7835,7 @@ def make_phantom_mura(
     finding_kinds: Sequence[str] = PHANTOM_FINDINGS,
     finding_scale: float = 1.0,
     finding_contrast: float = 1.0,
+    film_noise: bool = True,
 ) -> Path:
     """Write a synthetic hand-radiograph dataset in MURA-v1.1's exact layout under `root`; return its path.
 
@@ -7839,24 +7843,29 @@ def make_phantom_mura(
     least one of each class in a split of 2+ studies). An abnormal study shows one planted finding, of a kind drawn
     from `finding_kinds` (fracture, hardware, lesion; PHANTOM_FINDING_MIX's shares), in most of its views;
     `finding_scale` multiplies its size (the fracture's gap and displacement, the lesion's diameter, the metal's
-    width) and `finding_contrast` (0-1] its difference from the same view without it. Besides the four official
+    width) and `finding_contrast` (0-1] its difference from the same view without it. `film_noise` False draws
+    every view without its noise, film grain and mottle, all else as with them (a control: what the noise costs a
+    method, e.g. the hand masks in benchmarks/mask_quality.py). Besides the four official
     CSVs it writes `phantom_findings.csv`: one row per view that shows a planted abnormality with its box in
     pixels, and the per-view truth (`phantom_truth.csv` and one hand-mask PNG per view under `phantom_truth/`;
     see load_phantom_truth).
     """
 
     _check_phantom_settings(body_parts, finding_kinds, finding_scale, finding_contrast)
+    if not isinstance(film_noise, bool):
+        raise ValueError(f"film_noise must be True or False, got {film_noise!r}")
     mura = Path(root) / MURA_DIRNAME
     if mura.exists():
         _remove_own_phantom(mura)  # only a phantom this code made; anything else is refused, never overwritten
     settings = {"made_by": PHANTOM_MADE_BY, "version": PHANTOM_VERSION, "n_patients": n_patients, "seed": seed,
                 "valid_fraction": valid_fraction, "positive_rate": positive_rate, "body_parts": list(body_parts),
                 "image_size": image_size, "finding_kinds": list(finding_kinds), "finding_scale": finding_scale,
-                "finding_contrast": finding_contrast}
+                "finding_contrast": finding_contrast, "film_noise": film_noise}
     _write_json_atomic({**settings, "complete": False}, mura / PHANTOM_MANIFEST)  # marks the folder as ours
     studies, tasks = _plan_phantom(n_patients, seed, valid_fraction, positive_rate, body_parts, image_size,
                                    finding_kinds, finding_scale, finding_contrast)
     for t in tasks:
+        t["film_noise"] = film_noise
         t["path"] = str(mura.joinpath(*t["key"], t["image"]))
         t["mask_path"] = str(mura / _truth_mask_name(t["key"], t["image"]))
     results = _run_tasks(_phantom_image_task, tasks, "phantom images", progress, workers)
@@ -7926,8 +7935,11 @@ def ensure_phantom(root: str | os.PathLike = "data/phantom", **kwargs) -> Path:
     settings = {"version": PHANTOM_VERSION, **settings, "body_parts": list(settings["body_parts"]),
                 "finding_kinds": list(settings["finding_kinds"])}
     made = _phantom_manifest(mura)
-    if made is not None and made.get("complete", True) and {k: made.get(k) for k in settings} == settings:
-        return mura
+    if made is not None and made.get("complete", True):
+        # a setting added after the phantom was made (film_noise) is its default there: the views drawn as now
+        recorded = {k: made.get(k, params[k].default if k in params else None) for k in settings}
+        if recorded == settings:
+            return mura
     return make_phantom_mura(root, **kwargs)  # removes an older or unfinished phantom of ours first
 
 

@@ -131,6 +131,37 @@ def test_ensure_phantom_honours_the_finding_settings(tmp_path):
     assert json.loads((root / mh.PHANTOM_MANIFEST).read_text())["finding_kinds"] == ["hardware"]
 
 
+def test_film_noise_off_draws_the_same_views_without_their_grain(tmp_path):
+    a = mh.make_phantom_mura(tmp_path / "a", n_patients=4, seed=3, image_size=128, progress=False)
+    b = mh.make_phantom_mura(tmp_path / "b", n_patients=4, seed=3, image_size=128, progress=False, film_noise=False)
+    truth_a, truth_b = mh.load_phantom_truth(a), mh.load_phantom_truth(b)
+    kept = ["image_path", "polarity", "narrow", "dim", "mottle", "tags", "plate", "field"]
+    pd.testing.assert_frame_equal(truth_a[kept], truth_b[kept])  # the same views, tags, plates
+    for mask_a, mask_b in zip(truth_a["mask_file"], truth_b["mask_file"]):
+        assert np.array_equal(mh.phantom_hand_mask(mask_a), mh.phantom_hand_mask(mask_b))  # the same truth
+    grain = {}
+    for name, truth in (("a", truth_a), ("b", truth_b)):  # the residual of a 3x3 median: grain, not anatomy
+        residuals = [np.abs(im - ndimage.median_filter(im, 3)).mean() for im in
+                     (np.asarray(mh.load_image(f), np.float32) for f in truth["image_file"])]
+        grain[name] = np.array(residuals)
+    assert (grain["b"] < 0.7 * grain["a"]).all(), (grain["a"].round(2), grain["b"].round(2))
+    assert json.loads((b / mh.PHANTOM_MANIFEST).read_text())["film_noise"] is False
+    with pytest.raises(ValueError, match="film_noise"):
+        mh.make_phantom_mura(tmp_path / "c", n_patients=2, image_size=64, progress=False, film_noise="no")
+
+
+def test_ensure_phantom_reads_a_setting_added_later_as_its_default(tmp_path):
+    root = mh.ensure_phantom(tmp_path, n_patients=3, image_size=64, progress=False)
+    made = json.loads((root / mh.PHANTOM_MANIFEST).read_text())
+    del made["film_noise"]  # a phantom made before the setting existed: drawn with its noise
+    (root / mh.PHANTOM_MANIFEST).write_text(json.dumps(made))
+    stamp = (root / mh.PHANTOM_MANIFEST).stat().st_mtime_ns
+    assert mh.ensure_phantom(tmp_path, n_patients=3, image_size=64, progress=False) == root
+    assert (root / mh.PHANTOM_MANIFEST).stat().st_mtime_ns == stamp  # kept, not drawn again
+    mh.ensure_phantom(tmp_path, n_patients=3, image_size=64, progress=False, film_noise=False)
+    assert json.loads((root / mh.PHANTOM_MANIFEST).read_text())["film_noise"] is False  # drawn again without
+
+
 def test_ground_truth_boxes(tiny_phantom):
     findings = mh.load_phantom_findings(tiny_phantom)
     studies = mh.load_all_studies(tiny_phantom)
