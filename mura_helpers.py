@@ -4990,28 +4990,37 @@ def mask_iou(mask: np.ndarray, affine: np.ndarray, truth: np.ndarray) -> float:
     """IoU of a preprocessed view's hand mask (in its square) with the true mask (in the original view's pixels),
     in the square's pixels: the truth warped by the view's affine; true hand that the crop cut off counts as missed."""
     warped, cut_off = _truth_in_square(truth, affine, mask.shape[0])
-    pred = np.asarray(mask, bool)
-    union = (pred | warped).sum() + cut_off
-    return float((pred & warped).sum() / union) if union > 0 else 1.0
+    return _iou(np.asarray(mask, bool), warped, cut_off)
+
+
+def _iou(a: np.ndarray, b: np.ndarray, cut_off: float = 0) -> float:
+    """Intersection over union of two masks (`cut_off`: pixels of the second beyond the square, in the union)."""
+    union = (a | b).sum() + cut_off
+    return float((a & b).sum() / union) if union else 1.0
 
 
 def _mask_iou_rows(task: tuple) -> list[dict]:
-    """mask_iou of a chunk of cached views against their true masks, and how much of their lead tags the masks
-    hold (runs in a worker process)."""
+    """mask_iou of a chunk of cached views against their true masks, how much of their lead tags the masks hold,
+    and the IoU of the truth moved in and out by one of the mask's working pixels (runs in a worker process)."""
     cache, views = task
     rows = []
+    size = cache.cfg.size
+    step = max(1, round(size / min(size, cache.cfg.mask_rules.work_size)))  # one working pixel, in output px
     for v in views:
         i = cache.row_of[v["image_file"]]
         mask, affine = np.asarray(cache.masks[i], bool), cache.affines[i]
         truth = phantom_hand_mask(v["mask_file"])
         warped, cut_off = _truth_in_square(truth, affine, mask.shape[0])
-        union = (mask | warped).sum() + cut_off
         tags = np.zeros(truth.shape, bool)
         for corners in v["tags"]:  # (corners around pixel centres; rect_mask counts from pixel corners)
             center, sides, angle = min_area_rect(np.asarray(corners, float))
             tags |= rect_mask(truth.shape, (center - 0.5, sides, angle))
         tags_in_square = _truth_in_square(tags, affine, mask.shape[0])[0] if v["tags"] else tags[:0]
-        rows.append({"image_path": v["image_path"], "iou": float((mask & warped).sum() / union) if union else 1.0,
+        beyond = _warp(np.full(truth.shape, 255, np.uint8), affine, mask.shape[0]) < 128  # outside the view: no edge
+        eroded = ndimage.binary_erosion(warped | beyond, iterations=step, border_value=1) & warped
+        dilated = ndimage.binary_dilation(warped, iterations=step)
+        rows.append({"image_path": v["image_path"], "iou": _iou(mask, warped, cut_off),
+                     "iou_truth_eroded": _iou(eroded, warped), "iou_truth_dilated": _iou(dilated, warped),
                      "truth_share": float(warped.mean()), "mask_share": float(mask.mean()),
                      "cut_off_share": float(cut_off / mask.size),
                      "tag_in_mask": float(mask[tags_in_square].mean()) if tags_in_square.any() else np.nan})
@@ -5021,7 +5030,9 @@ def _mask_iou_rows(task: tuple) -> list[dict]:
 def mask_iou_table(data_dir: str | os.PathLike, cache: AnomalyCache | PreprocessConfig,
                    cache_dir: str | os.PathLike = "data/cache", workers: int | None = None,
                    progress: bool = True) -> pd.DataFrame:
-    """Per-view IoU of the hand masks with a phantom's true masks (v3+), one row per view: iou, truth_share and
+    """Per-view IoU of the hand masks with a phantom's true masks (v3+), one row per view: iou; iou_truth_eroded
+    and iou_truth_dilated, the IoU that the truth itself scores moved in or out by one of the mask's working pixels
+    (MaskRules.work_size; how far from the truth a mask 0.85 allows in that view); truth_share and
     mask_share (of the square), cut_off_share (true hand the crop left out), tag_in_mask (the share of its lead
     tags' pixels, in the square, that the mask holds; NaN without a tag in view: v4+), and the truth's view_type,
     n_hands, polarity, low_contrast, narrow, dim, marker, n_tags and its kind_* columns (PHANTOM_VIEW_KINDS).
@@ -5037,19 +5048,24 @@ def mask_iou_table(data_dir: str | os.PathLike, cache: AnomalyCache | Preprocess
     tasks = [(cache, views[i:i + 32]) for i in range(0, len(views), 32)]
     rows = [r for chunk in _run_tasks(_mask_iou_rows, tasks, "mask IoU", progress, workers,
                                       [len(t[1]) for t in tasks]) for r in chunk]
-    table = pd.DataFrame(rows, columns=["image_path", "iou", "truth_share", "mask_share", "cut_off_share",
-                                        "tag_in_mask"])
+    table = pd.DataFrame(rows, columns=["image_path", "iou", "iou_truth_eroded", "iou_truth_dilated", "truth_share",
+                                        "mask_share", "cut_off_share", "tag_in_mask"])
     keep = ["image_path", "image_file", "mask_file", "view_type", "n_hands", "polarity", "low_contrast", "narrow",
             "dim", "wide_margin", "mottle", "marker", "n_tags", *(f"kind_{k}" for k in PHANTOM_VIEW_KINDS)]
     return truth[keep].merge(table, on="image_path").assign(size=cache.cfg.size, variant=cache.cfg.name)
 
 
 def mask_iou_summary(table: pd.DataFrame, good: float = 0.85, bad: float = 0.5) -> dict:
-    """The IoU distribution in numbers: views, share >= `good`, median, 5th percentile, count < `bad`."""
+    """The IoU distribution in numbers: views, share >= `good`, median, 5th percentile, count < `bad`; and, when
+    the table has them (mask_iou_table), the share >= `good` of the truth moved in and out by a working pixel."""
     iou = table["iou"].to_numpy()
-    return {"views": int(len(iou)), f"share_iou_ge_{good}": float(np.mean(iou >= good)),
-            "median_iou": float(np.median(iou)), "p5_iou": float(np.percentile(iou, 5)),
-            f"n_iou_lt_{bad}": int(np.sum(iou < bad))}
+    summary = {"views": int(len(iou)), f"share_iou_ge_{good}": float(np.mean(iou >= good)),
+               "median_iou": float(np.median(iou)), "p5_iou": float(np.percentile(iou, 5)),
+               f"n_iou_lt_{bad}": int(np.sum(iou < bad))}
+    for moved in ("eroded", "dilated"):
+        if f"iou_truth_{moved}" in table:
+            summary[f"share_truth_{moved}_ge_{good}"] = float(np.mean(table[f"iou_truth_{moved}"] >= good))
+    return summary
 
 
 def mask_iou_by_kind(table: pd.DataFrame, good: float = 0.85, bad: float = 0.5, tag_kept: float = 0.02) -> pd.DataFrame:

@@ -2,9 +2,12 @@
 
 import importlib.util
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from conftest import REPO
+from PIL import Image
 
 import mura_helpers as mh
 
@@ -48,12 +51,30 @@ def test_mask_quality_benchmark_smoke(tiny_phantom, tmp_path):
     assert set(kinds) == {"all", *mh.PHANTOM_VIEW_KINDS} and kinds["all"]["views"] == len(mh.load_phantom_truth(
         tiny_phantom))
     assert 0 <= kinds["all"]["share_iou_ge_0.85"] <= 1 and size["tags"]["views_with_tags"] == kinds["tags"]["views"]
+    assert all(0 <= kinds["all"][f"share_truth_{moved}_ge_0.85"] <= 1 for moved in ("eroded", "dilated"))
     suspects = size["suspects"]
     assert suspects["bad_flagged"] <= suspects["bad_views"] and set(suspects["by_reason"]) == {*mh.MASK_DOUBTS, "share"}
     assert json.loads((tmp_path / "masks.json").read_text())["sizes"][0]["kinds"] == json.loads(json.dumps(
         size["kinds"]))
     other = bench.main(args[:-4] + ["--pipeline", str(REPO / "mura_helpers.py"), "--json", ""])  # the same code,
     assert other["sizes"][0]["kinds"] == size["kinds"]  # imported as another module: the same tables
+
+
+def test_mask_iou_rows_move_the_truth_by_one_working_pixel(tmp_path):
+    """The reference beside each view's IoU: the truth moved in and out by one of the mask's working pixels (4 px of a
+    64-px square found at 16 px), its edge only where it lies inside the view, not where the hand leaves it."""
+    yy, xx = np.mgrid[:64, :64]
+    disk, full = (yy - 31.5) ** 2 + (xx - 31.5) ** 2 <= 20 ** 2, np.ones((64, 32), bool)  # full: hand fills the view
+    rows = []
+    for name, truth, affine in (("disk", disk, np.eye(2, 3)), ("full", full, np.array([[1.0, 0, 16], [0, 1, 0]]))):
+        Image.fromarray(truth).save(tmp_path / f"{name}.png")
+        cache = SimpleNamespace(row_of={name: 0}, masks=[np.zeros((64, 64), bool)], affines=[affine],
+                                cfg=SimpleNamespace(size=64, mask_rules=SimpleNamespace(work_size=16)))
+        rows += mh._mask_iou_rows((cache, [{"image_path": name, "image_file": name,
+                                            "mask_file": str(tmp_path / f"{name}.png"), "tags": []}]))
+    assert rows[0]["iou_truth_eroded"] == pytest.approx((16 / 20) ** 2, abs=0.03)  # a disk 4 px smaller ...
+    assert rows[0]["iou_truth_dilated"] == pytest.approx((20 / 24) ** 2, abs=0.03)  # ... and 4 px larger
+    assert rows[1]["iou_truth_eroded"] == 1.0 and rows[1]["iou"] == 0.0  # no edge of the hand within the view
 
 
 @pytest.mark.slow
