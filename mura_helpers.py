@@ -7791,7 +7791,8 @@ def _plan_finding(rng: np.random.Generator, finding_kinds: Sequence[str], findin
 
 def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_rate: float,
                   body_parts: Sequence[str], long_side: int, finding_kinds: Sequence[str] = PHANTOM_FINDINGS,
-                  finding_scale: float = 1.0, finding_contrast: float = 1.0) -> tuple[list[dict], list[dict]]:
+                  finding_scale: float = 1.0, finding_contrast: float = 1.0,
+                  film_noise: bool = True) -> tuple[list[dict], list[dict]]:
     """Decide every patient, study, label, view and planted finding; return (studies, image tasks)."""
     rng = np.random.default_rng(seed)
     n_valid = max(1, int(round(n_patients * valid_fraction))) if n_patients > 1 else 0
@@ -7829,7 +7830,7 @@ def _plan_phantom(n_patients: int, seed: int, valid_fraction: float, positive_ra
                     "low_contrast": bool(rng.random() < 0.1),  # the plate barely differs from its surround
                     "finding": finding if label and shows[v] else None, "finding_kind": finding and finding["kind"],
                     "ring": ring if (ring and rng.random() < 0.9) else None, "rgb": bool(rng.random() < 0.45),
-                    "seed": (seed, i, s, v), "long_side": long_side,
+                    "seed": (seed, i, s, v), "long_side": long_side, "film_noise": film_noise,
                 })
     for t in tasks:  # harder kinds of real view, each view drawn from a generator of its own (the plan above as before)
         kinds = np.random.default_rng([*t["seed"], 24])
@@ -7879,9 +7880,8 @@ def make_phantom_mura(
                 "finding_contrast": finding_contrast, "film_noise": film_noise}
     _write_json_atomic({**settings, "complete": False}, mura / PHANTOM_MANIFEST)  # marks the folder as ours
     studies, tasks = _plan_phantom(n_patients, seed, valid_fraction, positive_rate, body_parts, image_size,
-                                   finding_kinds, finding_scale, finding_contrast)
+                                   finding_kinds, finding_scale, finding_contrast, film_noise)
     for t in tasks:
-        t["film_noise"] = film_noise
         t["path"] = str(mura.joinpath(*t["key"], t["image"]))
         t["mask_path"] = str(mura / _truth_mask_name(t["key"], t["image"]))
     results = _run_tasks(_phantom_image_task, tasks, "phantom images", progress, workers)
