@@ -99,6 +99,23 @@ def test_a_heel_effect_gradient_is_no_plate(slope):
     assert mh.find_carrier(np.clip(image, 0, 255).astype(np.uint8)) is None  # ... whose Otsu halves have no rim
 
 
+def test_a_line_of_text_along_a_false_side_is_no_step_a_plate_rim_beside_it_is():
+    """A plate candidate (block means) whose one side inside the view runs just above a line of burned-in text over
+    most of its length: the text made the median across the side a step (pipeline 26 took such a band of the view
+    for the plate); read beside the text (its detail), a flat background shows none and a plate's rim its step."""
+    band = (1.0, np.array([39.5, 44.5]), (80.0, 30.0), 0.0)  # rows 30-59, full width: one side (row 29.5) in view
+    text = np.zeros((60, 80), bool)
+    text[35:38, 0:46] = True  # dashes of text, 3 block px deep under the side, over 46 of its 80 px
+    rules = mh.CropRules()
+    for rim, is_plate in ((0.0, False), (20.0, True)):  # the band's level above the background's: none, a plate's
+        smooth = np.full((60, 80), 130.0)
+        smooth[30:] += rim
+        smooth[text] = 200.0
+        smooth = ndimage.gaussian_filter(smooth, rules.smooth_sigma)
+        assert mh._sides_are_steps(band, smooth, rules)  # read over the whole side: the text is a step
+        assert mh._sides_are_steps(band, smooth, rules, detail=text) == is_plate
+
+
 def test_the_field_is_found_inside_a_plate_rectangle_that_took_in_a_dark_surround():
     image = _hand_view(200, 8, 12, True)  # light borders (8% margins) around a dark field, on a black surround ...
     plate = (np.array([150.0, 200.0]), (256.0, 336.0), 0.0)  # ... the plate's rectangle 8 px too large all round
