@@ -3431,7 +3431,8 @@ class CropRules:
     #                      (phantom v7 seed 0, 128 px: patient00240 IoU 0.37 -> 0.90, 1056 views at IoU >= 0.85,
     #                      not 1051; at 2 block px 1054) ...
     step_clear_share: float = 0.25  # ... when at least this share of the side is clear (else all of it: a plate
-    #                                 that the hand covers); at 0.5, 1055
+    #                                 that the hand covers); at 0.5, 1055. Not in a close-up (its hand fills it:
+    #                                 read beside the hand, seed 20261206 lost 2 close-ups, seed 0 none)
     # the exposed field inside the plate (_collimated_field, _border_band)
     field_size: int = 256  # the plate is made upright at this many px to look for unexposed borders
     field_least_side: int = 32  # a plate under this many px (upright) is kept whole: too small to hold borders
@@ -3886,7 +3887,8 @@ def find_carrier(gray: np.ndarray, rules: CropRules = CropRules()):
     darker and a brighter surround); for each threshold and polarity, the largest component and the union of the
     large ones (a hand lying across the plate can cut its background apart) are candidates, kept when plate-like
     (see _plate_rect: a plate is a rectangle even with a hand across it, and stands out from its surround; a hand
-    does neither), whose sides inside the view are steps (_sides_are_steps) and which holds the hand's edges. The
+    does neither), whose sides inside the view are steps (_sides_are_steps; read beside the hand and text, but in
+    a close-up, whose hand fills it, along the whole side) and which holds the hand's edges. The
     largest wins. When none does, the search runs again on the block means smoothed (rules.denoise_sigma: a
     low-contrast plate's grain breaks it apart; not in a close-up), the plate then holding every edge of the hand
     and showing rules.denoise_sides of its sides as steps.
@@ -3930,6 +3932,7 @@ def _largest_plate(small: np.ndarray, commonest: float, detail: np.ndarray, smoo
     (share, center, (w, h), angle), or None. In a `close_up` the plate is as long for its width as the view
     (rules.denoise_most_aspect): a close-up's plate fills it."""
     searched, best = np.ones(small.shape, bool), None
+    crossing = None if close_up else detail  # a side's step read beside the hand and text (a close-up's fills it)
     for component, region, background in _plate_candidates(small, _plate_thresholds(small.ravel(), rules), commonest,
                                                            rules):
         # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not
@@ -3938,7 +3941,7 @@ def _largest_plate(small: np.ndarray, commonest: float, detail: np.ndarray, smoo
         if found is not None and close_up and max(found[2]) < rules.denoise_most_aspect * min(found[2]):
             found = None
         if found is not None and _holds_the_detail(found, detail, rules) and (
-                _sides_are_steps(found, smooth, rules, least_sides, detail)) and (best is None or found[0] > best[0]):
+                _sides_are_steps(found, smooth, rules, least_sides, crossing)) and (best is None or found[0] > best[0]):
             best = found
     return best
 
