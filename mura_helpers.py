@@ -3428,11 +3428,13 @@ class CropRules:
     step_clear: int = 1  # the step is read where neither the sample outside nor the one deepest inside lies within
     #                      this many block px (1 or more) of detail: a hand, a tag or a line of burned-in text across
     #                      a false side made its median a step, and a band of the view was taken for the plate
-    #                      (phantom v7 seed 0, 128 px: patient00240 IoU 0.37 -> 0.90, 1056 views at IoU >= 0.85,
-    #                      not 1051; at 2 block px 1054) ...
-    step_clear_share: float = 0.25  # ... when at least this share of the side is clear (else all of it: a plate
-    #                                 that the hand covers); at 0.5, 1055. Not in a close-up (its hand fills it:
-    #                                 read beside the hand, seed 20261206 lost 2 close-ups, seed 0 none)
+    #                      (phantom v7 seed 0, 128 px: patient00240 IoU 0.37 -> 0.90, 1057 views at IoU >= 0.85,
+    #                      not 1051; at 2 block px, with step_clear_share 0.25, 1054 against 1056) ...
+    step_clear_share: float = 0.2  # ... when at least this share of the side is clear (else all of it: a plate
+    #                                that the hand covers); at 0.5, 1055; at 0.25, 1056 (patient00072's false side,
+    #                                21% clear, read whole); 0.15 as 0.2; seeds 20261206 and 20261207 alike at 0.2
+    #                                and 0.25. Not in a close-up (its hand fills it: read beside the hand, seed
+    #                                20261206 lost 2 close-ups, seed 0 none)
     # the exposed field inside the plate (_collimated_field, _border_band)
     field_size: int = 256  # the plate is made upright at this many px to look for unexposed borders
     field_least_side: int = 32  # a plate under this many px (upright) is kept whole: too small to hold borders
