@@ -3846,16 +3846,16 @@ def _lines_along(detail: np.ndarray, found, rules: CropRules) -> np.ndarray:
 
 
 def _sides_are_steps(found, smooth: np.ndarray, rules: CropRules, least_sides: int = 0,
-                     detail: np.ndarray | None = None) -> bool:
+                     busy: np.ndarray | None = None) -> bool:
     """Whether each side of a plate candidate (share, center, (w, h), angle) that lies mostly inside the view is a
     step, and at least `least_sides` do: across it (from rules.step_offset pixels outside to as far inside) the
     smoothed view changes by rules.step grey levels more than over as far again inside, in the median along the
-    side, read where the side is clear of `detail` (rules.step_clear, step_clear_share). A plate's rim is such a
+    side, read where the side is clear of `busy` (the detail grown by rules.step_clear: _step_crossings) when
+    rules.step_clear_share of it is. A plate's rim is such a
     step; the line where a smooth gradient (a heel effect) crosses a threshold is none, nor is a rectangle around a
     hand, which runs through background, nor a band of the view bounded by a line of burned-in text."""
     _, center, (w, h), angle = found
     offset = rules.step_offset
-    busy = ndimage.binary_dilation(detail, iterations=rules.step_clear) if detail is not None else None
     u, v = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1], [-1, -1]], float).T * [[w / 2], [h / 2]]
     turn = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     corners = np.column_stack([u, v]) @ turn.T + center
@@ -3878,6 +3878,12 @@ def _sides_are_steps(found, smooth: np.ndarray, rules: CropRules, least_sides: i
             return False
         steps += 1
     return steps >= least_sides
+
+
+def _step_crossings(detail: np.ndarray, rules: CropRules) -> np.ndarray:
+    """Where a plate candidate's side is crossed by the hand or text: the detail grown by rules.step_clear block px
+    (_sides_are_steps reads the step beside it)."""
+    return ndimage.binary_dilation(detail, iterations=rules.step_clear)
 
 
 def find_carrier(gray: np.ndarray, rules: CropRules = CropRules()):
@@ -3934,7 +3940,7 @@ def _largest_plate(small: np.ndarray, commonest: float, detail: np.ndarray, smoo
     (share, center, (w, h), angle), or None. In a `close_up` the plate is as long for its width as the view
     (rules.denoise_most_aspect): a close-up's plate fills it."""
     searched, best = np.ones(small.shape, bool), None
-    crossing = None if close_up else detail  # a side's step read beside the hand and text (a close-up's fills it)
+    crossing = None if close_up else _step_crossings(detail, rules)  # (a close-up's hand fills it)
     for component, region, background in _plate_candidates(small, _plate_thresholds(small.ravel(), rules), commonest,
                                                            rules):
         # the background's class may miss a plate's corner (a collimated wedge); a hand's class may not

@@ -113,7 +113,7 @@ def test_a_line_of_text_along_a_false_side_is_no_step_a_plate_rim_beside_it_is()
         smooth[text] = 200.0
         smooth = ndimage.gaussian_filter(smooth, rules.smooth_sigma)
         assert mh._sides_are_steps(band, smooth, rules)  # read over the whole side: the text is a step
-        assert mh._sides_are_steps(band, smooth, rules, detail=text) == is_plate
+        assert mh._sides_are_steps(band, smooth, rules, busy=mh._step_crossings(text, rules)) == is_plate
 
 
 def test_the_field_is_found_inside_a_plate_rectangle_that_took_in_a_dark_surround():
@@ -678,7 +678,7 @@ RULED_FUNCTIONS = ("_block_means", "_plate_thresholds", "_plate_candidates", "_p
                    "_smoothed_inside", "_search_hand_levels", "_finished_mask", "_without_rim_strips", "_bone_at_rim",
                    "_mask_doubts", "_outline", "_least_plate_area", "_hand_levels", "_hand_background", "_extremes",
                    "_thin_extremes", "_lines_along", "_largest_plate", "_without_marker_strips",
-                   "_commonest_bin", "_mostly_within", "_smoothed_outline")
+                   "_commonest_bin", "_mostly_within", "_smoothed_outline", "_step_crossings")
 
 
 def _commented_lines(source: str) -> set[int]:
