@@ -3594,17 +3594,6 @@ class MaskRules:
     doubt_far: int = 8  # the background's grain is measured farther than this (px) from the mask
     doubt_least_area: float = 0.0025  # foreground left out counts from this share of the content (a quarter of the
     #                                   least hand: a finger, a second hand; not grain, text or a tag's letter)
-    flat_retry: float = 0.65  # a mask (not a close-up's) with its flat doubt over this, MASK_DOUBT_LIMITS' (hardly
-    #                           more textured than what it leaves out: it took in background, mottled or graded
-    #                           as much as the soft tissue), is looked for again past the level that found it ...
-    retry_levels: int = 3  # ... at up to this many levels farther from the background, in the same polarity ...
-    flat_margin: float = 0.05  # ... and the first whose flat doubt is this far under flat_retry replaces it (at
-    #                            0: right masks just over the limit were cut back to their bone) ...
-    retry_missed: float = 0.25  # ... unless it leaves out hand-sized foreground over this share of its own area
-    #                             (the hand cut, not the background dropped: 0.47 and 1.3 in the two such on
-    #                             phantom v7 seeds 0 and 20261206, at most 0.16 where the background went) ...
-    retry_least_share: float = 0.3  # ... or keeps less than this share of the mask (a piece of the hand: 0.15 in
-    #                                 one view; where the background went, 0.39-0.75 of the mask stayed)
     # lead tags (_find_tags): a solid rectangular holder, lighter or darker than the field, 6-15% of the view's
     # short side wide and 1.5-3 times as tall (real views and phantom v4), off the hand
     tag_levels: tuple = (0.2, 0.4, 0.6)  # looked for at these shares of the way from the background to each
@@ -4501,9 +4490,7 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     and a plate's frame are cut out first, thin strips near the rim after;
     a faint view (its extremes a few times the noise off the background) is smoothed first; tag-shaped pieces
     and bars (a plate's frame or edge) apart from the hand are dropped; the mask then grows a few pixels into the
-    soft tissue's faint margin above that floor; a mask hardly more textured than what it leaves out (its flat
-    doubt) is looked for again at the next levels (MaskRules.flat_retry), and a faint view's outline is smoothed
-    (see MaskRules).
+    soft tissue's faint margin above that floor, and a faint view's outline is smoothed (see MaskRules).
     """
     size = image.shape[0]
     n = min(size, rules.work_size)
@@ -4511,41 +4498,21 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     if found_levels is None:
         return np.zeros_like(content, bool), False, dict.fromkeys(MASK_DOUBTS, 0.0)
     views, levels, values, narrow = found_levels
-    inside, prior = views["inside"], levels["prior"]
-    search = _search_hand_levels(views, levels, values, narrow, rules)
-    found, inverted = search[:2]
+    inside, whole, ring, tags = (views[k] for k in ("inside", "whole", "ring", "tags"))
+    prior = levels["prior"]
+    found, inverted, work, least, edge, fg = _search_hand_levels(views, levels, values, narrow, rules)
     if not found.any():
         return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
-    filled, doubts = _checked_mask(search, views, levels, narrow, rules, view_short)
-    for _ in range(0 if narrow else rules.retry_levels):  # a flat mask lies on the background: the next levels
-        if doubts["flat"] <= rules.flat_retry:
-            break
-        search = _search_hand_levels(views, levels, values, narrow, rules, search[-1])
-        if not search[0].any():
-            break
-        retried, retried_doubts = _checked_mask(search, views, levels, narrow, rules, view_short)
-        if (retried_doubts["flat"] <= rules.flat_retry - rules.flat_margin
-                and retried_doubts["missed"] <= rules.retry_missed
-                and retried.sum() >= rules.retry_least_share * filled.sum()):
-            filled, doubts = retried, retried_doubts
+    kept = _without_stray_pieces(found, inside, narrow, views["local"], levels["noise"], rules, view_short)
+    filled = _finished_mask(kept, work > least, inside, edge, whole, tags, rules)
+    fg &= ~(found & ~kept)  # the tags and bars dropped: no hand left out
+    doubts = _mask_doubts(filled, fg, work > least, inside & ~edge, ring, views["local"], rules)
     if levels["faint"] and not narrow:  # (after the doubts: they read the threshold's own edge)
         filled = _smoothed_outline(filled, inside, rules.faint_outline)
     if n < size:
         filled_8bit = Image.fromarray(filled.astype(np.uint8) * 255)  # (255: 8-bit white)
         filled = np.asarray(filled_8bit.resize((size, size), Image.Resampling.BILINEAR)) >= 128  # (128: halfway)
     return filled & content, inverted, doubts
-
-
-def _checked_mask(search: tuple, views: dict, levels: dict, narrow: bool, rules: MaskRules,
-                  view_short: float | None) -> tuple[np.ndarray, dict]:
-    """The hand a _search_hand_levels found (`search`, its result) without its stray pieces, finished
-    (_finished_mask), and its doubts (_mask_doubts)."""
-    found, _, work, least, edge, fg, _ = search
-    inside = views["inside"]
-    kept = _without_stray_pieces(found, inside, narrow, views["local"], levels["noise"], rules, view_short)
-    filled = _finished_mask(kept, work > least, inside, edge, views["whole"], views["tags"], rules)
-    fg = fg & ~(found & ~kept)  # the tags and bars dropped: no hand left out
-    return filled, _mask_doubts(filled, fg, work > least, inside & ~edge, views["ring"], views["local"], rules)
 
 
 def _smoothed_outline(mask: np.ndarray, inside: np.ndarray, sigma: float) -> np.ndarray:
@@ -4728,23 +4695,18 @@ def _smoothed_inside(small: np.ndarray, inside: np.ndarray, sigma: float) -> np.
     return np.where(inside, smooth / np.maximum(weight, np.finfo(np.float32).tiny), small).astype(np.float32)
 
 
-def _search_hand_levels(views: dict, levels: dict, values: np.ndarray, narrow: bool, rules: MaskRules,
-                        past: tuple | None = None) -> tuple:
+def _search_hand_levels(views: dict, levels: dict, values: np.ndarray, narrow: bool, rules: MaskRules) -> tuple:
     """Thresholds tried from the background's side outwards, for the expected polarity, then the other, then
-    without the texture test; the first that leaves hand-like components wins. `past`: where an earlier search
-    found it, (inverted, texture, level): the search goes on beyond that level, with that polarity and texture
-    test only. Returns (found, inverted, the working image, its floor, the cut-out bright flat edges and tags, the
-    thresholded foreground, where it was found: (inverted, texture, level))."""
+    without the texture test; the first that leaves hand-like components wins. Returns (found, inverted, the
+    working image, its floor, the cut-out bright flat edges and tags, the thresholded foreground)."""
     small, inside, ring, local, tags = (views[k] for k in ("small", "inside", "ring", "local", "tags"))
     noise, background, lo, hi, prior, rim = (levels[k] for k in ("noise", "background", "lo", "hi", "prior", "rim"))
     thresholds = _class_thresholds(values, rules)  # besides the classes: just off the background (faint soft tissue)
     thresholds += [background + k * rules.off_background_noise * noise * (-1 if side else 1)
                    for side in (prior, not prior) for k in (1, 2)]
     thresholds += [background + rules.faint_contrast * (extreme - background) for extreme in (lo, hi)]
-    found, inverted, level = np.zeros(small.shape, bool), prior, None
-    tries = ((prior, 1.0), (not prior, 1.0), (prior, 0.0)) if past is None else (past[:2],)  # last: no texture
-    start = -np.inf if past is None else past[2]
-    for inverted, texture in tries:
+    found, inverted = np.zeros(small.shape, bool), prior
+    for inverted, texture in ((prior, 1.0), (not prior, 1.0), (prior, 0.0)):  # last: a hand without texture
         work = 255 - small if inverted else small  # (255: the 8-bit negative)
         candidates = sorted(255 - t for t in thresholds) if inverted else sorted(thresholds)  # (the 8-bit negative)
         extreme = 255 - lo if inverted else hi  # (the 8-bit negative)
@@ -4759,7 +4721,7 @@ def _search_hand_levels(views: dict, levels: dict, values: np.ndarray, narrow: b
         base = 255 - background if inverted else background  # (the 8-bit negative)
         # below: the background's own noise, or a share of the view's contrast above it (the floor)
         least = base + max(rules.floor_noise * noise, rules.contrast_floor * (extreme - base))
-        for level in (v for v in candidates if v > max(least, start)):
+        for level in (v for v in candidates if v > least):
             fg = _without_frame(ndimage.binary_opening((work > level) & inside & ~edge), inside, rim,
                                 rules.frame_full, () if narrow else (0, 1))
             found = _hand_components(fg, work, ring, inside, texture * noise, texture * (hi - lo), rules, narrow)
@@ -4769,7 +4731,7 @@ def _search_hand_levels(views: dict, levels: dict, values: np.ndarray, narrow: b
             bone = _bone_at_rim(found, edge & ~tags)  # (taken for a marker: the hand's)
             found, edge = _without_rim_strips(found | bone, inside, narrow, rules), edge & ~bone
             break
-    return found, inverted, work, least, edge, (fg if found.any() else None), (inverted, texture, level)
+    return found, inverted, work, least, edge, (fg if found.any() else None)
 
 
 def _without_rim_strips(found: np.ndarray, inside: np.ndarray, narrow: bool, rules: MaskRules) -> np.ndarray:
@@ -4979,10 +4941,9 @@ class AnomalyCache:
 # smoothed unless it is a close-up (MaskRules.faint_outline); 26: a marker strip as far from the background as lead
 # towards the extreme on its own side (CropRules.strip_least_side); 27: a plate candidate's sides read as steps
 # where no detail (the hand, text) crosses them (CropRules.step_clear); 28: a close-up's background a plateau of
-# its own beyond its commonest level, its tags looked for on it (MaskRules.beside_plateau_noise); 29: a flat
-# mask looked for again at the next levels (MaskRules.flat_retry);
+# its own beyond its commonest level, its tags looked for on it (MaskRules.beside_plateau_noise);
 # a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
-ANOMALY_PIPELINE_VERSION = 29
+ANOMALY_PIPELINE_VERSION = 28
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
@@ -5034,8 +4995,8 @@ def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache
 # enclosed (pipeline 16): the 99th percentile of those good masks (0.0075 at 512 px, 0.0073 at 128; their 95th is 0,
 # a loop of flexed fingers or a tag's hole the rest), rounded up; a plate's frame joined to the hand by text or a tag
 # rings the field (0.08-0.30 on the three failed masks of six seeds that it alone flags)
-MASK_DOUBT_LIMITS = {"missed": 0.04, "cut": 0.025, "background_inside": 0.08, "rim": 0.27,
-                     "flat": MaskRules.flat_retry, "enclosed": 0.01}  # (flat: the mask looked for again over it)
+MASK_DOUBT_LIMITS = {"missed": 0.04, "cut": 0.025, "background_inside": 0.08, "rim": 0.27, "flat": 0.65,
+                     "enclosed": 0.01}
 
 
 def suspect_masks(cache: AnomalyCache, low: float = 0.02, high: float = 0.45,

@@ -678,7 +678,7 @@ RULED_FUNCTIONS = ("_block_means", "_plate_thresholds", "_plate_candidates", "_p
                    "_smoothed_inside", "_search_hand_levels", "_finished_mask", "_without_rim_strips", "_bone_at_rim",
                    "_mask_doubts", "_outline", "_least_plate_area", "_hand_levels", "_hand_background", "_extremes",
                    "_thin_extremes", "_lines_along", "_largest_plate", "_without_marker_strips",
-                   "_commonest_bin", "_mostly_within", "_smoothed_outline", "_step_crossings", "_checked_mask")
+                   "_commonest_bin", "_mostly_within", "_smoothed_outline", "_step_crossings")
 
 
 def _commented_lines(source: str) -> set[int]:
@@ -829,10 +829,10 @@ def _tag_in_mask(pixels, truth, out, size=128):
     return float(out["mask"][tag_in_square].mean())
 
 
-def _default_phantom_view(patient, study, image, n_patients=240, seed=0):
-    """(pixels, truth) of one view of the default phantom (240 patients and seed 0 unless said, 512 px), rendered
+def _default_phantom_view(patient, study, image, n_patients=240):
+    """(pixels, truth) of one view of the default phantom (240 patients unless said, seed 0, 512 px), rendered
     alone."""
-    _, tasks = mh._plan_phantom(n_patients, seed, 0.15, 0.26, ("XR_HAND",), 512)
+    _, tasks = mh._plan_phantom(n_patients, 0, 0.15, 0.26, ("XR_HAND",), 512)
     task = next(t for t in tasks if t["key"][2:] == (patient, study) and t["image"] == image)
     pixels, _, truth = mh._render_view(task["seed"], task["view"], task["anatomy"], task["finding"], task["ring"],
                                        task["long_side"], task["n_hands"], task["polarity"], task["low_contrast"],
@@ -1095,18 +1095,3 @@ def test_a_close_up_s_background_is_a_plateau_of_its_own_beyond_its_soft_tissue(
     ious = [mh.mask_iou(o["mask"], o["affine"], truth["mask"])
             for o in (mh.preprocess_view(path, cfg) for cfg in (mh.PreprocessConfig(size=128), no_gap))]
     assert ious[0] >= 0.85 and ious[1] < 0.7, ious
-
-
-def test_a_mask_as_flat_as_what_it_leaves_out_is_looked_for_again_farther_from_the_background(tmp_path):
-    # phantom v7 (seed 20261207, 300 patients), a light-grey view whose background, mottled and graded as much as
-    # the soft tissue, joined the mask at the first level that left a hand (pipeline 28: IoU 0.35 at 128 px, its
-    # flat doubt 0.87, over MASK_DOUBT_LIMITS'); the next levels leave it out
-    pixels, truth = _default_phantom_view("patient11479", "study2_negative", "image3.png", n_patients=300,
-                                          seed=20261207)
-    path = _save(tmp_path, pixels)
-    out = mh.preprocess_view(path, mh.PreprocessConfig(size=128))
-    assert mh.mask_iou(out["mask"], out["affine"], truth["mask"]) >= 0.85
-    assert out["doubts"]["flat"] <= mh.MASK_DOUBT_LIMITS["flat"]
-    once = mh.preprocess_view(path, mh.PreprocessConfig(size=128, mask_rules=replace(mh.MaskRules(), retry_levels=0)))
-    assert mh.mask_iou(once["mask"], once["affine"], truth["mask"]) < 0.5
-    assert once["doubts"]["flat"] > mh.MASK_DOUBT_LIMITS["flat"]
