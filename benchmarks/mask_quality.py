@@ -128,7 +128,7 @@ def print_summary(summary: dict) -> None:
           f"({s['share_good_flagged']:.1%})")
     print("  by reason (good / failed views flagged): " + ", ".join(
         f"{k} {v['good_flagged']}/{v['bad_flagged']}" for k, v in s["by_reason"].items()))
-    print("  99th percentile of each signal over the good views (MASK_DOUBT_LIMITS: these at 512 px, rounded up): "
+    print("  99th percentile of each signal over the good views, beside its limit (MASK_DOUBT_LIMITS): "
           + ", ".join(f"{k} {v:.3f} (limit {summary['limits'][k]})" for k, v in summary["doubts_p99_of_good"].items()))
 
 
