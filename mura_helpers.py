@@ -3637,6 +3637,13 @@ class MaskRules:
     #                                more: its rim and letter). Blobs of a faint hand or mottle, smoothed into
     #                                rectangles, are not (phantom v7 seed 0, 128 px: tags 0.38-0.95, blobs 0-0.09)
     tag_grow: int = 1  # a tag found is grown by this many px (its blurred edge) and left out of the mask
+    tag_alone_spread: float = 0.17  # the first mask's largest piece, tag-shaped (piece_hull_fill) and sharp
+    #                                 (tag_sharp_noise), is a lead tag taken for the hand when the interquartile
+    #                                 range of its levels is within this share of the view's contrast: a holder is
+    #                                 one level, its letter a small share of it; a hand is graded from soft tissue
+    #                                 to bone (phantom v7 seeds 0, 20261206, 20261207 at 128 px, the five views
+    #                                 whose largest piece was tag-shaped: the two tags 0.04 and 0.12, two hands
+    #                                 0.24 and 0.36, the third hand not sharp, 2.3 times the noise)
 
     @property
     def faint_contrast(self) -> float:
@@ -4486,11 +4493,12 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     between intensity classes (Otsu, 3- and 4-class Otsu) and just off the background are tried from the
     background's side outwards, none closer to it than its noise or a share of the view's contrast; the first that
     leaves hand-like components (see _hand_components; every one kept: two hands) wins, else the other polarity is
-    tried. Uniform bright patches touching the rim (markers, plate edges; not those the hand borders: its bone)
-    and a plate's frame are cut out first, thin strips near the rim after;
-    a faint view (its extremes a few times the noise off the background) is smoothed first; tag-shaped pieces
-    and bars (a plate's frame or edge) apart from the hand are dropped; the mask then grows a few pixels into the
-    soft tissue's faint margin above that floor, and a faint view's outline is smoothed (see MaskRules).
+    tried; a first mask that is a lead tag alone (_tag_alone) is a tag, and the hand is looked for again. Uniform
+    bright patches touching the rim (markers, plate edges; not those the hand borders: its bone) and a plate's
+    frame are cut out first, thin strips near the rim after; a faint view (its extremes a few times the noise off
+    the background) is smoothed first; tag-shaped pieces and bars (a plate's frame or edge) apart from the hand are
+    dropped; the mask then grows a few pixels into the soft tissue's faint margin above that floor, and a faint
+    view's outline is smoothed (see MaskRules).
     """
     size = image.shape[0]
     n = min(size, rules.work_size)
@@ -4498,9 +4506,13 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     if found_levels is None:
         return np.zeros_like(content, bool), False, dict.fromkeys(MASK_DOUBTS, 0.0)
     views, levels, values, narrow = found_levels
+    found, inverted, work, least, edge, fg = _search_hand_levels(views, levels, values, narrow, rules)
+    alone = _tag_alone(found, views, levels, rules, view_short) if found.any() and not narrow else None
+    if alone is not None and alone.any():  # a bright tag taken for a dim hand: its levels read again without it
+        views, levels, values, narrow = _hand_levels(image, content, rules, views["tags"] | alone)
+        found, inverted, work, least, edge, fg = _search_hand_levels(views, levels, values, narrow, rules)
     inside, whole, ring, tags = (views[k] for k in ("inside", "whole", "ring", "tags"))
     prior = levels["prior"]
-    found, inverted, work, least, edge, fg = _search_hand_levels(views, levels, values, narrow, rules)
     if not found.any():
         return np.zeros_like(content, bool), prior, dict.fromkeys(MASK_DOUBTS, 0.0)
     kept = _without_stray_pieces(found, inside, narrow, views["local"], levels["noise"], rules, view_short)
@@ -4515,6 +4527,28 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
     return filled & content, inverted, doubts
 
 
+def _tag_alone(found: np.ndarray, views: dict, levels: dict, rules: MaskRules,
+               view_short: float | None = None) -> np.ndarray:
+    """The largest piece of a first mask (`found`) grown by its blurred edge when it is a lead tag that _find_tags
+    missed (text joined to it broke its ring; in a dim view it is the brightest thing): tag-shaped, sharp-edged and
+    of near one level (MaskRules.tag_alone_spread); else nothing."""
+    inside, local, small = views["inside"], views["local"], views["small"]
+    labels, count = ndimage.label(found)
+    areas = np.bincount(labels.ravel())
+    areas[0] = 0
+    part = labels == np.argmax(areas)
+    least, most = _tag_sides(inside, rules, view_short)
+    nothing = np.zeros_like(found)
+    if not _tag_shaped(part, least, most, rules, hull_fill=rules.piece_hull_fill) or (
+            np.median(local[part]) < rules.tag_sharp_noise * levels["noise"]):
+        return nothing
+    core = ndimage.binary_erosion(part)  # (its blurred rim aside)
+    lower, upper = np.percentile(small[core if core.any() else part], [25, 75])  # (25, 75: its quartiles)
+    if upper - lower > rules.tag_alone_spread * (levels["hi"] - levels["lo"]):
+        return nothing
+    return ndimage.binary_dilation(part, iterations=rules.tag_grow) & inside
+
+
 def _smoothed_outline(mask: np.ndarray, inside: np.ndarray, sigma: float) -> np.ndarray:
     """A mask with its outline smoothed: where its Gaussian blur (`sigma` px), over that of the `inside`
     pixels (no loss where the hand leaves the content), is a half or more."""
@@ -4522,11 +4556,13 @@ def _smoothed_outline(mask: np.ndarray, inside: np.ndarray, sigma: float) -> np.
     return (blurred >= 0.5 * ndimage.gaussian_filter(inside.astype(np.float32), sigma)) & inside  # (0.5: half)
 
 
-def _hand_levels(image: np.ndarray, content: np.ndarray, rules: MaskRules) -> tuple | None:
+def _hand_levels(image: np.ndarray, content: np.ndarray, rules: MaskRules,
+                 known_tags: np.ndarray | None = None) -> tuple | None:
     """What _hand_mask reads off a view before it thresholds: its working square (at most rules.work_size), the
-    content's rim, whether it is a close-up, its background's level and noise, its extremes, its tags, the
-    polarity they imply (`prior`: bone darker than the background) and whether it is faint. Returns (views,
-    levels, values, narrow), or None when the content is too small or one level only."""
+    content's rim, whether it is a close-up, its background's level and noise, its extremes, its tags (with
+    `known_tags`, at working size: tags found before), the polarity they imply (`prior`: bone darker than the
+    background) and whether it is faint. Returns (views, levels, values, narrow), or None when the content is too
+    small or one level only."""
     n = min(image.shape[0], rules.work_size)
     small, inside, whole = _working_square(image, content, n)
     values = small[inside]
@@ -4545,6 +4581,8 @@ def _hand_levels(image: np.ndarray, content: np.ndarray, rules: MaskRules) -> tu
     local, noise, flat, background = _hand_background(small, inside, rules, flattened=True, narrow=narrow)
     lo, hi = _extremes(values, rules)
     tags = _find_tags(small, inside, background, noise, lo, hi, rules)  # not hand, whatever their level
+    if known_tags is not None:
+        tags |= known_tags
     if narrow:  # a close-up's commonest level may be its soft tissue: its tags lie on the background beyond it
         beside, beside_noise = _background_beside(small, inside & ~tags, local, background, noise,
                                                   _darker_hand(background, lo, hi), rules)
@@ -4941,9 +4979,10 @@ class AnomalyCache:
 # smoothed unless it is a close-up (MaskRules.faint_outline); 26: a marker strip as far from the background as lead
 # towards the extreme on its own side (CropRules.strip_least_side); 27: a plate candidate's sides read as steps
 # where no detail (the hand, text) crosses them (CropRules.step_clear); 28: a close-up's background a plateau of
-# its own beyond its commonest level, its tags looked for on it (MaskRules.beside_plateau_noise);
-# a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
-ANOMALY_PIPELINE_VERSION = 28
+# its own beyond its commonest level, its tags looked for on it (MaskRules.beside_plateau_noise); 30 (29 was
+# reverted): a first mask that is a lead tag alone is the tag, the hand looked for again without it
+# (MaskRules.tag_alone_spread); a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
+ANOMALY_PIPELINE_VERSION = 30
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
