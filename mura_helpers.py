@@ -4530,8 +4530,9 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
 def _tag_alone(found: np.ndarray, views: dict, levels: dict, rules: MaskRules,
                view_short: float | None = None) -> np.ndarray:
     """The largest piece of a first mask (`found`) grown by its blurred edge when it is a lead tag that _find_tags
-    missed (text joined to it broke its ring; in a dim view it is the brightest thing): tag-shaped, sharp-edged and
-    of near one level (MaskRules.tag_alone_spread); else nothing."""
+    missed (text joined to it broke its ring; in a dim view it is the brightest thing): sharp-edged, tag-shaped
+    (or so once an opening MaskRules.piece_text_width px wide takes a dash of text off it, as _without_stray_pieces
+    does) and of near one level (MaskRules.tag_alone_spread); else nothing."""
     inside, local, small = views["inside"], views["local"], views["small"]
     labels, count = ndimage.label(found)
     areas = np.bincount(labels.ravel())
@@ -4539,9 +4540,14 @@ def _tag_alone(found: np.ndarray, views: dict, levels: dict, rules: MaskRules,
     part = labels == np.argmax(areas)
     least, most = _tag_sides(inside, rules, view_short)
     nothing = np.zeros_like(found)
-    if not _tag_shaped(part, least, most, rules, hull_fill=rules.piece_hull_fill) or (
-            np.median(local[part]) < rules.tag_sharp_noise * levels["noise"]):
+    if np.median(local[part]) < rules.tag_sharp_noise * levels["noise"]:
         return nothing
+    if not _tag_shaped(part, least, most, rules, hull_fill=rules.piece_hull_fill):  # a dash of text stuck to it?
+        square = np.ones((rules.piece_text_width, rules.piece_text_width), bool)
+        opened = ndimage.binary_opening(part, structure=square)
+        if not (opened.any() and _tag_shaped(_fill_holes(opened), least, most, rules,
+                                             hull_fill=rules.piece_hull_fill)):
+            return nothing
     core = ndimage.binary_erosion(part)  # (its blurred rim aside)
     lower, upper = np.percentile(small[core if core.any() else part], [25, 75])  # (25, 75: its quartiles)
     if upper - lower > rules.tag_alone_spread * (levels["hi"] - levels["lo"]):
@@ -4981,8 +4987,9 @@ class AnomalyCache:
 # where no detail (the hand, text) crosses them (CropRules.step_clear); 28: a close-up's background a plateau of
 # its own beyond its commonest level, its tags looked for on it (MaskRules.beside_plateau_noise); 30 (29 was
 # reverted): a first mask that is a lead tag alone is the tag, the hand looked for again without it
-# (MaskRules.tag_alone_spread); a changed rule (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
-ANOMALY_PIPELINE_VERSION = 30
+# (MaskRules.tag_alone_spread); 31: ... also when a dash of text stuck to it is opened off; a changed rule
+# (CropRules, MaskRules) needs no bump: the cache's key holds the rules)
+ANOMALY_PIPELINE_VERSION = 31
 
 
 def build_anomaly_cache(image_paths: Sequence[str], cfg: PreprocessConfig, cache_dir: str | os.PathLike = "data/cache",
