@@ -4542,16 +4542,16 @@ def _tag_alone(found: np.ndarray, views: dict, levels: dict, rules: MaskRules,
     nothing = np.zeros_like(found)
     if np.median(local[part]) < rules.tag_sharp_noise * levels["noise"]:
         return nothing
+    core = ndimage.binary_erosion(part)  # (its blurred rim aside)
+    lower, upper = np.percentile(small[core if core.any() else part], [25, 75])  # (25, 75: its quartiles)
+    if upper - lower > rules.tag_alone_spread * (levels["hi"] - levels["lo"]):  # (first: the cheaper test)
+        return nothing
     if not _tag_shaped(part, least, most, rules, hull_fill=rules.piece_hull_fill):  # a dash of text stuck to it?
         square = np.ones((rules.piece_text_width, rules.piece_text_width), bool)
         opened = ndimage.binary_opening(part, structure=square)
         if not (opened.any() and _tag_shaped(_fill_holes(opened), least, most, rules,
                                              hull_fill=rules.piece_hull_fill)):
             return nothing
-    core = ndimage.binary_erosion(part)  # (its blurred rim aside)
-    lower, upper = np.percentile(small[core if core.any() else part], [25, 75])  # (25, 75: its quartiles)
-    if upper - lower > rules.tag_alone_spread * (levels["hi"] - levels["lo"]):
-        return nothing
     return ndimage.binary_dilation(part, iterations=rules.tag_grow) & inside
 
 
