@@ -4431,7 +4431,6 @@ def _without_stray_pieces(found: np.ndarray, inside: np.ndarray, narrow: bool, l
     if count < 2:
         return found
     least, most = _tag_sides(inside, rules, view_short)
-    square = np.ones((rules.piece_text_width, rules.piece_text_width), bool)
     areas = np.bincount(labels.ravel())
     areas[0] = 0
     kept = found.copy()
@@ -4443,13 +4442,19 @@ def _without_stray_pieces(found: np.ndarray, inside: np.ndarray, narrow: bool, l
         part = labels[box] == k
         rect = _piece_rect(part)  # (one hull for both shapes)
         tag_shaped = tag_sized and _tag_shaped(part, least, most, rules, rect, rules.piece_hull_fill)
-        if tag_shaped or (bar_sized and _bar_shaped(rect, rules)):
+        if tag_shaped or (bar_sized and _bar_shaped(rect, rules)) or (  # (in turn: the opening only when needed)
+                tag_sized and np.median(local[box][part]) >= rules.tag_sharp_noise * noise
+                and _tag_shaped_without_text(part, least, most, rules)):
             kept[box] &= ~part
-        elif tag_sized and np.median(local[box][part]) >= rules.tag_sharp_noise * noise:
-            opened = ndimage.binary_opening(part, structure=square)
-            if opened.any() and _tag_shaped(_fill_holes(opened), least, most, rules, hull_fill=rules.piece_hull_fill):
-                kept[box] &= ~part
     return kept
+
+
+def _tag_shaped_without_text(part: np.ndarray, least: float, most: float, rules: MaskRules) -> bool:
+    """Whether a piece is tag-shaped (_tag_shaped, its hull filling rules.piece_hull_fill) once an opening
+    rules.piece_text_width px wide takes off what sticks out of it (a dash of burned-in text, a blurred bridge)."""
+    square = np.ones((rules.piece_text_width, rules.piece_text_width), bool)
+    opened = ndimage.binary_opening(part, structure=square)
+    return bool(opened.any()) and _tag_shaped(_fill_holes(opened), least, most, rules, hull_fill=rules.piece_hull_fill)
 
 
 def _mask_doubts(mask: np.ndarray, fg: np.ndarray, above: np.ndarray, inside: np.ndarray, ring: np.ndarray,
@@ -4507,10 +4512,11 @@ def _hand_mask(image: np.ndarray, content: np.ndarray, rules: MaskRules = MaskRu
         return np.zeros_like(content, bool), False, dict.fromkeys(MASK_DOUBTS, 0.0)
     views, levels, values, narrow = found_levels
     found, inverted, work, least, edge, fg = _search_hand_levels(views, levels, values, narrow, rules)
-    alone = _tag_alone(found, views, levels, rules, view_short) if found.any() and not narrow else None
-    if alone is not None and alone.any():  # a bright tag taken for a dim hand: its levels read again without it
-        views, levels, values, narrow = _hand_levels(image, content, rules, views["tags"] | alone)
-        found, inverted, work, least, edge, fg = _search_hand_levels(views, levels, values, narrow, rules)
+    if found.any() and not narrow:
+        alone = _tag_alone(found, views, levels, rules, view_short)
+        if alone.any():  # a bright tag taken for a dim hand: its levels read again without it
+            views, levels, values, narrow = _hand_levels(image, content, rules, views["tags"] | alone)
+            found, inverted, work, least, edge, fg = _search_hand_levels(views, levels, values, narrow, rules)
     inside, whole, ring, tags = (views[k] for k in ("inside", "whole", "ring", "tags"))
     prior = levels["prior"]
     if not found.any():
@@ -4531,10 +4537,10 @@ def _tag_alone(found: np.ndarray, views: dict, levels: dict, rules: MaskRules,
                view_short: float | None = None) -> np.ndarray:
     """The largest piece of a first mask (`found`) grown by its blurred edge when it is a lead tag that _find_tags
     missed (text joined to it broke its ring; in a dim view it is the brightest thing): sharp-edged, tag-shaped
-    (or so once an opening MaskRules.piece_text_width px wide takes a dash of text off it, as _without_stray_pieces
-    does) and of near one level (MaskRules.tag_alone_spread); else nothing."""
+    (or so once a dash of text is opened off it: _tag_shaped_without_text, as for _without_stray_pieces' pieces)
+    and of near one level (MaskRules.tag_alone_spread); else nothing."""
     inside, local, small = views["inside"], views["local"], views["small"]
-    labels, count = ndimage.label(found)
+    labels, _ = ndimage.label(found)
     areas = np.bincount(labels.ravel())
     areas[0] = 0
     part = labels == np.argmax(areas)
@@ -4546,12 +4552,9 @@ def _tag_alone(found: np.ndarray, views: dict, levels: dict, rules: MaskRules,
     lower, upper = np.percentile(small[core if core.any() else part], [25, 75])  # (25, 75: its quartiles)
     if upper - lower > rules.tag_alone_spread * (levels["hi"] - levels["lo"]):  # (first: the cheaper test)
         return nothing
-    if not _tag_shaped(part, least, most, rules, hull_fill=rules.piece_hull_fill):  # a dash of text stuck to it?
-        square = np.ones((rules.piece_text_width, rules.piece_text_width), bool)
-        opened = ndimage.binary_opening(part, structure=square)
-        if not (opened.any() and _tag_shaped(_fill_holes(opened), least, most, rules,
-                                             hull_fill=rules.piece_hull_fill)):
-            return nothing
+    if not (_tag_shaped(part, least, most, rules, hull_fill=rules.piece_hull_fill)
+            or _tag_shaped_without_text(part, least, most, rules)):
+        return nothing
     return ndimage.binary_dilation(part, iterations=rules.tag_grow) & inside
 
 
