@@ -51,7 +51,8 @@ def test_mask_quality_benchmark_smoke(tiny_phantom, tmp_path):
     assert set(kinds) == {"all", *mh.PHANTOM_VIEW_KINDS} and kinds["all"]["views"] == len(mh.load_phantom_truth(
         tiny_phantom))
     assert 0 <= kinds["all"]["share_iou_ge_0.85"] <= 1 and size["tags"]["views_with_tags"] == kinds["tags"]["views"]
-    assert all(0 <= kinds["all"][f"share_truth_{moved}_ge_0.85"] <= 1 for moved in ("eroded", "dilated"))
+    assert all(0 <= kinds["all"][f"share_{moved}_ge_0.85"] <= 1 for moved in ("truth_eroded", "truth_dilated",
+                                                                             "edge_forgiven"))
     suspects = size["suspects"]
     assert suspects["bad_flagged"] <= suspects["bad_views"] and set(suspects["by_reason"]) == {*mh.MASK_DOUBTS, "share"}
     assert json.loads((tmp_path / "masks.json").read_text())["sizes"][0]["kinds"] == json.loads(json.dumps(
@@ -62,19 +63,29 @@ def test_mask_quality_benchmark_smoke(tiny_phantom, tmp_path):
 
 def test_mask_iou_rows_move_the_truth_by_one_working_pixel(tmp_path):
     """The reference beside each view's IoU: the truth moved in and out by one of the mask's working pixels (4 px of a
-    64-px square found at 16 px), its edge only where it lies inside the view, not where the hand leaves it."""
+    64-px square found at 16 px), its edge only where it lies inside the view, not where the hand leaves it; and
+    the IoU with the mask's disagreements within a working pixel of the true edge forgiven, not those beyond."""
     yy, xx = np.mgrid[:64, :64]
-    disk, full = (yy - 31.5) ** 2 + (xx - 31.5) ** 2 <= 20 ** 2, np.ones((64, 32), bool)  # full: hand fills the view
+    radius = (yy - 31.5) ** 2 + (xx - 31.5) ** 2
+    disk, full = radius <= 20 ** 2, np.ones((64, 32), bool)  # full: hand fills the view
+    shrunk, blob = radius <= 17 ** 2, np.zeros((64, 64), bool)  # a mask 3 px inside the disk, and background
+    blob[:6, :6] = True  # ... taken in far from the hand's edge
     rows = []
-    for name, truth, affine in (("disk", disk, np.eye(2, 3)), ("full", full, np.array([[1.0, 0, 16], [0, 1, 0]]))):
+    for name, truth, affine, mask in (("disk", disk, np.eye(2, 3), np.zeros((64, 64), bool)),
+                                      ("full", full, np.array([[1.0, 0, 16], [0, 1, 0]]), np.zeros((64, 64), bool)),
+                                      ("shrunk", disk, np.eye(2, 3), shrunk), ("blob", disk, np.eye(2, 3),
+                                                                               shrunk | blob)):
         Image.fromarray(truth).save(tmp_path / f"{name}.png")
-        cache = SimpleNamespace(row_of={name: 0}, masks=[np.zeros((64, 64), bool)], affines=[affine],
+        cache = SimpleNamespace(row_of={name: 0}, masks=[mask], affines=[affine],
                                 cfg=SimpleNamespace(size=64, mask_rules=SimpleNamespace(work_size=16)))
         rows += mh._mask_iou_rows((cache, [{"image_path": name, "image_file": name,
                                             "mask_file": str(tmp_path / f"{name}.png"), "tags": []}]))
     assert rows[0]["iou_truth_eroded"] == pytest.approx((16 / 20) ** 2, abs=0.03)  # a disk 4 px smaller ...
     assert rows[0]["iou_truth_dilated"] == pytest.approx((20 / 24) ** 2, abs=0.03)  # ... and 4 px larger
     assert rows[1]["iou_truth_eroded"] == 1.0 and rows[1]["iou"] == 0.0  # no edge of the hand within the view
+    assert rows[2]["iou"] < 0.75 and rows[2]["iou_edge_forgiven"] == 1.0  # an edge 3 px off: at its edge only
+    assert rows[3]["iou_edge_forgiven"] == pytest.approx(disk.sum() / (disk.sum() + 36))  # the blob is no edge
+    assert rows[0]["iou_edge_forgiven"] < 0.5  # an empty mask: a gross failure, its edge band no excuse
 
 
 @pytest.mark.slow
