@@ -69,11 +69,13 @@ def tag_table(table: pd.DataFrame) -> dict:
 
 
 def suspect_table(table: pd.DataFrame, suspects: pd.DataFrame, doubts: dict) -> dict:
-    """suspect_masks' recall (of views with IoU < BAD, how many it flags) and the share of good views (IoU >= GOOD)
-    it flags, and the views each of its reasons flags among the good and the failed."""
+    """suspect_masks' recall (of views with IoU < BAD, how many it flags), how many of the gross failures it flags
+    (under GOOD even with the edge forgiven: iou_edge_forgiven), the share of good views (IoU >= GOOD) it flags,
+    and the views each of its reasons flags among the good and the failed."""
     problem = dict(zip(suspects["image_path"], suspects["problem"]))
     flagged = table["image_file"].map(lambda f: f in problem)
     bad, good = table["iou"] < BAD, table["iou"] >= GOOD
+    gross = table["iou_edge_forgiven"] < GOOD
     reasons = {name: text for name, text in doubts.items()} | {"share": "of the square"}
     by_reason = {}
     for name, text in reasons.items():
@@ -81,6 +83,7 @@ def suspect_table(table: pd.DataFrame, suspects: pd.DataFrame, doubts: dict) -> 
         by_reason[name] = {"good_flagged": int((hit & good).sum()), "bad_flagged": int((hit & bad).sum())}
     return {"bad_views": int(bad.sum()), "bad_flagged": int((flagged & bad).sum()),
             "recall": float((flagged & bad).sum() / bad.sum()) if bad.any() else float("nan"),
+            "gross_views": int(gross.sum()), "gross_flagged": int((flagged & gross).sum()),
             "good_views": int(good.sum()), "good_flagged": int((flagged & good).sum()),
             "share_good_flagged": float((flagged & good).sum() / good.sum()) if good.any() else float("nan"),
             "flagged": int(flagged.sum()), "by_reason": by_reason}
@@ -130,7 +133,8 @@ def print_summary(summary: dict) -> None:
     s = summary["suspects"]
     print(f"suspect_masks: {s['flagged']} flagged; recall {s['bad_flagged']}/{s['bad_views']} views with IoU < {BAD} "
           f"({s['recall']:.0%}); good views (IoU >= {GOOD}) flagged {s['good_flagged']}/{s['good_views']} "
-          f"({s['share_good_flagged']:.1%})")
+          f"({s['share_good_flagged']:.1%}); gross failures (under {GOOD} with the edge forgiven) flagged "
+          f"{s['gross_flagged']}/{s['gross_views']}")
     print("  by reason (good / failed views flagged): " + ", ".join(
         f"{k} {v['good_flagged']}/{v['bad_flagged']}" for k, v in s["by_reason"].items()))
     print("  99th percentile of each signal over the good views, beside its limit (MASK_DOUBT_LIMITS): "

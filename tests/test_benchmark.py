@@ -5,6 +5,7 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import REPO
 from PIL import Image
@@ -55,6 +56,9 @@ def test_mask_quality_benchmark_smoke(tiny_phantom, tmp_path):
                                                                              "edge_forgiven"))
     suspects = size["suspects"]
     assert suspects["bad_flagged"] <= suspects["bad_views"] and set(suspects["by_reason"]) == {*mh.MASK_DOUBTS, "share"}
+    rows = pd.read_csv(tmp_path / "masks.csv")  # the gross failures: under 0.85 even with the edge forgiven
+    assert suspects["gross_views"] == (rows["iou_edge_forgiven"] < 0.85).sum()
+    assert suspects["gross_flagged"] == (rows["suspect"] & (rows["iou_edge_forgiven"] < 0.85)).sum()
     assert json.loads((tmp_path / "masks.json").read_text())["sizes"][0]["kinds"] == json.loads(json.dumps(
         size["kinds"]))
     other = bench.main(args[:-4] + ["--pipeline", str(REPO / "mura_helpers.py"), "--json", ""])  # the same code,
