@@ -5138,12 +5138,11 @@ def mask_iou_table(data_dir: str | os.PathLike, cache: AnomalyCache | Preprocess
     (MaskRules.work_size; how far from the truth a mask 0.85 allows in that view); iou_edge_forgiven, the mask's
     IoU with its disagreements within a working pixel of the true edge forgiven (a view failing 0.85 that passes
     with them forgiven fails at its edge only; one that still fails, grossly: a finger lost, background taken
-    in); truth_share and
-    mask_share (of the square), cut_off_share (true hand the crop left out), tag_in_mask (the share of its lead
-    tags' pixels, in the square, that the mask holds; NaN without a tag in view: v4+), and the truth's view_type,
-    n_hands, polarity, low_contrast, narrow, dim, marker, n_tags and its kind_* columns (PHANTOM_VIEW_KINDS).
-    Computed in the preprocessed square (mask_iou). `cache`: a built AnomalyCache (its views that the phantom
-    knows), or a PreprocessConfig, built for all the phantom's views."""
+    in); truth_share and mask_share (of the square), cut_off_share (true hand the crop left out), tag_in_mask
+    (the share of its lead tags' pixels, in the square, that the mask holds; NaN without a tag in view: v4+), and
+    the truth's view_type, n_hands, polarity, low_contrast, narrow, dim, marker, n_tags and its kind_* columns
+    (PHANTOM_VIEW_KINDS). Computed in the preprocessed square (mask_iou). `cache`: a built AnomalyCache (its views
+    that the phantom knows), or a PreprocessConfig, built for all the phantom's views."""
     truth = load_phantom_truth(data_dir)
     if isinstance(cache, PreprocessConfig):
         cache = build_anomaly_cache(truth["image_file"], cache, cache_dir, workers=workers, progress=progress)
