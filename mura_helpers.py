@@ -81,7 +81,6 @@ import seaborn as sns
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
@@ -1213,6 +1212,10 @@ def _augment_views_and_masks(x, m, generator, cfg: AnomalyConfig):
 
 def build_model(pretrained: bool = True, arch: str = "densenet169"):
     """torchvision DenseNet (169 by default) with its classifier replaced by one abnormality logit."""
+    import torchvision  # here, not at the top: it imports torch._dynamo (2.6 of the 9 s `import mura_helpers` took on
+    # a 2-core CPU), which the processes that build no classifier skip (autoencoder and cache workers, torchrun's
+    # autoencoder ranks, the command line checking a config, the anomaly notebook's kernel)
+
     weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1 if pretrained else None
     try:
         model = torchvision.models.get_model(arch, weights=weights)

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torchvision
 from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
 
 import mura_helpers as mh
@@ -289,7 +290,7 @@ def test_pretrained_download_failure_says_how_to_go_on(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("no network")
 
-    monkeypatch.setattr(mh.torchvision.models, "get_model", offline)
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
     with pytest.raises(RuntimeError, match="pretrained=False") as err:
         mh.build_model(pretrained=True)
     assert "TORCH_HOME" in str(err.value)
