@@ -90,7 +90,8 @@ def test_gan_discriminator_learns_to_call_noise_abnormal(kind):
     hands = torch.stack([(0.8 - (xx - c) ** 2 - yy**2).clamp(0, 1) for c in torch.linspace(-0.2, 0.2, 8)])[:, None]
     mask = torch.ones_like(hands)
     model.train()
-    for _ in range(25):
+    for _ in range(10):  # noise scored 0.24-0.86 above the hands after 10 steps, 0.32-1.0 after 25 (seeds 0-4, each
+        # GAN); after 5, BiGAN's gap was 0.05-0.11
         losses = mh.gan_step(model, hands, mask, optimizers, scaler, None, generator)
     assert all(p.requires_grad for p in model.parameters())  # the discriminators are trainable again
     assert math.isfinite(float(losses["d_loss"])) and math.isfinite(float(losses["g_loss"]))

@@ -98,11 +98,12 @@ def test_learnability_benchmark_smoke(tiny_phantom, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     report = bench.main(["--data-dir", str(tiny_phantom), "--out", str(tmp_path / "learn"), "--size", "32",
-                         "--epochs", "2", "--batch-size", "8", "--plateau-patience", "3"])
+                         "--epochs", "2", "--batch-size", "8", "--plateau-patience", "3", "--arch", "densenet121"])
     assert report["phantom_version"] == json.loads((tiny_phantom / "phantom_manifest.json").read_text())["version"]
     assert len(report["tune_auroc_by_epoch"]) == len(report["test_auroc_by_epoch"]) == 2
     assert report["best_epoch"] in (1, 2) and report["select_metric"] == "tune_loss" and not report["pretrained"]
-    assert report["plateau_patience"] == 3 and report["test_auroc_last"] == report["test_auroc_by_epoch"][-1]
+    assert report["plateau_patience"] == 3 and report["arch"] == "densenet121"  # (the smallest DenseNet: quicker)
+    assert report["test_auroc_last"] == report["test_auroc_by_epoch"][-1]
     valid = [p for p in (tiny_phantom / "valid" / "XR_HAND").glob("patient*/study*")]
     assert report["test_studies"] == len(valid) and report["test_abnormal"] == sum("positive" in p.name for p in valid)
     lo, hi = report["test_auroc_ci95_by_patient"]
@@ -117,7 +118,8 @@ def test_learnability_benchmark_smoke(tiny_phantom, tmp_path):
         assert last == by_kind
     assert json.loads((tmp_path / "learn" / "learnability.json").read_text()) == report
     permuted = bench.main(["--data-dir", str(tiny_phantom), "--out", str(tmp_path / "permuted"), "--size", "32",
-                           "--epochs", "2", "--batch-size", "8", "--permute-labels", "1",  # the negative control,
+                           "--epochs", "2", "--batch-size", "8", "--arch", "densenet121",
+                           "--permute-labels", "1",  # the negative control,
                            "--select-metric", "tune_auroc"])  # best.pt by the tuning AUROC
     assert permuted["labels_permuted_seed"] == 1 and "permuted_s1" in permuted["data_dir"]
     best = max(range(2), key=lambda e: (permuted["tune_auroc_by_epoch"][e], -e))  # (the first of equals)
