@@ -1213,8 +1213,8 @@ def _augment_views_and_masks(x, m, generator, cfg: AnomalyConfig):
 def build_model(pretrained: bool = True, arch: str = "densenet169"):
     """torchvision DenseNet (169 by default) with its classifier replaced by one abnormality logit."""
     import torchvision  # here, not at the top: it imports torch._dynamo (2.6 of the 9 s `import mura_helpers` took on
-    # a 2-core CPU), which the processes that build no classifier skip (autoencoder and cache workers, torchrun's
-    # autoencoder ranks, the command line checking a config, the anomaly notebook's kernel)
+    # a 2-core CPU), as torch's optimizers do when the first is built; processes that build neither skip it: the
+    # process pools' servers and workers that cache views, the command line checking a config
 
     weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1 if pretrained else None
     try:
