@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, write_png
+from conftest import REPO, TEST_ARCH, write_png
 from PIL import Image
 
 import mura_helpers as mh
@@ -24,7 +24,7 @@ import mura_helpers as mh
 
 def _train_config(root, out, cache, **kw):
     settings = {"image_size": 32, "batch_size": 8, "pretrained": False, "num_workers": 0, "seed": 1, "epochs": 1,
-                "keep_top_k": 1, "max_steps_per_epoch": 2, **kw}
+                "keep_top_k": 1, "max_steps_per_epoch": 2, "arch": TEST_ARCH, **kw}
     return mh.TrainConfig(data_dir=str(root), output_dir=str(out), cache_dir=str(cache), **settings)
 
 
@@ -451,7 +451,7 @@ def test_a_fresh_run_moves_aside_files_it_did_not_write(tiny_phantom, tmp_path):
     assert str(aside) in message and "config.json" in message
     assert {name: (aside / name).read_text() for name in mine} == mine  # byte for byte, nothing overwritten
     assert (out / "notes.txt").read_text() == "not a name a run writes"
-    assert json.loads((out / "config.json").read_text())["arch"] == "densenet169"  # the run's own
+    assert json.loads((out / "config.json").read_text())["arch"] == TEST_ARCH  # the run's own
 
 
 def test_a_distributed_launch_writes_no_file_into_the_run_folder_before_the_run(tiny_phantom, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import TEST_ARCH
 from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
 
 import mura_helpers as mh
@@ -225,7 +226,8 @@ def test_densenet_overfits_one_phantom_batch(tiny_phantom, tmp_path):
 
 
 def _config(root, out, cache, **kw):
-    settings = {"image_size": 48, "batch_size": 8, "pretrained": False, "num_workers": 0, "seed": 1, **kw}
+    settings = {"image_size": 48, "batch_size": 8, "pretrained": False, "num_workers": 0, "seed": 1, "arch": TEST_ARCH,
+                **kw}
     return mh.TrainConfig(data_dir=str(root), output_dir=str(out), cache_dir=str(cache), **settings)
 
 
