@@ -362,14 +362,14 @@ def test_predict_notebook_runs_headless(tiny_run, tmp_path):
 def test_anomaly_notebook_runs_headless(normal_heavy_phantom, tmp_path):
     run_notebook("06_anomaly_detection.ipynb", tmp_path, data_dir=str(normal_heavy_phantom), output_dir=str(tmp_path),
                  cache_dir=str(tmp_path / "cache"), image_size=64, gan_image_size=32, epochs=1, batch_size=8,
-                 num_workers=0, models=["cae", "vae", "dcgan", "alphagan"], variants=["full+HE"], n_heatmaps=2)
+                 num_workers=0, models=["cae", "alphagan"], variants=["full+HE"], n_heatmaps=2)  # an autoencoder and
+    # a GAN that reconstructs, so every figure has a model; each model's scores: test_anomaly_scores, test_learning
     for name in ("anomaly_fig01_preprocessing_steps", "anomaly_fig11_auroc_study", "anomaly_fig11_auroc_image",
                  "anomaly_gan_samples", "anomaly_fig12_reconstructions", "anomaly_error_heatmaps"):
         assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 5_000, name
     results = json.loads((tmp_path / "anomaly_metrics.json").read_text())
     grid = {(r["model"], r["score"]) for r in results["grid"]}
-    assert {("CAE", "mse"), ("CAE", "mse_top200"), ("VAE", "kld"), ("VAE", "l1+kld"), ("DCGAN", "disc"),
-            ("alpha-GAN", "c+d"), ("alpha-GAN", "mse")} <= grid
+    assert {("CAE", "mse"), ("CAE", "mse_top200"), ("alpha-GAN", "c+d"), ("alpha-GAN", "mse")} <= grid
     assert all(0 <= r["roc_auc"] <= 1 for r in results["grid"] if r["roc_auc"] == r["roc_auc"])
     assert results["heatmap_pointing_game"] is not None
     assert ("no model", "template_mse") in grid  # the model-free floor
