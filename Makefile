@@ -104,11 +104,15 @@ phantom: $(VENV)/.installed
 # uv installs the requirements (about 3 GB: torch's wheels with their CUDA libraries) three times as fast as pip:
 # 61 s against 194 s on CI's 2-core machine, where the whole of .ci/run has 12 minutes; pip installs uv first.
 # --compile-bytecode as pip does: without .pyc files (and with PYTHONDONTWRITEBYTECODE set, as on CI) every new
-# process compiles torch's sources again, and `import torch` takes 12-14 s instead of 5.
+# process compiles torch's sources again, and `import torch` takes 12-14 s instead of 5. uv reads no pip.conf: where
+# only pip reaches the packages (a mirror set there), uv fails and pip installs them as before, more slowly.
+REQUIREMENTS := -r requirements.txt -r requirements-dev.txt
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet uv
-	$(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet uv && \
+	  $(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode $(REQUIREMENTS) || \
+	  { echo "uv could not install the requirements (above): pip installs them instead"; \
+	    $(BIN)/python -m pip install --quiet $(REQUIREMENTS); }
 	touch $@
 
 clean:
