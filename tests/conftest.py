@@ -27,8 +27,8 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 TINY = {"n_patients": 14, "seed": 3, "image_size": 128, "positive_rate": 0.4}
 # The engine's tests train DenseNet-121, the smallest of mh.ARCHS: the engine does the same for each, and a 2-epoch
-# run at 48 px takes 5.4-5.9 s against DenseNet-169's 9.5 s (its checkpoints, with Adam's state, 85 MB against
-# 150 MB). The paper's DenseNet-169 is built, overfit and explained in its own tests and trained by notebook 03's.
+# run at 48 px takes 5.4-5.9 s against DenseNet-169's 9.5 s (its checkpoints, with Adam's state, 84 MB against
+# 151 MB). The paper's DenseNet-169 is built, overfit and explained in its own tests and trained by notebook 03's.
 TEST_ARCH = "densenet121"
 
 
