@@ -133,7 +133,9 @@ __all__ = [  # the public API, in the module's section order (tests/test_noteboo
     "CropRules", "MaskRules", "PreprocessConfig", "preprocess_variants", "min_area_rect", "rect_mask",
     "find_carrier", "find_field", "hand_mask", "MASK_DOUBTS", "POLARITY_CENTRE", "view_inverted", "preprocess_view",
     "AnomalyCache", "ANOMALY_PIPELINE_VERSION", "build_anomaly_cache", "MASK_DOUBT_LIMITS", "suspect_masks", "mask_iou",
-    "mask_iou_table", "mask_iou_summary", "mask_iou_by_kind", "anomaly_split",
+    "mask_iou_table", "mask_iou_summary", "mask_iou_by_kind", "ONE_LEVEL_PERCENTILES", "ONE_LEVEL_SIGMAS",
+    "ONE_LEVEL_PLANE_GAP", "ONE_LEVEL_PLANE_SHARE", "ONE_LEVEL_PLANE_TRIM", "ONE_LEVEL_CRUMB", "mask_one_level_table",
+    "anomaly_split",
     # anomaly detection: models and masked losses
     "ConvAutoencoder", "VariationalAutoencoder", "masked_mse", "masked_l1", "kl_divergence",
     "reconstruction_scores",
@@ -5101,6 +5103,15 @@ def _iou(a: np.ndarray, b: np.ndarray, cut_off: float = 0) -> float:
     return float((a & b).sum() / union) if union else 1.0
 
 
+def _phantom_tags(shape: tuple[int, int], tags: list) -> np.ndarray:
+    """A phantom view's lead tags (load_phantom_truth's `tags`: each tag's 4 corners) as a mask of its pixels."""
+    found = np.zeros(shape, bool)
+    for corners in tags:  # (corners around pixel centres; rect_mask counts from pixel corners)
+        center, sides, angle = min_area_rect(np.asarray(corners, float))
+        found |= rect_mask(shape, (center - 0.5, sides, angle))
+    return found
+
+
 def _mask_iou_rows(task: tuple) -> list[dict]:
     """mask_iou of a chunk of cached views against their true masks, how much of their lead tags the masks hold,
     the IoU of the truth moved in and out by one of the mask's working pixels, and the IoU with every
@@ -5114,11 +5125,7 @@ def _mask_iou_rows(task: tuple) -> list[dict]:
         mask, affine = np.asarray(cache.masks[i], bool), cache.affines[i]
         truth = phantom_hand_mask(v["mask_file"])
         warped, cut_off = _truth_in_square(truth, affine, mask.shape[0])
-        tags = np.zeros(truth.shape, bool)
-        for corners in v["tags"]:  # (corners around pixel centres; rect_mask counts from pixel corners)
-            center, sides, angle = min_area_rect(np.asarray(corners, float))
-            tags |= rect_mask(truth.shape, (center - 0.5, sides, angle))
-        tags_in_square = _truth_in_square(tags, affine, mask.shape[0])[0] if v["tags"] else tags[:0]
+        tags_in_square = _truth_in_square(_phantom_tags(truth.shape, v["tags"]), affine, mask.shape[0])[0]
         beyond = _warp(np.full(truth.shape, 255, np.uint8), affine, mask.shape[0]) < 128  # outside the view: no edge
         eroded = ndimage.binary_erosion(warped | beyond, iterations=step, border_value=1) & warped
         dilated = ndimage.binary_dilation(warped, iterations=step)
@@ -5190,6 +5197,101 @@ def mask_iou_by_kind(table: pd.DataFrame, good: float = 0.85, bad: float = 0.5, 
         rows.append({"kind": kind, **(mask_iou_summary(part, good, bad) if len(part) else {"views": 0}),
                      "share_tag_in_mask": float((tagged["tag_in_mask"] > tag_kept).mean()) if len(tagged) else np.nan})
     return pd.DataFrame(rows).set_index("kind")
+
+
+ONE_LEVEL_PERCENTILES = tuple(range(2, 100, 2))  # mask_one_level_table's levels: every other percentile of a view's
+#                                                  greys, its lead tags left out (every 4th: 5 fewer of seed 0's
+#                                                  1,154 views at 0.85, in two thirds of the time) ...
+ONE_LEVEL_SIGMAS = (0.0, 1.0)  # ... read as stored and smoothed (Gaussian, working px: the grain; 2 and 3 px raised
+#                                no close-up or dim view of seeds 0, 20261206, 20261207 to 0.85 that these do not) ...
+ONE_LEVEL_PLANE_GAP = 3  # ... and again with its background's plane taken off (a heel effect, a graded plate),
+#                          fitted on the content this many working px or more from the true hand, its tags out ...
+ONE_LEVEL_PLANE_SHARE = 0.05  # ... where that is at least this share of the content (a close-up's may be a sliver),
+ONE_LEVEL_PLANE_TRIM = 2.5  # ... fitted again without the pixels this many robust SDs off it (text, a plate's edge) ...
+ONE_LEVEL_CRUMB = 0.2  # ... each level's components under this share of its largest dropped (two hands both kept)
+
+
+def _true_background_plane_off(image: np.ndarray, content: np.ndarray, truth: np.ndarray,
+                               tags: np.ndarray) -> np.ndarray | None:
+    """A view with the plane through its true background (ONE_LEVEL_PLANE_GAP from the hand, tags out; fitted
+    twice, ONE_LEVEL_PLANE_TRIM) taken off; None when too little background for it (ONE_LEVEL_PLANE_SHARE)."""
+    far = content & ~tags & ~ndimage.binary_dilation(truth, iterations=ONE_LEVEL_PLANE_GAP)
+    if far.sum() < max(ONE_LEVEL_PLANE_SHARE * content.sum(), 3):  # (3: a plane's unknowns)
+        return None
+    ys, xs = np.nonzero(far)
+    design, values = np.column_stack([np.ones(len(xs)), xs, ys]), image[far].astype(float)
+    coef = np.linalg.lstsq(design, values, rcond=None)[0]
+    residual = values - design @ coef
+    deviation = np.abs(residual - np.median(residual))
+    kept = deviation <= ONE_LEVEL_PLANE_TRIM * _MAD_TO_SD * np.median(deviation)
+    if kept.sum() >= 3:  # (3: a plane's unknowns)
+        coef = np.linalg.lstsq(design[kept], values[kept], rcond=None)[0]
+    yy, xx = np.mgrid[:image.shape[0], :image.shape[1]]
+    return (image - coef[1] * xx - coef[2] * yy).astype(np.float32)
+
+
+def _best_one_level_iou(image: np.ndarray, content: np.ndarray, truth: np.ndarray, tags: np.ndarray,
+                        cut_off: float = 0.0) -> float:
+    """The best IoU with `truth` of any one grey level's mask of `image`: the `content` pixels, `tags` left out,
+    on either side of a level (ONE_LEVEL_PERCENTILES), the view read as stored and with its true background's
+    plane off (_true_background_plane_off), each at ONE_LEVEL_SIGMAS; holes filled, crumbs dropped
+    (ONE_LEVEL_CRUMB). `cut_off`: true hand beyond the square, in the union (as _iou)."""
+    allowed = content & ~tags
+    if not allowed.any():
+        return 0.0
+    readings = [image.astype(np.float32), _true_background_plane_off(image, content, truth, tags)]
+    best = 0.0
+    for reading in (r for r in readings if r is not None):
+        for sigma in ONE_LEVEL_SIGMAS:
+            view = _smoothed_inside(reading, content, sigma) if sigma else reading
+            for level in np.unique(np.percentile(view[allowed], ONE_LEVEL_PERCENTILES)):
+                for side in (view > level, view < level):  # (the hand brighter than its background, or darker)
+                    found = _fill_holes(allowed & side)
+                    labels, count = ndimage.label(found)
+                    if count > 1:
+                        areas = np.bincount(labels.ravel())
+                        areas[0] = 0
+                        found = (areas >= ONE_LEVEL_CRUMB * areas.max())[labels]
+                    best = max(best, _iou(found, truth, cut_off))
+    return best
+
+
+def _one_level_rows(views: list[dict]) -> list[dict]:
+    """_best_one_level_iou of a chunk of phantom views, each cropped as preprocess_view crops it (default rules)
+    into a square of the mask's working size (runs in a worker process)."""
+    crop_rules, mask_rules = CropRules(), MaskRules()
+    rows = []
+    for v in views:
+        stored = np.asarray(load_image(v["image_file"]))
+        gray, (left, top) = _without_marker_strips(stored, crop_rules)
+        carrier = find_field(gray, crop_rules, mask_rules)
+        n = min(mask_rules.work_size, max(gray.shape))
+        image, content, affine = _square_view(gray, carrier, n, crop_rules)
+        affine[:, 2] -= affine[:, :2] @ [left, top]  # (from the stored view's pixels, as preprocess_view)
+        truth = phantom_hand_mask(v["mask_file"])
+        warped, cut_off = _truth_in_square(truth, affine, n)
+        tags = _truth_in_square(_phantom_tags(truth.shape, v["tags"]), affine, n)[0]
+        rows.append({"image_path": v["image_path"],
+                     "iou_one_level": _best_one_level_iou(image, content, warped, tags, cut_off)})
+    return rows
+
+
+def mask_one_level_table(data_dir: str | os.PathLike, workers: int | None = None,
+                         progress: bool = True) -> pd.DataFrame:
+    """For each view of a phantom (v4+), the best IoU with its true hand mask of any one grey level's mask
+    (iou_one_level): the view cropped as preprocess_view does, at the mask's working size (MaskRules.work_size),
+    its lead tags known from the truth and left out, every level (ONE_LEVEL_PERCENTILES) on either side, as
+    stored and with its true background's plane taken off, each as stored and smoothed (ONE_LEVEL_SIGMAS), holes
+    filled and crumbs dropped (ONE_LEVEL_CRUMB). It knows the truth: not a method but what one threshold of the
+    view could reach, the rules' own kind of mask (one level, found after the background's gradient is taken off;
+    they then grow and clean it, and pass it on some views). Where it is under 0.85, no level chosen better
+    reaches 0.85: the view asks for a mask whose level changes across it."""
+    truth = load_phantom_truth(data_dir)
+    views = truth[["image_path", "image_file", "mask_file", "tags"]].to_dict("records")
+    tasks = [views[i:i + 16] for i in range(0, len(views), 16)]
+    rows = [r for chunk in _run_tasks(_one_level_rows, tasks, "one-level bound", progress, workers,
+                                      [len(t) for t in tasks]) for r in chunk]
+    return pd.DataFrame(rows, columns=["image_path", "iou_one_level"])
 
 
 def anomaly_split(studies: pd.DataFrame, seed: int = 0) -> pd.DataFrame:

@@ -8,6 +8,11 @@ how many views would reach 0.85 with the mask's disagreements within one working
 suspect_masks' recall (views with IoU < 0.5 it flags) beside the share of good views (IoU >= 0.85) it flags, with
 the signals that flag them. Prints the tables (markdown) and writes them as JSON; --csv keeps the per-view rows.
 
+--one-level adds, per kind, how many views any one grey level could mask at IoU >= 0.85 (mask_one_level_table:
+the best level for each view, chosen knowing its truth; an upper bound for a mask that is one threshold of the
+view) and how many the mask or that level reach: where the masks fall short of the bound, the rules chose a
+level badly; where the bound itself falls short of the target, no choice of one level meets it.
+
   python benchmarks/mask_quality.py --data-dir data/phantom/MURA-v1.1 --sizes 512 128
 
 --pipeline FILE runs the preprocessing (build_anomaly_cache, suspect_masks) of another mura_helpers.py (an older
@@ -89,8 +94,22 @@ def suspect_table(table: pd.DataFrame, suspects: pd.DataFrame, doubts: dict) -> 
             "flagged": int(flagged.sum()), "by_reason": by_reason}
 
 
-def measure(data_dir: str, size: int, variant: str, pipeline, cache_dir: str, workers: int | None) -> tuple:
-    """One size: the per-view table and its summaries."""
+def one_level_table(table: pd.DataFrame) -> list[dict]:
+    """Per kind: views, the masks at IoU >= GOOD, the best one level at IoU >= GOOD (iou_one_level), and the
+    better of the two at IoU >= GOOD."""
+    rows = []
+    for kind in ("all", *mh.PHANTOM_VIEW_KINDS):
+        part = table if kind == "all" else table[table[f"kind_{kind}"]]
+        either = np.maximum(part["iou"], part["iou_one_level"])
+        rows.append({"kind": kind, "views": int(len(part)), "masks": float((part["iou"] >= GOOD).mean()),
+                     "one_level": float((part["iou_one_level"] >= GOOD).mean()),
+                     "either": float((either >= GOOD).mean())} if len(part) else {"kind": kind, "views": 0})
+    return rows
+
+
+def measure(data_dir: str, size: int, variant: str, pipeline, cache_dir: str, workers: int | None,
+            one_level: pd.DataFrame | None = None) -> tuple:
+    """One size: the per-view table and its summaries (with `one_level`, mask_one_level_table's bound beside)."""
     truth = mh.load_phantom_truth(data_dir)
     cfg = pipeline.preprocess_variants(size, [variant])[variant]
     start = time.perf_counter()
@@ -105,6 +124,9 @@ def measure(data_dir: str, size: int, variant: str, pipeline, cache_dir: str, wo
                "tags": tag_table(table), "suspects": suspect_table(table, suspects, pipeline.MASK_DOUBTS),
                "doubts_p99_of_good": {k: float(good[f"doubt_{k}"].quantile(0.99)) for k in pipeline.MASK_DOUBTS},
                "limits": dict(pipeline.MASK_DOUBT_LIMITS)}
+    if one_level is not None:
+        table = table.merge(one_level, on="image_path")
+        summary["one_level"] = one_level_table(table)
     return table.assign(suspect=table["image_file"].isin(suspects["image_path"])), summary
 
 
@@ -139,6 +161,16 @@ def print_summary(summary: dict) -> None:
         f"{k} {v['good_flagged']}/{v['bad_flagged']}" for k, v in s["by_reason"].items()))
     print("  99th percentile of each signal over the good views, beside its limit (MASK_DOUBT_LIMITS): "
           + ", ".join(f"{k} {v:.3f} (limit {summary['limits'][k]})" for k, v in summary["doubts_p99_of_good"].items()))
+    if "one_level" in summary:
+        print(f"\n| kind | views | masks at IoU >= {GOOD} | the best one level | the mask or that level |\n"
+              f"| --- | --- | --- | --- | --- |")
+        for row in summary["one_level"]:
+            if row["views"]:
+                print(f"| {row['kind']} | {row['views']} | {row['masks']:.1%} | {row['one_level']:.1%} "
+                      f"| {row['either']:.1%} |")
+        print(f"\n(the best one level: the share of views that some one grey level of the view, chosen knowing its "
+              f"truth, masks at IoU >= {GOOD} (mask_one_level_table, at the working size): a bound for a mask that is "
+              f"one threshold; the mask or that level: the share where either reaches it)")
 
 
 def main(argv=None) -> dict:
@@ -151,6 +183,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--pipeline", default=None, help="another mura_helpers.py whose preprocessing to measure")
     parser.add_argument("--json", default="outputs/mask_quality.json")
     parser.add_argument("--csv", default=None, help="write the per-view rows (all sizes) here")
+    parser.add_argument("--one-level", action="store_true",
+                        help="the bound of one grey level per view beside the masks (mask_one_level_table)")
     args = parser.parse_args(argv)
 
     pipeline = load_pipeline(args.pipeline)
@@ -163,8 +197,10 @@ def main(argv=None) -> dict:
         report["pipeline_version"] = pipeline.ANOMALY_PIPELINE_VERSION
     print(f"phantom {report['phantom']}, preprocessing of {report['pipeline']}")
     tables = []
+    one_level = mh.mask_one_level_table(args.data_dir, args.workers, progress=False) if args.one_level else None
     for size in args.sizes:
-        table, summary = measure(args.data_dir, size, args.variant, pipeline, args.cache_dir, args.workers)
+        table, summary = measure(args.data_dir, size, args.variant, pipeline, args.cache_dir, args.workers,
+                                 one_level)
         print_summary(summary)
         report["sizes"].append(summary)
         tables.append(table)

@@ -92,6 +92,46 @@ def test_mask_iou_rows_move_the_truth_by_one_working_pixel(tmp_path):
     assert rows[0]["iou_edge_forgiven"] < 0.5  # an empty mask: a gross failure, its edge band no excuse
 
 
+def test_mask_quality_benchmark_puts_the_one_level_bound_beside_the_masks(tmp_path):
+    """--one-level: each view's best one grey level (mask_one_level_table) beside its mask, per kind, on a phantom
+    of 3 patients at 64 px (the bound costs about 0.35 s of CPU a 128-px view)."""
+    spec = importlib.util.spec_from_file_location("mask_bench_one_level", REPO / "benchmarks" / "mask_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    phantom = mh.make_phantom_mura(tmp_path / "phantom", n_patients=3, seed=5, image_size=64, progress=False)
+    report = bench.main(["--data-dir", str(phantom), "--sizes", "32", "--cache-dir", str(tmp_path / "cache"),
+                         "--workers", "1", "--json", "", "--csv", str(tmp_path / "masks.csv"), "--one-level"])
+    (size,) = report["sizes"]
+    kinds, bound = ({row["kind"]: row for row in size[key]} for key in ("kinds", "one_level"))
+    assert bound["all"]["views"] == kinds["all"]["views"] == len(mh.load_phantom_truth(phantom))
+    assert bound["all"]["masks"] == kinds["all"]["share_iou_ge_0.85"]
+    assert all(max(row["masks"], row["one_level"]) <= row["either"] for row in bound.values() if row["views"])
+    rows = pd.read_csv(tmp_path / "masks.csv")
+    assert rows["iou_one_level"].between(0, 1).all() and rows["iou_one_level"].median() > 0.85
+
+
+def test_the_one_level_bound_finds_a_level_where_one_exists_and_none_where_the_background_crosses_the_hand():
+    """mask_one_level_table's bound: a disk brighter than a noisy background, or darker (stored inverted), or under
+    a heel effect's gradient, is masked by one of its levels (IoU near 1), a lead tag known from the truth left
+    out; a disk whose background is darker than it on the left and brighter on the right (a step, no plane) has no
+    one level that masks it, whichever side is read."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    disk = (yy - 31.5) ** 2 + (xx - 31.5) ** 2 <= 18 ** 2
+    content, tag = np.ones((64, 64), bool), np.zeros((64, 64), bool)
+    tag[4:14, 50:56] = True  # brighter than the disk: a level between them would keep the tag alone
+    view = np.where(disk, 100.0, 20.0) + rng.normal(0, 4, (64, 64))
+    view[tag] = 200
+    assert mh._best_one_level_iou(view, content, disk, tag) > 0.95
+    assert mh._best_one_level_iou(255 - view, content, disk, tag) > 0.95  # inverted: the darker side
+    heel = view + 160 * xx / 63  # a gradient across the whole view: no one level as stored, one once the
+    assert mh._best_one_level_iou(heel, content, disk, tag) > 0.95  # plane through its true background is off
+    crossing = np.where(disk, 100.0, np.where(xx < 32, 20.0, 180.0)) + rng.normal(0, 4, (64, 64))
+    assert mh._best_one_level_iou(crossing, content, disk, tag) < 0.7
+    cut_short = mh._best_one_level_iou(view, content, disk, tag, cut_off=disk.sum())  # half the hand beyond the square
+    assert cut_short == pytest.approx(0.5, abs=0.03)
+
+
 @pytest.mark.slow
 def test_learnability_benchmark_smoke(tiny_phantom, tmp_path):
     spec = importlib.util.spec_from_file_location("learn_bench", REPO / "benchmarks" / "learnability.py")
