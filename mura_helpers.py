@@ -77,7 +77,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -133,9 +132,7 @@ __all__ = [  # the public API, in the module's section order (tests/test_noteboo
     "CropRules", "MaskRules", "PreprocessConfig", "preprocess_variants", "min_area_rect", "rect_mask",
     "find_carrier", "find_field", "hand_mask", "MASK_DOUBTS", "POLARITY_CENTRE", "view_inverted", "preprocess_view",
     "AnomalyCache", "ANOMALY_PIPELINE_VERSION", "build_anomaly_cache", "MASK_DOUBT_LIMITS", "suspect_masks", "mask_iou",
-    "mask_iou_table", "mask_iou_summary", "mask_iou_by_kind", "ONE_LEVEL_PERCENTILES", "ONE_LEVEL_SIGMAS",
-    "ONE_LEVEL_PLANE_GAP", "ONE_LEVEL_PLANE_SHARE", "ONE_LEVEL_PLANE_TRIM", "ONE_LEVEL_CRUMB", "mask_one_level_table",
-    "anomaly_split",
+    "mask_iou_table", "mask_iou_summary", "mask_iou_by_kind", "mask_one_level_table", "anomaly_split",
     # anomaly detection: models and masked losses
     "ConvAutoencoder", "VariationalAutoencoder", "masked_mse", "masked_l1", "kl_divergence",
     "reconstruction_scores",
@@ -3060,6 +3057,14 @@ def predict_new_study(checkpoints, source, device: str = "auto") -> dict:
 
 # ---------------------------------------------------------------- plots: data, pipeline, training, results, heatmaps
 
+def _seaborn():
+    """seaborn, imported by the first plot that uses it: at the module's top it cost every process that imports
+    this module (torchrun ranks, pool workers, notebook kernels; none of them plots) about 1 s of CPU."""
+    import seaborn
+
+    return seaborn
+
+
 def save_figure(fig, name: str, output_dir: str | os.PathLike = "outputs", dpi: int = 120) -> Path:
     """Save `fig` as `output_dir/figures/<name>.png` (a stable name) and return the path."""
     path = Path(output_dir) / "figures" / f"{name}.png"
@@ -3118,7 +3123,7 @@ def plot_patients_per_split(studies: pd.DataFrame):
     """Bar chart of the number of patients in each split (the report's Figure 17)."""
     counts = studies.groupby("split", sort=False)["patient"].nunique().reset_index(name="patients")
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    sns.barplot(data=counts, x="split", y="patients", hue="split", legend=False, ax=ax)
+    _seaborn().barplot(data=counts, x="split", y="patients", hue="split", legend=False, ax=ax)
     for c in ax.containers:
         ax.bar_label(c)
     ax.set_title("Patients per split")
@@ -3129,7 +3134,7 @@ def plot_patients_per_split(studies: pd.DataFrame):
 def _split_countplot(data: pd.DataFrame, x: str, title: str, xlabel: str, ylabel: str):
     """Bar chart of the counts of `x`, one bar per split, labelled with the counts."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    sns.countplot(data=data, x=x, hue="split", ax=ax)
+    _seaborn().countplot(data=data, x=x, hue="split", ax=ax)
     for c in ax.containers:
         ax.bar_label(c, fontsize=8)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -3154,7 +3159,7 @@ def plot_label_balance(studies: pd.DataFrame):
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, df, level in ((axes[0], studies, "studies"), (axes[1], images, "images")):
         data = df.assign(label=df["label"].map({0: "normal", 1: "abnormal"}))
-        sns.countplot(data=data, x="split", hue="label", hue_order=["normal", "abnormal"],
+        _seaborn().countplot(data=data, x="split", hue="label", hue_order=["normal", "abnormal"],
                       palette={"normal": "tab:blue", "abnormal": "tab:red"}, ax=ax)
         for c in ax.containers:
             ax.bar_label(c, fontsize=8)
@@ -3176,9 +3181,9 @@ def image_properties(images: pd.DataFrame) -> pd.DataFrame:
 def plot_image_properties(props: pd.DataFrame):
     """Scatter of image width vs height coloured by PNG mode, and the count of each mode per split."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1.4, 1]})
-    sns.scatterplot(data=props, x="width", y="height", hue="mode", style="split", alpha=0.6, s=18, ax=axes[0])
+    _seaborn().scatterplot(data=props, x="width", y="height", hue="mode", style="split", alpha=0.6, s=18, ax=axes[0])
     axes[0].set_title("Image sizes (pixels)")
-    sns.countplot(data=props, x="mode", hue="split", ax=axes[1])
+    _seaborn().countplot(data=props, x="mode", hue="split", ax=axes[1])
     for c in axes[1].containers:
         axes[1].bar_label(c, fontsize=8)
     axes[1].set_title("Stored PNG modes (all are read as 8-bit grey)")
@@ -3297,9 +3302,9 @@ def plot_confusion(labels, probs, threshold: float = 0.5):
     rates = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.6))
     ticks = ["normal", "abnormal"]
-    sns.heatmap(counts, annot=True, fmt="d", cmap="Blues", cbar=False, ax=axes[0], xticklabels=ticks,
+    _seaborn().heatmap(counts, annot=True, fmt="d", cmap="Blues", cbar=False, ax=axes[0], xticklabels=ticks,
                 yticklabels=ticks)
-    sns.heatmap(rates, annot=True, fmt=".3f", cmap="Blues", vmin=0, vmax=1, cbar=False, ax=axes[1],
+    _seaborn().heatmap(rates, annot=True, fmt=".3f", cmap="Blues", vmin=0, vmax=1, cbar=False, ax=axes[1],
                 xticklabels=ticks, yticklabels=ticks)
     for ax, name in zip(axes, ("counts", "rates (per true class)")):
         ax.set(xlabel="predicted", ylabel="true", title=f"Confusion {name}, threshold {threshold:.2f}")
@@ -5199,31 +5204,31 @@ def mask_iou_by_kind(table: pd.DataFrame, good: float = 0.85, bad: float = 0.5, 
     return pd.DataFrame(rows).set_index("kind")
 
 
-ONE_LEVEL_PERCENTILES = tuple(range(2, 100, 2))  # mask_one_level_table's levels: every other percentile of a view's
-#                                                  greys, its lead tags left out (every 4th: 5 fewer of seed 0's
-#                                                  1,154 views at 0.85, in two thirds of the time) ...
-ONE_LEVEL_SIGMAS = (0.0, 1.0)  # ... read as stored and smoothed (Gaussian, working px: the grain; 2 and 3 px raised
-#                                no close-up or dim view of seeds 0, 20261206, 20261207 to 0.85 that these do not) ...
-ONE_LEVEL_PLANE_GAP = 3  # ... and again with its background's plane taken off (a heel effect, a graded plate),
-#                          fitted on the content this many working px or more from the true hand, its tags out ...
-ONE_LEVEL_PLANE_SHARE = 0.05  # ... where that is at least this share of the content (a close-up's may be a sliver),
-ONE_LEVEL_PLANE_TRIM = 2.5  # ... fitted again without the pixels this many robust SDs off it (text, a plate's edge) ...
-ONE_LEVEL_CRUMB = 0.2  # ... each level's components under this share of its largest dropped (two hands both kept)
+_ONE_LEVEL_PERCENTILES = tuple(range(2, 100, 2))  # mask_one_level_table's levels: every other percentile of a view's
+#                                                   greys, its lead tags left out (every 4th: 5 fewer of seed 0's
+#                                                   1,154 views at 0.85, in two thirds of the time) ...
+_ONE_LEVEL_SIGMAS = (0.0, 1.0)  # ... read as stored and smoothed (Gaussian, working px: the grain; 2 and 3 px raised
+#                                 no close-up or dim view of seeds 0, 20261206, 20261207 to 0.85 that these do not) ...
+_ONE_LEVEL_PLANE_GAP = 3  # ... and again with its background's plane taken off (a heel effect, a graded plate),
+#                           fitted on the content this many working px or more from the true hand, its tags out ...
+_ONE_LEVEL_PLANE_SHARE = 0.05  # ... where that is at least this share of the content (a close-up's may be a sliver),
+_ONE_LEVEL_PLANE_TRIM = 2.5  # ... fitted again without pixels this many robust SDs off it (text, a plate's edge) ...
+_ONE_LEVEL_CRUMB = 0.2  # ... each level's components under this share of its largest dropped (two hands both kept)
 
 
 def _true_background_plane_off(image: np.ndarray, content: np.ndarray, truth: np.ndarray,
                                tags: np.ndarray) -> np.ndarray | None:
-    """A view with the plane through its true background (ONE_LEVEL_PLANE_GAP from the hand, tags out; fitted
-    twice, ONE_LEVEL_PLANE_TRIM) taken off; None when too little background for it (ONE_LEVEL_PLANE_SHARE)."""
-    far = content & ~tags & ~ndimage.binary_dilation(truth, iterations=ONE_LEVEL_PLANE_GAP)
-    if far.sum() < max(ONE_LEVEL_PLANE_SHARE * content.sum(), 3):  # (3: a plane's unknowns)
+    """A view with the plane through its true background (_ONE_LEVEL_PLANE_GAP from the hand, tags out; fitted
+    twice, _ONE_LEVEL_PLANE_TRIM) taken off; None when too little background for it (_ONE_LEVEL_PLANE_SHARE)."""
+    far = content & ~tags & ~ndimage.binary_dilation(truth, iterations=_ONE_LEVEL_PLANE_GAP)
+    if far.sum() < max(_ONE_LEVEL_PLANE_SHARE * content.sum(), 3):  # (3: a plane's unknowns)
         return None
     ys, xs = np.nonzero(far)
     design, values = np.column_stack([np.ones(len(xs)), xs, ys]), image[far].astype(float)
     coef = np.linalg.lstsq(design, values, rcond=None)[0]
     residual = values - design @ coef
     deviation = np.abs(residual - np.median(residual))
-    kept = deviation <= ONE_LEVEL_PLANE_TRIM * _MAD_TO_SD * np.median(deviation)
+    kept = deviation <= _ONE_LEVEL_PLANE_TRIM * _MAD_TO_SD * np.median(deviation)
     if kept.sum() >= 3:  # (3: a plane's unknowns)
         coef = np.linalg.lstsq(design[kept], values[kept], rcond=None)[0]
     yy, xx = np.mgrid[:image.shape[0], :image.shape[1]]
@@ -5233,25 +5238,25 @@ def _true_background_plane_off(image: np.ndarray, content: np.ndarray, truth: np
 def _best_one_level_iou(image: np.ndarray, content: np.ndarray, truth: np.ndarray, tags: np.ndarray,
                         cut_off: float = 0.0) -> float:
     """The best IoU with `truth` of any one grey level's mask of `image`: the `content` pixels, `tags` left out,
-    on either side of a level (ONE_LEVEL_PERCENTILES), the view read as stored and with its true background's
-    plane off (_true_background_plane_off), each at ONE_LEVEL_SIGMAS; holes filled, crumbs dropped
-    (ONE_LEVEL_CRUMB). `cut_off`: true hand beyond the square, in the union (as _iou)."""
+    on either side of a level (_ONE_LEVEL_PERCENTILES), the view read as stored and with its true background's
+    plane off (_true_background_plane_off), each at _ONE_LEVEL_SIGMAS; holes filled, crumbs dropped
+    (_ONE_LEVEL_CRUMB). `cut_off`: true hand beyond the square, in the union (as _iou)."""
     allowed = content & ~tags
     if not allowed.any():
         return 0.0
     readings = [image.astype(np.float32), _true_background_plane_off(image, content, truth, tags)]
     best = 0.0
     for reading in (r for r in readings if r is not None):
-        for sigma in ONE_LEVEL_SIGMAS:
+        for sigma in _ONE_LEVEL_SIGMAS:
             view = _smoothed_inside(reading, content, sigma) if sigma else reading
-            for level in np.unique(np.percentile(view[allowed], ONE_LEVEL_PERCENTILES)):
+            for level in np.unique(np.percentile(view[allowed], _ONE_LEVEL_PERCENTILES)):
                 for side in (view > level, view < level):  # (the hand brighter than its background, or darker)
                     found = _fill_holes(allowed & side)
                     labels, count = ndimage.label(found)
                     if count > 1:
                         areas = np.bincount(labels.ravel())
                         areas[0] = 0
-                        found = (areas >= ONE_LEVEL_CRUMB * areas.max())[labels]
+                        found = (areas >= _ONE_LEVEL_CRUMB * areas.max())[labels]
                     best = max(best, _iou(found, truth, cut_off))
     return best
 
@@ -5280,9 +5285,9 @@ def mask_one_level_table(data_dir: str | os.PathLike, workers: int | None = None
                          progress: bool = True) -> pd.DataFrame:
     """For each view of a phantom (v4+), the best IoU with its true hand mask of any one grey level's mask
     (iou_one_level): the view cropped as preprocess_view does, at the mask's working size (MaskRules.work_size),
-    its lead tags known from the truth and left out, every level (ONE_LEVEL_PERCENTILES) on either side, as
-    stored and with its true background's plane taken off, each as stored and smoothed (ONE_LEVEL_SIGMAS), holes
-    filled and crumbs dropped (ONE_LEVEL_CRUMB). It knows the truth: not a method but what one threshold of the
+    its lead tags known from the truth and left out, every level (_ONE_LEVEL_PERCENTILES) on either side, as
+    stored and with its true background's plane taken off, each as stored and smoothed (_ONE_LEVEL_SIGMAS), holes
+    filled and crumbs dropped (_ONE_LEVEL_CRUMB). It knows the truth: not a method but what one threshold of the
     view could reach, the rules' own kind of mask (one level, found after the background's gradient is taken off;
     they then grow and clean it, and pass it on some views). Where it is under 0.85, no level chosen better
     reaches 0.85: the view asks for a mask whose level changes across it."""
@@ -7172,7 +7177,7 @@ def plot_mask_iou(table: pd.DataFrame, worst: int = 6, good: float = 0.85):
     fig = plt.figure(figsize=(3 * max(worst, 4), 6.2))
     grid = fig.add_gridspec(2, max(worst, 4))
     ax = fig.add_subplot(grid[0, :])
-    sns.histplot(table, x="iou", hue="polarity", bins=np.linspace(0, 1, 41), multiple="stack", ax=ax)
+    _seaborn().histplot(table, x="iou", hue="polarity", bins=np.linspace(0, 1, 41), multiple="stack", ax=ax)
     ax.axvline(good, color="k", ls="--", lw=1)
     ax.set_title(f"Hand mask IoU with the phantom's truth ({table['variant'].iloc[0]}, {table['size'].iloc[0]} px): "
                  f"{np.mean(table['iou'] >= good):.1%} of {len(table)} views >= {good}")
@@ -7200,7 +7205,7 @@ def plot_anomaly_table(table: pd.DataFrame, title: str = "Study-level ROC-AUC (r
     fig, ax = plt.subplots(figsize=((2.4 if labels is not None else 1.6) * table.shape[1] + 3,
                                     0.45 * table.shape[0] + 1.5))
     annot = True if labels is None else labels.loc[table.index, table.columns].to_numpy()
-    sns.heatmap(table.astype(float), annot=annot, fmt=".3f" if labels is None else "", cmap="RdYlGn", vmin=0.3,
+    _seaborn().heatmap(table.astype(float), annot=annot, fmt=".3f" if labels is None else "", cmap="RdYlGn", vmin=0.3,
                 vmax=0.9, center=0.5, ax=ax, cbar_kws={"label": "ROC-AUC"}, annot_kws={"fontsize": 8})
     ax.set(title=title, xlabel="preprocessing", ylabel="")
     fig.tight_layout()
