@@ -3121,9 +3121,10 @@ def plot_xray_grid(images: pd.DataFrame, n: int = 12, seed: int = 0, cols: int =
 
 def plot_patients_per_split(studies: pd.DataFrame):
     """Bar chart of the number of patients in each split (the report's Figure 17)."""
+    sns = _seaborn()  # (imported here, not at the top: see _seaborn)
     counts = studies.groupby("split", sort=False)["patient"].nunique().reset_index(name="patients")
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    _seaborn().barplot(data=counts, x="split", y="patients", hue="split", legend=False, ax=ax)
+    sns.barplot(data=counts, x="split", y="patients", hue="split", legend=False, ax=ax)
     for c in ax.containers:
         ax.bar_label(c)
     ax.set_title("Patients per split")
@@ -3133,8 +3134,9 @@ def plot_patients_per_split(studies: pd.DataFrame):
 
 def _split_countplot(data: pd.DataFrame, x: str, title: str, xlabel: str, ylabel: str):
     """Bar chart of the counts of `x`, one bar per split, labelled with the counts."""
+    sns = _seaborn()  # (imported here, not at the top: see _seaborn)
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    _seaborn().countplot(data=data, x=x, hue="split", ax=ax)
+    sns.countplot(data=data, x=x, hue="split", ax=ax)
     for c in ax.containers:
         ax.bar_label(c, fontsize=8)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -3155,11 +3157,12 @@ def plot_views_per_study(studies: pd.DataFrame):
 
 def plot_label_balance(studies: pd.DataFrame):
     """Two bar charts of normal vs abnormal counts per split, at study level and at image level."""
+    sns = _seaborn()  # (imported here, not at the top: see _seaborn)
     images = studies_to_images(studies)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, df, level in ((axes[0], studies, "studies"), (axes[1], images, "images")):
         data = df.assign(label=df["label"].map({0: "normal", 1: "abnormal"}))
-        _seaborn().countplot(data=data, x="split", hue="label", hue_order=["normal", "abnormal"],
+        sns.countplot(data=data, x="split", hue="label", hue_order=["normal", "abnormal"],
                       palette={"normal": "tab:blue", "abnormal": "tab:red"}, ax=ax)
         for c in ax.containers:
             ax.bar_label(c, fontsize=8)
@@ -3180,10 +3183,11 @@ def image_properties(images: pd.DataFrame) -> pd.DataFrame:
 
 def plot_image_properties(props: pd.DataFrame):
     """Scatter of image width vs height coloured by PNG mode, and the count of each mode per split."""
+    sns = _seaborn()  # (imported here, not at the top: see _seaborn)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1.4, 1]})
-    _seaborn().scatterplot(data=props, x="width", y="height", hue="mode", style="split", alpha=0.6, s=18, ax=axes[0])
+    sns.scatterplot(data=props, x="width", y="height", hue="mode", style="split", alpha=0.6, s=18, ax=axes[0])
     axes[0].set_title("Image sizes (pixels)")
-    _seaborn().countplot(data=props, x="mode", hue="split", ax=axes[1])
+    sns.countplot(data=props, x="mode", hue="split", ax=axes[1])
     for c in axes[1].containers:
         axes[1].bar_label(c, fontsize=8)
     axes[1].set_title("Stored PNG modes (all are read as 8-bit grey)")
@@ -3297,14 +3301,15 @@ def plot_roc(preds: pd.DataFrame, title: str = "ROC, validation studies", youden
 
 def plot_confusion(labels, probs, threshold: float = 0.5):
     """Confusion matrix at a threshold: counts and row-normalised rates side by side."""
+    sns = _seaborn()  # (imported here, not at the top: see _seaborn)
     m = study_metrics(labels, probs, threshold)
     counts = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
     rates = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.6))
     ticks = ["normal", "abnormal"]
-    _seaborn().heatmap(counts, annot=True, fmt="d", cmap="Blues", cbar=False, ax=axes[0], xticklabels=ticks,
+    sns.heatmap(counts, annot=True, fmt="d", cmap="Blues", cbar=False, ax=axes[0], xticklabels=ticks,
                 yticklabels=ticks)
-    _seaborn().heatmap(rates, annot=True, fmt=".3f", cmap="Blues", vmin=0, vmax=1, cbar=False, ax=axes[1],
+    sns.heatmap(rates, annot=True, fmt=".3f", cmap="Blues", vmin=0, vmax=1, cbar=False, ax=axes[1],
                 xticklabels=ticks, yticklabels=ticks)
     for ax, name in zip(axes, ("counts", "rates (per true class)")):
         ax.set(xlabel="predicted", ylabel="true", title=f"Confusion {name}, threshold {threshold:.2f}")
@@ -4879,15 +4884,25 @@ def view_inverted(gray: np.ndarray, crop_rules: CropRules = CropRules(), mask_ru
     return bool(found is not None and found[1]["prior"])
 
 
+def _cropped_square(path: str | os.PathLike, cfg: PreprocessConfig, size: int | None = None) -> tuple:
+    """A stored view read and cropped as preprocess_view does (marker strips off, then its plate and field when
+    cfg.crop) and made a `size` square (None: the mask's working size, or the view's long side if smaller):
+    (the view without its strips, its carrier or None, the square, its content pixels, the stored view's
+    pixels -> the square's affine)."""
+    stored = np.asarray(load_image(path))
+    gray, (left, top) = _without_marker_strips(stored, cfg.crop_rules) if cfg.crop else (stored, (0, 0))
+    carrier = find_field(gray, cfg.crop_rules, cfg.mask_rules) if cfg.crop else None
+    size = size or min(cfg.mask_rules.work_size, max(gray.shape))
+    image, content, affine = _square_view(gray, carrier, size, cfg.crop_rules)
+    affine[:, 2] -= affine[:, :2] @ [left, top]  # from the stored view's pixels: the strips' lines before them
+    return gray, carrier, image, content, affine
+
+
 def preprocess_view(path: str | os.PathLike, cfg: PreprocessConfig) -> dict:
     """Run the pipeline on one view: {'image' uint8 (S, S), 'mask' uint8 0/1, 'affine' 2x3 input->output, ...}.
     A square smaller than the mask's working size (MaskRules.work_size, or the view's own size if smaller) has
     its mask found on a square of that size and averaged down: a 32-px square's mask is a 128-px one's."""
-    stored = np.asarray(load_image(path))
-    gray, (left, top) = _without_marker_strips(stored, cfg.crop_rules) if cfg.crop else (stored, (0, 0))
-    carrier = find_field(gray, cfg.crop_rules, cfg.mask_rules) if cfg.crop else None
-    image, content, affine = _square_view(gray, carrier, cfg.size, cfg.crop_rules)
-    affine[:, 2] -= affine[:, :2] @ [left, top]  # from the stored view's pixels: the strips' lines before them
+    gray, carrier, image, content, affine = _cropped_square(path, cfg, cfg.size)
     inverted, doubts = False, dict.fromkeys(MASK_DOUBTS, 0.0)
     if cfg.segment:
         view_short = min(gray.shape) / max(carrier[1] if carrier is not None else gray.shape)  # sizes its tags
@@ -5264,15 +5279,10 @@ def _best_one_level_iou(image: np.ndarray, content: np.ndarray, truth: np.ndarra
 def _one_level_rows(views: list[dict]) -> list[dict]:
     """_best_one_level_iou of a chunk of phantom views, each cropped as preprocess_view crops it (default rules)
     into a square of the mask's working size (runs in a worker process)."""
-    crop_rules, mask_rules = CropRules(), MaskRules()
     rows = []
     for v in views:
-        stored = np.asarray(load_image(v["image_file"]))
-        gray, (left, top) = _without_marker_strips(stored, crop_rules)
-        carrier = find_field(gray, crop_rules, mask_rules)
-        n = min(mask_rules.work_size, max(gray.shape))
-        image, content, affine = _square_view(gray, carrier, n, crop_rules)
-        affine[:, 2] -= affine[:, :2] @ [left, top]  # (from the stored view's pixels, as preprocess_view)
+        _, _, image, content, affine = _cropped_square(v["image_file"], PreprocessConfig(crop=True))
+        n = image.shape[0]
         truth = phantom_hand_mask(v["mask_file"])
         warped, cut_off = _truth_in_square(truth, affine, n)
         tags = _truth_in_square(_phantom_tags(truth.shape, v["tags"]), affine, n)[0]
@@ -7174,10 +7184,11 @@ def best_run_heatmaps(results: pd.DataFrame, score: str = "mse", n: int = 8, dev
 def plot_mask_iou(table: pd.DataFrame, worst: int = 6, good: float = 0.85):
     """The mask IoU's distribution (by polarity) and the worst views: each cropped view with its mask (red) and the
     true one (green; both: yellow) in the preprocessed square."""
+    sns = _seaborn()  # (imported here, not at the top: see _seaborn)
     fig = plt.figure(figsize=(3 * max(worst, 4), 6.2))
     grid = fig.add_gridspec(2, max(worst, 4))
     ax = fig.add_subplot(grid[0, :])
-    _seaborn().histplot(table, x="iou", hue="polarity", bins=np.linspace(0, 1, 41), multiple="stack", ax=ax)
+    sns.histplot(table, x="iou", hue="polarity", bins=np.linspace(0, 1, 41), multiple="stack", ax=ax)
     ax.axvline(good, color="k", ls="--", lw=1)
     ax.set_title(f"Hand mask IoU with the phantom's truth ({table['variant'].iloc[0]}, {table['size'].iloc[0]} px): "
                  f"{np.mean(table['iou'] >= good):.1%} of {len(table)} views >= {good}")
@@ -7202,10 +7213,11 @@ def plot_anomaly_table(table: pd.DataFrame, title: str = "Study-level ROC-AUC (r
                        labels: pd.DataFrame | None = None):
     """Heatmap of ROC-AUCs: rows model x score, columns preprocessing variants (their Figure 11 layout); `labels`
     (same shape, text) annotates the cells instead of the values, e.g. anomaly_results_table(..., "roc_auc_ci")."""
+    sns = _seaborn()  # (imported here, not at the top: see _seaborn)
     fig, ax = plt.subplots(figsize=((2.4 if labels is not None else 1.6) * table.shape[1] + 3,
                                     0.45 * table.shape[0] + 1.5))
     annot = True if labels is None else labels.loc[table.index, table.columns].to_numpy()
-    _seaborn().heatmap(table.astype(float), annot=annot, fmt=".3f" if labels is None else "", cmap="RdYlGn", vmin=0.3,
+    sns.heatmap(table.astype(float), annot=annot, fmt=".3f" if labels is None else "", cmap="RdYlGn", vmin=0.3,
                 vmax=0.9, center=0.5, ax=ax, cbar_kws={"label": "ROC-AUC"}, annot_kws={"fontsize": 8})
     ax.set(title=title, xlabel="preprocessing", ylabel="")
     fig.tight_layout()
